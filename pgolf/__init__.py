@@ -1,0 +1,3 @@
+"""pgolf: composable, exact and fast Parameter Golf training."""
+
+__version__ = "0.1.0"

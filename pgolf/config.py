@@ -1,0 +1,209 @@
+"""Plain-dataclass configuration shared by the Hydra parent and the Hydra-free worker.
+
+The parent turns the composed Hydra config into a plain dict and calls `job_config_from_dict`,
+which validates every key and value against the dataclass schemas (the registries say which
+schema each group's `name` selects). The worker reads the same dict back from `config.json`.
+Both therefore see identical validation, and the worker never imports Hydra or OmegaConf.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pgolf.registry import ConfigError
+
+GROUPS = ("data", "model", "optimizer", "quant", "ttt", "hardware")
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 1024  # TRAIN_SEQ_LEN
+    batch_tokens: int = 524_288  # TRAIN_BATCH_TOKENS, global across ranks and micro-steps
+    iterations: int = 20_000  # ITERATIONS: the step count in steps mode, an upper bound otherwise
+    prime_steps: int = 20  # WARMUP_STEPS: compile-priming steps, undone before the clock starts
+    log_every: int = 200  # TRAIN_LOG_EVERY
+    val_every: int = 0  # VAL_LOSS_EVERY (0: only at the end); pauses the training clock
+    val_batch_tokens: int = 524_288  # VAL_BATCH_SIZE
+    grad_accum_base: int = 8  # grad_accum = grad_accum_base // world_size (the rules use 8)
+
+
+@dataclass
+class BudgetConfig:
+    mode: Literal["wallclock", "steps"] = "wallclock"
+    train_seconds: float = 600.0
+    quant_reserve_seconds: float = 0.0  # taken off the training clock for in-budget calibration
+    eval_seconds: float = 600.0
+    artifact_bytes: int = 16_000_000  # decimal cap on code bytes + compressed model bytes
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["disabled", "offline", "online"] = "disabled"
+    project: str = "pgolf"
+    entity: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class JobConfig:
+    data: Any
+    model: Any
+    optimizer: Any
+    quant: Any
+    ttt: Any
+    hardware: Any
+    seed: int = 1337
+    label: str = ""
+    job_dir: str = ""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# dict -> dataclass with strict, path-naming validation
+# ---------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}={value!r} is not allowed; valid choices: {', '.join(map(repr, args))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}={value!r}: " + "; ".join(errors))
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}={value!r} must be a list")
+        inner = args[0] if args else Any
+        return [_coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} must be a mapping of {_type_name(tp)} fields, got {value!r}")
+        return from_dict(tp, value, path)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}={value!r} must be true or false")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{path}={value!r} must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}={value!r} must be a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}={value!r} must be a string")
+        if value == "???":
+            raise ConfigError(f"{path} is required but was not set (pass {path}=...)")
+        return value
+    raise ConfigError(f"{path}: unsupported schema type {tp!r}")
+
+
+def from_dict(cls: type, data: dict[str, Any], path: str) -> Any:
+    """Build dataclass `cls` from `data`, rejecting unknown keys and values of the wrong type."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(f'{path}.{k}' for k in unknown)} "
+            f"for {_type_name(cls)}; valid keys: {', '.join(names)}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{path}.{k}") for k, v in data.items()}
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+    ]
+    if missing:
+        raise ConfigError(f"missing required key(s) {', '.join(f'{path}.{k}' for k in missing)}")
+    obj = cls(**kwargs)
+    check = getattr(obj, "validate", None)
+    if check is not None:
+        check(path)
+    return obj
+
+
+def to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def job_config_from_dict(data: dict[str, Any]) -> JobConfig:
+    """Validate a resolved config dict (from Hydra or config.json) into a JobConfig."""
+    from pgolf.components import REGISTRIES, check_compatibility
+
+    data = dict(data)
+    groups: dict[str, Any] = {}
+    for group in GROUPS:
+        node = data.pop(group, None)
+        if not isinstance(node, dict) or "name" not in node:
+            raise ConfigError(
+                f"config group {group!r} is missing or has no 'name'; choose one of "
+                f"{', '.join(REGISTRIES[group].names())} (e.g. {group}={REGISTRIES[group].names()[0]})"
+            )
+        entry = REGISTRIES[group].get(node["name"])
+        groups[group] = from_dict(entry.schema, node, group)
+    rest = from_dict(_RootRest, data, "config")
+    job = JobConfig(**groups, **{f.name: getattr(rest, f.name) for f in dataclasses.fields(_RootRest)})
+    check_compatibility(job)
+    return job
+
+
+@dataclass
+class _RootRest:
+    seed: int = 1337
+    label: str = ""
+    job_dir: str = ""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+# Keys that do not change what a run computes: excluded from the seed-free config hash, so all
+# seeds (and re-runs in another folder) of one configuration share a group.
+_HASH_EXCLUDED = ("seed", "job_dir", "label", "wandb")
+
+
+def config_hash(job: JobConfig | dict[str, Any], include_seed: bool = False) -> str:
+    d = to_dict(job) if not isinstance(job, dict) else dict(job)
+    for key in _HASH_EXCLUDED:
+        if key == "seed" and include_seed:
+            continue
+        d.pop(key, None)
+    canonical = json.dumps(d, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]

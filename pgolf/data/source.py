@@ -1,0 +1,141 @@
+"""Data sources: resolve a `data` config into validated shard files, val tokens and byte tables."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pgolf.data.bpb import ByteTables, build_byte_tables
+from pgolf.data.config import EmbeddedDataConfig, ShardDataConfig
+from pgolf.data.shards import ShardError, check_vocab, load_tokens, read_header, shard_files
+
+
+@dataclass
+class DataSource:
+    train_files: list[Path]
+    val_files: list[Path]
+    tokenizer_path: Path
+    vocab_size: int
+    bytes: ByteTables
+    bos_id: int
+    train_tokens: int
+    val_tokens_total: int
+
+    def val_tokens(self, seq_len: int) -> np.ndarray:
+        """All val shards concatenated and truncated to 1 + floor((N-1)/L)*L tokens, as the challenge does."""
+        tokens = np.concatenate([load_tokens(f) for f in self.val_files])
+        usable = ((tokens.size - 1) // seq_len) * seq_len
+        if usable <= 0:
+            raise ShardError(f"validation split ({tokens.size} tokens) is shorter than one sequence of {seq_len}")
+        return tokens[: usable + 1]
+
+
+def _load_tokenizer(path: Path, vocab_size: int):
+    import sentencepiece as spm
+
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"tokenizer {path} not found; set data.tokenizer_path to the SentencePiece .model the shards were "
+            "written with"
+        )
+    if path.suffix != ".model":
+        raise ValueError(f"tokenizer {path}: expected a SentencePiece .model file")
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    if int(sp.vocab_size()) != vocab_size:
+        raise ShardError(
+            f"tokenizer {path} has {int(sp.vocab_size())} pieces but data.vocab_size={vocab_size}; "
+            "point data.tokenizer_path at the tokenizer these shards were written with, or fix data.vocab_size"
+        )
+    return sp
+
+
+def open_shards(folder: Path, train_pattern: str, val_pattern: str, tokenizer: Path, vocab_size: int) -> DataSource:
+    if not folder.is_dir():
+        raise ShardError(f"data.path={folder} is not a directory; download or build shards into it first")
+    train = shard_files(folder, train_pattern, "train")
+    val = shard_files(folder, val_pattern, "validation")
+    overlap = sorted(set(train) & set(val))
+    if overlap:
+        raise ShardError(
+            f"train pattern {train_pattern!r} also matches validation files ({overlap[0].name}, ...); "
+            "training on validation data is not allowed: fix data.train_pattern"
+        )
+    train_n = sum(read_header(f) for f in train)  # headers and sizes of every shard, once
+    val_n = sum(read_header(f) for f in val)
+    sp = _load_tokenizer(tokenizer, vocab_size)
+    check_vocab(val, vocab_size)
+    check_vocab(train[:1], vocab_size)  # a full scan of 10B tokens is too slow; the first shard catches mixups
+    return DataSource(
+        train_files=train,
+        val_files=val,
+        tokenizer_path=tokenizer,
+        vocab_size=vocab_size,
+        bytes=build_byte_tables(sp, vocab_size),
+        bos_id=int(sp.bos_id()),
+        train_tokens=train_n,
+        val_tokens_total=val_n,
+    )
+
+
+def build_shard_source(cfg: ShardDataConfig) -> DataSource:
+    return open_shards(
+        Path(cfg.path).expanduser(), cfg.train_pattern, cfg.val_pattern, Path(cfg.tokenizer_path).expanduser(), cfg.vocab_size
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# embedded corpus: built on first use, cached, safe against concurrent builders (flock)
+# ---------------------------------------------------------------------------------------------
+
+
+def cache_root(cfg: EmbeddedDataConfig) -> Path:
+    root = cfg.cache_dir or os.environ.get("PGOLF_CACHE") or os.path.join(Path.home(), ".cache", "pgolf")
+    return Path(root).expanduser()
+
+
+@contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def ensure_embedded(cfg: EmbeddedDataConfig, log=print) -> Path:
+    """Build (once) the embedded corpus, its tokenizer and shards; return the shard folder."""
+    from pgolf.data.build import export_shards, train_tokenizer
+    from pgolf.data.embedded import collect_documents, corpus_key
+
+    docs = collect_documents()
+    folder = cache_root(cfg) / f"embedded-{corpus_key(docs)}-v{cfg.vocab_size}-val{cfg.val_docs}"
+    done = folder / "DONE.json"
+    if done.is_file():
+        return folder
+    with _locked(folder.parent / (folder.name + ".lock")):
+        if done.is_file():  # another process finished it while we waited
+            return folder
+        folder.mkdir(parents=True, exist_ok=True)
+        n_bytes = sum(len(d.encode("utf-8")) for d in docs)
+        log(f"embedded corpus: {len(docs)} documents, {n_bytes / 1e6:.2f} MB of Python documentation -> {folder}")
+        model = train_tokenizer(docs, cfg.vocab_size, folder / "tokenizer.model")
+        log(f"embedded corpus: trained a {cfg.vocab_size}-piece SentencePiece BPE tokenizer")
+        counts = export_shards(model, docs, folder, val_docs=cfg.val_docs)
+        log(f"embedded corpus: {counts['train']:,} train and {counts['val']:,} val tokens")
+        tmp = done.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"documents": len(docs), "bytes": n_bytes, **counts}))
+        os.replace(tmp, done)
+    return folder
+
+
+def build_embedded_source(cfg: EmbeddedDataConfig) -> DataSource:
+    folder = ensure_embedded(cfg)
+    return open_shards(folder, "fineweb_train_*.bin", "fineweb_val_*.bin", folder / "tokenizer.model", cfg.vocab_size)

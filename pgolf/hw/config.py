@@ -1,0 +1,58 @@
+"""Schemas of the `hardware` group."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pgolf.registry import ConfigError
+
+AttentionBackend = Literal["auto", "fa3", "fa2", "sdpa"]
+
+
+def _check_nproc(path: str, nproc: int) -> None:
+    if nproc < 0 or (nproc > 0 and 8 % nproc):
+        raise ConfigError(
+            f"{path}.nproc_per_node={nproc} must divide 8 (1, 2, 4 or 8) so every world size sees the "
+            "same global batch; 0 means all visible devices"
+        )
+
+
+@dataclass
+class CudaHardwareConfig:
+    name: str = "cuda"
+    nproc_per_node: int = 1  # 0: every visible GPU (the largest count that divides 8)
+    compile: bool = True
+    amp_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    attention: AttentionBackend = "auto"
+    allow_tf32: bool = True
+
+    def validate(self, path: str) -> None:
+        _check_nproc(path, self.nproc_per_node)
+
+
+@dataclass
+class CpuHardwareConfig:
+    name: str = "cpu"
+    nproc_per_node: int = 1  # >1 runs gloo processes (used by tests of distribution)
+    compile: bool = False  # inductor's C++ compile costs more than it saves on short CPU runs
+    amp_dtype: Literal["bfloat16", "float32"] = "float32"
+    attention: AttentionBackend = "sdpa"
+    threads: int = 0  # torch intra-op threads per process; 0 = cores / nproc
+
+    def validate(self, path: str) -> None:
+        _check_nproc(path, self.nproc_per_node)
+        if self.attention in ("fa3", "fa2"):
+            raise ConfigError(f"{path}.attention={self.attention!r} needs a GPU; use sdpa or auto on CPU")
+
+
+@dataclass
+class AutoHardwareConfig:
+    """Resolved in the parent: every visible GPU (as `cuda`) if there is one, else `cpu`."""
+
+    name: str = "auto"
+    nproc_per_node: int = 0
+    compile: bool = True
+
+    def validate(self, path: str) -> None:
+        _check_nproc(path, self.nproc_per_node)

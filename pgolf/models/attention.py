@@ -1,0 +1,77 @@
+"""One causal-attention entry point: FA3 -> FA2 -> PyTorch SDPA.
+
+Inputs are (B, T, H, D) like flash-attn; K/V may have fewer heads (GQA) and are never repeated in
+memory: FA2/FA3 take GQA natively and SDPA gets `enable_gqa=True`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_BACKEND: str | None = None
+_FN: Callable[..., Tensor] | None = None
+
+
+def _try_flash(module: str) -> Callable[..., Tensor] | None:
+    try:
+        return importlib.import_module(module).flash_attn_func
+    except Exception:  # missing package, or a build that does not match this GPU/torch
+        return None
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    # SDPA wants (B, H, T, D); transposes are views that inductor folds into the kernel's strides.
+    y = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=q.size(2) != k.size(2)
+    )
+    return y.transpose(1, 2)
+
+
+def select_backend(requested: str = "auto", device_type: str = "cuda") -> str:
+    """Pick and remember the backend; `auto` prefers FA3, then FA2, then SDPA. Returns its name."""
+    global _BACKEND, _FN
+    candidates = {"auto": ["fa3", "fa2", "sdpa"], "fa3": ["fa3"], "fa2": ["fa2"], "sdpa": ["sdpa"]}[requested]
+    if device_type != "cuda":
+        candidates = ["sdpa"]
+    for name in candidates:
+        if name == "sdpa":
+            _BACKEND, _FN = "sdpa", None
+            return _BACKEND
+        fn = _try_flash("flash_attn_interface" if name == "fa3" else "flash_attn")
+        if fn is not None:
+            _BACKEND, _FN = name, fn
+            return name
+    raise RuntimeError(
+        f"hardware.attention={requested!r}: the flash-attn package for it is not importable; install it "
+        "(pip install 'pgolf[flash]') or use hardware.attention=auto/sdpa"
+    )
+
+
+def backend() -> str:
+    return _BACKEND or "sdpa"
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal attention over (B, T, H, D) tensors with default softmax scale 1/sqrt(D)."""
+    if _FN is None:
+        return _sdpa(q, k, v)
+    out = _FN(q, k, v, causal=True)
+    return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
+
+
+def sdpa_reference(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Plain SDPA with repeated KV in fp32, for parity tests."""
+    rep = q.size(2) // k.size(2)
+    k, v = (t.repeat_interleave(rep, dim=2) for t in (k, v))
+    y = F.scaled_dot_product_attention(
+        q.float().transpose(1, 2), k.float().transpose(1, 2), v.float().transpose(1, 2), is_causal=True
+    )
+    return y.transpose(1, 2).to(q.dtype)
+
+
+__all__ = ["backend", "causal_attention", "sdpa_reference", "select_backend", "torch"]

@@ -1,0 +1,64 @@
+"""Small building blocks shared by the model families."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Parameters matching these names are "control" tensors: kept in fp32, stepped by the scalar Adam
+# group, and exported as float (the records' CONTROL_TENSOR_NAME_PATTERNS).
+CONTROL_PATTERNS = (
+    "attn_scale",
+    "attn_scales",
+    "mlp_scale",
+    "mlp_scales",
+    "resid_mix",
+    "resid_mixes",
+    "q_gain",
+    "skip_weight",
+    "skip_weights",
+)
+
+
+def is_control(name: str) -> bool:
+    return any(p in name for p in CONTROL_PATTERNS)
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class CastedLinear(nn.Linear):
+    """Weights stay fp32 for the optimizer; the matmul runs in the activation dtype."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+def rotary_tables(seq_len: int, head_dim: int, base: float, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Half-split RoPE cos/sin of shape (1, T, 1, D/2), computed in fp32 then cast.
+
+    Recomputed each forward instead of cached: it is a tiny fused kernel under compile and keeps
+    the module free of Python-side state that would add compile guards.
+    """
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    return freqs.cos()[None, :, None, :].to(dtype), freqs.sin()[None, :, None, :].to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+def restore_fp32_params(model: nn.Module) -> None:
+    """After `.bfloat16()`: linear weights, vectors and control tensors go back to fp32."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, CastedLinear):
+                module.float()
+        for name, p in model.named_parameters():
+            if (p.ndim < 2 or is_control(name)) and p.dtype != torch.float32:
+                p.data = p.data.float()

@@ -1,0 +1,407 @@
+"""The trainer: build -> prime -> train -> artifact -> eval -> ttt -> report, read top to bottom.
+
+Timer hygiene follows the challenge's reference loop: compile-priming steps run before the clock
+and are undone (weights restored, optimizer state reset, loader rebuilt); periodic validation
+pauses the clock; the stop decision is taken on every rank together. The step itself never waits
+for the GPU: host-side bookkeeping reads the previous step's flags after the current step has been
+queued (one step of lag, which the stop rule accounts for).
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from pgolf import __version__
+from pgolf.components import DATA, MODELS, OPTIMIZERS, QUANT, TTT
+from pgolf.config import JobConfig, config_hash, to_dict
+from pgolf.data.loader import build_loader
+from pgolf.eval.val import ByteLUT, EvalResult, evaluate
+from pgolf.hw.device import Runtime
+from pgolf.hw.device import build as build_runtime
+from pgolf.log import RunLog
+from pgolf.models.attention import select_backend
+from pgolf.models.layers import restore_fp32_params
+from pgolf.pack import write_wrapper
+from pgolf.results import write_json_atomic
+from pgolf.timing import PhaseTimer
+from pgolf.tracking import Tracker
+
+
+class TrainingError(RuntimeError):
+    """A run-stopping condition with a message that says what happened and what to change."""
+
+
+class ArtifactTooLarge(TrainingError):
+    pass
+
+
+def versions() -> dict[str, str]:
+    import sentencepiece
+
+    v = {
+        "pgolf": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "sentencepiece": sentencepiece.__version__,
+        "cuda": torch.version.cuda or "none",
+    }
+    if torch.cuda.is_available():
+        v["gpu"] = torch.cuda.get_device_name(0)
+    return v
+
+
+class Trainer:
+    def __init__(self, job: JobConfig, job_dir: Path):
+        self.job = job
+        self.job_dir = job_dir
+        self.rt: Runtime = build_runtime(job.hardware)
+        self.log = RunLog(job_dir / "train.log", enabled=self.rt.is_main)
+        self.timer = PhaseTimer(self.rt.sync)
+        self.result: dict = {
+            "status": "running",
+            "label": job.label,
+            "seed": job.seed,
+            "config_hash": config_hash(job),
+            "config_hash_with_seed": config_hash(job, include_seed=True),
+            "world_size": self.rt.world_size,
+            "versions": versions(),
+        }
+        self.tracker = Tracker(job, job_dir, self.rt.is_main)
+
+    # -----------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        t_start = time.perf_counter()
+        with self.timer.phase("build"):
+            self.build()
+        with self.timer.phase("prime"):
+            self.prime()
+        with self.timer.phase("train"):
+            self.train()
+        with self.timer.phase("artifact"):
+            blob_path = self.write_artifact()
+        with self.timer.phase("eval"):
+            final = self.eval_artifact(blob_path)
+        with self.timer.phase("ttt"):
+            pass  # ttt=none; score-first/phased TTT plug in here
+        self.result.update(status="ok", val_loss=final.val_loss, val_bpb=final.val_bpb)
+        self.result["metrics"]["roundtrip"] = vars(final)
+        self.result["timings"] = {**self.timer.seconds, "total": time.perf_counter() - t_start}
+        self.result["limits"] = self._limits()
+        self.log(
+            f"final_roundtrip val_loss:{final.val_loss:.8f} val_bpb:{final.val_bpb:.8f} "
+            f"bytes_total:{self.result['bytes']['total']} eval_time:{self.timer.seconds['eval']:.1f}s"
+        )
+        self.tracker.summary({"val_bpb": final.val_bpb, "val_loss": final.val_loss, "bytes_total": self.result["bytes"]["total"]})
+        self.tracker.finish()
+        return self.result
+
+    # ---------------------------------------------------------------------------------- build
+    def build(self) -> None:
+        job, rt = self.job, self.rt
+        self.log(f"pgolf {__version__} job_dir:{self.job_dir} device:{rt.device} world_size:{rt.world_size}")
+        self.data = DATA.build(job.data)
+        self.grad_accum = job.train.grad_accum_base // rt.world_size
+        self.log(
+            f"data:{job.data.name} train_shards:{len(self.data.train_files)} train_tokens:{self.data.train_tokens:,} "
+            f"val_tokens:{self.data.val_tokens_total:,} tokenizer:{self.data.tokenizer_path}"
+        )
+        self.val_tokens = self.data.val_tokens(job.train.seq_len)
+        self.lut = ByteLUT(self.data.bytes, rt.device)
+        self.loader = build_loader(job.data.loader, self.data.train_files, rt.rank, rt.world_size, rt.device)
+
+        attention = getattr(job.hardware, "attention", "auto")
+        backend = select_backend(attention, rt.device.type)
+        torch.manual_seed(job.seed)
+        np.random.seed(job.seed)
+        self.model = self._fresh_model()
+        n_params = sum(p.numel() for p in self.model.parameters())
+        self.log(f"model:{job.model.name} params:{n_params:,} attention_backend:{backend} amp:{rt.amp_dtype} compile:{rt.compile}")
+        self.result.update(params=n_params, attention_backend=backend, grad_accum=self.grad_accum)
+        compiled = torch.compile(self.model, dynamic=False, fullgraph=True) if rt.compile else self.model
+        if rt.distributed:
+            ids = [rt.local_rank] if rt.device.type == "cuda" else None
+            self.train_model = DDP(compiled, device_ids=ids, broadcast_buffers=False)
+        else:
+            self.train_model = compiled
+        self.opt = OPTIMIZERS.build(job.optimizer, model=self.model, device=rt.device, compile_ns=rt.compile)
+        self.quant = QUANT.build(job.quant)
+        self.ttt = TTT.build(job.ttt)
+        self.eval_nll = torch.compile(self.model.token_nll, dynamic=False, fullgraph=True) if rt.compile else self.model.token_nll
+        self.log(f"world_size:{rt.world_size} grad_accum:{self.grad_accum} global_batch_tokens:{job.train.batch_tokens}")
+
+    def _fresh_model(self) -> torch.nn.Module:
+        model = MODELS.build(self.job.model).to(self.rt.device)
+        if self.rt.amp_dtype == torch.bfloat16:
+            model = model.bfloat16()  # embeddings compute in bf16 ...
+            restore_fp32_params(model)  # ... linear weights and control tensors stay fp32
+        return model
+
+    # ---------------------------------------------------------------------------------- steps
+    def _train_step(self, step: int, elapsed_ms: float, cap_ms: float | None) -> torch.Tensor:
+        """One optimizer step over the global batch; returns the mean micro-batch loss on device."""
+        t, rt = self.job.train, self.rt
+        self.opt.zero_grad()
+        loss_sum = torch.zeros((), device=rt.device)
+        for micro in range(self.grad_accum):
+            if rt.distributed:
+                self.train_model.require_backward_grad_sync = micro == self.grad_accum - 1
+            x, y = self.loader.next_batch(t.batch_tokens, t.seq_len, self.grad_accum)
+            with torch.autocast(rt.device.type, dtype=rt.amp_dtype, enabled=rt.amp_dtype != torch.float32):
+                loss = self.train_model(x, y)
+            (loss / self.grad_accum).backward()
+            loss_sum += loss.detach()
+        self.opt.step(step, elapsed_ms, t.iterations, cap_ms)
+        return loss_sum / self.grad_accum
+
+    # ---------------------------------------------------------------------------------- prime
+    def prime(self) -> None:
+        """Compile every graph with real steps, then undo them so training starts from the init."""
+        n = self.job.train.prime_steps
+        if n == 0:
+            return
+        snapshot = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        for i in range(n):
+            self._train_step(i, 0.0, None)
+        # Also compile the eval graph now, so validation inside training never stalls on it.
+        self._prime_eval()
+        self.rt.sync()
+        with torch.no_grad():
+            self.model.load_state_dict(snapshot, strict=True)
+        self.opt.reset_state()
+        self.loader = build_loader(self.job.data.loader, self.data.train_files, self.rt.rank, self.rt.world_size, self.rt.device)
+        self.log(f"primed {n} steps (compile) and restored the initial weights, optimizer state and loader")
+
+    # ---------------------------------------------------------------------------------- train
+    def train(self) -> None:
+        job, rt, t = self.job, self.rt, self.job.train
+        wallclock = job.budget.mode == "wallclock"
+        cap_ms = 1000.0 * (job.budget.train_seconds - job.budget.quant_reserve_seconds) if wallclock else None
+        iterations = t.iterations
+        is_cuda = rt.device.type == "cuda"
+        # Flags of step k (stop, non-finite loss) travel to the host through a pinned buffer and are
+        # read while step k+1 runs; in a distributed run they are MAX-reduced first.
+        flags_host = torch.zeros(2, dtype=torch.float32, pin_memory=is_cuda)
+        flags = torch.zeros(2, dtype=torch.float32, device=rt.device)
+        pending: torch.cuda.Event | None = None
+        step_events: list[torch.cuda.Event] = []
+        step_host_ms: list[float] = []
+        losses: list[tuple[int, float]] = []
+        # Steps that may still run after a stop decision: the one queued, plus one more when the
+        # decision has to travel through a lagged all-reduce.
+        lookahead = 2 if (rt.distributed and is_cuda) else 1
+        train_ms = 0.0
+        stop_after: int | None = None
+        step = 0
+        rt.sync()
+        t0 = time.perf_counter()
+        if is_cuda:
+            step_events.append(torch.cuda.Event(enable_timing=True))
+            step_events[-1].record()
+
+        while True:
+            last = step == iterations or (stop_after is not None and step >= stop_after)
+            if last or (t.val_every > 0 and step > 0 and step % t.val_every == 0):
+                rt.sync()
+                train_ms += 1000.0 * (time.perf_counter() - t0)
+                res = self._validate()
+                self.log(f"step:{step}/{iterations} val_loss:{res.val_loss:.4f} val_bpb:{res.val_bpb:.4f} train_time:{train_ms:.0f}ms")
+                self.tracker.log({"val_loss": res.val_loss, "val_bpb": res.val_bpb}, step=step)
+                if last:
+                    self.result["metrics"] = {"pre_quant": vars(res)}
+                    break
+                rt.sync()
+                t0 = time.perf_counter()
+
+            elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
+            loss = self._train_step(step, elapsed_ms, cap_ms)
+            step += 1
+
+            # Host bookkeeping. On CUDA, wait only for the *previous* step (this one stays queued).
+            if pending is not None:
+                pending.synchronize()
+                stop_after = self._apply_flags(flags_host, step - 1, stop_after)
+            done_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
+            step_host_ms.append(done_ms)
+            local_stop = 0.0
+            completed = step - 1 if is_cuda else step  # steps known finished at done_ms
+            if cap_ms is not None and completed > 0:
+                local_stop = float(done_ms + lookahead * done_ms / completed >= cap_ms)
+            # fill_/copy_ are kernel launches; torch.tensor(x, device=cuda) would block on a pageable copy.
+            flags[0].fill_(local_stop)
+            flags[1].copy_(~torch.isfinite(loss))
+            if rt.distributed:
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            if is_cuda:
+                flags_host.copy_(flags, non_blocking=True)
+                pending = torch.cuda.Event()
+                pending.record()
+                step_events.append(torch.cuda.Event(enable_timing=True))
+                step_events[-1].record()
+            else:
+                flags_host.copy_(flags)
+                stop_after = self._apply_flags(flags_host, step, stop_after)
+
+            if t.log_every > 0 and (step % t.log_every == 0 or step == iterations or step <= 5):
+                value = loss.item()  # the only read of the loss: log steps only
+                losses.append((step, value))
+                ms = done_ms / max(step - 1, 1)
+                self.log(f"step:{step}/{iterations} train_loss:{value:.4f} train_time:{done_ms:.0f}ms step_avg:{ms:.2f}ms")
+                eta = (iterations - step) * ms / 1000.0 if not wallclock else max(cap_ms - done_ms, 0) / 1000.0
+                self.log.progress(step, iterations, value, ms, eta)
+                self.tracker.log({"train_loss": value, "lr_scale": self.opt.last_lr_scale}, step=step)
+                if not math.isfinite(value):
+                    raise TrainingError(
+                        f"train loss is {value} at step {step}; lower the learning rates (optimizer.*_lr), "
+                        "set optimizer.grad_clip_norm, or check the data"
+                    )
+
+        # Per-step times: CUDA events bracket each step on the device; host times on CPU.
+        if is_cuda:
+            step_ms = [a.elapsed_time(b) for a, b in zip(step_events[:-1], step_events[1:])]
+        else:
+            step_ms = [b - a for a, b in zip([0.0] + step_host_ms[:-1], step_host_ms)]
+        settled = step_ms[min(20, len(step_ms) // 2) :] or step_ms
+        peak = torch.cuda.max_memory_allocated(rt.device) if is_cuda else 0
+        self.result.update(
+            steps=step,
+            train_ms=train_ms,
+            ms_per_step=statistics.median(settled) if settled else 0.0,
+            ms_per_step_mean=train_ms / max(step, 1),
+            train_losses=losses,
+            peak_memory_bytes=peak,
+            stopped_by="wallclock" if stop_after is not None and step < iterations else "iterations",
+        )
+        self.log(
+            f"trained {step} steps in {train_ms / 1000:.1f}s, median {self.result['ms_per_step']:.2f}ms/step, "
+            f"peak memory {peak / 2**20:.0f} MiB"
+        )
+
+    @staticmethod
+    def _apply_flags(flags_host: torch.Tensor, step: int, stop_after: int | None) -> int | None:
+        stop, nonfinite = flags_host.tolist()
+        if nonfinite:
+            raise TrainingError(
+                f"train loss became NaN/inf at step {step} (on some rank); lower the learning rates "
+                "(optimizer.*_lr), set optimizer.grad_clip_norm, or check the data"
+            )
+        if stop and stop_after is None:
+            return step + 1
+        return stop_after
+
+    def _val_batch_seqs(self) -> int:
+        t = self.job.train
+        return max(1, t.val_batch_tokens // (self.rt.world_size * self.grad_accum * t.seq_len))
+
+    def _validate(self) -> EvalResult:
+        t = self.job.train
+        batch_seqs = self._val_batch_seqs()
+        self.model.eval()
+        res = evaluate(
+            self._nll_for(batch_seqs), self.val_tokens, t.seq_len, batch_seqs, self.lut, self.rt.device,
+            self.rt.amp_dtype, self.rt.rank, self.rt.world_size,
+        )
+        self.model.train()
+        return res
+
+    @torch.inference_mode()
+    def _prime_eval(self) -> None:
+        """Compile the eval graph on random tokens: validation data is never touched before scoring."""
+        t, rt = self.job.train, self.rt
+        x = torch.randint(0, self.job.model.vocab_size, (self._val_batch_seqs(), t.seq_len + 1), device=rt.device)
+        self.model.eval()
+        with torch.autocast(rt.device.type, dtype=rt.amp_dtype, enabled=rt.amp_dtype != torch.float32):
+            self.eval_nll(x[:, :-1].contiguous(), x[:, 1:].contiguous())
+        self.model.train()
+
+    def _nll_for(self, batch_seqs: int):
+        # Full batches use the compiled graph; a ragged last batch runs eagerly instead of compiling
+        # a second graph for one call.
+        def nll(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return (self.eval_nll if x.size(0) == batch_seqs else self.model.token_nll)(x, y)
+
+        return nll
+
+    # ------------------------------------------------------------------------------- artifact
+    def write_artifact(self) -> Path:
+        """Quantize + compress on rank 0, write the blob and the code wrapper, enforce the cap."""
+        out = self.job_dir / "artifact"
+        blob_path = out / "final_model.ptz"
+        cap = self.job.budget.artifact_bytes
+        refusal = ""
+        if self.rt.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            blob = self.quant.export(self.model.state_dict())
+            tmp = blob_path.with_name(blob_path.name + ".tmp")
+            tmp.write_bytes(blob)
+            code_bytes, code_raw = write_wrapper(out / "train_gpt.py", to_dict(self.job))
+            model_bytes = tmp.stat().st_size  # measured from the files that would ship
+            total = model_bytes + code_bytes
+            self.result["bytes"] = {
+                "model": model_bytes,
+                "code": code_bytes,
+                "code_source_raw": code_raw,
+                "total": total,
+                "cap": cap,
+                "within_cap": total <= cap,
+            }
+            self.log(f"artifact: model {model_bytes:,} + code {code_bytes:,} = {total:,} bytes (cap {cap:,})")
+            if total > cap:
+                tmp.unlink()  # never leave an over-cap model where a submission would pick it up
+                refusal = (
+                    f"artifact is {total:,} bytes (model {model_bytes:,} + code {code_bytes:,}), over the "
+                    f"budget.artifact_bytes cap of {cap:,} by {total - cap:,}; shrink the model or use a "
+                    "stronger quant= scheme"
+                )
+            else:
+                tmp.replace(blob_path)
+        if self.rt.distributed:  # every rank learns rank 0's verdict before anyone raises
+            flag = torch.tensor([1.0 if refusal else 0.0], device=self.rt.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and not refusal:
+                refusal = "rank 0 refused the artifact (over budget.artifact_bytes); see its log"
+        if refusal:
+            raise ArtifactTooLarge(refusal)
+        return blob_path
+
+    # ----------------------------------------------------------------------------------- eval
+    def eval_artifact(self, blob_path: Path) -> EvalResult:
+        """Score what ships: decompress the file on disk into a fresh model."""
+        state = self.quant.load(blob_path.read_bytes())
+        # strict=True overwrites every parameter, and the model holds no other state (RoPE tables
+        # are recomputed per call), so this is a fresh model holding only the artifact's weights;
+        # loading in place keeps the already-compiled eval graph.
+        with torch.no_grad():
+            for p in self.model.parameters():
+                p.fill_(float("nan"))  # anything the artifact failed to restore would poison the score
+        self.model.load_state_dict(state, strict=True)
+        return self._validate()
+
+    def _limits(self) -> dict:
+        b = self.job.budget
+        lim = {
+            "artifact_bytes": {"limit": b.artifact_bytes, "used": self.result["bytes"]["total"],
+                               "held": self.result["bytes"]["total"] <= b.artifact_bytes},
+            "eval_seconds": {"limit": b.eval_seconds, "used": self.timer.seconds["eval"] + self.timer.seconds["ttt"],
+                             "held": self.timer.seconds["eval"] + self.timer.seconds["ttt"] <= b.eval_seconds},
+        }
+        if b.mode == "wallclock":
+            used = self.result["train_ms"] / 1000.0 + b.quant_reserve_seconds
+            lim["train_seconds"] = {"limit": b.train_seconds, "used": used, "held": used <= b.train_seconds}
+        return lim
+
+    def write_result(self) -> None:
+        if self.rt.is_main:
+            write_json_atomic(self.job_dir / "result.json", self.result)
+
+    def close(self) -> None:
+        self.log.close()
