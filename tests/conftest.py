@@ -1,0 +1,108 @@
+"""Shared fixtures: a small trained tokenizer, synthetic shard sets, Hydra compose, CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CONF = REPO / "conf"
+
+SAMPLE_TEXT = [
+    "The quick brown fox jumps over the lazy dog. Numbers like 12345 are split into digits.",
+    "Caf\u00e9 na\u00efve r\u00e9sum\u00e9: accented words fall back to bytes when the tokenizer lacks them.",
+    "  Leading spaces, double  spaces and tabs\tare normalized by nmt_nfkc before encoding.",
+    "Emoji \U0001f600 and CJK \u6f22\u5b57 exercise multi-byte UTF-8 sequences.",
+    "Python's documentation describes modules, classes and functions in plain English prose.",
+]
+
+
+@pytest.fixture(scope="session")
+def tokenizer_model(tmp_path_factory) -> Path:
+    """A 400-piece SentencePiece BPE trained with the challenge's settings (byte fallback on)."""
+    from pgolf.data.build import train_tokenizer
+    from pgolf.data.embedded import collect_documents
+
+    docs = collect_documents()[:120] + SAMPLE_TEXT * 3
+    return train_tokenizer(docs, 400, tmp_path_factory.mktemp("tok") / "tok400.model")
+
+
+@pytest.fixture(scope="session")
+def shard_dir(tmp_path_factory, tokenizer_model) -> Path:
+    """Challenge-format shards (val = first 20 docs) written with `tokenizer_model`."""
+    from pgolf.data.build import export_shards
+    from pgolf.data.embedded import collect_documents
+
+    out = tmp_path_factory.mktemp("shards")
+    export_shards(tokenizer_model, collect_documents()[:160], out, val_docs=20, shard_tokens=60_000)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # One embedded-corpus cache for the whole test session, never the user's ~/.cache.
+    cache = os.environ.get("PGOLF_TEST_CACHE") or str(tmp_path_factory.getbasetemp() / "pgolf_cache")
+    monkeypatch.setenv("PGOLF_CACHE", cache)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+
+
+@pytest.fixture
+def compose():
+    """compose(overrides) -> resolved plain dict, through Hydra exactly as `pgolf.run` composes."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    def _compose(overrides: list[str] | None = None) -> dict:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=overrides or [])
+            d = OmegaConf.to_container(cfg, resolve=True)
+        d.pop("hydra", None)
+        return d
+
+    return _compose
+
+
+def run_cli(args: list[str], tmp_path: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m pgolf.run <args>` with its run dir under tmp_path."""
+    cmd = [sys.executable, "-m", "pgolf.run", *args]
+    if not any(a.startswith("hydra.run.dir=") or a.startswith("hydra.sweep.dir=") for a in args):
+        cmd.append(f"hydra.run.dir={tmp_path / 'run'}")
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def tiny_cpu_args(shard_dir: Path, tokenizer: Path, **extra: str) -> list[str]:
+    """A seconds-long CPU run on the synthetic shards."""
+    args = {
+        "experiment": "null",
+        "data": "shards",
+        "data.path": str(shard_dir),
+        "data.tokenizer_path": str(tokenizer),
+        "data.vocab_size": "400",
+        "model": "tiny",
+        "model.num_layers": "2",
+        "model.model_dim": "64",
+        "hardware": "cpu",
+        "budget.mode": "steps",
+        "train.iterations": "6",
+        "train.seq_len": "64",
+        "train.batch_tokens": "2048",
+        "train.prime_steps": "2",
+        "train.log_every": "1",
+        "train.val_batch_tokens": "8192",
+        "optimizer.warmdown_iters": "3",
+    }
+    args.update(extra)
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+def write_tokens(path: Path, tokens) -> None:
+    from pgolf.data.shards import write_shard
+
+    write_shard(path, np.asarray(tokens, dtype=np.uint16))
