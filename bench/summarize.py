@@ -18,7 +18,9 @@ def parse(text: str) -> dict:
     )
     if m:
         out["val_loss"], out["val_bpb"] = float(m[1]), float(m[2])
-    m = re.search(r"Total submission size int8\+zlib: (\d+) bytes", text) or re.search(r"= ([\d,]+) bytes \(cap", text)
+    m = re.search(r"Total submission size int8\+zlib: (\d+) bytes", text) or re.search(
+        r"= ([\d,]+) bytes \(cap", text
+    )
     if m:
         out["bytes"] = int(m[1].replace(",", ""))
     m = re.search(r"peak memory allocated: (\d+) MiB", text) or re.search(r"peak memory (\d+) MiB", text)
@@ -34,7 +36,11 @@ def ms_per_step(d: dict, a: int = 100, b: int = 300) -> float | None:
 
 def main(out_dir: str) -> None:
     out = Path(out_dir)
-    ref = parse((out / "reference.out").read_text()) if (out / "reference.out").exists() else {"loss": {}, "time": {}}
+    ref = (
+        parse((out / "reference.out").read_text())
+        if (out / "reference.out").exists()
+        else {"loss": {}, "time": {}}
+    )
     pg = parse((out / "pgolf.out").read_text()) if (out / "pgolf.out").exists() else {"loss": {}, "time": {}}
     res = json.loads((out / "pgolf_result.json").read_text()) if (out / "pgolf_result.json").exists() else {}
     r_ms, p_ms = ms_per_step(ref), ms_per_step(pg)
@@ -54,8 +60,10 @@ def main(out_dir: str) -> None:
         fb = "" if b is None else (f"{b:,}" if isinstance(b, int) else f"{b:.4f}")
         print(f"| {name} | {fa} | {fb} | {ratio} |")
     if res:
-        print(f"\npgolf median ms/step (CUDA events, after compile): {res.get('ms_per_step', 0):.2f}; "
-              f"timings: {json.dumps({k: round(v, 1) for k, v in res.get('timings', {}).items()})}")
+        print(
+            f"\npgolf median ms/step (CUDA events, after compile): {res.get('ms_per_step', 0):.2f}; "
+            f"timings: {json.dumps({k: round(v, 1) for k, v in res.get('timings', {}).items()})}"
+        )
 
 
 if __name__ == "__main__":

@@ -69,7 +69,9 @@ def check_compatibility(job: JobConfig) -> None:
         )
     t = job.train
     if t.seq_len < 2 or t.batch_tokens < 1 or t.iterations < 0 or t.prime_steps < 0:
-        raise ConfigError("train.seq_len >= 2, train.batch_tokens >= 1, train.iterations and train.prime_steps >= 0")
+        raise ConfigError(
+            "train.seq_len >= 2, train.batch_tokens >= 1, train.iterations and train.prime_steps >= 0"
+        )
     if t.grad_accum_base < 1:
         raise ConfigError("train.grad_accum_base must be >= 1")
     if t.batch_tokens % (t.grad_accum_base * t.seq_len):

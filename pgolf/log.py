@@ -23,7 +23,9 @@ class RunLog:
             self.file.write(msg + "\n")
             self.file.flush()
 
-    def progress(self, step: int, total: int, loss: float | None, step_ms: float, eta_s: float | None) -> None:
+    def progress(
+        self, step: int, total: int, loss: float | None, step_ms: float, eta_s: float | None
+    ) -> None:
         """One line per log step; on a terminal, a bar redrawn in place."""
         if not self.console:
             return

@@ -15,10 +15,10 @@ import sys
 import zipfile
 from pathlib import Path
 
-_WRAPPER = '''import base64,io,lzma,os,sys,tempfile,zipfile
+_WRAPPER = """import base64,io,lzma,os,sys,tempfile,zipfile
 D=tempfile.mkdtemp(prefix="pgolf_");zipfile.ZipFile(io.BytesIO(lzma.decompress(base64.b85decode("{payload}")))).extractall(D);sys.path.insert(0,D)
 from pgolf.train import run_packed;run_packed(os.path.join(D,"config.json"))
-'''
+"""
 
 
 def imported_modules() -> dict[str, Path]:
@@ -48,7 +48,10 @@ def build_wrapper(modules: dict[str, Path], config: dict) -> str:
         for rel, path in modules.items():
             info = zipfile.ZipInfo(rel, date_time=(2026, 1, 1, 0, 0, 0))  # fixed: same code -> same bytes
             z.writestr(info, path.read_bytes())
-        z.writestr(zipfile.ZipInfo("config.json", date_time=(2026, 1, 1, 0, 0, 0)), json.dumps(config, sort_keys=True))
+        z.writestr(
+            zipfile.ZipInfo("config.json", date_time=(2026, 1, 1, 0, 0, 0)),
+            json.dumps(config, sort_keys=True),
+        )
     payload = base64.b85encode(lzma.compress(buf.getvalue(), preset=9 | lzma.PRESET_EXTREME)).decode("ascii")
     return _WRAPPER.format(payload=payload)
 

@@ -27,7 +27,9 @@ from pgolf.results import read_json, write_json_atomic
 def conf_dir() -> str:
     path = Path(os.environ.get("PGOLF_CONF", Path(__file__).resolve().parent.parent / "conf"))
     if not (path / "config.yaml").is_file():
-        sys.exit(f"pgolf: no config.yaml in {path}; install pgolf from a checkout (pip install -e .) or set PGOLF_CONF")
+        sys.exit(
+            f"pgolf: no config.yaml in {path}; install pgolf from a checkout (pip install -e .) or set PGOLF_CONF"
+        )
     return str(path)
 
 
@@ -63,13 +65,18 @@ def launch(frozen: dict, job_dir: Path) -> int:
         try:
             run_job(job_dir)
             return 0
-        except Exception as e:  # already recorded in result.json by the worker
-            print(f"pgolf: job failed: {type(e).__name__}: {e}", file=sys.stderr)
+        except Exception:  # recorded in result.json by the worker; run_one reports it
             return 1
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        "-m", "pgolf.train", str(job_dir),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "pgolf.train",
+        str(job_dir),
     ]
     return subprocess.call(cmd, env=env)
 
@@ -90,7 +97,20 @@ def run_one(cfg: DictConfig) -> float:
     result = read_json(result_path) if result_path.is_file() else {}
     if code != 0 and result.get("status") != "failed":
         # The worker died without writing its verdict (killed, OOM): record it for the sweep.
-        result = {**result, "status": "failed", "error": f"worker exited with code {code}", "returncode": code}
+        rank_errors = (
+            sorted((job_dir / "ranks").glob("rank*_error.txt")) if (job_dir / "ranks").is_dir() else []
+        )
+        detail = (
+            f": {rank_errors[0].stem.split('_')[0]}: {rank_errors[0].read_text().splitlines()[0]}"
+            if rank_errors
+            else ""
+        )
+        result = {
+            **result,
+            "status": "failed",
+            "error": f"worker exited with code {code}{detail}",
+            "returncode": code,
+        }
         write_json_atomic(result_path, result)
     if result.get("status") == "ok":
         b = result["bytes"]

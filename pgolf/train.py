@@ -43,6 +43,10 @@ def run_job(job_dir: str | Path) -> dict:
             write_json_atomic(job_dir / "result.json", partial)
             if trainer is not None:
                 trainer.log(f"FAILED {type(e).__name__}: {e}")
+        else:  # other ranks leave their error where the parent will find it
+            err = job_dir / "ranks" / f"rank{_rank()}_error.txt"
+            err.parent.mkdir(exist_ok=True)
+            err.write_text(f"{type(e).__name__}: {e}\n{traceback.format_exc()[-4000:]}")
         raise
     finally:
         if trainer is not None:

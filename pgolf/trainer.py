@@ -96,12 +96,19 @@ class Trainer:
         self.result.update(status="ok", val_loss=final.val_loss, val_bpb=final.val_bpb)
         self.result["metrics"]["roundtrip"] = vars(final)
         self.result["timings"] = {**self.timer.seconds, "total": time.perf_counter() - t_start}
-        self.result["limits"] = self._limits()
-        self.log(
-            f"final_roundtrip val_loss:{final.val_loss:.8f} val_bpb:{final.val_bpb:.8f} "
-            f"bytes_total:{self.result['bytes']['total']} eval_time:{self.timer.seconds['eval']:.1f}s"
-        )
-        self.tracker.summary({"val_bpb": final.val_bpb, "val_loss": final.val_loss, "bytes_total": self.result["bytes"]["total"]})
+        if self.rt.is_main:  # byte accounting lives on rank 0, which wrote the artifact
+            self.result["limits"] = self._limits()
+            self.log(
+                f"final_roundtrip val_loss:{final.val_loss:.8f} val_bpb:{final.val_bpb:.8f} "
+                f"bytes_total:{self.result['bytes']['total']} eval_time:{self.timer.seconds['eval']:.1f}s"
+            )
+            self.tracker.summary(
+                {
+                    "val_bpb": final.val_bpb,
+                    "val_loss": final.val_loss,
+                    "bytes_total": self.result["bytes"]["total"],
+                }
+            )
         self.tracker.finish()
         return self.result
 
@@ -125,7 +132,9 @@ class Trainer:
         np.random.seed(job.seed)
         self.model = self._fresh_model()
         n_params = sum(p.numel() for p in self.model.parameters())
-        self.log(f"model:{job.model.name} params:{n_params:,} attention_backend:{backend} amp:{rt.amp_dtype} compile:{rt.compile}")
+        self.log(
+            f"model:{job.model.name} params:{n_params:,} attention_backend:{backend} amp:{rt.amp_dtype} compile:{rt.compile}"
+        )
         self.result.update(params=n_params, attention_backend=backend, grad_accum=self.grad_accum)
         compiled = torch.compile(self.model, dynamic=False, fullgraph=True) if rt.compile else self.model
         if rt.distributed:
@@ -136,8 +145,14 @@ class Trainer:
         self.opt = OPTIMIZERS.build(job.optimizer, model=self.model, device=rt.device, compile_ns=rt.compile)
         self.quant = QUANT.build(job.quant)
         self.ttt = TTT.build(job.ttt)
-        self.eval_nll = torch.compile(self.model.token_nll, dynamic=False, fullgraph=True) if rt.compile else self.model.token_nll
-        self.log(f"world_size:{rt.world_size} grad_accum:{self.grad_accum} global_batch_tokens:{job.train.batch_tokens}")
+        self.eval_nll = (
+            torch.compile(self.model.token_nll, dynamic=False, fullgraph=True)
+            if rt.compile
+            else self.model.token_nll
+        )
+        self.log(
+            f"world_size:{rt.world_size} grad_accum:{self.grad_accum} global_batch_tokens:{job.train.batch_tokens}"
+        )
 
     def _fresh_model(self) -> torch.nn.Module:
         model = MODELS.build(self.job.model).to(self.rt.device)
@@ -178,7 +193,9 @@ class Trainer:
         with torch.no_grad():
             self.model.load_state_dict(snapshot, strict=True)
         self.opt.reset_state()
-        self.loader = build_loader(self.job.data.loader, self.data.train_files, self.rt.rank, self.rt.world_size, self.rt.device)
+        self.loader = build_loader(
+            self.job.data.loader, self.data.train_files, self.rt.rank, self.rt.world_size, self.rt.device
+        )
         self.log(f"primed {n} steps (compile) and restored the initial weights, optimizer state and loader")
 
     # ---------------------------------------------------------------------------------- train
@@ -214,7 +231,9 @@ class Trainer:
                 rt.sync()
                 train_ms += 1000.0 * (time.perf_counter() - t0)
                 res = self._validate()
-                self.log(f"step:{step}/{iterations} val_loss:{res.val_loss:.4f} val_bpb:{res.val_bpb:.4f} train_time:{train_ms:.0f}ms")
+                self.log(
+                    f"step:{step}/{iterations} val_loss:{res.val_loss:.4f} val_bpb:{res.val_bpb:.4f} train_time:{train_ms:.0f}ms"
+                )
                 self.tracker.log({"val_loss": res.val_loss, "val_bpb": res.val_bpb}, step=step)
                 if last:
                     self.result["metrics"] = {"pre_quant": vars(res)}
@@ -252,11 +271,21 @@ class Trainer:
                 stop_after = self._apply_flags(flags_host, step, stop_after)
 
             if t.log_every > 0 and (step % t.log_every == 0 or step == iterations or step <= 5):
+                if rt.distributed:  # log the global-batch mean, identical for every world size
+                    loss = loss.detach().clone()
+                    dist.all_reduce(
+                        loss, op=dist.ReduceOp.AVG if not rt.device.type == "cpu" else dist.ReduceOp.SUM
+                    )
+                    loss = loss / rt.world_size if rt.device.type == "cpu" else loss
                 value = loss.item()  # the only read of the loss: log steps only
                 losses.append((step, value))
                 ms = done_ms / max(step - 1, 1)
-                self.log(f"step:{step}/{iterations} train_loss:{value:.4f} train_time:{done_ms:.0f}ms step_avg:{ms:.2f}ms")
-                eta = (iterations - step) * ms / 1000.0 if not wallclock else max(cap_ms - done_ms, 0) / 1000.0
+                self.log(
+                    f"step:{step}/{iterations} train_loss:{value:.4f} train_time:{done_ms:.0f}ms step_avg:{ms:.2f}ms"
+                )
+                eta = (
+                    (iterations - step) * ms / 1000.0 if not wallclock else max(cap_ms - done_ms, 0) / 1000.0
+                )
                 self.log.progress(step, iterations, value, ms, eta)
                 self.tracker.log({"train_loss": value, "lr_scale": self.opt.last_lr_scale}, step=step)
                 if not math.isfinite(value):
@@ -291,7 +320,7 @@ class Trainer:
         stop, nonfinite = flags_host.tolist()
         if nonfinite:
             raise TrainingError(
-                f"train loss became NaN/inf at step {step} (on some rank); lower the learning rates "
+                f"train loss became NaN/inf at step {step}; lower the learning rates "
                 "(optimizer.*_lr), set optimizer.grad_clip_norm, or check the data"
             )
         if stop and stop_after is None:
@@ -307,8 +336,15 @@ class Trainer:
         batch_seqs = self._val_batch_seqs()
         self.model.eval()
         res = evaluate(
-            self._nll_for(batch_seqs), self.val_tokens, t.seq_len, batch_seqs, self.lut, self.rt.device,
-            self.rt.amp_dtype, self.rt.rank, self.rt.world_size,
+            self._nll_for(batch_seqs),
+            self.val_tokens,
+            t.seq_len,
+            batch_seqs,
+            self.lut,
+            self.rt.device,
+            self.rt.amp_dtype,
+            self.rt.rank,
+            self.rt.world_size,
         )
         self.model.train()
         return res
@@ -317,7 +353,9 @@ class Trainer:
     def _prime_eval(self) -> None:
         """Compile the eval graph on random tokens: validation data is never touched before scoring."""
         t, rt = self.job.train, self.rt
-        x = torch.randint(0, self.job.model.vocab_size, (self._val_batch_seqs(), t.seq_len + 1), device=rt.device)
+        x = torch.randint(
+            0, self.job.model.vocab_size, (self._val_batch_seqs(), t.seq_len + 1), device=rt.device
+        )
         self.model.eval()
         with torch.autocast(rt.device.type, dtype=rt.amp_dtype, enabled=rt.amp_dtype != torch.float32):
             self.eval_nll(x[:, :-1].contiguous(), x[:, 1:].contiguous())
@@ -389,10 +427,16 @@ class Trainer:
     def _limits(self) -> dict:
         b = self.job.budget
         lim = {
-            "artifact_bytes": {"limit": b.artifact_bytes, "used": self.result["bytes"]["total"],
-                               "held": self.result["bytes"]["total"] <= b.artifact_bytes},
-            "eval_seconds": {"limit": b.eval_seconds, "used": self.timer.seconds["eval"] + self.timer.seconds["ttt"],
-                             "held": self.timer.seconds["eval"] + self.timer.seconds["ttt"] <= b.eval_seconds},
+            "artifact_bytes": {
+                "limit": b.artifact_bytes,
+                "used": self.result["bytes"]["total"],
+                "held": self.result["bytes"]["total"] <= b.artifact_bytes,
+            },
+            "eval_seconds": {
+                "limit": b.eval_seconds,
+                "used": self.timer.seconds["eval"] + self.timer.seconds["ttt"],
+                "held": self.timer.seconds["eval"] + self.timer.seconds["ttt"] <= b.eval_seconds,
+            },
         }
         if b.mode == "wallclock":
             used = self.result["train_ms"] / 1000.0 + b.quant_reserve_seconds

@@ -68,7 +68,9 @@ def compose():
     return _compose
 
 
-def run_cli(args: list[str], tmp_path: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], tmp_path: Path, timeout: int = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """`python -m pgolf.run <args>` with its run dir under tmp_path."""
     cmd = [sys.executable, "-m", "pgolf.run", *args]
     if not any(a.startswith("hydra.run.dir=") or a.startswith("hydra.sweep.dir=") for a in args):
@@ -80,7 +82,7 @@ def run_cli(args: list[str], tmp_path: Path, timeout: int = 600, env: dict | Non
 def tiny_cpu_args(shard_dir: Path, tokenizer: Path, **extra: str) -> list[str]:
     """A seconds-long CPU run on the synthetic shards."""
     args = {
-        "experiment": "null",
+        "experiment": "none",
         "data": "shards",
         "data.path": str(shard_dir),
         "data.tokenizer_path": str(tokenizer),

@@ -80,13 +80,17 @@ def _progress(label: str, done: int, total: int, t0: float) -> None:
         return
     width = 30
     filled = int(width * done / max(total, 1))
-    sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} docs {time.time() - t0:5.1f}s")
+    sys.stderr.write(
+        f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} docs {time.time() - t0:5.1f}s"
+    )
     if done == total:
         sys.stderr.write("\n")
     sys.stderr.flush()
 
 
-def tokenize_documents(model_path: str | Path, docs: list[str], label: str = "tokenize", workers: int = 0) -> np.ndarray:
+def tokenize_documents(
+    model_path: str | Path, docs: list[str], label: str = "tokenize", workers: int = 0
+) -> np.ndarray:
     """[BOS]+ids for every document, concatenated, using all cores, with a progress bar."""
     workers = workers or os.cpu_count() or 1
     batch = 256
@@ -100,8 +104,12 @@ def tokenize_documents(model_path: str | Path, docs: list[str], label: str = "to
             done += len(b)
             _progress(label, done, len(docs), t0)
     else:
-        with get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(str(model_path),)) as pool:
-            for b, arr in zip(_batches(docs, batch), pool.imap(_encode_batch, _batches(docs, batch), chunksize=4)):
+        with get_context("spawn").Pool(
+            workers, initializer=_init_worker, initargs=(str(model_path),)
+        ) as pool:
+            for b, arr in zip(
+                _batches(docs, batch), pool.imap(_encode_batch, _batches(docs, batch), chunksize=4)
+            ):
                 out.append(arr)
                 done += len(b)
                 _progress(label, done, len(docs), t0)
@@ -118,7 +126,9 @@ def export_shards(
 ) -> dict[str, int]:
     """Write {prefix}_{val,train}_NNNNNN.bin; returns the token count of each split."""
     if not 0 < val_docs < len(docs):
-        raise ValueError(f"val_docs={val_docs} must be between 1 and the number of documents - 1 ({len(docs) - 1})")
+        raise ValueError(
+            f"val_docs={val_docs} must be between 1 and the number of documents - 1 ({len(docs) - 1})"
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = {}

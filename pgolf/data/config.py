@@ -39,6 +39,8 @@ class EmbeddedDataConfig:
 
     def validate(self, path: str) -> None:
         if not 260 <= self.vocab_size <= 8192:
-            raise ConfigError(f"{path}.vocab_size={self.vocab_size} must be in 260..8192 for the embedded corpus")
+            raise ConfigError(
+                f"{path}.vocab_size={self.vocab_size} must be in 260..8192 for the embedded corpus"
+            )
         if self.val_docs < 1:
             raise ConfigError(f"{path}.val_docs must be >= 1")

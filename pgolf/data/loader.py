@@ -68,7 +68,9 @@ class SequentialLoader:
         self._current = idx
         return buf[:n]
 
-    def next_batch(self, global_tokens: int, seq_len: int, grad_accum: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(
+        self, global_tokens: int, seq_len: int, grad_accum: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         local = global_tokens // (self.world_size * grad_accum)
         span = local + 1
         chunk = self.stream.take(span * self.world_size)
@@ -86,7 +88,9 @@ class SequentialLoader:
         return dev[:-1].view(-1, seq_len), dev[1:].view(-1, seq_len)
 
 
-def build_loader(name: str, files: list[Path], rank: int, world_size: int, device: torch.device) -> SequentialLoader:
+def build_loader(
+    name: str, files: list[Path], rank: int, world_size: int, device: torch.device
+) -> SequentialLoader:
     if name != "sequential":
         raise ValueError(f"data.loader={name!r} is not implemented; valid choices: sequential")
     return SequentialLoader(files, rank, world_size, device)

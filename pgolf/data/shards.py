@@ -31,7 +31,9 @@ def read_header(path: str | Path) -> int:
     except FileNotFoundError:
         raise ShardError(f"{path}: shard file not found") from None
     if size < HEADER_BYTES:
-        raise ShardError(f"{path}: {size} bytes is shorter than the {HEADER_BYTES}-byte shard header; re-export it")
+        raise ShardError(
+            f"{path}: {size} bytes is shorter than the {HEADER_BYTES}-byte shard header; re-export it"
+        )
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
     if int(header[0]) != MAGIC:
         raise ShardError(

@@ -32,7 +32,9 @@ class DataSource:
         tokens = np.concatenate([load_tokens(f) for f in self.val_files])
         usable = ((tokens.size - 1) // seq_len) * seq_len
         if usable <= 0:
-            raise ShardError(f"validation split ({tokens.size} tokens) is shorter than one sequence of {seq_len}")
+            raise ShardError(
+                f"validation split ({tokens.size} tokens) is shorter than one sequence of {seq_len}"
+            )
         return tokens[: usable + 1]
 
 
@@ -55,7 +57,9 @@ def _load_tokenizer(path: Path, vocab_size: int):
     return sp
 
 
-def open_shards(folder: Path, train_pattern: str, val_pattern: str, tokenizer: Path, vocab_size: int) -> DataSource:
+def open_shards(
+    folder: Path, train_pattern: str, val_pattern: str, tokenizer: Path, vocab_size: int
+) -> DataSource:
     if not folder.is_dir():
         raise ShardError(f"data.path={folder} is not a directory; download or build shards into it first")
     train = shard_files(folder, train_pattern, "train")
@@ -70,7 +74,9 @@ def open_shards(folder: Path, train_pattern: str, val_pattern: str, tokenizer: P
     val_n = sum(read_header(f) for f in val)
     sp = _load_tokenizer(tokenizer, vocab_size)
     check_vocab(val, vocab_size)
-    check_vocab(train[:1], vocab_size)  # a full scan of 10B tokens is too slow; the first shard catches mixups
+    check_vocab(
+        train[:1], vocab_size
+    )  # a full scan of 10B tokens is too slow; the first shard catches mixups
     return DataSource(
         train_files=train,
         val_files=val,
@@ -85,7 +91,11 @@ def open_shards(folder: Path, train_pattern: str, val_pattern: str, tokenizer: P
 
 def build_shard_source(cfg: ShardDataConfig) -> DataSource:
     return open_shards(
-        Path(cfg.path).expanduser(), cfg.train_pattern, cfg.val_pattern, Path(cfg.tokenizer_path).expanduser(), cfg.vocab_size
+        Path(cfg.path).expanduser(),
+        cfg.train_pattern,
+        cfg.val_pattern,
+        Path(cfg.tokenizer_path).expanduser(),
+        cfg.vocab_size,
     )
 
 
@@ -125,7 +135,9 @@ def ensure_embedded(cfg: EmbeddedDataConfig, log=print) -> Path:
             return folder
         folder.mkdir(parents=True, exist_ok=True)
         n_bytes = sum(len(d.encode("utf-8")) for d in docs)
-        log(f"embedded corpus: {len(docs)} documents, {n_bytes / 1e6:.2f} MB of Python documentation -> {folder}")
+        log(
+            f"embedded corpus: {len(docs)} documents, {n_bytes / 1e6:.2f} MB of Python documentation -> {folder}"
+        )
         model = train_tokenizer(docs, cfg.vocab_size, folder / "tokenizer.model")
         log(f"embedded corpus: trained a {cfg.vocab_size}-piece SentencePiece BPE tokenizer")
         counts = export_shards(model, docs, folder, val_docs=cfg.val_docs)
@@ -138,4 +150,6 @@ def ensure_embedded(cfg: EmbeddedDataConfig, log=print) -> Path:
 
 def build_embedded_source(cfg: EmbeddedDataConfig) -> DataSource:
     folder = ensure_embedded(cfg)
-    return open_shards(folder, "fineweb_train_*.bin", "fineweb_val_*.bin", folder / "tokenizer.model", cfg.vocab_size)
+    return open_shards(
+        folder, "fineweb_train_*.bin", "fineweb_val_*.bin", folder / "tokenizer.model", cfg.vocab_size
+    )

@@ -30,7 +30,9 @@ def resolve_nproc(cfg: CudaHardwareConfig | CpuHardwareConfig) -> CudaHardwareCo
         cfg = dataclasses.replace(cfg, nproc_per_node=n)
     if isinstance(cfg, CudaHardwareConfig):
         if not torch.cuda.is_available():
-            raise RuntimeError("hardware=cuda (or gpu/h100x8) but no CUDA device is visible; use hardware=cpu or auto")
+            raise RuntimeError(
+                "hardware=cuda (or gpu/h100x8) but no CUDA device is visible; use hardware=cpu or auto"
+            )
         if cfg.nproc_per_node > torch.cuda.device_count():
             raise RuntimeError(
                 f"hardware.nproc_per_node={cfg.nproc_per_node} but only {torch.cuda.device_count()} GPU(s) are visible"

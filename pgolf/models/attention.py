@@ -27,7 +27,11 @@ def _try_flash(module: str) -> Callable[..., Tensor] | None:
 def _sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     # SDPA wants (B, H, T, D); transposes are views that inductor folds into the kernel's strides.
     y = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=q.size(2) != k.size(2)
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        is_causal=True,
+        enable_gqa=q.size(2) != k.size(2),
     )
     return y.transpose(1, 2)
 

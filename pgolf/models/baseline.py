@@ -96,7 +96,9 @@ class BaselineGPT(nn.Module):
     def _logits(self, input_ids: Tensor) -> Tensor:
         x = rms_norm(self.tok_emb(input_ids))
         x0 = x
-        cos, sin = rotary_tables(input_ids.size(1), self.cfg.model_dim // self.cfg.num_heads, self.cfg.rope_base, x.device, x.dtype)
+        cos, sin = rotary_tables(
+            input_ids.size(1), self.cfg.model_dim // self.cfg.num_heads, self.cfg.rope_base, x.device, x.dtype
+        )
         skips: list[Tensor] = []
         for i in range(self.num_encoder_layers):
             x = self.blocks[i](x, x0, cos, sin)
@@ -123,7 +125,12 @@ class BaselineGPT(nn.Module):
 
     def param_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """Parameters by optimizer role: the model says which is which, optimizers do not guess."""
-        groups: dict[str, list[tuple[str, nn.Parameter]]] = {"matrix": [], "scalar": [], "embed": [], "head": []}
+        groups: dict[str, list[tuple[str, nn.Parameter]]] = {
+            "matrix": [],
+            "scalar": [],
+            "embed": [],
+            "head": [],
+        }
         for name, p in self.named_parameters():
             if name == "tok_emb.weight":
                 groups["embed"].append((name, p))

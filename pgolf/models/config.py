@@ -26,7 +26,9 @@ class BaselineModelConfig:
 
     def validate(self, path: str) -> None:
         if self.model_dim % self.num_heads:
-            raise ConfigError(f"{path}.model_dim={self.model_dim} must be divisible by {path}.num_heads={self.num_heads}")
+            raise ConfigError(
+                f"{path}.model_dim={self.model_dim} must be divisible by {path}.num_heads={self.num_heads}"
+            )
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"{path}.num_heads={self.num_heads} must be divisible by {path}.num_kv_heads={self.num_kv_heads}"

@@ -36,7 +36,9 @@ class CastedLinear(nn.Linear):
         return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
-def rotary_tables(seq_len: int, head_dim: int, base: float, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def rotary_tables(
+    seq_len: int, head_dim: int, base: float, device: torch.device, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
     """Half-split RoPE cos/sin of shape (1, T, 1, D/2), computed in fp32 then cast.
 
     Recomputed each forward instead of cached: it is a tiny fused kernel under compile and keeps

@@ -77,7 +77,9 @@ class Muon:
             rows, cols = grads.shape[-2:]
             update = update * max(1.0, rows / cols) ** 0.5
             if world == 1:
-                torch._foreach_add_([self.params[i] for i in mine], list(update.to(grads.dtype).unbind(0)), alpha=-lr)
+                torch._foreach_add_(
+                    [self.params[i] for i in mine], list(update.to(grads.dtype).unbind(0)), alpha=-lr
+                )
             else:
                 for j, i in enumerate(mine):
                     n = self.params[i].numel()
@@ -141,5 +143,7 @@ class OptimizerBundle:
             p.grad = None
 
 
-def build(cfg: MuonConfig, model: nn.Module, device: torch.device, compile_ns: bool = True) -> OptimizerBundle:
+def build(
+    cfg: MuonConfig, model: nn.Module, device: torch.device, compile_ns: bool = True
+) -> OptimizerBundle:
     return OptimizerBundle(model, cfg, device, compile_ns)

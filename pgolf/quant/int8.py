@@ -49,7 +49,14 @@ class Int8Zlib:
 
     def quantize(self, state: dict[str, Tensor]) -> dict:
         q = self.cfg.clip_percentile / 100.0
-        obj: dict = {"format": FORMAT, "quantized": {}, "scales": {}, "dtypes": {}, "passthrough": {}, "orig_dtypes": {}}
+        obj: dict = {
+            "format": FORMAT,
+            "quantized": {},
+            "scales": {},
+            "dtypes": {},
+            "passthrough": {},
+            "orig_dtypes": {},
+        }
         for name, tensor in state.items():
             t = tensor.detach().to("cpu").contiguous()
             if not t.is_floating_point():
@@ -69,7 +76,9 @@ class Int8Zlib:
     @staticmethod
     def dequantize(obj: dict) -> dict[str, Tensor]:
         if obj.get("format") != FORMAT:
-            raise ValueError(f"artifact format {obj.get('format')!r} is not {FORMAT!r}; was it written by int8_zlib?")
+            raise ValueError(
+                f"artifact format {obj.get('format')!r} is not {FORMAT!r}; was it written by int8_zlib?"
+            )
         out = {
             name: dequantize_tensor(codes, obj["scales"][name], getattr(torch, obj["dtypes"][name]))
             for name, codes in obj["quantized"].items()

@@ -1,0 +1,211 @@
+"""Config groups, registries and validation: every option composes, bad input fails by name."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import CONF, REPO
+
+from pgolf.components import OPTIMIZERS, REGISTRIES
+from pgolf.config import GROUPS, config_hash, job_config_from_dict, to_dict
+from pgolf.registry import ConfigError, Entry, Registry
+
+SHARD_ARGS = ["data.path=/some/shards", "data.tokenizer_path=/some/tok.model"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes_and_validates(compose, group, option):
+    overrides = [f"{group}={option}"]
+    if group == "data" and option == "shards":
+        overrides += SHARD_ARGS
+    job = job_config_from_dict(compose(overrides))
+    assert getattr(job, group).name in REGISTRIES[group].names()
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment_composes(compose, experiment):
+    job = job_config_from_dict(compose([f"experiment={experiment}"]))
+    assert job.model.vocab_size == job.data.vocab_size
+
+
+def test_offline_default_is_small_and_step_based(compose):
+    job = job_config_from_dict(compose())
+    assert (job.data.name, job.budget.mode, job.label) == ("embedded", "steps", "offline")
+    assert job.model.model_dim < 512
+
+
+def test_naive_baseline_experiment_is_the_challenge_baseline(compose):
+    job = job_config_from_dict(compose(["experiment=naive_baseline"]))
+    m = job.model
+    assert (m.num_layers, m.model_dim, m.num_heads, m.num_kv_heads, m.mlp_mult) == (9, 512, 8, 4, 2)
+    assert m.tie_embeddings and m.logit_softcap == 30.0 and m.qk_gain_init == 1.5
+    assert (job.train.seq_len, job.train.batch_tokens) == (1024, 524_288)
+    assert (job.budget.mode, job.budget.train_seconds, job.budget.artifact_bytes) == (
+        "wallclock",
+        600.0,
+        16_000_000,
+    )
+    assert job.data.path.endswith("datasets/fineweb10B_sp1024") and job.data.vocab_size == 1024
+
+
+def test_cli_group_override_beats_the_default_experiment(compose):
+    assert compose(["model=baseline"])["model"]["num_layers"] == 9
+
+
+def test_unknown_key_names_key_and_valid_keys(compose):
+    with pytest.raises(ConfigError, match=r"model\.num_layer\b.*valid keys: .*num_layers"):
+        job_config_from_dict(compose(["+model.num_layer=12"]))
+
+
+def test_unknown_root_key(compose):
+    with pytest.raises(ConfigError, match=r"train\.steps"):
+        job_config_from_dict(compose(["+train.steps=3"]))
+
+
+def test_wrong_type_is_named(compose):
+    with pytest.raises(ConfigError, match=r"model\.num_layers='abc' must be an integer"):
+        job_config_from_dict(compose(["model.num_layers=abc"]))
+
+
+def test_literal_lists_choices(compose):
+    with pytest.raises(ConfigError, match=r"hardware\.amp_dtype='fp8'.*valid choices: 'bfloat16', 'float32'"):
+        job_config_from_dict(compose(["hardware=cpu", "hardware.amp_dtype=fp8"]))
+    with pytest.raises(ConfigError, match=r"budget\.mode='fast'.*'wallclock', 'steps'"):
+        job_config_from_dict(compose(["budget.mode=fast"]))
+
+
+def test_unknown_group_option_lists_available(compose):
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match="baseline"):
+        compose(["model=nope"])
+
+
+def test_unknown_implementation_name_lists_registered(compose):
+    with pytest.raises(ConfigError, match=r"model\.name='banked'.*valid choices: baseline"):
+        job_config_from_dict(compose(["model.name=banked"]))
+
+
+def test_required_shard_path(compose):
+    with pytest.raises(ConfigError, match=r"data\.path is required"):
+        job_config_from_dict(compose(["data=shards"]))
+
+
+@pytest.mark.parametrize(
+    "override,pattern",
+    [
+        ("model.vocab_size=2048", r"model\.vocab_size=2048 differs from data\.vocab_size=1024"),
+        ("model.num_heads=3", r"model_dim=128 must be divisible by model\.num_heads=3"),
+        ("model.num_kv_heads=3", r"num_heads=4 must be divisible by model\.num_kv_heads=3"),
+        ("hardware=cpu", None),
+        ("hardware.nproc_per_node=3", r"nproc_per_node=3 must divide 8"),
+        ("train.batch_tokens=1000", r"train\.batch_tokens=1000 must be a multiple"),
+        ("optimizer.warmdown_frac=1.5", r"warmdown_frac=1\.5 must be in \[0, 1\]"),
+        ("budget.artifact_bytes=0", r"artifact_bytes must be positive"),
+    ],
+)
+def test_semantic_checks(compose, override, pattern):
+    cfg = compose([override])
+    if pattern is None:
+        job_config_from_dict(cfg)
+    else:
+        with pytest.raises(ConfigError, match=pattern):
+            job_config_from_dict(cfg)
+
+
+def test_cross_group_requirement(compose, monkeypatch):
+    muon = OPTIMIZERS.get("muon")
+    monkeypatch.setitem(
+        OPTIMIZERS._entries, "muon", Entry("muon", muon.schema, muon.builder, requires=("banks",))
+    )
+    with pytest.raises(ConfigError, match=r"optimizer=muon needs banks.*model=baseline"):
+        job_config_from_dict(compose())
+
+
+def test_registry_rejects_duplicates_and_names_choices():
+    reg = Registry("thing")
+
+    class A:
+        pass
+
+    class B:
+        pass
+
+    reg.register("a", A, "x:y")
+    with pytest.raises(ValueError, match="duplicate name 'a'"):
+        reg.register("a", B, "x:y")
+    with pytest.raises(ValueError, match="registered twice"):
+        reg.register("b", A, "x:y")
+    with pytest.raises(ConfigError, match="valid choices: a"):
+        reg.get("zzz")
+
+
+def test_frozen_config_round_trips(compose):
+    job = job_config_from_dict(compose(["experiment=naive_baseline"]))
+    again = job_config_from_dict(json.loads(json.dumps(to_dict(job))))
+    assert to_dict(again) == to_dict(job)
+
+
+def test_config_hash_ignores_seed_but_not_model(compose):
+    a = job_config_from_dict(compose(["seed=1"]))
+    b = job_config_from_dict(compose(["seed=2"]))
+    c = job_config_from_dict(compose(["seed=1", "model.num_layers=3"]))
+    assert config_hash(a) == config_hash(b) != config_hash(c)
+    assert config_hash(a, include_seed=True) != config_hash(b, include_seed=True)
+
+
+def test_validation_never_imports_torch():
+    code = (
+        "import sys\n"
+        "from hydra import compose, initialize_config_dir\n"
+        "from omegaconf import OmegaConf\n"
+        "from pgolf.config import job_config_from_dict\n"
+        "from pgolf.registry import ConfigError\n"
+        f"with initialize_config_dir(config_dir={str(CONF)!r}, version_base='1.3'):\n"
+        "    d = OmegaConf.to_container(compose(config_name='config', overrides=['+model.nope=1']), resolve=True)\n"
+        "d.pop('hydra', None)\n"
+        "try:\n    job_config_from_dict(d)\nexcept ConfigError:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'validation imported torch'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_cli_bad_key_fails_fast_with_the_key(tmp_path):
+    from conftest import run_cli
+
+    proc = run_cli(["+model.num_layer=12"], tmp_path, timeout=60)
+    assert proc.returncode == 2
+    assert "model.num_layer" in proc.stderr and "num_layers" in proc.stderr
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["status"] == "failed" and "model.num_layer" in result["error"]
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_cli_unknown_option_lists_choices(tmp_path):
+    from conftest import run_cli
+
+    proc = run_cli(["optimizer=adamw"], tmp_path, timeout=60)
+    assert proc.returncode != 0
+    assert "adamw" in proc.stderr and "muon" in proc.stderr
+
+
+def test_readme_documents_every_group_option():
+    readme = (REPO / "README.md").read_text()
+    for group in GROUPS:
+        for option in options(group):
+            assert f"{group}={option}" in readme or f"`{option}`" in readme, (
+                f"README does not mention {group}={option}"
+            )
+
+
+def test_conf_dirs_match_groups():
+    assert {p.name for p in CONF.iterdir() if p.is_dir()} >= set(GROUPS)
+    assert Path(CONF / "config.yaml").is_file()
