@@ -46,8 +46,8 @@ class Muon:
         by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for i, p in enumerate(params):
             by_shape[tuple(p.shape)].append(i)
-        # Each group: indices of its matrices, and the subset this rank orthogonalizes.
-        self.groups = [(idx, [i for i in idx if i % self.world == self.rank]) for idx in by_shape.values()]
+        # Per shape: the indices of the matrices this rank orthogonalizes (matrix i -> rank i % world).
+        self.groups = [[i for i in idx if i % self.world == self.rank] for idx in by_shape.values()]
         self.momentum_buffers: dict[int, Tensor] = {}
         self.ns = torch.compile(newton_schulz, fullgraph=True, dynamic=False) if compile_ns else newton_schulz
         self._flat: Tensor | None = None
@@ -64,7 +64,7 @@ class Muon:
             for p in self.params:
                 offsets.append(off)
                 off += p.numel()
-        for gi, (all_idx, mine) in enumerate(self.groups):
+        for gi, mine in enumerate(self.groups):
             if not mine:
                 continue
             grads = torch.stack([self.params[i].grad for i in mine])
