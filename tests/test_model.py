@@ -60,19 +60,33 @@ def test_param_groups_cover_every_parameter_once(baseline):
 
     matrix = [n for n, _ in groups["matrix"]]
     assert len(matrix) == 54
-    kinds = ("attn.c_q.weight", "attn.c_k.weight", "attn.c_v.weight", "attn.proj.weight", "mlp.fc.weight", "mlp.proj.weight")
+    kinds = (
+        "attn.c_q.weight",
+        "attn.c_k.weight",
+        "attn.c_v.weight",
+        "attn.proj.weight",
+        "mlp.fc.weight",
+        "mlp.proj.weight",
+    )
     assert sorted(matrix) == sorted(f"blocks.{i}.{k}" for i in range(9) for k in kinds)
     assert [n for n, _ in groups["embed"]] == ["tok_emb.weight"]
     assert groups["head"] == []
     scalar = [n for n, _ in groups["scalar"]]
     assert sorted(scalar) == sorted(
-        ["skip_weights"] + [f"blocks.{i}.{k}" for i in range(9) for k in ("attn_scale", "mlp_scale", "resid_mix", "attn.q_gain")]
+        ["skip_weights"]
+        + [
+            f"blocks.{i}.{k}"
+            for i in range(9)
+            for k in ("attn_scale", "mlp_scale", "resid_mix", "attn.q_gain")
+        ]
     )
     assert all(n.endswith(CONTROL_SUFFIXES) for n in scalar)
 
 
 def test_untied_head_goes_to_head_group():
-    cfg = BaselineModelConfig(vocab_size=64, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, tie_embeddings=False)
+    cfg = BaselineModelConfig(
+        vocab_size=64, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, tie_embeddings=False
+    )
     model = BaselineGPT(cfg)
     groups = model.param_groups()
     assert [n for n, _ in groups["head"]] == ["lm_head.weight"]
@@ -93,7 +107,9 @@ def test_zero_init_projections(baseline):
 
 def test_fresh_model_loss_is_near_uniform():
     # zero-init projections + tiny embeddings: the initial prediction is close to uniform
-    model = BaselineGPT(BaselineModelConfig(vocab_size=64, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2))
+    model = BaselineGPT(
+        BaselineModelConfig(vocab_size=64, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2)
+    )
     x = torch.randint(0, 64, (2, 16))
     assert model(x, torch.randint(0, 64, (2, 16))).item() == pytest.approx(math.log(64), abs=0.05)
 
@@ -123,7 +139,9 @@ def test_causality():
     for t in (0, 5, 17, 30):
         x2 = x.clone()
         x2[:, t + 1 :] = torch.randint(0, 64, (2, T - t - 1), generator=g)
-        x2[:, t + 1 :] = torch.where(x2[:, t + 1 :] == x[:, t + 1 :], (x[:, t + 1 :] + 1) % 64, x2[:, t + 1 :])
+        x2[:, t + 1 :] = torch.where(
+            x2[:, t + 1 :] == x[:, t + 1 :], (x[:, t + 1 :] + 1) % 64, x2[:, t + 1 :]
+        )
         out = model.token_nll(x2, y)
         torch.testing.assert_close(out[:, : t + 1], base[:, : t + 1], rtol=1e-5, atol=1e-6)
         # the test is sensitive: positions after t do see the change

@@ -7,6 +7,7 @@ import torch
 
 from pgolf.models.baseline import BaselineGPT
 from pgolf.models.config import BaselineModelConfig
+from pgolf.optim import muon as muon_module
 from pgolf.optim.config import MuonConfig
 from pgolf.optim.muon import OptimizerBundle, newton_schulz
 from pgolf.optim.schedules import lr_scale, muon_momentum
@@ -67,11 +68,12 @@ def test_newton_schulz_batched_equals_per_matrix(shape):
     G = torch.randn(4, *shape, generator=g)
     X = newton_schulz(G, 5)
     for i in range(G.size(0)):
-        single = newton_schulz(G[i], 5)
-        assert torch.equal(X[i], single)
-        ref = _ns5_reference(G[i])
-        torch.testing.assert_close(single.float(), ref.float(), rtol=0, atol=2e-2)
-        assert (single.float() - ref.float()).abs().mean() < 1e-3
+        # Same arithmetic; on some CPUs bf16 bmm and mm round differently, so allow bf16 noise
+        # (a wrong transpose/normalization would be off by O(1), not O(1%)).
+        for other in (newton_schulz(G[i], 5), _ns5_reference(G[i])):
+            diff = X[i].float() - other.float()
+            assert diff.norm() <= 0.02 * other.float().norm()
+            assert diff.abs().max() <= 2e-2
 
 
 def test_newton_schulz_is_scale_and_transpose_equivariant():
@@ -200,8 +202,9 @@ def _grads(model: BaselineGPT, seed: int) -> dict[str, torch.Tensor]:
 class ReferenceOptimizer:
     """Muon for 2-D block matrices (one matrix at a time) and torch.optim.Adam for the rest."""
 
-    def __init__(self, params: dict[str, torch.nn.Parameter], cfg: MuonConfig):
+    def __init__(self, params: dict[str, torch.nn.Parameter], cfg: MuonConfig, ns=_ns5_reference):
         self.cfg = cfg
+        self.ns = ns
         self.params = params
         self.matrix = [
             n for n, p in params.items() if n.startswith("blocks.") and p.ndim == 2 and "resid_mix" not in n
@@ -231,18 +234,28 @@ class ReferenceOptimizer:
             buf = self.bufs.setdefault(n, torch.zeros_like(p))
             buf.mul_(momentum).add_(p.grad)
             update = p.grad.add(buf, alpha=momentum)  # nesterov
-            update = _ns5_reference(update, 5)
+            update = self.ns(update, 5)
             update = update * max(1.0, p.size(0) / p.size(1)) ** 0.5
             p.sub_(self.cfg.matrix_lr * scale * update.float())
 
 
+def _fake_ns(G: torch.Tensor, steps: int) -> torch.Tensor:
+    """Elementwise stand-in for Newton-Schulz: identical batched or per matrix, bit for bit."""
+    assert steps == 5
+    return (G * 3.0).bfloat16()
+
+
 def _run_both(
-    cfg: MuonConfig,
+    cfg: MuonConfig, monkeypatch=None, fake_ns: bool = False
 ) -> tuple[BaselineGPT, BaselineGPT, dict[str, torch.Tensor], ReferenceOptimizer]:
+    if fake_ns:
+        monkeypatch.setattr(muon_module, "newton_schulz", _fake_ns)
     model = _tiny_model()
     ref_model = _tiny_model()
     bundle = OptimizerBundle(model, cfg, torch.device("cpu"), compile_ns=False)
-    ref = ReferenceOptimizer(dict(ref_model.named_parameters()), cfg)
+    ref = ReferenceOptimizer(
+        dict(ref_model.named_parameters()), cfg, ns=_fake_ns if fake_ns else _ns5_reference
+    )
     assert len(ref.matrix) == 12 and len(bundle.muon.params) == 12
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     for step in range(3):
@@ -257,15 +270,30 @@ def _run_both(
 
 
 def test_bundle_matches_reference():
+    """Real bf16 Newton-Schulz: the bundle orthogonalizes each shape as one batch, the reference one
+    matrix at a time; bf16 bmm and mm may round differently on some CPUs, and such ulps grow to ~1% of
+    an update, so matrices are compared by their total displacement (nesterov, the sqrt(rows/cols) scale
+    or the lr schedule, if wrong, are off by 10-40%). test_bundle_muon_arithmetic_exact checks the rest
+    of the arithmetic bit for bit."""
     model, ref_model, start, ref = _run_both(MuonConfig(warmdown_iters=WD))
     ref_params = dict(ref_model.named_parameters())
     for n, p in model.named_parameters():
         assert not torch.equal(p, start[n]), n
         if n in ref.matrix:
-            # same bf16 updates; only the fp32 rounding of p - lr * u may differ
-            torch.testing.assert_close(p, ref_params[n], rtol=0, atol=1e-7, msg=n)
+            d, d_ref = p - start[n], ref_params[n] - start[n]
+            assert (d - d_ref).norm() <= 0.03 * d_ref.norm(), n
         else:
             torch.testing.assert_close(p, ref_params[n], rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_bundle_muon_arithmetic_exact(monkeypatch):
+    """With an elementwise stand-in for Newton-Schulz, momentum, nesterov, the shape scale, the lr and
+    momentum schedules and the Adam groups agree with the reference to fp32 rounding."""
+    model, ref_model, start, ref = _run_both(MuonConfig(warmdown_iters=WD), monkeypatch, fake_ns=True)
+    ref_params = dict(ref_model.named_parameters())
+    for n, p in model.named_parameters():
+        assert not torch.equal(p, start[n]), n
+        torch.testing.assert_close(p, ref_params[n], rtol=1e-6, atol=1e-7, msg=n)
 
 
 def test_bundle_matches_reference_with_grad_clip():
@@ -338,7 +366,7 @@ def test_reset_state_matters():
 def test_zero_grad_clears_every_grad():
     model = _tiny_model()
     bundle = OptimizerBundle(model, MuonConfig(), torch.device("cpu"), compile_ns=False)
-    for n, p in model.named_parameters():
+    for p in model.parameters():
         p.grad = torch.ones_like(p)
     bundle.zero_grad()
     assert all(p.grad is None for p in model.parameters())

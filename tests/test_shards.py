@@ -303,7 +303,7 @@ def test_export_round_trip(tmp_path, tokenizer_model, shard_tokens):
         return np.concatenate([load_tokens(f) for f in files])
 
     val, train = read("val"), read("train")
-    assert counts == {"val": val.size, "train": train.size}
+    assert (counts["val"], counts["train"]) == (val.size, train.size)
     val_spans, train_spans = _split_docs(val, bos), _split_docs(train, bos)
     assert len(val_spans) == val_docs and len(train_spans) == len(docs) - val_docs
     for doc, ids in zip(docs, val_spans + train_spans):

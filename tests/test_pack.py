@@ -1,0 +1,141 @@
+"""The self-extracting train_gpt.py wrapper: valid Python, exact payload, real on-disk size."""
+
+from __future__ import annotations
+
+import ast
+import base64
+import io
+import json
+import lzma
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import pgolf
+from pgolf.pack import build_wrapper, imported_modules, write_wrapper
+
+ROOT = Path(pgolf.__file__).resolve().parent.parent
+CONFIG = {"model": {"name": "baseline", "num_layers": 9}, "seed": 1337, "note": 'caf\u00e9 {braces} "quotes"'}
+
+
+def _payload(text: str) -> bytes:
+    """The string literal passed to base64.b85decode in the wrapper, found through the AST."""
+    tree = ast.parse(text)
+    calls = [
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "b85decode"
+    ]
+    assert len(calls) == 1
+    (arg,) = calls[0].args
+    assert isinstance(arg, ast.Constant) and isinstance(arg.value, str)
+    return arg.value.encode("ascii")
+
+
+def _unpack(text: str) -> dict[str, bytes]:
+    raw = lzma.decompress(base64.b85decode(_payload(text)))
+    with zipfile.ZipFile(io.BytesIO(raw)) as z:
+        assert z.testzip() is None
+        return {name: z.read(name) for name in z.namelist()}
+
+
+def _modules(*rels: str) -> dict[str, Path]:
+    return {rel: ROOT / rel for rel in rels}
+
+
+def test_wrapper_payload_round_trip():
+    modules = _modules("pgolf/__init__.py", "pgolf/pack.py", "pgolf/data/shards.py", "pgolf/quant/int8.py")
+    text = build_wrapper(modules, CONFIG)
+    ast.parse(text)
+    compile(text, "train_gpt.py", "exec")
+    assert text.isascii()
+    files = _unpack(text)
+    assert set(files) == set(modules) | {"config.json"}
+    for rel, path in modules.items():
+        assert files[rel] == path.read_bytes(), rel
+    assert json.loads(files["config.json"]) == CONFIG
+    # compressed: the wrapper is smaller than the source it carries
+    assert len(text.encode("utf-8")) < sum(p.stat().st_size for p in modules.values())
+
+
+def test_wrapper_is_deterministic():
+    modules = _modules("pgolf/__init__.py", "pgolf/pack.py")
+    assert build_wrapper(modules, CONFIG) == build_wrapper(dict(modules), CONFIG)
+    assert build_wrapper(modules, CONFIG) == build_wrapper(modules, dict(reversed(list(CONFIG.items()))))
+    assert build_wrapper(modules, CONFIG) != build_wrapper(modules, {**CONFIG, "seed": 1})
+
+
+def test_wrapper_runs_the_packed_code(tmp_path):
+    """Executing the wrapper extracts the zip and imports pgolf from it, not from the installed package."""
+    fake_train = tmp_path / "src" / "train.py"
+    fake_train.parent.mkdir()
+    fake_train.write_text(
+        "import json, pathlib, sys\n"
+        "def run_packed(config_path):\n"
+        "    cfg = json.loads(pathlib.Path(config_path).read_text())\n"
+        "    print(json.dumps({'cfg': cfg, 'train_file': __file__, 'root': sys.path[0]}))\n"
+    )
+    modules = {"pgolf/__init__.py": ROOT / "pgolf/__init__.py", "pgolf/train.py": fake_train}
+    script = tmp_path / "run" / "train_gpt.py"
+    script.parent.mkdir()
+    script.write_text(build_wrapper(modules, CONFIG), encoding="utf-8")
+    env = dict(os.environ, TMPDIR=str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    proc = subprocess.run(
+        [sys.executable, str(script)], cwd=script.parent, capture_output=True, text=True, timeout=60, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["cfg"] == CONFIG
+    assert Path(out["train_file"]).resolve() == (Path(out["root"]) / "pgolf" / "train.py").resolve()
+    assert Path(out["root"]).name.startswith("pgolf_")
+    assert Path(out["root"]).parent == tmp_path / "tmp"
+
+
+def test_write_wrapper_returns_on_disk_size(tmp_path):
+    import pgolf.data.shards  # noqa: F401  (make sure some submodules are loaded)
+    import pgolf.quant.int8  # noqa: F401
+
+    path = tmp_path / "train_gpt.py"
+    size, raw = write_wrapper(path, CONFIG)
+    data = path.read_bytes()
+    assert size == len(data) == path.stat().st_size
+    assert not (tmp_path / "train_gpt.py.tmp").exists()
+    text = data.decode("utf-8")
+    ast.parse(text)
+    files = _unpack(text)
+    modules = imported_modules()
+    assert raw == sum(p.stat().st_size for p in modules.values())
+    assert set(files) == set(modules) | {"config.json"}
+    for rel in (
+        "pgolf/__init__.py",
+        "pgolf/pack.py",
+        "pgolf/data/__init__.py",
+        "pgolf/data/shards.py",
+        "pgolf/quant/int8.py",
+    ):
+        assert files[rel] == (ROOT / rel).read_bytes(), rel
+    assert json.loads(files["config.json"]) == CONFIG
+
+
+def test_imported_modules_include_package_inits():
+    mods = imported_modules()
+    assert all(rel.startswith("pgolf/") and rel.endswith(".py") for rel in mods)
+    for rel in mods:
+        parts = rel.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            assert "/".join(parts[:i]) + "/__init__.py" in mods, rel
+    assert list(mods) == sorted(mods)
+
+
+@pytest.mark.parametrize("n_bytes", [0, 1, 4096])
+def test_payload_characters_are_safe_in_a_string_literal(tmp_path, n_bytes):
+    # base85 never emits a quote or a backslash, whatever the bytes
+    blob = tmp_path / "blob.py"
+    blob.write_bytes(bytes(range(256)) * (n_bytes // 256) + b'"\\' * (n_bytes % 7))
+    text = build_wrapper({"pgolf/blob.py": blob}, {})
+    assert _unpack(text)["pgolf/blob.py"] == blob.read_bytes()
