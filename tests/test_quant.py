@@ -224,3 +224,17 @@ def test_load_rejects_wrong_format(codec):
     torch.save({"quantized": {}}, buf)
     with pytest.raises(ValueError, match="format"):
         codec.load(zlib.compress(buf.getvalue()))
+
+
+def test_per_tensor_clip_above_quantile_limit():
+    """torch.quantile refuses > 2**24 elements; the exporter must still handle such tensors."""
+    from pgolf.quant.int8 import _quantile_all
+
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(2**24 + 1000, generator=g).abs()
+    q = 0.9999984
+    pos = q * (big.numel() - 1)
+    lo = int(pos)
+    v = big.sort().values
+    expected = float(v[lo] + (v[lo + 1] - v[lo]) * (pos - lo))
+    assert _quantile_all(big, q) == pytest.approx(expected, rel=1e-6)

@@ -22,6 +22,18 @@ from pgolf.quant.config import Int8ZlibConfig
 FORMAT = "pgolf_int8_per_row_v1"
 
 
+def _quantile_all(x: Tensor, q: float) -> float:
+    """torch.quantile's linear interpolation over all elements, also above its 2**24-element limit."""
+    flat = x.flatten()
+    if flat.numel() <= 2**24:
+        return float(torch.quantile(flat, q))
+    pos = q * (flat.numel() - 1)
+    lo, hi = int(pos), min(int(pos) + 1, flat.numel() - 1)
+    v_lo = float(torch.kthvalue(flat, lo + 1).values)
+    v_hi = float(torch.kthvalue(flat, hi + 1).values)
+    return v_lo + (v_hi - v_lo) * (pos - lo)
+
+
 def quantize_tensor(t: Tensor, q: float) -> tuple[Tensor, Tensor]:
     t32 = t.float()
     if t32.ndim == 2:
@@ -30,7 +42,7 @@ def quantize_tensor(t: Tensor, q: float) -> tuple[Tensor, Tensor]:
         scale = (clip / 127.0).clamp_min(1.0 / 127.0)
         codes = torch.clamp(torch.round(clipped / scale[:, None]), -127, 127).to(torch.int8)
         return codes.contiguous(), scale.to(torch.float16).contiguous()
-    clip = float(torch.quantile(t32.abs().flatten(), q)) if t32.numel() else 0.0
+    clip = _quantile_all(t32.abs(), q) if t32.numel() else 0.0
     scale = torch.tensor(clip / 127.0 if clip > 0 else 1.0, dtype=torch.float32)
     codes = torch.clamp(torch.round(torch.clamp(t32, -clip, clip) / scale), -127, 127).to(torch.int8)
     return codes.contiguous(), scale
