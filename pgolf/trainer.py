@@ -124,7 +124,7 @@ class Trainer:
         )
         self.val_tokens = self.data.val_tokens(job.train.seq_len)
         self.lut = ByteLUT(self.data.bytes, rt.device)
-        self.loader = build_loader(job.data.loader, self.data.train_files, rt.rank, rt.world_size, rt.device)
+        self.loader = self._build_loader()
 
         attention = getattr(job.hardware, "attention", "auto")
         backend = select_backend(attention, rt.device.type)
@@ -152,6 +152,17 @@ class Trainer:
         )
         self.log(
             f"world_size:{rt.world_size} grad_accum:{self.grad_accum} global_batch_tokens:{job.train.batch_tokens}"
+        )
+
+    def _build_loader(self):
+        rt = self.rt
+        return build_loader(
+            self.job.data,
+            self.data.train_files,
+            seed=self.job.seed,
+            rank=rt.rank,
+            world_size=rt.world_size,
+            device=rt.device,
         )
 
     def _fresh_model(self) -> torch.nn.Module:
@@ -193,9 +204,8 @@ class Trainer:
         with torch.no_grad():
             self.model.load_state_dict(snapshot, strict=True)
         self.opt.reset_state()
-        self.loader = build_loader(
-            self.job.data.loader, self.data.train_files, self.rt.rank, self.rt.world_size, self.rt.device
-        )
+        self.loader.close()
+        self.loader = self._build_loader()
         self.log(f"primed {n} steps (compile) and restored the initial weights, optimizer state and loader")
 
     # ---------------------------------------------------------------------------------- train
@@ -448,4 +458,7 @@ class Trainer:
             write_json_atomic(self.job_dir / "result.json", self.result)
 
     def close(self) -> None:
+        loader = getattr(self, "loader", None)
+        if loader is not None:
+            loader.close()  # stops the prefetch thread; also on failure
         self.log.close()

@@ -7,9 +7,43 @@ from typing import Literal
 
 from pgolf.registry import ConfigError
 
+LoaderName = Literal["sequential", "coprime", "shuffled", "synthetic"]
+
 
 @dataclass
-class ShardDataConfig:
+class LoaderFields:
+    """How training batches are drawn from the train shards; shared by every data implementation.
+
+    loader: `sequential` (the baseline's stream), `coprime` (PR #726 / 2026-03-29 record),
+    `shuffled` (ShuffledSequenceLoader, 2026-04-05 on), `synthetic` (random tokens made on the
+    device: for benchmarking the input pipeline only, never for training). TECHNIQUES §2.16.
+    """
+
+    loader: LoaderName = "sequential"
+    prefetch: int = 0  # producer-thread queue depth in batches; 0 = assemble each batch on demand
+    # coprime: the shard-mix schedule ramps over this many batches (progress = built / ramp) ...
+    coprime_mix_ramp_batches: int = 1800
+    # ... from max(mix_start, world) to max(mix_end, mix_start * world) shards per global batch ...
+    coprime_mix_start: int = 8
+    coprime_mix_end: int = 32
+    # ... while the shard weights remaining_blocks**alpha flatten from alpha_start to alpha_end.
+    coprime_alpha_start: float = 0.90
+    coprime_alpha_end: float = 0.50
+
+    def validate_loader(self, path: str) -> None:
+        if self.prefetch < 0:
+            raise ConfigError(f"{path}.prefetch={self.prefetch} must be >= 0 (0 turns prefetching off)")
+        if self.coprime_mix_ramp_batches < 1:
+            raise ConfigError(f"{path}.coprime_mix_ramp_batches must be >= 1")
+        if not 1 <= self.coprime_mix_start <= self.coprime_mix_end:
+            raise ConfigError(
+                f"{path}.coprime_mix_start={self.coprime_mix_start} and coprime_mix_end="
+                f"{self.coprime_mix_end} must satisfy 1 <= start <= end"
+            )
+
+
+@dataclass
+class ShardDataConfig(LoaderFields):
     """Challenge-format shard directory (e.g. the published FineWeb sp1024/sp8192 exports)."""
 
     name: str = "shards"
@@ -18,24 +52,23 @@ class ShardDataConfig:
     vocab_size: int = 1024
     train_pattern: str = "fineweb_train_*.bin"
     val_pattern: str = "fineweb_val_*.bin"
-    loader: Literal["sequential"] = "sequential"
 
     def validate(self, path: str) -> None:
         if not 0 < self.vocab_size < 65_536:
             raise ConfigError(f"{path}.vocab_size={self.vocab_size} must be in 1..65535 (tokens are uint16)")
         if self.train_pattern == self.val_pattern:
             raise ConfigError(f"{path}.train_pattern and {path}.val_pattern must differ")
+        self.validate_loader(path)
 
 
 @dataclass
-class EmbeddedDataConfig:
+class EmbeddedDataConfig(LoaderFields):
     """Offline default: English prose shipped with every Python install, tokenized on first use."""
 
     name: str = "embedded"
     cache_dir: str = ""  # "" -> $PGOLF_CACHE or ~/.cache/pgolf
     vocab_size: int = 1024
     val_docs: int = 40  # the first N documents (in the fixed shuffled order) are validation
-    loader: Literal["sequential"] = "sequential"
 
     def validate(self, path: str) -> None:
         if not 260 <= self.vocab_size <= 8192:
@@ -44,3 +77,4 @@ class EmbeddedDataConfig:
             )
         if self.val_docs < 1:
             raise ConfigError(f"{path}.val_docs must be >= 1")
+        self.validate_loader(path)

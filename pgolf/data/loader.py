@@ -1,96 +1,189 @@
-"""Training token loaders. `sequential` is the baseline's stream (TECHNIQUES §2.1 / ROOT).
+"""Training batches on the device: `build_loader(cfg, files, ...)` -> `next_batch(...) -> (x, y)`.
 
-Each `next_batch` consumes one contiguous chunk of world_size*(local_tokens+1) tokens from the
-stream and hands rank r the r-th span; the +1 gives the shifted targets. With grad_accum =
-8 // world_size, the micro-batches of all ranks over one step are exactly the 8 micro-batches a
-single process reads, so every world size trains on the same global batch.
+A host sampler (sequential / coprime / shuffled, pure numpy) picks the tokens; this module moves
+them to the device. Tokens travel as uint16 (half the bytes of int32) and become int64 on the
+device. With `data.prefetch = N > 0`, a producer thread keeps up to N batches ready in pinned
+memory, the copy of the *next* batch is issued on a side CUDA stream as soon as the current one is
+handed out, and the compute stream only waits on that copy's event, so the step never waits for
+the host. Prefetch changes timing only: batches are identical with it on or off.
 """
 
 from __future__ import annotations
 
+import importlib
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 
-from pgolf.data.shards import load_tokens
+from pgolf.data.prefetch import BufferPool, HostBatch, Producer, produce
+
+# Imported on use, so a run packs (and counts the bytes of) only the sampler it uses.
+_SAMPLERS = {
+    "sequential": "pgolf.data.sequential:SequentialSampler",
+    "coprime": "pgolf.data.coprime:CoprimeSampler",
+    "shuffled": "pgolf.data.shuffled:ShuffledSampler",
+}
 
 
-class TokenStream:
-    """Reads shards in order, forever; memmapped so opening a 100M-token shard costs nothing."""
-
-    def __init__(self, files: list[Path]):
-        self.files = files
-        self.file_idx = 0
-        self.tokens = load_tokens(files[0], mmap=True)
-        self.pos = 0
-
-    def take(self, n: int) -> np.ndarray:
-        chunks = []
-        while n > 0:
-            avail = self.tokens.size - self.pos
-            if avail <= 0:
-                self.file_idx = (self.file_idx + 1) % len(self.files)
-                self.tokens = load_tokens(self.files[self.file_idx], mmap=True)
-                self.pos = 0
-                continue
-            k = min(n, avail)
-            chunks.append(self.tokens[self.pos : self.pos + k])
-            self.pos += k
-            n -= k
-        return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+def to_xy(buf: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """int16-viewed tokens -> int64 (x, y) of shape (rows, seq_len). A 1-D span of rows*T+1 tokens
+    gives two shifted views of one tensor; (rows, T+1) windows give each row's first and last T."""
+    tokens = buf.to(torch.int64).bitwise_and_(0xFFFF)  # undo the int16 view: ids up to 65535
+    if tokens.dim() == 1:
+        return tokens[:-1].view(-1, seq_len), tokens[1:].view(-1, seq_len)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
-class SequentialLoader:
-    def __init__(self, files: list[Path], rank: int, world_size: int, device: torch.device, slots: int = 4):
+@dataclass
+class _Staged:
+    x: torch.Tensor
+    y: torch.Tensor
+    event: torch.cuda.Event | None
+    key: tuple[int, int]
+    state: dict[str, Any]
+
+
+class Loader:
+    def __init__(
+        self, name: str, sampler: Any, rank: int, world_size: int, device: torch.device, prefetch: int = 0
+    ):
+        self.name, self.sampler = name, sampler
         self.rank, self.world_size, self.device = rank, world_size, device
-        self.stream = TokenStream(files)
-        self.pin = device.type == "cuda"
-        # A small ring of pinned host buffers: the H2D copy is asynchronous, so a buffer is reused
-        # only after the copy that read it has finished (its event).
-        self._ring: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
-        self._slot = 0
-        self._slots = slots
+        self.prefetch = prefetch
+        self.cuda = device.type == "cuda"
+        # Sync mode needs two buffers (one being copied, one being filled); prefetch needs room for
+        # the queue, the one being filled and the one whose copy is in flight.
+        self.pool = BufferPool(pin=self.cuda, capacity=prefetch + 3 if prefetch else 2)
+        self.stream = torch.cuda.Stream(device) if (self.cuda and prefetch) else None
+        self._state = sampler.state_dict()  # position after the last batch handed out
+        self._producer: Producer | None = None
+        self._staged: _Staged | None = None
+        self._key: tuple[int, int] | None = None
+        self._closed = False
 
-    def _host_buffer(self, n: int) -> torch.Tensor:
-        if not self.pin:
-            return torch.empty(n, dtype=torch.int32)
-        if len(self._ring) < self._slots:
-            self._ring.append((torch.empty(n, dtype=torch.int32, pin_memory=True), None))
-        idx = self._slot % len(self._ring)
-        self._slot += 1
-        buf, event = self._ring[idx]
-        if event is not None:
-            event.synchronize()
-        if buf.numel() < n:
-            buf = torch.empty(n, dtype=torch.int32, pin_memory=True)
-        self._ring[idx] = (buf, None)
-        self._current = idx
-        return buf[:n]
-
+    # ------------------------------------------------------------------------------ batches
     def next_batch(
         self, global_tokens: int, seq_len: int, grad_accum: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._closed:
+            raise RuntimeError("next_batch on a closed loader")
         local = global_tokens // (self.world_size * grad_accum)
-        span = local + 1
-        chunk = self.stream.take(span * self.world_size)
-        mine = chunk[self.rank * span : (self.rank + 1) * span]
-        host = self._host_buffer(span)
-        host.numpy()[:] = mine  # uint16 -> int32 while copying into the pinned buffer
-        if self.pin:
-            dev = host.to(self.device, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self._ring[self._current] = (self._ring[self._current][0], event)
+        if local < seq_len or local % seq_len:
+            raise ValueError(
+                f"each rank's micro-batch is {local} tokens, not a positive multiple of seq_len={seq_len}; "
+                "check train.batch_tokens, train.grad_accum_base and the world size"
+            )
+        key = (local, seq_len)
+        if not self.prefetch:
+            batch = self._copy(produce(self.sampler, self.pool, key, None), stream=None)
         else:
-            dev = host.clone()
-        dev = dev.long()
-        return dev[:-1].view(-1, seq_len), dev[1:].view(-1, seq_len)
+            if key != self._key:
+                self._restart(key)
+            batch = (
+                self._staged if self._staged is not None else self._copy(self._producer.get(), self.stream)
+            )
+            # Issue the next copy now, so it overlaps this step; never block on the producer here.
+            ready = self._producer.get(block=False)
+            self._staged = self._copy(ready, self.stream) if ready is not None else None
+        self._state = batch.state
+        if batch.event is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(batch.event)
+            # x and y were allocated on the side stream: tell the allocator the compute stream uses them.
+            batch.x.record_stream(current)
+            batch.y.record_stream(current)
+        return batch.x, batch.y
+
+    def _copy(self, item: HostBatch, stream: torch.cuda.Stream | None) -> _Staged:
+        """Host buffer -> device (x, y); the buffer goes back to the pool tagged with the copy's event."""
+        event = None
+        if self.cuda:
+            with torch.cuda.stream(stream) if stream is not None else nullcontext():
+                x, y = to_xy(item.buf.to(self.device, non_blocking=True), item.key[1])
+                event = torch.cuda.Event()
+                event.record()
+            self.pool.release(item.buf, event)
+            if stream is None:
+                event = None  # same stream as the step: ordering is implicit
+        else:
+            x, y = to_xy(item.buf, item.key[1])  # a fresh tensor: the buffer can be refilled at once
+            self.pool.release(item.buf)
+        return _Staged(x, y, event, item.key, item.state)
+
+    def _restart(self, key: tuple[int, int]) -> None:
+        """(Re)start the producer for a batch shape, from the position of the last batch handed out."""
+        self._stop_producer()
+        self.sampler.load_state_dict(self._state)
+        self._producer = Producer(self.sampler, self.pool, key, self.prefetch)
+        self._key = key
+
+    def _stop_producer(self) -> None:
+        if self._producer is not None:
+            self._producer.close()
+            self._producer = None
+        self._staged = None
+        self._key = None
+
+    # ------------------------------------------------------------------------------ position
+    def state_dict(self) -> dict[str, Any]:
+        """Where the loader stands: loading this into a fresh loader of the same data, seed, rank and
+        world size makes it hand out exactly the batches this one would hand out next."""
+        return {"loader": self.name, "rank": self.rank, "world_size": self.world_size, "sampler": self._state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mine = (self.name, self.rank, self.world_size)
+        theirs = (state.get("loader"), state.get("rank"), state.get("world_size"))
+        if mine != theirs:
+            raise ValueError(
+                f"loader state of (loader, rank, world_size)={theirs} cannot be loaded into {mine}; "
+                "resume with the same data.loader and number of processes"
+            )
+        self._stop_producer()
+        self.sampler.load_state_dict(state["sampler"])
+        self._state = state["sampler"]
+
+    def close(self) -> None:
+        """Stop the producer thread (idempotent). The trainer calls it; daemon threads cover crashes."""
+        self._stop_producer()
+        self._closed = True
+
+    def __enter__(self) -> Loader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-def build_loader(
-    name: str, files: list[Path], rank: int, world_size: int, device: torch.device
-) -> SequentialLoader:
-    if name != "sequential":
-        raise ValueError(f"data.loader={name!r} is not implemented; valid choices: sequential")
-    return SequentialLoader(files, rank, world_size, device)
+def build_loader(cfg: Any, files: list[Path], *, seed: int, rank: int, world_size: int, device: torch.device):
+    """The loader `cfg.loader` names, with its `cfg` parameters, for this rank."""
+    name = cfg.loader
+    if name == "synthetic":
+        from pgolf.data.synthetic import SyntheticLoader
+
+        return SyntheticLoader(cfg.vocab_size, seed=seed, rank=rank, world_size=world_size, device=device)
+    if name not in _SAMPLERS:
+        raise ValueError(
+            f"data.loader={name!r} is not implemented; valid choices: {', '.join(_SAMPLERS)}, synthetic"
+        )
+    module, _, cls = _SAMPLERS[name].partition(":")
+    sampler_cls = getattr(importlib.import_module(module), cls)
+    if name == "sequential":
+        sampler = sampler_cls(files, rank, world_size)
+    elif name == "shuffled":
+        sampler = sampler_cls(files, seed, rank, world_size)
+    else:
+        sampler = sampler_cls(
+            files,
+            seed,
+            rank,
+            world_size,
+            ramp_batches=cfg.coprime_mix_ramp_batches,
+            mix_start=cfg.coprime_mix_start,
+            mix_end=cfg.coprime_mix_end,
+            alpha_start=cfg.coprime_alpha_start,
+            alpha_end=cfg.coprime_alpha_end,
+        )
+    return Loader(name, sampler, rank, world_size, device, prefetch=cfg.prefetch)

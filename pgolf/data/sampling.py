@@ -1,0 +1,73 @@
+"""What every host-side batch sampler shares: the interface and memmapped shard access.
+
+A sampler decides *which* tokens form the next micro-batch of one rank and copies them into a
+uint16 buffer; `pgolf.data.loader` owns everything after that (threads, pinned memory, the device
+copy). Keeping samplers pure numpy makes them deterministic, thread-agnostic and testable on CPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from pgolf.data.shards import ShardError, load_tokens, read_header
+
+
+class HostSampler(Protocol):
+    def shape(self, local_tokens: int, seq_len: int) -> tuple[int, ...]:
+        """Shape of the uint16 buffer one micro-batch needs: (local+1,) for a span, (rows, T+1) for windows."""
+        ...
+
+    def fill(self, out: np.ndarray, local_tokens: int, seq_len: int) -> None:
+        """Write the next micro-batch of this rank into `out` and advance."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position, as plain values: loading it makes the next `fill` repeat exactly."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class ShardSet:
+    """Token counts of every shard (headers read once) and lazily opened read-only memmaps."""
+
+    def __init__(self, files: list[Path]):
+        if not files:
+            raise ShardError("no train shards given to the loader; check data.path and data.train_pattern")
+        self.files = list(files)
+        self.num_tokens = np.array([read_header(f) for f in self.files], dtype=np.int64)
+        self._maps: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def tokens(self, i: int) -> np.ndarray:
+        mm = self._maps.get(i)
+        if mm is None:
+            # Opening costs nothing until pages are touched, so 100+ shards of 200 MB stay cheap.
+            mm = self._maps[i] = load_tokens(self.files[i], mmap=True)
+        return mm
+
+    def read_windows(self, shard_ids: np.ndarray, starts: np.ndarray, out: np.ndarray) -> None:
+        """out[k] = shard[shard_ids[k]][starts[k] : starts[k] + out.shape[1]]."""
+        width = out.shape[1]
+        for k, (si, pos) in enumerate(zip(shard_ids.tolist(), starts.tolist())):
+            out[k] = self.tokens(si)[pos : pos + width]
+
+
+def check_seq_len(expected: int | None, seq_len: int, loader: str) -> None:
+    # Window plans are laid out in units of seq_len; a change would silently mix two plans.
+    if expected is not None and expected != seq_len:
+        raise ValueError(
+            f"data.loader={loader} was started with seq_len={expected} and cannot switch to {seq_len}; "
+            "build a new loader for a new sequence length"
+        )
+
+
+def rng_from_state(state: dict[str, Any]) -> np.random.Generator:
+    bitgen = np.random.PCG64()
+    bitgen.state = state
+    return np.random.Generator(bitgen)

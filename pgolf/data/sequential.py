@@ -1,0 +1,57 @@
+"""`data.loader=sequential`: the baseline's stream (ROOT TokenStream/DistributedTokenLoader, §2.16).
+
+Shards are read in sorted order and wrap around. Every micro-batch consumes one contiguous chunk of
+world_size * (local_tokens + 1) tokens; rank r gets the r-th span of local_tokens + 1 (the +1 gives
+the shifted targets). With grad_accum = 8 // world_size, the micro-batches of all ranks over one
+step are exactly the 8 micro-batches one process reads, so every world size sees the same data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pgolf.data.sampling import ShardSet
+from pgolf.data.shards import ShardError
+
+
+class SequentialSampler:
+    def __init__(self, files: list[Path], rank: int, world_size: int):
+        self.shards = ShardSet(files)
+        if not self.shards.num_tokens.any():
+            raise ShardError(f"every train shard is empty ({self.shards.files[0]}, ...); re-export them")
+        self.rank, self.world_size = rank, world_size
+        self.file_idx = 0
+        self.pos = 0
+
+    def shape(self, local_tokens: int, seq_len: int) -> tuple[int, ...]:
+        return (local_tokens + 1,)
+
+    def _advance(self, n: int, out: np.ndarray | None = None) -> None:
+        """Move n tokens along the wrapping stream, copying them into `out` when given."""
+        done = 0
+        while done < n:
+            tokens = self.shards.tokens(self.file_idx)
+            k = min(n - done, tokens.size - self.pos)
+            if k <= 0:
+                self.file_idx = (self.file_idx + 1) % len(self.shards)
+                self.pos = 0
+                continue
+            if out is not None:
+                out[done : done + k] = tokens[self.pos : self.pos + k]
+            self.pos += k
+            done += k
+
+    def fill(self, out: np.ndarray, local_tokens: int, seq_len: int) -> None:
+        span = local_tokens + 1
+        self._advance(self.rank * span)  # the spans of lower ranks: skipped, never copied
+        self._advance(span, out)
+        self._advance((self.world_size - 1 - self.rank) * span)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"file_idx": self.file_idx, "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.file_idx, self.pos = int(state["file_idx"]), int(state["pos"])
