@@ -1,16 +1,23 @@
-"""Train a SentencePiece BPE tokenizer with the challenge's settings and export shards.
+"""Train a SentencePiece BPE tokenizer with the challenge's settings and export shards (§1.3).
 
 Layout per document: [BOS] + encode(text), no EOS; the first `val_docs` documents form the
-validation split, the rest the training split (TECHNIQUES §1.3).
+validation split, the rest the training split. Documents stream through: memory stays at about
+one shard plus the batches in flight, so a FineWeb-sized jsonl exports on an ordinary machine.
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import itertools
+import json
+import lzma
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Iterator
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -32,10 +39,52 @@ SPM_SETTINGS = dict(
     unk_id=3,
     hard_vocab_limit=False,
 )
+_BATCH_DOCS = 256
+
+# ---------------------------------------------------------------------------------------------
+# reading documents
+# ---------------------------------------------------------------------------------------------
+
+_OPENERS = {".xz": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}
 
 
-def train_tokenizer(docs: Iterable[str], vocab_size: int, out_model: str | Path) -> Path:
-    """Train on `docs` and write `out_model` atomically (SentencePiece writes prefix.model)."""
+def _open_text(path: Path):
+    opener = _OPENERS.get(path.suffix, open)
+    return opener(path, "rt", encoding="utf-8")
+
+
+def read_documents(paths: Iterable[str | Path], text_field: str = "text") -> Iterator[str]:
+    """Documents from files, in order. `.jsonl` (optionally .xz/.gz/.bz2): one JSON object per
+    line, its `text_field` is the document. Any other file (e.g. `.txt`): the whole file is one."""
+    for path in map(Path, paths):
+        stem_suffix = Path(path.stem).suffix if path.suffix in _OPENERS else path.suffix
+        if stem_suffix == ".jsonl":
+            with _open_text(path) as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        yield json.loads(line)[text_field]
+                    except (json.JSONDecodeError, KeyError, TypeError) as e:
+                        raise ValueError(
+                            f"{path}:{lineno}: expected a JSON object with a string field {text_field!r} "
+                            f"({type(e).__name__}: {e}); pick the field with --text-field"
+                        ) from None
+        else:
+            with _open_text(path) as f:
+                yield f.read()
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer
+# ---------------------------------------------------------------------------------------------
+
+
+def train_tokenizer(
+    docs: Iterable[str], vocab_size: int, out_model: str | Path, max_docs: int | None = None
+) -> Path:
+    """Train on the first `max_docs` of `docs` (all if None) with every core; write `out_model`
+    atomically. Like the challenge, training starts at the first document (validation included)."""
     import sentencepiece as spm
 
     out_model = Path(out_model)
@@ -43,7 +92,7 @@ def train_tokenizer(docs: Iterable[str], vocab_size: int, out_model: str | Path)
     with tempfile.TemporaryDirectory(dir=out_model.parent) as tmp:
         prefix = os.path.join(tmp, "spm")
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(list(docs)),
+            sentence_iterator=iter(itertools.islice(docs, max_docs)),
             model_prefix=prefix,
             vocab_size=vocab_size,
             num_threads=os.cpu_count() or 1,
@@ -51,8 +100,14 @@ def train_tokenizer(docs: Iterable[str], vocab_size: int, out_model: str | Path)
             **SPM_SETTINGS,
         )
         os.replace(prefix + ".model", out_model)
+        vocab = out_model.with_suffix(".vocab")
+        os.replace(prefix + ".vocab", vocab)
     return out_model
 
+
+# ---------------------------------------------------------------------------------------------
+# tokenizing on every core
+# ---------------------------------------------------------------------------------------------
 
 _SP = None
 
@@ -70,71 +125,169 @@ def _encode_batch(texts: list[str]) -> np.ndarray:
     return np.concatenate(pieces) if pieces else np.zeros(0, np.uint16)
 
 
-def _batches(docs: list[str], n: int) -> Iterable[list[str]]:
-    for i in range(0, len(docs), n):
-        yield docs[i : i + n]
+class Progress:
+    """A one-line progress bar on a terminal; a single summary line otherwise (logs stay short)."""
+
+    def __init__(self, label: str, total: int | None):
+        self.label, self.total, self.t0 = label, total, time.time()
+        self.tty = sys.stderr.isatty()
+
+    def update(self, done: int, tokens: int, final: bool = False) -> None:
+        if not (self.tty or final):
+            return
+        dt = max(time.time() - self.t0, 1e-9)
+        if self.total:
+            filled = int(30 * done / self.total)
+            bar = f"[{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total} docs"
+        else:
+            bar = f"{done} docs"
+        sys.stderr.write(
+            f"\r{self.label} {bar} {tokens:,} tokens {dt:5.1f}s ({tokens / dt / 1e6:.2f}M tok/s)"
+        )
+        if final:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
 
 
-def _progress(label: str, done: int, total: int, t0: float) -> None:
-    if not sys.stderr.isatty() and done != total:
-        return
-    width = 30
-    filled = int(width * done / max(total, 1))
-    sys.stderr.write(
-        f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} docs {time.time() - t0:5.1f}s"
-    )
-    if done == total:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
+def encode_stream(
+    model_path: str | Path, batches: Iterable[list[str]], workers: int = 0
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(documents, [BOS]+ids of each, concatenated) per batch, in input order, on `workers` cores.
 
-
-def tokenize_documents(
-    model_path: str | Path, docs: list[str], label: str = "tokenize", workers: int = 0
-) -> np.ndarray:
-    """[BOS]+ids for every document, concatenated, using all cores, with a progress bar."""
+    At most 4 batches per worker are in flight: Pool.imap would read the whole input ahead."""
     workers = workers or os.cpu_count() or 1
-    batch = 256
-    out: list[np.ndarray] = []
-    t0 = time.time()
-    done = 0
-    if workers == 1 or len(docs) < 4 * batch:
+    if workers == 1:
         _init_worker(str(model_path))
-        for b in _batches(docs, batch):
-            out.append(_encode_batch(b))
-            done += len(b)
-            _progress(label, done, len(docs), t0)
-    else:
-        with get_context("spawn").Pool(
-            workers, initializer=_init_worker, initargs=(str(model_path),)
-        ) as pool:
-            for b, arr in zip(
-                _batches(docs, batch), pool.imap(_encode_batch, _batches(docs, batch), chunksize=4)
-            ):
-                out.append(arr)
-                done += len(b)
-                _progress(label, done, len(docs), t0)
+        for b in batches:
+            yield len(b), _encode_batch(b)
+        return
+    with get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(str(model_path),)) as pool:
+        pending: deque = deque()
+        for b in batches:
+            pending.append((len(b), pool.apply_async(_encode_batch, (b,))))
+            if len(pending) >= 4 * workers:
+                n, res = pending.popleft()
+                yield n, res.get()
+        while pending:
+            n, res = pending.popleft()
+            yield n, res.get()
+
+
+def tokenize_documents(model_path: str | Path, docs: list[str], workers: int = 0) -> np.ndarray:
+    """[BOS]+ids of every document, concatenated (small inputs; export_shards streams)."""
+    batches = (docs[i : i + _BATCH_DOCS] for i in range(0, len(docs), _BATCH_DOCS))
+    out = [arr for _, arr in encode_stream(model_path, batches, workers or _workers_for(len(docs)))]
     return np.concatenate(out) if out else np.zeros(0, np.uint16)
+
+
+def _workers_for(n_docs: int | None) -> int:
+    # Spawning a pool costs ~1 s; below a few thousand documents one process is faster.
+    return 1 if n_docs is not None and n_docs < 4 * _BATCH_DOCS else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# shards
+# ---------------------------------------------------------------------------------------------
+
+
+class ShardWriter:
+    """Cuts one split's token stream into {prefix}_{split}_NNNNNN.bin files of `shard_tokens`."""
+
+    def __init__(self, out_dir: Path, prefix: str, split: str, shard_tokens: int):
+        self.out_dir, self.prefix, self.split = out_dir, prefix, split
+        self.buf = np.empty(shard_tokens, dtype=np.uint16)
+        self.fill = 0
+        self.files = 0
+        self.tokens = 0
+        for stale in out_dir.glob(f"{prefix}_{split}_*.bin"):  # a shorter re-export leaves no old tail
+            stale.unlink()
+
+    def add(self, tokens: np.ndarray) -> None:
+        while tokens.size:
+            k = min(tokens.size, self.buf.size - self.fill)
+            self.buf[self.fill : self.fill + k] = tokens[:k]
+            self.fill += k
+            self.tokens += k
+            tokens = tokens[k:]
+            if self.fill == self.buf.size:
+                self._flush()
+
+    def _flush(self) -> None:
+        write_shard(self.out_dir / f"{self.prefix}_{self.split}_{self.files:06d}.bin", self.buf[: self.fill])
+        self.files += 1
+        self.fill = 0
+
+    def close(self) -> None:
+        if self.fill or not self.files:
+            self._flush()
+
+
+def _split_batches(docs: Iterable[str], val_docs: int) -> Iterator[tuple[str, list[str]]]:
+    """("val"|"train", batch) with no batch crossing the split point."""
+    it = iter(docs)
+    for split, limit in (("val", val_docs), ("train", None)):
+        remaining = limit
+        while remaining is None or remaining > 0:
+            n = _BATCH_DOCS if remaining is None else min(_BATCH_DOCS, remaining)
+            batch = list(itertools.islice(it, n))
+            if not batch:
+                break
+            if remaining is not None:
+                remaining -= len(batch)
+            yield split, batch
 
 
 def export_shards(
     model_path: str | Path,
-    docs: list[str],
+    docs: Iterable[str],
     out_dir: str | Path,
     val_docs: int,
     prefix: str = "fineweb",
     shard_tokens: int = SHARD_TOKENS,
+    workers: int = 0,
+    total_docs: int | None = None,
 ) -> dict[str, int]:
-    """Write {prefix}_{val,train}_NNNNNN.bin; returns the token count of each split."""
-    if not 0 < val_docs < len(docs):
+    """Write {prefix}_{val,train}_NNNNNN.bin; return the token, document and file counts per split."""
+    if isinstance(docs, (list, tuple)):
+        total_docs = len(docs)
+    if val_docs < 1 or (total_docs is not None and val_docs >= total_docs):
         raise ValueError(
-            f"val_docs={val_docs} must be between 1 and the number of documents - 1 ({len(docs) - 1})"
+            f"val_docs={val_docs} must be between 1 and the number of documents - 1 ({(total_docs or 0) - 1})"
         )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    counts = {}
-    for split, part in (("val", docs[:val_docs]), ("train", docs[val_docs:])):
-        tokens = tokenize_documents(model_path, part, label=f"{split} shards")
-        for n, start in enumerate(range(0, max(len(tokens), 1), shard_tokens)):
-            write_shard(out_dir / f"{prefix}_{split}_{n:06d}.bin", tokens[start : start + shard_tokens])
-        counts[split] = int(tokens.size)
-    return counts
+    writers = {s: ShardWriter(out_dir, prefix, s, shard_tokens) for s in ("val", "train")}
+    doc_counts = {"val": 0, "train": 0}
+    # The split of each batch travels beside it (encode_stream only sees texts, in order).
+    splits: deque[str] = deque()
+
+    def texts() -> Iterator[list[str]]:
+        for split, batch in _split_batches(docs, val_docs):
+            splits.append(split)
+            yield batch
+
+    progress = Progress("tokenize", total_docs)
+    done = 0
+    workers = workers or _workers_for(total_docs)
+    for n, arr in encode_stream(model_path, texts(), workers):
+        split = splits.popleft()
+        writers[split].add(arr)
+        doc_counts[split] += n
+        done += n
+        progress.update(done, sum(w.tokens for w in writers.values()))
+    if doc_counts["val"] < val_docs or doc_counts["train"] == 0:
+        raise ValueError(
+            f"val_docs={val_docs} must be between 1 and the number of documents - 1 ({done - 1}); "
+            f"{out_dir} now holds an incomplete export"
+        )
+    for w in writers.values():
+        w.close()
+    progress.update(done, sum(w.tokens for w in writers.values()), final=True)
+    return {
+        "val": writers["val"].tokens,
+        "train": writers["train"].tokens,
+        "docs_val": doc_counts["val"],
+        "docs_train": doc_counts["train"],
+        "files_val": writers["val"].files,
+        "files_train": writers["train"].files,
+    }
