@@ -370,3 +370,32 @@ def test_zero_grad_clears_every_grad():
         p.grad = torch.ones_like(p)
     bundle.zero_grad()
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("extra", [False, True], ids=["bank-alone", "bank-plus-matrix-of-its-shape"])
+def test_muon_steps_a_bank_like_its_slices(extra):
+    """A 3-D bank is a stack of matrices: Muon moves each slice exactly as it moves the same matrices
+    given as separate 2-D parameters (one group per shape either way; with a 2-D parameter of the
+    same shape the bank's slices are stacked with it instead of used whole)."""
+    g = torch.Generator().manual_seed(0)
+    w, other = torch.randn(4, 32, 48, generator=g), torch.randn(32, 48, generator=g)
+    bank = torch.nn.Parameter(w.clone())
+    slices = [torch.nn.Parameter(m.clone()) for m in w]
+    extras = [torch.nn.Parameter(other.clone()) for _ in range(2)] if extra else []
+    a = muon_module.Muon([bank, *extras[:1]], MuonConfig(), compile_ns=False)
+    b = muon_module.Muon([*slices, *extras[1:]], MuonConfig(), compile_ns=False)
+    assert len(a.matrices) == len(b.matrices) == 4 + extra
+    assert (a.whole_bank[0] is bank) != extra
+    for _ in range(3):
+        grads = torch.randn(5, 32, 48, generator=g)
+        bank.grad = grads[:4].clone()
+        for p, grad in zip(slices, grads):
+            p.grad = grad.clone()
+        for p in extras:
+            p.grad = grads[4].clone()
+        a.step(lr=0.02, momentum=0.9)
+        b.step(lr=0.02, momentum=0.9)
+    for j in range(4):
+        assert torch.equal(bank[j], slices[j]) and not torch.equal(bank[j], w[j]), j
+    if extra:
+        assert torch.equal(extras[0], extras[1])

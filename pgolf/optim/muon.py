@@ -4,6 +4,11 @@ Matrices of one shape are orthogonalized together in one batched, compiled Newto
 instead of one call per matrix (54 calls -> 4 for the baseline), which is the same arithmetic
 with far fewer kernel launches. Across ranks the work is split as in the baseline: matrix i is
 processed by rank i % world_size and one all-reduce shares every update.
+
+A 3-D parameter is a bank of matrices (TECHNIQUES §2.4): each [j] slice is orthogonalized as its
+own matrix, exactly as if it were a separate 2-D parameter. When one shape group is exactly one
+whole bank (the usual case on one device), its gradient is used as the batch directly, without
+stacking slices.
 """
 
 from __future__ import annotations
@@ -36,18 +41,34 @@ def newton_schulz(G: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
 
 
 class Muon:
-    """Muon over a fixed list of 2-D parameters; `step(lr, momentum)` applies one update."""
+    """Muon over a fixed list of 2-D parameters or 3-D banks; `step(lr, momentum)` applies one update."""
 
     def __init__(self, params: list[nn.Parameter], cfg: MuonConfig, compile_ns: bool):
         self.cfg = cfg
         self.params = params
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
+        # Matrix i is (parameter, slice index or None): 2-D parameters are one matrix, banks many.
+        self.matrices: list[tuple[nn.Parameter, int | None]] = []
+        for p in params:
+            if p.ndim not in (2, 3):
+                raise ValueError(f"Muon takes 2-D matrices or 3-D banks of them, got shape {tuple(p.shape)}")
+            self.matrices += [(p, None)] if p.ndim == 2 else [(p, j) for j in range(p.size(0))]
         by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        for i, p in enumerate(params):
-            by_shape[tuple(p.shape)].append(i)
+        for i, (p, _) in enumerate(self.matrices):
+            by_shape[tuple(p.shape[-2:])].append(i)
         # Per shape: the indices of the matrices this rank orthogonalizes (matrix i -> rank i % world).
         self.groups = [[i for i in idx if i % self.world == self.rank] for idx in by_shape.values()]
+        # Per group: the bank it covers exactly, in slice order, if any (then no stacking is needed).
+        self.whole_bank: list[nn.Parameter | None] = []
+        for mine in self.groups:
+            p0 = self.matrices[mine[0]][0] if mine else None
+            whole = (
+                p0 is not None
+                and p0.ndim == 3
+                and [self.matrices[i] for i in mine] == [(p0, j) for j in range(p0.size(0))]
+            )
+            self.whole_bank.append(p0 if whole else None)
         self.momentum_buffers: dict[int, Tensor] = {}
         self.ns = torch.compile(newton_schulz, fullgraph=True, dynamic=False) if compile_ns else newton_schulz
         self._flat: Tensor | None = None
@@ -55,19 +76,24 @@ class Muon:
     @torch.no_grad()
     def step(self, lr: float, momentum: float) -> None:
         world = self.world
+        matrices = self.matrices
         if world > 1:
             if self._flat is None:
                 total = sum(p.numel() for p in self.params)
                 self._flat = torch.empty(total, device=self.params[0].device, dtype=torch.bfloat16)
             self._flat.zero_()
             offsets, off = [], 0
-            for p in self.params:
+            for p, j in matrices:
                 offsets.append(off)
-                off += p.numel()
+                off += p[0].numel() if j is not None else p.numel()
         for gi, mine in enumerate(self.groups):
             if not mine:
                 continue
-            grads = torch.stack([self.params[i].grad for i in mine])
+            bank = self.whole_bank[gi]
+            if bank is not None:
+                grads = bank.grad
+            else:
+                grads = torch.stack([self._view(p.grad, j) for p, j in (matrices[i] for i in mine)])
             buf = self.momentum_buffers.get(gi)
             if buf is None:
                 buf = self.momentum_buffers[gi] = torch.zeros_like(grads)
@@ -76,18 +102,25 @@ class Muon:
             update = self.ns(update, self.cfg.muon_backend_steps)
             rows, cols = grads.shape[-2:]
             update = update * max(1.0, rows / cols) ** 0.5
-            if world == 1:
-                torch._foreach_add_(
-                    [self.params[i] for i in mine], list(update.to(grads.dtype).unbind(0)), alpha=-lr
-                )
+            if world == 1 and bank is not None:
+                bank.add_(update.to(grads.dtype), alpha=-lr)
+            elif world == 1:
+                targets = [self._view(p, j) for p, j in (matrices[i] for i in mine)]
+                torch._foreach_add_(targets, list(update.to(grads.dtype).unbind(0)), alpha=-lr)
             else:
-                for j, i in enumerate(mine):
-                    n = self.params[i].numel()
-                    self._flat[offsets[i] : offsets[i] + n] = update[j].reshape(-1)
+                for k, i in enumerate(mine):
+                    n = update[k].numel()
+                    self._flat[offsets[i] : offsets[i] + n] = update[k].reshape(-1)
         if world > 1:
             dist.all_reduce(self._flat, op=dist.ReduceOp.SUM)
-            for p, o in zip(self.params, offsets):
-                p.add_(self._flat[o : o + p.numel()].view_as(p).to(p.dtype), alpha=-lr)
+            for (p, j), o in zip(matrices, offsets):
+                target = self._view(p, j)
+                target.add_(self._flat[o : o + target.numel()].view_as(target).to(p.dtype), alpha=-lr)
+
+    @staticmethod
+    def _view(t: Tensor, j: int | None) -> Tensor:
+        """Matrix j of a bank (a view, so in-place updates reach the bank), or the 2-D tensor itself."""
+        return t if j is None else t[j]
 
     def state_dict(self) -> dict[str, Tensor]:
         return {str(k): v.clone() for k, v in self.momentum_buffers.items()}
