@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from pgolf.data.config import EmbeddedDataConfig, ShardDataConfig
 from pgolf.hw.config import AutoHardwareConfig, CpuHardwareConfig, CudaHardwareConfig
-from pgolf.models.config import BaselineModelConfig
+from pgolf.models.config import BankedGPTConfig, BaselineModelConfig, LayeredGPTConfig
 from pgolf.optim.config import MuonConfig
 from pgolf.quant.config import Int8ZlibConfig
 from pgolf.registry import ConfigError, Registry
@@ -24,6 +24,9 @@ DATA.register("embedded", EmbeddedDataConfig, "pgolf.data.source:build_embedded_
 
 MODELS = Registry("model")
 MODELS.register("baseline", BaselineModelConfig, "pgolf.models.baseline:build", provides=("matrices",))
+# The record GPT family: one schema's keys, two layouts (3-D parameter banks or per-layer linears).
+MODELS.register("banked", BankedGPTConfig, "pgolf.models.gpt:build", provides=("matrices", "banks"))
+MODELS.register("layered", LayeredGPTConfig, "pgolf.models.gpt:build", provides=("matrices",))
 
 OPTIMIZERS = Registry("optimizer")
 OPTIMIZERS.register("muon", MuonConfig, "pgolf.optim.muon:build", requires=("matrices",))

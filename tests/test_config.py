@@ -90,8 +90,8 @@ def test_unknown_group_option_lists_available(compose):
 
 
 def test_unknown_implementation_name_lists_registered(compose):
-    with pytest.raises(ConfigError, match=r"model\.name='banked'.*valid choices: baseline"):
-        job_config_from_dict(compose(["model.name=banked"]))
+    with pytest.raises(ConfigError, match=r"model\.name='gpt2'.*valid choices: banked, baseline, layered"):
+        job_config_from_dict(compose(["model.name=gpt2"]))
 
 
 def test_required_shard_path(compose):

@@ -68,6 +68,20 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
 
 
+def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
+    """XSA (TECHNIQUES §2.14): remove from each head's output its component along the token's own value.
+
+    y: (B, T, H, D) attention output, v: (B, T, H_kv, D) values. GQA-efficient: y is viewed as
+    (B, T, H_kv, H/H_kv, D) and the unit value broadcast over each group, so V is never repeated.
+    Applied outside the kernel, so it works with every backend.
+    """
+    B, T, H, D = y.shape
+    groups = v.size(2)
+    yg = y.reshape(B, T, groups, H // groups, D)
+    vn = F.normalize(v, dim=-1).unsqueeze(3)
+    return (yg - (yg * vn).sum(dim=-1, keepdim=True) * vn).reshape(B, T, H, D)
+
+
 def sdpa_reference(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Plain SDPA with repeated KV in fp32, for parity tests."""
     rep = q.size(2) // k.size(2)
@@ -78,4 +92,11 @@ def sdpa_reference(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return y.transpose(1, 2).to(q.dtype)
 
 
-__all__ = ["backend", "causal_attention", "sdpa_reference", "select_backend", "torch"]
+__all__ = [
+    "backend",
+    "causal_attention",
+    "exclusive_self_attention",
+    "sdpa_reference",
+    "select_backend",
+    "torch",
+]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 
 from pgolf.registry import ConfigError
 
@@ -40,3 +41,167 @@ class BaselineModelConfig:
         for key in ("num_layers", "model_dim", "mlp_mult", "vocab_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{path}.{key} must be >= 1")
+
+
+# ---------------------------------------------------------------------------------------------
+# The record GPT family (TECHNIQUES §2.4, §2.14): one schema, two parameter layouts
+# ---------------------------------------------------------------------------------------------
+
+ATTN_GATES = ("attn_out_gate", "gated_attn", "sparse_attn_gate")
+
+
+@dataclass
+class GPTModelConfig:
+    """Every architecture switch of the record stacks; keys are the records' env vars lower-cased.
+
+    Switches are off by default; numeric values default to the naive baseline's. With every
+    switch off the model is a plain pre-norm GQA transformer; `resid_mix`, `unet_skips` and
+    `logit_softcap=30` turn it into the baseline. The layout (3-D banks or per-layer linears) is
+    chosen by the registered name (`banked` / `layered`), not by a key: both names share these keys.
+    """
+
+    name: str = "layered"
+    vocab_size: int = 1024
+    # shape
+    num_layers: int = 9
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: float = 2.0  # hidden = int(mlp_mult * model_dim)
+    activation: Literal["relu2", "leaky_relu2"] = "relu2"
+    negative_slope: float = 0.5  # NEGATIVE_SLOPE of leaky_relu2
+    # embeddings and head
+    tie_embeddings: bool = True
+    tied_embed_init_std: float = 0.005
+    logit_softcap: float = 0.0  # 0: off; the records use 30
+    # attention
+    rope_base: float = 10_000.0
+    rope_dims: int = 0  # ROPE_DIMS: rotate only the first rope_dims of each head (0: all)
+    rope_train_seq_len: int = 0  # NTK base rescaling for longer sequences (0: off)
+    qk_gain_init: float = 1.5
+    xsa_last_n: int = 0  # XSA on the last n physical layers (more than num_layers: all)
+    xsa_layers: list[int] = field(default_factory=list)  # ... or on an explicit set
+    attn_out_gate: bool = False  # AttnOutGate (R0416): 2*sigmoid(W x[:gate_window]) per head
+    attn_out_gate_src: Literal["proj", "q"] = "proj"  # gate input: block input or raw Q projection
+    gated_attn: bool = False  # dense gate (R0419): sigmoid(W_g x), W_g: heads x dim
+    gated_attn_init_std: float = 0.01
+    sparse_attn_gate: bool = False  # sparse gate (R0423): sigmoid(s * W_g x[:gate_window])
+    sparse_attn_gate_init_std: float = 0.0
+    sparse_attn_gate_scale: float = 1.0
+    gate_window: int = 12  # GATE_WINDOW: input width of AttnOutGate, the sparse gate, SmearGate v3
+    # residual structure
+    ln_scale: bool = False  # sub-block inputs of physical layer i scaled by 1/sqrt(i+1)
+    resid_mix: bool = False  # learned per-channel mix of the stream with x0 before each block
+    unet_skips: bool = False  # encoder outputs added back LIFO into the decoder
+    skip_gates_enabled: bool = False  # sigmoid-gated (lerp) U-Net skips; needs unet_skips
+    parallel_residual: Literal["none", "gptj", "two_lane"] = "none"
+    parallel_start_layer: int = 7  # first physical layer of the parallel form
+    parallel_final_lane: Literal["mean", "attn", "mlp"] = "mean"  # two_lane: the hidden that leaves
+    backout: bool = False  # subtract lambda * h_mid before the final norm (PR #339)
+    backout_layer: int = -1  # h_mid = stream after this many executed layers (-1: the U-Net midpoint)
+    backout_lambda_init: float = 0.2
+    # embedding add-ons
+    smear_gate: Literal["none", "v2", "v3"] = "none"
+    smear_bos_fix: bool = False  # no previous-token term at BOS positions (R0427A)
+    bos_id: int = 1
+    bigram_vocab_size: int = 0  # BigramHash buckets (0: off)
+    bigram_dim: int = 128
+    ve_enabled: bool = False  # value embeddings
+    ve_dim: int = 128
+    ve_layers: list[int] = field(default_factory=lambda: [9, 10])
+    # initialization
+    ortho_init: bool = False  # orthogonal init of matrices with both dims >= 64
+    zero_init_proj: bool = True  # attention/MLP output projections start at zero
+    # depth recurrence
+    num_loops: int = 0  # extra passes over layers loop_start..loop_end (0: off)
+    loop_start: int = 0
+    loop_end: int = 0
+    enable_looping_at: float = 0.0  # training fraction at which the loops switch on (0: from the start)
+
+    def validate(self, path: str) -> None:
+        for key in ("num_layers", "model_dim", "num_heads", "num_kv_heads", "vocab_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{path}.{key} must be >= 1")
+        if self.model_dim % self.num_heads:
+            raise ConfigError(
+                f"{path}.model_dim={self.model_dim} must be divisible by {path}.num_heads={self.num_heads}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"{path}.num_heads={self.num_heads} must be divisible by {path}.num_kv_heads={self.num_kv_heads}"
+            )
+        head_dim = self.model_dim // self.num_heads
+        rope_dims = self.rope_dims or head_dim
+        if self.rope_dims < 0 or rope_dims % 2 or rope_dims > head_dim:
+            raise ConfigError(
+                f"{path}.rope_dims={self.rope_dims} must be even and <= head_dim={head_dim} (0: all of it)"
+            )
+        if self.rope_train_seq_len < 0 or (self.rope_train_seq_len > 0 and rope_dims <= 2):
+            raise ConfigError(
+                f"{path}.rope_train_seq_len={self.rope_train_seq_len}: must be >= 0, and NTK rescaling "
+                "needs more than 2 rotated dims"
+            )
+        if int(self.mlp_mult * self.model_dim) < 1:
+            raise ConfigError(f"{path}.mlp_mult={self.mlp_mult} gives an empty MLP")
+        if self.logit_softcap < 0:
+            raise ConfigError(f"{path}.logit_softcap={self.logit_softcap} must be >= 0 (0: off)")
+        L = self.num_layers
+        gates = [g for g in ATTN_GATES if getattr(self, g)]
+        if len(gates) > 1:
+            raise ConfigError(
+                f"{path}: {' and '.join(f'{path}.{g}' for g in gates)} are mutually exclusive; the records "
+                f"use at most one attention output gate ({', '.join(ATTN_GATES)})"
+            )
+        needs_window = self.attn_out_gate or self.sparse_attn_gate or self.smear_gate == "v3"
+        if needs_window and not 1 <= self.gate_window <= self.model_dim:
+            raise ConfigError(f"{path}.gate_window={self.gate_window} must be in [1, model_dim]")
+        if self.xsa_last_n < 0:
+            raise ConfigError(f"{path}.xsa_last_n must be >= 0")
+        if self.xsa_layers and self.xsa_last_n:
+            raise ConfigError(f"{path}: set either {path}.xsa_last_n or {path}.xsa_layers, not both")
+        for key in ("xsa_layers",) + (("ve_layers",) if self.ve_enabled else ()):
+            bad = [i for i in getattr(self, key) if not 0 <= i < L]
+            if bad or len(set(getattr(self, key))) != len(getattr(self, key)):
+                raise ConfigError(f"{path}.{key}={getattr(self, key)}: layers must be distinct, in [0, {L})")
+        if self.ve_enabled and (self.ve_dim < 1 or not self.ve_layers):
+            raise ConfigError(f"{path}: value embeddings need ve_dim >= 1 and at least one ve_layers entry")
+        if self.skip_gates_enabled and not self.unet_skips:
+            raise ConfigError(f"{path}.skip_gates_enabled gates the U-Net skips; set {path}.unet_skips=true")
+        if self.parallel_residual != "none" and not 0 <= self.parallel_start_layer < L:
+            raise ConfigError(f"{path}.parallel_start_layer={self.parallel_start_layer} must be in [0, {L})")
+        if self.bigram_vocab_size != 0 and (self.bigram_vocab_size < 2 or self.bigram_dim < 1):
+            raise ConfigError(f"{path}.bigram_vocab_size must be 0 (off) or >= 2, with bigram_dim >= 1")
+        if self.smear_bos_fix and self.smear_gate == "none":
+            raise ConfigError(
+                f"{path}.smear_bos_fix applies to the SmearGate; set {path}.smear_gate=v2 or v3"
+            )
+        if self.backout and (L < 2 or (self.backout_layer != -1 and not 1 <= self.backout_layer < L)):
+            raise ConfigError(
+                f"{path}.backout_layer={self.backout_layer} must be -1 (U-Net midpoint) or in [1, {L}), "
+                "and backout needs num_layers >= 2"
+            )
+        if self.num_loops < 0:
+            raise ConfigError(f"{path}.num_loops must be >= 0 (0: no depth recurrence)")
+        if self.num_loops and not 0 <= self.loop_start <= self.loop_end < L:
+            raise ConfigError(
+                f"{path}: depth recurrence needs 0 <= loop_start <= loop_end < num_layers={L}, got "
+                f"loop_start={self.loop_start} loop_end={self.loop_end}"
+            )
+        if not 0.0 <= self.enable_looping_at <= 1.0:
+            raise ConfigError(f"{path}.enable_looping_at={self.enable_looping_at} must be in [0, 1]")
+
+
+@dataclass
+class LayeredGPTConfig(GPTModelConfig):
+    """Per-layer linears `blocks.{i}.attn.c_q` ...: the state-dict layout quantizers expect."""
+
+    name: str = "layered"
+    BANKED: ClassVar[bool] = False
+
+
+@dataclass
+class BankedGPTConfig(GPTModelConfig):
+    """Parameter banks `qo_bank`, `kv_bank`, `mlp_up_bank`, `mlp_down_bank` (TECHNIQUES §2.4)."""
+
+    name: str = "banked"
+    BANKED: ClassVar[bool] = True

@@ -18,6 +18,15 @@ CONTROL_PATTERNS = (
     "q_gain",
     "skip_weight",
     "skip_weights",
+    # The record GPT family's gates and lambdas (no baseline parameter name contains these).
+    "skip_gates",
+    "smear",
+    "attn_gate",
+    "parallel_post_lambdas",
+    "parallel_resid_lambdas",
+    "backout_lambda",
+    "ve_layer_scales",
+    "ve_shared.scale",
 )
 
 
@@ -55,12 +64,32 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
 
 
+def ntk_rope_base(base: float, rope_dims: int, seq_len: int, train_seq_len: int) -> float:
+    """NTK-aware base for sequences longer than the RoPE train length (TECHNIQUES §2.14).
+
+    base' = base * (T / T_train)^(rd / (rd - 2)); unchanged when T <= T_train or T_train is 0.
+    """
+    if train_seq_len <= 0 or seq_len <= train_seq_len:
+        return base
+    return base * (seq_len / train_seq_len) ** (rope_dims / (rope_dims - 2))
+
+
+def apply_partial_rotary(x: Tensor, cos: Tensor, sin: Tensor, rope_dims: int) -> Tensor:
+    """Half-split RoPE on the first `rope_dims` dims of each head; the rest carry no position."""
+    if rope_dims == x.size(-1):
+        return apply_rotary(x, cos, sin)
+    return torch.cat((apply_rotary(x[..., :rope_dims], cos, sin), x[..., rope_dims:]), dim=-1)
+
+
 def restore_fp32_params(model: nn.Module) -> None:
-    """After `.bfloat16()`: linear weights, vectors and control tensors go back to fp32."""
+    """After `.bfloat16()`: linear weights, vectors and control tensors go back to fp32.
+
+    3-D parameters are banks of linear weights (TECHNIQUES §2.4) and are kept in fp32 like them.
+    """
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, CastedLinear):
                 module.float()
         for name, p in model.named_parameters():
-            if (p.ndim < 2 or is_control(name)) and p.dtype != torch.float32:
+            if (p.ndim < 2 or p.ndim == 3 or is_control(name)) and p.dtype != torch.float32:
                 p.data = p.data.float()

@@ -1,0 +1,182 @@
+"""Transformer blocks of the record GPT family with functional weights (TECHNIQUES §2.4, §2.14).
+
+A block never assumes where its six matrices live: `GPT` passes them in as a `LayerWeights`
+(slices of the 3-D banks, or the block's own per-layer linears), so one block implementation
+serves both layouts and the two give the same numbers for the same weights.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pgolf.models.attention import causal_attention, exclusive_self_attention
+from pgolf.models.config import GPTModelConfig
+from pgolf.models.layers import CastedLinear, apply_partial_rotary, rms_norm
+
+
+class LayerWeights(NamedTuple):
+    q: Tensor  # (d, d)
+    k: Tensor  # (kv_dim, d)
+    v: Tensor  # (kv_dim, d)
+    o: Tensor  # (d, d)
+    up: Tensor  # (hidden, d)
+    down: Tensor  # (d, hidden)
+
+
+def own_linear(in_features: int, out_features: int) -> CastedLinear:
+    """A per-layer linear whose weight is left uninitialized (GPT initializes every block matrix
+    itself, in one fixed order, so both layouts draw the same random numbers from the same seed)."""
+    return torch.nn.utils.skip_init(
+        CastedLinear, in_features, out_features, bias=False, device=torch.get_default_device()
+    )
+
+
+def xsa_layers(cfg: GPTModelConfig) -> set[int]:
+    if cfg.xsa_layers:
+        return set(cfg.xsa_layers)
+    return set(range(max(0, cfg.num_layers - cfg.xsa_last_n), cfg.num_layers))
+
+
+class Attention(nn.Module):
+    """QK-norm, partial RoPE, per-head q-gain, GQA causal attention, optional XSA and output gate."""
+
+    def __init__(self, cfg: GPTModelConfig, layer: int, own_weights: bool):
+        super().__init__()
+        dim = cfg.model_dim
+        self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
+        self.head_dim = dim // cfg.num_heads
+        self.rope_dims = cfg.rope_dims or self.head_dim
+        if own_weights:  # registered first, as in the baseline, so state-dict order matches it
+            kv_dim = self.num_kv_heads * self.head_dim
+            self.c_q = own_linear(dim, dim)
+            self.c_k = own_linear(dim, kv_dim)
+            self.c_v = own_linear(dim, kv_dim)
+            self.proj = own_linear(dim, dim)
+        self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init, dtype=torch.float32))
+        self.use_xsa = layer in xsa_layers(cfg)
+        # Output gates act per head on y, after XSA and before W_o; at most one (config validation).
+        self.gate_window = cfg.gate_window
+        self.out_gate_src_q = cfg.attn_out_gate_src == "q"
+        self.attn_gate_proj: CastedLinear | None = None
+        self.attn_gate_w: nn.Parameter | None = None
+        self.gate_kind = "none"
+        if cfg.attn_out_gate:  # g = 2 sigmoid(W x[:w]), W zero -> g = 1: the identity at init
+            self.gate_kind = "out"
+            self.attn_gate_proj = CastedLinear(cfg.gate_window, cfg.num_heads, bias=False)
+            self.attn_gate_proj._zero_init = True
+        elif cfg.gated_attn:  # g = sigmoid(W_g x), W_g ~ N(0, std^2): ~0.5 at init
+            self.gate_kind = "dense"
+            self.attn_gate_w = nn.Parameter(torch.empty(cfg.num_heads, dim, dtype=torch.float32))
+            nn.init.normal_(self.attn_gate_w, std=cfg.gated_attn_init_std)
+        elif cfg.sparse_attn_gate:  # g = sigmoid(s W_g x[:w]), zero init by default: 0.5 at init
+            self.gate_kind = "sparse"
+            self.gate_scale = cfg.sparse_attn_gate_scale
+            self.attn_gate_w = nn.Parameter(torch.zeros(cfg.num_heads, cfg.gate_window, dtype=torch.float32))
+            if cfg.sparse_attn_gate_init_std > 0:
+                nn.init.normal_(self.attn_gate_w, std=cfg.sparse_attn_gate_init_std)
+
+    def _gate(self, y: Tensor, x: Tensor, q_raw: Tensor) -> Tensor:
+        # Narrow slices are made contiguous so the gate is a plain GEMM under fullgraph compile.
+        if self.gate_kind == "out":
+            src = q_raw if self.out_gate_src_q else x
+            g = 2.0 * torch.sigmoid(self.attn_gate_proj(src[..., : self.gate_window].contiguous()))
+        elif self.gate_kind == "dense":
+            g = torch.sigmoid(F.linear(x, self.attn_gate_w.to(x.dtype)))
+        elif self.gate_kind == "sparse":
+            gate_in = x[..., : self.gate_window].contiguous()
+            g = torch.sigmoid(self.gate_scale * F.linear(gate_in, self.attn_gate_w.to(x.dtype)))
+        else:
+            return y
+        return y * g[..., None]
+
+    def forward(
+        self, x: Tensor, w: LayerWeights, cos: Tensor, sin: Tensor, ve: Tensor | None = None
+    ) -> Tensor:
+        B, T, _ = x.shape
+        q_raw = F.linear(x, w.q.to(x.dtype))
+        q = q_raw.view(B, T, self.num_heads, self.head_dim)
+        k = F.linear(x, w.k.to(x.dtype)).view(B, T, self.num_kv_heads, self.head_dim)
+        v = F.linear(x, w.v.to(x.dtype))
+        if ve is not None:  # value embedding, added before the split into heads
+            v = v + ve
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
+        q = apply_partial_rotary(rms_norm(q), cos, sin, self.rope_dims)
+        k = apply_partial_rotary(rms_norm(k), cos, sin, self.rope_dims)
+        q = q * self.q_gain.to(q.dtype)[None, None, :, None]
+        y = causal_attention(q, k, v)
+        if self.use_xsa:
+            y = exclusive_self_attention(y, v)
+        y = self._gate(y, x, q_raw)
+        return F.linear(y.reshape(B, T, -1), w.o.to(x.dtype))
+
+
+class MLP(nn.Module):
+    """relu(x W_up)^2 W_down, or leaky_relu(x W_up, slope)^2 W_down (R0323's LeakyReLU(0.5)^2)."""
+
+    def __init__(self, cfg: GPTModelConfig, own_weights: bool):
+        super().__init__()
+        if own_weights:
+            hidden = int(cfg.mlp_mult * cfg.model_dim)
+            self.fc = own_linear(cfg.model_dim, hidden)
+            self.proj = own_linear(hidden, cfg.model_dim)
+        self.leaky = cfg.activation == "leaky_relu2"
+        self.negative_slope = cfg.negative_slope
+
+    def forward(self, x: Tensor, up: Tensor, down: Tensor) -> Tensor:
+        h = F.linear(x, up.to(x.dtype))
+        h = F.leaky_relu(h, self.negative_slope) if self.leaky else torch.relu(h)
+        return F.linear(h.square(), down.to(x.dtype))
+
+
+class Block(nn.Module):
+    """Pre-norm block: optional resid mix with x0, LN scale 1/sqrt(i+1), per-channel branch scales.
+
+    Sequential by default; the GPT-J parallel form (physical layers >= parallel_start_layer) feeds
+    both branches the same normalized input: x + a*Attn(N(x)) + c*MLP(N(x)). The two-lane form is
+    composed by `GPT` from `attn_branch`/`mlp_branch`, since it carries two streams between blocks.
+    """
+
+    def __init__(self, cfg: GPTModelConfig, layer: int, own_weights: bool):
+        super().__init__()
+        dim = cfg.model_dim
+        self.attn = Attention(cfg, layer, own_weights)
+        self.mlp = MLP(cfg, own_weights)
+        self.attn_scale = nn.Parameter(torch.ones(dim, dtype=torch.float32))
+        self.mlp_scale = nn.Parameter(torch.ones(dim, dtype=torch.float32))
+        self.resid_mix = (
+            nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))).float()) if cfg.resid_mix else None
+        )
+        self.ln_factor = 1.0 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0
+        self.gptj = cfg.parallel_residual == "gptj" and layer >= cfg.parallel_start_layer
+
+    def mix(self, x: Tensor, x0: Tensor) -> Tensor:
+        if self.resid_mix is None:
+            return x
+        m = self.resid_mix.to(x.dtype)
+        return m[0] * x + m[1] * x0
+
+    def norm(self, x: Tensor) -> Tensor:
+        h = rms_norm(x)
+        return h * self.ln_factor if self.ln_factor != 1.0 else h
+
+    def attn_branch(self, h: Tensor, w: LayerWeights, cos: Tensor, sin: Tensor, ve: Tensor | None) -> Tensor:
+        return self.attn_scale.to(h.dtype) * self.attn(self.norm(h), w, cos, sin, ve)
+
+    def mlp_branch(self, h: Tensor, w: LayerWeights) -> Tensor:
+        return self.mlp_scale.to(h.dtype) * self.mlp(self.norm(h), w.up, w.down)
+
+    def forward(
+        self, x: Tensor, x0: Tensor, w: LayerWeights, cos: Tensor, sin: Tensor, ve: Tensor | None = None
+    ) -> Tensor:
+        x = self.mix(x, x0)
+        if self.gptj:
+            n = self.norm(x)
+            a = self.attn_scale.to(x.dtype) * self.attn(n, w, cos, sin, ve)
+            return x + a + self.mlp_scale.to(x.dtype) * self.mlp(n, w.up, w.down)
+        x = x + self.attn_branch(x, w, cos, sin, ve)
+        return x + self.mlp_branch(x, w)

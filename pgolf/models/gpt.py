@@ -1,0 +1,300 @@
+"""The record GPT family (TECHNIQUES §2.4, §2.14, §3.2-3.4): one stack, banked or per-layer weights.
+
+`model=banked` keeps the block matrices in four 3-D fp32 banks and hands each layer its slices;
+`model=layered` gives every block its own linears. Everything else (embedding add-ons, U-Net skips,
+parallel residuals, depth recurrence, gates, backout) is the same code, so the two layouts compute
+the same function of the same weights, and `export_state_dict()` gives both the same per-layer
+2-D state dict for quantization.
+
+Hooks the trainer uses: `param_groups()` (optimizer roles), `export_state_dict()` /
+`load_export_state_dict()` (artifact), `graph_variants()` / `set_graph_variant()` (compile priming)
+and `on_progress(frac)` (host-side switches during training, e.g. turning the loops on).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pgolf.models.banks import BANKS, bank_slots, rebank, unbank
+from pgolf.models.blocks import Block, LayerWeights
+from pgolf.models.config import GPTModelConfig
+from pgolf.models.embeddings import BigramHash, SmearGateV2, SmearGateV3, ValueEmbedding
+from pgolf.models.layers import CastedLinear, ntk_rope_base, rms_norm, rotary_tables
+from pgolf.models.recurrence import layer_plan
+
+# Embedding tables share the token embedding's optimizer role (R0323: tok_emb, bigram and VE tables).
+EMBED_TABLES = ("tok_emb.weight", "bigram.embed.weight", "ve_shared.embed.weight")
+LOOP_OFF, LOOP_ON, STATIC = "loop_off", "loop_on", "static"
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTModelConfig, banked: bool, init: bool = True):
+        super().__init__()
+        self.cfg, self.banked = cfg, banked
+        L, dim, V = cfg.num_layers, cfg.model_dim, cfg.vocab_size
+        head_dim = dim // cfg.num_heads
+        kv_dim = cfg.num_kv_heads * head_dim
+        hidden = int(cfg.mlp_mult * dim)
+        self.num_layers = L
+        self.rope_dims = cfg.rope_dims or head_dim
+
+        self.tok_emb = nn.Embedding(V, dim)
+        self.bigram = (
+            BigramHash(cfg.bigram_vocab_size, cfg.bigram_dim, dim) if cfg.bigram_vocab_size else None
+        )
+        self.smear: SmearGateV2 | SmearGateV3 | None = None
+        if cfg.smear_gate == "v2":
+            self.smear = SmearGateV2(dim, cfg.smear_bos_fix, cfg.bos_id)
+        elif cfg.smear_gate == "v3":
+            self.smear = SmearGateV3(cfg.gate_window, cfg.smear_bos_fix, cfg.bos_id)
+        self.ve_shared = ValueEmbedding(V, cfg.ve_dim, kv_dim) if cfg.ve_enabled else None
+        self.ve_index = {layer: k for k, layer in enumerate(cfg.ve_layers)} if cfg.ve_enabled else {}
+        self.ve_layer_scales = nn.ParameterList(
+            nn.Parameter(torch.ones(1, dtype=torch.float32)) for _ in self.ve_index
+        )
+
+        # Layer plans of both graph variants; skip parameters are sized for the deeper (looped) one
+        # and the plain plan uses the first of them (R0409).
+        plans = [
+            layer_plan(L, cfg.num_loops, cfg.loop_start, cfg.loop_end, looping) for looping in (False, True)
+        ]
+        self.enc_plain, self.dec_plain = plans[0].encoder, plans[0].decoder
+        self.enc_loop, self.dec_loop = plans[1].encoder, plans[1].decoder
+        self.num_skips = max(p.num_skips for p in plans) if cfg.unet_skips else 0
+        self.skip_weights = nn.Parameter(torch.ones(self.num_skips, dim)) if cfg.unet_skips else None
+        self.skip_gates = nn.Parameter(torch.zeros(self.num_skips, dim)) if cfg.skip_gates_enabled else None
+        # Python bool read by forward: torch.compile guards on it, so each value gets its own graph,
+        # compiled during priming (graph_variants); on_progress flips it without a recompile.
+        self.looping = cfg.num_loops > 0 and cfg.enable_looping_at <= 0.0
+
+        self.blocks = nn.ModuleList(Block(cfg, i, own_weights=not banked) for i in range(L))
+        if banked:
+            # fp32 banks, filled by _init_weights
+            self.qo_bank = nn.Parameter(torch.empty(2 * L, dim, dim))
+            self.kv_bank = nn.Parameter(torch.empty(2 * L, kv_dim, dim))
+            self.mlp_up_bank = nn.Parameter(torch.empty(L, hidden, dim))
+            self.mlp_down_bank = nn.Parameter(torch.empty(L, dim, hidden))
+
+        self.two_lane = cfg.parallel_residual == "two_lane"
+        if self.two_lane:  # per physical layer: resid lambdas (lane0, lane1), post lambdas [src, dst]
+            self.parallel_resid_lambdas = nn.Parameter(torch.full((L, 2), 1.1))
+            self.parallel_post_lambdas = nn.Parameter(torch.ones(L, 2, 2))
+        self.backout_lambda = (
+            nn.Parameter(torch.tensor(cfg.backout_lambda_init, dtype=torch.float32)) if cfg.backout else None
+        )
+        self.lm_head = None if cfg.tie_embeddings else CastedLinear(dim, V, bias=False)
+        if self.lm_head is not None:
+            self.lm_head._zero_init = True
+        self._export_keys: list[str] | None = None
+        if init:
+            self._init_weights()
+
+    # ------------------------------------------------------------------------------ weights
+    def layer_weights(self, i: int) -> LayerWeights:
+        if self.banked:
+            n = self.num_layers
+            return LayerWeights(
+                self.qo_bank[i],
+                self.kv_bank[i],
+                self.kv_bank[n + i],
+                self.qo_bank[n + i],
+                self.mlp_up_bank[i],
+                self.mlp_down_bank[i],
+            )
+        a, m = self.blocks[i].attn, self.blocks[i].mlp
+        return LayerWeights(
+            a.c_q.weight, a.c_k.weight, a.c_v.weight, a.proj.weight, m.fc.weight, m.proj.weight
+        )
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        cfg = self.cfg
+        if cfg.tie_embeddings:
+            nn.init.normal_(self.tok_emb.weight, mean=0.0, std=cfg.tied_embed_init_std)
+        proj_scale = 1.0 / math.sqrt(2 * self.num_layers)
+        # Block matrices in one fixed order (R0323's: q, o, k, v, up, down per layer), whatever
+        # the layout, so banked and per-layer models built from one seed hold identical weights.
+        for i in range(self.num_layers):
+            w = self.layer_weights(i)
+            for t, is_proj in zip(
+                (w.q, w.o, w.k, w.v, w.up, w.down), (False, True, False, False, False, True)
+            ):
+                if is_proj and cfg.zero_init_proj:
+                    t.zero_()  # the 1/sqrt(2L) projection scale would leave it zero
+                elif cfg.ortho_init:  # OrthoInit; projections additionally scaled by 1/sqrt(2L)
+                    nn.init.orthogonal_(t, gain=1.0)
+                    if is_proj:
+                        t.mul_(proj_scale)
+                else:  # nn.Linear's default, as the baseline's linears get
+                    nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+        block_mats = {n for names in bank_slots(self.num_layers).values() for n in names}
+        # Other linears (bigram/VE projections, gates, untied head): zero-flagged ones stay zero;
+        # with OrthoInit the rest with both dims >= 64 become orthogonal (R0323's init sweep).
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear) and f"{name}.weight" not in block_mats:
+                if getattr(m, "_zero_init", False):
+                    nn.init.zeros_(m.weight)
+                elif cfg.ortho_init and min(m.weight.shape) >= 64:
+                    nn.init.orthogonal_(m.weight, gain=1.0)
+
+    # ------------------------------------------------------------------------------ forward
+    def _embed(self, ids: Tensor) -> Tensor:
+        x = self.tok_emb(ids)
+        if self.bigram is not None:
+            x = x + self.bigram(ids)
+        if isinstance(self.smear, SmearGateV3):  # v3 smears the raw embedding ...
+            x = self.smear(x, ids)
+        x = rms_norm(x)
+        if isinstance(self.smear, SmearGateV2):  # ... v2 the normalized one
+            x = self.smear(x, ids)
+        return x
+
+    def _merge_skip(self, x: Tensor, skip: Tensor, k: int) -> Tensor:
+        scaled = self.skip_weights[k].to(x.dtype) * skip
+        if self.skip_gates is None:
+            return x + scaled
+        return torch.lerp(scaled, x, torch.sigmoid(self.skip_gates[k].to(x.dtype)))
+
+    def _two_lane(
+        self, i: int, lanes: tuple[Tensor, Tensor], x0: Tensor, cos: Tensor, sin: Tensor, ve: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """Concurrent two-lane block (R0410+): attention reads resid-mix(lane0, x0), the MLP reads
+        lane1, both from the pre-update lanes; each lane gets a learned mix of both outputs."""
+        lane0, lane1 = lanes
+        b, w = self.blocks[i], self.layer_weights(i)
+        a = b.attn_branch(b.mix(lane0, x0), w, cos, sin, ve)
+        m = b.mlp_branch(lane1, w)
+        r = self.parallel_resid_lambdas[i].to(lane0.dtype)
+        p = self.parallel_post_lambdas[i].to(lane0.dtype)
+        return r[0] * lane0 + p[0, 0] * a + p[1, 0] * m, r[1] * lane1 + p[0, 1] * a + p[1, 1] * m
+
+    def _lane_out(self, lanes: tuple[Tensor, Tensor]) -> Tensor:
+        mode = self.cfg.parallel_final_lane
+        return lanes[0] if mode == "attn" else lanes[1] if mode == "mlp" else 0.5 * (lanes[0] + lanes[1])
+
+    def _hidden(self, ids: Tensor) -> Tensor:
+        x = self._embed(ids)
+        x0 = x
+        T = ids.size(1)
+        base = ntk_rope_base(self.cfg.rope_base, self.rope_dims, T, self.cfg.rope_train_seq_len)
+        cos, sin = rotary_tables(T, self.rope_dims, base, x.device, x.dtype)
+        ve_base = self.ve_shared(ids) if self.ve_shared is not None else None
+
+        def ve(i: int) -> Tensor | None:
+            k = self.ve_index.get(i)
+            return None if k is None else ve_base * self.ve_layer_scales[k].to(ve_base.dtype)
+
+        looping = self.looping
+        encoder, decoder = (self.enc_loop, self.dec_loop) if looping else (self.enc_plain, self.dec_plain)
+        backout_at = len(encoder) if self.cfg.backout_layer < 0 else self.cfg.backout_layer
+        h_mid: Tensor | None = None
+        skips: list[Tensor] = []
+        for n, i in enumerate(encoder, start=1):
+            x = self.blocks[i](x, x0, self.layer_weights(i), cos, sin, ve(i))
+            if self.num_skips:
+                skips.append(x)
+            if n == backout_at:
+                h_mid = x
+        lanes: tuple[Tensor, Tensor] | None = None
+        start = self.cfg.parallel_start_layer
+        for k, i in enumerate(decoder):
+            skip = skips.pop() if k < self.num_skips and skips else None  # LIFO U-Net
+            if self.two_lane and lanes is None and i >= start:
+                lanes = (x, x)  # from the first decoder layer at or past the start: two lanes
+            if lanes is None:
+                if skip is not None:
+                    x = self._merge_skip(x, skip, k)
+                x = self.blocks[i](x, x0, self.layer_weights(i), cos, sin, ve(i))
+            else:
+                if skip is not None:  # skips go into the attention lane only
+                    lanes = (self._merge_skip(lanes[0], skip, k), lanes[1])
+                lanes = self._two_lane(i, lanes, x0, cos, sin, ve(i))
+            if len(encoder) + k + 1 == backout_at:
+                h_mid = x if lanes is None else self._lane_out(lanes)
+        if lanes is not None:
+            x = self._lane_out(lanes)
+        if self.backout_lambda is not None:
+            # Backout (PR #339): remove lambda * h_mid from the final stream *before* the final
+            # RMSNorm, as modded-nanogpt's backout does. The norm then rescales what remains, so
+            # the head always sees a unit-RMS vector; subtracting after the norm would hand it an
+            # unnormalized one whose scale drifts with lambda.
+            x = x - self.backout_lambda.to(x.dtype) * h_mid
+        return rms_norm(x)
+
+    def _logits(self, ids: Tensor) -> Tensor:
+        x = self._hidden(ids)
+        logits = F.linear(x, self.tok_emb.weight) if self.lm_head is None else self.lm_head(x)
+        cap = self.cfg.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
+    def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
+        """Mean next-token cross-entropy (fp32 softmax)."""
+        logits = self._logits(input_ids)
+        return F.cross_entropy(logits.float().flatten(0, 1), target_ids.flatten(), reduction="mean")
+
+    def token_nll(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
+        """Per-token NLL in fp32, shape (B, T)."""
+        logits = self._logits(input_ids)
+        nll = F.cross_entropy(logits.float().flatten(0, 1), target_ids.flatten(), reduction="none")
+        return nll.view_as(target_ids)
+
+    # ------------------------------------------------------------------------------ trainer hooks
+    def param_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Optimizer roles: 'matrix' = the banks or the 2-D block matrices (Muon); 'embed' = token,
+        bigram and VE tables; 'head' = an untied head; 'scalar' = everything else (control tensors,
+        gates, lambdas, and the small bigram/VE projections, which R0323 steps with scalar Adam)."""
+        slots = bank_slots(self.num_layers)
+        matrices = set(BANKS) if self.banked else {n for names in slots.values() for n in names}
+        groups: dict[str, list[tuple[str, nn.Parameter]]] = {
+            k: [] for k in ("matrix", "scalar", "embed", "head")
+        }
+        for name, p in self.named_parameters():
+            if name in matrices:
+                groups["matrix"].append((name, p))
+            elif name in EMBED_TABLES:
+                groups["embed"].append((name, p))
+            elif name.startswith("lm_head."):
+                groups["head"].append((name, p))
+            else:
+                groups["scalar"].append((name, p))
+        return groups
+
+    def _layered_keys(self) -> list[str]:
+        if self._export_keys is None:  # a weightless per-layer twin gives the canonical key order
+            with torch.device("meta"):
+                self._export_keys = list(GPT(self.cfg, banked=False, init=False).state_dict())
+        return self._export_keys
+
+    def export_state_dict(self) -> dict[str, Tensor]:
+        """The state dict with per-layer 2-D matrices `blocks.{i}.attn.c_q.weight`, ...: what
+        quantizers and checkpoints see, key-for-key the per-layer model's state dict."""
+        state = self.state_dict()
+        return unbank(state, self.num_layers, self._layered_keys()) if self.banked else state
+
+    def load_export_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Load a per-layer state dict (re-stacking the banks); strict, in place."""
+        self.load_state_dict(rebank(state, self.num_layers) if self.banked else state, strict=True)
+
+    def graph_variants(self) -> list[str]:
+        """The compiled graphs training can switch between; the trainer primes each before the clock."""
+        if self.cfg.num_loops == 0:
+            return [STATIC]
+        return [LOOP_ON] if self.cfg.enable_looping_at <= 0.0 else [LOOP_OFF, LOOP_ON]
+
+    def set_graph_variant(self, name: str) -> None:
+        if name not in self.graph_variants():
+            raise ValueError(f"unknown graph variant {name!r}; this model has {self.graph_variants()}")
+        self.looping = name == LOOP_ON
+
+    def on_progress(self, frac: float) -> None:
+        """Host-side, once per step before it runs: loops switch on at `enable_looping_at` (R0409)."""
+        if self.cfg.num_loops:
+            self.looping = frac >= self.cfg.enable_looping_at
+
+
+def build(cfg: GPTModelConfig) -> GPT:
+    return GPT(cfg, banked=type(cfg).BANKED)
