@@ -196,17 +196,29 @@ class Trainer:
         if n == 0:
             return
         snapshot = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        for i in range(n):
-            self._train_step(i, 0.0, None)
-        # Also compile the eval graph now, so validation inside training never stalls on it.
-        self._prime_eval()
+        # Models that switch graphs during training (depth recurrence off -> on, ...) name every
+        # variant; each gets its priming steps and its eval graph here, so the switch in train()
+        # finds an already compiled graph instead of stalling on a recompile under the clock.
+        variants = self.model.graph_variants() if hasattr(self.model, "graph_variants") else [None]
+        for variant in variants:
+            if variant is not None:
+                self.model.set_graph_variant(variant)
+            for i in range(n):
+                self._train_step(i, 0.0, None)
+            # Also compile the eval graph now, so validation inside training never stalls on it.
+            self._prime_eval()
         self.rt.sync()
         with torch.no_grad():
             self.model.load_state_dict(snapshot, strict=True)
+        if hasattr(self.model, "on_progress"):
+            self.model.on_progress(0.0)  # back to the variant that training starts in
         self.opt.reset_state()
         self.loader.close()
         self.loader = self._build_loader()
-        self.log(f"primed {n} steps (compile) and restored the initial weights, optimizer state and loader")
+        self.log(
+            f"primed {n} steps (compile) x graph variants {variants} and restored the initial weights, "
+            "optimizer state and loader"
+        )
 
     # ---------------------------------------------------------------------------------- train
     def train(self) -> None:
@@ -215,6 +227,7 @@ class Trainer:
         cap_ms = 1000.0 * (job.budget.train_seconds - job.budget.quant_reserve_seconds) if wallclock else None
         iterations = t.iterations
         is_cuda = rt.device.type == "cuda"
+        on_progress = getattr(self.model, "on_progress", None)
         # Flags of step k (stop, non-finite loss) travel to the host through a pinned buffer and are
         # read while step k+1 runs; in a distributed run they are MAX-reduced first.
         flags_host = torch.zeros(2, dtype=torch.float32, pin_memory=is_cuda)
@@ -252,6 +265,8 @@ class Trainer:
                 t0 = time.perf_counter()
 
             elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
+            if on_progress is not None:  # host-side model switches (e.g. loops on at a fraction); no sync
+                on_progress(elapsed_ms / cap_ms if cap_ms is not None else step / max(iterations, 1))
             loss = self._train_step(step, elapsed_ms, cap_ms)
             step += 1
 
@@ -388,7 +403,9 @@ class Trainer:
         refusal = ""
         if self.rt.is_main:
             out.mkdir(parents=True, exist_ok=True)
-            blob = self.quant.export(self.model.state_dict())
+            # A banked model exports its banks as per-layer 2-D matrices under the canonical names.
+            export = getattr(self.model, "export_state_dict", self.model.state_dict)
+            blob = self.quant.export(export())
             tmp = blob_path.with_name(blob_path.name + ".tmp")
             tmp.write_bytes(blob)
             code_bytes, code_raw = write_wrapper(out / "train_gpt.py", to_dict(self.job))
@@ -431,7 +448,11 @@ class Trainer:
         with torch.no_grad():
             for p in self.model.parameters():
                 p.fill_(float("nan"))  # anything the artifact failed to restore would poison the score
-        self.model.load_state_dict(state, strict=True)
+        load = getattr(self.model, "load_export_state_dict", None)
+        if load is not None:
+            load(state)  # strict; re-stacks the banks from the per-layer matrices
+        else:
+            self.model.load_state_dict(state, strict=True)
         return self._validate()
 
     def _limits(self) -> dict:

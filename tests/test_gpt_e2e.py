@@ -1,0 +1,81 @@
+"""`python -m pgolf.run model=banked` end to end on CPU: the record preset, shrunk, with depth
+recurrence switching on mid-run; the artifact holds per-layer 2-D matrices and scores as trained."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import lzma
+import zipfile
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_cli, tiny_cpu_args
+
+pytestmark = pytest.mark.slow
+
+SHRINK = {
+    "model": "banked",
+    "model.num_layers": "3",
+    "model.model_dim": "64",
+    "model.num_heads": "2",
+    "model.num_kv_heads": "1",
+    "model.ve_layers": "[2]",
+    "model.bigram_vocab_size": "64",
+    "model.num_loops": "1",
+    "model.loop_start": "1",
+    "model.loop_end": "1",
+    "model.enable_looping_at": "0.5",
+    "optimizer.grad_clip_norm": "0.3",
+}
+
+
+def test_banked_preset_runs_end_to_end(tmp_path, shard_dir, tokenizer_model):
+    proc = run_cli(tiny_cpu_args(shard_dir, tokenizer_model, **SHRINK), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    result = json.loads((run / "result.json").read_text())
+    assert result["status"] == "ok" and result["steps"] == 6
+    assert np.isfinite(result["val_bpb"]) and result["val_bpb"] > 0
+    # the roundtrip scores the same weights as the pre-quant eval, up to int8 error
+    assert abs(result["val_bpb"] - result["metrics"]["pre_quant"]["val_bpb"]) < 0.05
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["name"] == "banked" and config["model"]["smear_gate"] == "v2"
+    log = (run / "train.log").read_text()
+    assert "model:banked" in log and "graph variants ['loop_off', 'loop_on']" in log
+
+    # The artifact holds the canonical per-layer matrices, never a 3-D bank.
+    obj = torch.load(io.BytesIO(zlib.decompress((run / "artifact" / "final_model.ptz").read_bytes())))
+    names = set(obj["quantized"]) | set(obj["passthrough"])
+    for i in range(3):
+        for kind in ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj"):
+            assert f"blocks.{i}.{kind}.weight" in names
+    assert not any("bank" in n for n in names)
+    assert all(t.ndim <= 2 for t in obj["quantized"].values())
+
+    # and the shipped code carries the model family
+    wrapper = (run / "artifact" / "train_gpt.py").read_text()
+    payload = wrapper.split('b85decode("')[1].split('")')[0]
+    archive = zipfile.ZipFile(io.BytesIO(lzma.decompress(base64.b85decode(payload))))
+    shipped = set(archive.namelist())
+    assert {"pgolf/models/gpt.py", "pgolf/models/banks.py", "pgolf/models/blocks.py"} <= shipped
+
+
+def test_banked_two_gloo_processes_match_one(tmp_path, shard_dir, tokenizer_model):
+    """Muon splits bank slices across ranks (slice j -> rank j % world) and shares the updates; with
+    DDP averaging the bank gradients, 2 ranks train like 1 (the tolerance of test_dist.py)."""
+
+    def run(name: str, nproc: str) -> dict:
+        args = tiny_cpu_args(shard_dir, tokenizer_model, **SHRINK, **{"hardware.nproc_per_node": nproc})
+        proc = run_cli(args, tmp_path / name, env={"OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        return json.loads((tmp_path / name / "run" / "result.json").read_text())
+
+    one, two = run("n1", "1"), run("n2", "2")
+    assert (two["world_size"], two["grad_accum"]) == (2, 4)
+    for (s1, a), (s2, b) in zip(one["train_losses"], two["train_losses"]):
+        assert s1 == s2 and b == pytest.approx(a, rel=5e-4)
+    assert two["val_bpb"] == pytest.approx(one["val_bpb"], rel=5e-4)
