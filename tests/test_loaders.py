@@ -552,9 +552,13 @@ def test_document_boundaries_flat_buffer_counts_as_one_row():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", ["sequential", "coprime", "shuffled"])
 def test_cuda_prefetch_matches_cpu(files, name):
-    cuda = torch.device("cuda")
     cpu = run(name, files, 12, seed=2, rank=1, world=2)
-    for prefetch in (0, 3):
+    # The trainer passes cuda:<local_rank>; a bare "cuda" must work too.
+    for prefetch, cuda in (
+        (0, torch.device("cuda")),
+        (3, torch.device("cuda")),
+        (3, torch.device("cuda", 0)),
+    ):
         with build_loader(data_cfg(name, prefetch), files, seed=2, rank=1, world_size=2, device=cuda) as ld:
             got = []
             for _ in range(12):
@@ -562,3 +566,25 @@ def test_cuda_prefetch_matches_cpu(files, name):
                 assert x.device.type == "cuda" and x.dtype == torch.int64
                 got.append(((x * 1).cpu(), (y * 1).cpu()))  # consume on the compute stream
         assert same(cpu, got)
+
+
+# ---------------------------------------------------------------------------------------------
+# through the trainer
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_trainer_prefetch_changes_nothing(tmp_path, shard_dir, tokenizer_model):
+    """End to end on CPU: prefetch on and off give bit-identical losses (same batches, same math);
+    the producer thread is closed at the end (the run's process exits normally)."""
+    from conftest import run_cli, tiny_cpu_args
+
+    results = {}
+    for loader, prefetch in (("shuffled", 0), ("shuffled", 3)):
+        d = tmp_path / f"{loader}{prefetch}"
+        extra = {"data.loader": loader, "data.prefetch": str(prefetch)}
+        proc = run_cli(tiny_cpu_args(shard_dir, tokenizer_model, **extra), d)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[(loader, prefetch)] = json.loads((d / "run" / "result.json").read_text())
+    assert results[("shuffled", 0)]["train_losses"] == results[("shuffled", 3)]["train_losses"]
+    assert results[("shuffled", 0)]["val_loss"] == results[("shuffled", 3)]["val_loss"]

@@ -117,7 +117,7 @@ class Loader:
         """(Re)start the producer for a batch shape, from the position of the last batch handed out."""
         self._stop_producer()
         self.sampler.load_state_dict(self._state)
-        self._producer = Producer(self.sampler, self.pool, key, self.prefetch)
+        self._producer = Producer(self.sampler, self.pool, key, self.prefetch, self.device)
         self._key = key
 
     def _stop_producer(self) -> None:

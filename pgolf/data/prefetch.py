@@ -97,8 +97,15 @@ def produce(
 class Producer:
     """A daemon thread running `produce` into a queue of at most `depth` batches."""
 
-    def __init__(self, sampler: HostSampler, pool: BufferPool, key: tuple[int, int], depth: int):
-        self.sampler, self.pool, self.key = sampler, pool, key
+    def __init__(
+        self,
+        sampler: HostSampler,
+        pool: BufferPool,
+        key: tuple[int, int],
+        depth: int,
+        device: torch.device | None = None,
+    ):
+        self.sampler, self.pool, self.key, self.device = sampler, pool, key, device
         self.queue: queue.Queue[HostBatch | _Failure] = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="pgolf-data-producer", daemon=True)
@@ -107,6 +114,10 @@ class Producer:
 
     def _run(self) -> None:
         try:
+            if self.device is not None and self.device.type == "cuda" and self.device.index is not None:
+                # A new thread starts on GPU 0: without this, every rank's producer would open a
+                # context there when it pins memory or waits on a copy event.
+                torch.cuda.set_device(self.device)
             while not self.stop.is_set():
                 self._put(produce(self.sampler, self.pool, self.key, self.stop))
         except Stopped:
