@@ -178,6 +178,22 @@ def test_check_vocab(tmp_path):
         check_vocab([good, bad], 400)
     with pytest.raises(ShardError, match=_named(good) + r".*token id 399"):
         check_vocab([good], 399)
+    # head_tokens reads only the start of each shard: an id past it goes unseen, one inside is caught.
+    tail_bad = tmp_path / "tail_bad.bin"
+    write_tokens(tail_bad, [1, 2, 3, 400])
+    check_vocab([tail_bad], 400, head_tokens=3)
+    with pytest.raises(ShardError, match=_named(tail_bad)):
+        check_vocab([tail_bad], 400, head_tokens=4)
+
+
+def test_open_shards_checks_the_head_of_every_train_shard(tmp_path, tokenizer_model):
+    """A later train shard written with a bigger tokenizer is caught before training."""
+    folder = _shard_folder(tmp_path, train_sizes=(80, 20, 5))
+    write_tokens(folder / "fineweb_train_000002.bin", [5, 7000, 9])
+    with pytest.raises(
+        ShardError, match=_named(folder / "fineweb_train_000002.bin") + ".*different tokenizer"
+    ):
+        open_shards(folder, "fineweb_train_*.bin", "fineweb_val_*.bin", tokenizer_model, 400)
 
 
 def _shard_folder(tmp_path: Path, val_sizes=(50,), train_sizes=(80,), vocab=400) -> Path:

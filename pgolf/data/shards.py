@@ -87,10 +87,13 @@ def shard_files(folder: str | Path, pattern: str, role: str) -> list[Path]:
     return files
 
 
-def check_vocab(files: list[Path], vocab_size: int) -> None:
-    """Reject any shard holding an id >= vocab_size (the model's embedding would index out of range)."""
+def check_vocab(files: list[Path], vocab_size: int, head_tokens: int | None = None) -> None:
+    """Reject any shard holding an id >= vocab_size (the model's embedding would index out of range).
+
+    With `head_tokens`, only that many tokens at the start of each shard are read (2 MB per
+    million): enough to catch a shard written with another tokenizer, cheap on 100+ shards."""
     for f in files:
-        tokens = load_tokens(f, mmap=True)
+        tokens = load_tokens(f, mmap=True)[:head_tokens]
         if tokens.size == 0:
             continue
         top = int(tokens.max())

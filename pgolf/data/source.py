@@ -74,9 +74,10 @@ def open_shards(
     val_n = sum(read_header(f) for f in val)
     sp = _load_tokenizer(tokenizer, vocab_size)
     check_vocab(val, vocab_size)
-    check_vocab(
-        train[:1], vocab_size
-    )  # a full scan of 10B tokens is too slow; the first shard catches mixups
+    # A full scan of 10B train tokens is too slow: the first shard in full, then the head of every
+    # other one, which catches a folder that mixes shards of two tokenizers.
+    check_vocab(train[:1], vocab_size)
+    check_vocab(train[1:], vocab_size, head_tokens=1 << 20)
     return DataSource(
         train_files=train,
         val_files=val,
