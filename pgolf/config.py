@@ -44,10 +44,25 @@ class BudgetConfig:
 
 @dataclass
 class WandbConfig:
-    mode: Literal["disabled", "offline", "online"] = "disabled"
+    # auto: offline in a multirun when wandb is installed, else disabled; resolved in the parent
+    # (WANDB_MODE in the environment wins) and frozen into config.json.
+    mode: Literal["auto", "disabled", "offline", "online"] = "auto"
     project: str = "pgolf"
     entity: str | None = None
     tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CheckpointConfig:
+    """Periodic checkpoints for long runs (`python -m pgolf.run resume=<job_dir>`); off by default."""
+
+    every_steps: int = 0  # 0: off
+    every_seconds: float = 0.0  # of training time (the clock that the budget counts); 0: off
+    keep: bool = False  # keep the last checkpoint after a successful run instead of deleting it
+
+    def validate(self, path: str) -> None:
+        if self.every_steps < 0 or self.every_seconds < 0:
+            raise ConfigError(f"{path}.every_steps and {path}.every_seconds must be >= 0 (0 turns them off)")
 
 
 @dataclass
@@ -64,7 +79,12 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
+
+# Root keys that the Hydra parent consumes (resume a job, GPU slots, the sweep report); they never
+# reach a worker or config.json.
+PARENT_ONLY = ("resume", "launch", "report")
 
 # ---------------------------------------------------------------------------------------------
 # dict -> dataclass with strict, path-naming validation
@@ -167,7 +187,7 @@ def job_config_from_dict(data: dict[str, Any]) -> JobConfig:
     """Validate a resolved config dict (from Hydra or config.json) into a JobConfig."""
     from pgolf.components import REGISTRIES, check_compatibility
 
-    data = dict(data)
+    data = {k: v for k, v in data.items() if k not in PARENT_ONLY}
     groups: dict[str, Any] = {}
     for group in GROUPS:
         node = data.pop(group, None)
@@ -192,11 +212,12 @@ class _RootRest:
     train: TrainConfig = field(default_factory=TrainConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 # Keys that do not change what a run computes: excluded from the seed-free config hash, so all
 # seeds (and re-runs in another folder) of one configuration share a group.
-_HASH_EXCLUDED = ("seed", "job_dir", "label", "wandb")
+_HASH_EXCLUDED = ("seed", "job_dir", "label", "wandb", "checkpoint", *PARENT_ONLY)
 
 
 def config_hash(job: JobConfig | dict[str, Any], include_seed: bool = False) -> str:

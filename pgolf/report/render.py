@@ -157,31 +157,35 @@ CSV_COLUMNS = [
 ]  # fmt: skip
 
 
+def csv_row(g: dict[str, Any]) -> dict[str, Any]:
+    """One configuration as a flat row (summary.csv, the wandb table)."""
+    c = g.get("comparison") or {}
+    welch, rule = c.get("welch") or {}, c.get("rule") or {}
+    return {
+        **{k: g[k] for k in ("config_hash", "desc", "n", "n_failed", "ms_per_step", "steps")},
+        **{k: g[k] for k in ("bytes_total_max", "within_cap", "train_seconds", "eval_seconds")},
+        "seeds": " ".join(map(str, g["seeds"])),
+        "val_bpb_mean": g["val_bpb"]["mean"],
+        "val_bpb_std": g["val_bpb"]["std"],
+        "val_loss_mean": g["val_loss"]["mean"],
+        "val_loss_std": g["val_loss"]["std"],
+        "delta_loss": c.get("delta_loss"),
+        "delta_bpb": c.get("delta_bpb"),
+        "welch_t": welch.get("t"),
+        "welch_df": welch.get("df"),
+        "welch_p": welch.get("p"),
+        "rule_t": rule.get("t"),
+        "rule_p": rule.get("p"),
+        "passes": c.get("passes"),
+    }
+
+
 def to_csv(s: dict[str, Any]) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
     w.writeheader()
     for g in s["groups"]:
-        c = g.get("comparison") or {}
-        w.writerow(
-            {
-                **{k: g[k] for k in ("config_hash", "desc", "n", "n_failed", "ms_per_step", "steps")},
-                **{k: g[k] for k in ("bytes_total_max", "within_cap", "train_seconds", "eval_seconds")},
-                "seeds": " ".join(map(str, g["seeds"])),
-                "val_bpb_mean": g["val_bpb"]["mean"],
-                "val_bpb_std": g["val_bpb"]["std"],
-                "val_loss_mean": g["val_loss"]["mean"],
-                "val_loss_std": g["val_loss"]["std"],
-                "delta_loss": c.get("delta_loss"),
-                "delta_bpb": c.get("delta_bpb"),
-                "welch_t": (c.get("welch") or {}).get("t"),
-                "welch_df": (c.get("welch") or {}).get("df"),
-                "welch_p": (c.get("welch") or {}).get("p"),
-                "rule_t": (c.get("rule") or {}).get("t"),
-                "rule_p": (c.get("rule") or {}).get("p"),
-                "passes": c.get("passes"),
-            }
-        )
+        w.writerow(csv_row(g))
     return buf.getvalue()
 
 
