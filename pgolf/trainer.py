@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pgolf import __version__
+from pgolf.checkpoint import Checkpointer
 from pgolf.components import DATA, MODELS, OPTIMIZERS, QUANT, TTT
 from pgolf.config import JobConfig, config_hash, to_dict
 from pgolf.data.loader import build_loader
@@ -77,6 +78,9 @@ class Trainer:
             "versions": versions(),
         }
         self.tracker = Tracker(job, job_dir, self.rt.is_main)
+        self.ckpt = Checkpointer(
+            job.checkpoint, job_dir, self.rt.rank, self.rt.world_size, self.result["config_hash_with_seed"]
+        )
 
     # -----------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -230,8 +234,9 @@ class Trainer:
         on_progress = getattr(self.model, "on_progress", None)
         # Flags of step k (stop, non-finite loss) travel to the host through a pinned buffer and are
         # read while step k+1 runs; in a distributed run they are MAX-reduced first.
-        flags_host = torch.zeros(2, dtype=torch.float32, pin_memory=is_cuda)
-        flags = torch.zeros(2, dtype=torch.float32, device=rt.device)
+        # [stop, non-finite loss, time-based checkpoint due]
+        flags_host = torch.zeros(3, dtype=torch.float32, pin_memory=is_cuda)
+        flags = torch.zeros(3, dtype=torch.float32, device=rt.device)
         pending: torch.cuda.Event | None = None
         step_events: list[torch.cuda.Event] = []
         step_host_ms: list[float] = []
@@ -242,6 +247,12 @@ class Trainer:
         train_ms = 0.0
         stop_after: int | None = None
         step = 0
+        resumed = self.ckpt.restore(self)  # a killed run continues where its checkpoint left off
+        if resumed is not None:
+            step, train_ms, stop_after = resumed["step"], resumed["train_ms"], resumed["stop_after"]
+            losses, step_host_ms = list(resumed["losses"]), list(resumed["step_host_ms"])
+            self.result["resumed_from_step"] = step
+            self.log(f"resumed from the checkpoint at step {step} ({train_ms / 1000:.1f}s of training done)")
         rt.sync()
         t0 = time.perf_counter()
         if is_cuda:
@@ -283,6 +294,7 @@ class Trainer:
             # fill_/copy_ are kernel launches; torch.tensor(x, device=cuda) would block on a pageable copy.
             flags[0].fill_(local_stop)
             flags[1].copy_(~torch.isfinite(loss))
+            flags[2].fill_(self.ckpt.time_due(done_ms))
             if rt.distributed:
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             if is_cuda:
@@ -319,6 +331,16 @@ class Trainer:
                         "set optimizer.grad_clip_norm, or check the data"
                     )
 
+            # Every input to this decision is identical on all ranks (the time vote came in the flags).
+            if self.ckpt.enabled and step < iterations and stop_after is None and self.ckpt.due(step):
+                rt.sync()
+                train_ms += 1000.0 * (time.perf_counter() - t0)  # the clock pauses while saving
+                train_state = {"step": step, "train_ms": train_ms, "stop_after": stop_after}
+                self.ckpt.save(self, {**train_state, "losses": losses, "step_host_ms": step_host_ms})
+                rt.sync()
+                t0 = time.perf_counter()
+            self.ckpt.fault_point(step)
+
         # Per-step times: CUDA events bracket each step on the device; host times on CPU.
         if is_cuda:
             step_ms = [a.elapsed_time(b) for a, b in zip(step_events[:-1], step_events[1:])]
@@ -340,9 +362,9 @@ class Trainer:
             f"peak memory {peak / 2**20:.0f} MiB"
         )
 
-    @staticmethod
-    def _apply_flags(flags_host: torch.Tensor, step: int, stop_after: int | None) -> int | None:
-        stop, nonfinite = flags_host.tolist()
+    def _apply_flags(self, flags_host: torch.Tensor, step: int, stop_after: int | None) -> int | None:
+        stop, nonfinite, checkpoint_due = flags_host.tolist()
+        self.ckpt.time_flag = self.ckpt.time_flag or bool(checkpoint_due)
         if nonfinite:
             raise TrainingError(
                 f"train loss became NaN/inf at step {step}; lower the learning rates "
@@ -477,6 +499,8 @@ class Trainer:
     def write_result(self) -> None:
         if self.rt.is_main:
             write_json_atomic(self.job_dir / "result.json", self.result)
+            if self.result.get("status") == "ok":
+                self.ckpt.discard()
 
     def close(self) -> None:
         loader = getattr(self, "loader", None)

@@ -123,7 +123,22 @@ class Muon:
         return t if j is None else t[j]
 
     def state_dict(self) -> dict[str, Tensor]:
+        """This rank's momentum buffers, keyed by shape group (each rank owns different matrices)."""
         return {str(k): v.clone() for k, v in self.momentum_buffers.items()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        buffers = {}
+        for key, value in state.items():
+            gi = int(key)
+            mine = self.groups[gi] if gi < len(self.groups) else []
+            expected = (len(mine), *self.params[mine[0]].shape) if mine else None
+            if expected != tuple(value.shape):
+                raise ValueError(
+                    f"Muon momentum for shape group {gi} has shape {tuple(value.shape)}, expected {expected}: "
+                    "the checkpoint is from another model or world size"
+                )
+            buffers[gi] = value.to(self.params[mine[0]].device).clone()
+        self.momentum_buffers = buffers
 
 
 class OptimizerBundle:
@@ -161,6 +176,24 @@ class OptimizerBundle:
                 g["lr"] = base * scale
             opt.step()
         self.muon.step(self.cfg.matrix_lr * scale, muon_momentum(self.cfg, step))
+
+    def state_dict(self) -> dict:
+        """Adam moments and step counts plus this rank's Muon momentum: what a resume needs."""
+        return {
+            "adam": [opt.state_dict() for opt in self.adams],
+            "muon": self.muon.state_dict(),
+            "last_lr_scale": self.last_lr_scale,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["adam"]) != len(self.adams):
+            raise ValueError(
+                f"checkpoint has {len(state['adam'])} Adam optimizers, this model has {len(self.adams)}"
+            )
+        for opt, s in zip(self.adams, state["adam"]):
+            opt.load_state_dict(s)
+        self.muon.load_state_dict(state["muon"])
+        self.last_lr_scale = state["last_lr_scale"]
 
     def reset_state(self) -> None:
         """Back to the freshly built state (empty moments), as after construction."""

@@ -1,0 +1,202 @@
+"""Checkpoint state and kill-and-resume: a resumed job reaches exactly the uninterrupted result."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli, tiny_cpu_args
+
+from pgolf.checkpoint import FAULT_ENV, Checkpointer, latest_step
+from pgolf.config import CheckpointConfig
+from pgolf.models.baseline import BaselineGPT
+from pgolf.models.config import BaselineModelConfig
+from pgolf.optim.config import MuonConfig
+from pgolf.optim.muon import OptimizerBundle
+
+TINY = BaselineModelConfig(vocab_size=64, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2)
+
+
+def _steps(model: BaselineGPT, bundle: OptimizerBundle, first: int, n: int) -> None:
+    gen = torch.Generator().manual_seed(first)
+    for step in range(first, first + n):
+        x = torch.randint(0, 64, (2, 16), generator=gen)
+        bundle.zero_grad()
+        model(x, x.roll(-1, 1)).backward()
+        bundle.step(step, 0.0, 10, None)
+
+
+def test_optimizer_bundle_state_roundtrip_continues_exactly():
+    torch.manual_seed(0)
+    cfg = MuonConfig()
+    model = BaselineGPT(TINY)
+    bundle = OptimizerBundle(model, cfg, torch.device("cpu"), compile_ns=False)
+    _steps(model, bundle, 0, 3)
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opt = copy.deepcopy(bundle.state_dict())
+    assert saved_opt["muon"] and all(s["state"] for s in saved_opt["adam"])
+    _steps(model, bundle, 3, 2)
+
+    fresh = BaselineGPT(TINY)
+    fresh.load_state_dict(saved_model)
+    fresh_bundle = OptimizerBundle(fresh, cfg, torch.device("cpu"), compile_ns=False)
+    fresh_bundle.load_state_dict(saved_opt)
+    _steps(fresh, fresh_bundle, 3, 2)
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+    # Without the optimizer state the continuation differs: the roundtrip above is what matters.
+    bare = BaselineGPT(TINY)
+    bare.load_state_dict(saved_model)
+    _steps(bare, OptimizerBundle(bare, cfg, torch.device("cpu"), compile_ns=False), 3, 2)
+    assert not all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), bare.state_dict().values()))
+
+
+def test_muon_state_from_another_model_is_refused():
+    cfg = MuonConfig()
+    model = BaselineGPT(TINY)
+    bundle = OptimizerBundle(model, cfg, torch.device("cpu"), compile_ns=False)
+    _steps(model, bundle, 0, 1)
+    other = BaselineGPT(
+        BaselineModelConfig(vocab_size=64, num_layers=3, model_dim=64, num_heads=4, num_kv_heads=2)
+    )
+    other_bundle = OptimizerBundle(other, cfg, torch.device("cpu"), compile_ns=False)
+    with pytest.raises(ValueError, match="another model or world size"):
+        other_bundle.muon.load_state_dict(bundle.muon.state_dict())
+    with pytest.raises(ValueError):  # Adam says so too (its own message)
+        other_bundle.load_state_dict(bundle.state_dict())
+
+
+class _FakeTrainer:
+    def __init__(self):
+        self.model = BaselineGPT(TINY)
+        self.opt = OptimizerBundle(self.model, MuonConfig(), torch.device("cpu"), compile_ns=False)
+        self.loader = None
+        self.rt = type("RT", (), {"device": torch.device("cpu")})()
+
+
+class _Loader:
+    def __init__(self, pos: int = 0):
+        self.pos = pos
+
+    def state_dict(self) -> dict:
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pos = state["pos"]
+
+
+def test_checkpointer_commits_atomically_and_guards_its_job(tmp_path):
+    cfg = CheckpointConfig(every_steps=2)
+    ck = Checkpointer(cfg, tmp_path, rank=0, world_size=1, fingerprint="abc")
+    assert ck.enabled and ck.due(4) and not ck.due(3)
+    tr = _FakeTrainer()
+    tr.loader = _Loader(123)
+    _steps(tr.model, tr.opt, 0, 1)
+    for step in (2, 4):
+        ck.save(
+            tr,
+            {
+                "step": step,
+                "train_ms": 10.0 * step,
+                "stop_after": None,
+                "losses": [(1, 5.0)],
+                "step_host_ms": [],
+            },
+        )
+    # Only the committed step is kept; nothing half-written is left behind.
+    assert latest_step(tmp_path) == 4
+    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == ["latest.json", "step_0000004"]
+    assert not list((tmp_path / "checkpoint").rglob(".*tmp"))
+    # A torn write of a newer step (no commit) is ignored: latest.json still says 4.
+    (tmp_path / "checkpoint" / "step_0000006").mkdir()
+    (tmp_path / "checkpoint" / "step_0000006" / ".rank0.pt.tmp").write_bytes(b"partial")
+
+    fresh = _FakeTrainer()
+    fresh.loader = _Loader()
+    state = Checkpointer(cfg, tmp_path, 0, 1, "abc").restore(fresh)
+    assert state["step"] == 4 and state["train_ms"] == 40.0 and fresh.loader.pos == 123
+    for a, b in zip(tr.model.state_dict().values(), fresh.model.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="another configuration or seed"):
+        Checkpointer(cfg, tmp_path, 0, 1, "other").restore(_FakeTrainer())
+    with pytest.raises(RuntimeError, match="processes"):
+        Checkpointer(cfg, tmp_path, 0, 2, "abc").restore(_FakeTrainer())
+    ck.discard()
+    assert not (tmp_path / "checkpoint").exists()
+
+
+def test_time_based_checkpoints_vote():
+    ck = Checkpointer(CheckpointConfig(every_seconds=2.0), Path("/nonexistent"), 0, 1, "x")
+    assert ck.time_due(1999.0) == 0.0 and ck.time_due(2000.0) == 1.0
+    assert not ck.due(7)
+    ck.time_flag = True  # what the all-reduced flag sets on every rank
+    assert ck.due(7)
+    off = Checkpointer(CheckpointConfig(), Path("/nonexistent"), 0, 1, "x")
+    assert not off.enabled and off.time_due(1e9) == 0.0
+
+
+# --------------------------------------------------------------------------- kill and resume
+
+
+SHORT = {"train.iterations": "8", "train.grad_accum_base": "2"}
+
+
+def _result(path: Path) -> dict:
+    return json.loads((path / "result.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, shard_dir, tokenizer_model) -> dict:
+    """The reference: the same job without checkpoints (saving must not change what is computed)."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    proc = run_cli(tiny_cpu_args(shard_dir, tokenizer_model, **SHORT), tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return _result(tmp / "run")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "policy,kill_after,resumes_at",
+    [
+        ({"checkpoint.every_steps": "3"}, 4, 3),  # killed one step after a checkpoint: redo step 4
+        ({"checkpoint.every_seconds": "0.000001"}, 5, 5),  # time-based: the all-reduced flag path
+    ],
+)
+def test_kill_and_resume_reaches_the_uninterrupted_result(
+    tmp_path, shard_dir, tokenizer_model, uninterrupted, policy, kill_after, resumes_at
+):
+    args = tiny_cpu_args(shard_dir, tokenizer_model, **SHORT, **policy)
+    job = tmp_path / "killed"
+    killed = run_cli([*args, f"hydra.run.dir={job}"], tmp_path, env={FAULT_ENV: str(kill_after)})
+    assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL: no chance to write anything
+    assert not (job / "result.json").exists()
+    assert latest_step(job) == resumes_at
+
+    resumed = run_cli([f"resume={job}", f"hydra.run.dir={tmp_path / 'resume_cmd'}"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"from its checkpoint at step {resumes_at}" in resumed.stdout
+    a, b = uninterrupted, _result(job)
+    assert b["status"] == "ok" and b["resumed_from_step"] == resumes_at
+    assert b["steps"] == a["steps"] == 8
+    assert b["train_losses"] == a["train_losses"]  # exact, every step
+    assert b["val_loss"] == a["val_loss"] and b["val_bpb"] == a["val_bpb"]
+    assert b["metrics"]["pre_quant"] == a["metrics"]["pre_quant"]
+    assert b["bytes"]["model"] == a["bytes"]["model"]
+    assert not (job / "checkpoint").exists()  # discarded after success (checkpoint.keep=false)
+    assert "resumed from the checkpoint" in (job / "train.log").read_text()
+    if resumes_at == 3:  # resuming a finished job does nothing (checked once)
+        again = run_cli([f"resume={job}", f"hydra.run.dir={tmp_path / 'again'}"], tmp_path)
+        assert again.returncode == 0 and "already finished" in again.stdout
+
+
+@pytest.mark.slow
+def test_resume_refuses_other_overrides_and_unknown_dirs(tmp_path):
+    proc = run_cli([f"resume={tmp_path}", "seed=3"], tmp_path, timeout=60)
+    assert proc.returncode != 0 and "drop the other overrides" in proc.stderr
+    proc = run_cli([f"resume={tmp_path / 'nope'}"], tmp_path, timeout=60)
+    assert proc.returncode != 0 and "no config.json" in proc.stderr
+    assert os.path.isdir(tmp_path)
