@@ -165,3 +165,18 @@ def test_gpus_launcher_runs_jobs_in_parallel_on_distinct_slots(tmp_path, shard_d
             if a["devices"] == b["devices"]:  # the same GPU: one job released it before the other took it
                 assert a["released"] <= b["acquired"] or b["released"] <= a["acquired"]
     assert json.loads((sweep / "summary.json").read_text())["groups"][0]["n"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed")
+def test_sweep_summary_run_logs_offline_without_an_account(tmp_path, monkeypatch):
+    from pgolf.tracking import log_sweep_summary
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    summary = {"sweep_dirs": [str(tmp_path)], "alpha": 0.01, "min_delta_nats": 0.005, "baseline": None}
+    summary.update(jobs={"total": 0, "ok": 0, "failed": 0}, groups=[])
+    assert log_sweep_summary(summary, tmp_path, mode="disabled", project="pgolf") is None
+    note = log_sweep_summary(summary, tmp_path, mode="offline", project="pgolf")
+    assert "offline summary run" in note
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
