@@ -103,7 +103,8 @@ class Checkpointer:
         self.rank, self.world_size = rank, world_size
         self.fingerprint = fingerprint  # the seeded config hash: a checkpoint only resumes its own job
         self.last_ms = 0.0
-        self.time_flag = False  # set by the trainer from the all-reduced flag
+        self.time_flag = False  # set through `vote` from the all-reduced flag
+        self.saved_step = -1
         fault = os.environ.get(FAULT_ENV, "")
         self.kill_after = int(fault) if fault.strip() else None
 
@@ -115,6 +116,12 @@ class Checkpointer:
         """This rank's vote (0/1) for a time-based checkpoint; reduced with MAX across ranks."""
         every = self.cfg.every_seconds
         return float(every > 0 and train_ms - self.last_ms >= 1000.0 * every)
+
+    def vote(self, due: bool, step: int) -> None:
+        """The all-reduced time vote of `step`. On CUDA it arrives a step late, so a vote cast
+        before the latest save (which already covered it) must not trigger a second save."""
+        if due and step > self.saved_step:
+            self.time_flag = True
 
     def due(self, step: int) -> bool:
         """Whether to checkpoint now that `step` steps are done; identical on every rank."""
@@ -149,6 +156,7 @@ class Checkpointer:
         self._barrier()  # nobody runs ahead (and could be killed) before the commit
         self.last_ms = float(train_state["train_ms"])
         self.time_flag = False
+        self.saved_step = step
 
     def fault_point(self, step: int) -> None:
         if self.kill_after is not None and step == self.kill_after:
@@ -180,6 +188,7 @@ class Checkpointer:
         load_loader_state(trainer.loader, state["loader"])
         set_rng_state(state["rng"], device)
         self.last_ms = float(state["train"]["train_ms"])
+        self.saved_step = int(state["train"]["step"])
         return state["train"]
 
     def discard(self) -> None:

@@ -277,7 +277,9 @@ class Trainer:
 
             elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
             if on_progress is not None:  # host-side model switches (e.g. loops on at a fraction); no sync
-                on_progress(elapsed_ms / cap_ms if cap_ms is not None else step / max(iterations, 1))
+                note = on_progress(elapsed_ms / cap_ms if cap_ms is not None else step / max(iterations, 1))
+                if note:
+                    self.log(f"step:{step} {note}")
             loss = self._train_step(step, elapsed_ms, cap_ms)
             step += 1
 
@@ -364,7 +366,7 @@ class Trainer:
 
     def _apply_flags(self, flags_host: torch.Tensor, step: int, stop_after: int | None) -> int | None:
         stop, nonfinite, checkpoint_due = flags_host.tolist()
-        self.ckpt.time_flag = self.ckpt.time_flag or bool(checkpoint_due)
+        self.ckpt.vote(bool(checkpoint_due), step)
         if nonfinite:
             raise TrainingError(
                 f"train loss became NaN/inf at step {step}; lower the learning rates "

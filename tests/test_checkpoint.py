@@ -133,8 +133,13 @@ def test_time_based_checkpoints_vote():
     ck = Checkpointer(CheckpointConfig(every_seconds=2.0), Path("/nonexistent"), 0, 1, "x")
     assert ck.time_due(1999.0) == 0.0 and ck.time_due(2000.0) == 1.0
     assert not ck.due(7)
-    ck.time_flag = True  # what the all-reduced flag sets on every rank
+    ck.vote(True, 7)  # the all-reduced flag, identical on every rank
     assert ck.due(7)
+    ck.time_flag, ck.saved_step = False, 8
+    ck.vote(True, 8)  # a lagged vote cast before the save at step 8: already covered
+    assert not ck.due(9)
+    ck.vote(True, 9)
+    assert ck.due(9)
     off = Checkpointer(CheckpointConfig(), Path("/nonexistent"), 0, 1, "x")
     assert not off.enabled and off.time_due(1e9) == 0.0
 
