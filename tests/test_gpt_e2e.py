@@ -46,6 +46,7 @@ def test_banked_preset_runs_end_to_end(tmp_path, shard_dir, tokenizer_model):
     assert config["model"]["name"] == "banked" and config["model"]["smear_gate"] == "v2"
     log = (run / "train.log").read_text()
     assert "model:banked" in log and "graph variants ['loop_off', 'loop_on']" in log
+    assert "step:3 graph_variant:loop_on frac:0.500 layers:[0, 1, 1, 2]" in log  # 3 of 6 steps
 
     # The artifact holds the canonical per-layer matrices, never a 3-D bank.
     obj = torch.load(io.BytesIO(zlib.decompress((run / "artifact" / "final_model.ptz").read_bytes())))

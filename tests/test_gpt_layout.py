@@ -254,10 +254,13 @@ def test_graph_variants_are_primed_once_and_switch_without_recompiling():
         compiled(x, y).backward()
     primed = len(compiles)
     assert primed == 2
-    losses = []
+    losses, notes = [], []
     for frac in (0.0, 0.3, 0.5, 0.9, 1.0):  # what Trainer.train does each step
-        banked.on_progress(frac)
+        notes.append(banked.on_progress(frac))
         losses.append(compiled(x, y).item())
+    on = "graph_variant:loop_on frac:0.500 layers:[0, 1, 2, 1, 2, 3]"
+    off = "graph_variant:loop_off frac:0.000 layers:[0, 1, 2, 3]"  # priming left it on
+    assert notes == [off, None, on, None, None]
     assert len(compiles) == primed
     assert losses[0] == losses[1] and losses[2] == losses[3] and losses[1] != losses[2]
     always = GPT(LayeredGPTConfig(**{**RICH, "enable_looping_at": 0.0}), banked=False)

@@ -290,10 +290,18 @@ class GPT(nn.Module):
             raise ValueError(f"unknown graph variant {name!r}; this model has {self.graph_variants()}")
         self.looping = name == LOOP_ON
 
-    def on_progress(self, frac: float) -> None:
-        """Host-side, once per step before it runs: loops switch on at `enable_looping_at` (R0409)."""
-        if self.cfg.num_loops:
-            self.looping = frac >= self.cfg.enable_looping_at
+    def on_progress(self, frac: float) -> str | None:
+        """Host-side, once per step before it runs: loops switch on at `enable_looping_at` (R0409).
+
+        Returns a line for the log when the graph variant changes, else None.
+        """
+        if not self.cfg.num_loops:
+            return None
+        before, self.looping = self.looping, frac >= self.cfg.enable_looping_at
+        if self.looping == before:
+            return None
+        layers = list(self.enc_loop + self.dec_loop) if self.looping else list(range(self.num_layers))
+        return f"graph_variant:{LOOP_ON if self.looping else LOOP_OFF} frac:{frac:.3f} layers:{layers}"
 
 
 def build(cfg: GPTModelConfig) -> GPT:
