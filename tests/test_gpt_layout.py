@@ -268,3 +268,24 @@ def test_graph_variants_are_primed_once_and_switch_without_recompiling():
     assert GPT(LayeredGPTConfig(**{**RICH, "num_loops": 0}), banked=False).graph_variants() == ["static"]
     with pytest.raises(ValueError, match="unknown graph variant"):
         always.set_graph_variant("loop_off")
+
+
+def test_optimizer_state_roundtrip_with_banks():
+    """A resume restores Muon momentum per shape group; for banks the groups count bank slices."""
+    banked, _ = pair()
+    perturb(banked)
+    opt = OptimizerBundle(banked, MuonConfig(), torch.device("cpu"), compile_ns=False)
+    x, y = batch()
+    banked(x, y).backward()
+    opt.step(0, 0.0, 10, None)
+    state = opt.state_dict()
+    assert sorted(v.shape for v in state["muon"].values()) == sorted(
+        [(8, 64, 64), (8, 32, 64), (4, 192, 64), (4, 64, 192)]
+    )
+    fresh = OptimizerBundle(banked, MuonConfig(), torch.device("cpu"), compile_ns=False)
+    fresh.load_state_dict(state)
+    for k, v in opt.muon.momentum_buffers.items():
+        assert torch.equal(fresh.muon.momentum_buffers[k], v)
+    state["muon"]["0"] = state["muon"]["0"][:3]
+    with pytest.raises(ValueError, match="momentum for shape group 0"):
+        fresh.load_state_dict(state)

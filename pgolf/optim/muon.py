@@ -131,13 +131,14 @@ class Muon:
         for key, value in state.items():
             gi = int(key)
             mine = self.groups[gi] if gi < len(self.groups) else []
-            expected = (len(mine), *self.params[mine[0]].shape) if mine else None
+            p = self.matrices[mine[0]][0] if mine else None  # group indices count matrices (bank slices)
+            expected = (len(mine), *p.shape[-2:]) if p is not None else None
             if expected != tuple(value.shape):
                 raise ValueError(
                     f"Muon momentum for shape group {gi} has shape {tuple(value.shape)}, expected {expected}: "
                     "the checkpoint is from another model or world size"
                 )
-            buffers[gi] = value.to(self.params[mine[0]].device).clone()
+            buffers[gi] = value.to(p.device).clone()
         self.momentum_buffers = buffers
 
 
