@@ -15,6 +15,8 @@ import pytest
 import torch
 from conftest import run_cli, tiny_cpu_args
 
+from pgolf.checkpoint import FAULT_ENV
+
 pytestmark = pytest.mark.slow
 
 SHRINK = {
@@ -80,3 +82,23 @@ def test_banked_two_gloo_processes_match_one(tmp_path, shard_dir, tokenizer_mode
     for (s1, a), (s2, b) in zip(one["train_losses"], two["train_losses"]):
         assert s1 == s2 and b == pytest.approx(a, rel=5e-4)
     assert two["val_bpb"] == pytest.approx(one["val_bpb"], rel=5e-4)
+
+
+def test_banked_kill_and_resume_across_the_loop_switch(tmp_path, shard_dir, tokenizer_model):
+    """Killed after the step-3 checkpoint, resumed: the loops still switch on at step 4 (half of 8
+    steps) and the run ends exactly where the uninterrupted one does (banks, Muon momentum per
+    bank-slice group, and the host-side loop flag all restored or recomputed)."""
+    short = {**SHRINK, "train.iterations": "8", "train.grad_accum_base": "2", "checkpoint.every_steps": "3"}
+    args = tiny_cpu_args(shard_dir, tokenizer_model, **short)
+    straight = run_cli(args, tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    job = tmp_path / "killed"
+    killed = run_cli([*args, f"hydra.run.dir={job}"], tmp_path, env={FAULT_ENV: "4"})
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    resumed = run_cli([f"resume={job}", f"hydra.run.dir={tmp_path / 'resume_cmd'}"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = json.loads((tmp_path / "straight" / "run" / "result.json").read_text())
+    b = json.loads((job / "result.json").read_text())
+    assert b["resumed_from_step"] == 3 and b["train_losses"] == a["train_losses"]
+    assert b["val_bpb"] == a["val_bpb"]
+    assert "step:4 graph_variant:loop_on" in (job / "train.log").read_text()
