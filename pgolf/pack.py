@@ -21,15 +21,29 @@ from pgolf.train import run_packed;run_packed(os.path.join(D,"config.json"))
 """
 
 
+# Modules of the Hydra parent. A single-device run trains inside the parent process, so they are
+# in sys.modules, but the worker never imports them: shipping them would only inflate code bytes.
+PARENT_ONLY = ("pgolf.run", "pgolf.callbacks", "pgolf.slots", "pgolf.report")
+
+
+def _parent_only(name: str) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in PARENT_ONLY)
+
+
 def imported_modules() -> dict[str, Path]:
-    """pgolf modules loaded in this process, by archive path (pgolf/..../x.py)."""
+    """pgolf modules the worker loaded in this process, by archive path (pgolf/..../x.py)."""
     import pgolf
 
     root = Path(pgolf.__file__).resolve().parent.parent
     out = {}
     for name, mod in list(sys.modules.items()):
         f = getattr(mod, "__file__", None)
-        if (name == "pgolf" or name.startswith("pgolf.")) and f and f.endswith(".py"):
+        if (
+            (name == "pgolf" or name.startswith("pgolf."))
+            and not _parent_only(name)
+            and f
+            and f.endswith(".py")
+        ):
             p = Path(f).resolve()
             out[p.relative_to(root).as_posix()] = p
     # Packages' __init__ files are needed for imports even if only a submodule was used.

@@ -139,3 +139,18 @@ def test_payload_characters_are_safe_in_a_string_literal(tmp_path, n_bytes):
     blob.write_bytes(bytes(range(256)) * (n_bytes // 256) + b'"\\' * (n_bytes % 7))
     text = build_wrapper({"pgolf/blob.py": blob}, {})
     assert _unpack(text)["pgolf/blob.py"] == blob.read_bytes()
+
+
+def test_parent_only_modules_are_not_shipped():
+    """The Hydra parent's modules never reach the worker, so they must not count as code bytes."""
+    import pgolf.callbacks  # noqa: F401
+    import pgolf.report  # noqa: F401
+    import pgolf.slots  # noqa: F401
+    from pgolf.pack import imported_modules
+
+    shipped = imported_modules()
+    assert "pgolf/trainer.py" in shipped or "pgolf/pack.py" in shipped
+    for rel in shipped:
+        assert not rel.startswith(
+            ("pgolf/report/", "pgolf/callbacks.py", "pgolf/slots.py", "pgolf/run.py")
+        ), rel
