@@ -19,23 +19,12 @@ WARMDOWN=${WARMDOWN:-100}   # linear warmdown over the last 100 of 150 steps, sa
 REF=${REF:-$REPO/.bench/ref/r0323_train_gpt.py}
 SHIM=${SHIM:-$REPO/.bench/fa3_shim}
 mkdir -p "$OUT" "$DATA"
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-PYPATH=$SHIM:$REPO
-if [ -d "$REPO/.whl" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$REPO"/.whl/*.whl || exit 1
-  PYPATH=/tmp/site:$PYPATH
-fi
-export PYTHONPATH=$PYPATH
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
+source "$REPO/bench/common.sh"
+bench_env "$SHIM" || exit 1
+bench_device_info "$OUT/gpu.txt"
 
-if [ ! -f "$DATA/fineweb_val_000000.bin" ]; then
-  t0=$(date +%s)
-  python3 "$REPO/.bench/make_shards.py" "$REPO/.bench/corpus/fineweb_1024_bpe.model" "$DATA" \
-    --train "$REPO/.bench/corpus/docs_train.jsonl.xz" --val "$REPO/.bench/corpus/docs_val.jsonl.xz"
-  echo "shards: $(( $(date +%s) - t0 ))s"
-fi
-TOK="$REPO/.bench/corpus/fineweb_1024_bpe.model"
+bench_shards "$DATA" || exit 1
+TOK=$BENCH_TOK
 LOGS="step:(50|100|150)/|val_bpb|Total submission|peak memory|model_params|trained|artifact:|attention"
 
 run_reference() {

@@ -7,21 +7,12 @@ OUT=${OUT:-$REPO/outputs/bench}
 DATA=${DATA:-/tmp/pgolf_bench/sp1024}
 STEPS=${STEPS:-300}
 mkdir -p "$OUT" "$DATA"
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-if [ -d "$REPO/.whl" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$REPO"/.whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$REPO
-fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
+source "$REPO/bench/common.sh"
+bench_env || exit 1
+bench_device_info "$OUT/gpu.txt"
 
-if [ ! -f "$DATA/fineweb_val_000000.bin" ]; then
-  t0=$(date +%s)
-  python3 "$REPO/.bench/make_shards.py" "$REPO/.bench/corpus/fineweb_1024_bpe.model" "$DATA" \
-    --train "$REPO/.bench/corpus/docs_train.jsonl.xz" --val "$REPO/.bench/corpus/docs_val.jsonl.xz"
-  echo "shards: $(( $(date +%s) - t0 ))s"
-fi
-TOK="$REPO/.bench/corpus/fineweb_1024_bpe.model"
+bench_shards "$DATA" || exit 1
+TOK=$BENCH_TOK
 
 run_reference() {
   mkdir -p /tmp/pgolf_bench/ref && cd /tmp/pgolf_bench/ref || return 1

@@ -12,11 +12,8 @@ TOK=${TOK:-$REPO/.bench/corpus/fineweb_1024_bpe.model}
 STEPS=${STEPS:-150}
 SEEDS=${SEEDS:-1337,42,2025}
 SWEEP=${SWEEP:-$REPO/outputs/sweeps/seeds_$(date +%Y-%m-%d_%H-%M-%S)}
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-if [ -d "$REPO/.whl" ]; then  # offline GPU machines: the wheels the project carries
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$REPO"/.whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$REPO
-fi
+source "$REPO/bench/common.sh"
+bench_env || exit 1
 mkdir -p "$DATA" "$(dirname "$SWEEP")"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 NGPU=$(nvidia-smi -L | wc -l)
@@ -25,10 +22,7 @@ if [ "$NGPU" -lt 2 ]; then
   exit 2
 fi
 
-if [ ! -f "$DATA/fineweb_val_000000.bin" ]; then
-  python3 "$REPO/.bench/make_shards.py" "$TOK" "$DATA" \
-    --train "$REPO/.bench/corpus/docs_train.jsonl.xz" --val "$REPO/.bench/corpus/docs_val.jsonl.xz" || exit 1
-fi
+bench_shards "$DATA" || exit 1
 
 if python3 -c "import hydra_plugins.hydra_joblib_launcher" 2>/dev/null; then
   LAUNCH=(launcher=gpus hardware=gpu hardware.nproc_per_node=1)

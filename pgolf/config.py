@@ -66,13 +66,9 @@ class CheckpointConfig:
 
 
 @dataclass
-class JobConfig:
-    data: Any
-    model: Any
-    optimizer: Any
-    quant: Any
-    ttt: Any
-    hardware: Any
+class RootSettings:
+    """The root keys beside the groups; validated on their own before the groups are attached."""
+
     seed: int = 1337
     label: str = ""
     job_dir: str = ""
@@ -80,6 +76,18 @@ class JobConfig:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+@dataclass(kw_only=True)
+class JobConfig(RootSettings):
+    """A whole run: the root settings plus one validated schema instance per config group."""
+
+    data: Any
+    model: Any
+    optimizer: Any
+    quant: Any
+    ttt: Any
+    hardware: Any
 
 
 # Root keys that the Hydra parent consumes (resume a job, GPU slots, the sweep report); they never
@@ -198,21 +206,10 @@ def job_config_from_dict(data: dict[str, Any]) -> JobConfig:
             )
         entry = REGISTRIES[group].get(node["name"])
         groups[group] = from_dict(entry.schema, node, group)
-    rest = from_dict(_RootRest, data, "config")
-    job = JobConfig(**groups, **{f.name: getattr(rest, f.name) for f in dataclasses.fields(_RootRest)})
+    root = from_dict(RootSettings, data, "config")
+    job = JobConfig(**groups, **{f.name: getattr(root, f.name) for f in dataclasses.fields(RootSettings)})
     check_compatibility(job)
     return job
-
-
-@dataclass
-class _RootRest:
-    seed: int = 1337
-    label: str = ""
-    job_dir: str = ""
-    train: TrainConfig = field(default_factory=TrainConfig)
-    budget: BudgetConfig = field(default_factory=BudgetConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 # Keys that do not change what a run computes: excluded from the seed-free config hash, so all

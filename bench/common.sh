@@ -1,0 +1,33 @@
+# Shared set-up of the GPU bench scripts; `source "$REPO/bench/common.sh"` after setting REPO.
+# GPU machines here are offline: Python packages arrive as wheels in .whl/, data in .bench/.
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+BENCH_TOK="$REPO/.bench/corpus/fineweb_1024_bpe.model"
+
+# bench_env [EXTRA_PYTHONPATH]: install the carried wheels (if any) and set PYTHONPATH.
+bench_env() {
+  local path="$REPO${1:+:$1}"
+  if [ -d "$REPO/.whl" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      "$REPO"/.whl/*.whl || return 1
+    path="/tmp/site:$path"
+  fi
+  export PYTHONPATH=$path
+}
+
+# bench_device_info FILE: GPU name, memory, driver and torch version, to FILE and stdout.
+bench_device_info() {
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$1"
+  python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$1"
+}
+
+# bench_shards DIR: the shared corpus as sp1024 challenge shards in DIR (once).
+bench_shards() {
+  if [ ! -f "$1/fineweb_val_000000.bin" ]; then
+    mkdir -p "$1"
+    local t0
+    t0=$(date +%s)
+    python3 "$REPO/.bench/make_shards.py" "$BENCH_TOK" "$1" \
+      --train "$REPO/.bench/corpus/docs_train.jsonl.xz" --val "$REPO/.bench/corpus/docs_val.jsonl.xz" || return 1
+    echo "shards: $(( $(date +%s) - t0 ))s"
+  fi
+}
