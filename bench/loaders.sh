@@ -7,7 +7,7 @@ set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$REPO/outputs/bench/loaders}
 DATA=${DATA:-/tmp/pgolf_bench/sp1024}
-STEPS=${STEPS:-60}
+STEPS=${STEPS:-40}
 PREFETCH=${PREFETCH:-4}
 mkdir -p "$OUT" "$DATA"
 source "$REPO/bench/common.sh"
