@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -98,5 +97,4 @@ __all__ = [
     "exclusive_self_attention",
     "sdpa_reference",
     "select_backend",
-    "torch",
 ]

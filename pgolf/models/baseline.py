@@ -12,7 +12,15 @@ from torch import Tensor, nn
 
 from pgolf.models.attention import causal_attention
 from pgolf.models.config import BaselineModelConfig
-from pgolf.models.layers import CastedLinear, apply_rotary, is_control, rms_norm, rotary_tables
+from pgolf.models.layers import (
+    CastedLinear,
+    apply_rotary,
+    is_control,
+    mean_cross_entropy,
+    rms_norm,
+    rotary_tables,
+    token_cross_entropy,
+)
 
 
 class Attention(nn.Module):
@@ -114,14 +122,11 @@ class BaselineGPT(nn.Module):
 
     def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
         """Mean next-token cross-entropy (fp32 softmax over the soft-capped logits)."""
-        logits = self._logits(input_ids)
-        return F.cross_entropy(logits.float().flatten(0, 1), target_ids.flatten(), reduction="mean")
+        return mean_cross_entropy(self._logits(input_ids), target_ids)
 
     def token_nll(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
         """Per-token NLL in fp32, shape (B, T): what evaluation sums for val_loss and val_bpb."""
-        logits = self._logits(input_ids)
-        nll = F.cross_entropy(logits.float().flatten(0, 1), target_ids.flatten(), reduction="none")
-        return nll.view_as(target_ids)
+        return token_cross_entropy(self._logits(input_ids), target_ids)
 
     def param_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """Parameters by optimizer role: the model says which is which, optimizers do not guess."""

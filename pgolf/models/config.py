@@ -8,6 +8,16 @@ from typing import ClassVar, Literal
 from pgolf.registry import ConfigError
 
 
+def check_heads(path: str, model_dim: int, num_heads: int, num_kv_heads: int) -> None:
+    """Heads must split the width evenly, and query heads must group evenly over KV heads (GQA)."""
+    if model_dim % num_heads:
+        raise ConfigError(f"{path}.model_dim={model_dim} must be divisible by {path}.num_heads={num_heads}")
+    if num_heads % num_kv_heads:
+        raise ConfigError(
+            f"{path}.num_heads={num_heads} must be divisible by {path}.num_kv_heads={num_kv_heads}"
+        )
+
+
 @dataclass
 class BaselineModelConfig:
     """The challenge's naive baseline GPT (TECHNIQUES §2.1); every field is its env-var lower-cased."""
@@ -26,14 +36,7 @@ class BaselineModelConfig:
     qk_gain_init: float = 1.5
 
     def validate(self, path: str) -> None:
-        if self.model_dim % self.num_heads:
-            raise ConfigError(
-                f"{path}.model_dim={self.model_dim} must be divisible by {path}.num_heads={self.num_heads}"
-            )
-        if self.num_heads % self.num_kv_heads:
-            raise ConfigError(
-                f"{path}.num_heads={self.num_heads} must be divisible by {path}.num_kv_heads={self.num_kv_heads}"
-            )
+        check_heads(path, self.model_dim, self.num_heads, self.num_kv_heads)
         if (self.model_dim // self.num_heads) % 2:
             raise ConfigError(f"{path}: head_dim = model_dim/num_heads must be even for RoPE")
         if self.logit_softcap <= 0:
@@ -122,14 +125,7 @@ class GPTModelConfig:
         for key in ("num_layers", "model_dim", "num_heads", "num_kv_heads", "vocab_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{path}.{key} must be >= 1")
-        if self.model_dim % self.num_heads:
-            raise ConfigError(
-                f"{path}.model_dim={self.model_dim} must be divisible by {path}.num_heads={self.num_heads}"
-            )
-        if self.num_heads % self.num_kv_heads:
-            raise ConfigError(
-                f"{path}.num_heads={self.num_heads} must be divisible by {path}.num_kv_heads={self.num_kv_heads}"
-            )
+        check_heads(path, self.model_dim, self.num_heads, self.num_kv_heads)
         head_dim = self.model_dim // self.num_heads
         rope_dims = self.rope_dims or head_dim
         if self.rope_dims < 0 or rope_dims % 2 or rope_dims > head_dim:

@@ -23,7 +23,14 @@ from pgolf.models.banks import BANKS, bank_slots, rebank, unbank
 from pgolf.models.blocks import Block, LayerWeights
 from pgolf.models.config import GPTModelConfig
 from pgolf.models.embeddings import BigramHash, SmearGateV2, SmearGateV3, ValueEmbedding
-from pgolf.models.layers import CastedLinear, ntk_rope_base, rms_norm, rotary_tables
+from pgolf.models.layers import (
+    CastedLinear,
+    mean_cross_entropy,
+    ntk_rope_base,
+    rms_norm,
+    rotary_tables,
+    token_cross_entropy,
+)
 from pgolf.models.recurrence import layer_plan
 
 # Embedding tables share the token embedding's optimizer role (R0323: tok_emb, bigram and VE tables).
@@ -233,14 +240,11 @@ class GPT(nn.Module):
 
     def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
         """Mean next-token cross-entropy (fp32 softmax)."""
-        logits = self._logits(input_ids)
-        return F.cross_entropy(logits.float().flatten(0, 1), target_ids.flatten(), reduction="mean")
+        return mean_cross_entropy(self._logits(input_ids), target_ids)
 
     def token_nll(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
         """Per-token NLL in fp32, shape (B, T)."""
-        logits = self._logits(input_ids)
-        nll = F.cross_entropy(logits.float().flatten(0, 1), target_ids.flatten(), reduction="none")
-        return nll.view_as(target_ids)
+        return token_cross_entropy(self._logits(input_ids), target_ids)
 
     # ------------------------------------------------------------------------------ trainer hooks
     def param_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:

@@ -38,6 +38,17 @@ def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
+def mean_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean next-token cross-entropy with the softmax in fp32 (logits (B, T, V), targets (B, T))."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="mean")
+
+
+def token_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per-token NLL in fp32, shape (B, T): what evaluation sums for val_loss and val_bpb."""
+    nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    return nll.view_as(targets)
+
+
 class CastedLinear(nn.Linear):
     """Weights stay fp32 for the optimizer; the matmul runs in the activation dtype."""
 
