@@ -76,6 +76,7 @@ class RootSettings:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    init_from: str | None = None  # a state dict .pt loaded into the fresh model (pgolf.models.convert)
 
 
 @dataclass(kw_only=True)

@@ -135,6 +135,8 @@ class Trainer:
         torch.manual_seed(job.seed)
         np.random.seed(job.seed)
         self.model = self._fresh_model()
+        if job.init_from:  # before priming, which snapshots these weights and restores them after
+            self._load_init_from(job.init_from)
         n_params = sum(p.numel() for p in self.model.parameters())
         self.log(
             f"model:{job.model.name} params:{n_params:,} attention_backend:{backend} amp:{rt.amp_dtype} compile:{rt.compile}"
@@ -175,6 +177,16 @@ class Trainer:
             model = model.bfloat16()  # embeddings compute in bf16 ...
             restore_fp32_params(model)  # ... linear weights and control tensors stay fp32
         return model
+
+    def _load_init_from(self, path: str) -> None:
+        # Imported here: only runs that use it ship the converter in their code bytes.
+        from pgolf.models.convert import InitFromError, load_into
+
+        try:
+            layout = load_into(self.model, path, self.job.model.name)
+        except InitFromError as e:
+            raise TrainingError(str(e)) from e
+        self.log(f"init_from:{path} layout:{layout}")
 
     # ---------------------------------------------------------------------------------- steps
     def _train_step(self, step: int, elapsed_ms: float, cap_ms: float | None) -> torch.Tensor:
