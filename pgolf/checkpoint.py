@@ -3,7 +3,7 @@
 Layout, in the job folder:
 
     checkpoint/latest.json             {"step", "dir", "world_size", "fingerprint"}: the commit point
-    checkpoint/step_000120/rank0.pt    model, optimizer (Adam + this rank's Muon momentum),
+    checkpoint/step_000120/rank0.pt    model (canonical per-layer names), optimizer (Adam + this rank's Muon momentum),
     checkpoint/step_000120/rank1.pt    loader position, RNG states, step, training ms, loss history
 
 Every rank writes its own file (Muon momentum and the loader position are per rank) through a temp
@@ -86,6 +86,24 @@ def load_loader_state(loader: Any, state: dict[str, Any]) -> None:
     stream.pos = state["pos"]
 
 
+def model_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights under the canonical per-layer names (`export_state_dict`) where the model has
+    them, so a checkpoint of a banked model holds no 3-D bank and loads into a layered one too.
+    The banked export is views of the banks; torch.save writes each bank's storage once."""
+    export = getattr(model, "export_state_dict", None)
+    return export() if export is not None else model.state_dict()
+
+
+@torch.no_grad()
+def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Strict load of `model_weights` output, re-stacking banks where the model has them."""
+    load = getattr(model, "load_export_state_dict", None)
+    if load is not None:
+        load(state)
+    else:
+        model.load_state_dict(state, strict=True)
+
+
 def _save_atomic(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
@@ -134,7 +152,7 @@ class Checkpointer:
         step_dir = self.dir / f"step_{step:07d}"
         step_dir.mkdir(parents=True, exist_ok=True)
         state = {
-            "model": trainer.model.state_dict(),
+            "model": model_weights(trainer.model),
             "optimizer": trainer.opt.state_dict(),
             "loader": loader_state(trainer.loader),
             "rng": rng_state(trainer.rt.device),
@@ -182,8 +200,7 @@ class Checkpointer:
         state = torch.load(
             self.dir / meta["dir"] / f"rank{self.rank}.pt", map_location=device, weights_only=False
         )
-        with torch.no_grad():
-            trainer.model.load_state_dict(state["model"], strict=True)
+        load_model_weights(trainer.model, state["model"])
         trainer.opt.load_state_dict(state["optimizer"])
         load_loader_state(trainer.loader, state["loader"])
         set_rng_state(state["rng"], device)

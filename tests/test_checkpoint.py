@@ -205,3 +205,39 @@ def test_resume_refuses_other_overrides_and_unknown_dirs(tmp_path):
     proc = run_cli([f"resume={tmp_path / 'nope'}"], tmp_path, timeout=60)
     assert proc.returncode != 0 and "no config.json" in proc.stderr
     assert os.path.isdir(tmp_path)
+
+
+def test_banked_checkpoint_holds_canonical_names_and_loads_into_either_layout(tmp_path):
+    from pgolf.models.banks import BANKS
+    from pgolf.models.config import BankedGPTConfig, LayeredGPTConfig
+    from pgolf.models.gpt import GPT
+
+    shape = dict(vocab_size=64, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=2.0)
+    tr = _FakeTrainer()
+    torch.manual_seed(0)
+    tr.model = GPT(BankedGPTConfig(**shape), banked=True)
+    tr.opt = OptimizerBundle(tr.model, MuonConfig(), torch.device("cpu"), compile_ns=False)
+    tr.loader = _Loader(7)
+    _steps(tr.model, tr.opt, 0, 2)
+    ck = Checkpointer(CheckpointConfig(every_steps=1), tmp_path, 0, 1, "abc")
+    ck.save(tr, {"step": 2, "train_ms": 1.0, "stop_after": None, "losses": [], "step_host_ms": []})
+    saved = torch.load(tmp_path / "checkpoint" / "step_0000002" / "rank0.pt", weights_only=False)["model"]
+    layered = GPT(LayeredGPTConfig(**shape), banked=False)
+    assert list(saved) == list(layered.state_dict())  # the per-layer model's names, in its order
+    assert not set(BANKS) & set(saved) and all(v.ndim <= 2 for v in saved.values())
+
+    # resume into the banked model: exact weights and the same continuation
+    fresh = _FakeTrainer()
+    torch.manual_seed(1)
+    fresh.model = GPT(BankedGPTConfig(**shape), banked=True)
+    fresh.opt = OptimizerBundle(fresh.model, MuonConfig(), torch.device("cpu"), compile_ns=False)
+    fresh.loader = _Loader()
+    Checkpointer(CheckpointConfig(every_steps=1), tmp_path, 0, 1, "abc").restore(fresh)
+    _steps(tr.model, tr.opt, 2, 2)
+    _steps(fresh.model, fresh.opt, 2, 2)
+    for (name, a), b in zip(tr.model.state_dict().items(), fresh.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    # and the same weights load into the per-layer layout
+    layered.load_state_dict(saved, strict=True)
+    for k, v in layered.state_dict().items():
+        assert torch.equal(v, saved[k]), k

@@ -177,8 +177,12 @@ def test_r0409_final_model_lands_tensor_by_tensor(tmp_path, banked):
     assert_same_weights(dst, src)
     for i in range(L):
         w = dst.layer_weights(i)
-        assert torch.equal(w.q, rec[f"blocks.{i}.attn.c_q.weight"]) and torch.equal(w.o, rec[f"blocks.{i}.attn.proj.weight"])
-        assert torch.equal(w.v, rec[f"blocks.{i}.attn.c_v.weight"]) and torch.equal(w.down, rec[f"blocks.{i}.mlp.proj.weight"])
+        assert torch.equal(w.q, rec[f"blocks.{i}.attn.c_q.weight"]) and torch.equal(
+            w.o, rec[f"blocks.{i}.attn.proj.weight"]
+        )
+        assert torch.equal(w.v, rec[f"blocks.{i}.attn.c_v.weight"]) and torch.equal(
+            w.down, rec[f"blocks.{i}.mlp.proj.weight"]
+        )
     assert torch.equal(logits(dst), logits(src))
 
 
@@ -235,7 +239,9 @@ def test_error_missing_file(tmp_path):
 
 
 def test_error_not_a_state_dict(tmp_path):
-    with pytest.raises(InitFromError, match=r"t\.pt: expected a non-empty dict of name -> tensor, got Tensor"):
+    with pytest.raises(
+        InitFromError, match=r"t\.pt: expected a non-empty dict of name -> tensor, got Tensor"
+    ):
         load_into(model(R0323, True), _saved(tmp_path, torch.zeros(3), "t.pt"))
     with pytest.raises(InitFromError, match=r"not name -> tensor: step"):
         load_into(model(R0323, True), _saved(tmp_path, {"step": 3}))
@@ -256,13 +262,17 @@ def test_error_unknown_and_missing_names_are_listed(tmp_path):
 
 def test_error_shape_mismatch_names_the_tensor(tmp_path):
     src = model({**R0323, "vocab_size": 2 * V}, banked=True)
-    with pytest.raises(InitFromError, match=r"shapes differ: .*tok_emb\.weight file \(128, 64\) model \(64, 64\)"):
+    with pytest.raises(
+        InitFromError, match=r"shapes differ: .*tok_emb\.weight file \(128, 64\) model \(64, 64\)"
+    ):
         load_into(model(R0323, True), _saved(tmp_path, src.state_dict()))
 
 
 def test_error_banks_of_another_depth(tmp_path):
     src = model({**R0323, "num_layers": 3, "ve_layers": [1, 2]}, banked=True)
-    with pytest.raises(InitFromError, match=r"bank shapes do not fit model\.num_layers=4: qo_bank \(6, 64, 64\)"):
+    with pytest.raises(
+        InitFromError, match=r"bank shapes do not fit model\.num_layers=4: qo_bank \(6, 64, 64\)"
+    ):
         load_into(model(R0323, True), _saved(tmp_path, src.state_dict()))
     state = src.state_dict()
     del state["kv_bank"]
@@ -281,7 +291,9 @@ def test_error_banks_of_another_depth(tmp_path):
 )
 def test_error_record_features_pgolf_lacks(tmp_path, key, why):
     state = {**model(R0323, banked=True).state_dict(), key: torch.zeros(2)}
-    with pytest.raises(InitFromError, match=rf"w\.pt: tensors of features pgolf does not implement: {key}.*{why}"):
+    with pytest.raises(
+        InitFromError, match=rf"w\.pt: tensors of features pgolf does not implement: {key}.*{why}"
+    ):
         load_into(model(R0323, True), _saved(tmp_path, state))
 
 
@@ -327,7 +339,9 @@ def test_run_from_init_from_with_zero_steps(tmp_path, shard_dir, tokenizer_model
         "model": "banked", "model.num_layers": "3", "model.model_dim": "64", "model.num_heads": "2",
         "model.num_kv_heads": "1", "model.ve_layers": "[2]", "model.bigram_vocab_size": "64",
     }  # fmt: skip
-    src, _ = build_model("banked", ["data.vocab_size=400", *(f"{k}={v}" for k, v in shrink.items() if k != "model")])
+    src, _ = build_model(
+        "banked", ["data.vocab_size=400", *(f"{k}={v}" for k, v in shrink.items() if k != "model")]
+    )
     randomize(src, seed=5)
     torch.save(src.state_dict(), tmp_path / "init.pt")
 

@@ -97,9 +97,11 @@ class GPTModelConfig:
     resid_mix: bool = False  # learned per-channel mix of the stream with x0 before each block
     unet_skips: bool = False  # encoder outputs added back LIFO into the decoder
     skip_gates_enabled: bool = False  # sigmoid-gated (lerp) U-Net skips; needs unet_skips
-    parallel_residual: Literal["none", "gptj", "two_lane"] = "none"
+    # gptj (R0409), two_lane (concurrent reads, R0410+), two_lane_seq (R0331), split_lane (R0404/R0408)
+    parallel_residual: Literal["none", "gptj", "two_lane", "two_lane_seq", "split_lane"] = "none"
     parallel_start_layer: int = 7  # first physical layer of the parallel form
-    parallel_final_lane: Literal["mean", "attn", "mlp"] = "mean"  # two_lane: the hidden that leaves
+    # two-lane forms: the hidden that leaves; learned = lane_merge m*lane0 + (1-m)*lane1 (R0404)
+    parallel_final_lane: Literal["mean", "attn", "mlp", "learned"] = "mean"
     backout: bool = False  # subtract lambda * h_mid before the final norm (PR #339)
     backout_layer: int = -1  # h_mid = stream after this many executed layers (-1: the U-Net midpoint)
     backout_lambda_init: float = 0.2
@@ -165,6 +167,11 @@ class GPTModelConfig:
             raise ConfigError(f"{path}.skip_gates_enabled gates the U-Net skips; set {path}.unet_skips=true")
         if self.parallel_residual != "none" and not 0 <= self.parallel_start_layer < L:
             raise ConfigError(f"{path}.parallel_start_layer={self.parallel_start_layer} must be in [0, {L})")
+        if self.parallel_final_lane == "learned" and self.parallel_residual in ("none", "gptj"):
+            raise ConfigError(
+                f"{path}.parallel_final_lane=learned merges two lanes; set {path}.parallel_residual to "
+                "two_lane, two_lane_seq or split_lane"
+            )
         if self.bigram_vocab_size != 0 and (self.bigram_vocab_size < 2 or self.bigram_dim < 1):
             raise ConfigError(f"{path}.bigram_vocab_size must be 0 (off) or >= 2, with bigram_dim >= 1")
         if self.smear_bos_fix and self.smear_gate == "none":

@@ -75,7 +75,9 @@ def read_state(path: str | Path) -> dict[str, Tensor]:
     if isinstance(obj, Mapping) and "model" in obj and "optimizer" in obj:
         obj = obj["model"]  # a pgolf checkpoint (checkpoint/step_*/rank*.pt)
     if not isinstance(obj, Mapping) or not obj:
-        raise InitFromError(f"init_from={path}: expected a non-empty dict of name -> tensor, got {type(obj).__name__}")
+        raise InitFromError(
+            f"init_from={path}: expected a non-empty dict of name -> tensor, got {type(obj).__name__}"
+        )
     bad = [str(k) for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
     if bad:
         raise InitFromError(f"init_from={path}: entries that are not name -> tensor: {_listed(bad)}")
@@ -106,14 +108,18 @@ def _check_banks(state: dict[str, Tensor], num_layers: int, src: str) -> None:
         )
 
 
-def canonical_state(state: dict[str, Tensor], num_layers: int, src: str = "<state>") -> tuple[dict[str, Tensor], str]:
+def canonical_state(
+    state: dict[str, Tensor], num_layers: int, src: str = "<state>"
+) -> tuple[dict[str, Tensor], str]:
     """Any accepted layout -> canonical per-layer names; returns (state, description of the layout)."""
     state = _strip_prefixes(state)
     unsupported = sorted(
         f"{k} ({why})" for k in state for pat, why in RECORD_UNSUPPORTED.items() if re.search(pat, k)
     )
     if unsupported:
-        raise InitFromError(f"init_from={src}: tensors of features pgolf does not implement: {_listed(unsupported)}")
+        raise InitFromError(
+            f"init_from={src}: tensors of features pgolf does not implement: {_listed(unsupported)}"
+        )
     dropped = [k for k in state if any(re.search(p, k) for p in RECORD_DROPPED)]
     state = {k: v for k, v in state.items() if k not in dropped}
     note = f", dropped {len(dropped)} training-only record tensors (mtp_heads)" if dropped else ""
@@ -123,7 +129,9 @@ def canonical_state(state: dict[str, Tensor], num_layers: int, src: str = "<stat
     return state, "per-layer (pgolf export_state_dict, model=layered state_dict / 2026-04-09 record)" + note
 
 
-def _mismatch(src: str, model_name: str, have: dict[str, Tensor], want: dict[str, Tensor], layout: str) -> None:
+def _mismatch(
+    src: str, model_name: str, have: dict[str, Tensor], want: dict[str, Tensor], layout: str
+) -> None:
     extra = sorted(set(have) - set(want))
     missing = sorted(set(want) - set(have))
     shapes = sorted(
@@ -190,9 +198,13 @@ def main(argv: list[str] | None = None) -> int:
         "per-layer names, checked against the model it will initialize.",
     )
     p.add_argument("src", help="input state dict (.pt)")
-    p.add_argument("--model", required=True, help="model preset (conf/model/<name>.yaml), e.g. banked, sp8192_recur")
+    p.add_argument(
+        "--model", required=True, help="model preset (conf/model/<name>.yaml), e.g. banked, sp8192_recur"
+    )
     p.add_argument("--out", required=True, help="output .pt (canonical per-layer names; usable as init_from)")
-    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data.vocab_size=1024 model.num_layers=9")
+    p.add_argument(
+        "overrides", nargs="*", help="Hydra overrides, e.g. data.vocab_size=1024 model.num_layers=9"
+    )
     args = p.parse_intermixed_args(argv)
     model, name = build_model(args.model, args.overrides)
     try:

@@ -36,6 +36,7 @@ from pgolf.models.recurrence import layer_plan
 # Embedding tables share the token embedding's optimizer role (R0323: tok_emb, bigram and VE tables).
 EMBED_TABLES = ("tok_emb.weight", "bigram.embed.weight", "ve_shared.embed.weight")
 LOOP_OFF, LOOP_ON, STATIC = "loop_off", "loop_on", "static"
+LANE_FORMS = ("two_lane", "two_lane_seq", "split_lane")  # parallel residuals that carry two streams
 
 
 class GPT(nn.Module):
@@ -86,10 +87,20 @@ class GPT(nn.Module):
             self.mlp_up_bank = nn.Parameter(torch.empty(L, hidden, dim))
             self.mlp_down_bank = nn.Parameter(torch.empty(L, dim, hidden))
 
-        self.two_lane = cfg.parallel_residual == "two_lane"
-        if self.two_lane:  # per physical layer: resid lambdas (lane0, lane1), post lambdas [src, dst]
-            self.parallel_resid_lambdas = nn.Parameter(torch.full((L, 2), 1.1))
+        # Two-stream forms (TECHNIQUES §2.14): two_lane (concurrent, R0410+), two_lane_seq (R0331),
+        # split_lane (R0404/R0408). Per physical layer: resid lambdas (L, 2) and post lambdas
+        # (L, 2, 2) indexed [source sub-block (attn, mlp), destination lane (0, 1)].
+        self.lane_form = cfg.parallel_residual if cfg.parallel_residual in LANE_FORMS else None
+        self.two_lane = self.lane_form == "two_lane"
+        if self.lane_form in ("two_lane", "two_lane_seq"):
+            # concurrent: resid per lane, init 1.1; sequential: resid per sub-block step, init sqrt(1.1)
+            init = 1.1 if self.two_lane else math.sqrt(1.1)
+            self.parallel_resid_lambdas = nn.Parameter(torch.full((L, 2), init))
             self.parallel_post_lambdas = nn.Parameter(torch.ones(L, 2, 2))
+        # learned final merge m * lane0 + (1 - m) * lane1, m init 0.5 (R0404's lane_merge)
+        self.lane_merge = (
+            nn.Parameter(torch.tensor(0.5, dtype=torch.float32)) if cfg.parallel_final_lane == "learned" else None
+        )
         self.backout_lambda = (
             nn.Parameter(torch.tensor(cfg.backout_lambda_init, dtype=torch.float32)) if cfg.backout else None
         )
@@ -179,8 +190,45 @@ class GPT(nn.Module):
         p = self.parallel_post_lambdas[i].to(lane0.dtype)
         return r[0] * lane0 + p[0, 0] * a + p[1, 0] * m, r[1] * lane1 + p[0, 1] * a + p[1, 1] * m
 
+    def _two_lane_seq(
+        self, i: int, lanes: tuple[Tensor, Tensor], x0: Tensor, cos: Tensor, sin: Tensor, ve: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """Sequential two-lane block (R0331): attention reads resid-mix(lane0, x0) and writes both
+        lanes; then the MLP reads resid-mix(lane1, x0), which already holds this attention output,
+        and writes both lanes. The lanes themselves are never replaced by their mixed reads."""
+        lane0, lane1 = lanes
+        b, w = self.blocks[i], self.layer_weights(i)
+        r = self.parallel_resid_lambdas[i].to(lane0.dtype)
+        p = self.parallel_post_lambdas[i].to(lane0.dtype)
+        a = b.attn_branch(b.mix(lane0, x0), w, cos, sin, ve)
+        lane0, lane1 = r[0] * lane0 + p[0, 0] * a, r[0] * lane1 + p[0, 1] * a
+        m = b.mlp_branch(b.mix(lane1, x0), w)
+        return r[1] * lane0 + p[1, 0] * m, r[1] * lane1 + p[1, 1] * m
+
+    def _split_lane(
+        self, i: int, lanes: tuple[Tensor, Tensor], x0: Tensor, cos: Tensor, sin: Tensor, ve: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """Split lanes (R0404/R0408): the attention sub-block alone on lane0 (resid-mixed with x0, as
+        a sequential block does), the MLP sub-block alone on lane1; the lanes never exchange."""
+        lane0, lane1 = lanes
+        b, w = self.blocks[i], self.layer_weights(i)
+        h = b.mix(lane0, x0)
+        return h + b.attn_branch(h, w, cos, sin, ve), lane1 + b.mlp_branch(lane1, w)
+
+    def _lane_block(
+        self, i: int, lanes: tuple[Tensor, Tensor], x0: Tensor, cos: Tensor, sin: Tensor, ve: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        if self.lane_form == "two_lane_seq":
+            return self._two_lane_seq(i, lanes, x0, cos, sin, ve)
+        if self.lane_form == "split_lane":
+            return self._split_lane(i, lanes, x0, cos, sin, ve)
+        return self._two_lane(i, lanes, x0, cos, sin, ve)
+
     def _lane_out(self, lanes: tuple[Tensor, Tensor]) -> Tensor:
         mode = self.cfg.parallel_final_lane
+        if self.lane_merge is not None:
+            m = self.lane_merge.to(lanes[0].dtype)
+            return m * lanes[0] + (1 - m) * lanes[1]
         return lanes[0] if mode == "attn" else lanes[1] if mode == "mlp" else 0.5 * (lanes[0] + lanes[1])
 
     def _hidden(self, ids: Tensor) -> Tensor:
@@ -199,27 +247,39 @@ class GPT(nn.Module):
         encoder, decoder = (self.enc_loop, self.dec_loop) if looping else (self.enc_plain, self.dec_plain)
         backout_at = len(encoder) if self.cfg.backout_layer < 0 else self.cfg.backout_layer
         h_mid: Tensor | None = None
-        skips: list[Tensor] = []
-        for n, i in enumerate(encoder, start=1):
-            x = self.blocks[i](x, x0, self.layer_weights(i), cos, sin, ve(i))
-            if self.num_skips:
-                skips.append(x)
-            if n == backout_at:
-                h_mid = x
+        # Once the lanes have started they carry the stream to the end (with a looped plan whose
+        # physical order dips below the start again, the records would fall back to a stale x).
         lanes: tuple[Tensor, Tensor] | None = None
         start = self.cfg.parallel_start_layer
+        seq = self.lane_form == "two_lane_seq"
+        skips: list[Tensor | tuple[Tensor, Tensor]] = []
+        for n, i in enumerate(encoder, start=1):
+            if seq and (lanes is not None or i >= start):  # R0331's lanes may start in the encoder
+                lanes = self._lane_block(i, (x, x) if lanes is None else lanes, x0, cos, sin, ve(i))
+            else:
+                x = self.blocks[i](x, x0, self.layer_weights(i), cos, sin, ve(i))
+            if self.num_skips:
+                skips.append(x if lanes is None else lanes)  # a two-lane skip returns lane by lane
+            if n == backout_at:
+                h_mid = x if lanes is None else self._lane_out(lanes)
         for k, i in enumerate(decoder):
             skip = skips.pop() if k < self.num_skips and skips else None  # LIFO U-Net
-            if self.two_lane and lanes is None and i >= start:
+            if self.lane_form is not None and lanes is None and i >= start:
+                if self.lane_form == "split_lane" and skip is not None:
+                    x, skip = self._merge_skip(x, skip, k), None  # R0408: into the stream, then split
                 lanes = (x, x)  # from the first decoder layer at or past the start: two lanes
             if lanes is None:
                 if skip is not None:
                     x = self._merge_skip(x, skip, k)
                 x = self.blocks[i](x, x0, self.layer_weights(i), cos, sin, ve(i))
             else:
-                if skip is not None:  # skips go into the attention lane only
-                    lanes = (self._merge_skip(lanes[0], skip, k), lanes[1])
-                lanes = self._two_lane(i, lanes, x0, cos, sin, ve(i))
+                if skip is not None:
+                    if seq:  # R0331: into both lanes (each its own lane of a two-lane skip)
+                        s0, s1 = skip if isinstance(skip, tuple) else (skip, skip)
+                        lanes = (self._merge_skip(lanes[0], s0, k), self._merge_skip(lanes[1], s1, k))
+                    else:  # R0404/R0408/R0410+: into the attention lane only
+                        lanes = (self._merge_skip(lanes[0], skip, k), lanes[1])
+                lanes = self._lane_block(i, lanes, x0, cos, sin, ve(i))
             if len(encoder) + k + 1 == backout_at:
                 h_mid = x if lanes is None else self._lane_out(lanes)
         if lanes is not None:

@@ -24,6 +24,7 @@ CONTROL_PATTERNS = (
     "attn_gate",
     "parallel_post_lambdas",
     "parallel_resid_lambdas",
+    "lane_merge",
     "backout_lambda",
     "ve_layer_scales",
     "ve_shared.scale",
