@@ -99,7 +99,9 @@ class GPT(nn.Module):
             self.parallel_post_lambdas = nn.Parameter(torch.ones(L, 2, 2))
         # learned final merge m * lane0 + (1 - m) * lane1, m init 0.5 (R0404's lane_merge)
         self.lane_merge = (
-            nn.Parameter(torch.tensor(0.5, dtype=torch.float32)) if cfg.parallel_final_lane == "learned" else None
+            nn.Parameter(torch.tensor(0.5, dtype=torch.float32))
+            if cfg.parallel_final_lane == "learned"
+            else None
         )
         self.backout_lambda = (
             nn.Parameter(torch.tensor(cfg.backout_lambda_init, dtype=torch.float32)) if cfg.backout else None
