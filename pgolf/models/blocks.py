@@ -126,9 +126,17 @@ class MLP(nn.Module):
             self.proj = own_linear(hidden, cfg.model_dim)
         self.leaky = cfg.activation == "leaky_relu2"
         self.negative_slope = cfg.negative_slope
+        self.fused = None
+        if cfg.fused_mlp:  # imported only when on: the kernels ship only with runs that use them
+            from pgolf.models import kernels
+
+            kernels.require(["model.fused_mlp"])
+            self.fused = kernels.leaky_relu2
 
     def forward(self, x: Tensor, up: Tensor, down: Tensor) -> Tensor:
         h = F.linear(x, up.to(x.dtype))
+        if self.fused is not None:
+            return F.linear(self.fused(h, self.negative_slope if self.leaky else 0.0), down.to(x.dtype))
         h = F.leaky_relu(h, self.negative_slope) if self.leaky else torch.relu(h)
         return F.linear(h.square(), down.to(x.dtype))
 

@@ -122,6 +122,9 @@ class GPTModelConfig:
     loop_start: int = 0
     loop_end: int = 0
     enable_looping_at: float = 0.0  # training fraction at which the loops switch on (0: from the start)
+    # fused Triton kernels (pgolf.models.kernels; need Triton + CUDA, or TRITON_INTERPRET=1)
+    fused_mlp: bool = False  # the leaky_relu^2 / relu^2 activation, forward + backward
+    fused_ce: bool = False  # soft-capped cross entropy, forward + backward (needs logit_softcap > 0)
 
     def validate(self, path: str) -> None:
         for key in ("num_layers", "model_dim", "num_heads", "num_kv_heads", "vocab_size"):
@@ -143,6 +146,8 @@ class GPTModelConfig:
             raise ConfigError(f"{path}.mlp_mult={self.mlp_mult} gives an empty MLP")
         if self.logit_softcap < 0:
             raise ConfigError(f"{path}.logit_softcap={self.logit_softcap} must be >= 0 (0: off)")
+        if self.fused_ce and self.logit_softcap <= 0:
+            raise ConfigError(f"{path}.fused_ce fuses the soft-capped loss; set {path}.logit_softcap > 0")
         L = self.num_layers
         gates = [g for g in ATTN_GATES if getattr(self, g)]
         if len(gates) > 1:

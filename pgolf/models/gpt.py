@@ -110,6 +110,12 @@ class GPT(nn.Module):
         if self.lm_head is not None:
             self.lm_head._zero_init = True
         self._export_keys: list[str] | None = None
+        self._fused_ce = None
+        if cfg.fused_ce:
+            from pgolf.models import kernels
+
+            kernels.require(["model.fused_ce"])
+            self._fused_ce = kernels.softcap_cross_entropy
         if init:
             self._init_weights()
 
@@ -294,18 +300,25 @@ class GPT(nn.Module):
             x = x - self.backout_lambda.to(x.dtype) * h_mid
         return rms_norm(x)
 
-    def _logits(self, ids: Tensor) -> Tensor:
+    def _raw_logits(self, ids: Tensor) -> Tensor:
         x = self._hidden(ids)
-        logits = F.linear(x, self.tok_emb.weight) if self.lm_head is None else self.lm_head(x)
+        return F.linear(x, self.tok_emb.weight) if self.lm_head is None else self.lm_head(x)
+
+    def _logits(self, ids: Tensor) -> Tensor:
+        logits = self._raw_logits(ids)
         cap = self.cfg.logit_softcap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
     def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
         """Mean next-token cross-entropy (fp32 softmax)."""
+        if self._fused_ce is not None:
+            return self._fused_ce(self._raw_logits(input_ids), target_ids, self.cfg.logit_softcap).mean()
         return mean_cross_entropy(self._logits(input_ids), target_ids)
 
     def token_nll(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
         """Per-token NLL in fp32, shape (B, T)."""
+        if self._fused_ce is not None:
+            return self._fused_ce(self._raw_logits(input_ids), target_ids, self.cfg.logit_softcap)
         return token_cross_entropy(self._logits(input_ids), target_ids)
 
     # ------------------------------------------------------------------------------ trainer hooks
