@@ -266,7 +266,8 @@ class Trainer:
             if last or (t.val_every > 0 and step > 0 and step % t.val_every == 0):
                 rt.sync()
                 train_ms += 1000.0 * (time.perf_counter() - t0)
-                if last and hasattr(self.opt, "finish"):  # EMA/SWA weights: what pre_quant and the artifact see
+                # EMA/SWA weights go in now: they are what pre_quant and the artifact see
+                if last and hasattr(self.opt, "finish"):
                     note = self.opt.finish()
                     if note:
                         self.log(note)

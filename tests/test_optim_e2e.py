@@ -62,6 +62,8 @@ def test_ema_changes_what_is_evaluated_and_exported(tmp_path, shard_dir, tokeniz
     off, _ = _run(tmp_path, shard_dir, tokenizer_model, "off", **{"optimizer.ema_decay": "0"})
     on, _ = _run(tmp_path, shard_dir, tokenizer_model, "on", **{"optimizer.ema_decay": "0.5"})
     assert off["train_losses"] == on["train_losses"]  # averaging never touches the live training
-    assert on["metrics"]["pre_quant"]["val_loss"] != pytest.approx(off["metrics"]["pre_quant"]["val_loss"], rel=1e-4)
+    assert on["metrics"]["pre_quant"]["val_loss"] != pytest.approx(
+        off["metrics"]["pre_quant"]["val_loss"], rel=1e-4
+    )
     assert on["val_loss"] != pytest.approx(off["val_loss"], rel=1e-4)
     assert "averaging" not in off["optimizer"]

@@ -135,7 +135,9 @@ def test_decoupled_weight_decay_is_exact(bundle_cls):
 def test_wd_taper_scales_the_muon_decay():
     model = tiny_gpt()
     q0 = model.qo_bank.detach().clone()
-    cfg = MuonConfig(warmdown_iters=0, muon_wd=0.5, matrix_lr=0.1, wd_taper_start_frac=0.5, wd_taper_final_mult=0.5)
+    cfg = MuonConfig(
+        warmdown_iters=0, muon_wd=0.5, matrix_lr=0.1, wd_taper_start_frac=0.5, wd_taper_final_mult=0.5
+    )
     bundle = OptimizerBundle(model, cfg, torch.device("cpu"), False)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
@@ -167,7 +169,12 @@ def test_r0323_time_based_warmdown():
     cfg = MuonConfig(warmdown_iters=3500)
     cap, step_ms = 600_000.0, 83.3
     start_ms = cap - 3500 * step_ms
-    for elapsed, expected in [(start_ms - 1000, 1.0), (start_ms, 1.0), (cap - 1750 * step_ms, 0.5), (cap, 0.0)]:
+    for elapsed, expected in [
+        (start_ms - 1000, 1.0),
+        (start_ms, 1.0),
+        (cap - 1750 * step_ms, 0.5),
+        (cap, 0.0),
+    ]:
         step = round(elapsed / step_ms)
         got = lr_scale(cfg, step, step * step_ms, 9000, cap)
         assert got == pytest.approx(expected, abs=2e-3), elapsed
@@ -218,7 +225,9 @@ def test_swa_is_applied_exactly_as_specified():
     assert bundle.averager.count == 2 and bundle.averager.first_step == 4
     assert "swa" in bundle.finish()
     for n, p in model.named_parameters():
-        torch.testing.assert_close(p, ((hist[4][n] + hist[6][n]) / 2).to(p.dtype), rtol=1e-6, atol=1e-7, msg=n)
+        torch.testing.assert_close(
+            p, ((hist[4][n] + hist[6][n]) / 2).to(p.dtype), rtol=1e-6, atol=1e-7, msg=n
+        )
 
 
 def test_swa_without_snapshots_keeps_live_weights():
@@ -279,10 +288,18 @@ def test_late_qat_switch_takes_effect_under_compile(banked):
     # eager reference: a plain model holding the fake-quantized block matrices
     ref = tiny_gpt(banked)
     with torch.no_grad():
-        for name in ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank") if banked else [
-            n for n, p in ref.named_parameters() if n.startswith("blocks.") and p.ndim == 2 and "weight" in n
-            and any(k in n for k in ("c_q", "c_k", "c_v", "attn.proj", "mlp.fc", "mlp.proj"))
-        ]:
+        for name in (
+            ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
+            if banked
+            else [
+                n
+                for n, p in ref.named_parameters()
+                if n.startswith("blocks.")
+                and p.ndim == 2
+                and "weight" in n
+                and any(k in n for k in ("c_q", "c_k", "c_v", "attn.proj", "mlp.fc", "mlp.proj"))
+            ]
+        ):
             t = dict(ref.named_parameters())[name]
             t.copy_(fake_quant_rows(t))
     torch.testing.assert_close(on, ref(x[:, :-1], x[:, 1:]), rtol=1e-5, atol=1e-5)
@@ -316,6 +333,8 @@ def test_late_qat_on_a_model_without_support_is_refused():
     from pgolf.models.baseline import BaselineGPT
     from pgolf.models.config import BaselineModelConfig
 
-    model = BaselineGPT(BaselineModelConfig(vocab_size=V, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2))
+    model = BaselineGPT(
+        BaselineModelConfig(vocab_size=V, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2)
+    )
     with pytest.raises(ValueError, match="late_qat_threshold"):
         OptimizerBundle(model, MuonConfig(late_qat_threshold=0.15), torch.device("cpu"), False)

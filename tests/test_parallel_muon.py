@@ -44,7 +44,10 @@ def slot_grads(model: GPT, step: int) -> list[dict[str, torch.Tensor]]:
     (independent of the weights, so the comparison isolates the optimizer: with real backward
     passes, the last-bit differences would feed back into later gradients)."""
     g = torch.Generator().manual_seed(1000 + step)
-    return [{n: torch.randn(p.shape, generator=g) * 0.1 for n, p in model.named_parameters()} for _ in range(SLOTS)]
+    return [
+        {n: torch.randn(p.shape, generator=g) * 0.1 for n, p in model.named_parameters()}
+        for _ in range(SLOTS)
+    ]
 
 
 def train(
@@ -172,5 +175,7 @@ def test_parallel_muon_bundle_declares_its_own_grad_sync():
     model, _ = model_and_batches()
     bundle = ParallelMuonBundle(model, ParallelMuonConfig(), torch.device("cpu"), compile_ns=False)
     assert bundle.handles_grad_sync and not OptimizerBundle.handles_grad_sync
-    assert [b.p.numel() for b in bundle.muon.banks] == sorted((b.p.numel() for b in bundle.muon.banks), reverse=True)
+    assert [b.p.numel() for b in bundle.muon.banks] == sorted(
+        (b.p.numel() for b in bundle.muon.banks), reverse=True
+    )
     assert {id(p) for p in bundle.replicated}.isdisjoint(id(b.p) for b in bundle.muon.banks)

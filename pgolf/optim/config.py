@@ -69,7 +69,14 @@ class MuonConfig:
             raise ConfigError(f"{path}.min_lr={self.min_lr} must be in [0, 1]")
         if self.warmdown_iters < 0 or self.grad_clip_norm < 0:
             raise ConfigError(f"{path}.warmdown_iters and {path}.grad_clip_norm must be >= 0")
-        for key in ("muon_wd", "embed_wd", "scalar_wd", "head_wd", "late_qat_threshold", "wd_taper_final_mult"):
+        for key in (
+            "muon_wd",
+            "embed_wd",
+            "scalar_wd",
+            "head_wd",
+            "late_qat_threshold",
+            "wd_taper_final_mult",
+        ):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{path}.{key}={getattr(self, key)} must be >= 0")
         if not 0.0 <= self.wd_taper_start_frac <= 1.0:

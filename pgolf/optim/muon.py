@@ -243,7 +243,9 @@ class OptimizerBundle:
                     f"support (model=banked, layered, sp8192_recur); {type(model).__name__} has none: set it to 0"
                 )
             model.enable_late_qat()  # before the first trace: the fake-quant path is in the graph
-        self.timer = OptimizerTimer(cfg.timing_steps) if cfg.timing_steps > 0 and device.type == "cuda" else None
+        self.timer = (
+            OptimizerTimer(cfg.timing_steps) if cfg.timing_steps > 0 and device.type == "cuda" else None
+        )
 
     def _build_muon(self, matrices: list[nn.Parameter], compile_ns: bool):
         return Muon(matrices, self.cfg, compile_ns=compile_ns)

@@ -80,7 +80,9 @@ class ParallelMuon:
         self._rs = []
         for b in self.banks:
             b.padded_grad[: b.B].copy_(b.p.grad)
-            self._rs.append(dist.reduce_scatter_tensor(b.shard, b.padded_grad, op=dist.ReduceOp.AVG, async_op=True))
+            self._rs.append(
+                dist.reduce_scatter_tensor(b.shard, b.padded_grad, op=dist.ReduceOp.AVG, async_op=True)
+            )
 
     def _wait(self, handle) -> None:
         if self.timer is not None:
@@ -125,7 +127,9 @@ class ParallelMuon:
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         if sorted(state) != sorted(str(i) for i in range(len(self.banks))):
-            raise ValueError(f"parallel_muon momentum has keys {sorted(state)}, expected {len(self.banks)} banks")
+            raise ValueError(
+                f"parallel_muon momentum has keys {sorted(state)}, expected {len(self.banks)} banks"
+            )
         for i, b in enumerate(self.banks):
             v = state[str(i)]
             if tuple(v.shape) != tuple(b.mom.shape):
