@@ -338,3 +338,17 @@ def test_late_qat_on_a_model_without_support_is_refused():
     )
     with pytest.raises(ValueError, match="late_qat_threshold"):
         OptimizerBundle(model, MuonConfig(late_qat_threshold=0.15), torch.device("cpu"), False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="optimizer timing uses CUDA events")
+def test_optimizer_timing_on_cuda():
+    model = tiny_gpt().cuda()
+    bundle = ParallelMuonBundle(model, ParallelMuonConfig(timing_steps=3), torch.device("cuda"), False)
+    for step in range(15):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) * 0.1
+        bundle.step(step, 0.0, 100, None)
+    t = bundle.report()["timing"]
+    assert t["steps"] == 3 and t["optimizer_ms_median"] > 0 and t["exposed_comm_ms_median"] == 0.0
+    bundle.reset_state()
+    assert bundle.report()["timing"] == {"steps": 0}
