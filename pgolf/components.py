@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from pgolf.data.config import EmbeddedDataConfig, ShardDataConfig
 from pgolf.hw.config import AutoHardwareConfig, CpuHardwareConfig, CudaHardwareConfig
 from pgolf.models.config import BankedGPTConfig, BaselineModelConfig, LayeredGPTConfig
-from pgolf.optim.config import MuonConfig
+from pgolf.optim.config import MuonConfig, ParallelMuonConfig
 from pgolf.quant.config import Int8ZlibConfig
 from pgolf.registry import ConfigError, Registry
 from pgolf.ttt.config import NoTTTConfig
@@ -30,6 +30,9 @@ MODELS.register("layered", LayeredGPTConfig, "pgolf.models.gpt:build", provides=
 
 OPTIMIZERS = Registry("optimizer")
 OPTIMIZERS.register("muon", MuonConfig, "pgolf.optim.muon:build", requires=("matrices",))
+OPTIMIZERS.register(
+    "parallel_muon", ParallelMuonConfig, "pgolf.optim.parallel_muon:build", requires=("matrices", "banks")
+)
 
 QUANT = Registry("quant")
 QUANT.register("int8_zlib", Int8ZlibConfig, "pgolf.quant.int8:build")

@@ -143,12 +143,14 @@ class Trainer:
         )
         self.result.update(params=n_params, attention_backend=backend, grad_accum=self.grad_accum)
         compiled = torch.compile(self.model, dynamic=False, fullgraph=True) if rt.compile else self.model
-        if rt.distributed:
+        self.opt = OPTIMIZERS.build(job.optimizer, model=self.model, device=rt.device, compile_ns=rt.compile)
+        # An optimizer that averages gradients itself (parallel_muon: reduce-scatter of the banks)
+        # must not get DDP's all-reduce on top, which would communicate every bank twice.
+        if rt.distributed and not getattr(self.opt, "handles_grad_sync", False):
             ids = [rt.local_rank] if rt.device.type == "cuda" else None
             self.train_model = DDP(compiled, device_ids=ids, broadcast_buffers=False)
         else:
             self.train_model = compiled
-        self.opt = OPTIMIZERS.build(job.optimizer, model=self.model, device=rt.device, compile_ns=rt.compile)
         self.quant = QUANT.build(job.quant)
         self.ttt = TTT.build(job.ttt)
         self.eval_nll = (
@@ -195,7 +197,7 @@ class Trainer:
         self.opt.zero_grad()
         loss_sum = torch.zeros((), device=rt.device)
         for micro in range(self.grad_accum):
-            if rt.distributed:
+            if isinstance(self.train_model, DDP):
                 self.train_model.require_backward_grad_sync = micro == self.grad_accum - 1
             x, y = self.loader.next_batch(t.batch_tokens, t.seq_len, self.grad_accum)
             with torch.autocast(rt.device.type, dtype=rt.amp_dtype, enabled=rt.amp_dtype != torch.float32):
@@ -276,6 +278,11 @@ class Trainer:
             if last or (t.val_every > 0 and step > 0 and step % t.val_every == 0):
                 rt.sync()
                 train_ms += 1000.0 * (time.perf_counter() - t0)
+                # EMA/SWA weights go in now: they are what pre_quant and the artifact see
+                if last and hasattr(self.opt, "finish"):
+                    note = self.opt.finish()
+                    if note:
+                        self.log(note)
                 res = self._validate()
                 self.log(
                     f"step:{step}/{iterations} val_loss:{res.val_loss:.4f} val_bpb:{res.val_bpb:.4f} train_time:{train_ms:.0f}ms"
@@ -371,6 +378,8 @@ class Trainer:
             peak_memory_bytes=peak,
             stopped_by="wallclock" if stop_after is not None and step < iterations else "iterations",
         )
+        if hasattr(self.opt, "report"):  # late-QAT start, averaging, optional optimizer timing
+            self.result["optimizer"] = self.opt.report()
         self.log(
             f"trained {step} steps in {train_ms / 1000:.1f}s, median {self.result['ms_per_step']:.2f}ms/step, "
             f"peak memory {peak / 2**20:.0f} MiB"

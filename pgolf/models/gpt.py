@@ -32,6 +32,7 @@ from pgolf.models.layers import (
     token_cross_entropy,
 )
 from pgolf.models.recurrence import layer_plan
+from pgolf.quant.qat import qat_weight
 
 # Embedding tables share the token embedding's optimizer role (R0323: tok_emb, bigram and VE tables).
 EMBED_TABLES = ("tok_emb.weight", "bigram.embed.weight", "ve_shared.embed.weight")
@@ -49,6 +50,10 @@ class GPT(nn.Module):
         hidden = int(cfg.mlp_mult * dim)
         self.num_layers = L
         self.rope_dims = cfg.rope_dims or head_dim
+        # Late QAT (TECHNIQUES §2.7), enabled by the optimizer before the first trace; the on/off
+        # switch is this tensor, so it takes effect inside the compiled graph.
+        self.qat_enabled = False
+        self.register_buffer("qat_blend", torch.zeros(()), persistent=False)
 
         self.tok_emb = nn.Embedding(V, dim)
         self.bigram = (
@@ -120,7 +125,18 @@ class GPT(nn.Module):
             self._init_weights()
 
     # ------------------------------------------------------------------------------ weights
+    def enable_late_qat(self) -> None:
+        """Put int6 STE fake-quant of the six block matrices into the training forward, gated by
+        `qat_blend` (0: exact weights, 1: quantized forward); eval forwards never fake-quantize."""
+        self.qat_enabled = True
+
     def layer_weights(self, i: int) -> LayerWeights:
+        w = self._layer_weights(i)
+        if self.qat_enabled and self.training:
+            return LayerWeights(*(qat_weight(t, self.qat_blend) for t in w))
+        return w
+
+    def _layer_weights(self, i: int) -> LayerWeights:
         if self.banked:
             n = self.num_layers
             return LayerWeights(

@@ -6,10 +6,16 @@ from dataclasses import dataclass
 
 from pgolf.registry import ConfigError
 
+NS_COEFFS = ("quintic", "polar_express")
+
 
 @dataclass
 class MuonConfig:
-    """Muon (Newton-Schulz) for block matrices + Adam for embeddings and scalars (TECHNIQUES §2.2-2.5)."""
+    """Muon (Newton-Schulz) for block matrices + AdamW for embeddings and scalars (TECHNIQUES §2.2-2.7).
+
+    Every variant is a switch; the defaults are the challenge baseline (no weight decay, no
+    averaging, no QAT). `conf/optimizer/muon_r0323.yaml` / `muon_r0409.yaml` hold the records.
+    """
 
     name: str = "muon"
     matrix_lr: float = 0.04
@@ -22,22 +28,83 @@ class MuonConfig:
     muon_momentum_warmup_steps: int = 500
     muon_backend_steps: int = 5
     muon_nesterov: bool = True
+    # Newton-Schulz coefficients: the fixed quintic (3.4445, -4.7750, 2.0315) or the per-iteration
+    # Polar Express table (PR #1344; more than 5 steps reuse only the 5 tuples, as the record does).
+    ns_coeffs: str = "quintic"
+    row_normalize: bool = False  # MuonEq-R: unit-L2 rows of the Nesterov update before NS (R0403+)
+    muon_wd: float = 0.0  # decoupled: p <- p * (1 - lr * wd) before the update
+    # WD taper (R0418): multiplier 1 until this training fraction, then linear to final_mult at 1.
+    wd_taper_start_frac: float = 1.0
+    wd_taper_final_mult: float = 1.0
     beta1: float = 0.9
     beta2: float = 0.95
     adam_eps: float = 1e-8
+    embed_wd: float = 0.0  # AdamW decoupled weight decay of the token/bigram/VE tables
+    scalar_wd: float = 0.0  # ... of control tensors, gates and small projections
+    head_wd: float = 0.0  # ... of an untied lm_head
     grad_clip_norm: float = 0.0
     # Schedule: iteration-count warmdown (baseline; measured in time under a wallclock budget),
     # or, when warmdown_frac > 0, warmdown over the last fraction of the budget with a floor.
     warmdown_iters: int = 1200
     warmdown_frac: float = 0.0
     min_lr: float = 0.0
+    # Weight averaging applied to the exported weights (TECHNIQUES §2.6); at most one of the two.
+    ema_decay: float = 0.0  # 0: off; else fp32 shadow, ema <- d*ema + (1-d)*theta after every step
+    swa_every: int = 0  # 0: off; else a snapshot every N steps while lr scale < swa_threshold
+    swa_threshold: float = 0.2
+    # Late QAT (TECHNIQUES §2.7): int6 STE fake-quant of the block matrices once lr scale < threshold.
+    late_qat_threshold: float = 0.0
+    # Optimizer timing with CUDA events on this many steps (after 10 settling steps); 0: off, so
+    # the step stays free of host syncs. Results land in result.json["optimizer_timing"].
+    timing_steps: int = 0
 
     def validate(self, path: str) -> None:
         if self.muon_backend_steps < 1:
             raise ConfigError(f"{path}.muon_backend_steps must be >= 1")
+        if self.ns_coeffs not in NS_COEFFS:
+            raise ConfigError(f"{path}.ns_coeffs={self.ns_coeffs!r} must be one of {NS_COEFFS}")
         if not 0.0 <= self.warmdown_frac <= 1.0:
             raise ConfigError(f"{path}.warmdown_frac={self.warmdown_frac} must be in [0, 1]")
         if not 0.0 <= self.min_lr <= 1.0:
             raise ConfigError(f"{path}.min_lr={self.min_lr} must be in [0, 1]")
         if self.warmdown_iters < 0 or self.grad_clip_norm < 0:
             raise ConfigError(f"{path}.warmdown_iters and {path}.grad_clip_norm must be >= 0")
+        for key in (
+            "muon_wd",
+            "embed_wd",
+            "scalar_wd",
+            "head_wd",
+            "late_qat_threshold",
+            "wd_taper_final_mult",
+        ):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{path}.{key}={getattr(self, key)} must be >= 0")
+        if not 0.0 <= self.wd_taper_start_frac <= 1.0:
+            raise ConfigError(f"{path}.wd_taper_start_frac={self.wd_taper_start_frac} must be in [0, 1]")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"{path}.ema_decay={self.ema_decay} must be in [0, 1) (0 turns EMA off)")
+        if self.swa_every < 0 or self.timing_steps < 0:
+            raise ConfigError(f"{path}.swa_every and {path}.timing_steps must be >= 0")
+        if self.ema_decay > 0 and self.swa_every > 0:
+            raise ConfigError(
+                f"{path}: ema_decay and swa_every are both on; the exported weights can be one average, "
+                "so set one of them to 0 (R0323 logged SWA but exported only the EMA: use ema_decay)"
+            )
+
+
+@dataclass
+class ParallelMuonConfig(MuonConfig):
+    """Parallel Muon over parameter banks (TECHNIQUES §2.4): reduce-scatter -> sharded NS -> all-gather.
+
+    The optimizer does all gradient communication itself (no DDP): banks by reduce-scatter,
+    replicated parameters by one packed all-reduce of every gradient up to `pack_max_numel`
+    elements (larger ones, the token embedding, get their own async all-reduce).
+    """
+
+    name: str = "parallel_muon"
+    pack_max_numel: int = 32768
+
+    def validate(self, path: str) -> None:
+        super().validate(path)
+        if self.pack_max_numel < 0:
+            raise ConfigError(f"{path}.pack_max_numel must be >= 0")

@@ -19,25 +19,75 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from pgolf.optim.averaging import WeightAverager
 from pgolf.optim.config import MuonConfig
-from pgolf.optim.schedules import lr_scale, muon_momentum
+from pgolf.optim.schedules import lr_scale, muon_momentum, training_frac, wd_mult
+from pgolf.optim.timing import OptimizerTimer
 
 QUINTIC = (3.4445, -4.7750, 2.0315)
+# Polar Express (PR #1344 -> R0423, R0427A): one (a, b, c) per iteration (TECHNIQUES §2.2).
+POLAR_EXPRESS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
 
 
-def newton_schulz(G: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
-    """Orthogonalize a batch of matrices (..., m, n) with the quintic Newton-Schulz iteration, in bf16."""
-    a, b, c = QUINTIC
+def ns_schedule(name: str, steps: int) -> tuple[tuple[float, float, float], ...]:
+    """The (a, b, c) of each iteration: `steps` x the quintic, or the Polar Express table sliced
+    to `steps` (asking for more than 5 gives 5 iterations, as the record's slicing does)."""
+    if name == "quintic":
+        return (QUINTIC,) * steps
+    if name == "polar_express":
+        return POLAR_EXPRESS[:steps]
+    raise ValueError(f"unknown optimizer.ns_coeffs {name!r}; use quintic or polar_express")
+
+
+def newton_schulz(
+    G: Tensor, steps: int, eps: float = 1e-7, coeffs: tuple[tuple[float, float, float], ...] | None = None
+) -> Tensor:
+    """Orthogonalize a batch of matrices (..., m, n) with the Newton-Schulz iteration, in bf16.
+
+    Each matrix is normalized by its own Frobenius norm; `coeffs` (one (a, b, c) per iteration)
+    defaults to `steps` x the fixed quintic.
+    """
     X = G.bfloat16()
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
     tall = G.size(-2) > G.size(-1)
     if tall:
         X = X.mT
-    for _ in range(steps):
+    for a, b, c in coeffs if coeffs is not None else (QUINTIC,) * steps:
         A = X @ X.mT
         B = b * A + c * A @ A
         X = a * X + B @ X
     return X.mT if tall else X
+
+
+def make_ns(cfg: MuonConfig, compile_ns: bool):
+    """The configured Newton-Schulz as a one-argument function (compiled once per shape)."""
+    steps = cfg.muon_backend_steps
+    fn = torch.compile(newton_schulz, fullgraph=True, dynamic=False) if compile_ns else newton_schulz
+    if cfg.ns_coeffs == "quintic":
+        return lambda G: fn(G, steps)
+    coeffs = ns_schedule(cfg.ns_coeffs, steps)
+    return lambda G: fn(G, len(coeffs), coeffs=coeffs)
+
+
+def row_normalize(u: Tensor, eps: float = 1e-7) -> Tensor:
+    """MuonEq-R: every row (last dim) of every matrix scaled to unit L2 norm, norms in fp32."""
+    norms = u.float().norm(dim=-1, keepdim=True).clamp_min(eps)
+    return (u.float() / norms).to(u.dtype)
+
+
+def muon_update(grads: Tensor, buf: Tensor, momentum: float, cfg: MuonConfig, ns) -> Tensor:
+    """Momentum (in place on buf), Nesterov, optional MuonEq-R, then NS: the orthogonalized update."""
+    buf.mul_(momentum).add_(grads)
+    update = grads.add(buf, alpha=momentum) if cfg.muon_nesterov else buf
+    if cfg.row_normalize:
+        update = row_normalize(update)
+    return ns(update)
 
 
 class Muon:
@@ -70,11 +120,11 @@ class Muon:
             )
             self.whole_bank.append(p0 if whole else None)
         self.momentum_buffers: dict[int, Tensor] = {}
-        self.ns = torch.compile(newton_schulz, fullgraph=True, dynamic=False) if compile_ns else newton_schulz
+        self.ns = make_ns(cfg, compile_ns)
         self._flat: Tensor | None = None
 
     @torch.no_grad()
-    def step(self, lr: float, momentum: float) -> None:
+    def step(self, lr: float, momentum: float, wd: float = 0.0) -> None:
         world = self.world
         matrices = self.matrices
         if world > 1:
@@ -97,15 +147,17 @@ class Muon:
             buf = self.momentum_buffers.get(gi)
             if buf is None:
                 buf = self.momentum_buffers[gi] = torch.zeros_like(grads)
-            buf.mul_(momentum).add_(grads)
-            update = grads.add(buf, alpha=momentum) if self.cfg.muon_nesterov else buf
-            update = self.ns(update, self.cfg.muon_backend_steps)
+            update = muon_update(grads, buf, momentum, self.cfg, self.ns)
             rows, cols = grads.shape[-2:]
             update = update * max(1.0, rows / cols) ** 0.5
             if world == 1 and bank is not None:
+                if wd > 0:
+                    bank.mul_(1.0 - lr * wd)
                 bank.add_(update.to(grads.dtype), alpha=-lr)
             elif world == 1:
                 targets = [self._view(p, j) for p, j in (matrices[i] for i in mine)]
+                if wd > 0:
+                    torch._foreach_mul_(targets, 1.0 - lr * wd)
                 torch._foreach_add_(targets, list(update.to(grads.dtype).unbind(0)), alpha=-lr)
             else:
                 for k, i in enumerate(mine):
@@ -113,6 +165,9 @@ class Muon:
                     self._flat[offsets[i] : offsets[i] + n] = update[k].reshape(-1)
         if world > 1:
             dist.all_reduce(self._flat, op=dist.ReduceOp.SUM)
+            if wd > 0:
+                for p in self.params:
+                    p.mul_(1.0 - lr * wd)
             for (p, j), o in zip(matrices, offsets):
                 target = self._view(p, j)
                 target.add_(self._flat[o : o + target.numel()].view_as(target).to(p.dtype), alpha=-lr)
@@ -121,6 +176,9 @@ class Muon:
     def _view(t: Tensor, j: int | None) -> Tensor:
         """Matrix j of a bank (a view, so in-place updates reach the bank), or the 2-D tensor itself."""
         return t if j is None else t[j]
+
+    def reset_state(self) -> None:
+        self.momentum_buffers.clear()
 
     def state_dict(self) -> dict[str, Tensor]:
         """This rank's momentum buffers, keyed by shape group (each rank owns different matrices)."""
@@ -143,47 +201,105 @@ class Muon:
 
 
 class OptimizerBundle:
-    """All optimizers of a run behind one interface: the trainer calls `step(step, elapsed_ms)`."""
+    """All optimizers of a run behind one interface: the trainer calls `step(step, elapsed_ms, ...)`.
+
+    Per step: lr/momentum/WD schedules (host-side), optional global grad-norm clipping, AdamW on
+    the embed/head/scalar roles, Muon on the matrices, then the EMA/SWA shadow update and the late
+    QAT switch. `handles_grad_sync` tells the trainer whether gradients arrive already averaged
+    (False: the trainer wraps the model in DDP) or the optimizer communicates them itself.
+    """
+
+    handles_grad_sync = False
 
     def __init__(self, model: nn.Module, cfg: MuonConfig, device: torch.device, compile_ns: bool):
         self.cfg = cfg
+        self.model = model
         groups = model.param_groups()
         fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
         adam = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, **fused)
         tied = not groups["head"]
         self.base_lrs: list[tuple[torch.optim.Optimizer, float]] = []
         self.adams: list[torch.optim.Optimizer] = []
-        for role, lr in (
-            ("embed", cfg.tied_embed_lr if tied else cfg.embed_lr),
-            ("head", cfg.head_lr),
-            ("scalar", cfg.scalar_lr),
+        for role, lr, wd in (
+            ("embed", cfg.tied_embed_lr if tied else cfg.embed_lr, cfg.embed_wd),
+            ("head", cfg.head_lr, cfg.head_wd),
+            ("scalar", cfg.scalar_lr, cfg.scalar_wd),
         ):
             params = [p for _, p in groups[role]]
             if params:
-                opt = torch.optim.Adam([{"params": params, "lr": lr}], **adam)
+                # AdamW with weight_decay 0 is exactly Adam; WD is decoupled and scales with the lr.
+                opt = torch.optim.AdamW([{"params": params, "lr": lr, "weight_decay": wd}], **adam)
                 self.adams.append(opt)
                 self.base_lrs.append((opt, lr))
-        self.muon = Muon([p for _, p in groups["matrix"]], cfg, compile_ns=compile_ns)
+        self.muon = self._build_muon([p for _, p in groups["matrix"]], compile_ns)
         self.all_params = [p for ps in groups.values() for _, p in ps]
         self.last_lr_scale = 1.0
+        self.averager = WeightAverager(model, cfg) if cfg.ema_decay > 0 or cfg.swa_every > 0 else None
+        self.qat_step: int | None = None  # first step whose forward ran with fake-quant weights
+        if cfg.late_qat_threshold > 0:
+            if not hasattr(model, "enable_late_qat"):
+                raise ValueError(
+                    f"optimizer.late_qat_threshold={cfg.late_qat_threshold} needs a model with late QAT "
+                    f"support (model=banked, layered, sp8192_recur); {type(model).__name__} has none: set it to 0"
+                )
+            model.enable_late_qat()  # before the first trace: the fake-quant path is in the graph
+        self.timer = (
+            OptimizerTimer(cfg.timing_steps) if cfg.timing_steps > 0 and device.type == "cuda" else None
+        )
+
+    def _build_muon(self, matrices: list[nn.Parameter], compile_ns: bool):
+        return Muon(matrices, self.cfg, compile_ns=compile_ns)
 
     def step(self, step: int, elapsed_ms: float, iterations: int, cap_ms: float | None) -> None:
-        scale = lr_scale(self.cfg, step, elapsed_ms, iterations, cap_ms)
+        cfg = self.cfg
+        scale = lr_scale(cfg, step, elapsed_ms, iterations, cap_ms)
+        frac = training_frac(step, elapsed_ms, iterations, cap_ms)
         self.last_lr_scale = scale
-        if self.cfg.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.all_params, self.cfg.grad_clip_norm)
+        timing = self.timer is not None and self.timer.begin(step)
+        if cfg.grad_clip_norm > 0:
+            # Over the local gradients: before any communication when the optimizer does it itself
+            # (each rank clips its own, as R0323 does), after DDP's average otherwise.
+            torch.nn.utils.clip_grad_norm_(self.all_params, cfg.grad_clip_norm)
+        lr = cfg.matrix_lr * scale
+        self._step_all(scale, lr, muon_momentum(cfg, step), cfg.muon_wd * wd_mult(cfg, frac))
+        if timing:
+            self.timer.end()
+        if self.averager is not None:
+            self.averager.update(step, scale)
+        # Late QAT: a tensor flag read inside the compiled forward (a Python flag would be folded in
+        # at the first trace and never take effect, TECHNIQUES §2.7); the next forward sees it.
+        if cfg.late_qat_threshold > 0 and self.qat_step is None and scale < cfg.late_qat_threshold:
+            self.model.qat_blend.fill_(1.0)
+            self.qat_step = step + 1
+
+    def _step_all(self, scale: float, lr: float, momentum: float, wd: float) -> None:
         for opt, base in self.base_lrs:
             for g in opt.param_groups:
                 g["lr"] = base * scale
             opt.step()
-        self.muon.step(self.cfg.matrix_lr * scale, muon_momentum(self.cfg, step))
+        self.muon.step(lr, momentum, wd)
+
+    def finish(self) -> str | None:
+        """End of training: put the averaged weights (EMA or SWA) into the model; a line for the log."""
+        return self.averager.apply() if self.averager is not None else None
+
+    def report(self) -> dict:
+        """What result.json records about the optimizer run (timing, QAT start, averaging)."""
+        out: dict = {"late_qat_step": self.qat_step}
+        if self.averager is not None:
+            out["averaging"] = self.averager.summary()
+        if self.timer is not None:
+            out["timing"] = self.timer.summary()
+        return out
 
     def state_dict(self) -> dict:
-        """Adam moments and step counts plus this rank's Muon momentum: what a resume needs."""
+        """Adam moments and step counts, this rank's Muon momentum, averages: what a resume needs."""
         return {
             "adam": [opt.state_dict() for opt in self.adams],
             "muon": self.muon.state_dict(),
             "last_lr_scale": self.last_lr_scale,
+            "averager": self.averager.state_dict() if self.averager is not None else None,
+            "qat_step": self.qat_step,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -195,13 +311,26 @@ class OptimizerBundle:
             opt.load_state_dict(s)
         self.muon.load_state_dict(state["muon"])
         self.last_lr_scale = state["last_lr_scale"]
+        if self.averager is not None and state.get("averager") is not None:
+            self.averager.load_state_dict(state["averager"])
+        self.qat_step = state.get("qat_step")
+        if self.qat_step is not None:
+            self.model.qat_blend.fill_(1.0)
 
     def reset_state(self) -> None:
-        """Back to the freshly built state (empty moments), as after construction."""
+        """Back to the freshly built state (empty moments, QAT off, averages restarted from the
+        current weights), as after construction: what the trainer calls after compile priming."""
         for opt in self.adams:
             opt.state.clear()
-        self.muon.momentum_buffers.clear()
+        self.muon.reset_state()
         self.last_lr_scale = 1.0
+        if self.averager is not None:
+            self.averager.reset()
+        if self.qat_step is not None or self.cfg.late_qat_threshold > 0:
+            self.model.qat_blend.fill_(0.0)
+            self.qat_step = None
+        if self.timer is not None:
+            self.timer.reset()
 
     def zero_grad(self) -> None:
         for opt in self.adams:

@@ -1,8 +1,20 @@
-"""Learning-rate and momentum schedules, shared by the wallclock and steps budget modes."""
+"""Learning-rate, momentum and WD schedules, shared by the wallclock and steps budget modes.
+
+Every schedule is a function of the step and the training fraction, never of device state, so
+the host computes it without a sync.
+"""
 
 from __future__ import annotations
 
 from pgolf.optim.config import MuonConfig
+
+
+def training_frac(step: int, elapsed_ms: float, iterations: int, cap_ms: float | None) -> float:
+    """Fraction of the budget used before step `step`: time over the cap (wallclock) or steps over iterations.
+
+    cap_ms is already net of the quantization reserve (train_seconds - quant_reserve_seconds).
+    """
+    return elapsed_ms / cap_ms if cap_ms is not None else step / max(iterations, 1)
 
 
 def lr_scale(cfg: MuonConfig, step: int, elapsed_ms: float, iterations: int, cap_ms: float | None) -> float:
@@ -12,7 +24,7 @@ def lr_scale(cfg: MuonConfig, step: int, elapsed_ms: float, iterations: int, cap
     None in steps mode.
     """
     if cfg.warmdown_frac > 0:
-        frac = elapsed_ms / cap_ms if cap_ms is not None else step / max(iterations, 1)
+        frac = training_frac(step, elapsed_ms, iterations, cap_ms)
         if frac < 1.0 - cfg.warmdown_frac:
             return 1.0
         return max((1.0 - frac) / cfg.warmdown_frac, cfg.min_lr)
@@ -37,3 +49,12 @@ def muon_momentum(cfg: MuonConfig, step: int) -> float:
         return cfg.muon_momentum
     f = min(step / cfg.muon_momentum_warmup_steps, 1.0)
     return (1.0 - f) * cfg.muon_momentum_warmup_start + f * cfg.muon_momentum
+
+
+def wd_mult(cfg: MuonConfig, frac: float) -> float:
+    """Muon WD taper (R0418): 1 until wd_taper_start_frac, then linear to wd_taper_final_mult at frac 1."""
+    start = cfg.wd_taper_start_frac
+    if frac <= start or start >= 1.0:
+        return 1.0
+    t = min((frac - start) / (1.0 - start), 1.0)
+    return 1.0 + t * (cfg.wd_taper_final_mult - 1.0)
