@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 from pgolf.registry import ConfigError
 
@@ -21,3 +22,72 @@ class Int8ZlibConfig:
             raise ConfigError(f"{path}.clip_percentile must be in (0, 100]")
         if not 0 <= self.zlib_level <= 9:
             raise ConfigError(f"{path}.zlib_level must be in 0..9")
+
+
+@dataclass
+class GroupQuant:
+    """How one routing group of large matrices is quantized (TECHNIQUES §2.8)."""
+
+    bits: int = 6  # 2..8; codes are stored one per byte, the compressor removes the unused bits
+    clip: Literal["sdclip", "percentile", "search"] = "sdclip"
+    sigmas: float = 12.85  # sdclip: per-row step = sigmas * std(row) / (2**(bits-1) - 1)
+    percentile: float = 99.99984  # percentile: per-row clip at this quantile of |row|
+    gptq: bool = False  # full-Hessian GPTQ (needs calibration); else round to nearest
+
+    def validate(self, path: str) -> None:
+        if not 2 <= self.bits <= 8:
+            raise ConfigError(f"{path}.bits={self.bits} must be in 2..8")
+        if self.sigmas <= 0:
+            raise ConfigError(f"{path}.sigmas must be positive")
+        if not 0.0 < self.percentile <= 100.0:
+            raise ConfigError(f"{path}.percentile must be in (0, 100]")
+
+
+@dataclass
+class CalibrationConfig:
+    """Where GPTQ's Hessians come from: training batches drawn after training stops, inside the
+    budget.quant_reserve_seconds that the trainer takes off the training clock."""
+
+    batches: int = 64  # micro-batches of the training loader, split over the ranks
+    damp: float = 0.01  # added to diag(H): damp * mean(diag(H))
+    block_size: int = 128
+    act_order: bool = True  # process columns by descending diag(H)
+
+    def validate(self, path: str) -> None:
+        if self.batches < 1 or self.block_size < 1 or self.damp < 0:
+            raise ConfigError(f"{path}: batches >= 1, block_size >= 1 and damp >= 0 are required")
+
+
+@dataclass
+class MixedQuantConfig:
+    """Per-row int-N with name-based routing (embed | attn | mlp | other), GPTQ or round-to-nearest,
+    small tensors kept as float, one compressor over the packed payload."""
+
+    name: str = "mixed"
+    embed: GroupQuant = field(default_factory=lambda: GroupQuant(bits=8, sigmas=20.0))
+    attn: GroupQuant = field(default_factory=GroupQuant)
+    mlp: GroupQuant = field(default_factory=GroupQuant)
+    other: GroupQuant = field(default_factory=lambda: GroupQuant(bits=8, clip="percentile"))
+    keep_float_max_numel: int = 65_536  # float tensors up to this size ship as float
+    compressor: Literal["zlib", "zstd", "lzma", "brotli"] = "brotli"
+    level: int = 11  # zlib 0-9, zstd 1-22, lzma preset 0-9, brotli quality 0-11
+    byte_shuffle: bool = True  # group the bytes of fp16/fp32 sections by position before compressing
+    report_compressors: bool = False  # also record the bytes every installed compressor would give
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+    def groups(self) -> dict[str, GroupQuant]:
+        return {"embed": self.embed, "attn": self.attn, "mlp": self.mlp, "other": self.other}
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(g.gptq for g in self.groups().values())
+
+    def validate(self, path: str) -> None:
+        for k, g in self.groups().items():
+            g.validate(f"{path}.{k}")
+        self.calibration.validate(f"{path}.calibration")
+        levels = {"zlib": (0, 9), "zstd": (1, 22), "lzma": (0, 9), "brotli": (0, 11)}[self.compressor]
+        if not levels[0] <= self.level <= levels[1]:
+            raise ConfigError(
+                f"{path}.level={self.level} is out of range for {self.compressor} ({levels[0]}..{levels[1]})"
+            )

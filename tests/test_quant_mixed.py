@@ -1,0 +1,233 @@
+"""The records' export family: per-row int-N schemes, GPTQ, Hessian collection, compressors, blobs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pgolf.models import attention
+from pgolf.models.config import BankedGPTConfig, LayeredGPTConfig
+from pgolf.models.gpt import GPT
+from pgolf.quant.compress import COMPRESSORS, available, compressor, shuffle, unshuffle
+from pgolf.quant.config import GroupQuant, MixedQuantConfig
+from pgolf.quant.gptq import gptq_codes, qmax, round_codes, row_scales
+from pgolf.quant.hessian import collect_hessians
+from pgolf.quant.mixed import MixedQuant, route
+from pgolf.registry import ConfigError
+
+from conftest import run_cli, tiny_cpu_args
+
+TINY = dict(vocab_size=64, num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2)
+LOOPS = dict(num_loops=1, loop_start=1, loop_end=2, enable_looping_at=0.0)
+
+
+@pytest.fixture(autouse=True)
+def _sdpa_backend(monkeypatch):
+    monkeypatch.setattr(attention, "_BACKEND", None)
+    monkeypatch.setattr(attention, "_FN", None)
+
+
+def _matrix(kind: str, rows: int = 256, cols: int = 384, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "random":
+        return torch.randn(rows, cols, generator=g) * 0.02
+    # trained-like: heavy tails (Student-t, 3 dof) and rows of different scale
+    t = torch.distributions.StudentT(3.0).sample((rows, cols)) * 0.01
+    return t * (0.5 + torch.rand(rows, 1, generator=g))
+
+
+@pytest.mark.parametrize("kind", ["random", "trained"])
+@pytest.mark.parametrize("bits", [5, 6, 8])
+@pytest.mark.parametrize("clip", ["sdclip", "percentile", "search"])
+def test_round_to_nearest_error_bounds(kind, bits, clip):
+    w = _matrix(kind)
+    s = row_scales(w, bits, clip, sigmas=12.85, percentile=99.99984)
+    q = round_codes(w, s, bits)
+    assert q.dtype == torch.int8 and int(q.abs().max()) <= qmax(bits)
+    recon = q.float() * s[:, None]
+    inside = w.abs() <= qmax(bits) * s[:, None]  # entries the clip did not touch
+    # every unclipped entry is within half a step (+ fp16 scale rounding) of its value
+    assert bool(((w - recon).abs() <= 0.5 * s[:, None] * (1 + 1e-3) + 1e-12)[inside].all())
+    rel = float((w - recon).pow(2).mean() / w.pow(2).mean())
+    # uniform rounding noise: step^2/12 relative to the row variance, step = (clip in sigmas) / qmax;
+    # SDClip fixes the clip at 12.85 sigmas, max-based clips sit near 4.5 (Gaussian) or ~20 (t3) sigmas
+    span = 12.85 if clip == "sdclip" else (4.5 if kind == "random" else 20.0)
+    bound = 1.2 * (span / qmax(bits)) ** 2 / 12
+    assert rel < bound, (rel, bound)
+
+
+def test_search_never_worse_than_its_candidates():
+    w = _matrix("trained", seed=3)
+    best = row_scales(w, 6, "search", 12.85, 100.0)
+    err = lambda s: float((w - round_codes(w, s, 6).float() * s[:, None]).pow(2).sum())  # noqa: E731
+    for p in (99.9, 99.99, 100.0):
+        assert err(best) <= err(row_scales(w, 6, "percentile", 12.85, p)) + 1e-9
+
+
+def test_gptq_beats_round_to_nearest_on_a_real_hessian():
+    g = torch.Generator().manual_seed(0)
+    # correlated layer inputs (as in a trained network), and the output error they induce
+    x = torch.randn(4096, 128, generator=g) @ (torch.randn(128, 128, generator=g) * 0.3 + torch.eye(128))
+    w = _matrix("trained", rows=96, cols=128, seed=1)
+    H = x.T @ x
+    s = row_scales(w, 4, "sdclip", 12.85, 100.0)
+    out_err = lambda q: float((x @ (w - q.float() * s[:, None]).T).pow(2).mean())  # noqa: E731
+    rtn, gq = out_err(round_codes(w, s, 4)), out_err(gptq_codes(w, H, s, 4, block_size=32))
+    assert gq < 0.8 * rtn, (gq, rtn)
+    no_order = out_err(gptq_codes(w, H, s, 4, block_size=32, act_order=False))
+    assert no_order < rtn
+
+
+def test_gptq_survives_dead_inputs_and_singular_hessian():
+    w = _matrix("random", rows=16, cols=32)
+    x = torch.randn(8, 32)
+    x[:, 5] = 0.0  # a dead input and rank 8 < 32
+    q = gptq_codes(w, x.T @ x, row_scales(w, 6, "sdclip", 12.85, 100.0), 6)
+    assert q.shape == w.shape and int(q.abs().max()) <= 31
+
+
+@pytest.mark.parametrize("kind", COMPRESSORS)
+def test_compressor_round_trip(kind):
+    if kind not in available():
+        pytest.skip(f"{kind} not installed")
+    data = bytes(range(256)) * 50 + b"pgolf" * 100
+    comp, decomp = compressor(kind, 6 if kind != "zstd" else 3)
+    assert decomp(comp(data)) == data and len(comp(data)) < len(data)
+
+
+def test_shuffle_round_trip_and_helps_fp16():
+    x = (torch.randn(20000) * 0.01).to(torch.float16).numpy().tobytes()
+    assert unshuffle(shuffle(x, 2), 2) == x and shuffle(x, 2) != x
+    comp, _ = compressor("zlib", 9)
+    assert len(comp(shuffle(x, 2))) < len(comp(x))
+
+
+def test_missing_compressor_names_the_package(monkeypatch):
+    import importlib
+
+    real = importlib.import_module
+
+    def fake(name, *a):
+        if name == "brotli":
+            raise ImportError("no brotli")
+        return real(name, *a)
+
+    monkeypatch.setattr(importlib, "import_module", fake)
+    with pytest.raises(RuntimeError, match="pip install brotli"):
+        compressor("brotli", 11)
+
+
+def test_routing_and_config_validation():
+    assert route("tok_emb.weight") == "embed" and route("lm_head.weight") == "embed"
+    assert route("blocks.3.mlp.fc.weight") == "mlp" and route("blocks.0.attn.c_k.weight") == "attn"
+    assert route("bigram.proj.weight") == "other"
+    with pytest.raises(ConfigError, match="quant.mlp.bits"):
+        MixedQuantConfig(mlp=GroupQuant(bits=9)).validate("quant")
+    with pytest.raises(ConfigError, match="level=12 is out of range for brotli"):
+        MixedQuantConfig(level=12).validate("quant")
+
+
+def _model(banked: bool, **kw) -> GPT:
+    torch.manual_seed(0)
+    m = GPT((BankedGPTConfig if banked else LayeredGPTConfig)(**{**TINY, **kw}), banked=banked)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m
+
+
+def test_hessians_see_banked_and_looped_layers():
+    lay = _model(False, **LOOPS)
+    ban = GPT(BankedGPTConfig(**TINY, **LOOPS), banked=True)
+    ban.load_export_state_dict(lay.export_state_dict())
+    batches = [torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    found = []
+    for m in (lay, ban):
+        m.set_graph_variant("loop_on")
+        w = {n: t for n, t in m.export_state_dict().items() if t.ndim == 2}
+        for dt in (None, torch.bfloat16):
+            H, n = collect_hessians(m, w, batches, dt)
+            assert n == 3 and set(H) == set(w)  # every matrix, tied embedding included
+            found.append(H)
+    for k in found[0]:
+        torch.testing.assert_close(found[0][k], found[2][k], rtol=1e-4, atol=1e-4)  # layered == banked
+    # the tied embedding's H is the final-norm output's: every row has unit RMS -> trace = tokens * dim
+    assert float(found[0]["tok_emb.weight"].trace()) == pytest.approx(3 * 2 * 16 * 64, rel=1e-4)
+    # layer 1 runs twice per forward with loops on (0 1 2 1 2 3): its H sums both passes
+    from pgolf.quant.hessian import HessianCollector
+
+    w = {n: t for n, t in lay.export_state_dict().items() if t.ndim == 2}
+    col = HessianCollector(w)
+    with col, torch.no_grad():
+        lay(batches[0][:, :-1], batches[0][:, 1:])
+    assert col.calls["blocks.1.attn.c_q.weight"] == 2 * col.calls["blocks.0.attn.c_q.weight"]
+
+
+@pytest.mark.parametrize("banked", [False, True])
+@pytest.mark.parametrize("preset", ["r0409", "r0323"])
+def test_blob_round_trip_on_a_gpt(banked, preset, compose):
+    from pgolf.config import from_dict
+
+    d = compose([f"quant={preset}"])["quant"]
+    cfg = from_dict(MixedQuantConfig, d, "quant")
+    cfg.validate("quant")
+    cfg.keep_float_max_numel = 1024  # tiny shapes: quantize the block matrices
+    m = _model(banked, **LOOPS)
+    q = MixedQuant(cfg)
+    if cfg.needs_calibration:
+        with pytest.raises(RuntimeError, match="calibrate"):
+            q.export(m.export_state_dict())
+        q.calibrate(m, [torch.randint(0, 64, (2, 33)) for _ in range(2)])
+    state = m.export_state_dict()
+    blob = q.export(state)
+    back = q.load(blob)
+    assert list(back) == list(state)
+    for k, v in state.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape
+        if "resid_mix" in k or "attn_scale" in k:
+            assert torch.equal(back[k], v)  # control tensors ship exactly
+    m2 = _model(banked, **LOOPS)
+    m2.load_export_state_dict(back)
+    x = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        assert abs(float(m2(x, x)) - float(m(x, x))) < 0.1
+    st = q.stats
+    assert st["blob_bytes"] == len(blob) and set(st["groups"]) >= {"attn", "mlp"}
+    if cfg.needs_calibration:
+        assert st["groups"]["mlp"]["methods"] == ["gptq/sdclip"]
+    json.dumps(st)  # result.json must hold it
+
+
+@pytest.mark.slow
+def test_trainer_gptq_run_accounts_bytes_from_disk(tmp_path, shard_dir, tokenizer_model):
+    args = tiny_cpu_args(
+        shard_dir, tokenizer_model, model="layered", quant="r0409",
+        **{"model.num_layers": "2", "quant.calibration.batches": "2", "quant.report_compressors": "true",
+           "model.num_heads": "4", "model.num_kv_heads": "2"},
+    )  # fmt: skip
+    p = run_cli(args, tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads((tmp_path / "run" / "result.json").read_text())
+    art = tmp_path / "run" / "artifact"
+    assert r["bytes"]["model"] == (art / "final_model.ptz").stat().st_size
+    assert r["bytes"]["code"] == (art / "train_gpt.py").stat().st_size
+    assert r["bytes"]["total"] == r["bytes"]["model"] + r["bytes"]["code"]
+    assert r["quant"]["compressor"] == "brotli" and "lzma" in r["quant"]["compressors"]
+    assert r["calibration_seconds"] > 0 and r["val_bpb"] < 10
+
+
+@pytest.mark.slow
+def test_over_cap_gptq_run_fails_with_the_numbers(tmp_path, shard_dir, tokenizer_model):
+    args = tiny_cpu_args(
+        shard_dir, tokenizer_model, model="layered", quant="r0409",
+        **{"model.num_layers": "2", "quant.calibration.batches": "1", "budget.artifact_bytes": "5000",
+           "model.num_heads": "4", "model.num_kv_heads": "2"},
+    )  # fmt: skip
+    p = run_cli(args, tmp_path)
+    assert p.returncode != 0
+    r = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert "over the budget.artifact_bytes cap of 5,000" in r["error"]
+    assert f"{r['bytes']['total']:,}" in r["error"]
+    assert not (tmp_path / "run" / "artifact" / "final_model.ptz").exists()
