@@ -205,7 +205,7 @@ def test_trainer_gptq_run_accounts_bytes_from_disk(tmp_path, shard_dir, tokenize
     args = tiny_cpu_args(
         shard_dir, tokenizer_model, model="layered", quant="r0409",
         **{"model.num_layers": "2", "quant.calibration.batches": "2", "quant.report_compressors": "true",
-           "model.num_heads": "4", "model.num_kv_heads": "2"},
+           "model.num_heads": "4", "model.num_kv_heads": "2", "model.ve_layers": "[1]"},
     )  # fmt: skip
     p = run_cli(args, tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -223,7 +223,7 @@ def test_over_cap_gptq_run_fails_with_the_numbers(tmp_path, shard_dir, tokenizer
     args = tiny_cpu_args(
         shard_dir, tokenizer_model, model="layered", quant="r0409",
         **{"model.num_layers": "2", "quant.calibration.batches": "1", "budget.artifact_bytes": "5000",
-           "model.num_heads": "4", "model.num_kv_heads": "2"},
+           "model.num_heads": "4", "model.num_kv_heads": "2", "model.ve_layers": "[1]"},
     )  # fmt: skip
     p = run_cli(args, tmp_path)
     assert p.returncode != 0
@@ -231,3 +231,34 @@ def test_over_cap_gptq_run_fails_with_the_numbers(tmp_path, shard_dir, tokenizer
     assert "over the budget.artifact_bytes cap of 5,000" in r["error"]
     assert f"{r['bytes']['total']:,}" in r["error"]
     assert not (tmp_path / "run" / "artifact" / "final_model.ptz").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["r0409", "int8_zlib"])
+def test_plan_estimate_matches_a_real_export(preset, compose):
+    """The plan's estimate is within 10% of a real export of the same config's (Gaussian) weights."""
+    from pgolf.components import MODELS, QUANT
+    from pgolf.config import job_config_from_dict
+    from pgolf.plan import estimate
+
+    over = ["experiment=none", "model=layered", "data.vocab_size=512", "model.num_layers=2",
+            "model.model_dim=256", "model.num_heads=4", "model.num_kv_heads=2", "model.ve_layers=[1]", f"quant={preset}",
+            "budget.artifact_bytes=100000"]  # fmt: skip
+    if preset == "r0409":
+        over += ["quant.compressor=lzma", "quant.level=6"]  # brotli-11 is slow on 2 CPU cores
+    job = job_config_from_dict(compose(over))
+    est = estimate(job)
+    torch.manual_seed(0)
+    model = MODELS.build(job.model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) / (p.shape[-1] if p.ndim else 1) ** 0.5)
+    qcfg = job.quant
+    for g in ("embed", "attn", "mlp", "other"):
+        if hasattr(qcfg, g):
+            getattr(qcfg, g).gptq = False
+    real = len(QUANT.build(qcfg).export(model.export_state_dict()))
+    assert est["model_bytes"] == pytest.approx(real, rel=0.10)
+    assert est["params"] == sum(p.numel() for p in model.parameters())
+    assert est["fits"] is False and est["total"] == est["model_bytes"] + est["code_bytes"]
+    assert 10_000 < est["code_bytes"] < 200_000

@@ -51,6 +51,7 @@ class MixedQuant:
     def __init__(self, cfg: MixedQuantConfig):
         self.cfg = cfg
         self.hessians: dict[str, Tensor] = {}
+        self.calibrated = False
         self.stats: dict = {}
 
     # ----------------------------------------------------------------------------- routing
@@ -87,6 +88,7 @@ class MixedQuant:
             if reduce is not None:
                 reduce(H[name])
         self.hessians = {k: v for k, v in H.items() if k in watch and bool((v.diagonal() > 0).any())}
+        self.calibrated = True
         info = {
             "batches": n,
             "hessians": len(self.hessians),
@@ -158,7 +160,7 @@ class MixedQuant:
         missing = [
             n for n, t in state.items() if self.quantized(n, t) and self.group(n).gptq and n not in self.hessians
         ]
-        if missing and not self.hessians:
+        if missing and not self.calibrated:
             raise RuntimeError(
                 f"quant: GPTQ is on for {len(missing)} matrices (e.g. {missing[0]}) but calibrate() was not "
                 "run; the trainer calls it, a script must call quant.calibrate(model, batches) first"
