@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import run_cli, tiny_cpu_args
 
 from pgolf.models import attention
 from pgolf.models.config import BankedGPTConfig, LayeredGPTConfig
@@ -16,8 +17,6 @@ from pgolf.quant.gptq import gptq_codes, qmax, round_codes, row_scales
 from pgolf.quant.hessian import collect_hessians
 from pgolf.quant.mixed import MixedQuant, route
 from pgolf.registry import ConfigError
-
-from conftest import run_cli, tiny_cpu_args
 
 TINY = dict(vocab_size=64, num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2)
 LOOPS = dict(num_loops=1, loop_start=1, loop_end=2, enable_looping_at=0.0)

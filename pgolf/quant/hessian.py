@@ -79,8 +79,14 @@ def collect_hessians(
         for batch in batches:
             x, y = batch if isinstance(batch, tuple) else (batch[:, :-1], batch[:, 1:])
             device_type = x.device.type
-            with col, torch.autocast(device_type, dtype=autocast_dtype or torch.float32,
-                                     enabled=autocast_dtype not in (None, torch.float32)):
+            with (
+                col,
+                torch.autocast(
+                    device_type,
+                    dtype=autocast_dtype or torch.float32,
+                    enabled=autocast_dtype not in (None, torch.float32),
+                ),
+            ):
                 model(x, y)
             col.copies.clear()
             n += 1

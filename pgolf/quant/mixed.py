@@ -121,7 +121,9 @@ class MixedQuant:
                 sections["f16"].append(s.to(torch.float16).cpu().numpy().tobytes())
                 kind = "gptq" if H is not None else "rtn"
                 header["entries"].append([name, "q", list(t.shape), _np_dtype(t), g.bits, kind])
-                st = per_group.setdefault(route(name), {"numel": 0, "bits": g.bits, "rel_mse_sum": 0.0, "n": 0})
+                st = per_group.setdefault(
+                    route(name), {"numel": 0, "bits": g.bits, "rel_mse_sum": 0.0, "n": 0}
+                )
                 st["numel"] += t.numel()
                 st["rel_mse_sum"] += float(err)
                 st["n"] += 1
@@ -158,7 +160,9 @@ class MixedQuant:
     def export(self, state: dict[str, Tensor]) -> bytes:
         t0 = time.perf_counter()
         missing = [
-            n for n, t in state.items() if self.quantized(n, t) and self.group(n).gptq and n not in self.hessians
+            n
+            for n, t in state.items()
+            if self.quantized(n, t) and self.group(n).gptq and n not in self.hessians
         ]
         if missing and not self.calibrated:
             raise RuntimeError(
@@ -185,7 +189,9 @@ class MixedQuant:
     @staticmethod
     def load(blob: bytes) -> dict[str, Tensor]:
         if blob[:4] != MAGIC:
-            raise ValueError("artifact is not a pgolf mixed-quant blob (no PGQ1 header); was it written by quant=mixed?")
+            raise ValueError(
+                "artifact is not a pgolf mixed-quant blob (no PGQ1 header); was it written by quant=mixed?"
+            )
         _, decompress = compressor(COMPRESSORS[blob[4]], 0)
         payload = decompress(blob[5:])
         (hlen,) = struct.unpack("<I", payload[:4])
