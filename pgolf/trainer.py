@@ -468,13 +468,17 @@ class Trainer:
 
     def calibrate(self) -> None:
         """GPTQ Hessians from training batches the run has not trained on (the loader continues its
-        stream); every rank takes its share and the sums are all-reduced. This time is what
-        budget.quant_reserve_seconds reserves off the training clock."""
+        stream) or from the model's own samples (quant.calibration.source=self); every rank takes
+        its share and the sums are all-reduced. This time is what budget.quant_reserve_seconds
+        reserves off the training clock."""
         t, cal = self.job.train, self.job.quant.calibration
         n = math.ceil(cal.batches / self.rt.world_size)
         batches = (self.loader.next_batch(t.batch_tokens, t.seq_len, self.grad_accum) for _ in range(n))
         reduce = (lambda h: dist.all_reduce(h, op=dist.ReduceOp.SUM)) if self.rt.distributed else None
-        info = self.quant.calibrate(self.model, batches, self.rt.amp_dtype, reduce)
+        info = self.quant.calibrate(
+            self.model, batches, self.rt.amp_dtype, reduce, seed=self.job.seed + self.rt.rank,
+            world_size=self.rt.world_size,
+        )  # fmt: skip
         self.rt.sync()
         self.result["calibration_seconds"] = info["seconds"]
         self.log(

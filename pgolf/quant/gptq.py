@@ -28,19 +28,38 @@ def _fp16(s: Tensor) -> Tensor:
     return s.clamp(6e-8, 65000.0).to(torch.float16).float()
 
 
-def row_scales(w: Tensor, bits: int, clip: str, sigmas: float, percentile: float) -> Tensor:
-    """Per-row step sizes (fp32 holding fp16-representable values) for a 2-D float tensor."""
+def row_scales(
+    w: Tensor,
+    bits: int,
+    clip: str,
+    sigmas: float,
+    percentile: float,
+    floor: bool = False,
+    per_row: bool = True,
+) -> Tensor:
+    """Per-row step sizes (fp32 holding fp16-representable values) for a 2-D float tensor.
+
+    `floor` applies the pre-SDClip records' minimum step 1/qmax to the percentile and search clips;
+    `per_row=False` makes the search pick one candidate for the whole matrix, as R0323's code does.
+    """
     w = w.float()
     m = qmax(bits)
+    lo = 1.0 / m if floor else 0.0
+
+    def step(c: Tensor) -> Tensor:
+        return _fp16((c / m).clamp_min(lo))
+
     if clip == "sdclip":  # SDClip: the step is a fixed number of row standard deviations
         return _fp16(sigmas * w.std(dim=1, unbiased=True).nan_to_num(0.0) / m)
     if clip == "percentile":
-        return _fp16(_row_quantile(w.abs(), percentile / 100.0) / m)
-    if clip == "search":  # GPTQ-lite: per row, the candidate clip with the least squared error
+        return step(_row_quantile(w.abs(), percentile / 100.0))
+    if clip == "search":  # GPTQ-lite: the candidate clip with the least squared error
         best_s = best_err = None
         for p in PERCENTILE_SEARCH:
-            s = _fp16(_row_quantile(w.abs(), p) / m)
+            s = step(_row_quantile(w.abs(), p))
             err = (w - round_codes(w, s, bits).float() * s[:, None]).pow(2).sum(dim=1)
+            if not per_row:
+                err = err.sum().expand_as(err)
             if best_s is None:
                 best_s, best_err = s, err
             else:

@@ -27,6 +27,7 @@ from pgolf.quant.compress import COMPRESSORS, available, compressor, shuffle, un
 from pgolf.quant.config import GroupQuant, MixedQuantConfig
 from pgolf.quant.gptq import gptq_codes, round_codes, row_scales
 from pgolf.quant.hessian import collect_hessians
+from pgolf.quant.selfgen import sample_sequences
 
 MAGIC = b"PGQ1"
 EMBED_NAMES = ("tok_emb", "bigram.embed", "ve_shared.embed", "lm_head")
@@ -72,14 +73,34 @@ class MixedQuant:
         batches: Iterable,
         autocast_dtype: torch.dtype | None = None,
         reduce: Callable[[Tensor], None] | None = None,
+        seed: int = 0,
+        world_size: int = 1,
     ) -> dict:
         """Collect layer-input Hessians for every matrix whose group uses GPTQ.
 
-        `reduce` (e.g. an all-reduce SUM) merges the Hessians of several ranks in place.
+        `batches` are this rank's training batches (read lazily; untouched when
+        calibration.source=self, where the model samples its own `self_seqs / world_size`
+        sequences from `seed`). `reduce` (e.g. an all-reduce SUM) merges the ranks' Hessians.
         """
         t0 = time.perf_counter()
         export = getattr(model, "export_state_dict", model.state_dict)
         watch = {n: t for n, t in export().items() if self.quantized(n, t) and self.group(n).gptq}
+        cal = self.cfg.calibration
+        if cal.source == "self":
+            dev = next(model.parameters()).device
+            vocab = model.tok_emb.num_embeddings
+            n_seqs = -(-cal.self_seqs // world_size)
+            batches = sample_sequences(
+                model,
+                vocab,
+                n_seqs,
+                cal.self_seq_len,
+                cal.self_batch,
+                cal.temperature,
+                seed,
+                dev,
+                autocast_dtype,
+            )
         H, n = collect_hessians(model, watch, batches, autocast_dtype)
         for name in sorted(watch):  # same order on every rank; zeros where this rank saw nothing
             if name not in H:
@@ -104,19 +125,31 @@ class MixedQuant:
         header: dict = {"entries": []}
         sections: dict[str, list[bytes]] = {"codes": [], "f16": [], "f32": [], "raw": []}
         per_group: dict[str, dict] = {}
+        self.stats.pop("lqer", None)
+        lqer_candidates: list[tuple[float, str, Tensor, Tensor, Tensor]] = []
         for name, tensor in state.items():
             t = tensor.detach()
-            if self.quantized(name, t):
+            if self.is_gate(name, t):  # int8 per row, step = max|row| / 127
+                w = t.float().cpu()
+                s = row_scales(w, 8, "percentile", 0.0, 100.0)
+                sections["codes"].append(round_codes(w, s, 8).numpy().tobytes())
+                sections["f16"].append(s.to(torch.float16).numpy().tobytes())
+                header["entries"].append([name, "q", list(t.shape), _np_dtype(t), 8, "gate"])
+            elif self.quantized(name, t):
                 g = self.group(name)
                 H = self.hessians.get(name) if g.gptq else None
                 dev = H.device if H is not None else torch.device("cpu")
                 w = t.to(dev, torch.float32)
-                s = row_scales(w, g.bits, g.clip, g.sigmas, g.percentile)
+                s = row_scales(w, g.bits, g.clip, g.sigmas, g.percentile, g.floor, g.search_per_row)
                 if H is not None:
                     codes = gptq_codes(w, H, s, g.bits, cfg.block_size, cfg.damp, cfg.act_order)
                 else:
                     codes = round_codes(w, s, g.bits)
-                err = (w - codes.float() * s[:, None]).pow(2).mean() / w.pow(2).mean().clamp_min(1e-30)
+                resid = w - codes.float() * s[:, None]
+                err = resid.pow(2).mean() / w.pow(2).mean().clamp_min(1e-30)
+                if self.cfg.lqer_rank:
+                    lqer_candidates.append((float(resid.pow(2).sum()), name, w, codes, s))
+                    lqer_candidates = sorted(lqer_candidates, key=lambda c: -c[0])[: self.cfg.lqer_top_k]
                 sections["codes"].append(codes.cpu().numpy().tobytes())
                 sections["f16"].append(s.to(torch.float16).cpu().numpy().tobytes())
                 kind = "gptq" if H is not None else "rtn"
@@ -130,7 +163,7 @@ class MixedQuant:
                 st.setdefault("methods", set()).add(f"{kind}/{g.clip}")
             elif t.is_floating_point():
                 c = t.cpu().contiguous()
-                if is_control(name):
+                if is_control(name) and self.cfg.control_fp32:
                     sections["f32"].append(c.float().numpy().tobytes())
                     header["entries"].append([name, "f32", list(t.shape), _np_dtype(t)])
                 else:
@@ -140,11 +173,42 @@ class MixedQuant:
                 c = t.cpu().contiguous()
                 sections["raw"].append(c.numpy().tobytes())
                 header["entries"].append([name, "raw", list(t.shape), _np_dtype(t)])
+        for _, name, w, codes, s in lqer_candidates:  # largest ||W - W_hat||_F first
+            self._lqer(name, w - codes.float() * s[:, None], header, sections)
         for st in per_group.values():
             st["rel_mse"] = st.pop("rel_mse_sum") / st.pop("n")
             st["methods"] = sorted(st["methods"])
         self.stats["groups"] = per_group
         return header, sections
+
+    def is_gate(self, name: str, t: Tensor) -> bool:
+        return (
+            self.cfg.gate_int8
+            and name.endswith("attn_gate_w")
+            and t.is_floating_point()
+            and t.ndim == 2
+            and 32 <= t.numel() <= 8192
+        )
+
+    def _lqer(self, name: str, err: Tensor, header: dict, sections: dict[str, list[bytes]]) -> None:
+        """E = W - W_hat ~ A B with A = U_r S_r (rows x r), B = V_r^T (r x cols), both int-N per row."""
+        r, bits = min(self.cfg.lqer_rank, *err.shape), self.cfg.lqer_factor_bits
+        U, S, Vh = torch.linalg.svd(err.float(), full_matrices=False)
+        before = float(err.pow(2).sum())
+        deq = []
+        for f in (U[:, :r] * S[:r], Vh[:r]):
+            s = row_scales(f, bits, "percentile", 0.0, 100.0)
+            q = round_codes(f, s, bits)
+            sections["codes"].append(q.cpu().numpy().tobytes())
+            sections["f16"].append(s.to(torch.float16).cpu().numpy().tobytes())
+            deq.append(q.float() * s[:, None])
+        recon = deq[0] @ deq[1]
+        header["entries"].append([name, "lqer", list(err.shape), "float32", bits, r])
+        self.stats.setdefault("lqer", {})[name] = {
+            "rank": r,
+            "err_before": before,
+            "err_after": float((err - recon).pow(2).sum()),
+        }
 
     def _payload(self, state: dict[str, Tensor]) -> bytes:
         header, sec = self.quantize(state)
@@ -221,6 +285,14 @@ class MixedQuant:
                 q = torch.from_numpy(take("codes", np.dtype(np.int8), numel)).view(shape).float()
                 s = torch.from_numpy(take("f16", np.dtype(np.float16), shape[0])).float()
                 out[name] = (q * s[:, None]).to(dtype)
+            elif kind == "lqer":  # low-rank correction of an already loaded matrix
+                (rows, cols), r = shape, e[5]
+                qa = torch.from_numpy(take("codes", np.dtype(np.int8), rows * r)).view(rows, r).float()
+                qb = torch.from_numpy(take("codes", np.dtype(np.int8), r * cols)).view(r, cols).float()
+                sa = torch.from_numpy(take("f16", np.dtype(np.float16), rows)).float()
+                sb = torch.from_numpy(take("f16", np.dtype(np.float16), r)).float()
+                corr = (qa * sa[:, None]) @ (qb * sb[:, None])
+                out[name] = (out[name].float() + corr).to(out[name].dtype)
             elif kind == "f16":
                 out[name] = torch.from_numpy(take("f16", np.dtype(np.float16), numel)).view(shape).to(dtype)
             elif kind == "f32":
