@@ -6,8 +6,10 @@
 #     own export: Hessian seconds, quantized+brotli bytes, code bytes, roundtrip val_bpb.
 #  2. pgolf: `init_from=` loads that final_model.pt into model=sp8192_recur (the R0409
 #     architecture) at data.vocab_size=1024, trains 0 steps, and exports with quant=r0409
-#     (64 calibration batches of 98,304 tokens, as the record's 1-GPU calibration); result.json
-#     holds bytes, roundtrip val_bpb and the artifact seconds.
+#     (64 calibration micro-batches of BATCH/8 tokens, as the record's 1-GPU calibration at the same
+#     TRAIN_BATCH_TOKENS); result.json holds bytes, roundtrip val_bpb and the artifact seconds.
+#  The record logs no export time, so the ref side also times its own serialize() (Hessians + GPTQ
+#  + brotli + write) on its final_model.pt in a second process (ref_export.out).
 # Both evaluate the full val split at seq 2048 without sliding window. ~3 min GPU per side.
 # ONLY=ref|pgolf runs one side; pgolf needs the ref's final_model.pt (REF_DIR).
 set -uo pipefail
@@ -45,6 +47,32 @@ run_reference() {
     timeout 900 torchrun --standalone --nproc_per_node=1 "$REF" > "$OUT/reference.out" 2>&1
   echo "reference exit $?"
   grep -E "$LOGS" "$OUT/reference.out"
+  # The record logs no export time; time its own serialize() on its own final_model.pt (same env).
+  DATA_DIR=$REF_DIR/data/ VOCAB_SIZE=1024 SEED=1337 RUN_ID=ref_export TRAIN_BATCH_TOKENS=$BATCH \
+    GPTQ_CALIBRATION_BATCHES=$CAL_BATCHES COMPRESSOR=brotli REF="$REF" timeout 600 python3 - > "$OUT/ref_export.out" 2>&1 <<'PY'
+import importlib.util, os, shutil, time
+import torch
+ref = os.environ["REF"]
+spec = importlib.util.spec_from_file_location("r0409", ref)
+m = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(m)  # Hyperparameters reads the env at import
+h = m.Hyperparameters()
+m.set_logging_hparams(h)
+os.makedirs("logs", exist_ok=True)
+torch.cuda.set_device(0)
+model = m.GPT(h).cuda().bfloat16()
+m.restore_fp32_params(model)
+model.load_state_dict(torch.load(h.model_path, map_location="cuda"))
+model.looping_active = h.num_loops > 0
+shutil.copyfile(h.model_path, h.model_path + ".bak")  # serialize() rewrites it; keep the trained copy
+torch.cuda.synchronize()
+t0 = time.perf_counter()
+total, model_bytes = m.serialize(h, model, open(ref, encoding="utf-8").read())
+torch.cuda.synchronize()
+print(f"ref_export_seconds:{time.perf_counter() - t0:.2f} model_bytes:{model_bytes} total:{total}")
+PY
+  echo "reference export timing exit $?"
+  grep -E "ref_export_seconds" "$OUT/ref_export.out"
   cd "$REPO" || return 1
 }
 
@@ -58,7 +86,7 @@ run_pgolf() {
   # shellcheck disable=SC2086
   timeout 900 python3 -m pgolf.run experiment=none model=sp8192_recur model.enable_looping_at=0 data=shards \
     data.path="$DATA" data.tokenizer_path="$TOK" data.vocab_size="${VOCAB:-1024}" $HW $init \
-    budget.mode=steps train.iterations=0 train.prime_steps=0 train.seq_len="$SEQ" train.batch_tokens=786432 \
+    budget.mode=steps train.iterations=0 train.prime_steps=0 train.seq_len="$SEQ" train.batch_tokens="$BATCH" \
     train.val_batch_tokens="$VAL_TOKENS" train.log_every=50 seed=1337 \
     quant=r0409 quant.calibration.batches="$CAL_BATCHES" quant.report_compressors=true $PGOLF_EXTRA \
     hydra.run.dir="$OUT/pgolf_run" > "$OUT/pgolf.out" 2>&1
@@ -79,7 +107,12 @@ if ref.exists():
     g = lambda pat: (re.findall(pat, t, re.M) or [None])[-1]  # noqa: E731
     rows.append(("r0409 script", g(r"Serialized model quantized\+\w+: (\d+) bytes"), g(r"Code size: (\d+) bytes"),
                  g(r"Total submission size quantized\+\w+: (\d+) bytes"), g(r"^quantized val_loss:\S+ val_bpb:(\S+)"),
-                 g(r"pre-quantization post-ema val_loss:\S+ val_bpb:(\S+)"), g(r"GPTQ:collected \d+ Hessians in ([\d.]+)s"), "n/a"))
+                 g(r"pre-quantization post-ema val_loss:\S+ val_bpb:(\S+)"), g(r"GPTQ:collected \d+ Hessians in ([\d.]+)s"),
+                 None))
+    te = out / "ref_export.out"
+    if te.exists():
+        sec = re.findall(r"ref_export_seconds:([\d.]+)", te.read_text(errors="replace"))
+        rows[-1] = rows[-1][:-1] + ((sec[-1] + " (serialize)") if sec else None,)
 res = out / "pgolf_result.json"
 if res.exists():
     r = json.loads(res.read_text())
