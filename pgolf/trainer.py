@@ -485,6 +485,12 @@ class Trainer:
             f"calibration: {info['hessians']} Hessians from {info['batches']} batches/rank in {info['seconds']:.1f}s"
             + (f" (unseen, round-to-nearest: {info['unseen']})" if info["unseen"] else "")
         )
+        b = self.job.budget
+        if b.mode == "wallclock" and info["seconds"] > b.quant_reserve_seconds:
+            self.log(
+                f"WARNING calibration took {info['seconds']:.1f}s > budget.quant_reserve_seconds="
+                f"{b.quant_reserve_seconds:g}: raise the reserve or lower quant.calibration.batches"
+            )
 
     # ----------------------------------------------------------------------------------- eval
     def eval_artifact(self, blob_path: Path) -> EvalResult:
