@@ -218,6 +218,7 @@ def test_trainer_gptq_run_accounts_bytes_from_disk(tmp_path, shard_dir, tokenize
     assert r["bytes"]["code"] == (art / "train_gpt.py").stat().st_size
     assert r["bytes"]["total"] == r["bytes"]["model"] + r["bytes"]["code"]
     assert r["quant"]["compressor"] == "brotli" and "lzma" in r["quant"]["compressors"]
+    assert r["quant"]["compressors"]["brotli"] == r["bytes"]["model"] - 5  # the blob: 5-byte header + stream
     assert r["calibration_seconds"] > 0 and r["val_bpb"] < 10
 
 
