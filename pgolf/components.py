@@ -11,7 +11,7 @@ from pgolf.data.config import EmbeddedDataConfig, ShardDataConfig
 from pgolf.hw.config import AutoHardwareConfig, CpuHardwareConfig, CudaHardwareConfig
 from pgolf.models.config import BankedGPTConfig, BaselineModelConfig, LayeredGPTConfig
 from pgolf.optim.config import MuonConfig, ParallelMuonConfig
-from pgolf.quant.config import Int8ZlibConfig
+from pgolf.quant.config import Int8ZlibConfig, MixedQuantConfig
 from pgolf.registry import ConfigError, Registry
 from pgolf.ttt.config import NoTTTConfig
 
@@ -36,6 +36,7 @@ OPTIMIZERS.register(
 
 QUANT = Registry("quant")
 QUANT.register("int8_zlib", Int8ZlibConfig, "pgolf.quant.int8:build")
+QUANT.register("mixed", MixedQuantConfig, "pgolf.quant.mixed:build")
 
 TTT = Registry("ttt")
 TTT.register("none", NoTTTConfig, "pgolf.ttt.none:build")

@@ -79,3 +79,9 @@ def write_wrapper(path: Path, config: dict) -> tuple[int, int]:
     tmp.replace(path)
     raw = sum(p.stat().st_size for p in modules.values())
     return path.stat().st_size, raw
+
+
+if __name__ == "__main__":  # python -m pgolf.pack <run_dir>: the CLI lives in pgolf.submission
+    from pgolf.submission import main
+
+    sys.exit(main())

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 from pgolf.registry import ConfigError
 
@@ -21,3 +22,90 @@ class Int8ZlibConfig:
             raise ConfigError(f"{path}.clip_percentile must be in (0, 100]")
         if not 0 <= self.zlib_level <= 9:
             raise ConfigError(f"{path}.zlib_level must be in 0..9")
+
+
+@dataclass
+class GroupQuant:
+    """How one routing group of large matrices is quantized (TECHNIQUES §2.8)."""
+
+    bits: int = 6  # 2..8; codes are stored one per byte, the compressor removes the unused bits
+    clip: Literal["sdclip", "percentile", "search"] = "sdclip"
+    sigmas: float = 12.85  # sdclip: per-row step = sigmas * std(row) / (2**(bits-1) - 1)
+    percentile: float = 99.99984  # percentile: per-row clip at this quantile of |row|
+    gptq: bool = False  # full-Hessian GPTQ (needs calibration); else round to nearest
+    floor: bool = False  # percentile/search: the pre-SDClip records' step floor of 1/qmax (§5.10)
+    search_per_row: bool = True  # search: best clip per row; false = one per matrix (R0323's code)
+
+    def validate(self, path: str) -> None:
+        if not 2 <= self.bits <= 8:
+            raise ConfigError(f"{path}.bits={self.bits} must be in 2..8")
+        if self.sigmas <= 0:
+            raise ConfigError(f"{path}.sigmas must be positive")
+        if not 0.0 < self.percentile <= 100.0:
+            raise ConfigError(f"{path}.percentile must be in (0, 100]")
+
+
+@dataclass
+class CalibrationConfig:
+    """Where GPTQ's Hessians come from: training batches drawn after training stops, inside the
+    budget.quant_reserve_seconds that the trainer takes off the training clock."""
+
+    source: Literal["train", "self"] = "train"  # training batches, or sequences the model samples itself
+    batches: int = 64  # source=train: micro-batches of the training loader, split over the ranks
+    self_seqs: int = 64  # source=self: sequences sampled (R0325: 64 x 2048 at temperature 0.8)
+    self_seq_len: int = 2048
+    self_batch: int = 8  # sequences sampled at a time
+    temperature: float = 0.8
+    damp: float = 0.01  # added to diag(H): damp * mean(diag(H))
+    block_size: int = 128
+    act_order: bool = True  # process columns by descending diag(H)
+
+    def validate(self, path: str) -> None:
+        if self.batches < 1 or self.block_size < 1 or self.damp < 0:
+            raise ConfigError(f"{path}: batches >= 1, block_size >= 1 and damp >= 0 are required")
+        if self.self_seqs < 1 or self.self_seq_len < 2 or self.self_batch < 1 or self.temperature <= 0:
+            raise ConfigError(f"{path}: self_seqs >= 1, self_seq_len >= 2, self_batch >= 1, temperature > 0")
+
+
+@dataclass
+class MixedQuantConfig:
+    """Per-row int-N with name-based routing (embed | attn | mlp | other), GPTQ or round-to-nearest,
+    small tensors kept as float, one compressor over the packed payload."""
+
+    name: str = "mixed"
+    embed: GroupQuant = field(default_factory=lambda: GroupQuant(bits=8, sigmas=20.0))
+    attn: GroupQuant = field(default_factory=GroupQuant)
+    mlp: GroupQuant = field(default_factory=GroupQuant)
+    other: GroupQuant = field(default_factory=lambda: GroupQuant(bits=8, clip="percentile"))
+    keep_float_max_numel: int = 65_536  # float tensors up to this size ship as float
+    compressor: Literal["zlib", "zstd", "lzma", "brotli"] = "brotli"
+    level: int = 11  # zlib 0-9, zstd 1-22, lzma preset 0-9, brotli quality 0-11
+    control_fp32: bool = (
+        True  # small control tensors as fp32 (baseline); false: fp16 like all small tensors (records)
+    )
+    byte_shuffle: bool = True  # group the bytes of fp16/fp32 sections by position before compressing
+    report_compressors: bool = False  # also record the bytes every installed compressor would give
+    gate_int8: bool = False  # attention gates (*.attn_gate_w, 32..8192 elements): int8 per row (§2.8g)
+    lqer_rank: int = 0  # LQER (§2.8i): rank-r correction of the top-k error matrices (0: off)
+    lqer_top_k: int = 3
+    lqer_factor_bits: int = 4  # the factors' per-row int bits
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+    def groups(self) -> dict[str, GroupQuant]:
+        return {"embed": self.embed, "attn": self.attn, "mlp": self.mlp, "other": self.other}
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(g.gptq for g in self.groups().values())
+
+    def validate(self, path: str) -> None:
+        for k, g in self.groups().items():
+            g.validate(f"{path}.{k}")
+        self.calibration.validate(f"{path}.calibration")
+        if self.lqer_rank < 0 or self.lqer_top_k < 0 or not 2 <= self.lqer_factor_bits <= 8:
+            raise ConfigError(f"{path}: lqer_rank >= 0, lqer_top_k >= 0 and lqer_factor_bits in 2..8")
+        levels = {"zlib": (0, 9), "zstd": (1, 22), "lzma": (0, 9), "brotli": (0, 11)}[self.compressor]
+        if not levels[0] <= self.level <= levels[1]:
+            raise ConfigError(
+                f"{path}.level={self.level} is out of range for {self.compressor} ({levels[0]}..{levels[1]})"
+            )

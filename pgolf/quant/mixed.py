@@ -1,0 +1,317 @@
+"""The records' export family (TECHNIQUES §2.8-2.9): per-row int-N, name-routed groups, GPTQ, SDClip.
+
+Routing by parameter name: `embed` (token/bigram/VE tables, an untied head), `attn` (`.attn.`),
+`mlp` (`.mlp.`), `other` (any other large matrix). Each group has its own bits, clip rule
+(SDClip sigmas, percentile, GPTQ-lite search) and GPTQ switch. Float tensors with at most
+`keep_float_max_numel` elements, and non-2-D ones, ship as float (control tensors fp32, the rest
+fp16); non-float tensors ship as they are.
+
+Blob: b"PGQ1" + compressor id + compress(payload); payload = header length (u32) + JSON header +
+int8 codes of all matrices + fp16 section (scales, small tensors) + fp32 section + raw section.
+The float sections are byte-shuffled (optional); codes are not (one byte per value already).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pgolf.models.layers import is_control
+from pgolf.quant.compress import COMPRESSORS, available, compressor, shuffle, unshuffle
+from pgolf.quant.config import GroupQuant, MixedQuantConfig
+from pgolf.quant.gptq import gptq_codes, round_codes, row_scales
+from pgolf.quant.hessian import collect_hessians
+from pgolf.quant.selfgen import sample_sequences
+
+MAGIC = b"PGQ1"
+EMBED_NAMES = ("tok_emb", "bigram.embed", "ve_shared.embed", "lm_head")
+
+
+def route(name: str) -> str:
+    """The group of a large matrix, by name (the records' classify rule)."""
+    if any(p in name for p in EMBED_NAMES):
+        return "embed"
+    if ".mlp." in name:
+        return "mlp"
+    if ".attn." in name:
+        return "attn"
+    return "other"
+
+
+def _np_dtype(t: Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+class MixedQuant:
+    def __init__(self, cfg: MixedQuantConfig):
+        self.cfg = cfg
+        self.hessians: dict[str, Tensor] = {}
+        self.calibrated = False
+        self.stats: dict = {}
+
+    # ----------------------------------------------------------------------------- routing
+    def quantized(self, name: str, t: Tensor) -> bool:
+        return t.is_floating_point() and t.ndim == 2 and t.numel() > self.cfg.keep_float_max_numel
+
+    def group(self, name: str) -> GroupQuant:
+        return self.cfg.groups()[route(name)]
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.cfg.needs_calibration
+
+    # -------------------------------------------------------------------------- calibration
+    def calibrate(
+        self,
+        model: torch.nn.Module,
+        batches: Iterable,
+        autocast_dtype: torch.dtype | None = None,
+        reduce: Callable[[Tensor], None] | None = None,
+        seed: int = 0,
+        world_size: int = 1,
+    ) -> dict:
+        """Collect layer-input Hessians for every matrix whose group uses GPTQ.
+
+        `batches` are this rank's training batches (read lazily; untouched when
+        calibration.source=self, where the model samples its own `self_seqs / world_size`
+        sequences from `seed`). `reduce` (e.g. an all-reduce SUM) merges the ranks' Hessians.
+        """
+        t0 = time.perf_counter()
+        export = getattr(model, "export_state_dict", model.state_dict)
+        watch = {n: t for n, t in export().items() if self.quantized(n, t) and self.group(n).gptq}
+        cal = self.cfg.calibration
+        if cal.source == "self":
+            dev = next(model.parameters()).device
+            vocab = model.tok_emb.num_embeddings
+            n_seqs = -(-cal.self_seqs // world_size)
+            batches = sample_sequences(
+                model,
+                vocab,
+                n_seqs,
+                cal.self_seq_len,
+                cal.self_batch,
+                cal.temperature,
+                seed,
+                dev,
+                autocast_dtype,
+            )
+        H, n = collect_hessians(model, watch, batches, autocast_dtype)
+        for name in sorted(watch):  # same order on every rank; zeros where this rank saw nothing
+            if name not in H:
+                dim = watch[name].shape[1]
+                H[name] = torch.zeros(dim, dim, device=watch[name].device)
+            if reduce is not None:
+                reduce(H[name])
+        self.hessians = {k: v for k, v in H.items() if k in watch and bool((v.diagonal() > 0).any())}
+        self.calibrated = True
+        info = {
+            "batches": n,
+            "hessians": len(self.hessians),
+            "unseen": sorted(set(watch) - set(self.hessians)),  # these fall back to round-to-nearest
+            "seconds": time.perf_counter() - t0,
+        }
+        self.stats["calibration"] = info
+        return info
+
+    # ---------------------------------------------------------------------------- quantize
+    def quantize(self, state: dict[str, Tensor]) -> tuple[dict, dict[str, list[bytes]]]:
+        cfg = self.cfg.calibration
+        header: dict = {"entries": []}
+        sections: dict[str, list[bytes]] = {"codes": [], "f16": [], "f32": [], "raw": []}
+        per_group: dict[str, dict] = {}
+        self.stats.pop("lqer", None)
+        lqer_candidates: list[tuple[float, str, Tensor, Tensor, Tensor]] = []
+        for name, tensor in state.items():
+            t = tensor.detach()
+            if self.is_gate(name, t):  # int8 per row, step = max|row| / 127
+                w = t.float().cpu()
+                s = row_scales(w, 8, "percentile", 0.0, 100.0)
+                sections["codes"].append(round_codes(w, s, 8).numpy().tobytes())
+                sections["f16"].append(s.to(torch.float16).numpy().tobytes())
+                header["entries"].append([name, "q", list(t.shape), _np_dtype(t), 8, "gate"])
+            elif self.quantized(name, t):
+                g = self.group(name)
+                H = self.hessians.get(name) if g.gptq else None
+                dev = H.device if H is not None else torch.device("cpu")
+                w = t.to(dev, torch.float32)
+                s = row_scales(w, g.bits, g.clip, g.sigmas, g.percentile, g.floor, g.search_per_row)
+                if H is not None:
+                    codes = gptq_codes(w, H, s, g.bits, cfg.block_size, cfg.damp, cfg.act_order)
+                else:
+                    codes = round_codes(w, s, g.bits)
+                resid = w - codes.float() * s[:, None]
+                err = resid.pow(2).mean() / w.pow(2).mean().clamp_min(1e-30)
+                if self.cfg.lqer_rank:
+                    lqer_candidates.append((float(resid.pow(2).sum()), name, w, codes, s))
+                    lqer_candidates = sorted(lqer_candidates, key=lambda c: -c[0])[: self.cfg.lqer_top_k]
+                sections["codes"].append(codes.cpu().numpy().tobytes())
+                sections["f16"].append(s.to(torch.float16).cpu().numpy().tobytes())
+                kind = "gptq" if H is not None else "rtn"
+                header["entries"].append([name, "q", list(t.shape), _np_dtype(t), g.bits, kind])
+                st = per_group.setdefault(
+                    route(name), {"numel": 0, "bits": g.bits, "rel_mse_sum": 0.0, "n": 0}
+                )
+                st["numel"] += t.numel()
+                st["rel_mse_sum"] += float(err)
+                st["n"] += 1
+                st.setdefault("methods", set()).add(f"{kind}/{g.clip}")
+            elif t.is_floating_point():
+                c = t.cpu().contiguous()
+                if is_control(name) and self.cfg.control_fp32:
+                    sections["f32"].append(c.float().numpy().tobytes())
+                    header["entries"].append([name, "f32", list(t.shape), _np_dtype(t)])
+                else:
+                    sections["f16"].append(c.to(torch.float16).numpy().tobytes())
+                    header["entries"].append([name, "f16", list(t.shape), _np_dtype(t)])
+            else:
+                c = t.cpu().contiguous()
+                sections["raw"].append(c.numpy().tobytes())
+                header["entries"].append([name, "raw", list(t.shape), _np_dtype(t)])
+        for _, name, w, codes, s in lqer_candidates:  # largest ||W - W_hat||_F first
+            self._lqer(name, w - codes.float() * s[:, None], header, sections)
+        for st in per_group.values():
+            st["rel_mse"] = st.pop("rel_mse_sum") / st.pop("n")
+            st["methods"] = sorted(st["methods"])
+        self.stats["groups"] = per_group
+        return header, sections
+
+    def is_gate(self, name: str, t: Tensor) -> bool:
+        return (
+            self.cfg.gate_int8
+            and name.endswith("attn_gate_w")
+            and t.is_floating_point()
+            and t.ndim == 2
+            and 32 <= t.numel() <= 8192
+        )
+
+    def _lqer(self, name: str, err: Tensor, header: dict, sections: dict[str, list[bytes]]) -> None:
+        """E = W - W_hat ~ A B with A = U_r S_r (rows x r), B = V_r^T (r x cols), both int-N per row."""
+        r, bits = min(self.cfg.lqer_rank, *err.shape), self.cfg.lqer_factor_bits
+        U, S, Vh = torch.linalg.svd(err.float(), full_matrices=False)
+        before = float(err.pow(2).sum())
+        deq = []
+        for f in (U[:, :r] * S[:r], Vh[:r]):
+            s = row_scales(f, bits, "percentile", 0.0, 100.0)
+            q = round_codes(f, s, bits)
+            sections["codes"].append(q.cpu().numpy().tobytes())
+            sections["f16"].append(s.to(torch.float16).cpu().numpy().tobytes())
+            deq.append(q.float() * s[:, None])
+        recon = deq[0] @ deq[1]
+        header["entries"].append([name, "lqer", list(err.shape), "float32", bits, r])
+        self.stats.setdefault("lqer", {})[name] = {
+            "rank": r,
+            "err_before": before,
+            "err_after": float((err - recon).pow(2).sum()),
+        }
+
+    def _payload(self, state: dict[str, Tensor]) -> bytes:
+        header, sec = self.quantize(state)
+        sh = self.cfg.byte_shuffle
+        header["shuffle"] = sh
+        body = [b"".join(sec["codes"])]
+        f16, f32 = b"".join(sec["f16"]), b"".join(sec["f32"])
+        body += [shuffle(f16, 2) if sh else f16, shuffle(f32, 4) if sh else f32, b"".join(sec["raw"])]
+        header["sections"] = [len(b) for b in body]
+        h = json.dumps(header, separators=(",", ":")).encode()
+        return struct.pack("<I", len(h)) + h + b"".join(body)
+
+    def export(self, state: dict[str, Tensor]) -> bytes:
+        t0 = time.perf_counter()
+        missing = [
+            n
+            for n, t in state.items()
+            if self.quantized(n, t) and self.group(n).gptq and n not in self.hessians
+        ]
+        if missing and not self.calibrated:
+            raise RuntimeError(
+                f"quant: GPTQ is on for {len(missing)} matrices (e.g. {missing[0]}) but calibrate() was not "
+                "run; the trainer calls it, a script must call quant.calibrate(model, batches) first"
+            )
+        payload = self._payload(state)
+        t1 = time.perf_counter()
+        comp, _ = compressor(self.cfg.compressor, self.cfg.level)
+        blob = MAGIC + bytes([COMPRESSORS.index(self.cfg.compressor)]) + comp(payload)
+        t2 = time.perf_counter()
+        self.stats.update(
+            payload_bytes=len(payload),
+            compressor=self.cfg.compressor,
+            blob_bytes=len(blob),
+            quantize_seconds=t1 - t0,
+            compress_seconds=t2 - t1,
+        )
+        if self.cfg.report_compressors:  # timed apart: not part of quantize/compress seconds
+            t3 = time.perf_counter()
+            others = compare_compressors(payload, skip=self.cfg.compressor)
+            self.stats["compressors"] = {self.cfg.compressor: len(blob) - 5, **others}
+            self.stats["compare_seconds"] = time.perf_counter() - t3
+        return blob
+
+    # -------------------------------------------------------------------------------- load
+    @staticmethod
+    def load(blob: bytes) -> dict[str, Tensor]:
+        if blob[:4] != MAGIC:
+            raise ValueError(
+                "artifact is not a pgolf mixed-quant blob (no PGQ1 header); was it written by quant=mixed?"
+            )
+        _, decompress = compressor(COMPRESSORS[blob[4]], 0)
+        payload = decompress(blob[5:])
+        (hlen,) = struct.unpack("<I", payload[:4])
+        header = json.loads(payload[4 : 4 + hlen])
+        pos = 4 + hlen
+        parts = []
+        for n in header["sections"]:
+            parts.append(payload[pos : pos + n])
+            pos += n
+        codes, f16, f32, raw = parts
+        if header["shuffle"]:
+            f16, f32 = unshuffle(f16, 2), unshuffle(f32, 4)
+        offs = {"codes": 0, "f16": 0, "f32": 0, "raw": 0}
+        bufs = {"codes": codes, "f16": f16, "f32": f32, "raw": raw}
+
+        def take(sec: str, dtype: np.dtype, count: int) -> np.ndarray:
+            n = count * dtype.itemsize
+            a = np.frombuffer(bufs[sec], dtype=dtype, count=count, offset=offs[sec]).copy()
+            offs[sec] += n
+            return a
+
+        out: dict[str, Tensor] = {}
+        for e in header["entries"]:
+            name, kind, shape, dtype = e[0], e[1], e[2], getattr(torch, e[3])
+            numel = int(np.prod(shape)) if shape else 1
+            if kind == "q":
+                q = torch.from_numpy(take("codes", np.dtype(np.int8), numel)).view(shape).float()
+                s = torch.from_numpy(take("f16", np.dtype(np.float16), shape[0])).float()
+                out[name] = (q * s[:, None]).to(dtype)
+            elif kind == "lqer":  # low-rank correction of an already loaded matrix
+                (rows, cols), r = shape, e[5]
+                qa = torch.from_numpy(take("codes", np.dtype(np.int8), rows * r)).view(rows, r).float()
+                qb = torch.from_numpy(take("codes", np.dtype(np.int8), r * cols)).view(r, cols).float()
+                sa = torch.from_numpy(take("f16", np.dtype(np.float16), rows)).float()
+                sb = torch.from_numpy(take("f16", np.dtype(np.float16), r)).float()
+                corr = (qa * sa[:, None]) @ (qb * sb[:, None])
+                out[name] = (out[name].float() + corr).to(out[name].dtype)
+            elif kind == "f16":
+                out[name] = torch.from_numpy(take("f16", np.dtype(np.float16), numel)).view(shape).to(dtype)
+            elif kind == "f32":
+                out[name] = torch.from_numpy(take("f32", np.dtype(np.float32), numel)).view(shape).to(dtype)
+            else:
+                t = torch.empty(shape, dtype=dtype)
+                a = take("raw", np.dtype(t.numpy().dtype), numel)
+                out[name] = torch.from_numpy(a).view(shape)
+        return out
+
+
+def compare_compressors(payload: bytes, skip: str = "") -> dict[str, int]:
+    """Bytes of `payload` under each installed compressor (but `skip`) at its strongest setting."""
+    best = {"zlib": 9, "zstd": 22, "lzma": 9, "brotli": 11}
+    return {k: len(compressor(k, best[k])[0](payload)) for k in available() if k != skip}
+
+
+def build(cfg: MixedQuantConfig) -> MixedQuant:
+    return MixedQuant(cfg)

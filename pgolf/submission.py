@@ -1,0 +1,189 @@
+"""`python -m pgolf.pack <run_dir>`: a finished run -> a submission folder, and a proof that it runs.
+
+The folder holds what a record PR holds: `train_gpt.py` (the run's self-extracting wrapper, byte for
+byte: only the modules the worker imported, the frozen config inside), `requirements.txt`,
+`submission.json`, a README skeleton and the training log. The code bytes that count are the size
+of that `train_gpt.py`; with the run's model bytes they are checked against the cap again.
+`--verify` runs the packed script with a fresh Python from an empty directory (no PYTHONPATH, so
+only the shipped code can be imported) and compares its metrics with the original run's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from pgolf.results import read_json, write_json_atomic, write_text_atomic
+
+# Packages a worker imports, by the names pip installs them under, and what pulls them in.
+RUNTIME = {"torch": "torch", "numpy": "numpy", "sentencepiece": "sentencepiece"}
+COMPRESSOR_PKG = {"zstd": "zstandard", "brotli": "brotli"}
+
+
+class PackError(RuntimeError):
+    pass
+
+
+def requirements(result: dict, config: dict) -> str:
+    v = result.get("versions", {})
+    lines = [f"{pkg}=={v[mod]}" if mod in v else pkg for mod, pkg in RUNTIME.items()]
+    pkg = COMPRESSOR_PKG.get(config.get("quant", {}).get("compressor", ""))
+    if pkg:
+        lines.append(pkg)
+    if config.get("hardware", {}).get("attention") == "fa3":
+        lines.append("# flash-attn 3 (hopper build), installed separately")
+    return "\n".join(lines) + "\n"
+
+
+def _config(run_dir: Path) -> dict:
+    p = run_dir / "config.json"  # the frozen config the worker read
+    return read_json(p) if p.is_file() else {}
+
+
+def pack(
+    run_dir: Path, out: Path | None = None, name: str = "", author: str = "", github_id: str = ""
+) -> dict:
+    run_dir = Path(run_dir)
+    res_path, script = run_dir / "result.json", run_dir / "artifact" / "train_gpt.py"
+    if not res_path.is_file():
+        raise PackError(f"{res_path} not found: is {run_dir} a pgolf job dir (outputs/runs/...)?")
+    result = read_json(res_path)
+    if result.get("status") != "ok":
+        raise PackError(
+            f"{run_dir} did not finish (status {result.get('status')!r}): {result.get('error', '')}"
+        )
+    if not script.is_file():
+        raise PackError(f"{script} is missing; it is written with the artifact at the end of every run")
+    out = Path(out) if out else run_dir / "submission"
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(script, out / "train_gpt.py")
+    code_bytes = (out / "train_gpt.py").stat().st_size
+    model_bytes = int(result["bytes"]["model"])
+    cap = int(result["bytes"]["cap"])
+    total = model_bytes + code_bytes
+    config = _config(run_dir)
+    seed = result.get("seed")
+    if (run_dir / "train.log").is_file():
+        shutil.copyfile(run_dir / "train.log", out / f"train_seed{seed}.log")
+    write_text_atomic(out / "requirements.txt", requirements(result, config))
+    limits = result.get("limits", {})
+    sub = {
+        "name": name or result.get("label") or f"pgolf {config.get('model', {}).get('name', '')}",
+        "val_bpb": result.get("val_bpb"),
+        "val_loss": result.get("val_loss"),
+        "bytes_total": total,
+        "bytes_model": model_bytes,
+        "bytes_code": code_bytes,
+        "blurb": "",
+        "author": author,
+        "github_id": github_id,
+        "date": datetime.date.today().isoformat(),
+        "seeds": {
+            str(seed): {
+                "val_bpb": result.get("val_bpb"),
+                "val_loss": result.get("val_loss"),
+                "bytes_total": total,
+                "train_time_ms": result.get("train_ms"),
+            }
+        },
+        "config_hash": result.get("config_hash"),
+        "platform": result.get("versions", {}).get("gpu", "cpu")
+        + f", torch {result.get('versions', {}).get('torch')}",
+        "compliance": {
+            "artifact_under_16mb": total <= cap,
+            "training_under_600s": limits.get("train_seconds", {}).get("held"),
+            "eval_under_600s": limits.get("eval_seconds", {}).get("held"),
+        },
+    }
+    write_json_atomic(out / "submission.json", sub)
+    readme = out / "README.md"
+    if not readme.exists():  # a skeleton to fill in; never overwrite the author's text
+        write_text_atomic(
+            readme,
+            f"# {sub['name']}\n\n**val_bpb {sub['val_bpb']:.4f}** (seed {seed}), artifact {total:,} bytes "
+            f"(model {model_bytes:,} + code {code_bytes:,}; cap {cap:,}).\n\n## What is new\n\nTODO\n\n"
+            "## Configuration\n\nPacked by `python -m pgolf.pack`; the full config is inside `train_gpt.py` "
+            f"(config hash `{result.get('config_hash')}`).\n\n## Reproduce\n\n```bash\npip install -r requirements.txt\n"
+            "DATA_PATH=./data/datasets/fineweb10B_sp1024 TOKENIZER_PATH=./data/tokenizers/fineweb_1024_bpe.model \\\n"
+            "  torchrun --standalone --nproc_per_node=8 train_gpt.py\n```\n",
+        )
+    info = {"dir": str(out), "code_bytes": code_bytes, "model_bytes": model_bytes, "total": total, "cap": cap}
+    if total > cap:
+        raise PackError(
+            f"packed artifact is {total:,} bytes (model {model_bytes:,} + code {code_bytes:,}), over the cap "
+            f"of {cap:,} by {total - cap:,}"
+        )
+    return info
+
+
+def verify(sub_dir: Path, run_dir: Path, timeout: int = 1800, tol: float = 1e-6) -> dict:
+    """Run the packed train_gpt.py in an empty directory; its metrics must match the run's."""
+    want = read_json(Path(run_dir) / "result.json")
+    with tempfile.TemporaryDirectory(prefix="pgolf_verify_") as tmp:
+        work = Path(tmp) / "empty"
+        work.mkdir()
+        shutil.copyfile(Path(sub_dir) / "train_gpt.py", work / "train_gpt.py")
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env.update(PGOLF_JOB_DIR=str(work / "job"), TMPDIR=tmp, WANDB_MODE="disabled")
+        proc = subprocess.run(
+            [sys.executable, "train_gpt.py"],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        got_path = work / "job" / "result.json"
+        if proc.returncode != 0 or not got_path.is_file():
+            raise PackError(f"the packed script failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        got = read_json(got_path)
+    checks = {
+        "val_bpb": (got.get("val_bpb"), want.get("val_bpb")),
+        "steps": (got.get("steps"), want.get("steps")),
+        "model_bytes": (got["bytes"]["model"], want["bytes"]["model"]),
+    }
+    bad = {
+        k: v
+        for k, v in checks.items()
+        if v[0] is None or v[1] is None or (abs(v[0] - v[1]) > tol if k == "val_bpb" else v[0] != v[1])
+    }
+    if bad:
+        raise PackError(f"the packed script does not reproduce the run: {bad} (packed, original)")
+    return {k: v[0] for k, v in checks.items()} | {"code_bytes_packed_run": got["bytes"]["code"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pgolf.pack", description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument(
+        "--out", type=Path, default=None, help="submission folder (default: <run_dir>/submission)"
+    )
+    ap.add_argument("--name", default="")
+    ap.add_argument("--author", default="")
+    ap.add_argument("--github-id", default="")
+    ap.add_argument(
+        "--verify", action="store_true", help="rerun the packed script from an empty dir and compare"
+    )
+    a = ap.parse_args(argv)
+    try:
+        info = pack(a.run_dir, a.out, a.name, a.author, a.github_id)
+        print(
+            f"packed {info['dir']}: code {info['code_bytes']:,} + model {info['model_bytes']:,} = "
+            f"{info['total']:,} bytes (cap {info['cap']:,})"
+        )
+        if a.verify:
+            v = verify(Path(info["dir"]), a.run_dir)
+            print(
+                f"verified: the packed script reproduces val_bpb {v['val_bpb']:.8f}, {v['steps']} steps, "
+                f"model {v['model_bytes']:,} bytes"
+            )
+    except PackError as e:
+        print(f"pgolf.pack: {e}", file=sys.stderr)
+        return 1
+    return 0

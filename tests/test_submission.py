@@ -1,0 +1,52 @@
+"""`python -m pgolf.pack <run_dir>`: the submission folder, its byte accounting, and the packed rerun."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, run_cli, tiny_cpu_args
+
+from pgolf.submission import PackError, pack, requirements
+
+
+@pytest.mark.slow
+def test_pack_writes_the_folder_and_the_packed_script_reproduces(tmp_path, shard_dir, tokenizer_model):
+    args = tiny_cpu_args(shard_dir, tokenizer_model, quant="r0323", **{"train.prime_steps": "0"})
+    p = run_cli(args, tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    run = tmp_path / "run"
+    out = tmp_path / "sub"
+    cli = subprocess.run(
+        [sys.executable, "-m", "pgolf.pack", str(run), "--out", str(out), "--verify", "--author", "me"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    assert "verified: the packed script reproduces" in cli.stdout
+    r = json.loads((run / "result.json").read_text())
+    sub = json.loads((out / "submission.json").read_text())
+    assert (out / "train_gpt.py").read_bytes() == (run / "artifact" / "train_gpt.py").read_bytes()
+    assert sub["bytes_code"] == (out / "train_gpt.py").stat().st_size == r["bytes"]["code"]
+    assert sub["bytes_total"] == sub["bytes_code"] + sub["bytes_model"] == r["bytes"]["total"]
+    assert sub["val_bpb"] == r["val_bpb"] and sub["author"] == "me"
+    assert sub["compliance"]["artifact_under_16mb"] is True
+    assert "torch==" in (out / "requirements.txt").read_text()
+    assert (out / "README.md").read_text().startswith("# ")
+    assert (out / f"train_seed{r['seed']}.log").is_file()
+
+
+def test_pack_refuses_unfinished_runs(tmp_path):
+    with pytest.raises(PackError, match="not found"):
+        pack(tmp_path)
+    (tmp_path / "result.json").write_text(json.dumps({"status": "failed", "error": "boom"}))
+    with pytest.raises(PackError, match="did not finish.*boom"):
+        pack(tmp_path)
+
+
+def test_requirements_name_the_compressor_package():
+    res = {"versions": {"torch": "2.9.1", "numpy": "2.0", "sentencepiece": "0.2"}}
+    text = requirements(res, {"quant": {"compressor": "brotli"}})
+    assert text.splitlines() == ["torch==2.9.1", "numpy==2.0", "sentencepiece==0.2", "brotli"]
+    assert "zstandard" in requirements(res, {"quant": {"compressor": "zstd"}})
