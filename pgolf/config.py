@@ -16,6 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from pgolf.eval.config import EvalConfig
 from pgolf.registry import ConfigError
 
 GROUPS = ("data", "model", "optimizer", "quant", "ttt", "hardware")
@@ -76,6 +77,7 @@ class RootSettings:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 @dataclass(kw_only=True)
