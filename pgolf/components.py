@@ -11,7 +11,7 @@ from pgolf.data.config import EmbeddedDataConfig, ShardDataConfig
 from pgolf.hw.config import AutoHardwareConfig, CpuHardwareConfig, CudaHardwareConfig
 from pgolf.models.config import BankedGPTConfig, BaselineModelConfig, LayeredGPTConfig
 from pgolf.optim.config import MuonConfig
-from pgolf.quant.config import Int8ZlibConfig
+from pgolf.quant.config import Int8ZlibConfig, LosslessConfig
 from pgolf.registry import ConfigError, Registry
 from pgolf.ttt.config import NoTTTConfig, ScoreFirstTTTConfig
 
@@ -33,6 +33,7 @@ OPTIMIZERS.register("muon", MuonConfig, "pgolf.optim.muon:build", requires=("mat
 
 QUANT = Registry("quant")
 QUANT.register("int8_zlib", Int8ZlibConfig, "pgolf.quant.int8:build")
+QUANT.register("lossless", LosslessConfig, "pgolf.quant.lossless:build")
 
 TTT = Registry("ttt")
 TTT.register("none", NoTTTConfig, "pgolf.ttt.none:build")

@@ -128,3 +128,15 @@ def test_warmup_never_reads_the_stream():
     real = sc.stream
     sc.warmup()
     assert sc.stream is real and int(sc.count.sum()) == 0
+
+
+def test_lossless_quant_round_trips_bit_for_bit():
+    from pgolf.quant.config import LosslessConfig
+    from pgolf.quant.lossless import Lossless
+
+    model = tiny_model().bfloat16()
+    state = model.state_dict()
+    q = Lossless(LosslessConfig())
+    back = q.load(q.export(state))
+    assert list(back) == list(state)
+    assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in state.items())
