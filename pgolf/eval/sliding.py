@@ -111,16 +111,19 @@ class WindowScorer:
     @torch.inference_mode()
     def score(self, starts: np.ndarray, sums: Tensor) -> None:
         """Add the NLL/token/byte sums of `starts` (any subset of the kept windows) to `sums`."""
+        if starts.size == 0:
+            return
         B = self.batch_seqs
-        for b in range(0, starts.size, B):
-            part = starts[b : b + B]
-            valid = np.zeros(B, dtype=bool)
-            valid[: part.size] = True
-            padded = np.concatenate([part, np.full(B - part.size, part[-1], dtype=np.int64)])
-            s, nll, where = self._batch(
-                torch.from_numpy(padded).to(self.device, non_blocking=True),
-                torch.from_numpy(valid).to(self.device, non_blocking=True),
-            )
+        n_batches = -(-starts.size // B)
+        pad = n_batches * B - starts.size
+        # One upload per call (a pageable copy per batch would stall the host on the GPU each time).
+        padded = np.concatenate([starts, np.full(pad, starts[-1], dtype=np.int64)]).reshape(n_batches, B)
+        valid = (np.arange(n_batches * B) < starts.size).reshape(n_batches, B)
+        padded_d = torch.from_numpy(padded).to(self.device)
+        valid_d = torch.from_numpy(valid).to(self.device)
+        for b in range(n_batches):
+            # clones: fresh offset-0 inputs, so the compiled graph never specializes on a view offset
+            s, nll, where = self._batch(padded_d[b].clone(), valid_d[b].clone())
             sums += s
             if self.record:  # unscored columns land in the spare slot n_targets
                 flat = where.reshape(-1)
