@@ -97,6 +97,7 @@ class GPT(nn.Module):
         if self.lm_head is not None:
             self.lm_head._zero_init = True
         self._export_keys: list[str] | None = None
+        self.head_delta = None  # test-time logit adapter (pgolf.ttt.lora); a plain callable, None outside TTT
         if init:
             self._init_weights()
 
@@ -235,6 +236,8 @@ class GPT(nn.Module):
     def _logits(self, ids: Tensor) -> Tensor:
         x = self._hidden(ids)
         logits = F.linear(x, self.tok_emb.weight) if self.lm_head is None else self.lm_head(x)
+        if self.head_delta is not None:  # test-time adapter on the logits (pgolf.ttt.lora), before the cap
+            logits = logits + self.head_delta(x)
         cap = self.cfg.logit_softcap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
