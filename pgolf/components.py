@@ -13,7 +13,7 @@ from pgolf.models.config import BankedGPTConfig, BaselineModelConfig, LayeredGPT
 from pgolf.optim.config import MuonConfig
 from pgolf.quant.config import Int8ZlibConfig, LosslessConfig
 from pgolf.registry import ConfigError, Registry
-from pgolf.ttt.config import NoTTTConfig, ScoreFirstTTTConfig
+from pgolf.ttt.config import LoRATTTConfig, NoTTTConfig, PhasedTTTConfig, ScoreFirstTTTConfig
 
 if TYPE_CHECKING:
     from pgolf.config import JobConfig
@@ -38,6 +38,8 @@ QUANT.register("lossless", LosslessConfig, "pgolf.quant.lossless:build")
 TTT = Registry("ttt")
 TTT.register("none", NoTTTConfig, "pgolf.ttt.none:build")
 TTT.register("score_first", ScoreFirstTTTConfig, "pgolf.ttt.score_first:build")
+TTT.register("lora", LoRATTTConfig, "pgolf.ttt.lora:build")
+TTT.register("phased", PhasedTTTConfig, "pgolf.ttt.lora:build")
 
 HARDWARE = Registry("hardware")
 HARDWARE.register("cuda", CudaHardwareConfig, "pgolf.hw.device:build")
@@ -93,12 +95,12 @@ def check_compatibility(job: JobConfig) -> None:
 
 
 def check_eval(job: JobConfig) -> None:
-    """Sliding windows must fit train.seq_len when eval.seq_len defers to it; TTT follows the records,
-    which always report the sliding score before TTT (and share its windows)."""
+    """Sliding windows must fit train.seq_len when eval.seq_len defers to it; score-first TTT follows
+    the records, which always report the sliding score before it (and share its windows)."""
     e = job.eval
     if e.stride > e.window(job.train.seq_len):
         raise ConfigError(f"eval.stride={e.stride} exceeds the window eval.seq_len={e.window(job.train.seq_len)}")
-    if job.ttt.name != "none" and "sliding" not in e.modes:
+    if job.ttt.name == "score_first" and "sliding" not in e.modes:
         raise ConfigError(
             f"ttt={job.ttt.name} scores with sliding windows after the sliding eval, as the records do; "
             f"add it: eval.modes=[nonoverlap,sliding] (now {e.modes})"

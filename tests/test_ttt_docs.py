@@ -13,7 +13,7 @@ BOS = 1
 def synthetic(lengths: list[int], seed: int = 0) -> np.ndarray:
     """Documents of the given token counts (BOS + body), concatenated."""
     rng = np.random.default_rng(seed)
-    parts = [np.concatenate([[BOS], rng.integers(2, 50, n - 1)]) for n in lengths]
+    parts = [np.concatenate([[BOS], rng.integers(2, 48, n - 1)]) for n in lengths]
     return np.concatenate(parts).astype(np.uint16)
 
 

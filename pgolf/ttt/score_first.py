@@ -47,6 +47,43 @@ def trainable(model: nn.Module, freeze_blocks: int) -> tuple[list[nn.Parameter],
     return params, masks
 
 
+def sgd_step(
+    loss_fn: LossFn,
+    opt: torch.optim.Optimizer,
+    params: list[nn.Parameter],
+    masks: dict[nn.Parameter, Tensor],
+    x: Tensor,
+    y: Tensor,
+    device: torch.device,
+    amp_dtype: torch.dtype,
+    world_size: int,
+    clip: float,
+) -> None:
+    """One step: mean loss, backward, frozen slices masked, gradients averaged over ranks, clip, step.
+    A rank with no sequence (x of size 0) still joins the average with zero gradients."""
+    opt.zero_grad(set_to_none=False)
+    if x.size(0):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+            loss = loss_fn(x, y)
+        loss.backward()
+    grads = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        if p in masks:
+            p.grad.mul_(masks[p])
+        grads.append(p.grad)
+    if world_size > 1:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= world_size
+        for g, f in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            g.copy_(f)
+    if clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+
+
 class ScoreFirstTTT:
     enabled = True
 
@@ -78,32 +115,10 @@ class ScoreFirstTTT:
         model.train()
         for bs in sizes:
             x = torch.randint(0, vocab, (bs, scorer.seq_len + 1), device=scorer.device)
-            self._step(model, loss_fn, opt, params, {}, x[:, :-1], x[:, 1:], scorer, world_size)
+            sgd_step(loss_fn, opt, params, {}, x[:, :-1], x[:, 1:], scorer.device, scorer.amp_dtype, world_size, self.cfg.grad_clip)
         with torch.no_grad():
             model.load_state_dict(snapshot, strict=True)
         model.eval()
-
-    # -------------------------------------------------------------------------------- step
-    def _step(self, model, loss_fn, opt, params, masks, x, y, scorer, world_size) -> None:
-        opt.zero_grad(set_to_none=False)
-        with torch.autocast(scorer.device.type, dtype=scorer.amp_dtype, enabled=scorer.amp_dtype != torch.float32):
-            loss = loss_fn(x, y) if x.size(0) else None
-        if loss is not None:
-            loss.backward()
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        for p, g in zip(params, grads):
-            p.grad = g
-            if p in masks:
-                g.mul_(masks[p])
-        if world_size > 1:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat)
-            flat /= world_size
-            for g, f in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-                g.copy_(f)
-        if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
-        opt.step()
 
     # --------------------------------------------------------------------------------- run
     def run(
@@ -165,7 +180,7 @@ class ScoreFirstTTT:
                         x, y = tok[:-1].view(-1, L), tok[1:].view(-1, L)
                     else:  # this rank has no sequence left: it still joins the gradient average
                         x = y = scorer.stream.new_zeros(0, L)
-                    self._step(model, loss_fn, opt, params, masks, x, y, scorer, world_size)
+                    sgd_step(loss_fn, opt, params, masks, x, y, scorer.device, scorer.amp_dtype, world_size, cfg.grad_clip)
             if rank == 0 and (c % every == 0):
                 nll, ntok, nbytes = sums.tolist()
                 log(f"ttt:chunk {c + 1}/{n_chunks} running_bpb(rank0):{nll / math.log(2) / max(nbytes, 1):.6f} "
