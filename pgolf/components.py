@@ -99,7 +99,9 @@ def check_eval(job: JobConfig) -> None:
     the records, which always report the sliding score before it (and share its windows)."""
     e = job.eval
     if e.stride > e.window(job.train.seq_len):
-        raise ConfigError(f"eval.stride={e.stride} exceeds the window eval.seq_len={e.window(job.train.seq_len)}")
+        raise ConfigError(
+            f"eval.stride={e.stride} exceeds the window eval.seq_len={e.window(job.train.seq_len)}"
+        )
     if job.ttt.name == "score_first" and "sliding" not in e.modes:
         raise ConfigError(
             f"ttt={job.ttt.name} scores with sliding windows after the sliding eval, as the records do; "

@@ -513,7 +513,14 @@ class Trainer:
             L = e.window(self.job.train.seq_len)
             stream = self.val_tokens if L == self.job.train.seq_len else self.data.val_tokens(L)
             self._window_scorer = WindowScorer(
-                self.model.token_nll, stream, L, e.stride, e.batch_seqs, self.lut, rt.device, rt.amp_dtype,
+                self.model.token_nll,
+                stream,
+                L,
+                e.stride,
+                e.batch_seqs,
+                self.lut,
+                rt.device,
+                rt.amp_dtype,
                 compile=rt.compile,
             )
         return self._window_scorer
@@ -524,7 +531,11 @@ class Trainer:
             self.model.eval()
             if self.ttt.enabled:
                 self.ttt.warmup(
-                    self.model, self._scorer(), self.compiled_model, self.job.model.vocab_size, self.rt.world_size
+                    self.model,
+                    self._scorer(),
+                    self.compiled_model,
+                    self.job.model.vocab_size,
+                    self.rt.world_size,
                 )
             else:
                 self._scorer().warmup()
@@ -532,7 +543,13 @@ class Trainer:
 
     def run_ttt(self) -> ModeResult:
         res = self.ttt.run(
-            self.model, self._scorer(), self.compiled_model, self.rt.rank, self.rt.world_size, self.log, self.rt.sync
+            self.model,
+            self._scorer(),
+            self.compiled_model,
+            self.rt.rank,
+            self.rt.world_size,
+            self.log,
+            self.rt.sync,
         )
         self._record_mode(self.job.ttt.name, res)
         return res

@@ -35,7 +35,9 @@ def stream(n_tokens: int, seed: int = 1) -> np.ndarray:
 
 
 def scorer(model, toks, L, stride, B=3, record=True) -> WindowScorer:
-    return WindowScorer(model.token_nll, toks, L, stride, B, ByteLUT(tables(), CPU), CPU, torch.float32, record=record)
+    return WindowScorer(
+        model.token_nll, toks, L, stride, B, ByteLUT(tables(), CPU), CPU, torch.float32, record=record
+    )
 
 
 @pytest.mark.parametrize("L,stride", [(1, 1), (8, 1), (8, 3), (8, 8), (16, 5), (16, 16), (7, 2)])

@@ -18,7 +18,9 @@ L, STRIDE, CHUNK = 16, 4, 40
 def run_ttt(toks, lr=0.05, epochs=2, freeze=0, model=None, **kw):
     model = model or tiny_model()
     sc = scorer(model, toks, L, STRIDE, B=3)
-    cfg = ScoreFirstTTTConfig(lr=lr, epochs=epochs, chunk_tokens=CHUNK, batch_seqs=2, freeze_blocks=freeze, **kw)
+    cfg = ScoreFirstTTTConfig(
+        lr=lr, epochs=epochs, chunk_tokens=CHUNK, batch_seqs=2, freeze_blocks=freeze, **kw
+    )
     res = ScoreFirstTTT(cfg).run(model, sc, model, log=lambda s: None)
     return res, sc, model
 

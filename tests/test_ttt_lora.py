@@ -38,7 +38,10 @@ def reference_nll(model, toks, chunk, context):
             end = min((ci + 1) * chunk, pred)
             ws = max(end - context, 0)
             with torch.no_grad():
-                nll = model.token_nll(x_all[d.start + ws : d.start + end][None], x_all[d.start + ws + 1 : d.start + end + 1][None])[0]
+                nll = model.token_nll(
+                    x_all[d.start + ws : d.start + end][None],
+                    x_all[d.start + ws + 1 : d.start + end + 1][None],
+                )[0]
             out[d.start + ci * chunk : d.start + end] = nll[ci * chunk - ws :].double()
     return out
 
@@ -102,7 +105,14 @@ def test_lora_update_only_sees_scored_targets(monkeypatch):
 
 def test_phased_matches_lora_until_the_first_pause_then_adapts_the_base():
     toks = synthetic(LENGTHS * 2, seed=4)
-    kw = dict(prefix_docs=6, num_phases=2, global_lr=0.05, global_seq_len=8, global_batch_seqs=4, global_chunk_tokens=64)
+    kw = dict(
+        prefix_docs=6,
+        num_phases=2,
+        global_lr=0.05,
+        global_seq_len=8,
+        global_batch_seqs=4,
+        global_chunk_tokens=64,
+    )
     cfg = PhasedTTTConfig(**{**lora_cfg().__dict__, "name": "phased", **kw})
     model = tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}

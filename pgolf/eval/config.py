@@ -25,7 +25,9 @@ class EvalConfig:
         if len(set(self.modes)) != len(self.modes):
             raise ConfigError(f"{path}.modes={self.modes} lists a mode twice")
         if self.seq_len < 0 or self.stride < 1 or self.batch_seqs < 1:
-            raise ConfigError(f"{path}: seq_len >= 0 (0: train.seq_len), stride >= 1 and batch_seqs >= 1 are required")
+            raise ConfigError(
+                f"{path}: seq_len >= 0 (0: train.seq_len), stride >= 1 and batch_seqs >= 1 are required"
+            )
         if self.seq_len and self.stride > self.seq_len:
             raise ConfigError(f"{path}.stride={self.stride} exceeds {path}.seq_len={self.seq_len}")
 

@@ -47,11 +47,15 @@ def finish(sums: Tensor, seconds: float, world_size: int) -> ModeResult:
         dist.all_reduce(sums)
     nll, n_tok, n_bytes = sums.tolist()
     loss = nll / n_tok
-    return ModeResult(loss, nll / (math.log(2.0) * n_bytes), int(n_tok), int(n_bytes), seconds, n_tok / max(seconds, 1e-9))
+    return ModeResult(
+        loss, nll / (math.log(2.0) * n_bytes), int(n_tok), int(n_bytes), seconds, n_tok / max(seconds, 1e-9)
+    )
 
 
 def from_eval_result(res: EvalResult, seconds: float) -> ModeResult:
-    return ModeResult(res.val_loss, res.val_bpb, res.tokens, res.bytes, seconds, res.tokens / max(seconds, 1e-9))
+    return ModeResult(
+        res.val_loss, res.val_bpb, res.tokens, res.bytes, seconds, res.tokens / max(seconds, 1e-9)
+    )
 
 
 class WindowScorer:
@@ -84,7 +88,9 @@ class WindowScorer:
         if record:
             self.nll = torch.full((self.n_targets + 1,), float("nan"), dtype=torch.float64, device=device)
             self.count = torch.zeros(self.n_targets + 1, dtype=torch.int64, device=device)
-        self._batch = torch.compile(self._batch_sums, dynamic=False, fullgraph=True) if compile else self._batch_sums
+        self._batch = (
+            torch.compile(self._batch_sums, dynamic=False, fullgraph=True) if compile else self._batch_sums
+        )
 
     def starts(self) -> np.ndarray:
         return window_starts(self.n_targets, self.seq_len, self.stride)
@@ -94,7 +100,9 @@ class WindowScorer:
 
     def _batch_sums(self, starts: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         L, n = self.seq_len, self.n_targets
-        idx = (starts[:, None] + self.offsets[None, :]).clamp_(max=n)  # a short tail window repeats its last token
+        idx = (starts[:, None] + self.offsets[None, :]).clamp_(
+            max=n
+        )  # a short tail window repeats its last token
         tok = self.stream[idx]
         x, y = tok[:, :-1], tok[:, 1:]
         pos = starts[:, None] + self.offsets[None, :L]  # the target index of each column
@@ -104,7 +112,11 @@ class WindowScorer:
             nll = self.nll_fn(x, y).float()
         nll = torch.where(mask, nll, 0.0)
         sums = torch.stack(
-            [nll.double().sum(), mask.sum().double(), torch.where(mask, self.lut.count(x, y), 0).sum().double()]
+            [
+                nll.double().sum(),
+                mask.sum().double(),
+                torch.where(mask, self.lut.count(x, y), 0).sum().double(),
+            ]
         )
         return sums, nll, torch.where(mask, pos, n)
 
@@ -130,7 +142,6 @@ class WindowScorer:
                 self.nll.index_put_((flat,), nll.reshape(-1).double())
                 self.count.index_add_(0, flat, torch.ones_like(flat))
 
-
     @torch.inference_mode()
     def warmup(self, seed: int = 0) -> None:
         """Compile the batch graph on random tokens: the validation stream is never read here."""
@@ -151,7 +162,9 @@ def rank_slice(n: int, rank: int, world_size: int) -> slice:
     return slice(n * rank // world_size, n * (rank + 1) // world_size)
 
 
-def evaluate_sliding(scorer: WindowScorer, rank: int = 0, world_size: int = 1, sync: Callable[[], None] = lambda: None) -> ModeResult:
+def evaluate_sliding(
+    scorer: WindowScorer, rank: int = 0, world_size: int = 1, sync: Callable[[], None] = lambda: None
+) -> ModeResult:
     """Every kept window once, split contiguously over ranks."""
     sync()
     t0 = time.perf_counter()
@@ -160,4 +173,6 @@ def evaluate_sliding(scorer: WindowScorer, rank: int = 0, world_size: int = 1, s
     scorer.score(starts[rank_slice(starts.size, rank, world_size)], sums)
     res = finish(sums, 0.0, world_size)  # the all-reduce + read is the sync point
     seconds = time.perf_counter() - t0
-    return ModeResult(res.val_loss, res.val_bpb, res.tokens, res.bytes, seconds, res.tokens / max(seconds, 1e-9))
+    return ModeResult(
+        res.val_loss, res.val_bpb, res.tokens, res.bytes, seconds, res.tokens / max(seconds, 1e-9)
+    )

@@ -19,7 +19,9 @@ import numpy as np
 
 def check_window(seq_len: int, stride: int) -> None:
     if seq_len < 1 or not 1 <= stride <= seq_len:
-        raise ValueError(f"sliding windows need seq_len >= 1 and 1 <= stride <= seq_len (got {seq_len}, {stride})")
+        raise ValueError(
+            f"sliding windows need seq_len >= 1 and 1 <= stride <= seq_len (got {seq_len}, {stride})"
+        )
 
 
 def window_starts(n_targets: int, seq_len: int, stride: int) -> np.ndarray:
@@ -32,14 +34,18 @@ def window_starts(n_targets: int, seq_len: int, stride: int) -> np.ndarray:
     return np.arange(0, max(last, 0) + 1, dtype=np.int64) * stride
 
 
-def scored_ranges(starts: np.ndarray, n_targets: int, seq_len: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+def scored_ranges(
+    starts: np.ndarray, n_targets: int, seq_len: int, stride: int
+) -> tuple[np.ndarray, np.ndarray]:
     """[lo, hi) of the targets each window scores, in stream coordinates."""
     lo = np.where(starts == 0, 0, starts + seq_len - stride)
     hi = np.minimum(starts + seq_len, n_targets)
     return lo, hi
 
 
-def assign_chunks(starts: np.ndarray, n_targets: int, seq_len: int, stride: int, chunk_tokens: int) -> np.ndarray:
+def assign_chunks(
+    starts: np.ndarray, n_targets: int, seq_len: int, stride: int, chunk_tokens: int
+) -> np.ndarray:
     """The chunk of each window (score-first TTT, §2.11): the one holding its first scored target.
 
     A window's scored range can straddle a chunk boundary (when stride does not divide the chunk);

@@ -19,13 +19,17 @@ class Lossless:
 
     def export(self, state: dict[str, Tensor]) -> bytes:
         buf = io.BytesIO()
-        torch.save({"format": FORMAT, "state": {k: v.detach().cpu().contiguous() for k, v in state.items()}}, buf)
+        torch.save(
+            {"format": FORMAT, "state": {k: v.detach().cpu().contiguous() for k, v in state.items()}}, buf
+        )
         return zlib.compress(buf.getvalue(), level=self.cfg.zlib_level)
 
     def load(self, blob: bytes) -> dict[str, Tensor]:
         obj = torch.load(io.BytesIO(zlib.decompress(blob)), map_location="cpu")
         if obj.get("format") != FORMAT:
-            raise ValueError(f"artifact format {obj.get('format')!r} is not {FORMAT!r}; was it written by quant=lossless?")
+            raise ValueError(
+                f"artifact format {obj.get('format')!r} is not {FORMAT!r}; was it written by quant=lossless?"
+            )
         return obj["state"]
 
 

@@ -32,9 +32,13 @@ class ScoreFirstTTTConfig:
 
     def validate(self, path: str) -> None:
         if self.lr < 0 or not 0 <= self.momentum < 1 or self.epochs < 0 or self.grad_clip < 0:
-            raise ConfigError(f"{path}: lr >= 0, 0 <= momentum < 1, epochs >= 0 and grad_clip >= 0 are required")
+            raise ConfigError(
+                f"{path}: lr >= 0, 0 <= momentum < 1, epochs >= 0 and grad_clip >= 0 are required"
+            )
         if self.chunk_tokens < 1 or self.batch_seqs < 1 or self.freeze_blocks < 0:
-            raise ConfigError(f"{path}: chunk_tokens >= 1, batch_seqs >= 1 and freeze_blocks >= 0 are required")
+            raise ConfigError(
+                f"{path}: chunk_tokens >= 1, batch_seqs >= 1 and freeze_blocks >= 0 are required"
+            )
 
 
 LoRATarget = Literal["q", "k", "v", "head"]
@@ -61,7 +65,9 @@ class LoRATTTConfig:
 
     def validate(self, path: str) -> None:
         if self.rank < 1 or self.chunk_size < 1 or self.context < self.chunk_size or self.batch_docs < 1:
-            raise ConfigError(f"{path}: rank >= 1, chunk_size >= 1, context >= chunk_size and batch_docs >= 1")
+            raise ConfigError(
+                f"{path}: rank >= 1, chunk_size >= 1, context >= chunk_size and batch_docs >= 1"
+            )
         if not self.targets:
             raise ConfigError(f"{path}.targets is empty; choose from q, k, v, head")
         if self.lr < 0 or self.alpha < 0 or self.weight_decay < 0:
@@ -85,5 +91,12 @@ class PhasedTTTConfig(LoRATTTConfig):
 
     def validate(self, path: str) -> None:
         super().validate(path)
-        if self.prefix_docs < 1 or self.num_phases < 1 or self.global_seq_len < 2 or self.global_batch_seqs < 1:
-            raise ConfigError(f"{path}: prefix_docs, num_phases, global_batch_seqs >= 1 and global_seq_len >= 2")
+        if (
+            self.prefix_docs < 1
+            or self.num_phases < 1
+            or self.global_seq_len < 2
+            or self.global_batch_seqs < 1
+        ):
+            raise ConfigError(
+                f"{path}: prefix_docs, num_phases, global_batch_seqs >= 1 and global_seq_len >= 2"
+            )

@@ -33,7 +33,7 @@ from pgolf.eval.sliding import ModeResult, WindowScorer, finish
 from pgolf.ttt.config import LoRATTTConfig, PhasedTTTConfig
 from pgolf.ttt.docs import Doc, doc_queue, find_docs, pause_points, phase_doc_sets
 from pgolf.ttt.guard import ScoredStream
-from pgolf.ttt.score_first import cosine_lr, sgd_step
+from pgolf.ttt.score_first import ceil_div, cosine_lr, sgd_step
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -61,10 +61,18 @@ class Adapters:
         out = {"q": mc.model_dim, "k": mc.num_kv_heads * head_dim, "v": mc.num_kv_heads * head_dim}
         scale = cfg.alpha / cfg.rank if cfg.alpha > 0 else 1.0
         self.layers = [
-            {kind: BatchedLoRA(n, mc.model_dim, out[kind], cfg.rank, scale, device) for kind in cfg.targets if kind != "head"}
+            {
+                kind: BatchedLoRA(n, mc.model_dim, out[kind], cfg.rank, scale, device)
+                for kind in cfg.targets
+                if kind != "head"
+            }
             for _ in model.blocks
         ]
-        self.head = BatchedLoRA(n, mc.model_dim, mc.vocab_size, cfg.rank, scale, device) if "head" in cfg.targets else None
+        self.head = (
+            BatchedLoRA(n, mc.model_dim, mc.vocab_size, cfg.rank, scale, device)
+            if "head" in cfg.targets
+            else None
+        )
 
     def params(self) -> list[Tensor]:
         ps = [t for layer in self.layers for a in layer.values() for t in (a.a, a.b)]
@@ -92,7 +100,9 @@ def _layer_delta(layer: dict[str, BatchedLoRA]) -> Callable[[str, Tensor], Tenso
 
 def check_model(model: nn.Module) -> None:
     if not (hasattr(model, "head_delta") and all(hasattr(b.attn, "delta") for b in model.blocks)):
-        raise TypeError("ttt=lora/phased needs a model with test-time adapter hooks: model=banked or model=layered")
+        raise TypeError(
+            "ttt=lora/phased needs a model with test-time adapter hooks: model=banked or model=layered"
+        )
 
 
 class LoRATTT:
@@ -101,12 +111,16 @@ class LoRATTT:
     def __init__(self, cfg: LoRATTTConfig):
         self.cfg = cfg
 
-    def warmup(self, model: nn.Module, scorer: WindowScorer, loss_fn: LossFn, vocab: int, world_size: int) -> None:
+    def warmup(
+        self, model: nn.Module, scorer: WindowScorer, loss_fn: LossFn, vocab: int, world_size: int
+    ) -> None:
         """Nothing to compile: the per-document forward runs eagerly (its shapes vary per chunk)."""
         check_model(model)
 
     # ------------------------------------------------------------------------------ one batch
-    def _score_batch(self, model: nn.Module, docs: list[Doc], scorer: WindowScorer, guard: ScoredStream, sums: Tensor) -> None:
+    def _score_batch(
+        self, model: nn.Module, docs: list[Doc], scorer: WindowScorer, guard: ScoredStream, sums: Tensor
+    ) -> None:
         cfg, dev = self.cfg, scorer.device
         n = len(docs)
         pred = np.array([d.length - 1 for d in docs])
@@ -114,7 +128,11 @@ class LoRATTT:
         adapters = Adapters(model, n, cfg, dev)
         adapters.attach(model)
         opt = torch.optim.AdamW(
-            adapters.params(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay
+            adapters.params(),
+            lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2),
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
         )
         try:
             for ci in range(int(n_chunks.max())):
@@ -124,20 +142,30 @@ class LoRATTT:
                 ws = np.maximum(end - cfg.context, 0)
                 T = int((end - ws)[active].max())
                 starts = np.array([d.start for d in docs]) + np.where(active, ws, 0)
-                idx = torch.from_numpy(starts[:, None] + np.arange(T + 1)[None, :]).to(dev).clamp_(max=scorer.n_targets)
+                idx = (
+                    torch.from_numpy(starts[:, None] + np.arange(T + 1)[None, :])
+                    .to(dev)
+                    .clamp_(max=scorer.n_targets)
+                )
                 tok = scorer.stream[idx]
                 x, y = tok[:, :-1], tok[:, 1:]
                 col = torch.arange(T, device=dev)[None, :]
                 rel_lo = torch.from_numpy(np.where(active, lo - ws, T)).to(dev)[:, None]
                 rel_hi = torch.from_numpy(np.where(active, end - ws, 0)).to(dev)[:, None]
                 mask = (col >= rel_lo) & (col < rel_hi)
-                with torch.autocast(dev.type, dtype=scorer.amp_dtype, enabled=scorer.amp_dtype != torch.float32):
+                with torch.autocast(
+                    dev.type, dtype=scorer.amp_dtype, enabled=scorer.amp_dtype != torch.float32
+                ):
                     nll = model.token_nll(x, y).float()
                 # score: the chunk's own targets, under the adapters as they were before this chunk
                 with torch.no_grad():
                     m = mask.to(nll.dtype)
                     sums += torch.stack(
-                        [(nll.detach() * m).double().sum(), m.double().sum(), (scorer.lut.count(x, y) * mask).sum().double()]
+                        [
+                            (nll.detach() * m).double().sum(),
+                            m.double().sum(),
+                            (scorer.lut.count(x, y) * mask).sum().double(),
+                        ]
                     )
                 for j in np.flatnonzero(active):
                     guard.mark_scored(docs[j].start + int(lo[j]), docs[j].start + int(end[j]))
@@ -177,14 +205,25 @@ class LoRATTT:
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(cfg.global_lr, c, n_chunks)
             s0, s1 = seqs * rank // world_size, seqs * (rank + 1) // world_size
-            steps = -(-(-(-seqs // world_size)) // cfg.global_batch_seqs)
+            steps = ceil_div(ceil_div(seqs, world_size), cfg.global_batch_seqs)
             for b in range(steps):
                 a = s0 + b * cfg.global_batch_seqs
                 e = min(a + cfg.global_batch_seqs, s1)
                 part = chunk[a * L : max(e, a) * L + 1]
                 x = part[:-1].view(-1, L) if e > a else part.new_zeros(0, L)
                 y = part[1:].view(-1, L) if e > a else part.new_zeros(0, L)
-                sgd_step(loss_fn, opt, params, {}, x, y, scorer.device, scorer.amp_dtype, world_size, cfg.global_grad_clip)
+                sgd_step(
+                    loss_fn,
+                    opt,
+                    params,
+                    {},
+                    x,
+                    y,
+                    scorer.device,
+                    scorer.amp_dtype,
+                    world_size,
+                    cfg.global_grad_clip,
+                )
         model.eval()
 
     # --------------------------------------------------------------------------------- run
@@ -210,7 +249,8 @@ class LoRATTT:
         sets = phase_doc_sets(queue, cfg.prefix_docs, cfg.num_phases) if phased else []
         log(
             f"ttt:{cfg.name} docs:{len(docs)} batches:{len(queue)} rank:{cfg.rank} targets:{cfg.targets} "
-            f"chunk:{cfg.chunk_size} context:{cfg.context}" + (f" pauses_after_batches:{pauses}" if phased else "")
+            f"chunk:{cfg.chunk_size} context:{cfg.context}"
+            + (f" pauses_after_batches:{pauses}" if phased else "")
         )
         sums = torch.zeros(3, dtype=torch.float64, device=scorer.device)
         requires = {p: p.requires_grad for p in model.parameters()}
@@ -233,8 +273,10 @@ class LoRATTT:
                     self._global_sgd(model, sets[phase], scorer, guard, loss_fn, world_size, rank)
                     for p in model.parameters():
                         p.requires_grad_(False)
-                    log(f"ttt:{cfg.name} phase {phase + 1}/{len(pauses)}: global SGD on {len(sets[phase])} scored docs "
-                        f"after batch {k + 1}, time:{time.perf_counter() - t0:.1f}s")
+                    log(
+                        f"ttt:{cfg.name} phase {phase + 1}/{len(pauses)}: global SGD on {len(sets[phase])} scored docs "
+                        f"after batch {k + 1}, time:{time.perf_counter() - t0:.1f}s"
+                    )
                     phase += 1
         finally:
             for p, flag in requires.items():
@@ -243,7 +285,9 @@ class LoRATTT:
             guard.assert_complete()
         res = finish(sums, 0.0, world_size)
         seconds = time.perf_counter() - t0
-        return ModeResult(res.val_loss, res.val_bpb, res.tokens, res.bytes, seconds, res.tokens / max(seconds, 1e-9))
+        return ModeResult(
+            res.val_loss, res.val_bpb, res.tokens, res.bytes, seconds, res.tokens / max(seconds, 1e-9)
+        )
 
 
 def build(cfg: LoRATTTConfig) -> LoRATTT:

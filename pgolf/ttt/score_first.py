@@ -28,6 +28,10 @@ from pgolf.ttt.guard import ScoredStream
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def cosine_lr(lr: float, chunk: int, n_chunks: int) -> float:
     return lr * 0.5 * (1.0 + math.cos(math.pi * chunk / max(n_chunks - 1, 1)))
 
@@ -42,7 +46,9 @@ def trainable(model: nn.Module, freeze_blocks: int) -> tuple[list[nn.Parameter],
             continue
         params.append(p)
         if name in BANKS and name in slots:
-            keep = torch.tensor([not s.startswith(frozen) for s in slots[name]], dtype=p.dtype, device=p.device)
+            keep = torch.tensor(
+                [not s.startswith(frozen) for s in slots[name]], dtype=p.dtype, device=p.device
+            )
             masks[p] = keep.view(-1, *([1] * (p.dim() - 1)))
     return params, masks
 
@@ -105,7 +111,9 @@ class ScoreFirstTTT:
         return n_chunks, sorted(sizes)
 
     # ------------------------------------------------------------------------------ warmup
-    def warmup(self, model: nn.Module, scorer: WindowScorer, loss_fn: LossFn, vocab: int, world_size: int) -> None:
+    def warmup(
+        self, model: nn.Module, scorer: WindowScorer, loss_fn: LossFn, vocab: int, world_size: int
+    ) -> None:
         """Compile the scoring and training graphs on random tokens, then restore the weights."""
         scorer.warmup()
         _, sizes = self.plan(scorer.n_targets, scorer.seq_len, world_size)
@@ -115,7 +123,18 @@ class ScoreFirstTTT:
         model.train()
         for bs in sizes:
             x = torch.randint(0, vocab, (bs, scorer.seq_len + 1), device=scorer.device)
-            sgd_step(loss_fn, opt, params, {}, x[:, :-1], x[:, 1:], scorer.device, scorer.amp_dtype, world_size, self.cfg.grad_clip)
+            sgd_step(
+                loss_fn,
+                opt,
+                params,
+                {},
+                x[:, :-1],
+                x[:, 1:],
+                scorer.device,
+                scorer.amp_dtype,
+                world_size,
+                self.cfg.grad_clip,
+            )
         with torch.no_grad():
             model.load_state_dict(snapshot, strict=True)
         model.eval()
@@ -169,7 +188,7 @@ class ScoreFirstTTT:
                 group["lr"] = cosine_lr(cfg.lr, c, n_chunks)
             mine_seqs = rank_slice(seqs, rank, world_size)
             # every rank runs as many steps as the busiest one, so the gradient all-reduces pair up
-            n_batches = -(-(-(-seqs // world_size)) // cfg.batch_seqs)
+            n_batches = ceil_div(ceil_div(seqs, world_size), cfg.batch_seqs)
             model.train()
             for _ in range(cfg.epochs):
                 for b in range(n_batches):
@@ -180,15 +199,30 @@ class ScoreFirstTTT:
                         x, y = tok[:-1].view(-1, L), tok[1:].view(-1, L)
                     else:  # this rank has no sequence left: it still joins the gradient average
                         x = y = scorer.stream.new_zeros(0, L)
-                    sgd_step(loss_fn, opt, params, masks, x, y, scorer.device, scorer.amp_dtype, world_size, cfg.grad_clip)
+                    sgd_step(
+                        loss_fn,
+                        opt,
+                        params,
+                        masks,
+                        x,
+                        y,
+                        scorer.device,
+                        scorer.amp_dtype,
+                        world_size,
+                        cfg.grad_clip,
+                    )
             if rank == 0 and (c % every == 0):
                 nll, ntok, nbytes = sums.tolist()
-                log(f"ttt:chunk {c + 1}/{n_chunks} running_bpb(rank0):{nll / math.log(2) / max(nbytes, 1):.6f} "
-                    f"time:{time.perf_counter() - t0:.1f}s")
+                log(
+                    f"ttt:chunk {c + 1}/{n_chunks} running_bpb(rank0):{nll / math.log(2) / max(nbytes, 1):.6f} "
+                    f"time:{time.perf_counter() - t0:.1f}s"
+                )
         model.eval()
         res = finish(sums, 0.0, world_size)
         seconds = time.perf_counter() - t0
-        return ModeResult(res.val_loss, res.val_bpb, res.tokens, res.bytes, seconds, res.tokens / max(seconds, 1e-9))
+        return ModeResult(
+            res.val_loss, res.val_bpb, res.tokens, res.bytes, seconds, res.tokens / max(seconds, 1e-9)
+        )
 
 
 def build(cfg: ScoreFirstTTTConfig) -> ScoreFirstTTT:
