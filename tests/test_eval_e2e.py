@@ -41,3 +41,37 @@ def test_ttt_without_sliding_is_refused(tmp_path, shard_dir, tokenizer_model):
     proc = run_cli(args, tmp_path)
     assert proc.returncode != 0
     assert "eval.modes" in proc.stderr + proc.stdout
+
+
+def _result(tmp_path, shard_dir, tokenizer_model, name, **extra):
+    d = tmp_path / name
+    args = tiny_cpu_args(
+        shard_dir,
+        tokenizer_model,
+        **{"train.iterations": "0", "train.prime_steps": "0", "eval.stride": "16", "eval.batch_seqs": "4"},
+        **extra,
+    )
+    proc = run_cli(args, d, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return json.loads((d / "run" / "result.json").read_text())
+
+
+@pytest.mark.parametrize("ttt", ["score_first", "lora"])
+def test_two_gloo_ranks_score_like_one(tmp_path, shard_dir, tokenizer_model, ttt):
+    """Same weights (0 steps): windows, chunks and documents split over 2 ranks give the same scores."""
+    extra = {"ttt": ttt, "eval.modes": "[nonoverlap,sliding]"}
+    if ttt == "score_first":
+        # one step per epoch and chunk in both runs (32 sequences of 64 per chunk <= ttt.batch_seqs on
+        # one rank): the average of the two ranks' mean losses is then the one-rank mean. More steps
+        # would differ by design: ttt.batch_seqs is per rank, as TTT_BATCH_SEQS is in the records.
+        extra.update({"ttt.chunk_tokens": "2048", "ttt.epochs": "2", "ttt.lr": "0.01"})
+    else:
+        extra.update({"ttt.rank": "2", "ttt.chunk_size": "32", "ttt.context": "64", "ttt.batch_docs": "4"})
+    one = _result(tmp_path, shard_dir, tokenizer_model, "n1", **extra, **{"hardware.nproc_per_node": "1"})
+    two = _result(tmp_path, shard_dir, tokenizer_model, "n2", **extra, **{"hardware.nproc_per_node": "2"})
+    assert two["world_size"] == 2
+    for mode in ("sliding", ttt):
+        a, b = one["metrics"][mode], two["metrics"][mode]
+        assert (a["tokens"], a["bytes"]) == (b["tokens"], b["bytes"]), mode
+        assert a["val_bpb"] == pytest.approx(b["val_bpb"], rel=1e-5), mode
+    assert one["metrics"][ttt]["val_bpb"] != one["metrics"]["sliding"]["val_bpb"]  # TTT did something
