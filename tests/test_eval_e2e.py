@@ -43,6 +43,20 @@ def test_ttt_without_sliding_is_refused(tmp_path, shard_dir, tokenizer_model):
     assert "eval.modes" in proc.stderr + proc.stdout
 
 
+GPT_TINY = {
+    "model": "banked",
+    "model.num_layers": "2",
+    "model.model_dim": "64",
+    "model.num_heads": "2",
+    "model.num_kv_heads": "1",
+    "model.bigram_vocab_size": "64",
+    "model.bigram_dim": "16",
+    "model.ve_dim": "16",
+    "model.ve_layers": "[1]",
+    "model.xsa_last_n": "1",
+}
+
+
 def _result(tmp_path, shard_dir, tokenizer_model, name, **extra):
     d = tmp_path / name
     args = tiny_cpu_args(
@@ -67,6 +81,7 @@ def test_two_gloo_ranks_score_like_one(tmp_path, shard_dir, tokenizer_model, ttt
         extra.update({"ttt.chunk_tokens": "2048", "ttt.epochs": "2", "ttt.lr": "0.01"})
     else:
         extra.update({"ttt.rank": "2", "ttt.chunk_size": "32", "ttt.context": "64", "ttt.batch_docs": "4"})
+        extra.update(GPT_TINY)
     one = _result(tmp_path, shard_dir, tokenizer_model, "n1", **extra, **{"hardware.nproc_per_node": "1"})
     two = _result(tmp_path, shard_dir, tokenizer_model, "n2", **extra, **{"hardware.nproc_per_node": "2"})
     assert two["world_size"] == 2
