@@ -41,9 +41,19 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 class BatchedLoRA:
     """One rank-r adapter per batch row: x (B, T, d_in) -> scale * x A^T B^T, A ~ U(+-1/sqrt(d_in)), B = 0."""
 
-    def __init__(self, n: int, d_in: int, d_out: int, rank: int, scale: float, device: torch.device):
+    def __init__(
+        self,
+        n: int,
+        d_in: int,
+        d_out: int,
+        rank: int,
+        scale: float,
+        device: torch.device,
+        gen: torch.Generator,
+    ):
         bound = 1.0 / math.sqrt(d_in)
-        self.a = (torch.rand(n, rank, d_in, device=device) * 2 - 1).mul_(bound).requires_grad_()
+        a = (torch.rand(n, rank, d_in, generator=gen) * 2 - 1).mul_(bound)
+        self.a = a.to(device).requires_grad_()
         self.b = torch.zeros(n, d_out, rank, device=device, requires_grad=True)
         self.scale = scale
 
@@ -55,21 +65,23 @@ class BatchedLoRA:
 class Adapters:
     """The adapters of one batch of documents, attached to the model's hook points while alive."""
 
-    def __init__(self, model: nn.Module, n: int, cfg: LoRATTTConfig, device: torch.device):
+    def __init__(self, model: nn.Module, n: int, cfg: LoRATTTConfig, device: torch.device, seed: int = 0):
+        # Seeded per batch of documents, so scores do not depend on which rank ran the batch.
+        gen = torch.Generator().manual_seed(seed)
         mc = model.cfg
         head_dim = mc.model_dim // mc.num_heads
         out = {"q": mc.model_dim, "k": mc.num_kv_heads * head_dim, "v": mc.num_kv_heads * head_dim}
         scale = cfg.alpha / cfg.rank if cfg.alpha > 0 else 1.0
         self.layers = [
             {
-                kind: BatchedLoRA(n, mc.model_dim, out[kind], cfg.rank, scale, device)
+                kind: BatchedLoRA(n, mc.model_dim, out[kind], cfg.rank, scale, device, gen)
                 for kind in cfg.targets
                 if kind != "head"
             }
             for _ in model.blocks
         ]
         self.head = (
-            BatchedLoRA(n, mc.model_dim, mc.vocab_size, cfg.rank, scale, device)
+            BatchedLoRA(n, mc.model_dim, mc.vocab_size, cfg.rank, scale, device, gen)
             if "head" in cfg.targets
             else None
         )
@@ -119,13 +131,19 @@ class LoRATTT:
 
     # ------------------------------------------------------------------------------ one batch
     def _score_batch(
-        self, model: nn.Module, docs: list[Doc], scorer: WindowScorer, guard: ScoredStream, sums: Tensor
+        self,
+        model: nn.Module,
+        docs: list[Doc],
+        scorer: WindowScorer,
+        guard: ScoredStream,
+        sums: Tensor,
+        batch_index: int = 0,
     ) -> None:
         cfg, dev = self.cfg, scorer.device
         n = len(docs)
         pred = np.array([d.length - 1 for d in docs])
         n_chunks = -(-pred // cfg.chunk_size)
-        adapters = Adapters(model, n, cfg, dev)
+        adapters = Adapters(model, n, cfg, dev, seed=batch_index)
         adapters.attach(model)
         opt = torch.optim.AdamW(
             adapters.params(),
@@ -261,7 +279,7 @@ class LoRATTT:
                 p.requires_grad_(False)  # only the adapters learn per document
             for k, batch in enumerate(queue):
                 if k % world_size == rank:
-                    self._score_batch(model, batch, scorer, guard, sums)
+                    self._score_batch(model, batch, scorer, guard, sums, batch_index=k)
                 while phase < len(pauses) and pauses[phase] == k + 1:
                     for other in range(done_upto, k + 1):  # scored by another rank before this collective
                         if other % world_size != rank:
