@@ -102,11 +102,6 @@ def check_eval(job: JobConfig) -> None:
         raise ConfigError(
             f"eval.stride={e.stride} exceeds the window eval.seq_len={e.window(job.train.seq_len)}"
         )
-    if job.ttt.name in ("lora", "phased") and job.model.name not in ("banked", "layered"):
-        raise ConfigError(
-            f"ttt={job.ttt.name} adds adapters at hook points of the record GPT family; "
-            f"use model=banked or model=layered (not model={job.model.name})"
-        )
     if job.ttt.name == "score_first" and "sliding" not in e.modes:
         raise ConfigError(
             f"ttt={job.ttt.name} scores with sliding windows after the sliding eval, as the records do; "

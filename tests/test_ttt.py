@@ -118,12 +118,12 @@ def test_cosine_schedule_and_plan():
     assert n_chunks == 4 and sizes == [2, 4]  # 6 seqs per full chunk: batches of 4 and 2
 
 
-def test_lora_modes_need_the_gpt_family(compose):
+def test_ttt_options_compose(compose):
     from pgolf.config import job_config_from_dict
     from pgolf.registry import ConfigError
 
-    with pytest.raises(ConfigError, match="model=banked or model=layered"):
-        job_config_from_dict(compose(["ttt=lora", "model=tiny"]))
     assert job_config_from_dict(compose(["ttt=phased", "model=banked"])).ttt.num_phases == 3
+    job = job_config_from_dict(compose(["ttt=score_first"]))
+    assert "sliding" in job.eval.modes  # the group turns the sliding eval on
     with pytest.raises(ConfigError, match="eval.modes"):
         job_config_from_dict(compose(["ttt=score_first", "eval.modes=[nonoverlap]"]))

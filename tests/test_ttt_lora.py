@@ -129,3 +129,17 @@ def test_phased_matches_lora_until_the_first_pause_then_adapts_the_base():
             same = torch.equal(sc.nll[lo:hi], sc_lora.nll[lo:hi])
             assert same == (batch_i < first_pause), (batch_i, d)
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # global SGD ran
+
+
+def test_lora_runs_on_the_baseline_model_too():
+    from pgolf.models.baseline import BaselineGPT
+    from pgolf.models.config import BaselineModelConfig
+
+    torch.manual_seed(0)
+    model = BaselineGPT(
+        BaselineModelConfig(vocab_size=48, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1)
+    )
+    toks = synthetic(LENGTHS)
+    res, sc, _ = run(toks, lora_cfg(lr=0.05), model=model.eval())
+    n = toks.size - 1
+    assert (sc.count[:n] == 1).all() and res.tokens == n and model.head_delta is None
