@@ -11,9 +11,9 @@ from pgolf.data.config import EmbeddedDataConfig, ShardDataConfig
 from pgolf.hw.config import AutoHardwareConfig, CpuHardwareConfig, CudaHardwareConfig
 from pgolf.models.config import BankedGPTConfig, BaselineModelConfig, LayeredGPTConfig
 from pgolf.optim.config import MuonConfig, ParallelMuonConfig
-from pgolf.quant.config import Int8ZlibConfig, MixedQuantConfig
+from pgolf.quant.config import Int8ZlibConfig, LosslessConfig, MixedQuantConfig
 from pgolf.registry import ConfigError, Registry
-from pgolf.ttt.config import NoTTTConfig
+from pgolf.ttt.config import LoRATTTConfig, NoTTTConfig, PhasedTTTConfig, ScoreFirstTTTConfig
 
 if TYPE_CHECKING:
     from pgolf.config import JobConfig
@@ -37,9 +37,13 @@ OPTIMIZERS.register(
 QUANT = Registry("quant")
 QUANT.register("int8_zlib", Int8ZlibConfig, "pgolf.quant.int8:build")
 QUANT.register("mixed", MixedQuantConfig, "pgolf.quant.mixed:build")
+QUANT.register("lossless", LosslessConfig, "pgolf.quant.lossless:build")
 
 TTT = Registry("ttt")
 TTT.register("none", NoTTTConfig, "pgolf.ttt.none:build")
+TTT.register("score_first", ScoreFirstTTTConfig, "pgolf.ttt.score_first:build")
+TTT.register("lora", LoRATTTConfig, "pgolf.ttt.lora:build")
+TTT.register("phased", PhasedTTTConfig, "pgolf.ttt.lora:build")
 
 HARDWARE = Registry("hardware")
 HARDWARE.register("cuda", CudaHardwareConfig, "pgolf.hw.device:build")
@@ -89,5 +93,21 @@ def check_compatibility(job: JobConfig) -> None:
     b = job.budget
     if b.mode == "wallclock" and b.train_seconds <= b.quant_reserve_seconds:
         raise ConfigError("budget.train_seconds must exceed budget.quant_reserve_seconds in wallclock mode")
+    check_eval(job)
     if b.artifact_bytes <= 0:
         raise ConfigError("budget.artifact_bytes must be positive (the challenge cap is 16000000)")
+
+
+def check_eval(job: JobConfig) -> None:
+    """Sliding windows must fit train.seq_len when eval.seq_len defers to it; score-first TTT follows
+    the records, which always report the sliding score before it (and share its windows)."""
+    e = job.eval
+    if e.stride > e.window(job.train.seq_len):
+        raise ConfigError(
+            f"eval.stride={e.stride} exceeds the window eval.seq_len={e.window(job.train.seq_len)}"
+        )
+    if job.ttt.name == "score_first" and "sliding" not in e.modes:
+        raise ConfigError(
+            f"ttt={job.ttt.name} scores with sliding windows after the sliding eval, as the records do; "
+            f"add it: eval.modes=[nonoverlap,sliding] (now {e.modes})"
+        )

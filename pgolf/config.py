@@ -16,6 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from pgolf.eval.config import EvalConfig
 from pgolf.registry import ConfigError
 
 GROUPS = ("data", "model", "optimizer", "quant", "ttt", "hardware")
@@ -74,6 +75,7 @@ class RootSettings:
     job_dir: str = ""
     train: TrainConfig = field(default_factory=TrainConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     init_from: str | None = None  # a state dict .pt loaded into the fresh model (pgolf.models.convert)

@@ -35,12 +35,16 @@ class Attention(nn.Module):
         self.proj = CastedLinear(dim, dim, bias=False)
         self.proj._zero_init = True
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init, dtype=torch.float32))
+        self.delta = None  # test-time q/k/v adapter (pgolf.ttt.lora); a plain callable, None outside TTT
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         B, T, _ = x.shape
-        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
+        if self.delta is not None:
+            q, k, v = q + self.delta("q", x), k + self.delta("k", x), v + self.delta("v", x)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
         q = apply_rotary(rms_norm(q), cos, sin)
         k = apply_rotary(rms_norm(k), cos, sin)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
@@ -92,6 +96,7 @@ class BaselineGPT(nn.Module):
         self.lm_head = None if cfg.tie_embeddings else CastedLinear(dim, cfg.vocab_size, bias=False)
         if self.lm_head is not None:
             self.lm_head._zero_init = True
+        self.head_delta = None  # test-time logit adapter (pgolf.ttt.lora); None outside TTT
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -117,6 +122,8 @@ class BaselineGPT(nn.Module):
             x = self.blocks[self.num_encoder_layers + i](x, x0, cos, sin)
         x = rms_norm(x)
         logits = F.linear(x, self.tok_emb.weight) if self.lm_head is None else self.lm_head(x)
+        if self.head_delta is not None:
+            logits = logits + self.head_delta(x)
         cap = self.cfg.logit_softcap
         return cap * torch.tanh(logits / cap)
 

@@ -59,6 +59,9 @@ class Attention(nn.Module):
             self.proj = own_linear(dim, dim)
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init, dtype=torch.float32))
         self.use_xsa = layer in xsa_layers(cfg)
+        # Test-time adapters (pgolf.ttt.lora): delta(kind, x) -> added to the q/k/v projections.
+        # A plain callable, not a module, so it never enters the state dict; None outside TTT.
+        self.delta = None
         # Output gates act per head on y, after XSA and before W_o; at most one (config validation).
         self.gate_window = cfg.gate_window
         self.out_gate_src_q = cfg.attn_out_gate_src == "q"
@@ -99,9 +102,12 @@ class Attention(nn.Module):
     ) -> Tensor:
         B, T, _ = x.shape
         q_raw = F.linear(x, w.q.to(x.dtype))
-        q = q_raw.view(B, T, self.num_heads, self.head_dim)
-        k = F.linear(x, w.k.to(x.dtype)).view(B, T, self.num_kv_heads, self.head_dim)
+        k = F.linear(x, w.k.to(x.dtype))
         v = F.linear(x, w.v.to(x.dtype))
+        if self.delta is not None:
+            q_raw, k, v = q_raw + self.delta("q", x), k + self.delta("k", x), v + self.delta("v", x)
+        q = q_raw.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
         if ve is not None:  # value embedding, added before the split into heads
             v = v + ve
         v = v.view(B, T, self.num_kv_heads, self.head_dim)

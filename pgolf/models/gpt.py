@@ -121,6 +121,7 @@ class GPT(nn.Module):
 
             kernels.require(["model.fused_ce"])
             self._fused_ce = kernels.softcap_cross_entropy
+        self.head_delta = None  # test-time logit adapter (pgolf.ttt.lora); a plain callable, None outside TTT
         if init:
             self._init_weights()
 
@@ -318,7 +319,10 @@ class GPT(nn.Module):
 
     def _raw_logits(self, ids: Tensor) -> Tensor:
         x = self._hidden(ids)
-        return F.linear(x, self.tok_emb.weight) if self.lm_head is None else self.lm_head(x)
+        logits = F.linear(x, self.tok_emb.weight) if self.lm_head is None else self.lm_head(x)
+        if self.head_delta is not None:  # test-time adapter on the logits (pgolf.ttt.lora), before the cap
+            logits = logits + self.head_delta(x)
+        return logits
 
     def _logits(self, ids: Tensor) -> Tensor:
         logits = self._raw_logits(ids)

@@ -109,3 +109,17 @@ class MixedQuantConfig:
             raise ConfigError(
                 f"{path}.level={self.level} is out of range for {self.compressor} ({levels[0]}..{levels[1]})"
             )
+
+
+@dataclass
+class LosslessConfig:
+    """No quantization: every tensor stored in its own dtype (torch.save + zlib). Far over the 16 MB
+    cap for record-size models; for scoring exactly the trained (or imported) weights, e.g. when
+    comparing eval code on the weights another script produced (bench/eval.sh)."""
+
+    name: str = "lossless"
+    zlib_level: int = 1
+
+    def validate(self, path: str) -> None:
+        if not 0 <= self.zlib_level <= 9:
+            raise ConfigError(f"{path}.zlib_level must be in 0..9")

@@ -1,8 +1,11 @@
-"""Schemas of the `ttt` group."""
+"""Schemas of the `ttt` group (TECHNIQUES §2.11-2.13)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pgolf.registry import ConfigError
 
 
 @dataclass
@@ -10,3 +13,90 @@ class NoTTTConfig:
     """No test-time training: the artifact is scored as is."""
 
     name: str = "none"
+
+
+@dataclass
+class ScoreFirstTTTConfig:
+    """Legal score-first chunked TTT (§2.11; R0323 defaults): score a chunk's sliding windows under
+    inference mode, then train on the chunk; the last chunk is never trained on. Windows use
+    eval.seq_len / eval.stride / eval.batch_seqs."""
+
+    name: str = "score_first"
+    lr: float = 0.002  # TTT_LR (0.005 in R0406/R0409); cosine over chunks
+    momentum: float = 0.9  # TTT_MOMENTUM; the SGD buffer persists across chunks
+    epochs: int = 3  # TTT_EPOCHS over each chunk
+    chunk_tokens: int = 32768  # TTT_CHUNK_TOKENS
+    batch_seqs: int = 32  # TTT_BATCH_SEQS: training sequences (of eval.seq_len) per step and rank
+    grad_clip: float = 1.0  # TTT_GRAD_CLIP (global norm; 0: off)
+    freeze_blocks: int = 0  # TTT_FREEZE_BLOCKS: the first N blocks stay fixed (bank slices included)
+
+    def validate(self, path: str) -> None:
+        if self.lr < 0 or not 0 <= self.momentum < 1 or self.epochs < 0 or self.grad_clip < 0:
+            raise ConfigError(
+                f"{path}: lr >= 0, 0 <= momentum < 1, epochs >= 0 and grad_clip >= 0 are required"
+            )
+        if self.chunk_tokens < 1 or self.batch_seqs < 1 or self.freeze_blocks < 0:
+            raise ConfigError(
+                f"{path}: chunk_tokens >= 1, batch_seqs >= 1 and freeze_blocks >= 0 are required"
+            )
+
+
+LoRATarget = Literal["q", "k", "v", "head"]
+
+
+@dataclass
+class LoRATTTConfig:
+    """Per-document LoRA TTT (§2.12): independent rank-r adapters per document of a batch, chunked
+    score-then-update inside each document, adapters and AdamW state reset per batch."""
+
+    name: str = "lora"
+    rank: int = 96  # TTT_LORA_RANK (80 in R0427A)
+    alpha: float = 0.0  # output scale alpha/rank (144 from R0423); 0: unscaled (R0410)
+    targets: list[LoRATarget] = field(default_factory=lambda: ["q", "k", "v", "head"])
+    lr: float = 1e-4  # AdamW
+    beta1: float = 0.0
+    beta2: float = 0.999
+    eps: float = 1e-10
+    weight_decay: float = 0.5
+    chunk_size: int = 48  # TTT_CHUNK_SIZE (32 in R0410)
+    context: int = 2048  # in-document context of each chunk's window
+    batch_docs: int = 64  # TTT_BATCH_SIZE: documents per batch
+    bos_id: int = 1
+
+    def validate(self, path: str) -> None:
+        if self.rank < 1 or self.chunk_size < 1 or self.context < self.chunk_size or self.batch_docs < 1:
+            raise ConfigError(
+                f"{path}: rank >= 1, chunk_size >= 1, context >= chunk_size and batch_docs >= 1"
+            )
+        if not self.targets:
+            raise ConfigError(f"{path}.targets is empty; choose from q, k, v, head")
+        if self.lr < 0 or self.alpha < 0 or self.weight_decay < 0:
+            raise ConfigError(f"{path}: lr, alpha and weight_decay must be >= 0")
+
+
+@dataclass
+class PhasedTTTConfig(LoRATTTConfig):
+    """Phased TTT (§2.13): LoRA TTT over the length-sorted queue, pausing at prefix_docs*(p+1)//num_phases
+    scored documents for global SGD of the base model on all documents scored up to that boundary."""
+
+    name: str = "phased"
+    prefix_docs: int = 2000  # PHASED_TTT_PREFIX_DOCS
+    num_phases: int = 3  # PHASED_TTT_NUM_PHASES
+    global_lr: float = 0.001  # GLOBAL_TTT_LR, cosine over its chunks
+    global_momentum: float = 0.9
+    global_chunk_tokens: int = 32768
+    global_seq_len: int = 2048
+    global_batch_seqs: int = 32
+    global_grad_clip: float = 1.0
+
+    def validate(self, path: str) -> None:
+        super().validate(path)
+        if (
+            self.prefix_docs < 1
+            or self.num_phases < 1
+            or self.global_seq_len < 2
+            or self.global_batch_seqs < 1
+        ):
+            raise ConfigError(
+                f"{path}: prefix_docs, num_phases, global_batch_seqs >= 1 and global_seq_len >= 2"
+            )

@@ -1,0 +1,35 @@
+"""The root `eval:` section: which eval modes score the artifact, and the sliding-window shape."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pgolf.registry import ConfigError
+
+EvalMode = Literal["nonoverlap", "sliding"]
+
+
+@dataclass
+class EvalConfig:
+    # Run in this order on the artifact's weights; the last one (then TTT, when enabled) gives the
+    # final val_bpb. nonoverlap: disjoint train.seq_len sequences (ROOT eval_val); sliding: §2.10.
+    modes: list[EvalMode] = field(default_factory=lambda: ["nonoverlap"])
+    seq_len: int = 0  # EVAL_SEQ_LEN of sliding windows and TTT; 0: train.seq_len
+    stride: int = 64  # EVAL_STRIDE
+    batch_seqs: int = 32  # EVAL_BATCH_SEQS: windows per forward and rank (one compiled shape)
+
+    def validate(self, path: str) -> None:
+        if not self.modes:
+            raise ConfigError(f"{path}.modes is empty; list at least one of nonoverlap, sliding")
+        if len(set(self.modes)) != len(self.modes):
+            raise ConfigError(f"{path}.modes={self.modes} lists a mode twice")
+        if self.seq_len < 0 or self.stride < 1 or self.batch_seqs < 1:
+            raise ConfigError(
+                f"{path}: seq_len >= 0 (0: train.seq_len), stride >= 1 and batch_seqs >= 1 are required"
+            )
+        if self.seq_len and self.stride > self.seq_len:
+            raise ConfigError(f"{path}.stride={self.stride} exceeds {path}.seq_len={self.seq_len}")
+
+    def window(self, train_seq_len: int) -> int:
+        return self.seq_len or train_seq_len

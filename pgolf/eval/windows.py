@@ -1,0 +1,57 @@
+"""The sliding-window rule (TECHNIQUES §2.10): which windows exist and which targets each scores.
+
+Targets are indexed by stream position t = 0 .. n-1 (target t is token t+1, predicted from tokens
+0..t). A window starting at `ws` reads inputs [ws, ws+L) and scores targets [lo, hi):
+    lo = ws               for ws = 0 (the first window scores everything it sees)
+    lo = ws + L - stride  otherwise (every scored target sees >= L - stride tokens of context)
+    hi = min(ws + L, n)
+A window is kept only when it scores something (lo < hi). Consecutive kept windows then tile
+[0, n) exactly: window k (k >= 1) starts scoring where window k-1 stopped, so no target is scored
+twice. The record lineage R0319S-R0323 instead kept every short tail window and let each score its
+last `stride` targets, which counted ~2k tail targets several times (§2.10 duplicate-scoring bug);
+here the ranges are derived, never stored, so that cannot happen.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def check_window(seq_len: int, stride: int) -> None:
+    if seq_len < 1 or not 1 <= stride <= seq_len:
+        raise ValueError(
+            f"sliding windows need seq_len >= 1 and 1 <= stride <= seq_len (got {seq_len}, {stride})"
+        )
+
+
+def window_starts(n_targets: int, seq_len: int, stride: int) -> np.ndarray:
+    """Start positions of the kept windows, ascending."""
+    check_window(seq_len, stride)
+    if n_targets <= 0:
+        return np.zeros(0, dtype=np.int64)
+    # ws = 0 always; ws = k*stride (k >= 1) while ws + L - stride < n.
+    last = (n_targets - 1 - (seq_len - stride)) // stride  # largest k with k*stride + L - stride < n
+    return np.arange(0, max(last, 0) + 1, dtype=np.int64) * stride
+
+
+def scored_ranges(
+    starts: np.ndarray, n_targets: int, seq_len: int, stride: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """[lo, hi) of the targets each window scores, in stream coordinates."""
+    lo = np.where(starts == 0, 0, starts + seq_len - stride)
+    hi = np.minimum(starts + seq_len, n_targets)
+    return lo, hi
+
+
+def assign_chunks(
+    starts: np.ndarray, n_targets: int, seq_len: int, stride: int, chunk_tokens: int
+) -> np.ndarray:
+    """The chunk of each window (score-first TTT, §2.11): the one holding its first scored target.
+
+    A window's scored range can straddle a chunk boundary (when stride does not divide the chunk);
+    the whole window is then scored with its first target's chunk, before that chunk is trained on,
+    so every target is still scored by a model that never saw it.
+    """
+    n_chunks = -(-n_targets // chunk_tokens)
+    lo, _ = scored_ranges(starts, n_targets, seq_len, stride)
+    return np.minimum(lo // chunk_tokens, n_chunks - 1)
