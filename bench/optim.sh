@@ -7,6 +7,7 @@
 #
 #   NPROC=1|2|4  processes/GPUs per side (default 1). On 2 or 4 GPUs this measures the sharded
 #                reduce-scatter / NS / all-gather path; on 1 GPU the same arithmetic without it.
+#   REF_EVAL_STRIDE  the reference's post-training sliding eval stride (default 64; 0 skips it to save GPU time)
 #   ONLY=ref|pgolf  one side per call (the summary reads whatever both sides left in OUT).
 #   TIMING_STEPS  pgolf steps (after 10 settling steps) bracketed with CUDA events to measure the
 #                optimizer time and the exposed (not overlapped) communication wait (default 20).
@@ -44,7 +45,7 @@ run_reference() {
     NUM_LAYERS=11 BIGRAM_VOCAB_SIZE=1536 XSA_LAST_N=4 ROPE_DIMS=16 LN_SCALE=1 VE_ENABLED=1 VE_DIM=128 VE_LAYERS=9,10 \
     MATRIX_LR=0.025 SCALAR_LR=0.025 TIED_EMBED_LR=0.035 MUON_MOMENTUM=0.99 MUON_MOMENTUM_WARMUP_START=0.92 \
     MUON_MOMENTUM_WARMUP_STEPS=1500 GRAD_CLIP_NORM=0.3 MUON_WD=0.04 ADAM_WD=0.04 LATE_QAT_THRESHOLD=0 SWA_ENABLED=0 \
-    TTT_ENABLED=0 EVAL_STRIDE=64 \
+    TTT_ENABLED=0 EVAL_STRIDE="${REF_EVAL_STRIDE:-64}" \
     timeout 900 torchrun --standalone --nproc_per_node="$NPROC" "$REF" > "$OUT/reference.out" 2>&1
   echo "reference exit $?"
   grep -E "$LOGS" "$OUT/reference.out"
