@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import pgolf
-from pgolf.pack import build_wrapper, imported_modules, write_wrapper
+from pgolf.pack import build_wrapper, imported_modules, minify_source, write_wrapper
 
 ROOT = Path(pgolf.__file__).resolve().parent.parent
 CONFIG = {"model": {"name": "baseline", "num_layers": 9}, "seed": 1337, "note": 'caf\u00e9 {braces} "quotes"'}
@@ -56,7 +56,7 @@ def test_wrapper_payload_round_trip():
     files = _unpack(text)
     assert set(files) == set(modules) | {"config.json"}
     for rel, path in modules.items():
-        assert files[rel] == path.read_bytes(), rel
+        assert files[rel] == minify_source(path.read_text()).encode(), rel
     assert json.loads(files["config.json"]) == CONFIG
     # compressed: the wrapper is smaller than the source it carries
     assert len(text.encode("utf-8")) < sum(p.stat().st_size for p in modules.values())
@@ -118,7 +118,7 @@ def test_write_wrapper_returns_on_disk_size(tmp_path):
         "pgolf/data/shards.py",
         "pgolf/quant/int8.py",
     ):
-        assert files[rel] == (ROOT / rel).read_bytes(), rel
+        assert files[rel] == minify_source((ROOT / rel).read_text()).encode(), rel
     assert json.loads(files["config.json"]) == CONFIG
 
 
@@ -136,9 +136,42 @@ def test_imported_modules_include_package_inits():
 def test_payload_characters_are_safe_in_a_string_literal(tmp_path, n_bytes):
     # base85 never emits a quote or a backslash, whatever the bytes
     blob = tmp_path / "blob.py"
-    blob.write_bytes(bytes(range(256)) * (n_bytes // 256) + b'"\\' * (n_bytes % 7))
+    data = bytes(range(256)) * (n_bytes // 256) + b'"\\' * (n_bytes % 7)
+    blob.write_text(f"DATA = {data!r}\nTEXT = {data.decode('latin-1')!r}\n")
     text = build_wrapper({"pgolf/blob.py": blob}, {})
-    assert _unpack(text)["pgolf/blob.py"] == blob.read_bytes()
+    unpacked = _unpack(text)["pgolf/blob.py"].decode()
+    namespace: dict = {}
+    exec(unpacked, namespace)
+    assert namespace["DATA"] == data and namespace["TEXT"] == data.decode("latin-1")
+
+
+def _without_docstrings(tree: ast.AST) -> str:
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                if isinstance(body[0].value.value, str):
+                    node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
+@pytest.mark.parametrize(
+    "rel", ["pgolf/trainer.py", "pgolf/models/gpt.py", "pgolf/quant/mixed.py", "pgolf/config.py"]
+)
+def test_minified_source_is_the_same_program(rel):
+    """Shipped code drops comments, docstrings and layout only: the statement trees are identical."""
+    source = (ROOT / rel).read_text()
+    small = minify_source(source)
+    assert len(small) < len(source)
+    assert "#" not in "".join(line.split("'")[0].split('"')[0] for line in small.splitlines())
+    assert _without_docstrings(ast.parse(small)) == _without_docstrings(ast.parse(source))
+
+
+def test_minify_keeps_the_docstring_a_module_reads():
+    source = '"""Usage: tool <x>"""\nHELP = __doc__\ndef f():\n    """gone"""\n'
+    namespace: dict = {}
+    exec(minify_source(source), namespace)
+    assert namespace["HELP"] == "Usage: tool <x>" and namespace["f"].__doc__ is None
 
 
 def test_parent_only_modules_are_not_shipped():
