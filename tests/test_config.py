@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import CONF, REPO
 
-from pgolf.components import OPTIMIZERS, REGISTRIES
+from pgolf.components import OPTIMIZERS, REGISTRIES, check_compatibility
 from pgolf.config import GROUPS, config_hash, job_config_from_dict, to_dict
 from pgolf.registry import ConfigError, Entry, Registry
 
@@ -56,6 +56,88 @@ def test_naive_baseline_experiment_is_the_challenge_baseline(compose):
         16_000_000,
     )
     assert job.data.path.endswith("datasets/fineweb10B_sp1024") and job.data.vocab_size == 1024
+
+
+def test_r0323_experiment_is_the_records_recipe(compose):
+    """TECHNIQUES §3.2, group by group."""
+    job = job_config_from_dict(compose(["experiment=r0323"]))
+    check_compatibility(job)
+    m, o, t = job.model, job.optimizer, job.ttt
+    assert (job.model.name, o.name, job.quant.name, t.name) == (
+        "banked",
+        "parallel_muon",
+        "mixed",
+        "score_first",
+    )
+    assert (m.num_layers, m.mlp_mult, m.xsa_last_n, m.bigram_vocab_size, m.ve_layers) == (
+        11,
+        3.0,
+        4,
+        1536,
+        [9, 10],
+    )
+    assert (o.matrix_lr, o.tied_embed_lr, o.muon_momentum, o.muon_wd, o.embed_wd, o.scalar_wd) == (
+        0.025,
+        0.035,
+        0.99,
+        0.04,
+        0.04,
+        0.04,
+    )
+    assert (o.grad_clip_norm, o.warmdown_iters, o.ema_decay) == (0.3, 3500, 0.997)
+    assert (t.lr, t.momentum, t.epochs, t.chunk_tokens, t.batch_seqs, t.grad_clip, t.freeze_blocks) == (
+        0.002,
+        0.9,
+        3,
+        32768,
+        32,
+        1.0,
+        0,
+    )
+    assert (job.train.seq_len, job.train.batch_tokens, job.data.vocab_size) == (2048, 786_432, 1024)
+    assert "sliding" in job.eval.modes and job.eval.stride == 64
+    assert job.quant.compressor == "lzma" and job.hardware.nproc_per_node == 8
+
+
+def test_r0409_experiment_is_the_records_recipe(compose):
+    """TECHNIQUES §3.3, group by group."""
+    job = job_config_from_dict(compose(["experiment=r0409"]))
+    check_compatibility(job)
+    m, o, q, t = job.model, job.optimizer, job.quant, job.ttt
+    assert (m.num_layers, m.mlp_mult, m.qk_gain_init, m.num_loops, m.loop_start, m.loop_end) == (
+        11,
+        4.0,
+        5.25,
+        2,
+        3,
+        5,
+    )
+    assert (m.parallel_residual, m.parallel_start_layer, m.vocab_size) == ("gptj", 7, 8192)
+    assert (o.row_normalize, o.matrix_lr, o.muon_wd, o.embed_wd, o.scalar_wd) == (
+        True,
+        0.022,
+        0.095,
+        0.085,
+        0.02,
+    )
+    assert (o.warmdown_frac, o.min_lr, o.ema_decay, o.grad_clip_norm) == (0.72, 0.0, 0.9965, 0.3)
+    assert (q.compressor, q.mlp.bits, q.mlp.gptq, q.mlp.sigmas, q.embed.bits, q.embed.sigmas) == (
+        "brotli",
+        6,
+        True,
+        12.85,
+        8,
+        20.0,
+    )
+    assert (job.budget.quant_reserve_seconds, t.name, t.lr, t.epochs) == (12.0, "score_first", 0.005, 3)
+
+
+def test_headline_command_composes(compose):
+    """The README's headline: model=banked optimizer=parallel_muon ttt=score_first (sliding eval on)."""
+    job = job_config_from_dict(compose(["model=banked", "optimizer=parallel_muon", "ttt=score_first"]))
+    check_compatibility(job)
+    assert (job.model.name, job.optimizer.name, job.ttt.name) == ("banked", "parallel_muon", "score_first")
+    assert "sliding" in job.eval.modes
 
 
 def test_cli_group_override_beats_the_default_experiment(compose):
