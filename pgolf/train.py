@@ -19,6 +19,16 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def _finish_together() -> None:
+    """Wait for every rank before teardown: a rank that destroys the process group while a peer is
+    still in its last collective makes the peer's gloo/NCCL threads abort the process (seen as a
+    rare SIGABRT at exit on CPU). Success path only; a failed rank must not wait for the others."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def run_job(job_dir: str | Path) -> dict:
     job_dir = Path(job_dir)
     trainer = None
@@ -29,6 +39,7 @@ def run_job(job_dir: str | Path) -> dict:
         trainer = Trainer(job, job_dir)
         result = trainer.run()
         trainer.write_result()
+        _finish_together()
         return result
     except BaseException as e:
         if _rank() == 0:
