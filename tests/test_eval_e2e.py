@@ -33,6 +33,9 @@ def test_score_first_run_reports_modes_and_final(tmp_path, shard_dir, tokenizer_
     t = r["timings"]
     assert t["eval_warmup"] > 0
     assert r["limits"]["eval_seconds"]["used"] == pytest.approx(t["eval"] + t["ttt"])
+    assert r["limits"]["eval_seconds"]["used_with_warmup"] == pytest.approx(
+        t["eval"] + t["ttt"] + t["eval_warmup"]
+    )
     assert "eval:sliding" in proc.stdout and "ttt:score_first" in proc.stdout
 
 
