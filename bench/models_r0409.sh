@@ -9,7 +9,7 @@
 # EQUALIZE=1 (default): what pgolf's optimizer lacks today is switched off in the reference
 # (MUON_WD=0 ADAM_WD=0 EMBED_WD=0 MUON_ROW_NORMALIZE=0, and EMA_DECAY=0, which makes its EMA the
 # identity), so both sides train the same recipe. EQUALIZE=0: the record's own optimizer, with
-# PGOLF_R0409_EXTRA appended to the pgolf command (fill it once pgolf has those keys).
+# PGOLF_R0409_EXTRA appended to the pgolf command (the record's WD, MuonEq-R and EMA keys).
 # The reference's sliding-window eval and TTT are off; its GPTQ export still runs after training
 # (16 calibration batches, lzma) and it leaves final_model.pt in $OUT/reference_final_model.pt for the
 # quantization benchmark (`init_from=` / `python -m pgolf.models.convert` read it directly).
@@ -23,11 +23,9 @@ STEPS=${STEPS:-150}
 EQUALIZE=${EQUALIZE:-1}
 REF=${REF:-$REPO/.bench/ref/r0409_train_gpt.py}
 SHIM=${SHIM:-$REPO/.bench/fa3_shim}
-# TODO(optimizer helper): the R0409 optimizer keys pgolf does not have yet. When they exist, set
-# them here (names are placeholders until then) and run with EQUALIZE=0:
-#   muon weight decay 0.095, adam weight decay 0.02, embedding weight decay 0.085,
-#   MuonEq-R row normalization on, EMA decay 0.9965 (applied before the final eval/export)
-PGOLF_R0409_EXTRA=${PGOLF_R0409_EXTRA:-}
+# EQUALIZE=0: the record's own optimizer on both sides (MuonEq-R, Muon WD 0.095, embedding WD 0.085,
+# AdamW WD 0.02 on scalars, EMA 0.9965 applied before the final eval and the export).
+PGOLF_R0409_EXTRA=${PGOLF_R0409_EXTRA:-"optimizer.row_normalize=true optimizer.muon_wd=0.095 optimizer.embed_wd=0.085 optimizer.scalar_wd=0.02 optimizer.ema_decay=0.9965"}
 HW=${HW:-hardware=gpu hardware.attention=fa3}
 LOG_EVERY=10
 mkdir -p "$OUT" "$DATA"
