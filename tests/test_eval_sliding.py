@@ -132,6 +132,29 @@ def test_warmup_never_reads_the_stream():
     assert sc.stream is real and int(sc.count.sum()) == 0
 
 
+@pytest.mark.slow
+def test_compiled_scorer_has_two_graphs_made_in_warmup_and_matches_eager():
+    """The tail graph (every window but the first) and the one-window graph: both compiled in
+    warm-up on random tokens, none while scoring, and the same sums as the eager scorer."""
+    import torch._dynamo
+
+    model, toks = tiny_model(), stream(150)
+    eager = evaluate_sliding(scorer(model, toks, 16, 4, B=4, record=False))
+    torch._dynamo.reset()
+    sc = WindowScorer(
+        model.token_nll, toks, 16, 4, 4, ByteLUT(tables(), CPU), CPU, torch.float32, compile=True
+    )
+    sc.warmup()
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        res = evaluate_sliding(sc)
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+        torch._dynamo.reset()
+    assert res.tokens == eager.tokens and res.bytes == eager.bytes
+    assert res.val_loss == pytest.approx(eager.val_loss, rel=1e-5)
+
+
 def test_lossless_quant_round_trips_bit_for_bit():
     from pgolf.quant.config import LosslessConfig
     from pgolf.quant.lossless import Lossless

@@ -450,3 +450,51 @@ def test_backout_subtracts_mid_stream_before_the_final_norm():
     lam = model.backout_lambda.detach()
     assert float(lam) == pytest.approx(0.2, abs=0.2)
     torch.testing.assert_close(hidden, rms_norm(finals[0] - lam * mids[0]), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring only the last rows (sliding eval's tail path)
+# ---------------------------------------------------------------------------------------------
+
+LAST_ROWS_CASES = {
+    **{name: features(name) for name in FEATURES},
+    **{f"stack_{name}": features(*names) for name, names in STACKS.items()},
+    "two_lane_seq": dict(parallel_residual="two_lane_seq", parallel_start_layer=2),
+    "split_lane": dict(parallel_residual="split_lane", parallel_start_layer=2),
+    "all_parallel": dict(parallel_residual="gptj", parallel_start_layer=0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAST_ROWS_CASES))
+@pytest.mark.parametrize("last", [1, 5, 16])
+def test_token_nll_of_the_last_rows_equals_the_full_forwards(name, last):
+    """`token_nll(x, y, last)` skips the final block's other rows; the scores must not move."""
+    kw = LAST_ROWS_CASES[name]
+    torch.manual_seed(0)
+    banked = len(name) % 2 == 0
+    model = perturb(GPT(cfg_of(banked=banked, **kw), banked=banked)).eval()
+    if model.cfg.num_loops:
+        model.on_progress(1.0)  # recurrence on: the looped plan's last layer is pruned
+    x, y = batch(T=16)
+    with torch.no_grad():
+        full = model.token_nll(x, y)
+        tail = model.token_nll(x, y, last)
+    assert tail.shape == (x.size(0), last)
+    torch.testing.assert_close(tail, full[:, -last:], rtol=1e-5, atol=1e-5)
+
+
+def test_last_rows_pruning_reaches_the_final_block(monkeypatch):
+    """The saving is real: the final block's MLP sees `last` rows, the others every row."""
+    model = perturb(GPT(cfg_of(**features("xsa", "unet")), banked=False)).eval()
+    seen: list[int] = []
+    for block in model.blocks:
+        orig = block.mlp.forward
+        monkeypatch.setattr(
+            block.mlp,
+            "forward",
+            lambda h, up, down, orig=orig: (seen.append(h.size(1)), orig(h, up, down))[1],
+        )
+    x, y = batch(T=16)
+    with torch.no_grad():
+        model.token_nll(x, y, 3)
+    assert seen == [16] * (len(model.blocks) - 1) + [3]

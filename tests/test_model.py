@@ -127,6 +127,9 @@ def test_token_nll_mean_equals_forward():
     ref = -torch.log_softmax(logits, dim=-1).gather(-1, y[..., None]).squeeze(-1)
     torch.testing.assert_close(nll.double(), ref, rtol=1e-5, atol=1e-5)
     assert logits.abs().max() <= 30.0
+    # the sliding scorer's tail path: the last k columns alone, the same numbers
+    for k in (1, 7, 24):
+        torch.testing.assert_close(model.token_nll(x, y, k), nll[:, -k:], rtol=1e-6, atol=1e-6)
 
 
 def test_causality():

@@ -7,6 +7,11 @@ Throughput choices (eval time counts against budget.eval_seconds):
   last window, masked out, so one compiled graph (fixed shapes) serves the whole pass.
 - The per-batch work (gather, forward, fp32 NLL, masks, byte counts, float64 sums) is one function,
   compiled whole when compile is on; sums stay on the device and are read once at the end.
+- Only the scored tail is computed past the point where it can be: every window but the first
+  scores its last `stride` targets, so those windows run the final block's queries, attention
+  output and MLP, the final norm, the head and the NLL for the last `stride` rows only (keys and
+  values still span the window, so the scores are the full forward's). The first window (start 0)
+  scores all of its targets and has its own one-window graph.
 - No reuse across windows: a target's hidden state depends on where its window starts (attention
   sees a different context), so sharing activations between overlapping windows would not be exact.
 """
@@ -26,7 +31,9 @@ from torch import Tensor
 from pgolf.eval.val import ByteLUT, EvalResult
 from pgolf.eval.windows import check_window, scored_ranges, window_starts
 
-NllFn = Callable[[Tensor, Tensor], Tensor]
+# nll_fn(x, y, last): per-target NLL of windows x -> y, (B, T); with last > 0 only the last `last`
+# columns, (B, last). The models' `token_nll` has this signature.
+NllFn = Callable[[Tensor, Tensor, int], Tensor]
 
 
 @dataclass
@@ -77,6 +84,7 @@ class WindowScorer:
         amp_dtype: torch.dtype,
         compile: bool = False,
         record: bool = False,
+        tail_only: bool = True,
     ):
         check_window(seq_len, stride)
         self.nll_fn, self.seq_len, self.stride, self.batch_seqs = nll_fn, seq_len, stride, batch_seqs
@@ -85,6 +93,7 @@ class WindowScorer:
         self.stream = torch.from_numpy(stream.astype(np.int64)).to(device)
         self.offsets = torch.arange(seq_len + 1, device=device)
         self.record = record
+        self.tail_only = tail_only  # False: every column of every window (benchmarks compare both)
         if record:
             self.nll = torch.full((self.n_targets + 1,), float("nan"), dtype=torch.float64, device=device)
             self.count = torch.zeros(self.n_targets + 1, dtype=torch.int64, device=device)
@@ -98,24 +107,33 @@ class WindowScorer:
     def ranges(self, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return scored_ranges(starts, self.n_targets, self.seq_len, self.stride)
 
-    def _batch_sums(self, starts: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    @property
+    def tail(self) -> int:
+        """Columns a window other than the first needs scores for (0: all, when stride = seq_len)."""
+        return self.stride if self.tail_only and self.stride < self.seq_len else 0
+
+    def _batch_sums(self, starts: Tensor, valid: Tensor, last: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Sums for a batch of windows; `last` > 0 computes scores for the last `last` columns only
+        (valid for every window except the one at start 0, whose scored range begins at column 0)."""
         L, n = self.seq_len, self.n_targets
         idx = (starts[:, None] + self.offsets[None, :]).clamp_(
             max=n
         )  # a short tail window repeats its last token
         tok = self.stream[idx]
         x, y = tok[:, :-1], tok[:, 1:]
-        pos = starts[:, None] + self.offsets[None, :L]  # the target index of each column
+        first_col = L - last if last else 0
+        pos = starts[:, None] + self.offsets[None, first_col:L]  # the target index of each column
         lo = torch.where(starts == 0, starts, starts + (L - self.stride))
         mask = (pos >= lo[:, None]) & (pos < n) & valid[:, None]
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
-            nll = self.nll_fn(x, y).float()
+            nll = self.nll_fn(x, y, last).float()
         nll = torch.where(mask, nll, 0.0)
+        bytes_ = self.lut.count(x[:, first_col:], y[:, first_col:])
         sums = torch.stack(
             [
                 nll.double().sum(),
                 mask.sum().double(),
-                torch.where(mask, self.lut.count(x, y), 0).sum().double(),
+                torch.where(mask, bytes_, 0).sum().double(),
             ]
         )
         return sums, nll, torch.where(mask, pos, n)
@@ -123,9 +141,15 @@ class WindowScorer:
     @torch.inference_mode()
     def score(self, starts: np.ndarray, sums: Tensor) -> None:
         """Add the NLL/token/byte sums of `starts` (any subset of the kept windows) to `sums`."""
+        first = starts == 0
+        if self.tail and first.any():  # the window at 0 scores every column: the one-window graph
+            self._run(starts[first], 1, 0, sums)
+            starts = starts[~first]
+        self._run(starts, self.batch_seqs, self.tail, sums)
+
+    def _run(self, starts: np.ndarray, B: int, last: int, sums: Tensor) -> None:
         if starts.size == 0:
             return
-        B = self.batch_seqs
         n_batches = -(-starts.size // B)
         pad = n_batches * B - starts.size
         # One upload per call (a pageable copy per batch would stall the host on the GPU each time).
@@ -135,7 +159,7 @@ class WindowScorer:
         valid_d = torch.from_numpy(valid).to(self.device)
         for b in range(n_batches):
             # clones: fresh offset-0 inputs, so the compiled graph never specializes on a view offset
-            s, nll, where = self._batch(padded_d[b].clone(), valid_d[b].clone())
+            s, nll, where = self._batch(padded_d[b].clone(), valid_d[b].clone(), last)
             sums += s
             if self.record:  # unscored columns land in the spare slot n_targets
                 flat = where.reshape(-1)
@@ -148,11 +172,14 @@ class WindowScorer:
         real = self.stream
         g = torch.Generator(device="cpu").manual_seed(seed)
         vocab = int(self.lut.base.numel())
-        self.stream = torch.randint(0, vocab, real.shape, generator=g).to(self.device)
-        try:
-            B = self.batch_seqs
-            starts = torch.zeros(B, dtype=torch.int64, device=self.device)
-            self._batch(starts, torch.ones(B, dtype=torch.bool, device=self.device))
+        # Made outside inference mode, like the real stream: an inference tensor carries other
+        # dispatch keys, which would fail the graph's guards and recompile on the eval clock.
+        with torch.inference_mode(False):
+            self.stream = torch.randint(0, vocab, real.shape, generator=g).to(self.device)
+        try:  # both graphs: the batch of tails and the one-window graph for the window at 0
+            for B, last in ((self.batch_seqs, self.tail), (1, 0)) if self.tail else ((self.batch_seqs, 0),):
+                starts = torch.full((B,), self.stride, dtype=torch.int64, device=self.device)
+                self._batch(starts, torch.ones(B, dtype=torch.bool, device=self.device), last)
         finally:
             self.stream = real
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -67,6 +68,28 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
 
 
+def last_rows_causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal attention for only the last Tq query rows of a Tk-token sequence, (B, T, H, D) tensors.
+
+    Query row i sits at position Tk - Tq + i and sees keys 0 .. Tk - Tq + i (bottom-right
+    alignment). Scoring needs the final layer only at the positions that are scored, so the
+    sliding scorer runs that layer's queries for the last `stride` rows alone. Always SDPA with an
+    explicit mask: the alignment then never depends on which flash build is installed, and with so
+    few query rows the kernel choice costs nothing.
+    """
+    Tq, Tk = q.size(1), k.size(1)
+    row_pos = torch.arange(Tq, device=q.device)[:, None] + (Tk - Tq)
+    mask = torch.arange(Tk, device=q.device)[None, :] <= row_pos
+    y = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=mask,
+        enable_gqa=q.size(2) != k.size(2),
+    )
+    return y.transpose(1, 2)
+
+
 def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
     """XSA (TECHNIQUES §2.14): remove from each head's output its component along the token's own value.
 
@@ -95,6 +118,7 @@ __all__ = [
     "backend",
     "causal_attention",
     "exclusive_self_attention",
+    "last_rows_causal_attention",
     "sdpa_reference",
     "select_backend",
 ]

@@ -106,7 +106,7 @@ class BaselineGPT(nn.Module):
             if isinstance(m, nn.Linear) and getattr(m, "_zero_init", False):
                 nn.init.zeros_(m.weight)
 
-    def _logits(self, input_ids: Tensor) -> Tensor:
+    def _logits(self, input_ids: Tensor, last: int = 0) -> Tensor:
         x = rms_norm(self.tok_emb(input_ids))
         x0 = x
         cos, sin = rotary_tables(
@@ -120,6 +120,8 @@ class BaselineGPT(nn.Module):
             if skips:  # LIFO: the last encoder output feeds the first decoder block
                 x = x + self.skip_weights[i].to(x.dtype) * skips.pop()
             x = self.blocks[self.num_encoder_layers + i](x, x0, cos, sin)
+        if last:  # only the head is skipped for the other rows: the naive baseline stays simple
+            x = x[:, x.size(1) - last :]
         x = rms_norm(x)
         logits = F.linear(x, self.tok_emb.weight) if self.lm_head is None else self.lm_head(x)
         if self.head_delta is not None:
@@ -131,9 +133,12 @@ class BaselineGPT(nn.Module):
         """Mean next-token cross-entropy (fp32 softmax over the soft-capped logits)."""
         return mean_cross_entropy(self._logits(input_ids), target_ids)
 
-    def token_nll(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
-        """Per-token NLL in fp32, shape (B, T): what evaluation sums for val_loss and val_bpb."""
-        return token_cross_entropy(self._logits(input_ids), target_ids)
+    def token_nll(self, input_ids: Tensor, target_ids: Tensor, last: int = 0) -> Tensor:
+        """Per-token NLL in fp32, shape (B, T), or (B, last) for the last `last` positions: what
+        evaluation sums for val_loss and val_bpb."""
+        if last:
+            target_ids = target_ids[:, target_ids.size(1) - last :]
+        return token_cross_entropy(self._logits(input_ids, last), target_ids)
 
     def param_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """Parameters by optimizer role: the model says which is which, optimizers do not guess."""

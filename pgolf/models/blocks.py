@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pgolf.models.attention import causal_attention, exclusive_self_attention
+from pgolf.models.attention import causal_attention, exclusive_self_attention, last_rows_causal_attention
 from pgolf.models.config import GPTModelConfig
 from pgolf.models.layers import CastedLinear, apply_partial_rotary, rms_norm
 
@@ -34,6 +34,11 @@ def own_linear(in_features: int, out_features: int) -> CastedLinear:
     return torch.nn.utils.skip_init(
         CastedLinear, in_features, out_features, bias=False, device=torch.get_default_device()
     )
+
+
+def last_rows(x: Tensor, rows: int) -> Tensor:
+    """The last `rows` positions of (B, T, ...) x; all of them when rows is 0."""
+    return x[:, x.size(1) - rows :] if rows else x
 
 
 def xsa_layers(cfg: GPTModelConfig) -> set[int]:
@@ -98,27 +103,37 @@ class Attention(nn.Module):
         return y * g[..., None]
 
     def forward(
-        self, x: Tensor, w: LayerWeights, cos: Tensor, sin: Tensor, ve: Tensor | None = None
+        self,
+        x: Tensor,
+        w: LayerWeights,
+        cos: Tensor,
+        sin: Tensor,
+        ve: Tensor | None = None,
+        rows: int = 0,
     ) -> Tensor:
+        """Attention output for every position, or for the last `rows` only (keys/values still
+        cover the whole sequence, so those rows get exactly the output they would get in full)."""
         B, T, _ = x.shape
-        q_raw = F.linear(x, w.q.to(x.dtype))
+        xq = last_rows(x, rows)
+        Tq = xq.size(1)
+        q_raw = F.linear(xq, w.q.to(x.dtype))
         k = F.linear(x, w.k.to(x.dtype))
         v = F.linear(x, w.v.to(x.dtype))
         if self.delta is not None:
-            q_raw, k, v = q_raw + self.delta("q", x), k + self.delta("k", x), v + self.delta("v", x)
-        q = q_raw.view(B, T, self.num_heads, self.head_dim)
+            q_raw, k, v = q_raw + self.delta("q", xq), k + self.delta("k", x), v + self.delta("v", x)
+        q = q_raw.view(B, Tq, self.num_heads, self.head_dim)
         k = k.view(B, T, self.num_kv_heads, self.head_dim)
         if ve is not None:  # value embedding, added before the split into heads
             v = v + ve
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
-        q = apply_partial_rotary(rms_norm(q), cos, sin, self.rope_dims)
+        q = apply_partial_rotary(rms_norm(q), last_rows(cos, rows), last_rows(sin, rows), self.rope_dims)
         k = apply_partial_rotary(rms_norm(k), cos, sin, self.rope_dims)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
-        y = causal_attention(q, k, v)
+        y = last_rows_causal_attention(q, k, v) if rows else causal_attention(q, k, v)
         if self.use_xsa:
-            y = exclusive_self_attention(y, v)
-        y = self._gate(y, x, q_raw)
-        return F.linear(y.reshape(B, T, -1), w.o.to(x.dtype))
+            y = exclusive_self_attention(y, last_rows(v, rows))
+        y = self._gate(y, xq, q_raw)
+        return F.linear(y.reshape(B, Tq, -1), w.o.to(x.dtype))
 
 
 class MLP(nn.Module):
@@ -178,19 +193,34 @@ class Block(nn.Module):
         h = rms_norm(x)
         return h * self.ln_factor if self.ln_factor != 1.0 else h
 
-    def attn_branch(self, h: Tensor, w: LayerWeights, cos: Tensor, sin: Tensor, ve: Tensor | None) -> Tensor:
-        return self.attn_scale.to(h.dtype) * self.attn(self.norm(h), w, cos, sin, ve)
+    def attn_branch(
+        self, h: Tensor, w: LayerWeights, cos: Tensor, sin: Tensor, ve: Tensor | None, rows: int = 0
+    ) -> Tensor:
+        return self.attn_scale.to(h.dtype) * self.attn(self.norm(h), w, cos, sin, ve, rows)
 
     def mlp_branch(self, h: Tensor, w: LayerWeights) -> Tensor:
         return self.mlp_scale.to(h.dtype) * self.mlp(self.norm(h), w.up, w.down)
 
     def forward(
-        self, x: Tensor, x0: Tensor, w: LayerWeights, cos: Tensor, sin: Tensor, ve: Tensor | None = None
+        self,
+        x: Tensor,
+        x0: Tensor,
+        w: LayerWeights,
+        cos: Tensor,
+        sin: Tensor,
+        ve: Tensor | None = None,
+        rows: int = 0,
     ) -> Tensor:
+        """The block's output for every position, or (rows > 0) for the last `rows` positions only:
+        what scoring needs from the final layer, where no later layer reads the other positions."""
         x = self.mix(x, x0)
         if self.gptj:
             n = self.norm(x)
-            a = self.attn_scale.to(x.dtype) * self.attn(n, w, cos, sin, ve)
-            return x + a + self.mlp_scale.to(x.dtype) * self.mlp(n, w.up, w.down)
-        x = x + self.attn_branch(x, w, cos, sin, ve)
+            a = self.attn_scale.to(x.dtype) * self.attn(n, w, cos, sin, ve, rows)
+            return (
+                last_rows(x, rows)
+                + a
+                + self.mlp_scale.to(x.dtype) * self.mlp(last_rows(n, rows), w.up, w.down)
+            )
+        x = last_rows(x, rows) + self.attn_branch(x, w, cos, sin, ve, rows)
         return x + self.mlp_branch(x, w)

@@ -256,7 +256,9 @@ class GPT(nn.Module):
             return m * lanes[0] + (1 - m) * lanes[1]
         return lanes[0] if mode == "attn" else lanes[1] if mode == "mlp" else 0.5 * (lanes[0] + lanes[1])
 
-    def _hidden(self, ids: Tensor) -> Tensor:
+    def _hidden(self, ids: Tensor, last: int = 0) -> Tensor:
+        """Final normalized hidden states, (B, T, d); with last > 0 only those of the last `last`
+        positions, the final block then computing its queries and MLP for those rows alone."""
         x = self._embed(ids)
         x0 = x
         T = ids.size(1)
@@ -275,6 +277,7 @@ class GPT(nn.Module):
         # Once the lanes have started they carry the stream to the end (with a looped plan whose
         # physical order dips below the start again, the records would fall back to a stale x).
         lanes: tuple[Tensor, Tensor] | None = None
+        pruned = False  # True once the final block has kept only the last `last` rows
         start = self.cfg.parallel_start_layer
         seq = self.lane_form == "two_lane_seq"
         skips: list[Tensor | tuple[Tensor, Tensor]] = []
@@ -296,7 +299,9 @@ class GPT(nn.Module):
             if lanes is None:
                 if skip is not None:
                     x = self._merge_skip(x, skip, k)
-                x = self.blocks[i](x, x0, self.layer_weights(i), cos, sin, ve(i))
+                rows = last if k == len(decoder) - 1 else 0
+                x = self.blocks[i](x, x0, self.layer_weights(i), cos, sin, ve(i), rows)
+                pruned = rows > 0
             else:
                 if skip is not None:
                     if seq:  # R0331: into both lanes (each its own lane of a two-lane skip)
@@ -309,23 +314,25 @@ class GPT(nn.Module):
                 h_mid = x if lanes is None else self._lane_out(lanes)
         if lanes is not None:
             x = self._lane_out(lanes)
+        if last and not pruned:  # two-lane forms (and a model with no decoder) prune at the end
+            x = x[:, T - last :]
         if self.backout_lambda is not None:
             # Backout (PR #339): remove lambda * h_mid from the final stream *before* the final
             # RMSNorm, as modded-nanogpt's backout does. The norm then rescales what remains, so
             # the head always sees a unit-RMS vector; subtracting after the norm would hand it an
             # unnormalized one whose scale drifts with lambda.
-            x = x - self.backout_lambda.to(x.dtype) * h_mid
+            x = x - self.backout_lambda.to(x.dtype) * (h_mid[:, T - last :] if last else h_mid)
         return rms_norm(x)
 
-    def _raw_logits(self, ids: Tensor) -> Tensor:
-        x = self._hidden(ids)
+    def _raw_logits(self, ids: Tensor, last: int = 0) -> Tensor:
+        x = self._hidden(ids, last)
         logits = F.linear(x, self.tok_emb.weight) if self.lm_head is None else self.lm_head(x)
         if self.head_delta is not None:  # test-time adapter on the logits (pgolf.ttt.lora), before the cap
             logits = logits + self.head_delta(x)
         return logits
 
-    def _logits(self, ids: Tensor) -> Tensor:
-        logits = self._raw_logits(ids)
+    def _logits(self, ids: Tensor, last: int = 0) -> Tensor:
+        logits = self._raw_logits(ids, last)
         cap = self.cfg.logit_softcap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
@@ -335,11 +342,15 @@ class GPT(nn.Module):
             return self._fused_ce(self._raw_logits(input_ids), target_ids, self.cfg.logit_softcap).mean()
         return mean_cross_entropy(self._logits(input_ids), target_ids)
 
-    def token_nll(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
-        """Per-token NLL in fp32, shape (B, T)."""
+    def token_nll(self, input_ids: Tensor, target_ids: Tensor, last: int = 0) -> Tensor:
+        """Per-token NLL in fp32, shape (B, T); with last > 0 only for the last `last` positions,
+        shape (B, last), skipping the work no scored position depends on (the final block's
+        queries, MLP and head at the other positions). Sliding eval scores only a window's tail."""
+        if last:
+            target_ids = target_ids[:, target_ids.size(1) - last :]
         if self._fused_ce is not None:
-            return self._fused_ce(self._raw_logits(input_ids), target_ids, self.cfg.logit_softcap)
-        return token_cross_entropy(self._logits(input_ids), target_ids)
+            return self._fused_ce(self._raw_logits(input_ids, last), target_ids, self.cfg.logit_softcap)
+        return token_cross_entropy(self._logits(input_ids, last), target_ids)
 
     # ------------------------------------------------------------------------------ trainer hooks
     def param_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
