@@ -26,7 +26,7 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$REPO/outputs/bench_eval}
 DATA=${DATA:-/tmp/pgolf_bench/sp1024}
 STEPS=${STEPS:-60}
-EVAL_BATCH=${EVAL_BATCH:-64}
+EVAL_BATCH=${EVAL_BATCH:-128}
 PATCH=${PATCH:-1}
 REF=${REF:-$REPO/.bench/ref/r0323_train_gpt.py}
 SHIM=${SHIM:-$REPO/.bench/fa3_shim}
@@ -61,7 +61,7 @@ run_pgolf() {
   cd "$REPO" || return 1
   if [ ! -f "$RUN/final_model.deq.pt" ]; then echo "no $RUN/final_model.deq.pt: run ONLY=ref first"; return 1; fi
   timeout 900 python3 -m pgolf.run experiment=none model=banked data=shards data.path="$DATA" \
-    data.tokenizer_path="$TOK" data.vocab_size=1024 hardware=gpu hardware.attention=fa3 \
+    data.tokenizer_path="$TOK" data.vocab_size=1024 hardware=gpu hardware.attention=${PGOLF_ATTENTION:-sdpa} \
     init_from="$RUN/final_model.deq.pt" quant=lossless budget.artifact_bytes=1000000000 \
     budget.mode=steps train.iterations=0 train.prime_steps=0 train.seq_len=2048 train.batch_tokens=786432 \
     train.val_batch_tokens=524288 seed=1337 \
