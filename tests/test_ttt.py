@@ -127,3 +127,25 @@ def test_ttt_options_compose(compose):
     assert "sliding" in job.eval.modes  # the group turns the sliding eval on
     with pytest.raises(ConfigError, match="eval.modes"):
         job_config_from_dict(compose(["ttt=score_first", "eval.modes=[nonoverlap]"]))
+
+
+def test_warmup_compiles_the_training_step_run_uses():
+    """Warm-up's batches must have run()'s strides: otherwise the compiled step recompiles on the
+    eval clock. Checked by forbidding recompiles after warm-up (aot_eager: fast, same guards)."""
+    import torch._dynamo
+
+    toks = stream(300)
+    model = tiny_model()
+    sc = scorer(model, toks, L, STRIDE, B=3)
+    cfg = ScoreFirstTTTConfig(lr=0.05, epochs=2, chunk_tokens=CHUNK, batch_seqs=2)
+    ttt = ScoreFirstTTT(cfg)
+    torch._dynamo.reset()
+    step = torch.compile(model, backend="aot_eager", dynamic=False, fullgraph=True)
+    ttt.warmup(model, sc, step, model.cfg.vocab_size, world_size=1)
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        res = ttt.run(model, sc, step, log=lambda s: None)
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+        torch._dynamo.reset()
+    assert res.tokens == toks.size - 1

@@ -121,15 +121,19 @@ class ScoreFirstTTT:
         params, _ = trainable(model, self.cfg.freeze_blocks)
         opt = torch.optim.SGD(params, lr=0.0, momentum=self.cfg.momentum)
         model.train()
+        L = scorer.seq_len
         for bs in sizes:
-            x = torch.randint(0, vocab, (bs, scorer.seq_len + 1), device=scorer.device)
+            # Shaped exactly like run()'s batches (views of one flat token run, row stride L): a
+            # (bs, L + 1) tensor sliced per row would have row stride L + 1, fail the compiled
+            # step's stride guards and recompile it on the eval clock.
+            tok = torch.randint(0, vocab, (bs * L + 1,), device=scorer.device)
             sgd_step(
                 loss_fn,
                 opt,
                 params,
                 {},
-                x[:, :-1],
-                x[:, 1:],
+                tok[:-1].view(-1, L),
+                tok[1:].view(-1, L),
                 scorer.device,
                 scorer.amp_dtype,
                 world_size,
