@@ -367,16 +367,18 @@ class LoRATTT:
         params = list(model.parameters())
         opt = torch.optim.SGD(params, lr=0.0, momentum=cfg.global_momentum)
         model.train()
-        g = torch.Generator().manual_seed(1)
+        g, L = torch.Generator().manual_seed(1), cfg.global_seq_len
         for bs in sizes:
-            x = torch.randint(0, vocab, (bs, cfg.global_seq_len + 1), generator=g).to(scorer.device)
+            # laid out as _global_sgd's sequences are (views of one run of tokens: stride L), since
+            # the compiled model guards on strides
+            tok = torch.randint(0, vocab, (bs * L + 1,), generator=g).to(scorer.device)
             sgd_step(
                 loss_fn,
                 opt,
                 params,
                 {},
-                x[:, :-1],
-                x[:, 1:],
+                tok[:-1].view(bs, L),
+                tok[1:].view(bs, L),
                 scorer.device,
                 scorer.amp_dtype,
                 world_size,
