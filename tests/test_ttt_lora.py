@@ -9,10 +9,11 @@ from test_eval_sliding import scorer, tiny_model
 from test_ttt_docs import synthetic
 from torch._dynamo.utils import counters
 
+from pgolf.registry import ConfigError
 from pgolf.ttt.config import LoRATTTConfig, PhasedTTTConfig
 from pgolf.ttt.docs import doc_queue, find_docs, pause_points
 from pgolf.ttt.guard import LegalityError, ScoredStream
-from pgolf.ttt.lora import MAX_BUCKETS, LoRATTT, chunk_table, window_buckets
+from pgolf.ttt.lora import LoRATTT, chunk_table, window_buckets
 
 LENGTHS = [30, 12, 45, 7, 22, 38, 16, 9, 27, 33]
 
@@ -151,9 +152,13 @@ def test_window_buckets_halve_the_context_down_to_the_chunk_and_stay_few():
     assert window_buckets(48, 2048) == [64, 128, 256, 512, 1024, 2048]
     assert window_buckets(5, 12) == [6, 12]
     assert window_buckets(32, 2000) == [63, 125, 250, 500, 1000, 2000]
-    assert len(window_buckets(1, 1 << 20)) == MAX_BUCKETS  # the smallest bucket takes every shorter window
+    assert len(window_buckets(1, 1 << 20)) == 6  # the smallest bucket takes every shorter window
+    assert window_buckets(48, 2048, count=3) == [512, 1024, 2048] and window_buckets(48, 2048, 1) == [2048]
     assert window_buckets(48, 2048, rope_train_seq_len=1536) == [64, 128, 256, 512, 1024, 1536, 2048]
     assert window_buckets(48, 2048, rope_train_seq_len=4096) == window_buckets(48, 2048)
+    for bad in (0, 8):
+        with pytest.raises(ConfigError, match="window_buckets"):
+            lora_cfg(window_buckets=bad).validate("ttt")
 
 
 def test_chunk_table_pads_rows_and_windows_without_scoring_them():

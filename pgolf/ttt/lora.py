@@ -17,7 +17,7 @@ Batches go round-robin to ranks; at a pause every rank marks the other ranks' do
 Compiled (hardware compile on, or `pad=True`): shapes are fixed, so a few graphs serve the pass.
 Every batch has `batch_docs` rows (a short batch gets empty rows: nothing scored, nothing trained,
 zero adapters) and every chunk's window is right-padded to the smallest of `window_buckets` (the
-context, halved while >= chunk_size). Padding only appends positions after a row's window, which
+context, halved while >= chunk_size, at most cfg.window_buckets lengths). Padding only appends positions after a row's window, which
 causal attention hides from the scored ones, and masked positions add exact zeros to the sums and
 the gradients, so scores do not change. One function per window length (gather, forward, fp32
 NLL, masks, byte counts, sums, training loss) is compiled whole; its backward is AOTAutograd's
@@ -50,7 +50,6 @@ from pgolf.ttt.guard import ScoredStream
 from pgolf.ttt.score_first import ceil_div, cosine_lr, sgd_step
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
-MAX_BUCKETS = 6  # padded window lengths = compiled graphs; below torch._dynamo's recompile limit (8)
 
 
 class BatchedLoRA:
@@ -157,13 +156,14 @@ def check_model(model: nn.Module) -> None:
         )
 
 
-def window_buckets(chunk_size: int, context: int, rope_train_seq_len: int = 0) -> list[int]:
+def window_buckets(chunk_size: int, context: int, count: int = 6, rope_train_seq_len: int = 0) -> list[int]:
     """Padded window lengths, ascending: context, ceil(context/2), ... while >= chunk_size (at most
-    MAX_BUCKETS). An NTK RoPE length inside the range is a boundary too: above it the rotary base
-    depends on the window length, so a window must not be padded across it."""
+    `count`; the smallest takes every shorter window). An NTK RoPE length inside the range is a
+    boundary too: above it the rotary base depends on the window length, so no window may be padded
+    across it."""
     out = {context}
     k = 1
-    while len(out) < MAX_BUCKETS and ceil_div(context, 2**k) >= chunk_size:
+    while len(out) < count and ceil_div(context, 2**k) >= chunk_size:
         out.add(ceil_div(context, 2**k))
         k += 1
     if 0 < rope_train_seq_len < context:
@@ -300,9 +300,9 @@ class LoRATTT:
         return self.compile if self.pad is None else self.pad
 
     def buckets(self, model: nn.Module) -> list[int]:
-        return window_buckets(
-            self.cfg.chunk_size, self.cfg.context, getattr(model.cfg, "rope_train_seq_len", 0)
-        )
+        cfg = self.cfg
+        rope = getattr(model.cfg, "rope_train_seq_len", 0)
+        return window_buckets(cfg.chunk_size, cfg.context, cfg.window_buckets, rope)
 
     def _tools(self, model: nn.Module, scorer: WindowScorer, rows: int) -> tuple[ChunkStep, Adapters]:
         """The chunk step and the adapters for `rows` rows, built once per (model, scorer)."""
