@@ -26,8 +26,9 @@
 # eval.modes=[nonoverlap], the conf/ttt/<TTT>.yaml settings; the summary compares TTT time and bpb of
 # the compiled and the eager pass. Weights: the reference's dequantized artifact if ONLY=ref ran
 # before, else the model's seeded init (times do not depend on the weights; bpb is then meaningless).
-# Expected on one H100: ~1 min data + per pass ~1-3 min TTT, plus the compiled pass's warm-up
-# (6 window graphs, forward + backward). CPU dry run of those commands (no GPU, tiny model):
+# Expected on one H100 (estimates, untimed): ~1 min data, per pass ~1-3 min TTT, plus the compiled
+# pass's warm-up (6 window graphs, forward + backward: ~3-5 min; PGOLF_EXTRA=ttt.window_buckets=3
+# halves it). LORA_RUNS=compile skips the eager pass. CPU dry run of those commands (no GPU, tiny model):
 #   DRY_RUN=1 TTT=lora HW=hardware=cpu DATA=<shards> TOK=<tokenizer> V=<vocab> OUT=<dir> \
 #   PGOLF_EXTRA="model.num_layers=2 model.model_dim=64 ... ttt.context=64 ttt.chunk_size=16" bench/eval.sh
 set -uo pipefail
