@@ -21,6 +21,16 @@
 # compiles both graphs on random tokens first (`eval_warmup`, printed apart).
 # Env knobs: OUT, DATA, STEPS, EVAL_BATCH (pgolf windows per forward), PATCH, ONLY=ref|pgolf,
 # REF, SHIM. Expected: ~4-5 min (reference) + ~3 min (pgolf) on one H100.
+# TTT=lora|phased (default score_first): pgolf alone (the 2026-03-23 script has no LoRA TTT), once per
+# entry of LORA_RUNS (default "compile eager": hardware.compile=true, then false) on the same weights,
+# eval.modes=[nonoverlap], the conf/ttt/<TTT>.yaml settings; the summary compares TTT time and bpb of
+# the compiled and the eager pass. Weights: the reference's dequantized artifact if ONLY=ref ran
+# before, else the model's seeded init (times do not depend on the weights; bpb is then meaningless).
+# Expected on one H100 (estimates, untimed): ~1 min data, per pass ~1-3 min TTT, plus the compiled
+# pass's warm-up (6 window graphs, forward + backward: ~3-5 min; PGOLF_EXTRA=ttt.window_buckets=3
+# halves it). LORA_RUNS=compile skips the eager pass. CPU dry run of those commands (no GPU, tiny model):
+#   DRY_RUN=1 TTT=lora HW=hardware=cpu DATA=<shards> TOK=<tokenizer> V=<vocab> OUT=<dir> \
+#   PGOLF_EXTRA="model.num_layers=2 model.model_dim=64 ... ttt.context=64 ttt.chunk_size=16" bench/eval.sh
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$REPO/outputs/bench_eval}
@@ -31,12 +41,16 @@ PATCH=${PATCH:-1}
 REF=${REF:-$REPO/.bench/ref/r0323_train_gpt.py}
 SHIM=${SHIM:-$REPO/.bench/fa3_shim}
 RUN=/tmp/pgolf_bench/eval_ref0323
+HW=${HW:-"hardware=gpu hardware.attention=fa3"}  # TTT=lora|phased runs only
+PGOLF_EXTRA=${PGOLF_EXTRA:-}  # TTT=lora|phased runs only: extra overrides (the CPU dry run shrinks the model)
 mkdir -p "$OUT" "$DATA" "$RUN"
 source "$REPO/bench/common.sh"
-bench_env "$SHIM" || exit 1
-bench_device_info "$OUT/gpu.txt"
-bench_shards "$DATA" || exit 1
-TOK=$BENCH_TOK
+if [ -z "${DRY_RUN:-}" ]; then
+  bench_env "$SHIM" || exit 1
+  bench_device_info "$OUT/gpu.txt"
+  bench_shards "$DATA" || exit 1
+fi
+TOK=${TOK:-$BENCH_TOK}
 LOGS="final_int6_roundtrip|final_int6_sliding_window|legal_ttt|ttt_sliding:start|eval:|ttt:score_first|final_roundtrip|warm"
 
 run_reference() {
@@ -74,6 +88,30 @@ run_pgolf() {
   cp "$OUT/pgolf_run/result.json" "$OUT/pgolf_result.json" 2>/dev/null
 }
 
+run_pgolf_lora() {  # $1: compile|eager
+  cd "$REPO" || return 1
+  local init=() name=lora_$1
+  [ -f "$RUN/final_model.deq.pt" ] && init=(init_from="$RUN/final_model.deq.pt")
+  # shellcheck disable=SC2086  # HW and PGOLF_EXTRA are lists of overrides
+  timeout 1200 python3 -m pgolf.run experiment=none model=banked data=shards data.path="$DATA" \
+    data.tokenizer_path="$TOK" data.vocab_size="${V:-1024}" $HW \
+    hardware.compile="$([ "$1" = compile ] && echo true || echo false)" "${init[@]}" quant=lossless \
+    budget.artifact_bytes=1000000000 budget.mode=steps train.iterations=0 train.prime_steps=0 \
+    train.seq_len=2048 train.batch_tokens=786432 train.val_batch_tokens=524288 seed=1337 \
+    eval.modes=[nonoverlap] ttt="$TTT" $PGOLF_EXTRA \
+    hydra.run.dir="$OUT/pgolf_$name" > "$OUT/pgolf_$name.out" 2>&1
+  echo "pgolf $name exit $?"
+  grep -E "ttt:|eval:|final_roundtrip" "$OUT/pgolf_$name.out"
+  cp "$OUT/pgolf_$name/result.json" "$OUT/pgolf_${name}_result.json" 2>/dev/null
+}
+
+TTT=${TTT:-score_first}
+if [ -n "${DRY_RUN:-}" ] && [ "$TTT" = score_first ]; then echo "DRY_RUN covers TTT=lora|phased only"; exit 1; fi
+if [ "$TTT" != score_first ]; then
+  for mode in ${LORA_RUNS:-compile eager}; do run_pgolf_lora "$mode"; done
+  python3 "$REPO/bench/eval_helpers.py" lora_summary "$OUT" "$TTT" | tee "$OUT/summary_$TTT.md"
+  exit 0
+fi
 case "${ONLY:-both}" in
   ref) run_reference ;;
   pgolf) run_pgolf ;;

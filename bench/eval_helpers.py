@@ -4,6 +4,7 @@ patch REF OUT            copy the 2026-03-23 record script with the R0401 slidin
 dequant REF RUN_DIR OUT  its int6 artifact, dequantized with the script's own functions, saved
                          as a banked state dict under the record's names (what it evaluates)
 summary OUT              the side-by-side table from reference.out and pgolf_result.json
+lora_summary OUT TTT     pgolf's compiled vs eager LoRA/phased TTT pass (TTT=lora|phased eval.sh)
 """
 
 from __future__ import annotations
@@ -120,6 +121,31 @@ def summary(out_dir: str) -> None:
             )
 
 
+def lora_summary(out_dir: str, ttt: str) -> None:
+    """One row per pgolf_lora_<compile|eager>_result.json: the TTT mode's bpb, time and warm-up."""
+    rows = {}
+    for run in ("compile", "eager"):
+        path = Path(out_dir) / f"pgolf_lora_{run}_result.json"
+        if path.is_file():
+            res = json.loads(path.read_text())
+            rows[run] = (res.get("metrics", {}).get(ttt), res.get("timings", {}).get("eval_warmup"))
+    print(f"| {ttt} pass | val_bpb | ttt s | tokens/s | eval_warmup s |")
+    print("|---|---:|---:|---:|---:|")
+    for run, (m, warm) in rows.items():
+        if m:
+            print(
+                f"| {run} | {m['val_bpb']:.6f} | {m['seconds']:.1f} | {m['tokens_per_s']:,.0f} | {warm or 0:.1f} |"
+            )
+        else:
+            print(f"| {run} | (no metrics.{ttt}: see pgolf_lora_{run}.out) | | | |")
+    (c, _), (e, _) = rows.get("compile", (None, None)), rows.get("eager", (None, None))
+    if c and e:
+        print(
+            f"\ncompiled/eager time: {c['seconds'] / e['seconds']:.2f}; "
+            f"|delta bpb|: {abs(c['val_bpb'] - e['val_bpb']):.2e} (bf16; padding changes no score)"
+        )
+
+
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
-    {"patch": patch, "dequant": dequant, "summary": summary}[cmd](*args)
+    {"patch": patch, "dequant": dequant, "summary": summary, "lora_summary": lora_summary}[cmd](*args)

@@ -159,6 +159,8 @@ class Trainer:
             self.train_model = compiled
         self.quant = QUANT.build(job.quant)
         self.ttt = TTT.build(job.ttt)
+        if hasattr(self.ttt, "compile"):  # ttt=lora/phased compile their per-chunk step with the model
+            self.ttt.compile = rt.compile
         self.compiled_model = compiled  # the TTT training step reuses the compiled forward
         self._window_scorer: WindowScorer | None = None  # built on first use by _scorer()
         self.eval_nll = (
@@ -589,7 +591,7 @@ class Trainer:
                     self.job.model.vocab_size,
                     self.rt.world_size,
                 )
-            else:
+            if "sliding" in self.job.eval.modes:  # lora/phased do not use the window graph themselves
                 self._scorer().warmup()
             self.model.train()
 

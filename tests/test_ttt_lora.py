@@ -7,11 +7,13 @@ import pytest
 import torch
 from test_eval_sliding import scorer, tiny_model
 from test_ttt_docs import synthetic
+from torch._dynamo.utils import counters
 
+from pgolf.registry import ConfigError
 from pgolf.ttt.config import LoRATTTConfig, PhasedTTTConfig
 from pgolf.ttt.docs import doc_queue, find_docs, pause_points
 from pgolf.ttt.guard import LegalityError, ScoredStream
-from pgolf.ttt.lora import LoRATTT
+from pgolf.ttt.lora import LoRATTT, chunk_table, window_buckets
 
 LENGTHS = [30, 12, 45, 7, 22, 38, 16, 9, 27, 33]
 
@@ -143,3 +145,97 @@ def test_lora_runs_on_the_baseline_model_too():
     res, sc, _ = run(toks, lora_cfg(lr=0.05), model=model.eval())
     n = toks.size - 1
     assert (sc.count[:n] == 1).all() and res.tokens == n and model.head_delta is None
+
+
+# ------------------------------------------------------------------ fixed shapes and compilation
+def test_window_buckets_halve_the_context_down_to_the_chunk_and_stay_few():
+    assert window_buckets(48, 2048) == [64, 128, 256, 512, 1024, 2048]
+    assert window_buckets(5, 12) == [6, 12]
+    assert window_buckets(32, 2000) == [63, 125, 250, 500, 1000, 2000]
+    assert len(window_buckets(1, 1 << 20)) == 6  # the smallest bucket takes every shorter window
+    assert window_buckets(48, 2048, count=3) == [512, 1024, 2048] and window_buckets(48, 2048, 1) == [2048]
+    assert window_buckets(48, 2048, rope_train_seq_len=1536) == [64, 128, 256, 512, 1024, 1536, 2048]
+    assert window_buckets(48, 2048, rope_train_seq_len=4096) == window_buckets(48, 2048)
+    for bad in (0, 8):
+        with pytest.raises(ConfigError, match="window_buckets"):
+            lora_cfg(window_buckets=bad).validate("ttt")
+
+
+def test_chunk_table_pads_rows_and_windows_without_scoring_them():
+    docs = find_docs(synthetic([30, 7]), 1)
+    tab = chunk_table(docs, 5, 12, 4, [6, 12])
+    assert tab.T == [6, 12, 12, 12, 12, 12]  # exact windows 5, 10, 12, ...; one document active after chunk 1
+    assert (tab.rows[:, 2:] == 0).all() and not tab.train[:, 2:].any()  # padding rows: nothing scored
+    assert not tab.active[2:, 1].any() and (tab.rows[2:, 1] == 0).all()  # doc 1 (6 targets) is done
+    exact = chunk_table(docs, 5, 12, 2, None)
+    assert exact.T == [5, 10, 12, 12, 12, 12] and (exact.rows == tab.rows[:, :2]).all()
+    scored = [(tab.rows[k, j, 2] - tab.rows[k, j, 1]) for k in range(6) for j in range(2)]
+    assert sum(scored) == 30 + 6  # every target of both documents (through the next BOS), each once
+
+
+@pytest.mark.parametrize("phased", [False, True])
+def test_padding_to_fixed_shapes_never_changes_a_score(phased):
+    """Eager, padded (batch_docs rows, bucketed windows) vs exact shapes: same per-target NLL, so
+    padding changed no score and, through the later chunks, no adapter update either."""
+    toks = synthetic(LENGTHS, seed=5)  # 10 docs in batches of 3: the last batch has 1 row + 2 padding
+    cfg = lora_cfg(lr=0.05)
+    if phased:
+        kw = dict(prefix_docs=6, num_phases=2, global_lr=0.05, global_seq_len=8, global_batch_seqs=4)
+        cfg = PhasedTTTConfig(**{**cfg.__dict__, "name": "phased", **kw, "global_chunk_tokens": 64})
+    out = {}
+    for pad in (False, True):
+        model = tiny_model()
+        sc = scorer(model, toks, 16, 16, B=2)
+        out[pad] = (LoRATTT(cfg, pad=pad).run(model, sc, model, log=lambda s: None), sc)
+    n = toks.size - 1
+    (r0, s0), (r1, s1) = out[False], out[True]
+    assert torch.equal(s0.count[:n], s1.count[:n]) and (s1.count[:n] == 1).all()
+    assert (r0.tokens, r0.bytes) == (r1.tokens, r1.bytes)
+    torch.testing.assert_close(s1.nll[:n], s0.nll[:n], rtol=0, atol=1e-5)
+    assert r1.val_bpb == pytest.approx(r0.val_bpb, rel=1e-6)
+
+
+def _compiled_vs_eager(cfg, toks, backend):
+    """(eager result, eager scorer, compiled result, compiled scorer, graphs after warm-up, graphs after the run)."""
+    torch._dynamo.reset()
+    model = tiny_model()
+    sc = scorer(model, toks, 16, 16, B=2)
+    eager = LoRATTT(cfg).run(model, sc, model, log=lambda s: None)
+    model_c = tiny_model()
+    sc_c = scorer(model_c, toks, 16, 16, B=2)
+    loss_fn = torch.compile(model_c, dynamic=False, fullgraph=True, backend=backend)
+    ttt = LoRATTT(cfg, compile=True, backend=backend)
+    ttt.warmup(model_c, sc_c, loss_fn, 48, 1)
+    warm = counters["stats"]["unique_graphs"]
+    res = ttt.run(model_c, sc_c, loss_fn, log=lambda s: None)
+    return eager, sc, res, sc_c, warm, counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize("phased", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_compiled_step_traces_whole_and_warmup_makes_every_graph(phased):
+    """fullgraph tracing of the adapter hooks (aot_eager: traced and differentiated, not code-generated):
+    warm-up makes one graph per window length (and phased's global SGD shapes); the pass makes none."""
+    toks = synthetic(LENGTHS, seed=4)
+    cfg = lora_cfg(lr=0.05)
+    if phased:
+        kw = dict(prefix_docs=6, num_phases=2, global_lr=0.05, global_seq_len=8, global_batch_seqs=4)
+        cfg = PhasedTTTConfig(**{**cfg.__dict__, "name": "phased", **kw, "global_chunk_tokens": 64})
+    counters.clear()
+    eager, sc, res, sc_c, warm, after = _compiled_vs_eager(cfg, toks, "aot_eager")
+    assert warm >= len(window_buckets(5, 12)) and after == warm
+    if not phased:
+        assert warm == len(window_buckets(5, 12))
+    n = toks.size - 1
+    assert (sc_c.count[:n] == 1).all() and res.tokens == eager.tokens
+    torch.testing.assert_close(sc_c.nll[:n], sc.nll[:n], rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_inductor_compiled_lora_matches_eager():
+    """The real backend: bpb within 1e-5 of the eager pass (fp32; observed ~1e-9), no graph after warm-up."""
+    counters.clear()
+    eager, sc, res, sc_c, warm, after = _compiled_vs_eager(lora_cfg(lr=0.05), synthetic(LENGTHS), "inductor")
+    assert after == warm == 2
+    assert res.val_bpb == pytest.approx(eager.val_bpb, abs=1e-5)
+    n = synthetic(LENGTHS).size - 1
+    torch.testing.assert_close(sc_c.nll[:n], sc.nll[:n], rtol=0, atol=1e-4)

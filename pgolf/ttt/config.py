@@ -62,11 +62,19 @@ class LoRATTTConfig:
     context: int = 2048  # in-document context of each chunk's window
     batch_docs: int = 64  # TTT_BATCH_SIZE: documents per batch
     bos_id: int = 1
+    # Under hardware.compile: windows are padded to at most this many lengths (context, context/2,
+    # ...), one compiled graph each. Fewer: less compile time at warm-up, more padded columns.
+    window_buckets: int = 6
 
     def validate(self, path: str) -> None:
         if self.rank < 1 or self.chunk_size < 1 or self.context < self.chunk_size or self.batch_docs < 1:
             raise ConfigError(
                 f"{path}: rank >= 1, chunk_size >= 1, context >= chunk_size and batch_docs >= 1"
+            )
+        if not 1 <= self.window_buckets <= 7:  # one more may come from the model's NTK RoPE length
+            raise ConfigError(
+                f"{path}.window_buckets={self.window_buckets}: must be 1..7 (compiled graphs; "
+                "torch._dynamo recompiles at most 8 times per function)"
             )
         if not self.targets:
             raise ConfigError(f"{path}.targets is empty; choose from q, k, v, head")
