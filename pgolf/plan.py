@@ -105,15 +105,19 @@ def estimate(job) -> dict:
 
 def code_bytes(job) -> int:
     """Bytes of the packed train_gpt.py for this config (the modules a worker imports)."""
-    import pgolf.train  # noqa: F401  (the worker's entry point and, through it, the trainer)
+    import importlib
+
+    import pgolf.trainer  # noqa: F401  (the worker imports it lazily, from pgolf.train.run_job)
     from pgolf.components import REGISTRIES
     from pgolf.config import to_dict
+    from pgolf.data.loader import _SAMPLERS
     from pgolf.pack import build_wrapper, imported_modules
 
     for group, reg in REGISTRIES.items():
         reg.get(getattr(job, group).name).load_builder()
-    mods = {k: v for k, v in imported_modules().items() if k != "pgolf/plan.py"}
-    return len(build_wrapper(mods, to_dict(job)).encode("utf-8"))
+    if getattr(job.data, "loader", None) in _SAMPLERS:  # the loader imports its sampler by name
+        importlib.import_module(_SAMPLERS[job.data.loader].partition(":")[0])
+    return len(build_wrapper(imported_modules(), to_dict(job)).encode("utf-8"))
 
 
 def main(argv: list[str] | None = None) -> int:

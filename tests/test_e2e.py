@@ -119,6 +119,10 @@ def test_packed_script_reproduces_the_run(tiny_run, tmp_path):
     assert packed["status"] == "ok"
     assert packed["train_losses"] == orig["train_losses"]
     assert packed["val_loss"] == pytest.approx(orig["val_loss"], abs=1e-9)
+    # It ships the file it ran from (the packer is not in it), so the code bytes are that file's size.
+    script = (src / "run" / "artifact" / "train_gpt.py").read_bytes()
+    assert (empty / "job" / "artifact" / "train_gpt.py").read_bytes() == script
+    assert packed["bytes"]["code"] == orig["bytes"]["code"] == len(script)
 
 
 def test_over_cap_artifact_is_refused(tmp_path, shard_dir, tokenizer_model):

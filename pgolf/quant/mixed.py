@@ -54,6 +54,10 @@ class MixedQuant:
         self.hessians: dict[str, Tensor] = {}
         self.calibrated = False
         self.stats: dict = {}
+        # Bytes the blob may take (cap minus code bytes), set by the trainer before export; the
+        # pruning search (cfg.prune_to_fit) aims at it.
+        self.model_budget: int | None = None
+        self._prunable: list[tuple[int, Tensor]] = []
 
     # ----------------------------------------------------------------------------- routing
     def quantized(self, name: str, t: Tensor) -> bool:
@@ -126,6 +130,7 @@ class MixedQuant:
         sections: dict[str, list[bytes]] = {"codes": [], "f16": [], "f32": [], "raw": []}
         per_group: dict[str, dict] = {}
         self.stats.pop("lqer", None)
+        self._prunable = []  # (index into sections["codes"], stored fp16 row scales) per matrix
         lqer_candidates: list[tuple[float, str, Tensor, Tensor, Tensor]] = []
         for name, tensor in state.items():
             t = tensor.detach()
@@ -150,6 +155,7 @@ class MixedQuant:
                 if self.cfg.lqer_rank:
                     lqer_candidates.append((float(resid.pow(2).sum()), name, w, codes, s))
                     lqer_candidates = sorted(lqer_candidates, key=lambda c: -c[0])[: self.cfg.lqer_top_k]
+                self._prunable.append((len(sections["codes"]), s.to(torch.float16).float().cpu()))
                 sections["codes"].append(codes.cpu().numpy().tobytes())
                 sections["f16"].append(s.to(torch.float16).cpu().numpy().tobytes())
                 kind = "gptq" if H is not None else "rtn"
@@ -211,10 +217,12 @@ class MixedQuant:
         }
 
     def _payload(self, state: dict[str, Tensor]) -> bytes:
-        header, sec = self.quantize(state)
+        return self._assemble(*self.quantize(state))
+
+    def _assemble(self, header: dict, sec: dict[str, list[bytes]], codes: bytes | None = None) -> bytes:
         sh = self.cfg.byte_shuffle
         header["shuffle"] = sh
-        body = [b"".join(sec["codes"])]
+        body = [b"".join(sec["codes"]) if codes is None else codes]
         f16, f32 = b"".join(sec["f16"]), b"".join(sec["f32"])
         body += [shuffle(f16, 2) if sh else f16, shuffle(f32, 4) if sh else f32, b"".join(sec["raw"])]
         header["sections"] = [len(b) for b in body]
@@ -233,10 +241,15 @@ class MixedQuant:
                 f"quant: GPTQ is on for {len(missing)} matrices (e.g. {missing[0]}) but calibrate() was not "
                 "run; the trainer calls it, a script must call quant.calibrate(model, batches) first"
             )
-        payload = self._payload(state)
+        header, sections = self.quantize(state)
+        payload = self._assemble(header, sections)
         t1 = time.perf_counter()
         comp, _ = compressor(self.cfg.compressor, self.cfg.level)
-        blob = MAGIC + bytes([COMPRESSORS.index(self.cfg.compressor)]) + comp(payload)
+        prefix = MAGIC + bytes([COMPRESSORS.index(self.cfg.compressor)])
+        blob = prefix + comp(payload)
+        self.stats.pop("prune", None)
+        if self.cfg.prune_to_fit and self.model_budget is not None and len(blob) > self.model_budget:
+            blob = self._prune(header, sections, lambda p: prefix + comp(p), blob)
         t2 = time.perf_counter()
         self.stats.update(
             payload_bytes=len(payload),
@@ -251,6 +264,73 @@ class MixedQuant:
             self.stats["compressors"] = {self.cfg.compressor: len(blob) - 5, **others}
             self.stats["compare_seconds"] = time.perf_counter() - t3
         return blob
+
+    # ----------------------------------------------------------------------------- pruning
+    def prune_order(self, sections: dict[str, list[bytes]]) -> np.ndarray:
+        """Offsets in the joined codes section of every |q| = 1 code of the quantized matrices (not
+        gates, not LQER factors), smallest squared row scale first (the error zeroing it adds);
+        ties keep payload order."""
+        starts = np.cumsum([0] + [len(b) for b in sections["codes"]])
+        pos, key = [np.zeros(0, np.int64)], [np.zeros(0, np.float64)]
+        for i, s in self._prunable:
+            q = np.frombuffer(sections["codes"][i], dtype=np.int8).reshape(s.numel(), -1)
+            rows, cols = np.nonzero(np.abs(q) == 1)
+            pos.append(starts[i] + rows.astype(np.int64) * q.shape[1] + cols)
+            key.append(s.double().numpy()[rows] ** 2)
+        pos_all, key_all = np.concatenate(pos), np.concatenate(key)
+        return pos_all[np.argsort(key_all, kind="stable")]
+
+    def _prune(
+        self, header: dict, sections: dict[str, list[bytes]], pack: Callable[[bytes], bytes], blob: bytes
+    ) -> bytes:
+        """The blob with the fewest leading codes of `prune_order` zeroed whose real compressed size
+        fits `model_budget`: n fits and n - 1 does not (the search keeps that bracket; compressed size
+        is not exactly monotone in n, so this is the smallest count on the searched path). If zeroing
+        every candidate does not fit, the unpruned blob comes back and the trainer's cap refusal
+        stands."""
+        t0 = time.perf_counter()
+        budget = int(self.model_budget)
+        order = self.prune_order(sections)
+        codes = np.frombuffer(b"".join(sections["codes"]), dtype=np.int8)
+        sizes: dict[int, int] = {0: len(blob)}
+        blobs: dict[int, bytes] = {0: blob}
+
+        def size(n: int) -> int:
+            if n not in sizes:
+                c = codes.copy()
+                c[order[:n]] = 0
+                blobs[n] = pack(self._assemble(header, sections, c.tobytes()))
+                sizes[n] = len(blobs[n])
+            return sizes[n]
+
+        lo, hi = 0, len(order)  # size(lo) > budget; size(hi) <= budget is checked first
+        fits = size(hi) <= budget
+        step = 0
+        while fits and hi - lo > 1:
+            # Secant guesses (size falls about linearly with n) alternate with bisection, which
+            # bounds the number of compressions; every probe keeps the bracket's invariant.
+            if step % 2 == 0:
+                f = (sizes[lo] - budget) / max(sizes[lo] - sizes[hi], 1)
+                mid = min(max(lo + round(f * (hi - lo)), lo + 1), hi - 1)
+            else:
+                mid = (lo + hi) // 2
+            step += 1
+            if size(mid) <= budget:
+                hi = mid
+            else:
+                lo = mid
+        n = hi if fits else 0
+        self.stats["prune"] = {
+            "budget": budget,
+            "candidates": len(order),
+            "pruned": n,
+            "fits": fits,
+            "bytes_before": sizes[0],
+            "bytes_after": sizes[n],
+            "compressions": len(sizes) - 1,
+            "seconds": time.perf_counter() - t0,
+        }
+        return blobs[n]
 
     # -------------------------------------------------------------------------------- load
     @staticmethod
