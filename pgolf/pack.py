@@ -39,7 +39,7 @@ for j in range(0,len(S),295):
  n=0;C=S[j:j+295].encode()
  for c in reversed(C):n=n*123+T[c]
  B+=n.to_bytes(((123**len(C)).bit_length()-1)//8,"little")
-D=tempfile.mkdtemp(prefix="pgolf_");F=lzma.decompress(B,lzma.FORMAT_RAW,filters=[{"id":lzma.FILTER_LZMA2}]).split(b"\\0")
+D=tempfile.mkdtemp(prefix="pgolf_");F=@DECOMPRESS@.split(b"\\0")
 for k,v in zip(F[::2],F[1::2]):
  p=os.path.join(D,k.decode());os.makedirs(os.path.dirname(p),exist_ok=True)
  with open(p,"wb")as f:f.write(v)
@@ -182,18 +182,7 @@ def _reindent(source: str) -> str:
     return "".join(lines)
 
 
-def minify_source(source: str) -> str:
-    """The same program with comments, docstrings, function annotations, `if TYPE_CHECKING:` blocks
-    and formatting removed (`ast.unparse`, one-space indentation).
-
-    Code bytes count against the 16,000,000-byte cap like weights do; what a reader needs (comments,
-    docstrings, type hints, line breaks inside expressions) costs bytes and runs nothing. A module
-    that reads its own `__doc__` keeps its module docstring. Names are not shortened: renaming
-    locals saved only ~2.5% of the compressed code on the r0409 set and cannot be proven safe
-    without whole-program analysis (keyword calls, getattr by string, torch hooks).
-    """
-    tree = ast.parse(source)
-    keep_module_doc = "__doc__" in source
+def _strip(tree: ast.Module, keep_module_doc: bool) -> ast.Module:
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             node.body = _drop_docstring(node.body)
@@ -208,30 +197,83 @@ def minify_source(source: str) -> str:
                 isinstance(s, ast.stmt) and _is_type_checking_block(s) for s in block
             ):
                 setattr(node, field, [s for s in block if not _is_type_checking_block(s)] or [ast.Pass()])
-    return _reindent(ast.unparse(tree) + "\n")
+    return tree
+
+
+def minify_source(source: str) -> str:
+    """The same program with comments, docstrings, function annotations, `if TYPE_CHECKING:` blocks
+    and formatting removed (`ast.unparse`, one-space indentation).
+
+    Code bytes count against the 16,000,000-byte cap like weights do; what a reader needs (comments,
+    docstrings, type hints, line breaks inside expressions) costs bytes and runs nothing. A module
+    that reads its own `__doc__` keeps its module docstring. Names are not shortened: renaming
+    locals saved only ~2.5% of the compressed code on the r0409 set and cannot be proven safe
+    without whole-program analysis (keyword calls, getattr by string, torch hooks).
+    """
+    return _reindent(ast.unparse(_strip(ast.parse(source), "__doc__" in source)) + "\n")
+
+
+def shipped_sources(modules: dict[str, Path], config: dict) -> dict[str, str]:
+    """What the wrapper carries, by path: each module minified, and the config as compact JSON.
+
+    Dropping top-level definitions nothing references (tree shaking) was measured and left out:
+    it saved ~200 bytes on the r0409 set, for a soundness argument a reader would have to check."""
+    out = {rel: minify_source(path.read_text(encoding="utf-8")) for rel, path in modules.items()}
+    out["config.json"] = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    return out
 
 
 def payload_of(modules: dict[str, Path], config: dict) -> bytes:
     """The bytes the wrapper carries, before compression: path NUL source NUL ... config.json NUL
     json. Neither minified source nor JSON can hold a raw NUL (both escape it)."""
-    parts = []
-    for rel, path in modules.items():
-        parts += [rel, minify_source(path.read_text(encoding="utf-8"))]
-    parts += ["config.json", json.dumps(config, sort_keys=True)]
-    return "\0".join(parts).encode("utf-8")
+    return "\0".join(x for kv in shipped_sources(modules, config).items() for x in kv).encode("utf-8")
+
+
+# How the wrapper inflates its payload, per codec. brotli-11 packs Python ~3% smaller than LZMA2
+# (its built-in dictionary knows code words), but only runs whose model blob is brotli already
+# require the package; every other run uses LZMA2 from the standard library.
+_DECOMPRESS = {
+    "lzma": 'lzma.decompress(B,lzma.FORMAT_RAW,filters=[{"id":lzma.FILTER_LZMA2}])',
+    "brotli": "__import__('brotli').decompress(B)",
+}
+
+
+def codec_for(config: dict) -> str:
+    if config.get("quant", {}).get("compressor") == "brotli":
+        try:
+            import brotli  # noqa: F401
+        except ImportError:
+            return "lzma"
+        return "brotli"
+    return "lzma"
+
+
+def _compress(data: bytes, codec: str) -> bytes:
+    if codec == "brotli":
+        import brotli
+
+        return brotli.compress(data, quality=11, lgwin=24)
+    return lzma.compress(data, format=lzma.FORMAT_RAW, filters=FILTERS)
 
 
 def unpack(text: str) -> dict[str, bytes]:
     """A wrapper's files by path, decoded the way the wrapper decodes them (for tests and checks)."""
     start = text.index(_HEAD) + len(_HEAD)
-    raw = lzma.decompress(decode(text[start : text.index('"', start)]), lzma.FORMAT_RAW, filters=FILTERS[:1])
+    data = decode(text[start : text.index('"', start)])
+    if _DECOMPRESS["brotli"] in text:
+        import brotli
+
+        raw = brotli.decompress(data)
+    else:
+        raw = lzma.decompress(data, lzma.FORMAT_RAW, filters=FILTERS[:1])
     parts = raw.split(b"\0")
     return {k.decode(): v for k, v in zip(parts[::2], parts[1::2])}
 
 
-def build_wrapper(modules: dict[str, Path], config: dict) -> str:
-    packed = lzma.compress(payload_of(modules, config), format=lzma.FORMAT_RAW, filters=FILTERS)
-    return _HEAD + encode(packed) + _TAIL
+def build_wrapper(modules: dict[str, Path], config: dict, codec: str | None = None) -> str:
+    codec = codec or codec_for(config)
+    packed = _compress(payload_of(modules, config), codec)
+    return _HEAD + encode(packed) + _TAIL.replace("@DECOMPRESS@", _DECOMPRESS[codec])
 
 
 def write_wrapper(path: Path, config: dict) -> tuple[int, int]:

@@ -107,7 +107,8 @@ def code_bytes(job) -> int:
     """Bytes of the packed train_gpt.py for this config (the modules a worker imports)."""
     import importlib
 
-    import pgolf.trainer  # noqa: F401  (the worker imports it lazily, from pgolf.train.run_job)
+    import pgolf.train  # noqa: F401  (the worker's entry point)
+    import pgolf.trainer  # noqa: F401  (imported lazily by pgolf.train.run_job)
     from pgolf.components import REGISTRIES
     from pgolf.config import to_dict
     from pgolf.data.loader import _SAMPLERS

@@ -18,6 +18,7 @@ import pgolf
 from pgolf.pack import (
     ALPHABET,
     build_wrapper,
+    codec_for,
     decode,
     encode,
     imported_modules,
@@ -51,6 +52,19 @@ def test_wrapper_payload_round_trip():
     assert json.loads(files["config.json"]) == CONFIG
     # compressed: the wrapper is smaller than the source it carries
     assert len(text.encode("utf-8")) < sum(p.stat().st_size for p in modules.values())
+
+
+def test_codec_follows_the_model_compressor():
+    """brotli packs code smaller, but only runs whose model blob needs the package may import it."""
+    pytest.importorskip("brotli")
+    modules = _modules("pgolf/__init__.py", "pgolf/quant/mixed.py", "pgolf/models/gpt.py")
+    as_brotli = build_wrapper(modules, {"quant": {"compressor": "brotli"}})
+    as_lzma = build_wrapper(modules, {"quant": {"compressor": "lzma"}})
+    assert codec_for({"quant": {"compressor": "brotli"}}) == "brotli"
+    assert codec_for({"quant": {"compressor": "zstd"}}) == codec_for({}) == "lzma"
+    assert "brotli" in as_brotli and "brotli" not in as_lzma
+    assert len(as_brotli) < len(as_lzma)
+    assert unpack(as_brotli)["pgolf/models/gpt.py"] == unpack(as_lzma)["pgolf/models/gpt.py"]
 
 
 def test_wrapper_is_deterministic():
@@ -101,9 +115,12 @@ def test_every_alphabet_character_survives_a_source_file(tmp_path):
 
 
 # ------------------------------------------------------------------------------ the wrapper runs
-def test_wrapper_runs_the_packed_code(tmp_path):
+@pytest.mark.parametrize("codec", ["lzma", "brotli"])
+def test_wrapper_runs_the_packed_code(tmp_path, codec):
     """Executing the wrapper extracts the files and imports pgolf from them, not from the installed
     package; the entry point learns which script it runs from."""
+    if codec == "brotli":
+        pytest.importorskip("brotli")
     fake_train = tmp_path / "src" / "train.py"
     fake_train.parent.mkdir()
     fake_train.write_text(
@@ -115,7 +132,11 @@ def test_wrapper_runs_the_packed_code(tmp_path):
     modules = {"pgolf/__init__.py": ROOT / "pgolf/__init__.py", "pgolf/train.py": fake_train}
     script = tmp_path / "run" / "train_gpt.py"
     script.parent.mkdir()
-    script.write_text(build_wrapper(modules, CONFIG), encoding="utf-8", newline="")
+    script.write_text(build_wrapper(modules, CONFIG, codec=codec), encoding="utf-8", newline="")
+    assert (
+        unpack(script.read_text(encoding="utf-8"))["pgolf/train.py"]
+        == minify_source(fake_train.read_text()).encode()
+    )
     env = dict(os.environ, TMPDIR=str(tmp_path / "tmp"))
     env.pop("PYTHONPATH", None)
     (tmp_path / "tmp").mkdir()

@@ -6,9 +6,13 @@ from __future__ import annotations
 import json
 import lzma
 import struct
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 import torch
+from conftest import REPO, run_cli, tiny_cpu_args
 
 from pgolf.quant.config import GroupQuant, MixedQuantConfig
 from pgolf.quant.gptq import round_codes, row_scales
@@ -57,7 +61,11 @@ def _independent_order(state: dict[str, torch.Tensor], cfg: MixedQuantConfig) ->
     return sorted(out, key=lambda t: t[0])
 
 
-def test_pruning_picks_the_smallest_count_that_fits_a_decimal_budget():
+@pytest.mark.parametrize("cpus", [1, 3, 8])
+def test_pruning_picks_the_smallest_count_that_fits_a_decimal_budget(monkeypatch, cpus):
+    import pgolf.quant.mixed as mixed
+
+    monkeypatch.setattr(mixed.os, "cpu_count", lambda: cpus)  # 1..8 probes per round
     state = _state()
     plain = MixedQuant(_cfg()).export(state)
     q = MixedQuant(_cfg(prune_to_fit=True))
@@ -128,3 +136,44 @@ def test_prune_flag_is_a_config_key(compose):
 
     cfg = compose(["quant=r0409", "quant.prune_to_fit=true"])
     assert job_config_from_dict(cfg).quant.prune_to_fit is True
+
+
+@pytest.mark.slow
+def test_trainer_prunes_to_a_decimal_cap_and_the_packed_script_reproduces(
+    tmp_path, shard_dir, tokenizer_model
+):
+    """A real run: the code is written first, the blob is pruned to cap - code bytes, the log and
+    result.json say how many codes went, and the packed script (brotli codec) reruns it exactly."""
+    small = {"model.num_layers": "2", "quant.calibration.batches": "1", "model.num_heads": "4",
+             "model.num_kv_heads": "2", "model.ve_layers": "[1]", "train.prime_steps": "0"}  # fmt: skip
+    first = run_cli(
+        tiny_cpu_args(shard_dir, tokenizer_model, model="layered", quant="r0409", **small), tmp_path / "a"
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    fit = json.loads((tmp_path / "a" / "run" / "result.json").read_text())
+    assert "prune" not in fit["quant"]  # on in r0409, idle when the artifact fits
+    cap = fit["bytes"]["total"] - 300
+    args = tiny_cpu_args(
+        shard_dir,
+        tokenizer_model,
+        model="layered",
+        quant="r0409",
+        **small,
+        **{"budget.artifact_bytes": str(cap)},
+    )
+    second = run_cli(args, tmp_path / "b")
+    assert second.returncode == 0, second.stderr[-3000:]
+    run = tmp_path / "b" / "run"
+    r = json.loads((run / "result.json").read_text())
+    prune = r["quant"]["prune"]
+    assert r["bytes"]["total"] <= cap == r["bytes"]["cap"]
+    assert prune["fits"] and prune["pruned"] > 0 and prune["budget"] == cap - r["bytes"]["code"]
+    assert prune["bytes_after"] == r["bytes"]["model"] < prune["bytes_before"] == fit["bytes"]["model"]
+    assert f"quant: pruned {prune['pruned']:,} of" in (run / "train.log").read_text()
+    assert "brotli" in (run / "artifact" / "train_gpt.py").read_text(encoding="utf-8")
+    cli = subprocess.run(
+        [sys.executable, "-m", "pgolf.pack", str(run), "--out", str(tmp_path / "sub"), "--verify"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    assert "verified: the packed script reproduces" in cli.stdout

@@ -14,9 +14,11 @@ The float sections are byte-shuffled (optional); codes are not (one byte per val
 from __future__ import annotations
 
 import json
+import os
 import struct
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -292,33 +294,36 @@ class MixedQuant:
         budget = int(self.model_budget)
         order = self.prune_order(sections)
         codes = np.frombuffer(b"".join(sections["codes"]), dtype=np.int8)
-        sizes: dict[int, int] = {0: len(blob)}
-        blobs: dict[int, bytes] = {0: blob}
 
-        def size(n: int) -> int:
-            if n not in sizes:
-                c = codes.copy()
-                c[order[:n]] = 0
-                blobs[n] = pack(self._assemble(header, sections, c.tobytes()))
-                sizes[n] = len(blobs[n])
-            return sizes[n]
+        def probe(n: int) -> bytes:
+            c = codes.copy()
+            c[order[:n]] = 0
+            return pack(self._assemble(dict(header), sections, c.tobytes()))
 
-        lo, hi = 0, len(order)  # size(lo) > budget; size(hi) <= budget is checked first
-        fits = size(hi) <= budget
-        step = 0
-        while fits and hi - lo > 1:
-            # Secant guesses (size falls about linearly with n) alternate with bisection, which
-            # bounds the number of compressions; every probe keeps the bracket's invariant.
-            if step % 2 == 0:
-                f = (sizes[lo] - budget) / max(sizes[lo] - sizes[hi], 1)
-                mid = min(max(lo + round(f * (hi - lo)), lo + 1), hi - 1)
-            else:
-                mid = (lo + hi) // 2
-            step += 1
-            if size(mid) <= budget:
-                hi = mid
-            else:
-                lo = mid
+        # Each probe is one full compression (tens of seconds at record size, while the other ranks
+        # wait), so probes run `workers` at a time: the compressors release the GIL.
+        workers = max(1, min(8, os.cpu_count() or 1))
+        lo, hi = 0, len(order)  # invariant: size(lo) > budget >= size(hi)
+        sizes = {0: len(blob)}
+        best = probe(hi)
+        sizes[hi] = len(best)
+        fits = sizes[hi] <= budget
+        with ThreadPoolExecutor(workers) as pool:
+            first = True
+            while fits and hi - lo > 1:
+                if first:  # around the linear guess: size falls about linearly with n
+                    f = (sizes[lo] - budget) / max(sizes[lo] - sizes[hi], 1)
+                    guess = lo + f * (hi - lo)
+                    points = [round(guess * 2 ** ((i - (workers - 1) / 2) / 2)) for i in range(workers)]
+                else:  # then k-ary: `workers` evenly spaced probes cut the bracket workers + 1 ways
+                    points = [lo + (hi - lo) * (i + 1) // (workers + 1) for i in range(workers)]
+                first = False
+                points = sorted({p for p in points if lo < p < hi}) or [(lo + hi) // 2]
+                for n, out in zip(points, pool.map(probe, points)):
+                    sizes[n] = len(out)
+                    if len(out) <= budget and n < hi:
+                        hi, best = n, out
+                lo = max([lo] + [n for n in points if n < hi])
         n = hi if fits else 0
         self.stats["prune"] = {
             "budget": budget,
@@ -330,7 +335,7 @@ class MixedQuant:
             "compressions": len(sizes) - 1,
             "seconds": time.perf_counter() - t0,
         }
-        return blobs[n]
+        return best if fits else blob
 
     # -------------------------------------------------------------------------------- load
     @staticmethod
