@@ -151,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
         f"estimate: model {r['model_bytes']:,} + code {r['code_bytes']:,} = {r['total']:,} bytes "
         f"vs cap {r['cap']:,}: {verdict}"
     )
+    if not r["fits"] and getattr(job.quant, "prune_to_fit", False):
+        print(
+            "  note: quant.prune_to_fit is on: a run over the cap zeroes the fewest +-1 codes that make it\n"
+            "  fit (docs/quant.md, selective pruning); this estimate is before pruning"
+        )
     return 0 if r["fits"] else 1
 
 
