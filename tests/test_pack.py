@@ -423,3 +423,21 @@ def test_minify_preserves_behaviour_of_tricky_source():
 def test_minify_keeps_annotations_a_decorator_may_read():
     source = "import functools\n@functools.lru_cache\ndef f(x: int) -> int:\n    return x\n"
     assert "x: int" in minify_source(source) and "-> int" in minify_source(source)
+
+
+def test_a_packed_run_ships_the_file_it_runs_from(tmp_path, monkeypatch):
+    """pgolf.shipped: from source the packer writes the wrapper; packed, the running script is
+    copied byte for byte (the packer is not even importable there)."""
+    from pgolf import shipped
+
+    built = tmp_path / "built.py"
+    size, _ = shipped.write_code(built, CONFIG)
+    assert size == built.stat().st_size and unpack(built.read_text(encoding="utf-8"))["config.json"]
+    running = tmp_path / "running.py"
+    running.write_bytes(b'print("any wrapper")\x0b\n')
+    monkeypatch.setattr(shipped, "PACKED_SCRIPT", running)
+    out = tmp_path / "artifact" / "train_gpt.py"
+    out.parent.mkdir()
+    size, raw = shipped.write_code(out, {"ignored": True})
+    assert out.read_bytes() == running.read_bytes() and size == len(running.read_bytes())
+    assert raw > 0 and not (out.parent / "train_gpt.py.tmp").exists()
