@@ -10,11 +10,16 @@ size of a real file that runs. docs/quant.md ("Code bytes") has the measured siz
 from __future__ import annotations
 
 import ast
+import builtins
 import io
+import itertools
 import json
+import keyword
 import lzma
+import string
 import sys
 import tokenize
+from collections.abc import Iterator
 from pathlib import Path
 
 # The literal's alphabet: ASCII minus NUL (not allowed in source), LF and CR (end a "..." literal;
@@ -200,17 +205,114 @@ def _strip(tree: ast.Module, keep_module_doc: bool) -> ast.Module:
     return tree
 
 
+# ------------------------------------------------------------------------------ local names
+_SCOPES = (
+    ast.FunctionDef,
+    ast.AsyncFunctionDef,
+    ast.Lambda,
+    ast.ClassDef,
+    ast.ListComp,
+    ast.SetComp,
+    ast.DictComp,
+    ast.GeneratorExp,
+)
+# Calls that can see a function's locals by name: a function that makes one keeps its names.
+_INTROSPECTING = {"locals", "vars", "eval", "exec", "dir", "globals", "breakpoint"}
+
+
+def _own_nodes(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> list[ast.AST]:
+    """The nodes evaluated in `fn`'s own scope: its body, not nested scopes (whose defaults,
+    decorators and first iterators do run here, so `_nested_names` counts them as nested)."""
+    out, stack = [], list(fn.body)
+    while stack:
+        n = stack.pop()
+        out.append(n)
+        if not isinstance(n, _SCOPES):
+            stack.extend(ast.iter_child_nodes(n))
+    return out
+
+
+def _nested_names(nodes: list[ast.AST]) -> set[str]:
+    """Every identifier mentioned anywhere inside the nested scopes among `nodes`."""
+    out: set[str] = set()
+    for n in nodes:
+        if isinstance(n, _SCOPES):
+            for m in ast.walk(n):
+                if isinstance(m, ast.Name):
+                    out.add(m.id)
+                elif isinstance(m, ast.arg):
+                    out.add(m.arg)
+                elif isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    out.add(m.name)
+                elif isinstance(m, (ast.Global, ast.Nonlocal)):
+                    out.update(m.names)
+    return out
+
+
+def _short_names(taken: set[str]) -> Iterator[str]:
+    letters = string.ascii_letters
+    for k in itertools.count(1):
+        for t in itertools.product(letters, repeat=k):
+            name = "".join(t)
+            if name not in taken and not keyword.iskeyword(name):
+                yield name
+
+
+def rename_locals(tree: ast.Module) -> int:
+    """Shorten, in place, the local variables of every function where that provably keeps the
+    program: names bound in the function's own scope (assignment, loop/with target, `except as`,
+    `del`), never its parameters (callers may pass them by keyword), and only names that no nested
+    scope (def, lambda, class, comprehension) mentions at all, so no closure or class body can
+    refer to them. Functions containing `global`, `nonlocal`, `match` or a call that can read
+    locals by name (locals, vars, eval, exec, dir, globals, breakpoint) are left alone. New names
+    are ones the module never uses (nor builtins), so they shadow nothing. Returns the count."""
+    taken = set(dir(builtins))
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Name):
+            taken.add(n.id)
+        elif isinstance(n, ast.arg):
+            taken.add(n.arg)
+        elif isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            taken.add(n.name)
+        elif isinstance(n, ast.alias):
+            taken.add((n.asname or n.name).split(".")[0])
+    renamed = 0
+    for fn in [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]:
+        inside = list(ast.walk(fn))
+        if any(isinstance(n, (ast.Global, ast.Nonlocal, ast.Match)) for n in inside) or any(
+            isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in _INTROSPECTING
+            for n in inside
+        ):
+            continue
+        nodes = _own_nodes(fn)
+        bound = {n.id for n in nodes if isinstance(n, ast.Name) and isinstance(n.ctx, (ast.Store, ast.Del))}
+        bound |= {n.name for n in nodes if isinstance(n, ast.ExceptHandler) and n.name}
+        params = {a.arg for a in ast.walk(fn.args) if isinstance(a, ast.arg)}
+        names = sorted(bound - params - _nested_names(nodes))
+        fresh = _short_names(taken)
+        mapping = {name: next(fresh) for name in names if len(name) > 1}
+        for n in nodes:
+            if isinstance(n, ast.Name) and n.id in mapping:
+                n.id = mapping[n.id]
+            elif isinstance(n, ast.ExceptHandler) and n.name in mapping:
+                n.name = mapping[n.name]
+        renamed += len(mapping)
+    return renamed
+
+
 def minify_source(source: str) -> str:
     """The same program with comments, docstrings, function annotations, `if TYPE_CHECKING:` blocks
     and formatting removed (`ast.unparse`, one-space indentation).
 
     Code bytes count against the 16,000,000-byte cap like weights do; what a reader needs (comments,
     docstrings, type hints, line breaks inside expressions) costs bytes and runs nothing. A module
-    that reads its own `__doc__` keeps its module docstring. Names are not shortened: renaming
-    locals saved only ~2.5% of the compressed code on the r0409 set and cannot be proven safe
-    without whole-program analysis (keyword calls, getattr by string, torch hooks).
+    that reads its own `__doc__` keeps its module docstring. Function-local variables get short
+    names where `rename_locals` can prove it safe; parameters, attributes and module-level names
+    keep theirs (keyword calls, getattr by string and torch hooks reach them by name).
     """
-    return _reindent(ast.unparse(_strip(ast.parse(source), "__doc__" in source)) + "\n")
+    tree = _strip(ast.parse(source), "__doc__" in source)
+    rename_locals(tree)
+    return _reindent(ast.unparse(tree) + "\n")
 
 
 def shipped_sources(modules: dict[str, Path], config: dict) -> dict[str, str]:

@@ -216,7 +216,8 @@ def test_parent_only_modules_and_the_packer_are_not_shipped():
 # ------------------------------------------------------------------------------ the minifier
 def _reference_strip(tree: ast.AST) -> str:
     """What minify may drop, removed independently: docstrings, annotations of functions with no
-    decorator beyond staticmethod/classmethod/property, and `if TYPE_CHECKING:` blocks."""
+    decorator beyond staticmethod/classmethod/property, and `if TYPE_CHECKING:` blocks; and the
+    spelling of variable names (parameters, attributes, definitions and imports still compare)."""
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             body = node.body
@@ -230,6 +231,10 @@ def _reference_strip(tree: ast.AST) -> str:
             for arg in ast.walk(node.args):
                 if isinstance(arg, ast.arg):
                     arg.annotation = None
+        if isinstance(node, ast.Name):  # local names may be shortened: compare the structure
+            node.id = "_"
+        if isinstance(node, ast.ExceptHandler) and node.name:
+            node.name = "_"
         if hasattr(node, "body") and isinstance(node.body, list):
             node.body = [
                 s
@@ -370,6 +375,38 @@ TRICKY = textwrap.dedent(
         return [x * k for x in xs if x] + list(map(lambda y: y + k, xs))
 
 
+    def locals_tricks(value: int = 5) -> dict:
+        total_sum = value * 2
+        [last_seen := v for v in range(value)]  # the walrus binds in this function's scope
+        try:
+            raise KeyError("boom")
+        except KeyError as problem:
+            caught = str(problem)
+        temp_value = 1
+        del temp_value
+        try:
+            temp_value  # noqa: F821
+            deleted = False
+        except NameError:
+            deleted = True
+        label_text = f"{total_sum=} {caught!s:>8}"
+
+        def inner(default_arg=total_sum):
+            return default_arg + 1
+
+        return {"label": label_text, "inner": inner(), "last": last_seen, "deleted": deleted}
+
+
+    def reads_locals(alpha_value: int = 1) -> list:
+        beta_value = alpha_value + 1
+        return sorted(k for k in locals())
+
+
+    def keyword_target(first_arg: int, second_arg: int = 2) -> int:
+        local_sum = first_arg * 10 + second_arg
+        return local_sum
+
+
     RESULT = {
         "hints": {k: str(v) for k, v in typing.get_type_hints(Cfg).items()},
         "fields": [f.name for f in dataclasses.fields(Cfg)],
@@ -381,6 +418,9 @@ TRICKY = textwrap.dedent(
         "text": TEXT,
         "multi": multiline(),
         "comp": comp([0, 1, 2]),
+        "locals_tricks": locals_tricks(),
+        "reads_locals": reads_locals(),
+        "keyword": keyword_target(second_arg=3, first_arg=1),
         "doc": __doc__,
         "type_checking": "OrderedDict" in globals(),
     }
@@ -416,6 +456,10 @@ def test_minify_preserves_behaviour_of_tricky_source():
     assert "TYPE_CHECKING:" not in small and "def comp(xs):" in small and "def scaled(self, k=2.0):" in small
     assert "def add(a: int, /, b: int=1, *, c: int=0) -> int:" in small  # decorated: annotations kept
     assert "lr: float = 0.1" in small  # class-body annotations are dataclass fields: kept
+    assert "local_sum" not in small and "label_text" not in small and "problem" not in small  # shortened ...
+    assert "def keyword_target(first_arg, second_arg=2):" in small  # ... parameters never
+    assert "beta_value" in small  # a function that calls locals() keeps its names
+    assert "last_seen" in small and "total_sum" in small  # mentioned in a nested scope: kept
     assert "\n    an indented line of the docstring" in small  # text inside strings is not reindented
     assert after["keeps"].__annotations__ == {} and before["keeps"].__annotations__
 
@@ -441,3 +485,39 @@ def test_a_packed_run_ships_the_file_it_runs_from(tmp_path, monkeypatch):
     size, raw = shipped.write_code(out, {"ignored": True})
     assert out.read_bytes() == running.read_bytes() and size == len(running.read_bytes())
     assert raw > 0 and not (out.parent / "train_gpt.py.tmp").exists()
+
+
+def _scopes(source: str) -> list[tuple]:
+    """Per scope, in order: its kind and name, parameters, the globals and free variables it reads
+    and the cells it offers nested scopes, and how many locals it has."""
+    import symtable
+
+    out, stack = [], [symtable.symtable(source, "m.py", "exec")]
+    while stack:
+        t = stack.pop(0)
+        syms = t.get_symbols()
+        params = tuple(t.get_parameters()) if isinstance(t, symtable.Function) else ()
+        glob = sorted(s.get_name() for s in syms if s.is_global() and s.is_referenced())
+        free = sorted(s.get_name() for s in syms if s.is_free())
+        cells = sorted(s.get_name() for s in syms if s.is_local() and any(
+            s.get_name() in c.get_identifiers() and c.lookup(s.get_name()).is_free() for c in t.get_children()
+        ))  # fmt: skip
+        n_locals = sum(1 for s in syms if s.is_local())
+        out.append((t.get_type(), t.get_name(), params, glob, free, cells, n_locals))
+        stack.extend(t.get_children())
+    return out
+
+
+def test_renamed_locals_keep_every_scope_s_interface():
+    """Over every pgolf module: after renaming, each function still has the same parameters, reads
+    the same globals and free variables, offers the same cells and has as many locals: renaming
+    captured nothing and split nothing."""
+    from pgolf.pack import _strip
+
+    for path in sorted((ROOT / "pgolf").rglob("*.py")):
+        source = path.read_text()
+        stripped = ast.unparse(_strip(ast.parse(source), "__doc__" in source))  # all but the renaming
+        before, after = _scopes(stripped), _scopes(minify_source(source))
+        assert len(before) == len(after), path
+        for b, a in zip(before, after):
+            assert b == a, (path, b, a)
