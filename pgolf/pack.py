@@ -263,9 +263,10 @@ def rename_locals(tree: ast.Module) -> int:
     program: names bound in the function's own scope (assignment, loop/with target, `except as`,
     `del`), never its parameters (callers may pass them by keyword), and only names that no nested
     scope (def, lambda, class, comprehension) mentions at all, so no closure or class body can
-    refer to them. Functions containing `global`, `nonlocal`, `match` or a call that can read
-    locals by name (locals, vars, eval, exec, dir, globals, breakpoint) are left alone. New names
-    are ones the module never uses (nor builtins), so they shadow nothing. Returns the count."""
+    refer to them. Left alone: decorated functions (but staticmethod/classmethod/property:
+    triton.jit compiles the source), and functions containing `global`, `nonlocal`, `match` or a
+    call that can read locals by name (locals, vars, eval, exec, dir, globals, breakpoint). New
+    names are ones the module never uses (nor builtins), so they shadow nothing. Returns the count."""
     taken = set(dir(builtins))
     for n in ast.walk(tree):
         if isinstance(n, ast.Name):
@@ -278,6 +279,8 @@ def rename_locals(tree: ast.Module) -> int:
             taken.add((n.asname or n.name).split(".")[0])
     renamed = 0
     for fn in [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]:
+        if not all(isinstance(d, ast.Name) and d.id in _PLAIN_DECORATORS for d in fn.decorator_list):
+            continue  # triton.jit and the like compile the function's source: leave it as written
         inside = list(ast.walk(fn))
         if any(isinstance(n, (ast.Global, ast.Nonlocal, ast.Match)) for n in inside) or any(
             isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in _INTROSPECTING
