@@ -105,15 +105,20 @@ def estimate(job) -> dict:
 
 def code_bytes(job) -> int:
     """Bytes of the packed train_gpt.py for this config (the modules a worker imports)."""
-    import pgolf.train  # noqa: F401  (the worker's entry point and, through it, the trainer)
+    import importlib
+
+    import pgolf.train  # noqa: F401  (the worker's entry point)
+    import pgolf.trainer  # noqa: F401  (imported lazily by pgolf.train.run_job)
     from pgolf.components import REGISTRIES
     from pgolf.config import to_dict
+    from pgolf.data.loader import _SAMPLERS
     from pgolf.pack import build_wrapper, imported_modules
 
     for group, reg in REGISTRIES.items():
         reg.get(getattr(job, group).name).load_builder()
-    mods = {k: v for k, v in imported_modules().items() if k != "pgolf/plan.py"}
-    return len(build_wrapper(mods, to_dict(job)).encode("utf-8"))
+    if getattr(job.data, "loader", None) in _SAMPLERS:  # the loader imports its sampler by name
+        importlib.import_module(_SAMPLERS[job.data.loader].partition(":")[0])
+    return len(build_wrapper(imported_modules(), to_dict(job)).encode("utf-8"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
         f"estimate: model {r['model_bytes']:,} + code {r['code_bytes']:,} = {r['total']:,} bytes "
         f"vs cap {r['cap']:,}: {verdict}"
     )
+    if not r["fits"] and getattr(job.quant, "prune_to_fit", False):
+        print(
+            "  note: quant.prune_to_fit is on: a run over the cap zeroes the fewest +-1 codes that make it\n"
+            "  fit (docs/quant.md, selective pruning); this estimate is before pruning"
+        )
     return 0 if r["fits"] else 1
 
 

@@ -143,10 +143,16 @@ def verify(sub_dir: Path, run_dir: Path, timeout: int = 1800, tol: float = 1e-6)
         if proc.returncode != 0 or not got_path.is_file():
             raise PackError(f"the packed script failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
         got = read_json(got_path)
+        # A packed run ships the file it ran from: byte for byte the submitted script.
+        shipped = work / "job" / "artifact" / "train_gpt.py"
+        same_script = shipped.is_file() and shipped.read_bytes() == (work / "train_gpt.py").read_bytes()
+    if not same_script:
+        raise PackError("the packed run did not ship the script it ran from (artifact/train_gpt.py differs)")
     checks = {
         "val_bpb": (got.get("val_bpb"), want.get("val_bpb")),
         "steps": (got.get("steps"), want.get("steps")),
         "model_bytes": (got["bytes"]["model"], want["bytes"]["model"]),
+        "code_bytes": (got["bytes"]["code"], (Path(sub_dir) / "train_gpt.py").stat().st_size),
     }
     bad = {
         k: v

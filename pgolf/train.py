@@ -68,9 +68,15 @@ def run_job(job_dir: str | Path) -> dict:
             dist.destroy_process_group()
 
 
-def run_packed(config_path: str) -> None:
-    """Entry of a packed `train_gpt.py`: the embedded config, with the challenge's env overrides."""
+def run_packed(config_path: str, script: str | None = None) -> None:
+    """Entry of a packed `train_gpt.py` (`script`, whose size is the run's code bytes): the embedded
+    config, with the challenge's env overrides."""
     import json
+
+    if script is not None:
+        from pgolf import shipped
+
+        shipped.PACKED_SCRIPT = Path(script).resolve()
 
     cfg = json.loads(Path(config_path).read_text())
     if "SEED" in os.environ:

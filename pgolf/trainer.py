@@ -32,8 +32,8 @@ from pgolf.hw.device import build as build_runtime
 from pgolf.log import RunLog
 from pgolf.models.attention import select_backend
 from pgolf.models.layers import restore_fp32_params
-from pgolf.pack import write_wrapper
 from pgolf.results import write_json_atomic
+from pgolf.shipped import write_code
 from pgolf.timing import PhaseTimer
 from pgolf.tracking import Tracker
 
@@ -462,10 +462,12 @@ class Trainer:
             out.mkdir(parents=True, exist_ok=True)
             # A banked model exports its banks as per-layer 2-D matrices under the canonical names.
             export = getattr(self.model, "export_state_dict", self.model.state_dict)
+            # Code first: a quant that prunes to fit (quant.prune_to_fit) aims at the bytes left.
+            code_bytes, code_raw = write_code(out / "train_gpt.py", to_dict(self.job))
+            self.quant.model_budget = cap - code_bytes
             blob = self.quant.export(export())
             tmp = blob_path.with_name(blob_path.name + ".tmp")
             tmp.write_bytes(blob)
-            code_bytes, code_raw = write_wrapper(out / "train_gpt.py", to_dict(self.job))
             model_bytes = tmp.stat().st_size  # measured from the files that would ship
             total = model_bytes + code_bytes
             self.result["bytes"] = {
@@ -477,6 +479,13 @@ class Trainer:
                 "within_cap": total <= cap,
             }
             self.log(f"artifact: model {model_bytes:,} + code {code_bytes:,} = {total:,} bytes (cap {cap:,})")
+            prune = (getattr(self.quant, "stats", None) or {}).get("prune")
+            if prune:
+                self.log(
+                    f"quant: pruned {prune['pruned']:,} of {prune['candidates']:,} +-1 codes "
+                    f"({prune['bytes_before']:,} -> {prune['bytes_after']:,} bytes, {prune['compressions']} "
+                    f"compressions, {prune['seconds']:.1f}s){'' if prune['fits'] else ': cannot fit'}"
+                )
             if getattr(self.quant, "stats", None):
                 self.result["quant"] = self.quant.stats  # per-group bits/error, seconds, compressor bytes
             if total > cap:

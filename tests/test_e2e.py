@@ -119,6 +119,10 @@ def test_packed_script_reproduces_the_run(tiny_run, tmp_path):
     assert packed["status"] == "ok"
     assert packed["train_losses"] == orig["train_losses"]
     assert packed["val_loss"] == pytest.approx(orig["val_loss"], abs=1e-9)
+    # It ships the file it ran from (the packer is not in it), so the code bytes are that file's size.
+    script = (src / "run" / "artifact" / "train_gpt.py").read_bytes()
+    assert (empty / "job" / "artifact" / "train_gpt.py").read_bytes() == script
+    assert packed["bytes"]["code"] == orig["bytes"]["code"] == len(script)
 
 
 def test_over_cap_artifact_is_refused(tmp_path, shard_dir, tokenizer_model):
@@ -207,3 +211,39 @@ def test_step_function_has_no_host_syncs():
 def test_repo_layout():
     for d in ("conf", "pgolf", "launch", "outputs", "tests"):
         assert (REPO / d).is_dir()
+
+
+_PLAN_MODULES = """
+import json, sys
+from pathlib import Path
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from pgolf import pack, plan
+from pgolf.config import job_config_from_dict
+from pgolf.run import conf_dir
+with initialize_config_dir(config_dir=str(Path(conf_dir()).resolve()), version_base="1.3"):
+    cfg = compose(config_name="config", overrides=sys.argv[1:])
+data = OmegaConf.to_container(cfg, resolve=True)
+data.pop("hydra", None)
+plan.code_bytes(job_config_from_dict(data))
+print(json.dumps(sorted(pack.imported_modules())))
+"""
+
+
+def test_plan_counts_the_modules_a_run_ships(tiny_run, shard_dir, tokenizer_model):
+    """pgolf.plan's code bytes pack the same modules the worker shipped (it once left out the
+    trainer, which the worker imports lazily, and printed ~14 KB too few for r0409)."""
+    from pgolf.pack import unpack
+
+    tmp, _ = tiny_run
+    shipped = set(unpack((tmp / "run" / "artifact" / "train_gpt.py").read_text(encoding="utf-8"))) - {
+        "config.json"
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", _PLAN_MODULES, *tiny_cpu_args(shard_dir, tokenizer_model)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    planned = set(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert "pgolf/trainer.py" in planned and "pgolf/train.py" in planned
+    assert planned == shipped, (sorted(planned - shipped), sorted(shipped - planned))

@@ -1,46 +1,38 @@
-"""The self-extracting train_gpt.py wrapper: valid Python, exact payload, real on-disk size."""
+"""The self-extracting train_gpt.py wrapper: valid Python, exact payload, real on-disk size, and a
+minifier that changes layout and dead text only."""
 
 from __future__ import annotations
 
 import ast
-import base64
-import io
 import json
-import lzma
 import os
+import random
 import subprocess
 import sys
-import zipfile
+import textwrap
 from pathlib import Path
 
 import pytest
 
 import pgolf
-from pgolf.pack import build_wrapper, imported_modules, minify_source, write_wrapper
+from pgolf.pack import (
+    ALPHABET,
+    build_wrapper,
+    codec_for,
+    decode,
+    encode,
+    imported_modules,
+    minify_source,
+    unpack,
+    write_wrapper,
+)
 
 ROOT = Path(pgolf.__file__).resolve().parent.parent
-CONFIG = {"model": {"name": "baseline", "num_layers": 9}, "seed": 1337, "note": 'caf\u00e9 {braces} "quotes"'}
-
-
-def _payload(text: str) -> bytes:
-    """The string literal passed to base64.b85decode in the wrapper, found through the AST."""
-    tree = ast.parse(text)
-    calls = [
-        n
-        for n in ast.walk(tree)
-        if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "b85decode"
-    ]
-    assert len(calls) == 1
-    (arg,) = calls[0].args
-    assert isinstance(arg, ast.Constant) and isinstance(arg.value, str)
-    return arg.value.encode("ascii")
-
-
-def _unpack(text: str) -> dict[str, bytes]:
-    raw = lzma.decompress(base64.b85decode(_payload(text)))
-    with zipfile.ZipFile(io.BytesIO(raw)) as z:
-        assert z.testzip() is None
-        return {name: z.read(name) for name in z.namelist()}
+CONFIG = {
+    "model": {"name": "baseline", "num_layers": 9},
+    "seed": 1337,
+    "note": 'caf\u00e9 {braces} "quotes" \\0',
+}
 
 
 def _modules(*rels: str) -> dict[str, Path]:
@@ -52,14 +44,27 @@ def test_wrapper_payload_round_trip():
     text = build_wrapper(modules, CONFIG)
     ast.parse(text)
     compile(text, "train_gpt.py", "exec")
-    assert text.isascii()
-    files = _unpack(text)
+    assert text.isascii() and "\0" not in text and "\r" not in text
+    files = unpack(text)
     assert set(files) == set(modules) | {"config.json"}
     for rel, path in modules.items():
         assert files[rel] == minify_source(path.read_text()).encode(), rel
     assert json.loads(files["config.json"]) == CONFIG
     # compressed: the wrapper is smaller than the source it carries
     assert len(text.encode("utf-8")) < sum(p.stat().st_size for p in modules.values())
+
+
+def test_codec_follows_the_model_compressor():
+    """brotli packs code smaller, but only runs whose model blob needs the package may import it."""
+    pytest.importorskip("brotli")
+    modules = _modules("pgolf/__init__.py", "pgolf/quant/mixed.py", "pgolf/models/gpt.py")
+    as_brotli = build_wrapper(modules, {"quant": {"compressor": "brotli"}})
+    as_lzma = build_wrapper(modules, {"quant": {"compressor": "lzma"}})
+    assert codec_for({"quant": {"compressor": "brotli"}}) == "brotli"
+    assert codec_for({"quant": {"compressor": "zstd"}}) == codec_for({}) == "lzma"
+    assert "brotli" in as_brotli and "brotli" not in as_lzma
+    assert len(as_brotli) < len(as_lzma)
+    assert unpack(as_brotli)["pgolf/models/gpt.py"] == unpack(as_lzma)["pgolf/models/gpt.py"]
 
 
 def test_wrapper_is_deterministic():
@@ -69,24 +74,79 @@ def test_wrapper_is_deterministic():
     assert build_wrapper(modules, CONFIG) != build_wrapper(modules, {**CONFIG, "seed": 1})
 
 
-def test_wrapper_runs_the_packed_code(tmp_path):
-    """Executing the wrapper extracts the zip and imports pgolf from it, not from the installed package."""
+# ------------------------------------------------------------------------------ base-123 text
+def test_alphabet_is_every_one_byte_character_a_plain_literal_can_hold():
+    assert len(ALPHABET) == len(set(ALPHABET)) == 123
+    assert not set(ALPHABET) & {0, 10, 13, ord('"'), ord("\\")} and max(ALPHABET) < 128
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 255, 256, 257, 511, 512, 1000, 4096 + 17])
+def test_encoding_round_trips_random_bytes_of_any_length(n):
+    rng = random.Random(n)
+    for data in (bytes(rng.randrange(256) for _ in range(n)), b"\0" * n, b"\xff" * n):
+        text = encode(data)
+        assert decode(text) == data
+        assert set(text.encode("ascii")) <= set(ALPHABET)
+        assert len(text) <= -(-n * 8 * 1000 // 6942) + 1  # log2(123) = 6.9425 bits per character
+
+
+def test_encoding_holds_every_byte_value_and_is_denser_than_base85():
+    data = bytes(range(256)) * 40
+    text = encode(data)
+    assert decode(text) == data
+    assert len(text) < 1.16 * len(data) < 1.25 * len(data)
+
+
+def test_every_alphabet_character_survives_a_source_file(tmp_path):
+    """Written into a file and run by a fresh interpreter, the literal decodes to the same bytes."""
+    data = bytes(range(256)) * 3 + bytes(random.Random(0).randrange(256) for _ in range(3000))
+    text = encode(data)
+    assert set(text.encode()) == set(ALPHABET)  # every character is exercised
+    script = tmp_path / "t.py"
+    script.write_text(
+        f'import sys\nsys.path.insert(0, {str(ROOT)!r})\nfrom pgolf.pack import decode\nS="{text}"\n'
+        "sys.stdout.write(decode(S).hex())\n",
+        encoding="utf-8",
+        newline="",
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert bytes.fromhex(proc.stdout) == data
+
+
+# ------------------------------------------------------------------------------ the wrapper runs
+@pytest.mark.parametrize("codec", ["lzma", "brotli"])
+def test_wrapper_runs_the_packed_code(tmp_path, codec):
+    """Executing the wrapper extracts the files and imports pgolf from them, not from the installed
+    package; the entry point learns which script it runs from."""
+    if codec == "brotli":
+        pytest.importorskip("brotli")
     fake_train = tmp_path / "src" / "train.py"
     fake_train.parent.mkdir()
     fake_train.write_text(
         "import json, pathlib, sys\n"
-        "def run_packed(config_path):\n"
+        "def run_packed(config_path, script):\n"
         "    cfg = json.loads(pathlib.Path(config_path).read_text())\n"
-        "    print(json.dumps({'cfg': cfg, 'train_file': __file__, 'root': sys.path[0]}))\n"
+        "    print(json.dumps({'cfg': cfg, 'train_file': __file__, 'root': sys.path[0], 'script': script}))\n"
     )
     modules = {"pgolf/__init__.py": ROOT / "pgolf/__init__.py", "pgolf/train.py": fake_train}
     script = tmp_path / "run" / "train_gpt.py"
     script.parent.mkdir()
-    script.write_text(build_wrapper(modules, CONFIG), encoding="utf-8")
+    script.write_text(build_wrapper(modules, CONFIG, codec=codec), encoding="utf-8", newline="")
+    assert (
+        unpack(script.read_text(encoding="utf-8"))["pgolf/train.py"]
+        == minify_source(fake_train.read_text()).encode()
+    )
     env = dict(os.environ, TMPDIR=str(tmp_path / "tmp"))
+    env.pop("PYTHONPATH", None)
     (tmp_path / "tmp").mkdir()
     proc = subprocess.run(
-        [sys.executable, str(script)], cwd=script.parent, capture_output=True, text=True, timeout=60, env=env
+        [sys.executable, "train_gpt.py"],
+        cwd=script.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -94,6 +154,7 @@ def test_wrapper_runs_the_packed_code(tmp_path):
     assert Path(out["train_file"]).resolve() == (Path(out["root"]) / "pgolf" / "train.py").resolve()
     assert Path(out["root"]).name.startswith("pgolf_")
     assert Path(out["root"]).parent == tmp_path / "tmp"
+    assert (script.parent / out["script"]).resolve() == script.resolve()
 
 
 def test_write_wrapper_returns_on_disk_size(tmp_path):
@@ -107,17 +168,11 @@ def test_write_wrapper_returns_on_disk_size(tmp_path):
     assert not (tmp_path / "train_gpt.py.tmp").exists()
     text = data.decode("utf-8")
     ast.parse(text)
-    files = _unpack(text)
+    files = unpack(text)
     modules = imported_modules()
     assert raw == sum(p.stat().st_size for p in modules.values())
     assert set(files) == set(modules) | {"config.json"}
-    for rel in (
-        "pgolf/__init__.py",
-        "pgolf/pack.py",
-        "pgolf/data/__init__.py",
-        "pgolf/data/shards.py",
-        "pgolf/quant/int8.py",
-    ):
+    for rel in ("pgolf/__init__.py", "pgolf/data/__init__.py", "pgolf/data/shards.py", "pgolf/quant/int8.py"):
         assert files[rel] == minify_source((ROOT / rel).read_text()).encode(), rel
     assert json.loads(files["config.json"]) == CONFIG
 
@@ -132,39 +187,82 @@ def test_imported_modules_include_package_inits():
     assert list(mods) == sorted(mods)
 
 
-@pytest.mark.parametrize("n_bytes", [0, 1, 4096])
-def test_payload_characters_are_safe_in_a_string_literal(tmp_path, n_bytes):
-    # base85 never emits a quote or a backslash, whatever the bytes
-    blob = tmp_path / "blob.py"
-    data = bytes(range(256)) * (n_bytes // 256) + b'"\\' * (n_bytes % 7)
-    blob.write_text(f"DATA = {data!r}\nTEXT = {data.decode('latin-1')!r}\n")
-    text = build_wrapper({"pgolf/blob.py": blob}, {})
-    unpacked = _unpack(text)["pgolf/blob.py"].decode()
-    namespace: dict = {}
-    exec(unpacked, namespace)
-    assert namespace["DATA"] == data and namespace["TEXT"] == data.decode("latin-1")
+def test_parent_only_modules_and_the_packer_are_not_shipped():
+    """The Hydra parent's modules never reach the worker, and a packed run counts its own file
+    (pgolf.shipped) instead of running the packer: neither counts as code bytes."""
+    import pgolf.callbacks  # noqa: F401
+    import pgolf.plan  # noqa: F401
+    import pgolf.report  # noqa: F401
+    import pgolf.slots  # noqa: F401
+    import pgolf.submission  # noqa: F401
+    import pgolf.trainer  # noqa: F401
+
+    shipped = imported_modules()
+    assert "pgolf/trainer.py" in shipped and "pgolf/shipped.py" in shipped
+    for rel in shipped:
+        assert not rel.startswith(
+            (
+                "pgolf/report/",
+                "pgolf/callbacks.py",
+                "pgolf/slots.py",
+                "pgolf/run.py",
+                "pgolf/pack.py",
+                "pgolf/plan.py",
+                "pgolf/submission.py",
+            )
+        ), rel
 
 
-def _without_docstrings(tree: ast.AST) -> str:
+# ------------------------------------------------------------------------------ the minifier
+def _reference_strip(tree: ast.AST) -> str:
+    """What minify may drop, removed independently: docstrings, annotations of functions with no
+    decorator beyond staticmethod/classmethod/property, and `if TYPE_CHECKING:` blocks; and the
+    spelling of variable names (parameters, attributes, definitions and imports still compare)."""
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             body = node.body
             if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
                 if isinstance(body[0].value.value, str):
                     node.body = body[1:] or [ast.Pass()]
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and all(
+            ast.unparse(d) in ("staticmethod", "classmethod", "property") for d in node.decorator_list
+        ):
+            node.returns = None
+            for arg in ast.walk(node.args):
+                if isinstance(arg, ast.arg):
+                    arg.annotation = None
+        if isinstance(node, ast.Name):  # local names may be shortened: compare the structure
+            node.id = "_"
+        if isinstance(node, ast.ExceptHandler) and node.name:
+            node.name = "_"
+        if hasattr(node, "body") and isinstance(node.body, list):
+            node.body = [
+                s
+                for s in node.body
+                if not (isinstance(s, ast.If) and ast.unparse(s.test) == "TYPE_CHECKING" and not s.orelse)
+            ] or [ast.Pass()]
     return ast.dump(tree)
 
 
 @pytest.mark.parametrize(
-    "rel", ["pgolf/trainer.py", "pgolf/models/gpt.py", "pgolf/quant/mixed.py", "pgolf/config.py"]
+    "rel",
+    [
+        "pgolf/trainer.py",
+        "pgolf/models/gpt.py",
+        "pgolf/quant/mixed.py",
+        "pgolf/config.py",
+        "pgolf/components.py",
+    ],
 )
 def test_minified_source_is_the_same_program(rel):
-    """Shipped code drops comments, docstrings and layout only: the statement trees are identical."""
+    """Shipped code drops comments, docstrings, function annotations and layout only."""
     source = (ROOT / rel).read_text()
     small = minify_source(source)
-    assert len(small) < len(source)
+    assert len(small) < 0.85 * len(source)
     assert "#" not in "".join(line.split("'")[0].split('"')[0] for line in small.splitlines())
-    assert _without_docstrings(ast.parse(small)) == _without_docstrings(ast.parse(source))
+    assert _reference_strip(ast.parse(small)) == _reference_strip(ast.parse(source))
+    indents = {len(line) - len(line.lstrip(" ")) for line in small.splitlines()}
+    assert 1 in indents and max(indents) < 8  # one space per level, not four
 
 
 def test_minify_keeps_the_docstring_a_module_reads():
@@ -174,16 +272,259 @@ def test_minify_keeps_the_docstring_a_module_reads():
     assert namespace["HELP"] == "Usage: tool <x>" and namespace["f"].__doc__ is None
 
 
-def test_parent_only_modules_are_not_shipped():
-    """The Hydra parent's modules never reach the worker, so they must not count as code bytes."""
-    import pgolf.callbacks  # noqa: F401
-    import pgolf.report  # noqa: F401
-    import pgolf.slots  # noqa: F401
-    from pgolf.pack import imported_modules
+TRICKY = textwrap.dedent(
+    '''
+    """module doc
+        an indented line of the docstring the module reads
+    """
+    from __future__ import annotations
 
-    shipped = imported_modules()
-    assert "pgolf/trainer.py" in shipped or "pgolf/pack.py" in shipped
-    for rel in shipped:
-        assert not rel.startswith(
-            ("pgolf/report/", "pgolf/callbacks.py", "pgolf/slots.py", "pgolf/run.py")
-        ), rel
+    import dataclasses
+    import functools
+    import typing
+    from typing import TYPE_CHECKING
+
+    if TYPE_CHECKING:
+        from collections import OrderedDict  # never runs
+
+    COUNT = 0
+
+
+    @dataclasses.dataclass(frozen=True)
+    class Cfg:
+        """fields are read through their annotations"""
+
+        lr: float = 0.1
+        tags: tuple[str, ...] = ("a",)
+        extra: dict[str, int] = dataclasses.field(default_factory=dict)
+
+        def scaled(self, k: float = 2.0) -> float:
+            return self.lr * k
+
+
+    def tagged(label: str):
+        def deco(fn):
+            @functools.wraps(fn)
+            def inner(*args: int, **kwargs: int) -> str:
+                return f"{label}:{fn(*args, **kwargs)!r:>6}|{{literal}}"
+
+            return inner
+
+        return deco
+
+
+    @tagged("sum")
+    def add(a: int, /, b: int = 1, *, c: int = 0) -> int:
+        return a + b + c
+
+
+    def counter(start: int = 0):
+        total = start
+
+        def bump(by: int = 1) -> int:
+            nonlocal total
+            total += by
+            return total
+
+        return bump
+
+
+    def bump_global(n: int) -> int:
+        global COUNT
+        COUNT += n
+        return COUNT
+
+
+    def keeps(x: int) -> int:
+        return x
+
+
+    keeps.__annotations__  # read by nobody but present
+
+
+    class Base:
+        def __init_subclass__(cls, /, tag: str = "", **kw: object) -> None:
+            super().__init_subclass__(**kw)
+            cls.tag = tag
+
+        @property
+        def name(self) -> str:
+            return type(self).__name__
+
+        @staticmethod
+        def twice(v: int) -> int:
+            return 2 * v
+
+
+    class Child(Base, tag="kid"):
+        pass
+
+
+    TEXT = """line one
+        indented inside a string
+    last"""
+
+
+    def multiline() -> str:
+        return """a
+            b"""
+
+
+    def comp(xs: list[int]) -> list[int]:
+        k = 3
+        return [x * k for x in xs if x] + list(map(lambda y: y + k, xs))
+
+
+    def locals_tricks(value: int = 5) -> dict:
+        total_sum = value * 2
+        [last_seen := v for v in range(value)]  # the walrus binds in this function's scope
+        try:
+            raise KeyError("boom")
+        except KeyError as problem:
+            caught = str(problem)
+        temp_value = 1
+        del temp_value
+        try:
+            temp_value  # noqa: F821
+            deleted = False
+        except NameError:
+            deleted = True
+        label_text = f"{total_sum=} {caught!s:>8}"
+
+        def inner(default_arg=total_sum):
+            return default_arg + 1
+
+        return {"label": label_text, "inner": inner(), "last": last_seen, "deleted": deleted}
+
+
+    def reads_locals(alpha_value: int = 1) -> list:
+        beta_value = alpha_value + 1
+        return sorted(k for k in locals())
+
+
+    def keyword_target(first_arg: int, second_arg: int = 2) -> int:
+        local_sum = first_arg * 10 + second_arg
+        return local_sum
+
+
+    RESULT = {
+        "hints": {k: str(v) for k, v in typing.get_type_hints(Cfg).items()},
+        "fields": [f.name for f in dataclasses.fields(Cfg)],
+        "cfg": Cfg(lr=0.5).scaled(k=3.0),
+        "add": add(1, b=2, c=3),
+        "counter": [counter(5)(by=2), counter()()],
+        "global": [bump_global(2), bump_global(3)],
+        "child": [Child.tag, Child().name, Base.twice(v=4)],
+        "text": TEXT,
+        "multi": multiline(),
+        "comp": comp([0, 1, 2]),
+        "locals_tricks": locals_tricks(),
+        "reads_locals": reads_locals(),
+        "keyword": keyword_target(second_arg=3, first_arg=1),
+        "doc": __doc__,
+        "type_checking": "OrderedDict" in globals(),
+    }
+    '''
+)
+
+
+def _run_module(name: str, source: str) -> dict:
+    """Execute `source` as a registered module (dataclasses look their module up by name)."""
+    import types
+
+    mod = types.ModuleType(name)
+    sys.modules[name] = mod
+    try:
+        exec(compile(source, f"{name}.py", "exec"), mod.__dict__)
+    finally:
+        del sys.modules[name]
+    return mod.__dict__
+
+
+def test_minify_preserves_behaviour_of_tricky_source():
+    """Dataclasses read through get_type_hints, decorators, closures, nonlocal/global, keyword and
+    positional-only arguments, f-strings with format specs and braces, multi-line strings whose
+    indentation is text, class keywords, comprehensions and lambdas: the same results."""
+    small = minify_source(TRICKY)
+    before, after = _run_module("tricky_src", TRICKY), _run_module("tricky_min", small)
+    assert after["RESULT"] == before["RESULT"]
+    assert before["RESULT"]["hints"] == {
+        "lr": "<class 'float'>",
+        "tags": "tuple[str, ...]",
+        "extra": "dict[str, int]",
+    }
+    assert "TYPE_CHECKING:" not in small and "def comp(xs):" in small and "def scaled(self, k=2.0):" in small
+    assert "def add(a: int, /, b: int=1, *, c: int=0) -> int:" in small  # decorated: annotations kept
+    assert "lr: float = 0.1" in small  # class-body annotations are dataclass fields: kept
+    assert "local_sum" not in small and "label_text" not in small and "problem" not in small  # shortened ...
+    assert "def keyword_target(first_arg, second_arg=2):" in small  # ... parameters never
+    assert "beta_value" in small  # a function that calls locals() keeps its names
+    assert "last_seen" in small and "total_sum" in small  # mentioned in a nested scope: kept
+    assert "\n    an indented line of the docstring" in small  # text inside strings is not reindented
+    assert after["keeps"].__annotations__ == {} and before["keeps"].__annotations__
+
+
+def test_minify_keeps_annotations_and_names_a_decorator_may_read():
+    """triton.jit reads annotations (tl.constexpr) and compiles the source: decorated functions
+    keep both; a plain function's locals are shortened."""
+    source = (
+        "import functools\n@functools.lru_cache\ndef f(x: int) -> int:\n    doubled = 2 * x\n    return doubled\n"
+        "def g(x: int) -> int:\n    doubled = 2 * x\n    return doubled\n"
+    )
+    small = minify_source(source)
+    assert "def f(x: int) -> int:" in small and small.count("doubled") == 2
+    assert "def g(x):" in small
+
+
+def test_a_packed_run_ships_the_file_it_runs_from(tmp_path, monkeypatch):
+    """pgolf.shipped: from source the packer writes the wrapper; packed, the running script is
+    copied byte for byte (the packer is not even importable there)."""
+    from pgolf import shipped
+
+    built = tmp_path / "built.py"
+    size, _ = shipped.write_code(built, CONFIG)
+    assert size == built.stat().st_size and unpack(built.read_text(encoding="utf-8"))["config.json"]
+    running = tmp_path / "running.py"
+    running.write_bytes(b'print("any wrapper")\x0b\n')
+    monkeypatch.setattr(shipped, "PACKED_SCRIPT", running)
+    out = tmp_path / "artifact" / "train_gpt.py"
+    out.parent.mkdir()
+    size, raw = shipped.write_code(out, {"ignored": True})
+    assert out.read_bytes() == running.read_bytes() and size == len(running.read_bytes())
+    assert raw > 0 and not (out.parent / "train_gpt.py.tmp").exists()
+
+
+def _scopes(source: str) -> list[tuple]:
+    """Per scope, in order: its kind and name, parameters, the globals and free variables it reads
+    and the cells it offers nested scopes, and how many locals it has."""
+    import symtable
+
+    out, stack = [], [symtable.symtable(source, "m.py", "exec")]
+    while stack:
+        t = stack.pop(0)
+        syms = t.get_symbols()
+        params = tuple(t.get_parameters()) if isinstance(t, symtable.Function) else ()
+        glob = sorted(s.get_name() for s in syms if s.is_global() and s.is_referenced())
+        free = sorted(s.get_name() for s in syms if s.is_free())
+        cells = sorted(s.get_name() for s in syms if s.is_local() and any(
+            s.get_name() in c.get_identifiers() and c.lookup(s.get_name()).is_free() for c in t.get_children()
+        ))  # fmt: skip
+        n_locals = sum(1 for s in syms if s.is_local())
+        out.append((t.get_type(), t.get_name(), params, glob, free, cells, n_locals))
+        stack.extend(t.get_children())
+    return out
+
+
+def test_renamed_locals_keep_every_scope_s_interface():
+    """Over every pgolf module: after renaming, each function still has the same parameters, reads
+    the same globals and free variables, offers the same cells and has as many locals: renaming
+    captured nothing and split nothing."""
+    from pgolf.pack import _strip
+
+    for path in sorted((ROOT / "pgolf").rglob("*.py")):
+        source = path.read_text()
+        stripped = ast.unparse(_strip(ast.parse(source), "__doc__" in source))  # all but the renaming
+        before, after = _scopes(stripped), _scopes(minify_source(source))
+        assert len(before) == len(after), path
+        for b, a in zip(before, after):
+            assert b == a, (path, b, a)

@@ -89,6 +89,9 @@ class MixedQuantConfig:
     lqer_rank: int = 0  # LQER (§2.8i): rank-r correction of the top-k error matrices (0: off)
     lqer_top_k: int = 3
     lqer_factor_bits: int = 4  # the factors' per-row int bits
+    # Selective +-1 pruning (§2.8h): when model + code bytes exceed budget.artifact_bytes (decimal),
+    # zero the fewest |q| = 1 matrix codes, smallest squared row scale first, that make it fit.
+    prune_to_fit: bool = False
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     def groups(self) -> dict[str, GroupQuant]:

@@ -14,9 +14,11 @@ The float sections are byte-shuffled (optional); codes are not (one byte per val
 from __future__ import annotations
 
 import json
+import os
 import struct
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -54,6 +56,10 @@ class MixedQuant:
         self.hessians: dict[str, Tensor] = {}
         self.calibrated = False
         self.stats: dict = {}
+        # Bytes the blob may take (cap minus code bytes), set by the trainer before export; the
+        # pruning search (cfg.prune_to_fit) aims at it.
+        self.model_budget: int | None = None
+        self._prunable: list[tuple[int, Tensor]] = []
 
     # ----------------------------------------------------------------------------- routing
     def quantized(self, name: str, t: Tensor) -> bool:
@@ -126,6 +132,7 @@ class MixedQuant:
         sections: dict[str, list[bytes]] = {"codes": [], "f16": [], "f32": [], "raw": []}
         per_group: dict[str, dict] = {}
         self.stats.pop("lqer", None)
+        self._prunable = []  # (index into sections["codes"], stored fp16 row scales) per matrix
         lqer_candidates: list[tuple[float, str, Tensor, Tensor, Tensor]] = []
         for name, tensor in state.items():
             t = tensor.detach()
@@ -150,6 +157,7 @@ class MixedQuant:
                 if self.cfg.lqer_rank:
                     lqer_candidates.append((float(resid.pow(2).sum()), name, w, codes, s))
                     lqer_candidates = sorted(lqer_candidates, key=lambda c: -c[0])[: self.cfg.lqer_top_k]
+                self._prunable.append((len(sections["codes"]), s.to(torch.float16).float().cpu()))
                 sections["codes"].append(codes.cpu().numpy().tobytes())
                 sections["f16"].append(s.to(torch.float16).cpu().numpy().tobytes())
                 kind = "gptq" if H is not None else "rtn"
@@ -211,10 +219,12 @@ class MixedQuant:
         }
 
     def _payload(self, state: dict[str, Tensor]) -> bytes:
-        header, sec = self.quantize(state)
+        return self._assemble(*self.quantize(state))
+
+    def _assemble(self, header: dict, sec: dict[str, list[bytes]], codes: bytes | None = None) -> bytes:
         sh = self.cfg.byte_shuffle
         header["shuffle"] = sh
-        body = [b"".join(sec["codes"])]
+        body = [b"".join(sec["codes"]) if codes is None else codes]
         f16, f32 = b"".join(sec["f16"]), b"".join(sec["f32"])
         body += [shuffle(f16, 2) if sh else f16, shuffle(f32, 4) if sh else f32, b"".join(sec["raw"])]
         header["sections"] = [len(b) for b in body]
@@ -233,10 +243,15 @@ class MixedQuant:
                 f"quant: GPTQ is on for {len(missing)} matrices (e.g. {missing[0]}) but calibrate() was not "
                 "run; the trainer calls it, a script must call quant.calibrate(model, batches) first"
             )
-        payload = self._payload(state)
+        header, sections = self.quantize(state)
+        payload = self._assemble(header, sections)
         t1 = time.perf_counter()
         comp, _ = compressor(self.cfg.compressor, self.cfg.level)
-        blob = MAGIC + bytes([COMPRESSORS.index(self.cfg.compressor)]) + comp(payload)
+        prefix = MAGIC + bytes([COMPRESSORS.index(self.cfg.compressor)])
+        blob = prefix + comp(payload)
+        self.stats.pop("prune", None)
+        if self.cfg.prune_to_fit and self.model_budget is not None and len(blob) > self.model_budget:
+            blob = self._prune(header, sections, lambda p: prefix + comp(p), blob)
         t2 = time.perf_counter()
         self.stats.update(
             payload_bytes=len(payload),
@@ -251,6 +266,76 @@ class MixedQuant:
             self.stats["compressors"] = {self.cfg.compressor: len(blob) - 5, **others}
             self.stats["compare_seconds"] = time.perf_counter() - t3
         return blob
+
+    # ----------------------------------------------------------------------------- pruning
+    def prune_order(self, sections: dict[str, list[bytes]]) -> np.ndarray:
+        """Offsets in the joined codes section of every |q| = 1 code of the quantized matrices (not
+        gates, not LQER factors), smallest squared row scale first (the error zeroing it adds);
+        ties keep payload order."""
+        starts = np.cumsum([0] + [len(b) for b in sections["codes"]])
+        pos, key = [np.zeros(0, np.int64)], [np.zeros(0, np.float64)]
+        for i, s in self._prunable:
+            q = np.frombuffer(sections["codes"][i], dtype=np.int8).reshape(s.numel(), -1)
+            rows, cols = np.nonzero(np.abs(q) == 1)
+            pos.append(starts[i] + rows.astype(np.int64) * q.shape[1] + cols)
+            key.append(s.double().numpy()[rows] ** 2)
+        pos_all, key_all = np.concatenate(pos), np.concatenate(key)
+        return pos_all[np.argsort(key_all, kind="stable")]
+
+    def _prune(
+        self, header: dict, sections: dict[str, list[bytes]], pack: Callable[[bytes], bytes], blob: bytes
+    ) -> bytes:
+        """The blob with the fewest leading codes of `prune_order` zeroed whose real compressed size
+        fits `model_budget`: n fits and n - 1 does not (the search keeps that bracket; compressed size
+        is not exactly monotone in n, so this is the smallest count on the searched path). If zeroing
+        every candidate does not fit, the unpruned blob comes back and the trainer's cap refusal
+        stands."""
+        t0 = time.perf_counter()
+        budget = int(self.model_budget)
+        order = self.prune_order(sections)
+        codes = np.frombuffer(b"".join(sections["codes"]), dtype=np.int8)
+
+        def probe(n: int) -> bytes:
+            c = codes.copy()
+            c[order[:n]] = 0
+            return pack(self._assemble(dict(header), sections, c.tobytes()))
+
+        # Each probe is one full compression (tens of seconds at record size, while the other ranks
+        # wait), so probes run `workers` at a time: the compressors release the GIL.
+        workers = max(1, min(8, os.cpu_count() or 1))
+        lo, hi = 0, len(order)  # invariant: size(lo) > budget >= size(hi)
+        sizes = {0: len(blob)}
+        best = probe(hi)
+        sizes[hi] = len(best)
+        fits = sizes[hi] <= budget
+        with ThreadPoolExecutor(workers) as pool:
+            first = True
+            while fits and hi - lo > 1:
+                if first:  # around the linear guess: size falls about linearly with n
+                    f = (sizes[lo] - budget) / max(sizes[lo] - sizes[hi], 1)
+                    guess = lo + f * (hi - lo)
+                    points = [round(guess * 2 ** ((i - (workers - 1) / 2) / 2)) for i in range(workers)]
+                else:  # then k-ary: `workers` evenly spaced probes cut the bracket workers + 1 ways
+                    points = [lo + (hi - lo) * (i + 1) // (workers + 1) for i in range(workers)]
+                first = False
+                points = sorted({p for p in points if lo < p < hi}) or [(lo + hi) // 2]
+                for n, out in zip(points, pool.map(probe, points)):
+                    sizes[n] = len(out)
+                    if len(out) <= budget and n < hi:
+                        hi, best = n, out
+                lo = max([lo] + [n for n in points if n < hi])
+        n = hi if fits else 0
+        self.stats["prune"] = {
+            "budget": budget,
+            "candidates": len(order),
+            "pruned": n,
+            "fits": fits,
+            "bytes_before": sizes[0],
+            "bytes_after": sizes[n],
+            "compressions": len(sizes) - 1,
+            "seconds": time.perf_counter() - t0,
+        }
+        return best if fits else blob
 
     # -------------------------------------------------------------------------------- load
     @staticmethod

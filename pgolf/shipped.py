@@ -1,0 +1,29 @@
+"""The code a run ships, written next to its model: the packer's wrapper, or the running one.
+
+A run started from source builds `train_gpt.py` with `pgolf.pack` (imported only then, so it is
+never shipped). A run of a packed `train_gpt.py` already is that file: it copies itself, and the
+code bytes are the size of the file that ran, whatever the packer would make of it today.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+# Set by `pgolf.train.run_packed`: the self-extracting script this process runs from.
+PACKED_SCRIPT: Path | None = None
+
+
+def write_code(path: Path, config: dict) -> tuple[int, int]:
+    """Write the run's `train_gpt.py` to `path`; return (its bytes on disk, raw bytes of the source
+    it carries: the original files from source, the extracted minified files when packed)."""
+    if PACKED_SCRIPT is None:
+        from pgolf.pack import write_wrapper
+
+        return write_wrapper(path, config)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.copyfile(PACKED_SCRIPT, tmp)
+    tmp.replace(path)
+    extracted = Path(__file__).resolve().parent.parent  # the wrapper's temp dir
+    raw = sum(p.stat().st_size for p in extracted.rglob("*.py"))
+    return path.stat().st_size, raw
