@@ -14,7 +14,6 @@ The float sections are byte-shuffled (optional); codes are not (one byte per val
 from __future__ import annotations
 
 import json
-import os
 import struct
 import time
 from collections.abc import Callable, Iterable
@@ -301,8 +300,9 @@ class MixedQuant:
             return pack(self._assemble(dict(header), sections, c.tobytes()))
 
         # Each probe is one full compression (tens of seconds at record size, while the other ranks
-        # wait), so probes run `workers` at a time: the compressors release the GIL.
-        workers = max(1, min(8, os.cpu_count() or 1))
+        # wait), so probes run `workers` at a time: the compressors release the GIL. A constant, not
+        # the core count: the probe points, hence the pruned count, must not depend on the machine.
+        workers = 8
         lo, hi = 0, len(order)  # invariant: size(lo) > budget >= size(hi)
         sizes = {0: len(blob)}
         best = probe(hi)
