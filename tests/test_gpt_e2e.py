@@ -3,11 +3,8 @@ recurrence switching on mid-run; the artifact holds per-layer 2-D matrices and s
 
 from __future__ import annotations
 
-import base64
 import io
 import json
-import lzma
-import zipfile
 import zlib
 
 import numpy as np
@@ -16,6 +13,7 @@ import torch
 from conftest import run_cli, tiny_cpu_args
 
 from pgolf.checkpoint import FAULT_ENV
+from pgolf.pack import unpack
 
 pytestmark = pytest.mark.slow
 
@@ -61,9 +59,7 @@ def test_banked_preset_runs_end_to_end(tmp_path, shard_dir, tokenizer_model):
 
     # and the shipped code carries the model family
     wrapper = (run / "artifact" / "train_gpt.py").read_text()
-    payload = wrapper.split('b85decode("')[1].split('")')[0]
-    archive = zipfile.ZipFile(io.BytesIO(lzma.decompress(base64.b85decode(payload))))
-    shipped = set(archive.namelist())
+    shipped = set(unpack(wrapper))
     assert {"pgolf/models/gpt.py", "pgolf/models/banks.py", "pgolf/models/blocks.py"} <= shipped
 
 
