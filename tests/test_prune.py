@@ -61,11 +61,11 @@ def _independent_order(state: dict[str, torch.Tensor], cfg: MixedQuantConfig) ->
     return sorted(out, key=lambda t: t[0])
 
 
-@pytest.mark.parametrize("cpus", [1, 3, 8])
-def test_pruning_picks_the_smallest_count_that_fits_a_decimal_budget(monkeypatch, cpus):
+@pytest.mark.parametrize("probes", [1, 3, 8])
+def test_pruning_picks_the_smallest_count_that_fits_a_decimal_budget(monkeypatch, probes):
     import pgolf.quant.mixed as mixed
 
-    monkeypatch.setattr(mixed.os, "cpu_count", lambda: cpus)  # 1..8 probes per round
+    monkeypatch.setattr(mixed, "PRUNE_PROBES_PER_ROUND", probes)
     state = _state()
     plain = MixedQuant(_cfg()).export(state)
     q = MixedQuant(_cfg(prune_to_fit=True))

@@ -31,6 +31,9 @@ from pgolf.quant.hessian import collect_hessians
 from pgolf.quant.selfgen import sample_sequences
 
 MAGIC = b"PGQ1"
+# Selective pruning's compressions per search round (run on threads). A constant, not the core
+# count: the probe points, hence the pruned count, must not depend on the machine it runs on.
+PRUNE_PROBES_PER_ROUND = 8
 EMBED_NAMES = ("tok_emb", "bigram.embed", "ve_shared.embed", "lm_head")
 
 
@@ -300,9 +303,8 @@ class MixedQuant:
             return pack(self._assemble(dict(header), sections, c.tobytes()))
 
         # Each probe is one full compression (tens of seconds at record size, while the other ranks
-        # wait), so probes run `workers` at a time: the compressors release the GIL. A constant, not
-        # the core count: the probe points, hence the pruned count, must not depend on the machine.
-        workers = 8
+        # wait), so probes run PRUNE_PROBES_PER_ROUND at a time: the compressors release the GIL.
+        workers = PRUNE_PROBES_PER_ROUND
         lo, hi = 0, len(order)  # invariant: size(lo) > budget >= size(hi)
         sizes = {0: len(blob)}
         best = probe(hi)
