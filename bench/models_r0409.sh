@@ -2,9 +2,10 @@
 # The 2026-04-09 stack, side by side on one GPU: the record script (R0409: 11L MLP4x, XSA on all
 # layers, QK-gain 5.25, gated U-Net skips, GPT-J parallel residuals from layer 7, layers 3-5 looped
 # twice more from 35% of training) vs `pgolf model=sp8192_recur data.vocab_size=1024`, on the shared
-# sp1024 corpus (the record's SP8192 tokenizer is not available offline), same seed (1337), global
-# batch (786,432 tokens = 8 x 48 x 2048), step count (150), warmdown (last 72% of the steps) and loop
-# switch (at step 53 of 150), both through the FA3 shim so attention runs the same SDPA kernel.
+# sp1024 corpus (the record's SP8192 tokenizer is not available offline), the same batches (the
+# record's shuffled loader on both sides, see pgolf_cmd), global batch (786,432 tokens = 8 x 48 x
+# 2048), step count (150), warmdown (last 72% of the steps) and loop switch (at step 53 of 150),
+# both through the FA3 shim so attention runs the same SDPA kernel. The inits differ (seeds 1337/0).
 #
 # EQUALIZE=1 (default): what pgolf's optimizer lacks today is switched off in the reference
 # (MUON_WD=0 ADAM_WD=0 EMBED_WD=0 MUON_ROW_NORMALIZE=0, and EMA_DECAY=0, which makes its EMA the
@@ -16,7 +17,7 @@
 # ONLY=ref or ONLY=pgolf runs one side per call when a device call has a time limit.
 # GPU time: about 2-3 minutes per side on an H100 (150 steps + priming of both loop variants).
 set -uo pipefail
-REPO=$(cd "$(dirname "$0")/.." && pwd)
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)  # also when sourced (tests)
 OUT=${OUT:-$REPO/outputs/bench_models_r0409}
 DATA=${DATA:-/tmp/pgolf_bench/sp1024}
 STEPS=${STEPS:-150}
@@ -35,7 +36,7 @@ LOGS="(step:)?(50|100|150)/$STEPS (train_loss|val_loss)|val_bpb|Total submission
 
 run_reference() {
   # The record reads DATA_DIR/datasets/fineweb10B_sp<V>/ and DATA_DIR/tokenizers/fineweb_<V>_bpe.model.
-  local work=/tmp/pgolf_bench/ref0409
+  local work=${REF_WORK:-/tmp/pgolf_bench/ref0409}
   mkdir -p "$work/data/datasets" "$work/data/tokenizers" && cd "$work" || return 1
   ln -sfn "$DATA" "$work/data/datasets/fineweb10B_sp1024"
   ln -sfn "$TOK" "$work/data/tokenizers/fineweb_1024_bpe.model"
@@ -56,12 +57,18 @@ run_reference() {
   cd "$REPO" || return 1
 }
 
+# Data order: the record always trains on its ShuffledSequenceLoader, whose RNG is seeded with the
+# rank alone (PCG64(0) here); pgolf's `data.loader=shuffled` is the same sampler seeded with
+# (seed, rank), and PCG64([0, 0]) is PCG64(0), so seed=0 hands pgolf the record's exact batches.
+# (pgolf's default sequential stream reads the shard in order and, on this one 74M-token shard,
+# repeats it in the same order from step 94.) The seed cannot make the inits equal anyway: the
+# record draws default inits in its constructors before re-initializing.
 pgolf_cmd() {  # the pgolf side; extra arguments are appended (the CPU dry run shrinks it this way)
   # shellcheck disable=SC2086  # HW and PGOLF_R0409_EXTRA are lists of overrides
   timeout 900 python3 -m pgolf.run experiment=none model=sp8192_recur optimizer=muon data=shards data.path="$DATA" \
-    data.tokenizer_path="$TOK" data.vocab_size=1024 $HW budget.mode=steps \
+    data.tokenizer_path="$TOK" data.vocab_size=1024 data.loader=shuffled $HW budget.mode=steps \
     train.iterations="$STEPS" train.seq_len=2048 train.batch_tokens=786432 train.prime_steps=20 \
-    train.log_every=$LOG_EVERY train.val_every=0 train.val_batch_tokens=524288 seed=1337 \
+    train.log_every=$LOG_EVERY train.val_every=0 train.val_batch_tokens=524288 seed=0 \
     optimizer.matrix_lr=0.022 optimizer.scalar_lr=0.02 optimizer.tied_embed_lr=0.03 optimizer.muon_momentum=0.99 \
     optimizer.muon_momentum_warmup_start=0.92 optimizer.muon_momentum_warmup_steps=1500 \
     optimizer.warmdown_frac=0.72 optimizer.min_lr=0 optimizer.grad_clip_norm=0.3 \
@@ -75,6 +82,9 @@ run_pgolf() {
   grep -E "$LOGS" "$OUT/pgolf.out"
   cp "$OUT/pgolf_run/result.json" "$OUT/pgolf_result.json" 2>/dev/null
 }
+
+# Sourced (tests/test_r0409_parity.py): the functions only.
+[ "${BASH_SOURCE[0]}" = "$0" ] || return 0
 
 # DRY_RUN=1 HW=hardware=cpu DATA=<shards> TOK=<tokenizer> [V=<vocab>]: the pgolf command on CPU with
 # tiny shapes, to check every key above without a GPU.
