@@ -32,7 +32,11 @@ LOG_EVERY=10
 mkdir -p "$OUT" "$DATA"
 source "$REPO/bench/common.sh"
 TOK=${TOK:-$BENCH_TOK}
-LOGS="(step:)?(50|100|150)/$STEPS (train_loss|val_loss)|val_bpb|Total submission|peak memory|model_params|trained|artifact:|attention|layer_loop|graph_variant"
+LOGS="(step:)?(50|100|150)/$STEPS (train_loss|val_loss)|val_bpb|Total submission|peak memory|model_params|trained|artifact:|attention|layer_loop|graph_variant|init_from"
+
+# The record's model (with VOCAB_SIZE and SEED, all its init depends on).
+R0409_SHAPE=(NUM_LAYERS=11 MLP_MULT=4 XSA_LAST_N=11 QK_GAIN_INIT=5.25 ROPE_DIMS=16 ROPE_TRAIN_SEQ_LEN=2048 LN_SCALE=1
+  SKIP_GATES_ENABLED=1 PARALLEL_RESIDUAL_START=7 NUM_LOOPS=2 LOOP_START=3 LOOP_END=5 ENABLE_LOOPING_AT=0.35)
 
 run_reference() {
   # The record reads DATA_DIR/datasets/fineweb10B_sp<V>/ and DATA_DIR/tokenizers/fineweb_<V>_bpe.model.
@@ -45,8 +49,7 @@ run_reference() {
   env "${equal[@]}" DATA_DIR="$work/data/" VOCAB_SIZE=1024 SEED=1337 RUN_ID=reference ITERATIONS="$STEPS" \
     MAX_WALLCLOCK_SECONDS=0 WARMUP_STEPS=20 WARMDOWN_FRAC=0.72 VAL_LOSS_EVERY=0 TRAIN_LOG_EVERY=$LOG_EVERY \
     TRAIN_SEQ_LEN=2048 EVAL_SEQ_LEN=2048 TRAIN_BATCH_TOKENS=786432 VAL_BATCH_TOKENS=524288 \
-    NUM_LAYERS=11 MLP_MULT=4 XSA_LAST_N=11 QK_GAIN_INIT=5.25 ROPE_DIMS=16 ROPE_TRAIN_SEQ_LEN=2048 LN_SCALE=1 \
-    SKIP_GATES_ENABLED=1 PARALLEL_RESIDUAL_START=7 NUM_LOOPS=2 LOOP_START=3 LOOP_END=5 ENABLE_LOOPING_AT=0.35 \
+    "${R0409_SHAPE[@]}" \
     MATRIX_LR=0.022 SCALAR_LR=0.02 TIED_EMBED_LR=0.03 MUON_MOMENTUM=0.99 MUON_MOMENTUM_WARMUP_START=0.92 \
     MUON_MOMENTUM_WARMUP_STEPS=1500 GRAD_CLIP_NORM=0.3 MIN_LR=0 \
     SLIDING_WINDOW_ENABLED=0 TTT_ENABLED=0 ETLB_ENABLED=0 GPTQ_CALIBRATION_BATCHES=16 COMPRESSOR=lzma \
@@ -75,9 +78,18 @@ pgolf_cmd() {  # the pgolf side; extra arguments are appended (the CPU dry run s
     $([ "$EQUALIZE" = 1 ] || echo "$PGOLF_R0409_EXTRA") "$@"
 }
 
+# SAME_INIT=1 (default): pgolf starts from the record's exact initial weights, rebuilt on the CPU
+# by bench/r0409_init.py (seconds), so with the same batches only kernels and op order differ.
+# SAME_INIT=0: pgolf's own init from seed 0.
 run_pgolf() {
   cd "$REPO" || return 1
-  pgolf_cmd hydra.run.dir="$OUT/pgolf_run" > "$OUT/pgolf.out" 2>&1
+  local init=()
+  if [ "${SAME_INIT:-1}" = 1 ]; then
+    env "${R0409_SHAPE[@]}" VOCAB_SIZE=1024 SEED=1337 TRAIN_SEQ_LEN=2048 \
+      python3 "$REPO/bench/r0409_init.py" "$REF" "$OUT/reference_init.pt" || return 1
+    init=(init_from="$OUT/reference_init.pt")
+  fi
+  pgolf_cmd "${init[@]}" hydra.run.dir="$OUT/pgolf_run" > "$OUT/pgolf.out" 2>&1
   echo "pgolf exit $?"
   grep -E "$LOGS" "$OUT/pgolf.out"
   cp "$OUT/pgolf_run/result.json" "$OUT/pgolf_result.json" 2>/dev/null
