@@ -5,7 +5,8 @@
 # sp1024 corpus (the record's SP8192 tokenizer is not available offline), the same batches (the
 # record's shuffled loader on both sides, see pgolf_cmd), global batch (786,432 tokens = 8 x 48 x
 # 2048), step count (150), warmdown (last 72% of the steps) and loop switch (at step 53 of 150),
-# both through the FA3 shim so attention runs the same SDPA kernel. The inits differ (seeds 1337/0).
+# both through the FA3 shim so attention runs the same SDPA kernel, and (SAME_INIT=1, the default)
+# the record's own initial weights on both sides (see run_pgolf).
 #
 # EQUALIZE=1 (default): what pgolf's optimizer lacks today is switched off in the reference
 # (MUON_WD=0 ADAM_WD=0 EMBED_WD=0 MUON_ROW_NORMALIZE=0, and EMA_DECAY=0, which makes its EMA the
