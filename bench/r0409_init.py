@@ -22,7 +22,10 @@ import numpy as np
 import torch
 
 # Python < 3.12 cannot parse f-strings that nest the same quotes (PEP 701); the record has two.
-PRE_PEP701 = (('{", ".join(', "{', '.join("), ('.glob("fineweb_train_*.bin")', ".glob('fineweb_train_*.bin')"))
+PRE_PEP701 = (
+    ('{", ".join(', "{', '.join("),
+    ('.glob("fineweb_train_*.bin")', ".glob('fineweb_train_*.bin')"),
+)
 
 
 def load_record(script: str | Path, name: str = "r0409_record") -> ModuleType:

@@ -28,17 +28,51 @@ SCRIPT = REPO / "bench" / "models_r0409.sh"
 
 # The decoded record's Hyperparameters defaults for every setting compared below.
 RECORD_DEFAULTS = {
-    "SEED": "1337", "ITERATIONS": "20000", "WARMDOWN_FRAC": "0.72", "WARMUP_STEPS": "20",
-    "TRAIN_BATCH_TOKENS": "786432", "TRAIN_SEQ_LEN": "2048", "VOCAB_SIZE": "8192", "NUM_LAYERS": "11",
-    "XSA_LAST_N": "11", "MODEL_DIM": "512", "NUM_KV_HEADS": "4", "NUM_HEADS": "8", "MLP_MULT": "4.0",
-    "SKIP_GATES_ENABLED": "1", "TIE_EMBEDDINGS": "1", "LOGIT_SOFTCAP": "30.0", "ROPE_BASE": "10000.0",
-    "ROPE_DIMS": "16", "ROPE_TRAIN_SEQ_LEN": "2048", "LN_SCALE": "1", "QK_GAIN_INIT": "5.0",
-    "NUM_LOOPS": "2", "LOOP_START": "3", "LOOP_END": "5", "ENABLE_LOOPING_AT": "0.35",
-    "PARALLEL_RESIDUAL_START": "7", "MIN_LR": "0.0", "TIED_EMBED_LR": "0.03", "TIED_EMBED_INIT_STD": "0.005",
-    "MATRIX_LR": "0.022", "SCALAR_LR": "0.02", "MUON_MOMENTUM": "0.99", "MUON_BACKEND_STEPS": "5",
-    "MUON_MOMENTUM_WARMUP_START": "0.92", "MUON_MOMENTUM_WARMUP_STEPS": "1500", "MUON_ROW_NORMALIZE": "1",
-    "BETA1": "0.9", "BETA2": "0.95", "ADAM_EPS": "1e-08", "GRAD_CLIP_NORM": "0.3", "ADAM_WD": "0.02",
-    "MUON_WD": "0.095", "EMBED_WD": "0.085", "EMA_DECAY": "0.9965", "MAX_WALLCLOCK_SECONDS": "600",
+    "SEED": "1337",
+    "ITERATIONS": "20000",
+    "WARMDOWN_FRAC": "0.72",
+    "WARMUP_STEPS": "20",
+    "TRAIN_BATCH_TOKENS": "786432",
+    "TRAIN_SEQ_LEN": "2048",
+    "VOCAB_SIZE": "8192",
+    "NUM_LAYERS": "11",
+    "XSA_LAST_N": "11",
+    "MODEL_DIM": "512",
+    "NUM_KV_HEADS": "4",
+    "NUM_HEADS": "8",
+    "MLP_MULT": "4.0",
+    "SKIP_GATES_ENABLED": "1",
+    "TIE_EMBEDDINGS": "1",
+    "LOGIT_SOFTCAP": "30.0",
+    "ROPE_BASE": "10000.0",
+    "ROPE_DIMS": "16",
+    "ROPE_TRAIN_SEQ_LEN": "2048",
+    "LN_SCALE": "1",
+    "QK_GAIN_INIT": "5.0",
+    "NUM_LOOPS": "2",
+    "LOOP_START": "3",
+    "LOOP_END": "5",
+    "ENABLE_LOOPING_AT": "0.35",
+    "PARALLEL_RESIDUAL_START": "7",
+    "MIN_LR": "0.0",
+    "TIED_EMBED_LR": "0.03",
+    "TIED_EMBED_INIT_STD": "0.005",
+    "MATRIX_LR": "0.022",
+    "SCALAR_LR": "0.02",
+    "MUON_MOMENTUM": "0.99",
+    "MUON_BACKEND_STEPS": "5",
+    "MUON_MOMENTUM_WARMUP_START": "0.92",
+    "MUON_MOMENTUM_WARMUP_STEPS": "1500",
+    "MUON_ROW_NORMALIZE": "1",
+    "BETA1": "0.9",
+    "BETA2": "0.95",
+    "ADAM_EPS": "1e-08",
+    "GRAD_CLIP_NORM": "0.3",
+    "ADAM_WD": "0.02",
+    "MUON_WD": "0.095",
+    "EMBED_WD": "0.085",
+    "EMA_DECAY": "0.9965",
+    "MAX_WALLCLOCK_SECONDS": "600",
 }
 FLAG, INT, FLOAT = (lambda v: bool(int(v))), int, float
 # record variable -> (pgolf key, how the record parses it)
@@ -124,11 +158,24 @@ def bench_calls(tmp_path, equalize: str) -> tuple[dict, list[str]]:
     (fake / "timeout").write_text(RECORDER)
     (fake / "timeout").chmod((fake / "timeout").stat().st_mode | stat.S_IEXEC)
     calls = tmp_path / "calls.jsonl"
-    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", CALLS_FILE=str(calls), EQUALIZE=equalize,
-               OUT=str(tmp_path / "out"), DATA=str(tmp_path / "data"), TOK=str(tmp_path / "tok.model"),
-               REF_WORK=str(tmp_path / "ref_work"))
-    subprocess.run(["bash", "-c", f'source "{SCRIPT}" && run_reference && pgolf_cmd'], env=env,
-                   check=True, capture_output=True, text=True, timeout=60)
+    env = dict(
+        os.environ,
+        PATH=f"{fake}:{os.environ['PATH']}",
+        CALLS_FILE=str(calls),
+        EQUALIZE=equalize,
+        OUT=str(tmp_path / "out"),
+        DATA=str(tmp_path / "data"),
+        TOK=str(tmp_path / "tok.model"),
+        REF_WORK=str(tmp_path / "ref_work"),
+    )
+    subprocess.run(
+        ["bash", "-c", f'source "{SCRIPT}" && run_reference && pgolf_cmd'],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     ref, pg = [json.loads(line) for line in calls.read_text().splitlines()]
     assert ref["argv"][1] == "torchrun" and pg["argv"][1:4] == ["python3", "-m", "pgolf.run"]
     return ref["env"], pg["argv"][4:]
@@ -154,7 +201,9 @@ def test_bench_hands_both_sides_the_same_recipe(tmp_path, compose, equalize):
         if get(cfg, key) != want:
             diffs.append(f"record: {key}={want!r}, pgolf: {get(cfg, key)!r}")
     if float(record["MAX_WALLCLOCK_SECONDS"]) <= 0 and cfg["budget"]["mode"] != "steps":
-        diffs.append(f"record counts steps (MAX_WALLCLOCK_SECONDS=0), pgolf budget.mode={cfg['budget']['mode']}")
+        diffs.append(
+            f"record counts steps (MAX_WALLCLOCK_SECONDS=0), pgolf budget.mode={cfg['budget']['mode']}"
+        )
     assert not diffs, "record vs pgolf:\n" + "\n".join(diffs)
     # Same batches: the record seeds its loader's RNG with the rank alone, pgolf with (seed, rank).
     record_rng = np.random.Generator(np.random.PCG64(int(ref_env.get("RANK", "0"))))
@@ -302,7 +351,9 @@ def test_pgolf_takes_the_records_optimizer_steps(tmp_path, record, compose):
         for p in rec.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=g))
     ours = pgolf_twin(tmp_path, record, rec)
-    cfg = from_dict(MuonConfig, compose(["experiment=none", "optimizer=muon_r0409"])["optimizer"], "optimizer")
+    cfg = from_dict(
+        MuonConfig, compose(["experiment=none", "optimizer=muon_r0409"])["optimizer"], "optimizer"
+    )
     opt = build(cfg, ours, torch.device("cpu"), compile_ns=False)
     rec_opt = record.Optimizers(h, rec)
     data = torch.Generator().manual_seed(3)

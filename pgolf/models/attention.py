@@ -24,13 +24,15 @@ def _try_flash(module: str) -> Callable[..., Tensor] | None:
         return None
 
 
-def _sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Causal SDPA over (B, T, H, D) tensors; `mask` (True = attend) replaces the causal rule."""
     # SDPA wants (B, H, T, D); transposes are views that inductor folds into the kernel's strides.
     y = F.scaled_dot_product_attention(
         q.transpose(1, 2),
         k.transpose(1, 2),
         v.transpose(1, 2),
-        is_causal=True,
+        attn_mask=mask,
+        is_causal=mask is None,
         enable_gqa=q.size(2) != k.size(2),
     )
     return y.transpose(1, 2)
@@ -79,15 +81,7 @@ def last_rows_causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """
     Tq, Tk = q.size(1), k.size(1)
     row_pos = torch.arange(Tq, device=q.device)[:, None] + (Tk - Tq)
-    mask = torch.arange(Tk, device=q.device)[None, :] <= row_pos
-    y = F.scaled_dot_product_attention(
-        q.transpose(1, 2),
-        k.transpose(1, 2),
-        v.transpose(1, 2),
-        attn_mask=mask,
-        enable_gqa=q.size(2) != k.size(2),
-    )
-    return y.transpose(1, 2)
+    return _sdpa(q, k, v, torch.arange(Tk, device=q.device)[None, :] <= row_pos)
 
 
 def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
