@@ -42,7 +42,7 @@ REF=${REF:-$REPO/.bench/ref/r0323_train_gpt.py}
 SHIM=${SHIM:-$REPO/.bench/fa3_shim}
 RUN=/tmp/pgolf_bench/eval_ref0323
 HW=${HW:-"hardware=gpu hardware.attention=fa3"}  # TTT=lora|phased runs only
-PGOLF_EXTRA=${PGOLF_EXTRA:-}  # TTT=lora|phased runs only: extra overrides (the CPU dry run shrinks the model)
+PGOLF_EXTRA=${PGOLF_EXTRA:-}  # extra pgolf overrides, e.g. hardware.eval_cudnn_attention=true (the CPU dry run shrinks the model)
 mkdir -p "$OUT" "$DATA" "$RUN"
 source "$REPO/bench/common.sh"
 if [ -z "${DRY_RUN:-}" ]; then
@@ -74,6 +74,7 @@ run_reference() {
 run_pgolf() {
   cd "$REPO" || return 1
   if [ ! -f "$RUN/final_model.deq.pt" ]; then echo "no $RUN/final_model.deq.pt: run ONLY=ref first"; return 1; fi
+  # shellcheck disable=SC2086  # PGOLF_EXTRA is a list of overrides
   timeout 900 python3 -m pgolf.run experiment=none model=banked data=shards data.path="$DATA" \
     data.tokenizer_path="$TOK" data.vocab_size=1024 hardware=gpu hardware.attention=${PGOLF_ATTENTION:-sdpa} \
     init_from="$RUN/final_model.deq.pt" quant=lossless budget.artifact_bytes=1000000000 \
@@ -81,7 +82,7 @@ run_pgolf() {
     train.val_batch_tokens=524288 seed=1337 \
     eval.modes=[nonoverlap,sliding] eval.seq_len=2048 eval.stride=64 eval.batch_seqs="$EVAL_BATCH" \
     ttt=score_first ttt.lr=0.002 ttt.momentum=0.9 ttt.epochs=3 ttt.chunk_tokens=32768 ttt.batch_seqs=32 \
-    ttt.grad_clip=1.0 ttt.freeze_blocks=0 \
+    ttt.grad_clip=1.0 ttt.freeze_blocks=0 $PGOLF_EXTRA \
     hydra.run.dir="$OUT/pgolf_run" > "$OUT/pgolf.out" 2>&1
   echo "pgolf exit $?"
   grep -E "$LOGS" "$OUT/pgolf.out"

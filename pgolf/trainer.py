@@ -591,6 +591,10 @@ class Trainer:
     def warm_eval(self) -> None:
         """Compile the sliding and TTT graphs on random tokens before the eval clock starts."""
         if "sliding" in self.job.eval.modes or self.ttt.enabled:
+            if getattr(self.job.hardware, "eval_cudnn_attention", False):
+                # Read when a graph is traced, not guarded: only the graphs compiled from here on
+                # (sliding windows, TTT) may pick cuDNN; the training graphs keep their kernel.
+                torch.backends.cuda.enable_cudnn_sdp(True)
             self.model.eval()
             if self.ttt.enabled:
                 self.ttt.warmup(

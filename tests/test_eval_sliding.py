@@ -165,3 +165,30 @@ def test_lossless_quant_round_trips_bit_for_bit():
     back = q.load(q.export(state))
     assert list(back) == list(state)
     assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in state.items())
+
+
+def test_eval_cudnn_attention_is_enabled_only_for_graphs_made_at_eval_warmup(monkeypatch):
+    """hardware.eval_cudnn_attention: the switch flips at eval warm-up, before the sliding graph is
+    traced, and not when it is off (SDPA reads the flag at trace time)."""
+    from types import SimpleNamespace
+
+    from pgolf.hw.config import CudaHardwareConfig
+    from pgolf.trainer import Trainer
+
+    seen: list[bool] = []
+    scorer_stub = SimpleNamespace(warmup=lambda: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
+    model_stub = SimpleNamespace(eval=lambda: None, train=lambda: None)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        for flag in (False, True):
+            torch.backends.cuda.enable_cudnn_sdp(False)
+            job = SimpleNamespace(
+                hardware=CudaHardwareConfig(eval_cudnn_attention=flag),
+                eval=SimpleNamespace(modes=["sliding"]),
+            )
+            stub = SimpleNamespace(job=job, ttt=SimpleNamespace(enabled=False), model=model_stub)
+            stub._scorer = lambda: scorer_stub
+            Trainer.warm_eval(stub)
+        assert seen == [False, True]
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)

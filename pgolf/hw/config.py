@@ -26,6 +26,11 @@ class CudaHardwareConfig:
     amp_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     attention: AttentionBackend = "auto"
     allow_tf32: bool = True
+    # SDPA keeps cuDNN's attention kernel off (training uses the flash kernel, as the reference
+    # scripts do). True lets SDPA pick cuDNN for the graphs compiled at eval warm-up (sliding
+    # windows, TTT): on an H100 the sliding scorer ran ~10% faster with it enabled
+    # (bench/eval_speed.py) than the trainer's flash-only sliding pass. Unverified end to end.
+    eval_cudnn_attention: bool = False
 
     def validate(self, path: str) -> None:
         _check_nproc(path, self.nproc_per_node)
