@@ -274,7 +274,7 @@ def exact_rope_tables(rec) -> None:
         rot._cos_cached = rot._sin_cached = None
 
 
-def pgolf_twin(tmp_path, mod, rec_model):
+def pgolf_twin(tmp_path, mod, rec_model, rope_table_dtype: str = "float32"):
     """pgolf's layered model with the record's shape, loaded with the record's weights via init_from."""
     from pgolf.models import attention
     from pgolf.models.config import LayeredGPTConfig
@@ -291,13 +291,51 @@ def pgolf_twin(tmp_path, mod, rec_model):
         skip_gates_enabled=True, parallel_residual="gptj", parallel_start_layer=h.parallel_residual_start,
         num_loops=h.num_loops, loop_start=h.loop_start, loop_end=h.loop_end,
         enable_looping_at=h.enable_looping_at, ortho_init=True, zero_init_proj=True,
-        tied_embed_init_std=h.tied_embed_init_std,
+        tied_embed_init_std=h.tied_embed_init_std, rope_table_dtype=rope_table_dtype,
     )  # fmt: skip
     cfg.validate("model")
     torch.save(rec_model.state_dict(), tmp_path / "init.pt")
     model = GPT(cfg, banked=False)
     load_into(model, tmp_path / "init.pt", "layered")
     return model
+
+
+@pytest.mark.slow
+def test_bf16_rope_tables_reproduce_the_records_own(tmp_path, record):
+    """`model.rope_table_dtype=bfloat16` (the sp8192_recur preset) gives the record's RoPE as it
+    really runs, cast buffer and rounded positions included: logits to 1e-5 over 2 x 300 tokens
+    (past 256, where bf16 positions round), loops off and on. fp32 tables must differ there."""
+    from r0409_init import record_init
+
+    rec = record_init(record)
+    assert rec.blocks[0].attn.rotary.inv_freq.dtype == torch.bfloat16
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in rec.named_parameters():
+            base = 1.0 if name.endswith(("attn_scale", "mlp_scale")) else 5.25 if "q_gain" in name else 0.0
+            p.copy_(base + 0.05 * torch.randn(p.shape, generator=g) + 0.01)
+    ours = pgolf_twin(tmp_path, record, rec, rope_table_dtype="bfloat16")
+    exact = pgolf_twin(tmp_path, record, rec)
+    # The fixture's RoPE train length is 16; at 512 the 300-token forward stays on the record's
+    # cast-buffer path (past the train length it recomputes an NTK inv_freq in fp32, as pgolf does).
+    for block in rec.blocks:
+        block.attn.rotary.train_seq_len = 512
+        block.attn.rotary._cos_cached = block.attn.rotary._sin_cached = None
+    for m in (ours, exact):
+        m.cfg.rope_train_seq_len = 512
+    for block in rec.blocks:  # fp32 compute elsewhere; the rotary buffer stays the record's bf16
+        for p in block.parameters():
+            p.data = p.data.float()
+    rec.tok_emb.float()
+    ids = torch.randint(0, 64, (2, 300), generator=torch.Generator().manual_seed(0))
+    for looping in (False, True):
+        rec.looping_active = looping
+        for m in (ours, exact):
+            m.on_progress(1.0 if looping else 0.0)
+        with torch.no_grad():
+            want = rec.forward_logits(ids)
+            torch.testing.assert_close(ours._logits(ids), want, rtol=1e-5, atol=1e-5)
+            assert (exact._logits(ids) - want).abs().max() > 1e-4
 
 
 @pytest.mark.slow

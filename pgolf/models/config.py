@@ -81,6 +81,9 @@ class GPTModelConfig:
     rope_base: float = 10_000.0
     rope_dims: int = 0  # ROPE_DIMS: rotate only the first rope_dims of each head (0: all)
     rope_train_seq_len: int = 0  # NTK base rescaling for longer sequences (0: off)
+    # bfloat16: the record scripts' RoPE tables (their .bfloat16() casts inv_freq; positions past
+    # 256 round), used up to rope_train_seq_len as they do; float32: exact positions
+    rope_table_dtype: Literal["float32", "bfloat16"] = "float32"
     qk_gain_init: float = 1.5
     xsa_last_n: int = 0  # XSA on the last n physical layers (more than num_layers: all)
     xsa_layers: list[int] = field(default_factory=list)  # ... or on an explicit set

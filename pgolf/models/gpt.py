@@ -262,8 +262,13 @@ class GPT(nn.Module):
         x = self._embed(ids)
         x0 = x
         T = ids.size(1)
-        base = ntk_rope_base(self.cfg.rope_base, self.rope_dims, T, self.cfg.rope_train_seq_len)
-        cos, sin = rotary_tables(T, self.rope_dims, base, x.device, x.dtype)
+        train_len = self.cfg.rope_train_seq_len
+        base = ntk_rope_base(self.cfg.rope_base, self.rope_dims, T, train_len)
+        # the records' bf16 tables apply where they use the cast buffer: up to the RoPE train length
+        # (past it they recompute an NTK inv_freq in fp32)
+        bf16_tables = self.cfg.rope_table_dtype == "bfloat16" and (train_len <= 0 or T <= train_len)
+        table = torch.bfloat16 if bf16_tables else torch.float32
+        cos, sin = rotary_tables(T, self.rope_dims, base, x.device, x.dtype, table)
         ve_base = self.ve_shared(ids) if self.ve_shared is not None else None
 
         def ve(i: int) -> Tensor | None:

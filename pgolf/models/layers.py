@@ -58,15 +58,24 @@ class CastedLinear(nn.Linear):
 
 
 def rotary_tables(
-    seq_len: int, head_dim: int, base: float, device: torch.device, dtype: torch.dtype
+    seq_len: int,
+    head_dim: int,
+    base: float,
+    device: torch.device,
+    dtype: torch.dtype,
+    table_dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, Tensor]:
-    """Half-split RoPE cos/sin of shape (1, T, 1, D/2), computed in fp32 then cast.
+    """Half-split RoPE cos/sin of shape (1, T, 1, D/2), computed in `table_dtype` then cast.
 
-    Recomputed each forward instead of cached: it is a tiny fused kernel under compile and keeps
-    the module free of Python-side state that would add compile guards.
+    `table_dtype=torch.bfloat16` reproduces the record scripts' tables: their `model.bfloat16()`
+    also casts the rotary `inv_freq` buffer, and positions are then `arange(T, dtype=bf16)`, which
+    rounds positions past 256 (to multiples of 8 past 1024). Recomputed each forward instead of
+    cached: it is a tiny fused kernel under compile and keeps the module free of Python-side state
+    that would add compile guards.
     """
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
-    freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    inv_freq = inv_freq.to(table_dtype)
+    freqs = torch.outer(torch.arange(seq_len, device=device, dtype=table_dtype), inv_freq)
     return freqs.cos()[None, :, None, :].to(dtype), freqs.sin()[None, :, None, :].to(dtype)
 
 
