@@ -232,20 +232,29 @@ def _own_nodes(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> list[ast.AST]:
     return out
 
 
+def _names_of(node: ast.AST) -> list[str]:
+    """The identifiers one AST node binds or mentions (a name, argument, definition, import alias,
+    global/nonlocal declaration); none for other nodes."""
+    if isinstance(node, ast.Name):
+        return [node.id]
+    if isinstance(node, ast.arg):
+        return [node.arg]
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return [node.name]
+    if isinstance(node, ast.alias):
+        return [(node.asname or node.name).split(".")[0]]
+    if isinstance(node, (ast.Global, ast.Nonlocal)):
+        return list(node.names)
+    return []
+
+
 def _nested_names(nodes: list[ast.AST]) -> set[str]:
     """Every identifier mentioned anywhere inside the nested scopes among `nodes`."""
     out: set[str] = set()
     for n in nodes:
         if isinstance(n, _SCOPES):
             for m in ast.walk(n):
-                if isinstance(m, ast.Name):
-                    out.add(m.id)
-                elif isinstance(m, ast.arg):
-                    out.add(m.arg)
-                elif isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                    out.add(m.name)
-                elif isinstance(m, (ast.Global, ast.Nonlocal)):
-                    out.update(m.names)
+                out.update(_names_of(m))
     return out
 
 
@@ -269,14 +278,7 @@ def rename_locals(tree: ast.Module) -> int:
     names are ones the module never uses (nor builtins), so they shadow nothing. Returns the count."""
     taken = set(dir(builtins))
     for n in ast.walk(tree):
-        if isinstance(n, ast.Name):
-            taken.add(n.id)
-        elif isinstance(n, ast.arg):
-            taken.add(n.arg)
-        elif isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            taken.add(n.name)
-        elif isinstance(n, ast.alias):
-            taken.add((n.asname or n.name).split(".")[0])
+        taken.update(_names_of(n))
     renamed = 0
     for fn in [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]:
         if not all(isinstance(d, ast.Name) and d.id in _PLAIN_DECORATORS for d in fn.decorator_list):
