@@ -479,15 +479,16 @@ class Trainer:
                 "within_cap": total <= cap,
             }
             self.log(f"artifact: model {model_bytes:,} + code {code_bytes:,} = {total:,} bytes (cap {cap:,})")
-            prune = (getattr(self.quant, "stats", None) or {}).get("prune")
+            stats = getattr(self.quant, "stats", None) or {}  # per-group bits/error, seconds, bytes
+            prune = stats.get("prune")
             if prune:
                 self.log(
                     f"quant: pruned {prune['pruned']:,} of {prune['candidates']:,} +-1 codes "
                     f"({prune['bytes_before']:,} -> {prune['bytes_after']:,} bytes, {prune['compressions']} "
                     f"compressions, {prune['seconds']:.1f}s){'' if prune['fits'] else ': cannot fit'}"
                 )
-            if getattr(self.quant, "stats", None):
-                self.result["quant"] = self.quant.stats  # per-group bits/error, seconds, compressor bytes
+            if stats:
+                self.result["quant"] = stats
             if total > cap:
                 tmp.unlink()  # never leave an over-cap model where a submission would pick it up
                 refusal = (

@@ -93,6 +93,7 @@ class WindowScorer:
         self.stream = torch.from_numpy(stream.astype(np.int64)).to(device)
         self.offsets = torch.arange(seq_len + 1, device=device)
         self.record = record
+        self._warm = False  # warm-up done: score_first's warm-up and the trainer's both ask for it
         self.tail_only = tail_only  # False: every column of every window (benchmarks compare both)
         if record:
             self.nll = torch.full((self.n_targets + 1,), float("nan"), dtype=torch.float64, device=device)
@@ -168,7 +169,9 @@ class WindowScorer:
 
     @torch.inference_mode()
     def warmup(self, seed: int = 0) -> None:
-        """Compile the batch graph on random tokens: the validation stream is never read here."""
+        """Compile the batch graphs on random tokens (once): the validation stream is never read here."""
+        if self._warm:
+            return
         real = self.stream
         g = torch.Generator(device="cpu").manual_seed(seed)
         vocab = int(self.lut.base.numel())
@@ -180,6 +183,7 @@ class WindowScorer:
             for B, last in ((self.batch_seqs, self.tail), (1, 0)) if self.tail else ((self.batch_seqs, 0),):
                 starts = torch.full((B,), self.stride, dtype=torch.int64, device=self.device)
                 self._batch(starts, torch.ones(B, dtype=torch.bool, device=self.device), last)
+            self._warm = True
         finally:
             self.stream = real
 

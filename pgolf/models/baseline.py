@@ -16,6 +16,7 @@ from pgolf.models.layers import (
     CastedLinear,
     apply_rotary,
     is_control,
+    last_rows,
     mean_cross_entropy,
     rms_norm,
     rotary_tables,
@@ -120,8 +121,7 @@ class BaselineGPT(nn.Module):
             if skips:  # LIFO: the last encoder output feeds the first decoder block
                 x = x + self.skip_weights[i].to(x.dtype) * skips.pop()
             x = self.blocks[self.num_encoder_layers + i](x, x0, cos, sin)
-        if last:  # only the head is skipped for the other rows: the naive baseline stays simple
-            x = x[:, x.size(1) - last :]
+        x = last_rows(x, last)  # only the head is skipped for the other rows: the baseline stays simple
         x = rms_norm(x)
         logits = F.linear(x, self.tok_emb.weight) if self.lm_head is None else self.lm_head(x)
         if self.head_delta is not None:
@@ -136,9 +136,7 @@ class BaselineGPT(nn.Module):
     def token_nll(self, input_ids: Tensor, target_ids: Tensor, last: int = 0) -> Tensor:
         """Per-token NLL in fp32, shape (B, T), or (B, last) for the last `last` positions: what
         evaluation sums for val_loss and val_bpb."""
-        if last:
-            target_ids = target_ids[:, target_ids.size(1) - last :]
-        return token_cross_entropy(self._logits(input_ids, last), target_ids)
+        return token_cross_entropy(self._logits(input_ids, last), last_rows(target_ids, last))
 
     def param_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """Parameters by optimizer role: the model says which is which, optimizers do not guess."""

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from pgolf.models.attention import causal_attention, exclusive_self_attention, last_rows_causal_attention
 from pgolf.models.config import GPTModelConfig
-from pgolf.models.layers import CastedLinear, apply_partial_rotary, rms_norm
+from pgolf.models.layers import CastedLinear, apply_partial_rotary, last_rows, rms_norm
 
 
 class LayerWeights(NamedTuple):
@@ -34,11 +34,6 @@ def own_linear(in_features: int, out_features: int) -> CastedLinear:
     return torch.nn.utils.skip_init(
         CastedLinear, in_features, out_features, bias=False, device=torch.get_default_device()
     )
-
-
-def last_rows(x: Tensor, rows: int) -> Tensor:
-    """The last `rows` positions of (B, T, ...) x; all of them when rows is 0."""
-    return x[:, x.size(1) - rows :] if rows else x
 
 
 def xsa_layers(cfg: GPTModelConfig) -> set[int]:

@@ -25,6 +25,7 @@ from pgolf.models.config import GPTModelConfig
 from pgolf.models.embeddings import BigramHash, SmearGateV2, SmearGateV3, ValueEmbedding
 from pgolf.models.layers import (
     CastedLinear,
+    last_rows,
     mean_cross_entropy,
     ntk_rope_base,
     rms_norm,
@@ -319,14 +320,14 @@ class GPT(nn.Module):
                 h_mid = x if lanes is None else self._lane_out(lanes)
         if lanes is not None:
             x = self._lane_out(lanes)
-        if last and not pruned:  # two-lane forms (and a model with no decoder) prune at the end
-            x = x[:, T - last :]
+        if not pruned:  # two-lane forms (and a model with no decoder) prune at the end
+            x = last_rows(x, last)
         if self.backout_lambda is not None:
             # Backout (PR #339): remove lambda * h_mid from the final stream *before* the final
             # RMSNorm, as modded-nanogpt's backout does. The norm then rescales what remains, so
             # the head always sees a unit-RMS vector; subtracting after the norm would hand it an
             # unnormalized one whose scale drifts with lambda.
-            x = x - self.backout_lambda.to(x.dtype) * (h_mid[:, T - last :] if last else h_mid)
+            x = x - self.backout_lambda.to(x.dtype) * last_rows(h_mid, last)
         return rms_norm(x)
 
     def _raw_logits(self, ids: Tensor, last: int = 0) -> Tensor:
@@ -351,8 +352,7 @@ class GPT(nn.Module):
         """Per-token NLL in fp32, shape (B, T); with last > 0 only for the last `last` positions,
         shape (B, last), skipping the work no scored position depends on (the final block's
         queries, MLP and head at the other positions). Sliding eval scores only a window's tail."""
-        if last:
-            target_ids = target_ids[:, target_ids.size(1) - last :]
+        target_ids = last_rows(target_ids, last)
         if self._fused_ce is not None:
             return self._fused_ce(self._raw_logits(input_ids, last), target_ids, self.cfg.logit_softcap)
         return token_cross_entropy(self._logits(input_ids, last), target_ids)

@@ -57,6 +57,11 @@ class CastedLinear(nn.Linear):
         return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
+def last_rows(x: Tensor, rows: int) -> Tensor:
+    """The last `rows` positions of (B, T, ...) x; all of them when rows is 0."""
+    return x[:, x.size(1) - rows :] if rows else x
+
+
 def rotary_tables(
     seq_len: int,
     head_dim: int,

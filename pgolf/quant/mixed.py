@@ -220,9 +220,6 @@ class MixedQuant:
             "err_after": float((err - recon).pow(2).sum()),
         }
 
-    def _payload(self, state: dict[str, Tensor]) -> bytes:
-        return self._assemble(*self.quantize(state))
-
     def _assemble(self, header: dict, sec: dict[str, list[bytes]], codes: bytes | None = None) -> bytes:
         sh = self.cfg.byte_shuffle
         header["shuffle"] = sh
