@@ -222,3 +222,21 @@ def test_fused_mlp_gemm_model_compiles_fullgraph():
         torch._dynamo.reset()
         nll = torch.compile(fused.token_nll, backend=backend, fullgraph=True, dynamic=False)(x, y)
         torch.testing.assert_close(nll, plain.token_nll(x, y), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_fused_mlp_gemm_leaves_gptq_hessians_alone():
+    from pgolf.quant.hessian import collect_hessians
+
+    plain, fused = _switch_models(torch.float32)
+    for m in fused.modules():
+        if getattr(m, "fused_gemm", None) is not None:
+            m.fused_gemm = lambda *a: pytest.fail("the fused GEMM hid F.linear from the Hessian collector")
+    batches = [torch.randint(0, 96, (2, 17), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    hs = []
+    for m in (plain, fused):
+        w = {n: t for n, t in m.export_state_dict().items() if t.ndim == 2}
+        hs.append(collect_hessians(m, w, [b.to(DEVICE) for b in batches])[0])
+    assert "blocks.1.mlp.proj.weight" in hs[1] and set(hs[1]) == set(hs[0])
+    for k in hs[0]:
+        torch.testing.assert_close(hs[1][k], hs[0][k], rtol=0, atol=0, msg=k)

@@ -155,10 +155,19 @@ class MLP(nn.Module):
             kernels.require(["model.fused_mlp_gemm"])
             self.fused_gemm = kernels.act_mm
 
+    @staticmethod
+    def _may_fuse_gemm() -> bool:
+        # Only with grad off (the kernel has no backward), and never under a TorchFunctionMode in
+        # eager: such modes (GPTQ's Hessian collector, quant/hessian.py, also run without grad)
+        # watch the down projection's F.linear, which the fused kernel would hide from them.
+        if torch.is_grad_enabled():
+            return False
+        return torch.compiler.is_compiling() or not torch._C._is_torch_function_mode_enabled()
+
     def forward(self, x: Tensor, up: Tensor, down: Tensor) -> Tensor:
         h = F.linear(x, up.to(x.dtype))
         slope = self.negative_slope if self.leaky else 0.0
-        if self.fused_gemm is not None and not torch.is_grad_enabled():  # the kernel has no backward
+        if self.fused_gemm is not None and self._may_fuse_gemm():
             return self.fused_gemm(h, down.to(h.dtype), slope)  # h's dtype: bf16 under autocast
         if self.fused is not None:
             return F.linear(self.fused(h, slope), down.to(x.dtype))
