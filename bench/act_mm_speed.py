@@ -36,6 +36,26 @@ def bench_ms(fn, device: str, reps: int) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+def measure(M: int, K: int, N: int, slope: float, dev: str, rep_ms: int, unfused_fn) -> str:
+    torch.manual_seed(0)
+    h = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+    w = (torch.randn(N, K, device=dev) / K**0.5).to(torch.bfloat16)
+    a = F.leaky_relu(h, slope).square()
+    flop = 2.0 * M * N * K
+    with torch.inference_mode():
+        ref = unfused_fn(h, w)
+        out = kernels.act_mm(h, w, slope)
+        err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+        times = {
+            "cublas": bench_ms(lambda: F.linear(a, w), dev, rep_ms),
+            "unfused": bench_ms(lambda: unfused_fn(h, w), dev, rep_ms),
+            "fused": bench_ms(lambda: kernels.act_mm(h, w, slope), dev, rep_ms),
+        }
+    cells = "  ".join(f"{k} {t:7.3f} ms {flop / t / 1e9:6.0f} TFLOP/s" for k, t in times.items())
+    best = getattr(getattr(kernels, "_act_mm_tuned", None), "best_config", None)
+    return f"M {M:>7} K {K} N {N}  {cells}  max rel diff {err:.1e}  config {best}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--m", default="131072,262144")
@@ -47,32 +67,14 @@ def main() -> None:
     args = ap.parse_args()
     if kernels.unavailable_reason() is not None:
         raise SystemExit(f"act_mm_speed: {kernels.unavailable_reason()}")
-    dev, K, N, slope = args.device, args.k, args.n, args.slope
-    if dev == "cuda":
+    if args.device == "cuda":
         print(f"gpu {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
-
-    def act(h):
-        return F.leaky_relu(h, slope).square()
-
-    unfused_fn = torch.compile(lambda h, w: F.linear(act(h), w), dynamic=False, fullgraph=True)
+    slope = args.slope
+    unfused_fn = torch.compile(
+        lambda h, w: F.linear(F.leaky_relu(h, slope).square(), w), dynamic=False, fullgraph=True
+    )
     for M in (int(m) for m in args.m.split(",")):
-        torch.manual_seed(0)
-        h = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
-        w = (torch.randn(N, K, device=dev) / K**0.5).to(torch.bfloat16)
-        a = act(h)
-        flop = 2.0 * M * N * K
-        with torch.inference_mode():
-            ref = unfused_fn(h, w)
-            out = kernels.act_mm(h, w, slope)
-            err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
-            times = {
-                "cublas": bench_ms(lambda: F.linear(a, w), dev, args.rep_ms),
-                "unfused": bench_ms(lambda: unfused_fn(h, w), dev, args.rep_ms),
-                "fused": bench_ms(lambda: kernels.act_mm(h, w, slope), dev, args.rep_ms),
-            }
-        cells = "  ".join(f"{k} {t:7.3f} ms {flop / t / 1e9:6.0f} TFLOP/s" for k, t in times.items())
-        best = getattr(getattr(kernels, "_act_mm_tuned", None), "best_config", None)
-        print(f"M {M:>7} K {K} N {N}  {cells}  max rel diff {err:.1e}  config {best}", flush=True)
+        print(measure(M, args.k, args.n, slope, args.device, args.rep_ms, unfused_fn), flush=True)
 
 
 if __name__ == "__main__":

@@ -155,7 +155,8 @@ def test_act_mm_traces_without_graph_breaks():
     with torch.inference_mode():
         torch._dynamo.reset()
         compiled = torch.compile(f, backend=backend, fullgraph=True, dynamic=False)
-        torch.testing.assert_close(compiled(h, w), f(h, w), rtol=0, atol=0)
+        # the autotuner may pick another tile for the compiled call: bf16 output rounding apart
+        torch.testing.assert_close(compiled(h, w), f(h, w), rtol=2**-7, atol=1e-3)
         explained = torch._dynamo.explain(f)(h, w)
     assert explained.graph_break_count == 0 and explained.graph_count == 1
 
