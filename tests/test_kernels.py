@@ -131,6 +131,21 @@ def test_act_mm_matches_unfused(M, K, N, slope):
 
 
 @needs_kernels
+@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("block_k", [16, 32])  # 16: K = 100 has a ragged last K tile
+def test_act_mm_kernel_forms(prefetch, block_k):
+    """Both ways of feeding h (pipelined through shared memory, or prefetched into registers), run
+    directly with explicit tiles, as the GPU autotuner may pick either."""
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(45, 100, generator=g).to(DEVICE, torch.bfloat16)
+    w = (torch.randn(40, 100, generator=g) / 10).to(DEVICE, torch.bfloat16)
+    out = torch.empty(45, 40, device=DEVICE, dtype=torch.bfloat16)
+    meta = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=block_k, PREFETCH=prefetch)
+    kernels._act_mm_launch(kernels._act_mm_kernel, h, w, out, 0.5, **meta)
+    torch.testing.assert_close(out.float(), _act_ref(h, w, 0.5), rtol=2**-8, atol=1e-4)
+
+
+@needs_kernels
 def test_act_mm_fp32_strided_weight_and_batch_dims():
     g = torch.Generator().manual_seed(3)
     h = torch.randn(2, 19, 72, generator=g).to(DEVICE)
