@@ -13,6 +13,7 @@ does not depend on the weights' values, so no data or training is needed. A vari
     full                score every column of every window (the pre-tail path), else tail only
     bN                  windows per forward (default b64)
     autotune            torch.compile mode max-autotune-no-cudagraphs
+    fusedmm             model.fused_mlp_gemm: the MLP's activation fused into the down-projection GEMM
 
 `--profile V` runs variant V under torch.profiler and prints its top CUDA kernels.
 """
@@ -29,7 +30,8 @@ import torch
 from pgolf.data.bpb import ByteTables
 from pgolf.eval.sliding import WindowScorer, evaluate_sliding
 from pgolf.eval.val import ByteLUT
-from pgolf.models import attention
+from pgolf.models import attention, kernels
+from pgolf.models.blocks import MLP
 
 
 def build_model(overrides: list[str]) -> torch.nn.Module:
@@ -56,7 +58,7 @@ def build_model(overrides: list[str]) -> torch.nn.Module:
 
 
 def parse(variant: str) -> dict:
-    knobs = {"backend": "sdpa", "sdpa_only": None, "tail": True, "batch": 64, "mode": None}
+    knobs = {"backend": "sdpa", "sdpa_only": None, "tail": True, "batch": 64, "mode": None, "fusedmm": False}
     for k in variant.split("+"):
         if k in ("sdpa", "fa3"):
             knobs["backend"] = k
@@ -68,6 +70,8 @@ def parse(variant: str) -> dict:
             knobs["batch"] = int(k[1:])
         elif k == "autotune":
             knobs["mode"] = "max-autotune-no-cudagraphs"
+        elif k == "fusedmm":
+            knobs["fusedmm"] = True
         else:
             raise SystemExit(f"unknown knob {k!r} in variant {variant!r}")
     return knobs
@@ -81,8 +85,18 @@ def set_sdpa(only: str | None) -> None:
     b.enable_math_sdp(True)  # the tail's masked attention may need it
 
 
+def set_fused_mlp_gemm(model: torch.nn.Module, on: bool) -> None:
+    """Flip model.fused_mlp_gemm on the built model (what the config switch sets at build time)."""
+    if on:
+        kernels.require(["model.fused_mlp_gemm"])
+    for m in model.modules():
+        if isinstance(m, MLP):
+            m.fused_gemm = kernels.act_mm if on else None
+
+
 def make_scorer(model, stream: np.ndarray, knobs: dict, lut: ByteLUT) -> WindowScorer:
     attention.select_backend(knobs["backend"], "cuda")
+    set_fused_mlp_gemm(model, knobs["fusedmm"])
     set_sdpa(knobs["sdpa_only"])
     sc = WindowScorer(
         model.token_nll,

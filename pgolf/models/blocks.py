@@ -148,11 +148,29 @@ class MLP(nn.Module):
 
             kernels.require(["model.fused_mlp"])
             self.fused = kernels.leaky_relu2
+        self.fused_gemm = None  # act(h) @ W_down^T in one kernel, used only with grad disabled
+        if cfg.fused_mlp_gemm:
+            from pgolf.models import kernels
+
+            kernels.require(["model.fused_mlp_gemm"])
+            self.fused_gemm = kernels.act_mm
+
+    @staticmethod
+    def _may_fuse_gemm() -> bool:
+        # Only with grad off (the kernel has no backward), and never under a TorchFunctionMode in
+        # eager: such modes (GPTQ's Hessian collector, quant/hessian.py, also run without grad)
+        # watch the down projection's F.linear, which the fused kernel would hide from them.
+        if torch.is_grad_enabled():
+            return False
+        return torch.compiler.is_compiling() or not torch._C._is_torch_function_mode_enabled()
 
     def forward(self, x: Tensor, up: Tensor, down: Tensor) -> Tensor:
         h = F.linear(x, up.to(x.dtype))
+        slope = self.negative_slope if self.leaky else 0.0
+        if self.fused_gemm is not None and self._may_fuse_gemm():
+            return self.fused_gemm(h, down.to(h.dtype), slope)  # h's dtype: bf16 under autocast
         if self.fused is not None:
-            return F.linear(self.fused(h, self.negative_slope if self.leaky else 0.0), down.to(x.dtype))
+            return F.linear(self.fused(h, slope), down.to(x.dtype))
         h = F.leaky_relu(h, self.negative_slope) if self.leaky else torch.relu(h)
         return F.linear(h.square(), down.to(x.dtype))
 

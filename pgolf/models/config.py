@@ -128,6 +128,9 @@ class GPTModelConfig:
     # fused Triton kernels (pgolf.models.kernels; need Triton + CUDA, or TRITON_INTERPRET=1)
     fused_mlp: bool = False  # the leaky_relu^2 / relu^2 activation, forward + backward
     fused_ce: bool = False  # soft-capped cross entropy, forward + backward (needs logit_softcap > 0)
+    # inference only: act(h) @ W_down^T in one GEMM, the activation applied as h's tiles load (grad
+    # off: scoring; training and TTT training keep the differentiable path)
+    fused_mlp_gemm: bool = False
 
     def validate(self, path: str) -> None:
         for key in ("num_layers", "model_dim", "num_heads", "num_kv_heads", "vocab_size"):

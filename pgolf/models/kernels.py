@@ -6,6 +6,10 @@
   the loss is logsumexp(z) - z[target]. The forward streams each row once (online softmax) and
   keeps only the row's logsumexp for the backward, which writes
   dx = g * (softmax(z) - onehot) * (1 - tanh^2) without materializing z or the fp32 logits.
+* `model.fused_mlp_gemm` (inference only): out = leaky_relu(h, slope)^2 @ W_down^T as one GEMM
+  whose prologue applies the activation to each h tile in registers as it is loaded, so the
+  activation tensor (M x hidden) is never written or read back. A `torch.library` op (`triton_op`
+  where available, so Inductor sees the kernel), traceable under torch.compile(fullgraph=True).
 
 Triton is imported lazily: without it this module still imports, and `require` names what is
 missing. On a machine without CUDA the kernels run under the Triton interpreter
@@ -74,8 +78,11 @@ if triton is not None:
         dh = 2.0 * a * tl.where(pos, 1.0, slope) * g
         tl.store(dh_ptr + offs, dh.to(dh_ptr.dtype.element_ty), mask=mask)
 
+    # V (the vocabulary) is a compile-time constant: the loops below run over it, and Triton's CPU
+    # interpreter cannot iterate `range` over a runtime scalar (it holds it as a 1-element array,
+    # which NumPy >= 2 refuses to turn into an int). The kernels compile once per vocabulary.
     @triton.jit
-    def _softcap_ce_fwd(x_ptr, t_ptr, loss_ptr, lse_ptr, V, stride, cap, BLOCK: tl.constexpr):
+    def _softcap_ce_fwd(x_ptr, t_ptr, loss_ptr, lse_ptr, V: tl.constexpr, stride, cap, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         base = x_ptr + row * stride
         m_vec = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -97,7 +104,9 @@ if triton is not None:
         tl.store(lse_ptr + row, lse)
 
     @triton.jit
-    def _softcap_ce_bwd(x_ptr, t_ptr, lse_ptr, g_ptr, dx_ptr, V, stride, cap, BLOCK: tl.constexpr):
+    def _softcap_ce_bwd(
+        x_ptr, t_ptr, lse_ptr, g_ptr, dx_ptr, V: tl.constexpr, stride, cap, BLOCK: tl.constexpr
+    ):
         row = tl.program_id(0).to(tl.int64)
         base = x_ptr + row * stride
         out = dx_ptr + row * V
@@ -111,6 +120,178 @@ if triton is not None:
             th = _tanh(x / cap)
             p = tl.exp(cap * th - lse) - tl.where(cols == t, 1.0, 0.0)
             tl.store(out + cols, (g * p * (1.0 - th * th)).to(dx_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _round_to(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+        # fp32 -> dtype, round to nearest even (the GPU's cast). Triton 3.6's interpreter truncates
+        # fp32 -> bf16, so there the rounding is done on the bits first and the cast is then exact.
+        if INTERPRET:
+            if dtype == tl.bfloat16:
+                bits = x.to(tl.uint32, bitcast=True)
+                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+                x = bits.to(tl.float32, bitcast=True)
+        return x.to(dtype)
+
+    @triton.jit
+    def _load_k_tile(ptrs, rk, k_left, K_AXIS: tl.constexpr, EVEN_K: tl.constexpr):
+        # a tile whose axis K_AXIS runs along K; past the end of K (k_left left) it reads zeros
+        if EVEN_K:
+            tile = tl.load(ptrs)
+        elif K_AXIS == 1:
+            tile = tl.load(ptrs, mask=(rk < k_left)[None, :], other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=(rk < k_left)[:, None], other=0.0)
+        return tile
+
+    @triton.jit
+    def _act_mm_kernel(
+        h_ptr,
+        w_ptr,
+        out_ptr,
+        M,
+        stride_hm,
+        stride_wn,
+        stride_wk,
+        stride_om,
+        slope,
+        N: tl.constexpr,
+        K: tl.constexpr,
+        DOT_F32: tl.constexpr,
+        INTERPRET: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        PREFETCH: tl.constexpr,
+    ):
+        # One (BLOCK_M, BLOCK_N) tile of out = act(h) @ W^T; h (M, K) with unit column stride,
+        # W (N, K) read as (K, N) tiles through its strides. N varies fastest over the program ids,
+        # so the programs that share an h row block run together and read it from L2; W (N x K,
+        # 1.5 MB at the record sizes) stays in L2 anyway, which is why there is no GROUP_M swizzle.
+        pid = tl.program_id(0)
+        n_tiles = (N + BLOCK_N - 1) // BLOCK_N
+        pid_m = pid // n_tiles
+        pid_n = pid % n_tiles
+        rows_left = M - pid_m * BLOCK_M  # int32 is enough: M < 2^31 rows
+        row0 = pid_m.to(tl.int64) * BLOCK_M  # M * K exceeds 2^31 elements: the tile base is int64
+        rm = tl.arange(0, BLOCK_M)
+        rm_load = tl.where(rm < rows_left, rm, 0)  # tail rows re-read row 0; their outputs are not stored
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rn_load = rn
+        if N % BLOCK_N != 0:  # ragged N: wrap the tail columns (their outputs are not stored)
+            rn_load = rn % N
+        rk = tl.arange(0, BLOCK_K)
+        a_ptrs = h_ptr + row0 * stride_hm + (rm_load[:, None] * stride_hm + rk[None, :])
+        b_ptrs = w_ptr + (rk[:, None] * stride_wk + rn_load[None, :] * stride_wn)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        EVEN_K = K % BLOCK_K == 0
+        if PREFETCH:
+            h_next = _load_k_tile(a_ptrs, rk, K, 1, EVEN_K)
+        for k in range(0, K, BLOCK_K):
+            if PREFETCH:
+                # h straight from global memory into registers one step ahead; the pipelined form
+                # below stages it in shared memory first, which on Hopper then costs a second
+                # shared-memory round trip to reach the wgmma operand layout after the activation.
+                # The autotuner picks whichever form is faster.
+                h = h_next
+                step = BLOCK_K if k + BLOCK_K < K else 0  # the last step re-reads its own tile
+                a_ptrs += step
+                h_next = _load_k_tile(a_ptrs, rk, K - k - step, 1, EVEN_K)
+            else:
+                h = _load_k_tile(a_ptrs, rk, K - k, 1, EVEN_K)
+                a_ptrs += BLOCK_K
+            w = _load_k_tile(b_ptrs, rk, K - k, 0, EVEN_K)
+            # the prologue: exactly what the unfused path feeds the GEMM (fp32, rounded to h's dtype)
+            hf = h.to(tl.float32)
+            a = tl.where(hf > 0, hf, hf * slope)
+            a = _round_to(a * a, h_ptr.dtype.element_ty, INTERPRET)
+            if DOT_F32:  # fp32 operands, or the interpreter (see `_act_mm_launch`)
+                acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, w, acc)
+            b_ptrs += BLOCK_K * stride_wk
+        o_ptrs = out_ptr + row0 * stride_om + (rm[:, None] * stride_om + rn[None, :])
+        out = _round_to(acc, out_ptr.dtype.element_ty, INTERPRET)
+        tl.store(o_ptrs, out, mask=(rm[:, None] < rows_left) & (rn[None, :] < N))
+
+    def _act_mm_configs() -> list:
+        if os.environ.get("TRITON_INTERPRET") == "1":  # one small tile: the interpreter does not tune
+            return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "PREFETCH": False})]
+        shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps, PREFETCH): H100 wgmma tiles
+            (128, 256, 64, 3, 8, False),
+            (128, 256, 64, 4, 8, False),
+            (256, 128, 64, 3, 8, False),
+            (128, 128, 64, 4, 4, False),
+            (128, 128, 64, 4, 8, False),
+            (128, 256, 64, 3, 8, True),
+            (128, 256, 64, 4, 8, True),
+            (256, 128, 64, 3, 8, True),
+            (128, 128, 64, 4, 8, True),
+        ]
+        return [
+            triton.Config(
+                {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "PREFETCH": pf}, num_stages=st, num_warps=wp
+            )
+            for bm, bn, bk, st, wp, pf in shapes
+        ]
+
+    # Tuned once per (N, K): the first call (the scorer's warm-up, before the clock) picks the
+    # config. M is left out of the key so a ragged last batch never re-tunes inside the timed loop.
+    _act_mm_tuned = triton.autotune(configs=_act_mm_configs(), key=["N", "K"])(_act_mm_kernel)
+
+    # Triton 3.6's interpreter multiplies bf16 tiles as their raw uint16 bits, so there the dot runs
+    # on the tiles upcast to fp32: the same products (bf16 x bf16 is exact in fp32), fp32 sums; and
+    # it truncates fp32 -> bf16 casts, which `_round_to` corrects. The GPU code has neither branch.
+    _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+    def _act_mm_launch(kernel, h: Tensor, w: Tensor, out: Tensor, slope: float, **meta) -> None:
+        M, K = h.shape
+        N = w.shape[0]
+
+        def grid(META: dict) -> tuple[int]:
+            return (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
+
+        kernel[grid](
+            h,
+            w,
+            out,
+            M,
+            h.stride(0),
+            w.stride(0),
+            w.stride(1),
+            out.stride(0),
+            slope,
+            N=N,
+            K=K,
+            DOT_F32=h.dtype == torch.float32 or _INTERPRET,
+            INTERPRET=_INTERPRET,
+            **meta,
+        )
+
+    def _act_mm_new(h: Tensor, w: Tensor) -> Tensor:
+        return torch.empty((h.shape[0], w.shape[0]), device=h.device, dtype=h.dtype)
+
+    # torch >= 2.6: a triton_op, so Inductor sees the kernel. PGOLF_ACT_MM_OPAQUE=1 registers the
+    # opaque op instead (a fallback to try should some torch version's Inductor mishandle it).
+    _TRITON_OP = hasattr(torch.library, "triton_op") and os.environ.get("PGOLF_ACT_MM_OPAQUE") != "1"
+    if _TRITON_OP and not _INTERPRET:
+
+        @torch.library.triton_op("pgolf::act_mm", mutates_args=())
+        def _act_mm_op(h: Tensor, w: Tensor, slope: float) -> Tensor:
+            out = _act_mm_new(h, w)
+            _act_mm_launch(torch.library.wrap_triton(_act_mm_tuned), h, w, out, slope)
+            return out
+
+    else:  # an opaque op with a shape-only fake: the interpreter's kernels cannot be traced into
+
+        @torch.library.custom_op("pgolf::act_mm", mutates_args=())
+        def _act_mm_op(h: Tensor, w: Tensor, slope: float) -> Tensor:
+            out = _act_mm_new(h, w)
+            _act_mm_launch(_act_mm_tuned, h, w, out, slope)
+            return out
+
+        @_act_mm_op.register_fake
+        def _act_mm_fake(h: Tensor, w: Tensor, slope: float) -> Tensor:
+            return _act_mm_new(h, w)
 
 
 class _LeakyReLU2(torch.autograd.Function):
@@ -167,3 +348,22 @@ def softcap_cross_entropy(raw_logits: Tensor, targets: Tensor, cap: float) -> Te
     V = raw_logits.size(-1)
     loss = _SoftcapCE.apply(raw_logits.reshape(-1, V), targets.reshape(-1), float(cap))
     return loss.view(targets.shape)
+
+
+def act_mm(h: Tensor, w: Tensor, slope: float) -> Tensor:
+    """leaky_relu(h, slope)^2 @ w.T in one GEMM, the activation applied to h's tiles as they load.
+
+    h (..., K), w (N, K) as an nn.Linear weight, same dtype; the activation is computed in fp32 and
+    rounded to h's dtype before the product, as the unfused path does; fp32 accumulation; out
+    (..., N) in h's dtype. Forward only (no autograd): the MLP calls it with grad disabled.
+    """
+    if w.dtype != h.dtype or w.dim() != 2 or w.shape[1] != h.shape[-1]:
+        raise ValueError(
+            f"act_mm: h {tuple(h.shape)} {h.dtype} and w {tuple(w.shape)} {w.dtype} do not match"
+        )
+    K = h.shape[-1]
+    h2 = h.reshape(-1, K)
+    if h2.stride(-1) != 1:
+        h2 = h2.contiguous()
+    out = torch.ops.pgolf.act_mm(h2, w, float(slope))
+    return out.view(*h.shape[:-1], w.shape[0])
