@@ -14,6 +14,7 @@ does not depend on the weights' values, so no data or training is needed. A vari
     bN                  windows per forward (default b64)
     autotune            torch.compile mode max-autotune-no-cudagraphs
     fusedmm             model.fused_mlp_gemm: the MLP's activation fused into the down-projection GEMM
+    cdt                 Inductor's coordinate-descent tuning of its generated kernels (longer compile)
 
 `--profile V` runs variant V under torch.profiler and prints its top CUDA kernels.
 """
@@ -58,7 +59,15 @@ def build_model(overrides: list[str]) -> torch.nn.Module:
 
 
 def parse(variant: str) -> dict:
-    knobs = {"backend": "sdpa", "sdpa_only": None, "tail": True, "batch": 64, "mode": None, "fusedmm": False}
+    knobs = {
+        "backend": "sdpa",
+        "sdpa_only": None,
+        "tail": True,
+        "batch": 64,
+        "mode": None,
+        "fusedmm": False,
+        "cdt": False,
+    }
     for k in variant.split("+"):
         if k in ("sdpa", "fa3"):
             knobs["backend"] = k
@@ -72,17 +81,21 @@ def parse(variant: str) -> dict:
             knobs["mode"] = "max-autotune-no-cudagraphs"
         elif k == "fusedmm":
             knobs["fusedmm"] = True
+        elif k == "cdt":
+            knobs["cdt"] = True
         else:
             raise SystemExit(f"unknown knob {k!r} in variant {variant!r}")
     return knobs
 
 
 def set_sdpa(only: str | None) -> None:
+    """All kernels, torch's own order (None), or that one kernel first: recorded in the traced graph
+    (pgolf.models.attention.set_sdpa_backends), so no variant reuses another's cached graph."""
     b = torch.backends.cuda
-    b.enable_flash_sdp(only in (None, "flash"))
-    b.enable_cudnn_sdp(only in (None, "cudnn"))
-    b.enable_mem_efficient_sdp(only is None)
-    b.enable_math_sdp(True)  # the tail's masked attention may need it
+    for enable in (b.enable_flash_sdp, b.enable_cudnn_sdp, b.enable_mem_efficient_sdp, b.enable_math_sdp):
+        enable(True)
+    # math stays last: the tail's masked attention may need it
+    attention.set_sdpa_backends(None if only is None else [only, "math"])
 
 
 def set_fused_mlp_gemm(model: torch.nn.Module, on: bool) -> None:
@@ -109,6 +122,7 @@ def make_scorer(model, stream: np.ndarray, knobs: dict, lut: ByteLUT) -> WindowS
         torch.bfloat16,
         tail_only=knobs["tail"],
     )
+    torch._inductor.config.coordinate_descent_tuning = knobs["cdt"]
     sc._batch = torch.compile(sc._batch_sums, dynamic=False, fullgraph=True, mode=knobs["mode"])
     return sc
 

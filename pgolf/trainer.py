@@ -30,6 +30,7 @@ from pgolf.eval.val import ByteLUT, EvalResult, evaluate
 from pgolf.hw.device import Runtime
 from pgolf.hw.device import build as build_runtime
 from pgolf.log import RunLog
+from pgolf.models import attention
 from pgolf.models.attention import select_backend
 from pgolf.models.layers import restore_fp32_params
 from pgolf.results import write_json_atomic
@@ -592,10 +593,15 @@ class Trainer:
     def warm_eval(self) -> None:
         """Compile the sliding and TTT graphs on random tokens before the eval clock starts."""
         if "sliding" in self.job.eval.modes or self.ttt.enabled:
-            if getattr(self.job.hardware, "eval_cudnn_attention", False):
-                # Read when a graph is traced, not guarded: only the graphs compiled from here on
-                # (sliding windows, TTT) may pick cuDNN; the training graphs keep their kernel.
-                torch.backends.cuda.enable_cudnn_sdp(True)
+            hw = self.job.hardware
+            if getattr(hw, "eval_cudnn_attention", False):
+                # Only the graphs traced from here on (sliding windows, TTT) may pick cuDNN, first;
+                # the training graphs keep the flash kernel. The choice is recorded in those graphs.
+                attention.set_sdpa_backends(["cudnn", "flash", "efficient", "math"])
+            if getattr(hw, "eval_coordinate_descent_tuning", False):
+                # Inductor tunes each generated kernel's launch config while compiling (longer
+                # warm-up, off the eval clock); part of Inductor's config, so of its cache key.
+                torch._inductor.config.coordinate_descent_tuning = True
             self.model.eval()
             if self.ttt.enabled:
                 self.ttt.warmup(

@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-SPEC = importlib.util.spec_from_file_location("summarize", Path(__file__).parents[1] / "bench" / "summarize.py")
+SPEC = importlib.util.spec_from_file_location(
+    "summarize", Path(__file__).parents[1] / "bench" / "summarize.py"
+)
 summarize = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(summarize)
 

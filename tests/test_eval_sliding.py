@@ -167,28 +167,63 @@ def test_lossless_quant_round_trips_bit_for_bit():
     assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in state.items())
 
 
-def test_eval_cudnn_attention_is_enabled_only_for_graphs_made_at_eval_warmup(monkeypatch):
-    """hardware.eval_cudnn_attention: the switch flips at eval warm-up, before the sliding graph is
-    traced, and not when it is off (SDPA reads the flag at trace time)."""
+def test_eval_switches_are_applied_only_for_graphs_made_at_eval_warmup():
+    """hardware.eval_cudnn_attention / eval_coordinate_descent_tuning take effect at eval warm-up,
+    before the sliding graph is traced, and not at all when off."""
     from types import SimpleNamespace
 
     from pgolf.hw.config import CudaHardwareConfig
+    from pgolf.models import attention
     from pgolf.trainer import Trainer
 
-    seen: list[bool] = []
-    scorer_stub = SimpleNamespace(warmup=lambda: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
+    seen: list[tuple] = []
+    scorer_stub = SimpleNamespace(
+        warmup=lambda: seen.append(
+            (attention.sdpa_backends(), torch._inductor.config.coordinate_descent_tuning)
+        )
+    )
     model_stub = SimpleNamespace(eval=lambda: None, train=lambda: None)
-    before = torch.backends.cuda.cudnn_sdp_enabled()
+    cdt = torch._inductor.config.coordinate_descent_tuning
     try:
         for flag in (False, True):
-            torch.backends.cuda.enable_cudnn_sdp(False)
+            attention.set_sdpa_backends(None)
+            torch._inductor.config.coordinate_descent_tuning = False
             job = SimpleNamespace(
-                hardware=CudaHardwareConfig(eval_cudnn_attention=flag),
+                hardware=CudaHardwareConfig(eval_cudnn_attention=flag, eval_coordinate_descent_tuning=flag),
                 eval=SimpleNamespace(modes=["sliding"]),
             )
             stub = SimpleNamespace(job=job, ttt=SimpleNamespace(enabled=False), model=model_stub)
             stub._scorer = lambda: scorer_stub
             Trainer.warm_eval(stub)
-        assert seen == [False, True]
+        assert seen == [(None, False), (["cudnn", "flash", "efficient", "math"], True)]
     finally:
-        torch.backends.cuda.enable_cudnn_sdp(before)
+        attention.set_sdpa_backends(None)
+        torch._inductor.config.coordinate_descent_tuning = cdt
+
+
+def test_sdpa_backend_choice_is_recorded_in_the_traced_graph():
+    """The kernel list is part of the graph Dynamo hands on (so of the compile caches' keys): a graph
+    traced with cuDNN first differs from one traced under the global flags, and computes the same."""
+    from pgolf.models import attention
+
+    codes: list[str] = []
+
+    def capture(gm, example_inputs):
+        codes.append(gm.code)
+        return gm.forward
+
+    q = torch.randn(2, 16, 4, 8)
+    k = torch.randn(2, 16, 2, 8)
+    outs = []
+    try:
+        for names in (None, ["cudnn", "flash", "efficient", "math"]):
+            attention.set_sdpa_backends(names)
+            torch._dynamo.reset()
+            outs.append(torch.compile(attention.causal_attention, backend=capture, fullgraph=True)(q, k, k))
+    finally:
+        attention.set_sdpa_backends(None)
+        torch._dynamo.reset()
+    assert "CUDNN_ATTENTION" not in codes[0] and "CUDNN_ATTENTION" in codes[1]
+    torch.testing.assert_close(outs[0], outs[1])
+    with pytest.raises(ValueError, match="choose from"):
+        attention.set_sdpa_backends(["cudnn", "fast"])

@@ -27,10 +27,12 @@ class CudaHardwareConfig:
     attention: AttentionBackend = "auto"
     allow_tf32: bool = True
     # SDPA keeps cuDNN's attention kernel off (training uses the flash kernel, as the reference
-    # scripts do). True lets SDPA pick cuDNN for the graphs compiled at eval warm-up (sliding
-    # windows, TTT): on an H100 the sliding scorer ran ~10% faster with it enabled
-    # (bench/eval_speed.py) than the trainer's flash-only sliding pass. Unverified end to end.
+    # scripts do). True makes cuDNN SDPA's first choice in the graphs compiled at eval warm-up
+    # (sliding windows, TTT); see docs/benchmarks.md for what it measured.
     eval_cudnn_attention: bool = False
+    # Inductor's coordinate-descent tuning of its generated kernels, for the eval graphs only
+    # (a longer warm-up, which is off the eval clock).
+    eval_coordinate_descent_tuning: bool = False
 
     def validate(self, path: str) -> None:
         _check_nproc(path, self.nproc_per_node)

@@ -12,9 +12,22 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 _BACKEND: str | None = None
 _FN: Callable[..., Tensor] | None = None
+# SDPA kernels allowed, in priority order, for graphs traced from now on (None: the global
+# torch.backends.cuda flags). Applied as an `sdpa_kernel` context around each SDPA call, which
+# Dynamo records in the graph: the choice is then part of the compiled graph and of its cache key.
+# (The global flags are read at trace time but are not in Inductor's/AOTAutograd's cache keys, so a
+# graph cached under one setting would be reused under another.)
+_SDPA_BACKENDS: list[SDPBackend] | None = None
+SDPA_BACKEND_NAMES = {
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
 
 
 def _try_flash(module: str) -> Callable[..., Tensor] | None:
@@ -27,15 +40,33 @@ def _try_flash(module: str) -> Callable[..., Tensor] | None:
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
     """Causal SDPA over (B, T, H, D) tensors; `mask` (True = attend) replaces the causal rule."""
     # SDPA wants (B, H, T, D); transposes are views that inductor folds into the kernel's strides.
-    y = F.scaled_dot_product_attention(
-        q.transpose(1, 2),
-        k.transpose(1, 2),
-        v.transpose(1, 2),
-        attn_mask=mask,
-        is_causal=mask is None,
-        enable_gqa=q.size(2) != k.size(2),
-    )
+    args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    kw = {"attn_mask": mask, "is_causal": mask is None, "enable_gqa": q.size(2) != k.size(2)}
+    if _SDPA_BACKENDS is None:
+        y = F.scaled_dot_product_attention(*args, **kw)
+    else:
+        with sdpa_kernel(_SDPA_BACKENDS, set_priority=True):
+            y = F.scaled_dot_product_attention(*args, **kw)
     return y.transpose(1, 2)
+
+
+def set_sdpa_backends(names: list[str] | None) -> None:
+    """Restrict SDPA to these kernels, first choice first ("cudnn", "flash", "efficient", "math"),
+    in every graph traced from now on; None goes back to the global torch.backends.cuda flags."""
+    global _SDPA_BACKENDS
+    if names is None:
+        _SDPA_BACKENDS = None
+        return
+    unknown = [n for n in names if n not in SDPA_BACKEND_NAMES]
+    if unknown or not names:
+        raise ValueError(f"SDPA backends {names!r}: choose from {sorted(SDPA_BACKEND_NAMES)}")
+    _SDPA_BACKENDS = [SDPA_BACKEND_NAMES[n] for n in names]
+
+
+def sdpa_backends() -> list[str] | None:
+    if _SDPA_BACKENDS is None:
+        return None
+    return [n for b in _SDPA_BACKENDS for n, v in SDPA_BACKEND_NAMES.items() if v == b]
 
 
 def select_backend(requested: str = "auto", device_type: str = "cuda") -> str:
@@ -113,6 +144,8 @@ __all__ = [
     "causal_attention",
     "exclusive_self_attention",
     "last_rows_causal_attention",
+    "sdpa_backends",
     "sdpa_reference",
     "select_backend",
+    "set_sdpa_backends",
 ]
