@@ -19,7 +19,7 @@
 # list (3 lines, eval_helpers.py patch; timing unaffected); PATCH=0 runs it unmodified.
 # Times: the reference's sliding time includes its torch.compile; its TTT runs eagerly. pgolf
 # compiles both graphs on random tokens first (`eval_warmup`, printed apart).
-# Env knobs: OUT, DATA, STEPS, EVAL_BATCH (pgolf windows per forward), PATCH, ONLY=ref|pgolf,
+# Env knobs: OUT, DATA, STEPS, EVAL_BATCH (pgolf windows per forward), PATCH, ONLY=ref|pgolf, INIT=ref|seed,
 # REF, SHIM. Expected: ~4-5 min (reference) + ~3 min (pgolf) on one H100.
 # TTT=lora|phased (default score_first): pgolf alone (the 2026-03-23 script has no LoRA TTT), once per
 # entry of LORA_RUNS (default "compile eager": hardware.compile=true, then false) on the same weights,
@@ -73,11 +73,15 @@ run_reference() {
 
 run_pgolf() {
   cd "$REPO" || return 1
-  if [ ! -f "$RUN/final_model.deq.pt" ]; then echo "no $RUN/final_model.deq.pt: run ONLY=ref first"; return 1; fi
+  # INIT=seed: pgolf's own seeded init instead of the reference's weights (times only; bpb is then
+  # not comparable), for a timing rerun on a machine where ONLY=ref has not run.
+  local init=(init_from="$RUN/final_model.deq.pt")
+  if [ "${INIT:-ref}" = seed ]; then init=()
+  elif [ ! -f "$RUN/final_model.deq.pt" ]; then echo "no $RUN/final_model.deq.pt: run ONLY=ref first"; return 1; fi
   # shellcheck disable=SC2086  # PGOLF_EXTRA is a list of overrides
   timeout 900 python3 -m pgolf.run experiment=none model=banked data=shards data.path="$DATA" \
     data.tokenizer_path="$TOK" data.vocab_size=1024 hardware=gpu hardware.attention=${PGOLF_ATTENTION:-sdpa} \
-    init_from="$RUN/final_model.deq.pt" quant=lossless budget.artifact_bytes=1000000000 \
+    "${init[@]}" quant=lossless budget.artifact_bytes=1000000000 \
     budget.mode=steps train.iterations=0 train.prime_steps=0 train.seq_len=2048 train.batch_tokens=786432 \
     train.val_batch_tokens=524288 seed=1337 \
     eval.modes=[nonoverlap,sliding] eval.seq_len=2048 eval.stride=64 eval.batch_seqs="$EVAL_BATCH" \

@@ -591,17 +591,15 @@ class Trainer:
         return self._window_scorer
 
     def warm_eval(self) -> None:
-        """Compile the sliding and TTT graphs on random tokens before the eval clock starts."""
+        """Compile the eval graphs on random tokens before the eval clock starts."""
+        if getattr(self.job.hardware, "eval_cudnn_attention", False):
+            # The graphs traced from here on (eval) put cuDNN first; the training graphs keep the
+            # flash kernel. Dynamo guards on the choice, so the nonoverlap graph compiled during
+            # training would recompile on the eval clock: it is compiled again here, off the clock.
+            attention.set_sdpa_backends(["cudnn", "flash", "efficient", "math"])
+            if "nonoverlap" in self.job.eval.modes:
+                self._prime_eval()
         if "sliding" in self.job.eval.modes or self.ttt.enabled:
-            hw = self.job.hardware
-            if getattr(hw, "eval_cudnn_attention", False):
-                # Only the graphs traced from here on (sliding windows, TTT) may pick cuDNN, first;
-                # the training graphs keep the flash kernel. The choice is recorded in those graphs.
-                attention.set_sdpa_backends(["cudnn", "flash", "efficient", "math"])
-            if getattr(hw, "eval_coordinate_descent_tuning", False):
-                # Inductor tunes each generated kernel's launch config while compiling (longer
-                # warm-up, off the eval clock); part of Inductor's config, so of its cache key.
-                torch._inductor.config.coordinate_descent_tuning = True
             self.model.eval()
             if self.ttt.enabled:
                 self.ttt.warmup(

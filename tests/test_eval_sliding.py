@@ -167,38 +167,59 @@ def test_lossless_quant_round_trips_bit_for_bit():
     assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in state.items())
 
 
-def test_eval_switches_are_applied_only_for_graphs_made_at_eval_warmup():
-    """hardware.eval_cudnn_attention / eval_coordinate_descent_tuning take effect at eval warm-up,
-    before the sliding graph is traced, and not at all when off."""
+def test_eval_cudnn_attention_applies_to_graphs_made_at_eval_warmup_and_reprimes_nonoverlap():
+    """hardware.eval_cudnn_attention puts cuDNN first before the eval graphs are traced (and not at
+    all when off). Dynamo guards on the choice, so the nonoverlap graph compiled during training is
+    compiled again in the warm-up: otherwise it would recompile inside the timed eval."""
     from types import SimpleNamespace
 
     from pgolf.hw.config import CudaHardwareConfig
     from pgolf.models import attention
     from pgolf.trainer import Trainer
 
-    seen: list[tuple] = []
-    scorer_stub = SimpleNamespace(
-        warmup=lambda: seen.append(
-            (attention.sdpa_backends(), torch._inductor.config.coordinate_descent_tuning)
-        )
-    )
+    calls: list[tuple] = []
+    scorer_stub = SimpleNamespace(warmup=lambda: calls.append(("sliding", attention.sdpa_backends())))
     model_stub = SimpleNamespace(eval=lambda: None, train=lambda: None)
-    cdt = torch._inductor.config.coordinate_descent_tuning
     try:
         for flag in (False, True):
             attention.set_sdpa_backends(None)
-            torch._inductor.config.coordinate_descent_tuning = False
             job = SimpleNamespace(
-                hardware=CudaHardwareConfig(eval_cudnn_attention=flag, eval_coordinate_descent_tuning=flag),
-                eval=SimpleNamespace(modes=["sliding"]),
+                hardware=CudaHardwareConfig(eval_cudnn_attention=flag),
+                eval=SimpleNamespace(modes=["nonoverlap", "sliding"]),
             )
             stub = SimpleNamespace(job=job, ttt=SimpleNamespace(enabled=False), model=model_stub)
             stub._scorer = lambda: scorer_stub
+            stub._prime_eval = lambda: calls.append(("nonoverlap", attention.sdpa_backends()))
             Trainer.warm_eval(stub)
-        assert seen == [(None, False), (["cudnn", "flash", "efficient", "math"], True)]
+        cudnn_first = ["cudnn", "flash", "efficient", "math"]
+        assert calls == [("sliding", None), ("nonoverlap", cudnn_first), ("sliding", cudnn_first)]
     finally:
         attention.set_sdpa_backends(None)
-        torch._inductor.config.coordinate_descent_tuning = cdt
+
+
+def test_changing_the_sdpa_backends_recompiles_graphs_traced_before():
+    """Why the warm-up re-primes: a graph traced under one kernel list is not reused under another."""
+    from pgolf.models import attention
+
+    compiles = []
+
+    def count(gm, example_inputs):
+        compiles.append(1)
+        return gm.forward
+
+    q, k = torch.randn(2, 16, 4, 8), torch.randn(2, 16, 2, 8)
+    torch._dynamo.reset()
+    fn = torch.compile(attention.causal_attention, backend=count, fullgraph=True)
+    try:
+        fn(q, k, k)
+        fn(q, k, k)
+        assert len(compiles) == 1
+        attention.set_sdpa_backends(["cudnn", "flash", "efficient", "math"])
+        fn(q, k, k)
+        assert len(compiles) == 2
+    finally:
+        attention.set_sdpa_backends(None)
+        torch._dynamo.reset()
 
 
 def test_sdpa_backend_choice_is_recorded_in_the_traced_graph():
