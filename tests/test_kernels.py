@@ -1,4 +1,4 @@
-"""Fused Triton kernels (model.fused_mlp, fused_ce, fused_mlp_gemm) against the eager path.
+"""Fused Triton kernels (model.fused_mlp, fused_ce, fused_mlp_gemm, fused_qk_rope) against the eager path.
 
 On CPU the kernels run in Triton's interpreter when `TRITON_INTERPRET=1` is set before Triton is
 imported (run `TRITON_INTERPRET=1 python -m pytest tests/test_kernels.py`); without Triton, or
@@ -13,8 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from pgolf.models import attention, kernels
+from pgolf.models.blocks import Attention
 from pgolf.models.config import LayeredGPTConfig
 from pgolf.models.gpt import GPT
+from pgolf.models.layers import apply_partial_rotary, rms_norm, rotary_tables
 from pgolf.registry import ConfigError
 
 REASON = kernels.unavailable_reason()
@@ -92,7 +94,7 @@ def test_model_with_both_switches_matches_eager():
 
 
 @pytest.mark.skipif(REASON is None, reason="the kernels can run here")
-@pytest.mark.parametrize("key", ["fused_mlp", "fused_ce", "fused_mlp_gemm"])
+@pytest.mark.parametrize("key", ["fused_mlp", "fused_ce", "fused_mlp_gemm", "fused_qk_rope"])
 def test_switch_refuses_without_triton_or_cuda(key):
     with pytest.raises(
         RuntimeError, match=rf"model\.{key}=true needs the fused Triton kernels, but .*{key}=false"
@@ -256,3 +258,172 @@ def test_fused_mlp_gemm_leaves_gptq_hessians_alone():
     assert "blocks.1.mlp.proj.weight" in hs[1] and set(hs[1]) == set(hs[0])
     for k in hs[0]:
         torch.testing.assert_close(hs[1][k], hs[0][k], rtol=0, atol=0, msg=k)
+
+
+# ---- model.fused_qk_rope: kernels.qk_prologue ----
+
+
+def _qk_eager(x, cos, sin, rope_dims, gain, dtype):
+    """Attention's unfused prologue in `dtype`: rms_norm, RoPE with the tables' last T rows, gain."""
+    T = x.size(1)
+    c, s = cos[:, cos.size(1) - T :].to(dtype), sin[:, sin.size(1) - T :].to(dtype)
+    y = apply_partial_rotary(rms_norm(x.to(dtype)), c, s, rope_dims)
+    return y if gain is None else y * gain.to(dtype)[None, None, :, None]
+
+
+@needs_kernels
+@pytest.mark.parametrize("heads_major", [False, True])
+@pytest.mark.parametrize("with_gain", [True, False])
+@pytest.mark.parametrize(
+    "B,T,H,D,rope_dims,table_len",
+    [
+        (2, 37, 4, 64, 16, 37),  # the record's partial RoPE, odd T
+        (2, 37, 4, 64, 64, 37),  # full RoPE
+        (2, 37, 2, 64, 16, 37),  # GQA k: fewer heads
+        (2, 5, 4, 64, 16, 37),  # the tail-only final block's q: the tables' last 5 rows
+        (1, 7, 3, 24, 8, 9),  # a head dim that is not a power of two
+    ],
+)
+def test_qk_prologue_matches_eager(B, T, H, D, rope_dims, table_len, with_gain, heads_major):
+    g = torch.Generator().manual_seed(T * H + D)
+    x = (3.0 * torch.randn(B, T, H, D, generator=g)).to(DEVICE, torch.bfloat16)
+    cos, sin = rotary_tables(table_len, rope_dims, 10_000.0, torch.device(DEVICE), torch.bfloat16)
+    gain = (0.5 + 3.0 * torch.rand(H, generator=g)).to(DEVICE) if with_gain else None  # fp32, as q_gain
+    y = kernels.qk_prologue(x, cos, sin, rope_dims, gain, heads_major=heads_major)
+    assert y.shape == x.shape and y.dtype == torch.bfloat16
+    if heads_major:  # a (B, H, T, D) buffer: SDPA's transpose(1, 2) of it is contiguous
+        assert y.transpose(1, 2).is_contiguous()
+    else:
+        assert y.is_contiguous()
+    ref = _qk_eager(x, cos, sin, rope_dims, gain, torch.float32)
+    # fp32 math, one rounding at the store: within one bf16 ulp of the fp32 result (2^-8 relative)
+    torch.testing.assert_close(y.float(), ref, rtol=2**-8, atol=1e-5)
+    # the eager bf16 path rounds after every op: a few ulps away, and never closer to fp32
+    eager = _qk_eager(x, cos, sin, rope_dims, None if gain is None else gain.bfloat16(), torch.bfloat16)
+    torch.testing.assert_close(y, eager, rtol=2e-2, atol=2e-2)
+    assert (y.float() - ref).abs().max() <= (eager.float() - ref).abs().max()
+
+
+@needs_kernels
+def test_qk_prologue_fp32_strided_input_and_errors():
+    g = torch.Generator().manual_seed(7)
+    wide = torch.randn(2, 11, 4, 96, generator=g).to(DEVICE)
+    x = wide[..., 16:80]  # (B, T, H, 64) view with a head stride of 96: copied first
+    cos, sin = rotary_tables(11, 16, 10_000.0, torch.device(DEVICE), torch.float32)
+    gain = torch.rand(4, generator=g).to(DEVICE)
+    y = kernels.qk_prologue(x, cos, sin, 16, gain)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, _qk_eager(x, cos, sin, 16, gain, torch.float32), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="must both be"):
+        kernels.qk_prologue(x, cos, sin, 32, gain)  # tables for 16 rotated dims
+    with pytest.raises(ValueError, match="one entry per head"):
+        kernels.qk_prologue(x, cos, sin, 16, gain[:2])
+    with pytest.raises(ValueError, match="rope_dims"):
+        kernels.qk_prologue(x, cos[:, :5], sin[:, :5], 16)  # fewer table rows than x has
+
+
+@needs_kernels
+def test_qk_prologue_traces_without_graph_breaks():
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 9, 4, 32, generator=g).to(DEVICE, torch.bfloat16)
+    cos, sin = rotary_tables(9, 16, 10_000.0, torch.device(DEVICE), torch.bfloat16)
+    gain = torch.rand(4, generator=g).to(DEVICE)
+
+    def f(x, cos, sin, gain):
+        q = kernels.qk_prologue(x * 2.0, cos, sin, 16, gain)
+        k = kernels.qk_prologue(x[:, 4:], cos, sin, 16, heads_major=True)  # a row offset into the tables
+        return q[:, 4:] + k
+
+    backend = "inductor" if DEVICE == "cuda" else "aot_eager"
+    with torch.inference_mode():
+        torch._dynamo.reset()
+        compiled = torch.compile(f, backend=backend, fullgraph=True, dynamic=False)
+        torch.testing.assert_close(compiled(x, cos, sin, gain), f(x, cos, sin, gain), rtol=0, atol=0)
+        explained = torch._dynamo.explain(f)(x, cos, sin, gain)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+
+
+def _qk_models(dtype, **extra):
+    torch.manual_seed(0)
+    cfg = dict(**TINY, **extra)  # head_dim 16, 2 query heads on 1 KV head
+    plain = GPT(LayeredGPTConfig(**cfg), banked=False).to(DEVICE)
+    fused = GPT(LayeredGPTConfig(**cfg, fused_qk_rope=True), banked=False).to(DEVICE)
+    fused.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        for p in (*plain.parameters(), *fused.parameters()):
+            p.add_(0.01)  # zero-init projections would hide the attention path
+        for m in (plain, fused):
+            for i, blk in enumerate(m.blocks):  # distinct per-head gains: a head mix-up would show
+                blk.attn.q_gain.copy_(torch.tensor([1.0, 2.5]) + i)
+    return plain.to(dtype), fused.to(dtype)
+
+
+def _count_qk_calls(model, calls, **kw):
+    real = kernels.qk_prologue
+    for m in model.modules():
+        if isinstance(m, Attention) and m.fused_qk is not None:
+            m.fused_qk = lambda *a: calls.append(1) or real(*a, **kw)
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "extra,heads_major",
+    [
+        (dict(rope_dims=8), False),  # partial RoPE
+        (dict(rope_dims=8), True),  # the (B, H, T, D) output layout
+        (dict(xsa_last_n=2, attn_out_gate=True, attn_out_gate_src="q"), False),  # full RoPE, XSA, q gate
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_qk_rope_switch_matches_eager_in_inference(dtype, extra, heads_major):
+    plain, fused = _qk_models(dtype, **extra)
+    calls = []
+    _count_qk_calls(fused, calls, heads_major=heads_major)
+    x = torch.randint(0, 96, (2, 16), device=DEVICE)
+    y = x.roll(-1, 1)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused.token_nll(x, y), plain.token_nll(x, y), **tol)
+        assert len(calls) == 4  # q and k in each of the 2 layers: the kernel really ran
+        # the tail path: the final block's queries are the last 5 rows (a table row offset)
+        tail = fused.token_nll(x, y, 5)
+        assert tail.shape == (2, 5) and len(calls) == 8
+        torch.testing.assert_close(tail, plain.token_nll(x, y, 5), **tol)
+        torch.testing.assert_close(tail, plain.token_nll(x, y)[:, -5:], **tol)
+
+
+@needs_kernels
+def test_fused_qk_rope_is_never_used_with_grad():
+    plain, fused = _qk_models(torch.float32, rope_dims=8)
+
+    def boom(*a):
+        raise AssertionError("the inference-only q/k prologue ran with grad enabled")
+
+    for m in fused.modules():
+        if isinstance(m, Attention):
+            m.fused_qk = boom
+    x = torch.randint(0, 96, (2, 16), device=DEVICE)
+    y = x.roll(-1, 1)
+    lf, lp = fused(x, y), plain(x, y)
+    lf.backward()
+    lp.backward()
+    torch.testing.assert_close(lf, lp, rtol=0, atol=0)
+    for (name, a), b in zip(plain.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0, msg=name)
+    with torch.inference_mode(), pytest.raises(AssertionError, match="inference-only"):
+        fused.token_nll(x, y)  # the same model does route through it once grad is off
+
+
+@needs_kernels
+def test_fused_qk_rope_model_compiles_fullgraph():
+    plain, fused = _qk_models(torch.float32, rope_dims=8)
+    x = torch.randint(0, 96, (2, 16), device=DEVICE)
+    y = x.roll(-1, 1)
+    backend = "inductor" if DEVICE == "cuda" else "aot_eager"
+    with torch.inference_mode():
+        for last in (0, 5):
+            torch._dynamo.reset()
+            nll = torch.compile(fused.token_nll, backend=backend, fullgraph=True, dynamic=False)(x, y, last)
+            torch.testing.assert_close(nll, plain.token_nll(x, y, last), rtol=1e-5, atol=1e-5)
+        explained = torch._dynamo.explain(fused.token_nll)(x, y, 5)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1

@@ -36,6 +36,18 @@ def own_linear(in_features: int, out_features: int) -> CastedLinear:
     )
 
 
+def may_use_inference_kernels() -> bool:
+    """Whether a forward-only fused kernel (model.fused_mlp_gemm, fused_qk_rope) may run now.
+
+    Only with grad off (the kernels have no backward), and never under a TorchFunctionMode in
+    eager: such modes (GPTQ's Hessian collector, quant/hessian.py, also runs without grad) watch
+    the functional calls, F.linear above all, which a fused kernel would hide from them.
+    """
+    if torch.is_grad_enabled():
+        return False
+    return torch.compiler.is_compiling() or not torch._C._is_torch_function_mode_enabled()
+
+
 def xsa_layers(cfg: GPTModelConfig) -> set[int]:
     if cfg.xsa_layers:
         return set(cfg.xsa_layers)
@@ -59,6 +71,13 @@ class Attention(nn.Module):
             self.proj = own_linear(dim, dim)
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init, dtype=torch.float32))
         self.use_xsa = layer in xsa_layers(cfg)
+        # q/k rms_norm + RoPE (+ q_gain) as one kernel each, used only with grad disabled
+        self.fused_qk = None
+        if cfg.fused_qk_rope:  # imported only when on, like the MLP's kernels
+            from pgolf.models import kernels
+
+            kernels.require(["model.fused_qk_rope"])
+            self.fused_qk = kernels.qk_prologue
         # Test-time adapters (pgolf.ttt.lora): delta(kind, x) -> added to the q/k/v projections.
         # A plain callable, not a module, so it never enters the state dict; None outside TTT.
         self.delta = None
@@ -121,9 +140,15 @@ class Attention(nn.Module):
         if ve is not None:  # value embedding, added before the split into heads
             v = v + ve
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
-        q = apply_partial_rotary(rms_norm(q), last_rows(cos, rows), last_rows(sin, rows), self.rope_dims)
-        k = apply_partial_rotary(rms_norm(k), cos, sin, self.rope_dims)
-        q = q * self.q_gain.to(q.dtype)[None, None, :, None]
+        if self.fused_qk is not None and may_use_inference_kernels():
+            # the kernel takes q's rows as the tables' last Tq positions: last_rows(cos, rows);
+            # q_gain stays fp32, as it is under CUDA autocast, where rms_norm's output is fp32
+            q = self.fused_qk(q, cos, sin, self.rope_dims, self.q_gain)
+            k = self.fused_qk(k, cos, sin, self.rope_dims)
+        else:
+            q = apply_partial_rotary(rms_norm(q), last_rows(cos, rows), last_rows(sin, rows), self.rope_dims)
+            k = apply_partial_rotary(rms_norm(k), cos, sin, self.rope_dims)
+            q = q * self.q_gain.to(q.dtype)[None, None, :, None]
         y = last_rows_causal_attention(q, k, v) if rows else causal_attention(q, k, v)
         if self.use_xsa:
             y = exclusive_self_attention(y, last_rows(v, rows))
@@ -155,19 +180,10 @@ class MLP(nn.Module):
             kernels.require(["model.fused_mlp_gemm"])
             self.fused_gemm = kernels.act_mm
 
-    @staticmethod
-    def _may_fuse_gemm() -> bool:
-        # Only with grad off (the kernel has no backward), and never under a TorchFunctionMode in
-        # eager: such modes (GPTQ's Hessian collector, quant/hessian.py, also run without grad)
-        # watch the down projection's F.linear, which the fused kernel would hide from them.
-        if torch.is_grad_enabled():
-            return False
-        return torch.compiler.is_compiling() or not torch._C._is_torch_function_mode_enabled()
-
     def forward(self, x: Tensor, up: Tensor, down: Tensor) -> Tensor:
         h = F.linear(x, up.to(x.dtype))
         slope = self.negative_slope if self.leaky else 0.0
-        if self.fused_gemm is not None and self._may_fuse_gemm():
+        if self.fused_gemm is not None and may_use_inference_kernels():
             return self.fused_gemm(h, down.to(h.dtype), slope)  # h's dtype: bf16 under autocast
         if self.fused is not None:
             return F.linear(self.fused(h, slope), down.to(x.dtype))

@@ -131,6 +131,8 @@ class GPTModelConfig:
     # inference only: act(h) @ W_down^T in one GEMM, the activation applied as h's tiles load (grad
     # off: scoring; training and TTT training keep the differentiable path)
     fused_mlp_gemm: bool = False
+    # inference only: q/k rms_norm + partial RoPE (+ q_gain) as one kernel per tensor (grad off)
+    fused_qk_rope: bool = False
 
     def validate(self, path: str) -> None:
         for key in ("num_layers", "model_dim", "num_heads", "num_kv_heads", "vocab_size"):

@@ -10,6 +10,9 @@
   whose prologue applies the activation to each h tile in registers as it is loaded, so the
   activation tensor (M x hidden) is never written or read back. A `torch.library` op (`triton_op`
   where available, so Inductor sees the kernel), traceable under torch.compile(fullgraph=True).
+* `model.fused_qk_rope` (inference only): y = gain[h] * rope(rms_norm(x)) for the attention's q
+  (with q_gain) and k, one read and one write each instead of several norm/RoPE/cat/cast kernels;
+  the same kind of `torch.library` op.
 
 Triton is imported lazily: without it this module still imports, and `require` names what is
 missing. On a machine without CUDA the kernels run under the Triton interpreter
@@ -293,6 +296,144 @@ if triton is not None:
         def _act_mm_fake(h: Tensor, w: Tensor, slope: float) -> Tensor:
             return _act_mm_new(h, w)
 
+    # ---- model.fused_qk_rope: rms_norm + partial RoPE (+ per-head gain) of q or k in one pass ----
+
+    @triton.jit
+    def _qk_prologue_kernel(
+        x_ptr,
+        cos_ptr,
+        sin_ptr,
+        gain_ptr,
+        out_ptr,
+        n_rows,
+        T,
+        pos0,
+        stride_xt,
+        stride_ct,
+        stride_cj,
+        stride_st,
+        stride_sj,
+        stride_ob,
+        stride_ot,
+        stride_oh,
+        eps,
+        H: tl.constexpr,
+        D: tl.constexpr,
+        HALF: tl.constexpr,
+        HAS_GAIN: tl.constexpr,
+        INTERPRET: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_ROWS: tl.constexpr,
+    ):
+        # BLOCK_ROWS head rows r = (b*T + t)*H + h of x (B, T, H, D), each D wide: one read of x (the
+        # rotated partner dims are re-read from L1), fp32 math, one rounding at the store.
+        r = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        r_ok = r < n_rows
+        bt = r // H
+        h = r - bt * H
+        b = bt // T
+        t = bt - b * T
+        d = tl.arange(0, BLOCK_D)
+        in_head = d < D
+        rot = d < 2 * HALF  # the rotated dims; the rest pass through
+        first = d < HALF
+        partner = tl.where(first, d + HALF, d - HALF)  # x2 for the first half, x1 for the second
+        j = tl.where(first, d, d - HALF)  # the table column of each rotated dim
+        row = x_ptr + bt[:, None] * stride_xt + h[:, None] * D
+        mask = r_ok[:, None] & in_head[None, :]
+        rmask = r_ok[:, None] & rot[None, :]
+        x = tl.load(row + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        xp = tl.load(row + partner[None, :], mask=rmask, other=0.0).to(tl.float32)
+        # F.rms_norm with eps=None: mean of squares in fp32, eps = fp32's machine epsilon
+        inv = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
+        n = x * inv
+        npart = xp * inv
+        pos = (pos0 + t)[:, None]
+        c = tl.load(cos_ptr + pos * stride_ct + j[None, :] * stride_cj, mask=rmask, other=1.0).to(tl.float32)
+        s = tl.load(sin_ptr + pos * stride_st + j[None, :] * stride_sj, mask=rmask, other=0.0).to(tl.float32)
+        # apply_rotary: (x1 cos + x2 sin, x2 cos - x1 sin); unrotated dims get cos 1, sin 0, partner 0
+        y = n * c + tl.where(first, 1.0, -1.0)[None, :] * npart * s
+        if HAS_GAIN:
+            y = y * tl.load(gain_ptr + h, mask=r_ok, other=0.0).to(tl.float32)[:, None]
+        o = out_ptr + b[:, None] * stride_ob + t[:, None] * stride_ot + h[:, None] * stride_oh + d[None, :]
+        tl.store(o, _round_to(y, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+    def _qk_prologue_configs() -> list:
+        if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter does not tune
+            return [triton.Config({"BLOCK_ROWS": 16})]
+        # memory-bound: rows per program x warps; 64-wide bf16 rows are 128 B, one per 4 warp lanes
+        shapes = [(32, 2), (32, 4), (64, 4), (64, 8), (128, 4), (128, 8), (256, 8)]
+        return [triton.Config({"BLOCK_ROWS": br}, num_warps=wp) for br, wp in shapes]
+
+    # Tuned once per head shape (q and k differ in H): the scorer's warm-up call picks the config;
+    # the row count is left out of the key, so the tail-only final block reuses it.
+    _qk_prologue_tuned = triton.autotune(configs=_qk_prologue_configs(), key=["H", "D", "HALF", "HAS_GAIN"])(
+        _qk_prologue_kernel
+    )
+    _RMS_EPS = torch.finfo(torch.float32).eps
+
+    def _qk_prologue_new(x: Tensor, heads_major: bool) -> Tensor:
+        B, T, H, D = x.shape
+        shape = (B, H, T, D) if heads_major else (B, T, H, D)
+        return torch.empty(shape, device=x.device, dtype=x.dtype)
+
+    def _qk_prologue_launch(
+        kernel, x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, out: Tensor, heads_major: bool, **meta
+    ) -> None:
+        B, T, H, D = x.shape
+        n_rows = B * T * H
+        ob, ot, oh = out.stride(0), out.stride(2 if heads_major else 1), out.stride(1 if heads_major else 2)
+
+        def grid(META: dict) -> tuple[int]:
+            return (triton.cdiv(n_rows, META["BLOCK_ROWS"]),)
+
+        kernel[grid](
+            x,
+            cos,
+            sin,
+            x if gain is None else gain,  # never read without a gain
+            out,
+            n_rows,
+            T,
+            cos.shape[1] - T,  # x's rows are the table's last T positions (last_rows)
+            x.stride(1),
+            cos.stride(1),
+            cos.stride(3),
+            sin.stride(1),
+            sin.stride(3),
+            ob,
+            ot,
+            oh,
+            _RMS_EPS,
+            H=H,
+            D=D,
+            HALF=cos.shape[3],
+            HAS_GAIN=gain is not None,
+            INTERPRET=_INTERPRET,
+            BLOCK_D=triton.next_power_of_2(D),
+            **meta,
+        )
+
+    if _TRITON_OP and not _INTERPRET:
+
+        @torch.library.triton_op("pgolf::qk_prologue", mutates_args=())
+        def _qk_prologue_op(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, heads_major: bool) -> Tensor:
+            out = _qk_prologue_new(x, heads_major)
+            _qk_prologue_launch(torch.library.wrap_triton(_qk_prologue_tuned), x, cos, sin, gain, out, heads_major)
+            return out
+
+    else:  # opaque op with a shape-only fake, as for act_mm
+
+        @torch.library.custom_op("pgolf::qk_prologue", mutates_args=())
+        def _qk_prologue_op(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, heads_major: bool) -> Tensor:
+            out = _qk_prologue_new(x, heads_major)
+            _qk_prologue_launch(_qk_prologue_tuned, x, cos, sin, gain, out, heads_major)
+            return out
+
+        @_qk_prologue_op.register_fake
+        def _qk_prologue_fake(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, heads_major: bool) -> Tensor:
+            return _qk_prologue_new(x, heads_major)
+
 
 class _LeakyReLU2(torch.autograd.Function):
     @staticmethod
@@ -367,3 +508,42 @@ def act_mm(h: Tensor, w: Tensor, slope: float) -> Tensor:
         h2 = h2.contiguous()
     out = torch.ops.pgolf.act_mm(h2, w, float(slope))
     return out.view(*h.shape[:-1], w.shape[0])
+
+
+def qk_prologue(
+    x: Tensor, cos: Tensor, sin: Tensor, rope_dims: int, gain: Tensor | None = None, heads_major: bool = False
+) -> Tensor:
+    """gain[h] * rope(rms_norm(x)) for q or k in one kernel: what `Attention` does between the
+    projections and the attention kernel, as one read of x and one write of the result.
+
+    x (B, T, H, D), the projection output viewed as heads; cos/sin (1, T', 1, rope_dims/2) as
+    `rotary_tables` builds them, T' >= T: x's rows take the table's last T positions, as
+    `last_rows(cos, rows)` gives the tail-only final block's queries. RMS norm over D (fp32, eps =
+    fp32's epsilon, as F.rms_norm), half-split RoPE on the first `rope_dims` dims (apply_rotary),
+    then the optional per-head gain (H,), all in fp32 and rounded once to x's dtype. Forward only.
+
+    Returns (B, T, H, D). By default that is a contiguous tensor: the projection's own layout, and
+    the one the unfused path hands SDPA. SDPA's flash and cuDNN kernels read the (B, H, T, D) view
+    `_sdpa` makes of it through its strides (they need a unit last-dim stride; Inductor's SDPA
+    stride constraint keeps an aligned, realized input as it is), and their output takes q's
+    layout, so `y.reshape(B, T, H*D)` before W_o needs no copy either. `heads_major=True` instead
+    writes a contiguous (B, H, T, D) buffer and returns its (B, T, H, D) view: the textbook SDPA
+    layout, but the attention output then follows it and W_o's input needs a transposing copy.
+    It is kept so the GPU benchmark can compare the two (bench/eval_speed.py, `fusedqkh`).
+    """
+    if x.dim() != 4 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"qk_prologue: x must be (B, T, H, D) fp32/bf16/fp16, got {tuple(x.shape)} {x.dtype}")
+    B, T, H, D = x.shape
+    half = rope_dims // 2
+    table = (1, cos.shape[1], 1, half)
+    if rope_dims % 2 or not 0 < rope_dims <= D or cos.dim() != 4 or cos.shape[1] < T:
+        raise ValueError(f"qk_prologue: rope_dims {rope_dims} (even, <= D={D}) or cos {tuple(cos.shape)} is off")
+    if tuple(cos.shape) != table or tuple(sin.shape) != table:
+        raise ValueError(f"qk_prologue: cos {tuple(cos.shape)} / sin {tuple(sin.shape)} must both be {table}")
+    if gain is not None and tuple(gain.shape) != (H,):
+        raise ValueError(f"qk_prologue: gain {tuple(gain.shape)} must have one entry per head ({H})")
+    # the kernel addresses row (b, t) at (b*T + t) * stride(1) and dense heads within it
+    if x.stride(3) != 1 or x.stride(2) != D or (B > 1 and x.stride(0) != T * x.stride(1)):
+        x = x.contiguous()
+    out = torch.ops.pgolf.qk_prologue(x, cos, sin, gain, heads_major)
+    return out.transpose(1, 2) if heads_major else out
