@@ -14,6 +14,8 @@ does not depend on the weights' values, so no data or training is needed. A vari
     bN                  windows per forward (default b64)
     autotune            torch.compile mode max-autotune-no-cudagraphs
     fusedmm             model.fused_mlp_gemm: the MLP's activation fused into the down-projection GEMM
+    fusedqk             model.fused_qk_rope: q/k rms_norm + RoPE (+ q_gain) as one kernel per tensor
+    fusedqkh            the same, writing q/k as (B, H, T, D) buffers (kernels.qk_prologue heads_major)
     cdt                 Inductor's coordinate-descent tuning of its generated kernels (longer compile)
 
 `--profile V` runs variant V under torch.profiler and prints its top CUDA kernels.
@@ -22,6 +24,7 @@ does not depend on the weights' values, so no data or training is needed. A vari
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from pathlib import Path
 
@@ -32,7 +35,7 @@ from pgolf.data.bpb import ByteTables
 from pgolf.eval.sliding import WindowScorer, evaluate_sliding
 from pgolf.eval.val import ByteLUT
 from pgolf.models import attention, kernels
-from pgolf.models.blocks import MLP
+from pgolf.models.blocks import MLP, Attention
 
 
 def build_model(overrides: list[str]) -> torch.nn.Module:
@@ -66,6 +69,7 @@ def parse(variant: str) -> dict:
         "batch": 64,
         "mode": None,
         "fusedmm": False,
+        "fusedqk": None,
         "cdt": False,
     }
     for k in variant.split("+"):
@@ -81,6 +85,8 @@ def parse(variant: str) -> dict:
             knobs["mode"] = "max-autotune-no-cudagraphs"
         elif k == "fusedmm":
             knobs["fusedmm"] = True
+        elif k in ("fusedqk", "fusedqkh"):
+            knobs["fusedqk"] = "heads_major" if k == "fusedqkh" else "rows"
         elif k == "cdt":
             knobs["cdt"] = True
         else:
@@ -107,9 +113,23 @@ def set_fused_mlp_gemm(model: torch.nn.Module, on: bool) -> None:
             m.fused_gemm = kernels.act_mm if on else None
 
 
+def set_fused_qk_rope(model: torch.nn.Module, layout: str | None) -> None:
+    """Flip model.fused_qk_rope on the built model; layout "rows" is the switch's (B, T, H, D) output,
+    "heads_major" the (B, H, T, D) buffer; None: off."""
+    if layout is not None:
+        kernels.require(["model.fused_qk_rope"])
+    fn = None
+    if layout is not None:
+        fn = functools.partial(kernels.qk_prologue, heads_major=layout == "heads_major")
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.fused_qk = fn
+
+
 def make_scorer(model, stream: np.ndarray, knobs: dict, lut: ByteLUT) -> WindowScorer:
     attention.select_backend(knobs["backend"], "cuda")
     set_fused_mlp_gemm(model, knobs["fusedmm"])
+    set_fused_qk_rope(model, knobs["fusedqk"])
     set_sdpa(knobs["sdpa_only"])
     sc = WindowScorer(
         model.token_nll,

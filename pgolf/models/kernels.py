@@ -322,41 +322,54 @@ if triton is not None:
         HALF: tl.constexpr,
         HAS_GAIN: tl.constexpr,
         INTERPRET: tl.constexpr,
-        BLOCK_D: tl.constexpr,
+        BLOCK_HALF: tl.constexpr,
+        BLOCK_REST: tl.constexpr,
         BLOCK_ROWS: tl.constexpr,
     ):
-        # BLOCK_ROWS head rows r = (b*T + t)*H + h of x (B, T, H, D), each D wide: one read of x (the
-        # rotated partner dims are re-read from L1), fp32 math, one rounding at the store.
+        # BLOCK_ROWS head rows r = (b*T + t)*H + h of x (B, T, H, D), each D wide, read once as three
+        # contiguous pieces: x1 = dims [0, HALF), x2 = [HALF, 2 HALF) (the rotated halves) and the
+        # REST that passes through. Contiguous pieces load and store as vectors; RoPE then pairs
+        # x1 with x2 element by element, with no gather. fp32 math, one rounding at the store.
+        REST: tl.constexpr = D - 2 * HALF
         r = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         r_ok = r < n_rows
         bt = r // H
         h = r - bt * H
         b = bt // T
         t = bt - b * T
-        d = tl.arange(0, BLOCK_D)
-        in_head = d < D
-        rot = d < 2 * HALF  # the rotated dims; the rest pass through
-        first = d < HALF
-        partner = tl.where(first, d + HALF, d - HALF)  # x2 for the first half, x1 for the second
-        j = tl.where(first, d, d - HALF)  # the table column of each rotated dim
-        row = x_ptr + bt[:, None] * stride_xt + h[:, None] * D
-        mask = r_ok[:, None] & in_head[None, :]
-        rmask = r_ok[:, None] & rot[None, :]
-        x = tl.load(row + d[None, :], mask=mask, other=0.0).to(tl.float32)
-        xp = tl.load(row + partner[None, :], mask=rmask, other=0.0).to(tl.float32)
+        j = tl.arange(0, BLOCK_HALF)
+        mask = r_ok[:, None] & (j < HALF)[None, :]
+        row = x_ptr + (bt * stride_xt + h * D)[:, None]
+        x1 = tl.load(row + j[None, :], mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(row + HALF + j[None, :], mask=mask, other=0.0).to(tl.float32)
+        ss = tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)
+        if REST > 0:
+            e = tl.arange(0, BLOCK_REST)
+            rmask = r_ok[:, None] & (e < REST)[None, :]
+            xr = tl.load(row + 2 * HALF + e[None, :], mask=rmask, other=0.0).to(tl.float32)
+            ss += tl.sum(xr * xr, axis=1)
         # F.rms_norm with eps=None: mean of squares in fp32, eps = fp32's machine epsilon
-        inv = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
-        n = x * inv
-        npart = xp * inv
+        inv = tl.rsqrt(ss / D + eps)[:, None]
         pos = (pos0 + t)[:, None]
-        c = tl.load(cos_ptr + pos * stride_ct + j[None, :] * stride_cj, mask=rmask, other=1.0).to(tl.float32)
-        s = tl.load(sin_ptr + pos * stride_st + j[None, :] * stride_sj, mask=rmask, other=0.0).to(tl.float32)
-        # apply_rotary: (x1 cos + x2 sin, x2 cos - x1 sin); unrotated dims get cos 1, sin 0, partner 0
-        y = n * c + tl.where(first, 1.0, -1.0)[None, :] * npart * s
+        c = tl.load(cos_ptr + pos * stride_ct + j[None, :] * stride_cj, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(sin_ptr + pos * stride_st + j[None, :] * stride_sj, mask=mask, other=0.0).to(tl.float32)
+        n1 = x1 * inv
+        n2 = x2 * inv
+        y1 = n1 * c + n2 * s  # apply_rotary: (x1 cos + x2 sin, x2 cos - x1 sin)
+        y2 = n2 * c - n1 * s
         if HAS_GAIN:
-            y = y * tl.load(gain_ptr + h, mask=r_ok, other=0.0).to(tl.float32)[:, None]
-        o = out_ptr + b[:, None] * stride_ob + t[:, None] * stride_ot + h[:, None] * stride_oh + d[None, :]
-        tl.store(o, _round_to(y, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+            g = tl.load(gain_ptr + h, mask=r_ok, other=0.0).to(tl.float32)[:, None]
+            y1 = y1 * g
+            y2 = y2 * g
+        o = out_ptr + (b * stride_ob + t * stride_ot + h * stride_oh)[:, None]
+        dt = out_ptr.dtype.element_ty
+        tl.store(o + j[None, :], _round_to(y1, dt, INTERPRET), mask=mask)
+        tl.store(o + HALF + j[None, :], _round_to(y2, dt, INTERPRET), mask=mask)
+        if REST > 0:
+            yr = xr * inv
+            if HAS_GAIN:
+                yr = yr * g
+            tl.store(o + 2 * HALF + e[None, :], _round_to(yr, dt, INTERPRET), mask=rmask)
 
     def _qk_prologue_configs() -> list:
         if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter does not tune
@@ -410,7 +423,8 @@ if triton is not None:
             HALF=cos.shape[3],
             HAS_GAIN=gain is not None,
             INTERPRET=_INTERPRET,
-            BLOCK_D=triton.next_power_of_2(D),
+            BLOCK_HALF=triton.next_power_of_2(cos.shape[3]),
+            BLOCK_REST=triton.next_power_of_2(max(D - 2 * cos.shape[3], 1)),
             **meta,
         )
 
