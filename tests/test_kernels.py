@@ -427,3 +427,23 @@ def test_fused_qk_rope_model_compiles_fullgraph():
             torch.testing.assert_close(nll, plain.token_nll(x, y, last), rtol=1e-5, atol=1e-5)
         explained = torch._dynamo.explain(fused.token_nll)(x, y, 5)
     assert explained.graph_break_count == 0 and explained.graph_count == 1
+
+
+@needs_kernels
+def test_fused_qk_rope_stays_off_under_the_gptq_hessian_collector():
+    """The collector is a TorchFunctionMode that runs without grad: the shared rule keeps every
+    inference-only kernel out of its eager forwards, so it sees the plain path's calls."""
+    from pgolf.quant.hessian import collect_hessians
+
+    plain, fused = _qk_models(torch.float32, rope_dims=8)
+    for m in fused.modules():
+        if isinstance(m, Attention):
+            m.fused_qk = lambda *a: pytest.fail("an inference-only kernel ran under the Hessian collector")
+    batches = [torch.randint(0, 96, (2, 17), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    hs = []
+    for m in (plain, fused):
+        w = {n: t for n, t in m.export_state_dict().items() if t.ndim == 2}
+        hs.append(collect_hessians(m, w, [b.to(DEVICE) for b in batches])[0])
+    assert set(hs[1]) == set(hs[0])
+    for k in hs[0]:
+        torch.testing.assert_close(hs[1][k], hs[0][k], rtol=0, atol=0, msg=k)
