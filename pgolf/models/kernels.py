@@ -275,6 +275,7 @@ if triton is not None:
 
     # torch >= 2.6: a triton_op, so Inductor sees the kernel. PGOLF_ACT_MM_OPAQUE=1 registers the
     # opaque op instead (a fallback to try should some torch version's Inductor mishandle it).
+    # It covers pgolf::qk_prologue (model.fused_qk_rope) too.
     _TRITON_OP = hasattr(torch.library, "triton_op") and os.environ.get("PGOLF_ACT_MM_OPAQUE") != "1"
     if _TRITON_OP and not _INTERPRET:
 
