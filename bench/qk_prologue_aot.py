@@ -27,7 +27,17 @@ def compile_config(cfg, H: int, D: int, half: int, gain: bool):
     sig = {name: "constexpr" for name in fn.arg_names}
     sig.update({n: "*bf16" for n in ("x_ptr", "cos_ptr", "sin_ptr", "out_ptr")})
     sig["gain_ptr"] = "*fp32" if gain else "*bf16"  # x stands in when there is no gain
-    ints = ("n_rows", "T", "pos0", "stride_xt", "stride_ct", "stride_st", "stride_ob", "stride_ot", "stride_oh")
+    ints = (
+        "n_rows",
+        "T",
+        "pos0",
+        "stride_xt",
+        "stride_ct",
+        "stride_st",
+        "stride_ob",
+        "stride_ot",
+        "stride_oh",
+    )
     sig.update({n: "i32" for n in ints})
     sig["eps"] = "fp32"
     # what the launcher passes: unit table column strides (Triton specializes a 1), aligned pointers
@@ -69,7 +79,10 @@ def main() -> None:
             ptx = k.asm["ptx"]
             usage = ptxas_usage(args.ptxas, ptx) if os.path.exists(args.ptxas) else "no ptxas"
             counts = " ".join(f"{op} {ptx.count(op)}" for op in ops)
-            print(f"{name} rows {cfg.kwargs['BLOCK_ROWS']:>3} warps {cfg.num_warps}  {usage}  {counts}", flush=True)
+            print(
+                f"{name} rows {cfg.kwargs['BLOCK_ROWS']:>3} warps {cfg.num_warps}  {usage}  {counts}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

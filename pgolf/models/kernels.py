@@ -392,7 +392,14 @@ if triton is not None:
         return torch.empty(shape, device=x.device, dtype=x.dtype)
 
     def _qk_prologue_launch(
-        kernel, x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, out: Tensor, heads_major: bool, **meta
+        kernel,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        gain: Tensor | None,
+        out: Tensor,
+        heads_major: bool,
+        **meta,
     ) -> None:
         B, T, H, D = x.shape
         n_rows = B * T * H
@@ -432,21 +439,29 @@ if triton is not None:
     if _TRITON_OP and not _INTERPRET:
 
         @torch.library.triton_op("pgolf::qk_prologue", mutates_args=())
-        def _qk_prologue_op(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, heads_major: bool) -> Tensor:
+        def _qk_prologue_op(
+            x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, heads_major: bool
+        ) -> Tensor:
             out = _qk_prologue_new(x, heads_major)
-            _qk_prologue_launch(torch.library.wrap_triton(_qk_prologue_tuned), x, cos, sin, gain, out, heads_major)
+            _qk_prologue_launch(
+                torch.library.wrap_triton(_qk_prologue_tuned), x, cos, sin, gain, out, heads_major
+            )
             return out
 
     else:  # opaque op with a shape-only fake, as for act_mm
 
         @torch.library.custom_op("pgolf::qk_prologue", mutates_args=())
-        def _qk_prologue_op(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, heads_major: bool) -> Tensor:
+        def _qk_prologue_op(
+            x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, heads_major: bool
+        ) -> Tensor:
             out = _qk_prologue_new(x, heads_major)
             _qk_prologue_launch(_qk_prologue_tuned, x, cos, sin, gain, out, heads_major)
             return out
 
         @_qk_prologue_op.register_fake
-        def _qk_prologue_fake(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, heads_major: bool) -> Tensor:
+        def _qk_prologue_fake(
+            x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, heads_major: bool
+        ) -> Tensor:
             return _qk_prologue_new(x, heads_major)
 
 
@@ -547,12 +562,16 @@ def qk_prologue(
     It is kept so the GPU benchmark can compare the two (bench/eval_speed.py, `fusedqkh`).
     """
     if x.dim() != 4 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"qk_prologue: x must be (B, T, H, D) fp32/bf16/fp16, got {tuple(x.shape)} {x.dtype}")
+        raise ValueError(
+            f"qk_prologue: x must be (B, T, H, D) fp32/bf16/fp16, got {tuple(x.shape)} {x.dtype}"
+        )
     B, T, H, D = x.shape
     half = rope_dims // 2
     table = (1, cos.shape[1], 1, half)
     if rope_dims % 2 or not 0 < rope_dims <= D or cos.dim() != 4 or cos.shape[1] < T:
-        raise ValueError(f"qk_prologue: rope_dims {rope_dims} (even, <= D={D}) or cos {tuple(cos.shape)} is off")
+        raise ValueError(
+            f"qk_prologue: rope_dims {rope_dims} (even, <= D={D}) or cos {tuple(cos.shape)} is off"
+        )
     if tuple(cos.shape) != table or tuple(sin.shape) != table:
         raise ValueError(f"qk_prologue: cos {tuple(cos.shape)} / sin {tuple(sin.shape)} must both be {table}")
     if gain is not None and tuple(gain.shape) != (H,):
