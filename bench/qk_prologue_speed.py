@@ -22,23 +22,12 @@ several kernels, with a separate fp32 -> bf16 copy (see docs/fused_qk_rope.md).
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from act_mm_speed import bench_ms  # bench/ is the script's own folder, so on sys.path
 
 from pgolf.models import kernels
 from pgolf.models.layers import apply_partial_rotary, rms_norm, rotary_tables
-
-
-def bench_ms(fn, device: str, reps: int) -> float:
-    fn()  # warm-up (and autotune / compile)
-    if device == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=25, rep=reps)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
 
 
 def unfused(x, cos, sin, rope_dims: int, gain):

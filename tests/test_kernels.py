@@ -208,16 +208,16 @@ def test_fused_mlp_gemm_switch_matches_eager_in_inference(dtype, monkeypatch):
     torch.testing.assert_close(a.float(), b.float(), **tol)
 
 
-@needs_kernels
-def test_fused_mlp_gemm_is_never_used_with_grad(monkeypatch):
-    plain, fused = _switch_models(torch.float32)
+def _assert_unused_with_grad(plain, fused, attr: str, what: str) -> None:
+    """Training forward/backward of `fused` never calls its inference-only kernel (set on every
+    module that has `attr`) and equals `plain` bit for bit; with grad off it does call it."""
 
     def boom(*a):
-        raise AssertionError("the inference-only fused GEMM ran with grad enabled")
+        raise AssertionError(f"the inference-only {what} ran with grad enabled")
 
     for m in fused.modules():
-        if getattr(m, "fused_gemm", None) is not None:
-            m.fused_gemm = boom
+        if getattr(m, attr, None) is not None:
+            setattr(m, attr, boom)
     x = torch.randint(0, 96, (2, 16), device=DEVICE)
     y = x.roll(-1, 1)
     lf, lp = fused(x, y), plain(x, y)
@@ -228,6 +228,11 @@ def test_fused_mlp_gemm_is_never_used_with_grad(monkeypatch):
         torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0, msg=name)
     with torch.inference_mode(), pytest.raises(AssertionError, match="inference-only"):
         fused.token_nll(x, y)  # the same model does route through it once grad is off
+
+
+@needs_kernels
+def test_fused_mlp_gemm_is_never_used_with_grad():
+    _assert_unused_with_grad(*_switch_models(torch.float32), "fused_gemm", "fused GEMM")
 
 
 @needs_kernels
@@ -394,24 +399,7 @@ def test_fused_qk_rope_switch_matches_eager_in_inference(dtype, extra, heads_maj
 
 @needs_kernels
 def test_fused_qk_rope_is_never_used_with_grad():
-    plain, fused = _qk_models(torch.float32, rope_dims=8)
-
-    def boom(*a):
-        raise AssertionError("the inference-only q/k prologue ran with grad enabled")
-
-    for m in fused.modules():
-        if isinstance(m, Attention):
-            m.fused_qk = boom
-    x = torch.randint(0, 96, (2, 16), device=DEVICE)
-    y = x.roll(-1, 1)
-    lf, lp = fused(x, y), plain(x, y)
-    lf.backward()
-    lp.backward()
-    torch.testing.assert_close(lf, lp, rtol=0, atol=0)
-    for (name, a), b in zip(plain.named_parameters(), fused.parameters()):
-        torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0, msg=name)
-    with torch.inference_mode(), pytest.raises(AssertionError, match="inference-only"):
-        fused.token_nll(x, y)  # the same model does route through it once grad is off
+    _assert_unused_with_grad(*_qk_models(torch.float32, rope_dims=8), "fused_qk", "q/k prologue")
 
 
 @needs_kernels
