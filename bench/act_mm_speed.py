@@ -36,6 +36,14 @@ def bench_ms(fn, device: str, reps: int) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+def announce(script: str, device: str) -> None:
+    """Stop with the reason when the kernels cannot run here; name the GPU when there is one."""
+    if kernels.unavailable_reason() is not None:
+        raise SystemExit(f"{script}: {kernels.unavailable_reason()}")
+    if device == "cuda":
+        print(f"gpu {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
+
+
 def measure(M: int, K: int, N: int, slope: float, dev: str, rep_ms: int, unfused_fn) -> str:
     torch.manual_seed(0)
     h = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
@@ -65,10 +73,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--rep-ms", type=int, default=200, help="do_bench's time budget per measurement")
     args = ap.parse_args()
-    if kernels.unavailable_reason() is not None:
-        raise SystemExit(f"act_mm_speed: {kernels.unavailable_reason()}")
-    if args.device == "cuda":
-        print(f"gpu {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
+    announce("act_mm_speed", args.device)
     slope = args.slope
     unfused_fn = torch.compile(
         lambda h, w: F.linear(F.leaky_relu(h, slope).square(), w), dynamic=False, fullgraph=True

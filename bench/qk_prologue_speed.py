@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from act_mm_speed import bench_ms  # bench/ is the script's own folder, so on sys.path
+from act_mm_speed import announce, bench_ms  # bench/ is the script's own folder, so on sys.path
 
 from pgolf.models import kernels
 from pgolf.models.layers import apply_partial_rotary, rms_norm, rotary_tables
@@ -78,10 +78,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--rep-ms", type=int, default=200, help="do_bench's time budget per measurement")
     args = ap.parse_args()
-    if kernels.unavailable_reason() is not None:
-        raise SystemExit(f"qk_prologue_speed: {kernels.unavailable_reason()}")
-    if args.device == "cuda":
-        print(f"gpu {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
+    announce("qk_prologue_speed", args.device)
     backend = "inductor" if args.device == "cuda" else "aot_eager"
     compiled = torch.compile(unfused, dynamic=False, fullgraph=True, backend=backend)
     for s in args.shapes.split(","):

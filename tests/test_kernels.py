@@ -178,15 +178,21 @@ def test_act_mm_traces_without_graph_breaks():
     assert explained.graph_break_count == 0 and explained.graph_count == 1
 
 
-def _switch_models(dtype, **extra):
+def _plain_and_switched(switch: str, **cfg):
+    """Two equal small models (every weight nudged off zero, so no path is trivially skipped), the
+    second with `switch` on."""
     torch.manual_seed(0)
-    cfg = dict(**TINY, activation="leaky_relu2", **extra)
-    plain = GPT(LayeredGPTConfig(**cfg), banked=False).to(DEVICE)
-    fused = GPT(LayeredGPTConfig(**cfg, fused_mlp_gemm=True), banked=False).to(DEVICE)
+    plain = GPT(LayeredGPTConfig(**TINY, **cfg), banked=False).to(DEVICE)
+    fused = GPT(LayeredGPTConfig(**TINY, **cfg, **{switch: True}), banked=False).to(DEVICE)
     fused.load_state_dict(plain.state_dict())
     with torch.no_grad():
         for p in (*plain.parameters(), *fused.parameters()):
-            p.add_(0.01)  # zero-init projections would hide the MLP path
+            p.add_(0.01)  # zero-init projections would hide the MLP and attention paths
+    return plain, fused
+
+
+def _switch_models(dtype, **extra):
+    plain, fused = _plain_and_switched("fused_mlp_gemm", activation="leaky_relu2", **extra)
     return plain.to(dtype), fused.to(dtype)
 
 
@@ -247,14 +253,14 @@ def test_fused_mlp_gemm_model_compiles_fullgraph():
         torch.testing.assert_close(nll, plain.token_nll(x, y), rtol=1e-5, atol=1e-5)
 
 
-@needs_kernels
-def test_fused_mlp_gemm_leaves_gptq_hessians_alone():
+def _assert_hessians_unchanged(plain, fused, attr: str) -> None:
+    """GPTQ's Hessian collector (a TorchFunctionMode, run without grad) sees the plain path's calls:
+    the shared rule keeps the inference-only kernel in `attr` out of its eager forwards."""
     from pgolf.quant.hessian import collect_hessians
 
-    plain, fused = _switch_models(torch.float32)
     for m in fused.modules():
-        if getattr(m, "fused_gemm", None) is not None:
-            m.fused_gemm = lambda *a: pytest.fail("the fused GEMM hid F.linear from the Hessian collector")
+        if getattr(m, attr, None) is not None:
+            setattr(m, attr, lambda *a: pytest.fail(f"{attr} ran under the Hessian collector"))
     batches = [torch.randint(0, 96, (2, 17), generator=torch.Generator().manual_seed(i)) for i in range(2)]
     hs = []
     for m in (plain, fused):
@@ -263,6 +269,11 @@ def test_fused_mlp_gemm_leaves_gptq_hessians_alone():
     assert "blocks.1.mlp.proj.weight" in hs[1] and set(hs[1]) == set(hs[0])
     for k in hs[0]:
         torch.testing.assert_close(hs[1][k], hs[0][k], rtol=0, atol=0, msg=k)
+
+
+@needs_kernels
+def test_fused_mlp_gemm_leaves_gptq_hessians_alone():
+    _assert_hessians_unchanged(*_switch_models(torch.float32), "fused_gemm")
 
 
 # ---- model.fused_qk_rope: kernels.qk_prologue ----
@@ -349,14 +360,8 @@ def test_qk_prologue_traces_without_graph_breaks():
 
 
 def _qk_models(dtype, **extra):
-    torch.manual_seed(0)
-    cfg = dict(**TINY, **extra)  # head_dim 16, 2 query heads on 1 KV head
-    plain = GPT(LayeredGPTConfig(**cfg), banked=False).to(DEVICE)
-    fused = GPT(LayeredGPTConfig(**cfg, fused_qk_rope=True), banked=False).to(DEVICE)
-    fused.load_state_dict(plain.state_dict())
+    plain, fused = _plain_and_switched("fused_qk_rope", **extra)  # head_dim 16, 2 query heads, 1 KV head
     with torch.no_grad():
-        for p in (*plain.parameters(), *fused.parameters()):
-            p.add_(0.01)  # zero-init projections would hide the attention path
         for m in (plain, fused):
             for i, blk in enumerate(m.blocks):  # distinct per-head gains: a head mix-up would show
                 blk.attn.q_gain.copy_(torch.tensor([1.0, 2.5]) + i)
@@ -419,19 +424,4 @@ def test_fused_qk_rope_model_compiles_fullgraph():
 
 @needs_kernels
 def test_fused_qk_rope_stays_off_under_the_gptq_hessian_collector():
-    """The collector is a TorchFunctionMode that runs without grad: the shared rule keeps every
-    inference-only kernel out of its eager forwards, so it sees the plain path's calls."""
-    from pgolf.quant.hessian import collect_hessians
-
-    plain, fused = _qk_models(torch.float32, rope_dims=8)
-    for m in fused.modules():
-        if isinstance(m, Attention):
-            m.fused_qk = lambda *a: pytest.fail("an inference-only kernel ran under the Hessian collector")
-    batches = [torch.randint(0, 96, (2, 17), generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    hs = []
-    for m in (plain, fused):
-        w = {n: t for n, t in m.export_state_dict().items() if t.ndim == 2}
-        hs.append(collect_hessians(m, w, [b.to(DEVICE) for b in batches])[0])
-    assert set(hs[1]) == set(hs[0])
-    for k in hs[0]:
-        torch.testing.assert_close(hs[1][k], hs[0][k], rtol=0, atol=0, msg=k)
+    _assert_hessians_unchanged(*_qk_models(torch.float32, rope_dims=8), "fused_qk")
