@@ -141,9 +141,12 @@ class Attention(nn.Module):
             v = v + ve
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
         if self.fused_qk is not None and may_use_inference_kernels():
-            # the kernel takes q's rows as the tables' last Tq positions: last_rows(cos, rows);
-            # q_gain stays fp32, as it is under CUDA autocast, where rms_norm's output is fp32
-            q = self.fused_qk(q, cos, sin, self.rope_dims, self.q_gain)
+            # The kernel takes q's rows as the tables' last Tq positions: last_rows(cos, rows).
+            # The gain is rounded to q's dtype as in the path below, where rms_norm returns q's
+            # dtype (bf16) on CPU and on CUDA up to torch 2.11, and in the record scripts. (CUDA
+            # autocast in torch >= 2.12 runs rms_norm in fp32, so there the eager path's gain is
+            # fp32: the two then differ by the gain's bf16 rounding, at most 2^-9 relative.)
+            q = self.fused_qk(q, cos, sin, self.rope_dims, self.q_gain.to(q.dtype))
             k = self.fused_qk(k, cos, sin, self.rope_dims)
         else:
             q = apply_partial_rotary(rms_norm(q), last_rows(cos, rows), last_rows(sin, rows), self.rope_dims)
