@@ -528,3 +528,51 @@ def test_renamed_locals_keep_every_scope_s_interface():
         assert len(before) == len(after), path
         for b, a in zip(before, after):
             assert b == a, (path, b, a)
+
+
+_KERNEL_PROBE = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import kernels as k
+dev = "cuda" if torch.cuda.is_available() else "cpu"
+g = torch.Generator().manual_seed(0)
+h = torch.randn(37, 48, generator=g).to(dev)
+w = torch.randn(24, 48, generator=g).to(dev)
+x = torch.randn(2, 9, 3, 16, generator=g).to(dev)
+ang = torch.randn(1, 9, 1, 4, generator=g).to(dev)
+outs = [
+    k.act_mm(h, w, 0.5),
+    k.qk_prologue(x, ang.cos(), ang.sin(), 8, torch.tensor([1.0, 2.0, 0.5], device=dev)),
+    k.leaky_relu2(h, 0.5),
+    k.softcap_cross_entropy(h, torch.arange(37, device=dev) % 48, 30.0),
+]
+torch.save([o.cpu() for o in outs], sys.argv[2])
+"""
+
+
+@pytest.mark.skipif(
+    subprocess.run([sys.executable, "-c", "import triton"], capture_output=True).returncode != 0,
+    reason="Triton is not installed",
+)
+def test_minified_kernels_compute_what_the_originals_do(tmp_path):
+    """triton.jit compiles the shipped source itself and torch.library reads its annotations: the
+    minified kernels module (what a packed run imports) must give the original's numbers."""
+    import torch
+
+    src = (ROOT / "pgolf/models/kernels.py").read_text()
+    results = []
+    for name, text in (("orig", src), ("min", minify_source(src))):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "kernels.py").write_text(text)
+        out = tmp_path / f"{name}.pt"
+        env = {**os.environ}
+        if not torch.cuda.is_available():
+            env["TRITON_INTERPRET"] = "1"
+        proc = subprocess.run(
+            [sys.executable, "-c", _KERNEL_PROBE, str(d), str(out)], capture_output=True, text=True, env=env
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        results.append(torch.load(out))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
