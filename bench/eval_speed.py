@@ -116,10 +116,9 @@ def set_fused_mlp_gemm(model: torch.nn.Module, on: bool) -> None:
 def set_fused_qk_rope(model: torch.nn.Module, layout: str | None) -> None:
     """Flip model.fused_qk_rope on the built model; layout "rows" is the switch's (B, T, H, D) output,
     "heads_major" the (B, H, T, D) buffer; None: off."""
-    if layout is not None:
-        kernels.require(["model.fused_qk_rope"])
     fn = None
     if layout is not None:
+        kernels.require(["model.fused_qk_rope"])
         fn = functools.partial(kernels.qk_prologue, heads_major=layout == "heads_major")
     for m in model.modules():
         if isinstance(m, Attention):

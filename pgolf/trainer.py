@@ -31,7 +31,6 @@ from pgolf.hw.device import Runtime
 from pgolf.hw.device import build as build_runtime
 from pgolf.log import RunLog
 from pgolf.models import attention
-from pgolf.models.attention import select_backend
 from pgolf.models.layers import restore_fp32_params
 from pgolf.results import write_json_atomic
 from pgolf.shipped import write_code
@@ -137,8 +136,10 @@ class Trainer:
         self.lut = ByteLUT(self.data.bytes, rt.device)
         self.loader = self._build_loader()
 
-        attention = getattr(job.hardware, "attention", "auto")
-        backend = select_backend(attention, rt.device.type)
+        backend = attention.select_backend(getattr(job.hardware, "attention", "auto"), rt.device.type)
+        # training graphs use the global SDPA flags; an earlier run in this process may have left
+        # the eval kernel list (warm_eval) behind
+        attention.set_sdpa_backends(None)
         torch.manual_seed(job.seed)
         np.random.seed(job.seed)
         self.model = self._fresh_model()

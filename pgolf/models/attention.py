@@ -66,7 +66,8 @@ def set_sdpa_backends(names: list[str] | None) -> None:
 def sdpa_backends() -> list[str] | None:
     if _SDPA_BACKENDS is None:
         return None
-    return [n for b in _SDPA_BACKENDS for n, v in SDPA_BACKEND_NAMES.items() if v == b]
+    name_of = {b: n for n, b in SDPA_BACKEND_NAMES.items()}
+    return [name_of[b] for b in _SDPA_BACKENDS]
 
 
 def select_backend(requested: str = "auto", device_type: str = "cuda") -> str:
