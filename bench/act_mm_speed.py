@@ -1,8 +1,8 @@
-"""The MLP down-projection with its activation, fused GEMM vs cuBLAS (bench code, not product code).
+"""The MLP's GEMMs with its activation, fused GEMMs vs cuBLAS (bench code, not product code).
 
     python3 bench/act_mm_speed.py [--m 131072,262144] [--k 1536] [--n 512] [--slope 0.5]
 
-For each M, times on one GPU (bf16, random h and W):
+For each M, times on one GPU (bf16, random h and W) the down projection (K = hidden, N = model dim):
 
     cublas    F.linear(a, W) on a precomputed a = leaky_relu(h)^2: the GEMM alone, the bar to meet
     unfused   torch.compile'd leaky_relu(h)^2 then F.linear: what the scorer runs without the switch
@@ -10,7 +10,15 @@ For each M, times on one GPU (bf16, random h and W):
 
 and prints ms, TFLOP/s (2MNK / time), the fused result's largest difference from `unfused`
 relative to that output's largest magnitude, and the config the autotuner picked. The first fused
-call autotunes (a few seconds, untimed). `--device cpu` with TRITON_INTERPRET=1 and small sizes is
+call autotunes (a few seconds, untimed). A second line per M times the whole MLP,
+x (M, N) -> act(x W_up^T) W_down^T, in its three forms:
+
+    unfused   cuBLAS up, the compiled activation, cuBLAS down (no switch)
+    down      cuBLAS up, then act_mm (model.fused_mlp_gemm: the activation in the down GEMM's prologue)
+    up        mm_act, then cuBLAS down (model.fused_mlp_up: the activation in the up GEMM's epilogue)
+
+with `up_gemm` the up projection alone in cuBLAS and `mm_act` alone (its bar), and each fused
+form's largest difference from `unfused`. `--device cpu` with TRITON_INTERPRET=1 and small sizes is
 a dry run of this script, not a measurement.
 """
 
@@ -64,6 +72,28 @@ def measure(M: int, K: int, N: int, slope: float, dev: str, rep_ms: int, unfused
     return f"M {M:>7} K {K} N {N}  {cells}  max rel diff {err:.1e}  config {best}"
 
 
+def measure_mlp(M: int, K: int, N: int, slope: float, dev: str, rep_ms: int, act_fn) -> str:
+    torch.manual_seed(0)
+    x = torch.randn(M, N, device=dev, dtype=torch.bfloat16)
+    w_up = (torch.randn(K, N, device=dev) / N**0.5).to(torch.bfloat16)
+    w_down = (torch.randn(N, K, device=dev) / K**0.5).to(torch.bfloat16)
+    forms = {
+        "unfused": lambda: F.linear(act_fn(F.linear(x, w_up)), w_down),
+        "down": lambda: kernels.act_mm(F.linear(x, w_up), w_down, slope),
+        "up": lambda: F.linear(kernels.mm_act(x, w_up, slope), w_down),
+    }
+    with torch.inference_mode():
+        ref = forms["unfused"]().float()
+        errs = {k: ((f().float() - ref).abs().max() / ref.abs().max()).item() for k, f in forms.items() if k != "unfused"}
+        times = {k: bench_ms(f, dev, rep_ms) for k, f in forms.items()}
+        times["up_gemm"] = bench_ms(lambda: F.linear(x, w_up), dev, rep_ms)
+        times["mm_act"] = bench_ms(lambda: kernels.mm_act(x, w_up, slope), dev, rep_ms)
+    cells = "  ".join(f"{k} {t:7.3f} ms" for k, t in times.items())
+    diffs = "  ".join(f"{k} diff {e:.1e}" for k, e in errs.items())
+    best = getattr(getattr(kernels, "_mm_act_tuned", None), "best_config", None)
+    return f"MLP M {M:>7} d {N} hidden {K}  {cells}  {diffs}  mm_act config {best}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--m", default="131072,262144")
@@ -78,8 +108,10 @@ def main() -> None:
     unfused_fn = torch.compile(
         lambda h, w: F.linear(F.leaky_relu(h, slope).square(), w), dynamic=False, fullgraph=True
     )
+    act_fn = torch.compile(lambda h: F.leaky_relu(h, slope).square(), dynamic=False, fullgraph=True)
     for M in (int(m) for m in args.m.split(",")):
         print(measure(M, args.k, args.n, slope, args.device, args.rep_ms, unfused_fn), flush=True)
+        print(measure_mlp(M, args.k, args.n, slope, args.device, args.rep_ms, act_fn), flush=True)
 
 
 if __name__ == "__main__":

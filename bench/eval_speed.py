@@ -14,6 +14,8 @@ does not depend on the weights' values, so no data or training is needed. A vari
     bN                  windows per forward (default b64)
     autotune            torch.compile mode max-autotune-no-cudagraphs
     fusedmm             model.fused_mlp_gemm: the MLP's activation fused into the down-projection GEMM
+    fusedup             model.fused_mlp_up: the MLP's activation as the up-projection GEMM's epilogue
+    cg                  torch.compile mode reduce-overhead: the batch graph replayed as a CUDA graph
     fusedqk             model.fused_qk_rope: q/k rms_norm + RoPE (+ q_gain) as one kernel per tensor
     fusedqkh            the same, writing q/k as (B, H, T, D) buffers (kernels.qk_prologue heads_major)
     cdt                 Inductor's coordinate-descent tuning of its generated kernels (longer compile)
@@ -69,6 +71,7 @@ def parse(variant: str) -> dict:
         "batch": 64,
         "mode": None,
         "fusedmm": False,
+        "fusedup": False,
         "fusedqk": None,
         "cdt": False,
     }
@@ -83,8 +86,10 @@ def parse(variant: str) -> dict:
             knobs["batch"] = int(k[1:])
         elif k == "autotune":
             knobs["mode"] = "max-autotune-no-cudagraphs"
-        elif k == "fusedmm":
-            knobs["fusedmm"] = True
+        elif k in ("fusedmm", "fusedup"):
+            knobs[k] = True
+        elif k == "cg":
+            knobs["mode"] = "reduce-overhead"
         elif k in ("fusedqk", "fusedqkh"):
             knobs["fusedqk"] = "heads_major" if k == "fusedqkh" else "rows"
         elif k == "cdt":
@@ -104,13 +109,15 @@ def set_sdpa(only: str | None) -> None:
     attention.set_sdpa_backends(None if only is None else [only, "math"])
 
 
-def set_fused_mlp_gemm(model: torch.nn.Module, on: bool) -> None:
-    """Flip model.fused_mlp_gemm on the built model (what the config switch sets at build time)."""
-    if on:
+def set_fused_mlp_gemm(model: torch.nn.Module, down: bool, up: bool) -> None:
+    """Flip model.fused_mlp_gemm / fused_mlp_up on the built model (what the config switches set
+    at build time)."""
+    if down or up:
         kernels.require(["model.fused_mlp_gemm"])
     for m in model.modules():
         if isinstance(m, MLP):
-            m.fused_gemm = kernels.act_mm if on else None
+            m.fused_gemm = kernels.act_mm if down else None
+            m.fused_up = kernels.mm_act if up else None
 
 
 def set_fused_qk_rope(model: torch.nn.Module, layout: str | None) -> None:
@@ -127,7 +134,7 @@ def set_fused_qk_rope(model: torch.nn.Module, layout: str | None) -> None:
 
 def make_scorer(model, stream: np.ndarray, knobs: dict, lut: ByteLUT) -> WindowScorer:
     attention.select_backend(knobs["backend"], "cuda")
-    set_fused_mlp_gemm(model, knobs["fusedmm"])
+    set_fused_mlp_gemm(model, knobs["fusedmm"], knobs["fusedup"])
     set_fused_qk_rope(model, knobs["fusedqk"])
     set_sdpa(knobs["sdpa_only"])
     sc = WindowScorer(
@@ -193,7 +200,7 @@ def main() -> None:
 
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             evaluate_sliding(sc, sync=torch.cuda.synchronize)
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90))
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=90))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Fused Triton kernels (model.fused_mlp, fused_ce, fused_mlp_gemm, fused_qk_rope) against the eager path.
+"""Fused Triton kernels (model.fused_mlp, fused_ce, fused_mlp_gemm/_up, fused_qk_rope) against the eager path.
 
 On CPU the kernels run in Triton's interpreter when `TRITON_INTERPRET=1` is set before Triton is
 imported (run `TRITON_INTERPRET=1 python -m pytest tests/test_kernels.py`); without Triton, or
@@ -94,7 +94,7 @@ def test_model_with_both_switches_matches_eager():
 
 
 @pytest.mark.skipif(REASON is None, reason="the kernels can run here")
-@pytest.mark.parametrize("key", ["fused_mlp", "fused_ce", "fused_mlp_gemm", "fused_qk_rope"])
+@pytest.mark.parametrize("key", ["fused_mlp", "fused_ce", "fused_mlp_gemm", "fused_mlp_up", "fused_qk_rope"])
 def test_switch_refuses_without_triton_or_cuda(key):
     with pytest.raises(
         RuntimeError, match=rf"model\.{key}=true needs the fused Triton kernels, but .*{key}=false"
@@ -178,6 +178,82 @@ def test_act_mm_traces_without_graph_breaks():
     assert explained.graph_break_count == 0 and explained.graph_count == 1
 
 
+def _mm_act_ref(x, w, slope):
+    """The unfused path's numbers: the product in fp32 rounded to x's dtype (the stored h), then the
+    activation in fp32 rounded to x's dtype again."""
+    h = F.linear(x.float(), w.float()).to(x.dtype)
+    return F.leaky_relu(h.float(), slope).square().to(x.dtype)
+
+
+@needs_kernels
+@pytest.mark.parametrize("slope", [0.5, 0.0])
+@pytest.mark.parametrize(
+    "M,K,N",
+    [(77, 96, 48), (45, 100, 40), (33, 512, 1536)],  # ragged M/K/N, and the record's up projection
+)
+def test_mm_act_matches_unfused(M, K, N, slope):
+    g = torch.Generator().manual_seed(M + N)
+    x = torch.randn(M, K, generator=g).to(DEVICE, torch.bfloat16)
+    w = (torch.randn(N, K, generator=g) / K**0.5).to(DEVICE, torch.bfloat16)
+    out = kernels.mm_act(x, w, slope)
+    assert out.dtype == torch.bfloat16 and out.shape == (M, N)
+    ref = _mm_act_ref(x, w, slope)
+    # the fp32 sums may round to a neighbouring bf16 h in a few elements (another summation order):
+    # one ulp of h is two of h^2, so 2^-6 relative; everything else is the same rounding
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2**-6, atol=1e-4)
+    assert (out != ref).float().mean() < 0.02
+    unfused = F.leaky_relu(F.linear(x, w), slope).square()  # the eager bf16 path itself
+    torch.testing.assert_close(out, unfused, rtol=2**-6, atol=1e-3)
+
+
+@needs_kernels
+@pytest.mark.parametrize("block_k", [16, 32])  # 16: K = 100 has a ragged last K tile
+def test_mm_act_kernel_tiles(block_k):
+    """Explicit tiles, smaller than the autotuner's, with ragged M, N and K edges."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(45, 100, generator=g).to(DEVICE, torch.bfloat16)
+    w = (torch.randn(40, 100, generator=g) / 10).to(DEVICE, torch.bfloat16)
+    out = torch.empty(45, 40, device=DEVICE, dtype=torch.bfloat16)
+    kernels._mm_act_launch(kernels._mm_act_kernel, x, w, out, 0.5, BLOCK_M=16, BLOCK_N=32, BLOCK_K=block_k)
+    torch.testing.assert_close(out.float(), _mm_act_ref(x, w, 0.5).float(), rtol=2**-6, atol=1e-4)
+
+
+@needs_kernels
+def test_mm_act_fp32_strided_weight_and_batch_dims():
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 19, 40, generator=g).to(DEVICE)
+    w = torch.randn(40, 72, generator=g).to(DEVICE).t()  # (N, K) view with unit stride along N
+    out = kernels.mm_act(x, w, 0.5)
+    assert out.shape == (2, 19, 72)
+    torch.testing.assert_close(out, F.leaky_relu(F.linear(x, w), 0.5).square(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="do not match"):
+        kernels.mm_act(x, w.bfloat16(), 0.5)
+
+
+@needs_kernels
+def test_mm_act_traces_without_graph_breaks():
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 37, 64, generator=g).to(DEVICE, torch.bfloat16)
+    w = torch.randn(48, 64, generator=g).to(DEVICE, torch.bfloat16)
+
+    def f(x, w):
+        return kernels.mm_act(x * 2.0, w, 0.5) + 1.0
+
+    backend = "inductor" if DEVICE == "cuda" else "aot_eager"
+    with torch.inference_mode():
+        torch._dynamo.reset()
+        compiled = torch.compile(f, backend=backend, fullgraph=True, dynamic=False)
+        torch.testing.assert_close(compiled(x, w), f(x, w), rtol=2**-6, atol=1e-3)
+        explained = torch._dynamo.explain(f)(x, w)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+
+
+def test_the_two_mlp_gemm_fusions_are_exclusive():
+    cfg = LayeredGPTConfig(**TINY, fused_mlp_gemm=True, fused_mlp_up=True)
+    with pytest.raises(ConfigError, match=r"model\.fused_mlp_gemm and model\.fused_mlp_up .*set one of them"):
+        cfg.validate("model")
+
+
 def _plain_and_switched(switch: str, **cfg):
     """Two equal small models (every weight nudged off zero, so no path is trivially skipped), the
     second with `switch` on."""
@@ -191,20 +267,26 @@ def _plain_and_switched(switch: str, **cfg):
     return plain, fused
 
 
-def _switch_models(dtype, **extra):
-    plain, fused = _plain_and_switched("fused_mlp_gemm", activation="leaky_relu2", **extra)
+# The MLP's two GEMM fusions: (config switch, the MLP attribute holding the kernel, the kernel)
+MLP_GEMM_SWITCHES = [("fused_mlp_gemm", "fused_gemm", "act_mm"), ("fused_mlp_up", "fused_up", "mm_act")]
+mlp_gemm_switches = pytest.mark.parametrize("switch,attr,kernel", MLP_GEMM_SWITCHES)
+
+
+def _switch_models(dtype, switch="fused_mlp_gemm", **extra):
+    plain, fused = _plain_and_switched(switch, activation="leaky_relu2", **extra)
     return plain.to(dtype), fused.to(dtype)
 
 
 @needs_kernels
+@mlp_gemm_switches
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_mlp_gemm_switch_matches_eager_in_inference(dtype, monkeypatch):
-    plain, fused = _switch_models(dtype)
+def test_fused_mlp_gemm_switch_matches_eager_in_inference(dtype, switch, attr, kernel):
+    plain, fused = _switch_models(dtype, switch)
     calls = []
-    real = kernels.act_mm
+    real = getattr(kernels, kernel)
     for m in fused.modules():
-        if getattr(m, "fused_gemm", None) is not None:
-            m.fused_gemm = lambda *a: calls.append(1) or real(*a)
+        if getattr(m, attr, None) is not None:
+            setattr(m, attr, lambda *a: calls.append(1) or real(*a))
     x = torch.randint(0, 96, (2, 16), device=DEVICE)
     y = x.roll(-1, 1)
     with torch.inference_mode():
@@ -212,6 +294,23 @@ def test_fused_mlp_gemm_switch_matches_eager_in_inference(dtype, monkeypatch):
     assert len(calls) == 2  # one per layer: the fused GEMM really ran
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(a.float(), b.float(), **tol)
+
+
+@needs_kernels
+def test_fused_mlp_up_runs_on_the_autocast_dtype():
+    """fp32 weights and activations under bf16 autocast, as in the scorer: the op gets bf16 operands,
+    as F.linear's autocast would give them, and returns the eager path's numbers."""
+    plain, fused = _switch_models(torch.float32, "fused_mlp_up")
+    seen = []
+    for m in fused.modules():
+        if getattr(m, "fused_up", None) is not None:
+            m.fused_up = lambda x, w, s: seen.append((x.dtype, w.dtype)) or kernels.mm_act(x, w, s)
+    x = torch.randint(0, 96, (2, 16), device=DEVICE)
+    y = x.roll(-1, 1)
+    with torch.inference_mode(), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        a, b = fused.token_nll(x, y), plain.token_nll(x, y)
+    assert seen == [(torch.bfloat16, torch.bfloat16)] * 2
+    torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
 
 
 def _assert_unused_with_grad(plain, fused, attr: str, what: str) -> None:
@@ -237,13 +336,15 @@ def _assert_unused_with_grad(plain, fused, attr: str, what: str) -> None:
 
 
 @needs_kernels
-def test_fused_mlp_gemm_is_never_used_with_grad():
-    _assert_unused_with_grad(*_switch_models(torch.float32), "fused_gemm", "fused GEMM")
+@mlp_gemm_switches
+def test_fused_mlp_gemm_is_never_used_with_grad(switch, attr, kernel):
+    _assert_unused_with_grad(*_switch_models(torch.float32, switch), attr, "fused GEMM")
 
 
 @needs_kernels
-def test_fused_mlp_gemm_model_compiles_fullgraph():
-    plain, fused = _switch_models(torch.float32)
+@mlp_gemm_switches
+def test_fused_mlp_gemm_model_compiles_fullgraph(switch, attr, kernel):
+    plain, fused = _switch_models(torch.float32, switch)
     x = torch.randint(0, 96, (2, 16), device=DEVICE)
     y = x.roll(-1, 1)
     backend = "inductor" if DEVICE == "cuda" else "aot_eager"
@@ -272,8 +373,9 @@ def _assert_hessians_unchanged(plain, fused, attr: str) -> None:
 
 
 @needs_kernels
-def test_fused_mlp_gemm_leaves_gptq_hessians_alone():
-    _assert_hessians_unchanged(*_switch_models(torch.float32), "fused_gemm")
+@mlp_gemm_switches
+def test_fused_mlp_gemm_leaves_gptq_hessians_alone(switch, attr, kernel):
+    _assert_hessians_unchanged(*_switch_models(torch.float32, switch), attr)
 
 
 # ---- model.fused_qk_rope: kernels.qk_prologue ----

@@ -542,6 +542,7 @@ x = torch.randn(2, 9, 3, 16, generator=g).to(dev)
 ang = torch.randn(1, 9, 1, 4, generator=g).to(dev)
 outs = [
     k.act_mm(h, w, 0.5),
+    k.mm_act(h, w, 0.5),
     k.qk_prologue(x, ang.cos(), ang.sin(), 8, torch.tensor([1.0, 2.0, 0.5], device=dev)),
     k.leaky_relu2(h, 0.5),
     k.softcap_cross_entropy(h, torch.arange(37, device=dev) % 48, 30.0),

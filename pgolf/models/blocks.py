@@ -37,7 +37,7 @@ def own_linear(in_features: int, out_features: int) -> CastedLinear:
 
 
 def may_use_inference_kernels() -> bool:
-    """Whether a forward-only fused kernel (model.fused_mlp_gemm, fused_qk_rope) may run now.
+    """Whether a forward-only fused kernel (model.fused_mlp_gemm/_up, fused_qk_rope) may run now.
 
     Only with grad off (the kernels have no backward), and never under a TorchFunctionMode in
     eager: such modes (GPTQ's Hessian collector, quant/hessian.py, also runs without grad) watch
@@ -46,6 +46,12 @@ def may_use_inference_kernels() -> bool:
     if torch.is_grad_enabled():
         return False
     return torch.compiler.is_compiling() or not torch._C._is_torch_function_mode_enabled()
+
+
+def autocast_dtype(x: Tensor) -> torch.dtype:
+    """The dtype autocast would run a matmul on x in here: its autocast dtype where enabled."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
 def xsa_layers(cfg: GPTModelConfig) -> set[int]:
@@ -182,10 +188,20 @@ class MLP(nn.Module):
 
             kernels.require(["model.fused_mlp_gemm"])
             self.fused_gemm = kernels.act_mm
+        self.fused_up = None  # act(x @ W_up^T) in one kernel (the epilogue form), grad disabled only
+        if cfg.fused_mlp_up:
+            from pgolf.models import kernels
+
+            kernels.require(["model.fused_mlp_up"])
+            self.fused_up = kernels.mm_act
 
     def forward(self, x: Tensor, up: Tensor, down: Tensor) -> Tensor:
-        h = F.linear(x, up.to(x.dtype))
         slope = self.negative_slope if self.leaky else 0.0
+        if self.fused_up is not None and may_use_inference_kernels():
+            # a Triton op is not autocast-aware: cast its operands as F.linear's autocast would
+            dt = autocast_dtype(x)
+            return F.linear(self.fused_up(x.to(dt), up.to(dt), slope), down.to(x.dtype))
+        h = F.linear(x, up.to(x.dtype))
         if self.fused_gemm is not None and may_use_inference_kernels():
             return self.fused_gemm(h, down.to(h.dtype), slope)  # h's dtype: bf16 under autocast
         if self.fused is not None:

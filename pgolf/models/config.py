@@ -131,6 +131,10 @@ class GPTModelConfig:
     # inference only: act(h) @ W_down^T in one GEMM, the activation applied as h's tiles load (grad
     # off: scoring; training and TTT training keep the differentiable path)
     fused_mlp_gemm: bool = False
+    # inference only: leaky_relu(x W_up^T)^2 as the up-projection GEMM's epilogue, the down
+    # projection left to cuBLAS (grad off); the other place to fuse the activation than
+    # fused_mlp_gemm, so at most one of the two
+    fused_mlp_up: bool = False
     # inference only: q/k rms_norm + partial RoPE (+ q_gain) as one kernel per tensor (grad off)
     fused_qk_rope: bool = False
 
@@ -156,6 +160,11 @@ class GPTModelConfig:
             raise ConfigError(f"{path}.logit_softcap={self.logit_softcap} must be >= 0 (0: off)")
         if self.fused_ce and self.logit_softcap <= 0:
             raise ConfigError(f"{path}.fused_ce fuses the soft-capped loss; set {path}.logit_softcap > 0")
+        if self.fused_mlp_gemm and self.fused_mlp_up:
+            raise ConfigError(
+                f"{path}.fused_mlp_gemm and {path}.fused_mlp_up both fuse the MLP activation into a GEMM "
+                "(the down and the up projection); set one of them to false"
+            )
         L = self.num_layers
         gates = [g for g in ATTN_GATES if getattr(self, g)]
         if len(gates) > 1:

@@ -297,6 +297,135 @@ if triton is not None:
         def _act_mm_fake(h: Tensor, w: Tensor, slope: float) -> Tensor:
             return _act_mm_new(h, w)
 
+    # ---- the activation as the up-projection's epilogue: out = act(round(x @ W_up^T)) ----
+
+    @triton.jit
+    def _mm_act_kernel(
+        x_ptr,
+        w_ptr,
+        out_ptr,
+        M,
+        stride_xm,
+        stride_wn,
+        stride_wk,
+        stride_om,
+        slope,
+        N: tl.constexpr,
+        K: tl.constexpr,
+        DOT_F32: tl.constexpr,
+        INTERPRET: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        # One (BLOCK_M, BLOCK_N) tile of the up-projection. Both operands go through shared memory
+        # untouched (the pipelined cp.async + wgmma main loop of a plain GEMM), and the activation
+        # runs once per output element in the epilogue, where the tile is already in registers.
+        # N varies fastest over the program ids, so the N/BLOCK_N programs of one x row block run
+        # together and share it through L2 (W_up, 1.5 MB at the record sizes, stays in L2).
+        pid = tl.program_id(0)
+        n_tiles = (N + BLOCK_N - 1) // BLOCK_N
+        pid_m = pid // n_tiles
+        pid_n = pid % n_tiles
+        rows_left = M - pid_m * BLOCK_M
+        row0 = pid_m.to(tl.int64) * BLOCK_M
+        rm = tl.arange(0, BLOCK_M)
+        rm_load = tl.where(rm < rows_left, rm, 0)  # tail rows re-read row 0; their outputs are not stored
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rn_load = rn
+        if N % BLOCK_N != 0:
+            rn_load = rn % N
+        rk = tl.arange(0, BLOCK_K)
+        a_ptrs = x_ptr + row0 * stride_xm + (rm_load[:, None] * stride_xm + rk[None, :])
+        b_ptrs = w_ptr + (rk[:, None] * stride_wk + rn_load[None, :] * stride_wn)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        EVEN_K = K % BLOCK_K == 0
+        for k in range(0, K, BLOCK_K):
+            a = _load_k_tile(a_ptrs, rk, K - k, 1, EVEN_K)
+            b = _load_k_tile(b_ptrs, rk, K - k, 0, EVEN_K)
+            if DOT_F32:
+                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K * stride_wk
+        # the epilogue: exactly what the unfused path computes from the GEMM's stored output h
+        # (rounded to the output dtype), the activation in fp32, rounded once more at the store
+        dt = out_ptr.dtype.element_ty
+        h = _round_to(acc, dt, INTERPRET).to(tl.float32)
+        y = tl.where(h > 0, h, h * slope)
+        o_ptrs = out_ptr + row0 * stride_om + (rm[:, None] * stride_om + rn[None, :])
+        tl.store(o_ptrs, _round_to(y * y, dt, INTERPRET), mask=(rm[:, None] < rows_left) & (rn[None, :] < N))
+
+    def _mm_act_configs() -> list:
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32})]
+        shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps): H100 wgmma tiles
+            (128, 256, 64, 3, 8),
+            (128, 256, 64, 4, 8),
+            (128, 256, 64, 5, 8),
+            (128, 256, 32, 6, 8),
+            (256, 128, 64, 3, 8),
+            (256, 128, 64, 4, 8),
+            (128, 128, 64, 4, 4),
+            (128, 128, 64, 5, 8),
+            (128, 256, 128, 2, 8),
+            (128, 256, 128, 3, 8),
+            (128, 128, 128, 3, 8),
+            (64, 256, 64, 5, 4),
+        ]
+        return [
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_stages=st, num_warps=wp)
+            for bm, bn, bk, st, wp in shapes
+        ]
+
+    # Tuned once per (N, K) by the first call (the scorer's warm-up), as act_mm.
+    _mm_act_tuned = triton.autotune(configs=_mm_act_configs(), key=["N", "K"])(_mm_act_kernel)
+
+    def _mm_act_launch(kernel, x: Tensor, w: Tensor, out: Tensor, slope: float, **meta) -> None:
+        M, K = x.shape
+        N = w.shape[0]
+
+        def grid(META: dict) -> tuple[int]:
+            return (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
+
+        kernel[grid](
+            x,
+            w,
+            out,
+            M,
+            x.stride(0),
+            w.stride(0),
+            w.stride(1),
+            out.stride(0),
+            slope,
+            N=N,
+            K=K,
+            DOT_F32=x.dtype == torch.float32 or _INTERPRET,
+            INTERPRET=_INTERPRET,
+            **meta,
+        )
+
+    if _TRITON_OP and not _INTERPRET:
+
+        @torch.library.triton_op("pgolf::mm_act", mutates_args=())
+        def _mm_act_op(x: Tensor, w: Tensor, slope: float) -> Tensor:
+            out = _act_mm_new(x, w)
+            _mm_act_launch(torch.library.wrap_triton(_mm_act_tuned), x, w, out, slope)
+            return out
+
+    else:
+
+        @torch.library.custom_op("pgolf::mm_act", mutates_args=())
+        def _mm_act_op(x: Tensor, w: Tensor, slope: float) -> Tensor:
+            out = _act_mm_new(x, w)
+            _mm_act_launch(_mm_act_tuned, x, w, out, slope)
+            return out
+
+        @_mm_act_op.register_fake
+        def _mm_act_fake(x: Tensor, w: Tensor, slope: float) -> Tensor:
+            return _act_mm_new(x, w)
+
     # ---- model.fused_qk_rope: rms_norm + partial RoPE (+ per-head gain) of q or k in one pass ----
 
     @triton.jit
@@ -538,6 +667,26 @@ def act_mm(h: Tensor, w: Tensor, slope: float) -> Tensor:
         h2 = h2.contiguous()
     out = torch.ops.pgolf.act_mm(h2, w, float(slope))
     return out.view(*h.shape[:-1], w.shape[0])
+
+
+def mm_act(x: Tensor, w: Tensor, slope: float) -> Tensor:
+    """leaky_relu(x @ w.T, slope)^2 in one GEMM, the activation applied in its epilogue.
+
+    x (..., K), w (N, K) as an nn.Linear weight, same dtype; fp32 accumulation, the product rounded
+    to x's dtype (the unfused path's stored h), then the activation in fp32, rounded to x's dtype
+    again: out (..., N). The MLP's up-projection with the activation folded in, so the down
+    projection stays a cuBLAS GEMM. Forward only (no autograd): the MLP calls it with grad disabled.
+    """
+    if w.dtype != x.dtype or w.dim() != 2 or w.shape[1] != x.shape[-1]:
+        raise ValueError(
+            f"mm_act: x {tuple(x.shape)} {x.dtype} and w {tuple(w.shape)} {w.dtype} do not match"
+        )
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.ops.pgolf.mm_act(x2, w, float(slope))
+    return out.view(*x.shape[:-1], w.shape[0])
 
 
 def qk_prologue(
