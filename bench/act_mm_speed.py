@@ -84,7 +84,11 @@ def measure_mlp(M: int, K: int, N: int, slope: float, dev: str, rep_ms: int, act
     }
     with torch.inference_mode():
         ref = forms["unfused"]().float()
-        errs = {k: ((f().float() - ref).abs().max() / ref.abs().max()).item() for k, f in forms.items() if k != "unfused"}
+        errs = {
+            k: ((f().float() - ref).abs().max() / ref.abs().max()).item()
+            for k, f in forms.items()
+            if k != "unfused"
+        }
         times = {k: bench_ms(f, dev, rep_ms) for k, f in forms.items()}
         times["up_gemm"] = bench_ms(lambda: F.linear(x, w_up), dev, rep_ms)
         times["mm_act"] = bench_ms(lambda: kernels.mm_act(x, w_up, slope), dev, rep_ms)
