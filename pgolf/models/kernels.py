@@ -10,6 +10,10 @@
   whose prologue applies the activation to each h tile in registers as it is loaded, so the
   activation tensor (M x hidden) is never written or read back. A `torch.library` op (`triton_op`
   where available, so Inductor sees the kernel), traceable under torch.compile(fullgraph=True).
+* `model.fused_mlp_up` (inference only): out = leaky_relu(x @ W_up^T, slope)^2 as one GEMM whose
+  epilogue applies the activation, so the down projection stays a cuBLAS GEMM; the same kind of
+  `torch.library` op. Faster than `fused_mlp_gemm` on the record shapes (its main loop is a plain
+  GEMM); at most one of the two is on.
 * `model.fused_qk_rope` (inference only): y = gain[h] * rope(rms_norm(x)) for the attention's q
   (with q_gain) and k, one read and one write each instead of several norm/RoPE/cat/cast kernels;
   the same kind of `torch.library` op.
