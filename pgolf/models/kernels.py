@@ -151,6 +151,36 @@ if triton is not None:
         return tile
 
     @triton.jit
+    def _gemm_tile(a_ptr, w_ptr, M, stride_am, stride_wn, stride_wk, N, BLOCK_M, BLOCK_N, BLOCK_K):
+        # This program's (BLOCK_M, BLOCK_N) output tile of a (M, K) @ W^T, W (N, K) read as (K, N)
+        # tiles through its strides: the first K step's operand pointers, and where the tile lies.
+        # N varies fastest over the program ids, so the programs that share an `a` row block run
+        # together and read it from L2; W (1.5 MB at the record sizes) stays in L2 anyway, which is
+        # why there is no GROUP_M swizzle.
+        pid = tl.program_id(0)
+        n_tiles = (N + BLOCK_N - 1) // BLOCK_N
+        pid_m = pid // n_tiles
+        pid_n = pid % n_tiles
+        rows_left = M - pid_m * BLOCK_M  # int32 is enough: M < 2^31 rows
+        row0 = pid_m.to(tl.int64) * BLOCK_M  # M * K exceeds 2^31 elements: the tile base is int64
+        rm = tl.arange(0, BLOCK_M)
+        rm_load = tl.where(rm < rows_left, rm, 0)  # tail rows re-read row 0; their outputs are not stored
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rn_load = rn
+        if N % BLOCK_N != 0:  # ragged N: wrap the tail columns (their outputs are not stored)
+            rn_load = rn % N
+        rk = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + row0 * stride_am + (rm_load[:, None] * stride_am + rk[None, :])
+        b_ptrs = w_ptr + (rk[:, None] * stride_wk + rn_load[None, :] * stride_wn)
+        return a_ptrs, b_ptrs, rk, rm, rn, rows_left, row0
+
+    @triton.jit
+    def _store_tile(out_ptr, value, row0, rm, rn, rows_left, N, stride_om, INTERPRET: tl.constexpr):
+        o_ptrs = out_ptr + row0 * stride_om + (rm[:, None] * stride_om + rn[None, :])
+        out = _round_to(value, out_ptr.dtype.element_ty, INTERPRET)
+        tl.store(o_ptrs, out, mask=(rm[:, None] < rows_left) & (rn[None, :] < N))
+
+    @triton.jit
     def _act_mm_kernel(
         h_ptr,
         w_ptr,
@@ -170,25 +200,10 @@ if triton is not None:
         BLOCK_K: tl.constexpr,
         PREFETCH: tl.constexpr,
     ):
-        # One (BLOCK_M, BLOCK_N) tile of out = act(h) @ W^T; h (M, K) with unit column stride,
-        # W (N, K) read as (K, N) tiles through its strides. N varies fastest over the program ids,
-        # so the programs that share an h row block run together and read it from L2; W (N x K,
-        # 1.5 MB at the record sizes) stays in L2 anyway, which is why there is no GROUP_M swizzle.
-        pid = tl.program_id(0)
-        n_tiles = (N + BLOCK_N - 1) // BLOCK_N
-        pid_m = pid // n_tiles
-        pid_n = pid % n_tiles
-        rows_left = M - pid_m * BLOCK_M  # int32 is enough: M < 2^31 rows
-        row0 = pid_m.to(tl.int64) * BLOCK_M  # M * K exceeds 2^31 elements: the tile base is int64
-        rm = tl.arange(0, BLOCK_M)
-        rm_load = tl.where(rm < rows_left, rm, 0)  # tail rows re-read row 0; their outputs are not stored
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rn_load = rn
-        if N % BLOCK_N != 0:  # ragged N: wrap the tail columns (their outputs are not stored)
-            rn_load = rn % N
-        rk = tl.arange(0, BLOCK_K)
-        a_ptrs = h_ptr + row0 * stride_hm + (rm_load[:, None] * stride_hm + rk[None, :])
-        b_ptrs = w_ptr + (rk[:, None] * stride_wk + rn_load[None, :] * stride_wn)
+        # One (BLOCK_M, BLOCK_N) tile of out = act(h) @ W^T; h (M, K) with unit column stride.
+        a_ptrs, b_ptrs, rk, rm, rn, rows_left, row0 = _gemm_tile(
+            h_ptr, w_ptr, M, stride_hm, stride_wn, stride_wk, N, BLOCK_M, BLOCK_N, BLOCK_K
+        )
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         EVEN_K = K % BLOCK_K == 0
         if PREFETCH:
@@ -211,14 +226,12 @@ if triton is not None:
             hf = h.to(tl.float32)
             a = tl.where(hf > 0, hf, hf * slope)
             a = _round_to(a * a, h_ptr.dtype.element_ty, INTERPRET)
-            if DOT_F32:  # fp32 operands, or the interpreter (see `_act_mm_launch`)
+            if DOT_F32:  # fp32 operands, or the interpreter (see `_INTERPRET`)
                 acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
             else:
                 acc = tl.dot(a, w, acc)
             b_ptrs += BLOCK_K * stride_wk
-        o_ptrs = out_ptr + row0 * stride_om + (rm[:, None] * stride_om + rn[None, :])
-        out = _round_to(acc, out_ptr.dtype.element_ty, INTERPRET)
-        tl.store(o_ptrs, out, mask=(rm[:, None] < rows_left) & (rn[None, :] < N))
+        _store_tile(out_ptr, acc, row0, rm, rn, rows_left, N, stride_om, INTERPRET)
 
     def _act_mm_configs() -> list:
         if os.environ.get("TRITON_INTERPRET") == "1":  # one small tile: the interpreter does not tune
@@ -250,56 +263,64 @@ if triton is not None:
     # it truncates fp32 -> bf16 casts, which `_round_to` corrects. The GPU code has neither branch.
     _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-    def _act_mm_launch(kernel, h: Tensor, w: Tensor, out: Tensor, slope: float, **meta) -> None:
-        M, K = h.shape
+    def _gemm_launch(kernel, a: Tensor, w: Tensor, out: Tensor, slope: float, **meta) -> None:
+        """Launch act_mm's or mm_act's kernel (the same arguments) over out's (M, N) tiles."""
+        M, K = a.shape
         N = w.shape[0]
 
         def grid(META: dict) -> tuple[int]:
             return (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
 
         kernel[grid](
-            h,
+            a,
             w,
             out,
             M,
-            h.stride(0),
+            a.stride(0),
             w.stride(0),
             w.stride(1),
             out.stride(0),
             slope,
             N=N,
             K=K,
-            DOT_F32=h.dtype == torch.float32 or _INTERPRET,
+            DOT_F32=a.dtype == torch.float32 or _INTERPRET,
             INTERPRET=_INTERPRET,
             **meta,
         )
 
-    def _act_mm_new(h: Tensor, w: Tensor) -> Tensor:
+    def _gemm_out(h: Tensor, w: Tensor) -> Tensor:
         return torch.empty((h.shape[0], w.shape[0]), device=h.device, dtype=h.dtype)
 
     # torch >= 2.6: a triton_op, so Inductor sees the kernel. PGOLF_ACT_MM_OPAQUE=1 registers the
     # opaque op instead (a fallback to try should some torch version's Inductor mishandle it).
     # It covers pgolf::qk_prologue (model.fused_qk_rope) too.
     _TRITON_OP = hasattr(torch.library, "triton_op") and os.environ.get("PGOLF_ACT_MM_OPAQUE") != "1"
-    if _TRITON_OP and not _INTERPRET:
 
-        @torch.library.triton_op("pgolf::act_mm", mutates_args=())
-        def _act_mm_op(h: Tensor, w: Tensor, slope: float) -> Tensor:
-            out = _act_mm_new(h, w)
-            _act_mm_launch(torch.library.wrap_triton(_act_mm_tuned), h, w, out, slope)
-            return out
+    def _register_gemm_op(name: str, tuned) -> None:
+        """torch.ops.pgolf.<name>(a, w, slope) -> (M, N), launching the autotuned `tuned` kernel:
+        a triton_op where available (Inductor sees the kernel), else an opaque custom_op with a
+        shape-only fake (the interpreter's kernels cannot be traced into)."""
+        if _TRITON_OP and not _INTERPRET:
 
-    else:  # an opaque op with a shape-only fake: the interpreter's kernels cannot be traced into
+            @torch.library.triton_op(f"pgolf::{name}", mutates_args=())
+            def _op(a: Tensor, w: Tensor, slope: float) -> Tensor:
+                out = _gemm_out(a, w)
+                _gemm_launch(torch.library.wrap_triton(tuned), a, w, out, slope)
+                return out
 
-        @torch.library.custom_op("pgolf::act_mm", mutates_args=())
-        def _act_mm_op(h: Tensor, w: Tensor, slope: float) -> Tensor:
-            out = _act_mm_new(h, w)
-            _act_mm_launch(_act_mm_tuned, h, w, out, slope)
-            return out
+        else:
 
-        @_act_mm_op.register_fake
-        def _act_mm_fake(h: Tensor, w: Tensor, slope: float) -> Tensor:
-            return _act_mm_new(h, w)
+            @torch.library.custom_op(f"pgolf::{name}", mutates_args=())
+            def _op(a: Tensor, w: Tensor, slope: float) -> Tensor:
+                out = _gemm_out(a, w)
+                _gemm_launch(tuned, a, w, out, slope)
+                return out
+
+            @_op.register_fake
+            def _fake(a: Tensor, w: Tensor, slope: float) -> Tensor:
+                return _gemm_out(a, w)
+
+    _register_gemm_op("act_mm", _act_mm_tuned)
 
     # ---- the activation as the up-projection's epilogue: out = act(round(x @ W_up^T)) ----
 
@@ -325,23 +346,9 @@ if triton is not None:
         # One (BLOCK_M, BLOCK_N) tile of the up-projection. Both operands go through shared memory
         # untouched (the pipelined cp.async + wgmma main loop of a plain GEMM), and the activation
         # runs once per output element in the epilogue, where the tile is already in registers.
-        # N varies fastest over the program ids, so the N/BLOCK_N programs of one x row block run
-        # together and share it through L2 (W_up, 1.5 MB at the record sizes, stays in L2).
-        pid = tl.program_id(0)
-        n_tiles = (N + BLOCK_N - 1) // BLOCK_N
-        pid_m = pid // n_tiles
-        pid_n = pid % n_tiles
-        rows_left = M - pid_m * BLOCK_M
-        row0 = pid_m.to(tl.int64) * BLOCK_M
-        rm = tl.arange(0, BLOCK_M)
-        rm_load = tl.where(rm < rows_left, rm, 0)  # tail rows re-read row 0; their outputs are not stored
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rn_load = rn
-        if N % BLOCK_N != 0:
-            rn_load = rn % N
-        rk = tl.arange(0, BLOCK_K)
-        a_ptrs = x_ptr + row0 * stride_xm + (rm_load[:, None] * stride_xm + rk[None, :])
-        b_ptrs = w_ptr + (rk[:, None] * stride_wk + rn_load[None, :] * stride_wn)
+        a_ptrs, b_ptrs, rk, rm, rn, rows_left, row0 = _gemm_tile(
+            x_ptr, w_ptr, M, stride_xm, stride_wn, stride_wk, N, BLOCK_M, BLOCK_N, BLOCK_K
+        )
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         EVEN_K = K % BLOCK_K == 0
         for k in range(0, K, BLOCK_K):
@@ -355,11 +362,9 @@ if triton is not None:
             b_ptrs += BLOCK_K * stride_wk
         # the epilogue: exactly what the unfused path computes from the GEMM's stored output h
         # (rounded to the output dtype), the activation in fp32, rounded once more at the store
-        dt = out_ptr.dtype.element_ty
-        h = _round_to(acc, dt, INTERPRET).to(tl.float32)
+        h = _round_to(acc, out_ptr.dtype.element_ty, INTERPRET).to(tl.float32)
         y = tl.where(h > 0, h, h * slope)
-        o_ptrs = out_ptr + row0 * stride_om + (rm[:, None] * stride_om + rn[None, :])
-        tl.store(o_ptrs, _round_to(y * y, dt, INTERPRET), mask=(rm[:, None] < rows_left) & (rn[None, :] < N))
+        _store_tile(out_ptr, y * y, row0, rm, rn, rows_left, N, stride_om, INTERPRET)
 
     def _mm_act_configs() -> list:
         if os.environ.get("TRITON_INTERPRET") == "1":
@@ -386,49 +391,7 @@ if triton is not None:
     # Tuned once per (N, K) by the first call (the scorer's warm-up), as act_mm.
     _mm_act_tuned = triton.autotune(configs=_mm_act_configs(), key=["N", "K"])(_mm_act_kernel)
 
-    def _mm_act_launch(kernel, x: Tensor, w: Tensor, out: Tensor, slope: float, **meta) -> None:
-        M, K = x.shape
-        N = w.shape[0]
-
-        def grid(META: dict) -> tuple[int]:
-            return (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
-
-        kernel[grid](
-            x,
-            w,
-            out,
-            M,
-            x.stride(0),
-            w.stride(0),
-            w.stride(1),
-            out.stride(0),
-            slope,
-            N=N,
-            K=K,
-            DOT_F32=x.dtype == torch.float32 or _INTERPRET,
-            INTERPRET=_INTERPRET,
-            **meta,
-        )
-
-    if _TRITON_OP and not _INTERPRET:
-
-        @torch.library.triton_op("pgolf::mm_act", mutates_args=())
-        def _mm_act_op(x: Tensor, w: Tensor, slope: float) -> Tensor:
-            out = _act_mm_new(x, w)
-            _mm_act_launch(torch.library.wrap_triton(_mm_act_tuned), x, w, out, slope)
-            return out
-
-    else:
-
-        @torch.library.custom_op("pgolf::mm_act", mutates_args=())
-        def _mm_act_op(x: Tensor, w: Tensor, slope: float) -> Tensor:
-            out = _act_mm_new(x, w)
-            _mm_act_launch(_mm_act_tuned, x, w, out, slope)
-            return out
-
-        @_mm_act_op.register_fake
-        def _mm_act_fake(x: Tensor, w: Tensor, slope: float) -> Tensor:
-            return _act_mm_new(x, w)
+    _register_gemm_op("mm_act", _mm_act_tuned)
 
     # ---- model.fused_qk_rope: rms_norm + partial RoPE (+ per-head gain) of q or k in one pass ----
 
