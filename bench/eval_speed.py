@@ -112,8 +112,9 @@ def set_sdpa(only: str | None) -> None:
 def set_fused_mlp_gemm(model: torch.nn.Module, down: bool, up: bool) -> None:
     """Flip model.fused_mlp_gemm / fused_mlp_up on the built model (what the config switches set
     at build time)."""
-    if down or up:
-        kernels.require(["model.fused_mlp_gemm"])
+    keys = [k for k, on in (("model.fused_mlp_gemm", down), ("model.fused_mlp_up", up)) if on]
+    if keys:
+        kernels.require(keys)
     for m in model.modules():
         if isinstance(m, MLP):
             m.fused_gemm = kernels.act_mm if down else None
