@@ -36,6 +36,20 @@ def own_linear(in_features: int, out_features: int) -> CastedLinear:
     )
 
 
+def optional_kernel(on: bool, switch: str, name: str):
+    """pgolf.models.kernels.<name> when the config switch `model.<switch>` is on, else None.
+
+    The module is imported only then, so runs without a fused switch never import (or ship) it;
+    `kernels.require` raises a clear error naming the switch where the kernels cannot run.
+    """
+    if not on:
+        return None
+    from pgolf.models import kernels
+
+    kernels.require([f"model.{switch}"])
+    return getattr(kernels, name)
+
+
 def may_use_inference_kernels() -> bool:
     """Whether a forward-only fused kernel (model.fused_mlp_gemm/_up, fused_qk_rope) may run now.
 
@@ -78,12 +92,7 @@ class Attention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init, dtype=torch.float32))
         self.use_xsa = layer in xsa_layers(cfg)
         # q/k rms_norm + RoPE (+ q_gain) as one kernel each, used only with grad disabled
-        self.fused_qk = None
-        if cfg.fused_qk_rope:  # imported only when on, like the MLP's kernels
-            from pgolf.models import kernels
-
-            kernels.require(["model.fused_qk_rope"])
-            self.fused_qk = kernels.qk_prologue
+        self.fused_qk = optional_kernel(cfg.fused_qk_rope, "fused_qk_rope", "qk_prologue")
         # Test-time adapters (pgolf.ttt.lora): delta(kind, x) -> added to the q/k/v projections.
         # A plain callable, not a module, so it never enters the state dict; None outside TTT.
         self.delta = None
@@ -176,24 +185,11 @@ class MLP(nn.Module):
             self.proj = own_linear(hidden, cfg.model_dim)
         self.leaky = cfg.activation == "leaky_relu2"
         self.negative_slope = cfg.negative_slope
-        self.fused = None
-        if cfg.fused_mlp:  # imported only when on: the kernels ship only with runs that use them
-            from pgolf.models import kernels
-
-            kernels.require(["model.fused_mlp"])
-            self.fused = kernels.leaky_relu2
-        self.fused_gemm = None  # act(h) @ W_down^T in one kernel, used only with grad disabled
-        if cfg.fused_mlp_gemm:
-            from pgolf.models import kernels
-
-            kernels.require(["model.fused_mlp_gemm"])
-            self.fused_gemm = kernels.act_mm
-        self.fused_up = None  # act(x @ W_up^T) in one kernel (the epilogue form), grad disabled only
-        if cfg.fused_mlp_up:
-            from pgolf.models import kernels
-
-            kernels.require(["model.fused_mlp_up"])
-            self.fused_up = kernels.mm_act
+        self.fused = optional_kernel(cfg.fused_mlp, "fused_mlp", "leaky_relu2")
+        # act(h) @ W_down^T in one kernel, used only with grad disabled
+        self.fused_gemm = optional_kernel(cfg.fused_mlp_gemm, "fused_mlp_gemm", "act_mm")
+        # act(x @ W_up^T) in one kernel (the epilogue form), used only with grad disabled
+        self.fused_up = optional_kernel(cfg.fused_mlp_up, "fused_mlp_up", "mm_act")
 
     def forward(self, x: Tensor, up: Tensor, down: Tensor) -> Tensor:
         slope = self.negative_slope if self.leaky else 0.0

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pgolf.models.banks import BANKS, bank_slots, rebank, unbank
-from pgolf.models.blocks import Block, LayerWeights
+from pgolf.models.blocks import Block, LayerWeights, optional_kernel
 from pgolf.models.config import GPTModelConfig
 from pgolf.models.embeddings import BigramHash, SmearGateV2, SmearGateV3, ValueEmbedding
 from pgolf.models.layers import (
@@ -116,12 +116,7 @@ class GPT(nn.Module):
         if self.lm_head is not None:
             self.lm_head._zero_init = True
         self._export_keys: list[str] | None = None
-        self._fused_ce = None
-        if cfg.fused_ce:
-            from pgolf.models import kernels
-
-            kernels.require(["model.fused_ce"])
-            self._fused_ce = kernels.softcap_cross_entropy
+        self._fused_ce = optional_kernel(cfg.fused_ce, "fused_ce", "softcap_cross_entropy")
         self.head_delta = None  # test-time logit adapter (pgolf.ttt.lora); a plain callable, None outside TTT
         if init:
             self._init_weights()
