@@ -560,13 +560,16 @@ class Trainer:
                 self.model.eval()
                 final = evaluate_sliding(self._scorer(), self.rt.rank, self.rt.world_size, self.rt.sync)
                 self.model.train()
-            self._record_mode(mode, final)
+            self._record_mode(mode, final, windowed=mode == "sliding")
         assert final is not None  # eval.modes is validated non-empty
         return final
 
-    def _record_mode(self, mode: str, res: ModeResult) -> None:
+    def _record_mode(self, mode: str, res: ModeResult, windowed: bool = False) -> None:
         self.result["metrics"][mode] = vars(res)
+        if windowed:  # which sliding-window rule scored it (eval.window_rule): exact or legacy
+            self.result["metrics"][mode]["window_rule"] = self.job.eval.window_rule
         self.result["final_mode"] = mode
+        self.result["final_window_rule"] = self.job.eval.window_rule if windowed else None
         self.log(
             f"eval:{mode} val_loss:{res.val_loss:.8f} val_bpb:{res.val_bpb:.8f} tokens:{res.tokens} "
             f"time:{res.seconds:.2f}s tokens_per_s:{res.tokens_per_s:,.0f}"
@@ -588,6 +591,7 @@ class Trainer:
                 rt.device,
                 rt.amp_dtype,
                 compile=rt.compile,
+                rule=e.window_rule,
             )
         return self._window_scorer
 
@@ -624,7 +628,7 @@ class Trainer:
             self.log,
             self.rt.sync,
         )
-        self._record_mode(self.job.ttt.name, res)
+        self._record_mode(self.job.ttt.name, res, windowed=self.job.ttt.name == "score_first")
         return res
 
     def _limits(self) -> dict:

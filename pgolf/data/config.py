@@ -29,6 +29,12 @@ class LoaderFields:
     # ... while the shard weights remaining_blocks**alpha flatten from alpha_start to alpha_end.
     coprime_alpha_start: float = 0.90
     coprime_alpha_end: float = 0.50
+    # coprime: `run` seeds the plan from the shard names and the run seed; `paths` as PR #726 does,
+    # from the train glob and shard path strings under data.path (the same for every run seed)
+    coprime_seed: Literal["run", "paths"] = "run"
+    # coprime: a shard whose cursor ran out weighs 1 until redrawn (`one`, 2026-03-29 record) or
+    # as much as an untouched shard (`fresh`, PR #726)
+    coprime_exhausted: Literal["one", "fresh"] = "one"
 
     def validate_loader(self, path: str) -> None:
         if self.prefetch < 0:

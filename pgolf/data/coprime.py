@@ -14,13 +14,18 @@ Every rank computes the same global plan from one RNG, so no communication is ne
   shuffled, the shards interleaved in random round-robin order, and the global list of windows is
   dealt out with stride W (rank r takes windows r, r + W, ...).
 
-The record seeds its RNG with a hash of the shard paths only. Here the file *names* (so a copy of
-the data elsewhere gives the same plan) and the run seed (so seeds differ) are both mixed in.
+The record seeds its RNG with a hash of the shard paths only. By default the file *names* (so a
+copy of the data elsewhere gives the same plan) and the run seed (so seeds differ) are both mixed
+in; `data.coprime_seed=paths` seeds it as PR #726 does (see `paths_seed`), so given the same path
+strings the plan is PR #726's batch for batch, whatever the run seed. A shard whose cursor has
+run out weighs 1 in the next draw (`coprime_exhausted=one`, the 2026-03-29 record) or as much as
+an untouched shard (`fresh`, PR #726).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +46,18 @@ def fnv1a64(names: list[str]) -> int:
     return h
 
 
+def paths_seed(pattern: str, paths: list[str], num_tokens: list[int]) -> int:
+    """PR #726's loader seed: FNV-1a of the train glob pattern, then per shard XOR the hash of its
+    path string and (token count * 0x9E3779B97F4A7C15) mod 2**64. The strings are the reference's
+    os.path.join(DATA_PATH, pattern) and its sorted glob results, so the same DATA_PATH string
+    (e.g. an absolute path) gives the same seed."""
+    seed = fnv1a64([pattern])
+    for path, n in zip(paths, num_tokens):
+        seed ^= fnv1a64([path])
+        seed ^= (int(n) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    return seed
+
+
 class CoprimeSampler:
     def __init__(
         self,
@@ -53,12 +70,25 @@ class CoprimeSampler:
         mix_end: int = 32,
         alpha_start: float = 0.90,
         alpha_end: float = 0.50,
+        exhausted: str = "one",
+        pattern: str | None = None,
     ):
+        """`pattern` (the train glob joined to data.path, as a string) switches to PR #726's
+        seeding (`paths_seed` over it and the shard paths under data.path; `seed` is then unused)."""
+        if exhausted not in ("one", "fresh"):
+            raise ValueError(f"data.coprime_exhausted={exhausted!r} must be one or fresh")
         self.shards = ShardSet(files)
         self.rank, self.world_size = rank, world_size
         self.ramp_batches, self.mix_start, self.mix_end = ramp_batches, mix_start, mix_end
         self.alpha_start, self.alpha_end = alpha_start, alpha_end
-        self.rng = np.random.Generator(np.random.PCG64([fnv1a64([Path(f).name for f in files]), seed]))
+        self.exhausted = exhausted
+        if pattern is None:
+            bits = np.random.PCG64([fnv1a64([Path(f).name for f in files]), seed])
+        else:
+            folder = os.path.dirname(pattern)
+            paths = [os.path.join(folder, Path(f).name) for f in files]
+            bits = np.random.PCG64(paths_seed(pattern, paths, self.shards.num_tokens.tolist()))
+        self.rng = np.random.Generator(bits)
         n = len(self.shards)
         self.cursor = {k: np.zeros(n, dtype=np.int64) for k in _CURSOR_FIELDS}
         self.live = np.zeros(n, dtype=bool)  # cursor drawn at least once
@@ -114,7 +144,9 @@ class CoprimeSampler:
         c = self.cursor
         progress = min(self.batches_built / self.ramp_batches, 1.0)
         fresh = (self.shards.num_tokens[eligible] - 1) // seq_len
-        left = np.maximum(c["blocks"][eligible] - c["taken"][eligible], 1)
+        left = c["blocks"][eligible] - c["taken"][eligible]
+        # a run-out cursor (left == 0) is redrawn when next picked; until then it weighs 1 or fresh
+        left = np.where(left > 0, left, 1 if self.exhausted == "one" else fresh)
         remaining = np.where(self.live[eligible], left, fresh).astype(np.float64)
         alpha = self.alpha_start + (self.alpha_end - self.alpha_start) * progress
         weights = remaining**alpha

@@ -11,6 +11,7 @@ the host. Prefetch changes timing only: batches are identical with it on or off.
 from __future__ import annotations
 
 import importlib
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,6 +158,18 @@ class Loader:
         self.close()
 
 
+def _paths_pattern(cfg: Any) -> str | None:
+    """The train glob as PR #726 hashes it (data.coprime_seed=paths), else None."""
+    if getattr(cfg, "coprime_seed", "run") != "paths":
+        return None
+    if not hasattr(cfg, "path"):
+        raise ValueError(
+            "data.coprime_seed=paths hashes the shard paths under data.path, which this data source has "
+            "not; use data=shards (or fineweb_*) or data.coprime_seed=run"
+        )
+    return os.path.join(str(cfg.path), cfg.train_pattern)
+
+
 def build_loader(cfg: Any, files: list[Path], *, seed: int, rank: int, world_size: int, device: torch.device):
     """The loader `cfg.loader` names, with its `cfg` parameters, for this rank."""
     name = cfg.loader
@@ -185,5 +198,7 @@ def build_loader(cfg: Any, files: list[Path], *, seed: int, rank: int, world_siz
             mix_end=cfg.coprime_mix_end,
             alpha_start=cfg.coprime_alpha_start,
             alpha_end=cfg.coprime_alpha_end,
+            exhausted=getattr(cfg, "coprime_exhausted", "one"),
+            pattern=_paths_pattern(cfg),
         )
     return Loader(name, sampler, rank, world_size, device, prefetch=cfg.prefetch)

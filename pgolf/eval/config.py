@@ -18,6 +18,11 @@ class EvalConfig:
     seq_len: int = 0  # EVAL_SEQ_LEN of sliding windows and TTT; 0: train.seq_len
     stride: int = 64  # EVAL_STRIDE
     batch_seqs: int = 32  # EVAL_BATCH_SEQS: windows per forward and rank (one compiled shape)
+    # Which targets the sliding windows (and score-first TTT) score: `exact` (each once) or `legacy`,
+    # the records' rule before the sliding-window fix (2026-03 scripts, PR #339 / #399 / #726 / R0323),
+    # whose short tail windows score the last `stride` targets again; only for comparing with numbers
+    # published under it. result.json records the rule of each windowed score (metrics.<mode>).
+    window_rule: Literal["exact", "legacy"] = "exact"
 
     def validate(self, path: str) -> None:
         if not self.modes:
@@ -28,6 +33,8 @@ class EvalConfig:
             raise ConfigError(
                 f"{path}: seq_len >= 0 (0: train.seq_len), stride >= 1 and batch_seqs >= 1 are required"
             )
+        if self.window_rule not in ("exact", "legacy"):
+            raise ConfigError(f"{path}.window_rule={self.window_rule!r} must be exact or legacy")
         if self.seq_len and self.stride > self.seq_len:
             raise ConfigError(f"{path}.stride={self.stride} exceeds {path}.seq_len={self.seq_len}")
 

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from pgolf.eval.val import ByteLUT, EvalResult
-from pgolf.eval.windows import check_window, scored_ranges, window_starts
+from pgolf.eval.windows import check_rule, check_window, scored_ranges, window_starts
 
 # nll_fn(x, y, last): per-target NLL of windows x -> y, (B, T); with last > 0 only the last `last`
 # columns, (B, last). The models' `token_nll` has this signature.
@@ -85,8 +85,11 @@ class WindowScorer:
         compile: bool = False,
         record: bool = False,
         tail_only: bool = True,
+        rule: str = "exact",
     ):
         check_window(seq_len, stride)
+        check_rule(rule)
+        self.rule = rule  # eval.window_rule: exact, or the pre-fix records' legacy (windows.py)
         self.nll_fn, self.seq_len, self.stride, self.batch_seqs = nll_fn, seq_len, stride, batch_seqs
         self.lut, self.device, self.amp_dtype = lut, device, amp_dtype
         self.n_targets = int(stream.size) - 1
@@ -102,11 +105,12 @@ class WindowScorer:
             torch.compile(self._batch_sums, dynamic=False, fullgraph=True) if compile else self._batch_sums
         )
 
-    def starts(self) -> np.ndarray:
-        return window_starts(self.n_targets, self.seq_len, self.stride)
+    def starts(self, ttt: bool = False) -> np.ndarray:
+        """The kept windows; `ttt` applies score-first TTT's own filter under the legacy rule."""
+        return window_starts(self.n_targets, self.seq_len, self.stride, self.rule, ttt)
 
     def ranges(self, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return scored_ranges(starts, self.n_targets, self.seq_len, self.stride)
+        return scored_ranges(starts, self.n_targets, self.seq_len, self.stride, self.rule)
 
     @property
     def tail(self) -> int:
@@ -124,7 +128,11 @@ class WindowScorer:
         x, y = tok[:, :-1], tok[:, 1:]
         first_col = L - last if last else 0
         pos = starts[:, None] + self.offsets[None, first_col:L]  # the target index of each column
-        lo = torch.where(starts == 0, starts, starts + (L - self.stride))
+        if self.rule == "legacy":  # the last min(stride, wlen) targets, short tail windows too
+            lo = torch.maximum((starts + L).clamp(max=n) - self.stride, starts)
+            lo = torch.where(starts == 0, starts, lo)
+        else:
+            lo = torch.where(starts == 0, starts, starts + (L - self.stride))
         mask = (pos >= lo[:, None]) & (pos < n) & valid[:, None]
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
             nll = self.nll_fn(x, y, last).float()
@@ -146,6 +154,11 @@ class WindowScorer:
         if self.tail and first.any():  # the window at 0 scores every column: the one-window graph
             self._run(starts[first], 1, 0, sums)
             starts = starts[~first]
+        if self.tail and self.rule == "legacy":
+            # a legacy short window (past n - L) scores columns before its last `stride`: full graph
+            short = starts + self.seq_len > self.n_targets
+            self._run(starts[short], self.batch_seqs, 0, sums)
+            starts = starts[~short]
         self._run(starts, self.batch_seqs, self.tail, sums)
 
     def _run(self, starts: np.ndarray, B: int, last: int, sums: Tensor) -> None:
@@ -180,7 +193,10 @@ class WindowScorer:
         with torch.inference_mode(False):
             self.stream = torch.randint(0, vocab, real.shape, generator=g).to(self.device)
         try:  # both graphs: the batch of tails and the one-window graph for the window at 0
-            for B, last in ((self.batch_seqs, self.tail), (1, 0)) if self.tail else ((self.batch_seqs, 0),):
+            shapes = [(self.batch_seqs, self.tail), (1, 0)] if self.tail else [(self.batch_seqs, 0)]
+            if self.tail and self.rule == "legacy":
+                shapes.append((self.batch_seqs, 0))  # the legacy short windows' full-column graph
+            for B, last in shapes:
                 starts = torch.full((B,), self.stride, dtype=torch.int64, device=self.device)
                 self._batch(starts, torch.ones(B, dtype=torch.bool, device=self.device), last)
             self._warm = True

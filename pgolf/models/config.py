@@ -64,6 +64,7 @@ class GPTModelConfig:
     """
 
     name: str = "layered"
+    BANKED: ClassVar[bool] = False
     vocab_size: int = 1024
     # shape
     num_layers: int = 9
@@ -106,7 +107,9 @@ class GPTModelConfig:
     # two-lane forms: the hidden that leaves; learned = lane_merge m*lane0 + (1-m)*lane1 (R0404)
     parallel_final_lane: Literal["mean", "attn", "mlp", "learned"] = "mean"
     backout: bool = False  # subtract lambda * h_mid before the final norm (PR #339)
-    backout_layer: int = -1  # h_mid = stream after this many executed layers (-1: the U-Net midpoint)
+    # h_mid = the stream after this many executed layers (-1: the U-Net midpoint, num_layers // 2).
+    # PR #339's code takes it after *block index* num_layers // 2, one layer later: 6 at 11 layers.
+    backout_layer: int = -1
     backout_lambda_init: float = 0.2
     # embedding add-ons
     smear_gate: Literal["none", "v2", "v3"] = "none"
@@ -114,6 +117,12 @@ class GPTModelConfig:
     bos_id: int = 1
     bigram_vocab_size: int = 0  # BigramHash buckets (0: off)
     bigram_dim: int = 128
+    # the bigram projection's optimizer: false = scalar Adam (R0323, PR #399); true = Muon with the
+    # block matrices (PR #339); needs the per-layer layout (parallel_muon shards only the banks)
+    bigram_proj_muon: bool = False
+    # with ortho_init, also scale the bigram projection by 1/sqrt(2 num_layers) like the output
+    # projections (PR #339's init treats every `*.proj` linear as one)
+    bigram_proj_scaled_init: bool = False
     ve_enabled: bool = False  # value embeddings
     ve_dim: int = 128
     ve_layers: list[int] = field(default_factory=lambda: [9, 10])
@@ -196,6 +205,12 @@ class GPTModelConfig:
             )
         if self.bigram_vocab_size != 0 and (self.bigram_vocab_size < 2 or self.bigram_dim < 1):
             raise ConfigError(f"{path}.bigram_vocab_size must be 0 (off) or >= 2, with bigram_dim >= 1")
+        if self.bigram_proj_muon and type(self).BANKED:
+            raise ConfigError(
+                f"{path}.bigram_proj_muon routes the bigram projection to Muon, but optimizer=parallel_muon "
+                "shards only the 3-D banks of model=banked; use model=layered (with optimizer=muon) or "
+                f"set {path}.bigram_proj_muon=false"
+            )
         if self.smear_bos_fix and self.smear_gate == "none":
             raise ConfigError(
                 f"{path}.smear_bos_fix applies to the SmearGate; set {path}.smear_gate=v2 or v3"

@@ -179,6 +179,8 @@ class GPT(nn.Module):
                     nn.init.zeros_(m.weight)
                 elif cfg.ortho_init and min(m.weight.shape) >= 64:
                     nn.init.orthogonal_(m.weight, gain=1.0)
+                    if cfg.bigram_proj_scaled_init and name == "bigram.proj":
+                        m.weight.mul_(proj_scale)
 
     # ------------------------------------------------------------------------------ forward
     def _embed(self, ids: Tensor) -> Tensor:
@@ -356,14 +358,15 @@ class GPT(nn.Module):
     def param_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """Optimizer roles: 'matrix' = the banks or the 2-D block matrices (Muon); 'embed' = token,
         bigram and VE tables; 'head' = an untied head; 'scalar' = everything else (control tensors,
-        gates, lambdas, and the small bigram/VE projections, which R0323 steps with scalar Adam)."""
+        gates, lambdas, and the small bigram/VE projections, which R0323 steps with scalar Adam; with
+        `bigram_proj_muon` the bigram projection is a Muon matrix instead, as in PR #339)."""
         slots = bank_slots(self.num_layers)
         matrices = set(BANKS) if self.banked else {n for names in slots.values() for n in names}
         groups: dict[str, list[tuple[str, nn.Parameter]]] = {
             k: [] for k in ("matrix", "scalar", "embed", "head")
         }
         for name, p in self.named_parameters():
-            if name in matrices:
+            if name in matrices or (self.cfg.bigram_proj_muon and name == "bigram.proj.weight"):
                 groups["matrix"].append((name, p))
             elif name in EMBED_TABLES:
                 groups["embed"].append((name, p))

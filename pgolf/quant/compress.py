@@ -40,12 +40,15 @@ def available() -> list[str]:
     return out
 
 
-def compressor(kind: str, level: int) -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]:
-    """(compress, decompress) for `kind` at `level`."""
+def compressor(
+    kind: str, level: int, extreme: bool = False
+) -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]:
+    """(compress, decompress) for `kind` at `level`; `extreme` adds lzma's PRESET_EXTREME."""
     if kind == "zlib":
         return (lambda b: zlib.compress(b, level)), zlib.decompress
     if kind == "lzma":
-        return (lambda b: lzma.compress(b, preset=level)), lzma.decompress
+        preset = level | lzma.PRESET_EXTREME if extreme else level
+        return (lambda b: lzma.compress(b, preset=preset)), lzma.decompress
     if kind == "zstd":
         zstd = _module("zstd")
         return (

@@ -29,12 +29,16 @@ class GroupQuant:
     """How one routing group of large matrices is quantized (TECHNIQUES §2.8)."""
 
     bits: int = 6  # 2..8; codes are stored one per byte, the compressor removes the unused bits
-    clip: Literal["sdclip", "percentile", "search"] = "sdclip"
+    # rowmax: step = max|row| / qmax (PR #339 / #399's int6); search: GPTQ-lite's best percentile
+    clip: Literal["sdclip", "percentile", "rowmax", "search"] = "sdclip"
     sigmas: float = 12.85  # sdclip: per-row step = sigmas * std(row) / (2**(bits-1) - 1)
     percentile: float = 99.99984  # percentile: per-row clip at this quantile of |row|
     gptq: bool = False  # full-Hessian GPTQ (needs calibration); else round to nearest
     floor: bool = False  # percentile/search: the pre-SDClip records' step floor of 1/qmax (§5.10)
     search_per_row: bool = True  # search: best clip per row; false = one per matrix (R0323's code)
+    # percentile without GPTQ: clamp values to the clip and round with the exact fp32 step, storing
+    # it as fp16 afterwards (the 2026-03 records' int8 path); false: codes from the stored fp16 step
+    clip_then_round: bool = False
 
     def validate(self, path: str) -> None:
         if not 2 <= self.bits <= 8:
@@ -43,6 +47,11 @@ class GroupQuant:
             raise ConfigError(f"{path}.sigmas must be positive")
         if not 0.0 < self.percentile <= 100.0:
             raise ConfigError(f"{path}.percentile must be in (0, 100]")
+        if self.clip_then_round and (self.clip != "percentile" or self.gptq):
+            raise ConfigError(
+                f"{path}.clip_then_round is the records' percentile rounding without GPTQ; set "
+                f"{path}.clip=percentile and {path}.gptq=false, or clip_then_round=false"
+            )
 
 
 @dataclass
@@ -80,6 +89,7 @@ class MixedQuantConfig:
     keep_float_max_numel: int = 65_536  # float tensors up to this size ship as float
     compressor: Literal["zlib", "zstd", "lzma", "brotli"] = "brotli"
     level: int = 11  # zlib 0-9, zstd 1-22, lzma preset 0-9, brotli quality 0-11
+    lzma_extreme: bool = False  # lzma: preset level | PRESET_EXTREME (PR #399 / #726: 9 | extreme)
     control_fp32: bool = (
         True  # small control tensors as fp32 (baseline); false: fp16 like all small tensors (records)
     )
@@ -107,6 +117,8 @@ class MixedQuantConfig:
         self.calibration.validate(f"{path}.calibration")
         if self.lqer_rank < 0 or self.lqer_top_k < 0 or not 2 <= self.lqer_factor_bits <= 8:
             raise ConfigError(f"{path}: lqer_rank >= 0, lqer_top_k >= 0 and lqer_factor_bits in 2..8")
+        if self.lzma_extreme and self.compressor != "lzma":
+            raise ConfigError(f"{path}.lzma_extreme applies to quant.compressor=lzma, not {self.compressor}")
         levels = {"zlib": (0, 9), "zstd": (1, 22), "lzma": (0, 9), "brotli": (0, 11)}[self.compressor]
         if not levels[0] <= self.level <= levels[1]:
             raise ConfigError(

@@ -53,6 +53,8 @@ def row_scales(
         return _fp16(sigmas * w.std(dim=1, unbiased=True).nan_to_num(0.0) / m)
     if clip == "percentile":
         return step(_row_quantile(w.abs(), percentile / 100.0))
+    if clip == "rowmax":  # the row's largest magnitude (PR #339 / #399's int6 export)
+        return step(w.abs().amax(dim=1))
     if clip == "search":  # GPTQ-lite: the candidate clip with the least squared error
         best_s = best_err = None
         for p in PERCENTILE_SEARCH:
@@ -66,7 +68,23 @@ def row_scales(
                 better = err < best_err
                 best_s, best_err = torch.where(better, s, best_s), torch.where(better, err, best_err)
         return best_s
-    raise ValueError(f"unknown clip method {clip!r}; choose sdclip, percentile or search")
+    raise ValueError(f"unknown clip method {clip!r}; choose sdclip, percentile, rowmax or search")
+
+
+def clip_then_round(w: Tensor, bits: int, percentile: float, floor: bool) -> tuple[Tensor, Tensor]:
+    """(codes, fp16 step) the way the 2026-03 records' int8 export rounds (their per-row
+    `quantize_float_tensor`): every value is first clamped to the row's percentile clip, the codes
+    come from the exact fp32 step, and only the stored step is rounded to fp16. With the 1/qmax
+    floor the clamp matters: a row whose clip is below 1 keeps its outliers at the clip instead of
+    letting them round past it. `row_scales` + `round_codes` instead use the stored fp16 step and
+    clamp only the codes."""
+    w = w.float()
+    m = qmax(bits)
+    clip = _row_quantile(w.abs(), percentile / 100.0)
+    step = (clip / m).clamp_min(1.0 / m if floor else 0.0)
+    clipped = torch.maximum(torch.minimum(w, clip[:, None]), -clip[:, None])
+    codes = torch.clamp(torch.round(clipped / step[:, None]), -m, m).to(torch.int8)
+    return codes, step.to(torch.float16).float()
 
 
 def _row_quantile(a: Tensor, q: float) -> Tensor:

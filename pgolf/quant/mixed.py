@@ -26,7 +26,7 @@ from torch import Tensor
 from pgolf.models.layers import is_control
 from pgolf.quant.compress import COMPRESSORS, available, compressor, shuffle, unshuffle
 from pgolf.quant.config import GroupQuant, MixedQuantConfig
-from pgolf.quant.gptq import gptq_codes, round_codes, row_scales
+from pgolf.quant.gptq import clip_then_round, gptq_codes, round_codes, row_scales
 from pgolf.quant.hessian import collect_hessians
 from pgolf.quant.selfgen import sample_sequences
 
@@ -149,11 +149,14 @@ class MixedQuant:
                 H = self.hessians.get(name) if g.gptq else None
                 dev = H.device if H is not None else torch.device("cpu")
                 w = t.to(dev, torch.float32)
-                s = row_scales(w, g.bits, g.clip, g.sigmas, g.percentile, g.floor, g.search_per_row)
-                if H is not None:
-                    codes = gptq_codes(w, H, s, g.bits, cfg.block_size, cfg.damp, cfg.act_order)
+                if g.clip_then_round:
+                    codes, s = clip_then_round(w, g.bits, g.percentile, g.floor)
                 else:
-                    codes = round_codes(w, s, g.bits)
+                    s = row_scales(w, g.bits, g.clip, g.sigmas, g.percentile, g.floor, g.search_per_row)
+                    if H is not None:
+                        codes = gptq_codes(w, H, s, g.bits, cfg.block_size, cfg.damp, cfg.act_order)
+                    else:
+                        codes = round_codes(w, s, g.bits)
                 resid = w - codes.float() * s[:, None]
                 err = resid.pow(2).mean() / w.pow(2).mean().clamp_min(1e-30)
                 if self.cfg.lqer_rank:
@@ -245,7 +248,7 @@ class MixedQuant:
         header, sections = self.quantize(state)
         payload = self._assemble(header, sections)
         t1 = time.perf_counter()
-        comp, _ = compressor(self.cfg.compressor, self.cfg.level)
+        comp, _ = compressor(self.cfg.compressor, self.cfg.level, self.cfg.lzma_extreme)
         prefix = MAGIC + bytes([COMPRESSORS.index(self.cfg.compressor)])
         blob = prefix + comp(payload)
         self.stats.pop("prune", None)

@@ -158,20 +158,22 @@ class ScoreFirstTTT:
         sync()
         t0 = time.perf_counter()
         guard = ScoredStream(scorer.stream)
-        starts = scorer.starts()
+        starts = scorer.starts(ttt=True)
         lo, hi = scorer.ranges(starts)
         n_chunks = -(-scorer.n_targets // cfg.chunk_tokens)
-        chunk_of = assign_chunks(starts, scorer.n_targets, L, scorer.stride, cfg.chunk_tokens)
+        chunk_of = assign_chunks(starts, scorer.n_targets, L, scorer.stride, cfg.chunk_tokens, scorer.rule)
         bounds = np.searchsorted(chunk_of, np.arange(n_chunks + 1))  # windows are in chunk order
         params, masks = trainable(model, cfg.freeze_blocks)
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
         sums = torch.zeros(3, dtype=torch.float64, device=scorer.device)
         log(
             f"ttt:score_first chunks:{n_chunks} chunk_tokens:{cfg.chunk_tokens} windows:{starts.size} "
+            f"window_rule:{scorer.rule} "
             f"seq_len:{L} stride:{scorer.stride} lr:{cfg.lr} epochs:{cfg.epochs} freeze_blocks:{cfg.freeze_blocks} "
             f"trainable_params:{sum(p.numel() for p in params):,}"
         )
         every = max(n_chunks // 10, 1)
+        marked = 0  # targets [0, marked) are marked scored in the guard
         for c in range(n_chunks):
             w0, w1 = int(bounds[c]), int(bounds[c + 1])
             if w0 == w1:
@@ -180,7 +182,13 @@ class ScoreFirstTTT:
             model.eval()
             mine = starts[w0:w1][rank_slice(w1 - w0, rank, world_size)]
             scorer.score(mine, sums)
-            guard.mark_scored(int(lo[w0]), int(hi[w1 - 1]))  # the chunk's windows, scored by all ranks
+            # the chunk's windows, scored by all ranks; the legacy rule re-scores targets an earlier
+            # chunk already marked (its short tail windows), which only the exact rule forbids
+            a, b = int(lo[w0]), int(hi[w1 - 1])
+            if scorer.rule == "legacy":
+                a = min(max(a, marked), b)
+            guard.mark_scored(a, b)
+            marked = max(marked, b)
             # 2. train on the chunk, unless it is the last one
             if c == n_chunks - 1 or cfg.epochs == 0:
                 continue
