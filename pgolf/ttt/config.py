@@ -29,6 +29,9 @@ class ScoreFirstTTTConfig:
     batch_seqs: int = 32  # TTT_BATCH_SEQS: training sequences (of eval.seq_len) per step and rank
     grad_clip: float = 1.0  # TTT_GRAD_CLIP (global norm; 0: off)
     freeze_blocks: int = 0  # TTT_FREEZE_BLOCKS: the first N blocks stay fixed (bank slices included)
+    # false: only the frozen blocks' own parameters (`blocks.{i}.*`: gains, scales, mixes) stay
+    # fixed while their matrices inside the banks keep training, as PR #726's banked script does
+    freeze_bank_slices: bool = True
 
     def validate(self, path: str) -> None:
         if self.lr < 0 or not 0 <= self.momentum < 1 or self.epochs < 0 or self.grad_clip < 0:

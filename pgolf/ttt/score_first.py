@@ -36,11 +36,18 @@ def cosine_lr(lr: float, chunk: int, n_chunks: int) -> float:
     return lr * 0.5 * (1.0 + math.cos(math.pi * chunk / max(n_chunks - 1, 1)))
 
 
-def trainable(model: nn.Module, freeze_blocks: int) -> tuple[list[nn.Parameter], dict[nn.Parameter, Tensor]]:
-    """Parameters TTT updates, and gradient masks for banks whose leading slices belong to frozen blocks."""
+def trainable(
+    model: nn.Module, freeze_blocks: int, bank_slices: bool = True
+) -> tuple[list[nn.Parameter], dict[nn.Parameter, Tensor]]:
+    """Parameters TTT updates, and gradient masks for banks whose leading slices belong to frozen blocks.
+
+    `bank_slices=False` freezes only the parameters named `blocks.{i}.` (the frozen layers' matrices
+    inside the banks keep training), which is what PR #726's banked script does.
+    """
     frozen = tuple(f"blocks.{i}." for i in range(freeze_blocks))
     params, masks = [], {}
-    slots = bank_slots(model.num_layers) if freeze_blocks and hasattr(model, "num_layers") else {}
+    with_slots = freeze_blocks and bank_slices and hasattr(model, "num_layers")
+    slots = bank_slots(model.num_layers) if with_slots else {}
     for name, p in model.named_parameters():
         if frozen and name.startswith(frozen):
             continue
@@ -118,7 +125,7 @@ class ScoreFirstTTT:
         scorer.warmup()
         _, sizes = self.plan(scorer.n_targets, scorer.seq_len, world_size)
         snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        params, _ = trainable(model, self.cfg.freeze_blocks)
+        params, _ = trainable(model, self.cfg.freeze_blocks, self.cfg.freeze_bank_slices)
         opt = torch.optim.SGD(params, lr=0.0, momentum=self.cfg.momentum)
         model.train()
         L = scorer.seq_len
@@ -163,7 +170,7 @@ class ScoreFirstTTT:
         n_chunks = -(-scorer.n_targets // cfg.chunk_tokens)
         chunk_of = assign_chunks(starts, scorer.n_targets, L, scorer.stride, cfg.chunk_tokens, scorer.rule)
         bounds = np.searchsorted(chunk_of, np.arange(n_chunks + 1))  # windows are in chunk order
-        params, masks = trainable(model, cfg.freeze_blocks)
+        params, masks = trainable(model, cfg.freeze_blocks, cfg.freeze_bank_slices)
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
         sums = torch.zeros(3, dtype=torch.float64, device=scorer.device)
         log(
