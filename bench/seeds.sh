@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# The seed records side by side on one GPU: each seed PR's own train_gpt.py against
+# `pgolf experiment=prNNN`, same shards, tokenizer, seed, global batch and step count, both through
+# the FA3 stand-in so attention runs the same SDPA kernel (`hardware.attention=fa3` on pgolf's side).
+#
+#   PRS="pr339 pr399 pr726" SIDES="ref pgolf" SEEDS="1337 42" bash bench/seeds.sh
+#
+# Each run is cut once training has finished (the reference's "peak memory" line, pgolf's "trained"
+# line): these runs compare step time, train loss at steps 50/100/150 and parameter counts, and the
+# exports and evals that follow would only spend device time. Everything but the step count, the
+# warmdown (100 of 150 steps, so the schedule is exercised) and the wallclock cap (off) is the PR's
+# own run command on the reference side and the experiment's own defaults on pgolf's side.
+#
+# Needs (git-ignored): .refs/<pr>/train_gpt.py (the seed's script), .bench/fa3_shim,
+# .bench/corpus, .bench/make_shards.py and, on an offline GPU image, the wheels in .whl/.
+set -uo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${OUT:-$REPO/outputs/bench_seeds}
+DATA=${DATA:-/tmp/pgolf_bench/sp1024}
+STEPS=${STEPS:-150}
+WARMDOWN=${WARMDOWN:-100}
+PRS=${PRS:-pr339 pr399 pr726}
+SIDES=${SIDES:-ref pgolf}
+SEEDS=${SEEDS:-1337}
+PGOLF_EXTRA=${PGOLF_EXTRA:-}
+SHIM=${SHIM:-$REPO/.bench/fa3_shim}
+mkdir -p "$OUT" "$DATA"
+source "$REPO/bench/common.sh"
+bench_env "$SHIM" || exit 1
+bench_device_info "$OUT/gpu.txt"
+bench_shards "$DATA" || exit 1
+TOK=$BENCH_TOK
+
+# The PRs' own run commands (their README / PR page), less ITERATIONS, WARMDOWN_ITERS and the cap.
+ref_env() {
+  case "$1" in
+    pr339) echo NUM_LAYERS=11 BIGRAM_VOCAB_SIZE=4096 MUON_WD=0.04 ADAM_WD=0.04 MATRIX_LR=0.025 SCALAR_LR=0.025 \
+      TIED_EMBED_LR=0.035 MUON_MOMENTUM=0.99 MUON_MOMENTUM_WARMUP_START=0.92 MUON_MOMENTUM_WARMUP_STEPS=1500 \
+      EVAL_STRIDE=64 BACKOUT_ENABLED=1 BACKOUT_LAMBDA_INIT=0.2 LAWA_ENABLED=0 INT5_MLP=0 VE_ENABLED=0 ;;
+    pr399) echo NUM_LAYERS=11 BIGRAM_VOCAB_SIZE=2048 XSA_LAST_N=4 EMA_ENABLED=1 EMA_DECAY=0.997 SWA_ENABLED=0 \
+      ROPE_DIMS=16 LN_SCALE=1 LATE_QAT=1 QAT_THRESHOLD=0.1 MUON_WD=0.04 ADAM_WD=0.04 MATRIX_LR=0.025 \
+      SCALAR_LR=0.025 TIED_EMBED_LR=0.035 MUON_MOMENTUM=0.99 MUON_MOMENTUM_WARMUP_START=0.92 \
+      MUON_MOMENTUM_WARMUP_STEPS=1500 EVAL_STRIDE=64 ;;
+    pr726) echo ;;  # the script's defaults are the run (its README: "SEED=1337 torchrun ...")
+  esac
+}
+
+# run_cut LOG PATTERN CMD...: run CMD in its own process group, stop it once LOG matches PATTERN.
+run_cut() {
+  local log=$1 pattern=$2
+  shift 2
+  setsid "$@" > "$log" 2>&1 &
+  local pid=$! t0
+  t0=$(date +%s)
+  while kill -0 "$pid" 2>/dev/null; do
+    if grep -qE "$pattern" "$log"; then
+      sleep 1
+      kill -TERM -- "-$pid" 2>/dev/null
+      break
+    fi
+    if (( $(date +%s) - t0 > ${RUN_LIMIT:-420} )); then
+      echo "time limit: stopping $log"
+      kill -KILL -- "-$pid" 2>/dev/null
+      break
+    fi
+    sleep 1
+  done
+  wait "$pid" 2>/dev/null
+  echo "$(basename "$log"): $(( $(date +%s) - t0 ))s"
+}
+
+run_reference() {  # PR SEED
+  local dir=/tmp/pgolf_bench/ref_$1_$2
+  mkdir -p "$dir" && cd "$dir" || return 1
+  # shellcheck disable=SC2046
+  run_cut "$OUT/ref_$1_s$2.out" "peak memory allocated" env $(ref_env "$1") \
+    DATA_PATH="$DATA" TOKENIZER_PATH="$TOK" SEED="$2" RUN_ID="ref_$1_$2" ITERATIONS="$STEPS" \
+    WARMDOWN_ITERS="$WARMDOWN" MAX_WALLCLOCK_SECONDS=0 VAL_LOSS_EVERY=0 TRAIN_LOG_EVERY=50 \
+    torchrun --standalone --nproc_per_node=1 "$REPO/.refs/$1/train_gpt.py"
+  cd "$REPO" || return 1
+}
+
+run_pgolf() {  # PR SEED
+  cd "$REPO" || return 1
+  # shellcheck disable=SC2086
+  run_cut "$OUT/pgolf_$1_s$2.out" "trained [0-9]+ steps in" python3 -m pgolf.run experiment="$1" data=shards \
+    data.path="$DATA" data.tokenizer_path="$TOK" data.vocab_size=1024 hardware=gpu hardware.attention=fa3 \
+    budget.mode=steps train.iterations="$STEPS" optimizer.warmdown_iters="$WARMDOWN" train.log_every=50 \
+    train.val_every=0 seed="$2" hydra.run.dir="$OUT/pgolf_$1_s$2" $PGOLF_EXTRA
+}
+
+for pr in $PRS; do
+  for seed in $SEEDS; do
+    for side in $SIDES; do
+      case "$side" in
+        ref) run_reference "$pr" "$seed" ;;
+        pgolf) run_pgolf "$pr" "$seed" ;;
+      esac
+    done
+  done
+done
+grep -hE "step:(50|100|150)/|step_avg|peak memory|model_params|params:|trained " "$OUT"/*.out | cut -c1-200
