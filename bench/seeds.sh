@@ -15,7 +15,8 @@
 # .bench/corpus, .bench/make_shards.py and, on an offline GPU image, the wheels in .whl/.
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-OUT=${OUT:-$REPO/outputs/bench_seeds}
+OUT=${OUT:-$REPO/outputs/bench_seeds}      # the logs (*.out); kept small, one file a run
+RUNS=${RUNS:-/tmp/pgolf_bench/runs}        # pgolf's run folders
 DATA=${DATA:-/tmp/pgolf_bench/sp1024}
 STEPS=${STEPS:-150}
 WARMDOWN=${WARMDOWN:-100}
@@ -24,7 +25,7 @@ SIDES=${SIDES:-ref pgolf}
 SEEDS=${SEEDS:-1337}
 PGOLF_EXTRA=${PGOLF_EXTRA:-}
 SHIM=${SHIM:-$REPO/.bench/fa3_shim}
-mkdir -p "$OUT" "$DATA"
+mkdir -p "$OUT" "$DATA" "$RUNS"
 source "$REPO/bench/common.sh"
 bench_env "$SHIM" || exit 1
 bench_device_info "$OUT/gpu.txt"
@@ -86,17 +87,20 @@ run_pgolf() {  # PR SEED
   run_cut "$OUT/pgolf_$1_s$2.out" "trained [0-9]+ steps in" python3 -m pgolf.run experiment="$1" data=shards \
     data.path="$DATA" data.tokenizer_path="$TOK" data.vocab_size=1024 hardware=gpu hardware.attention=fa3 \
     budget.mode=steps train.iterations="$STEPS" optimizer.warmdown_iters="$WARMDOWN" train.log_every=50 \
-    train.val_every=0 seed="$2" hydra.run.dir="$OUT/pgolf_$1_s$2" $PGOLF_EXTRA
+    train.val_every=0 seed="$2" hydra.run.dir="$RUNS/pgolf_$1_s$2" $PGOLF_EXTRA
 }
 
-for pr in $PRS; do
-  for seed in $SEEDS; do
-    for side in $SIDES; do
-      case "$side" in
-        ref) run_reference "$pr" "$seed" ;;
-        pgolf) run_pgolf "$pr" "$seed" ;;
-      esac
-    done
-  done
+# RUNLIST="pr339:pgolf:1337 pr726:ref:1337 ..." runs exactly those, in that order (most wanted first,
+# so a device call that hits its limit still returns the runs that finished); otherwise every
+# combination of PRS x SEEDS x SIDES.
+if [ -z "${RUNLIST:-}" ]; then
+  for pr in $PRS; do for seed in $SEEDS; do for side in $SIDES; do RUNLIST="${RUNLIST:-} $pr:$side:$seed"; done; done; done
+fi
+for item in $RUNLIST; do
+  IFS=: read -r pr side seed <<< "$item"
+  case "$side" in
+    ref) run_reference "$pr" "$seed" ;;
+    pgolf) run_pgolf "$pr" "$seed" ;;
+  esac
 done
 grep -hE "step:(50|100|150)/|step_avg|peak memory|model_params|params:|trained " "$OUT"/*.out | cut -c1-200
