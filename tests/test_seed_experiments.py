@@ -43,7 +43,9 @@ def test_composed_config_equals_the_seed_table(compose, name):
         got = {k: v for k, v in job[section].items() if k not in MACHINE_KEYS.get(section, ())}
         want = table[section]
         missing = sorted(set(got) - set(want))
-        assert not missing, f"{name}: {section} keys not in the seed table (decide their record value): {missing}"
+        assert not missing, (
+            f"{name}: {section} keys not in the seed table (decide their record value): {missing}"
+        )
         diff = {k: (got.get(k), want[k]) for k in want if got.get(k) != want[k]}
         assert not diff, f"{name}: {section} differs from tests/seed_tables/{name}.json (got, table): {diff}"
     for k, v in table["hardware"].items():
@@ -81,6 +83,7 @@ def test_no_experiment_calls_549_seed_001():
 # end to end on CPU, model shrunk
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def small_shards(tmp_path_factory, tokenizer_model) -> Path:
     """A few train shards (the coprime loader mixes several) and a short validation split."""
@@ -95,7 +98,13 @@ def small_shards(tmp_path_factory, tokenizer_model) -> Path:
 SHRINK = {
     "pr339": ["model.num_layers=4", "model.backout_layer=3"],  # after block 2 = 4 // 2, as its code
     "pr399": ["model.num_layers=4"],
-    "pr726": ["model.num_layers=4", "model.ve_layers=[2,3]", "ttt.chunk_tokens=4096", "ttt.batch_seqs=4", "ttt.epochs=1"],
+    "pr726": [
+        "model.num_layers=4",
+        "model.ve_layers=[2,3]",
+        "ttt.chunk_tokens=4096",
+        "ttt.batch_seqs=4",
+        "ttt.epochs=1",
+    ],
 }
 
 
