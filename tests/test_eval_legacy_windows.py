@@ -41,13 +41,23 @@ def legacy_reference(model, toks: np.ndarray, L: int, stride: int, ttt: bool):
     return nll_sum, tokens, nbytes, counts
 
 
-@pytest.mark.parametrize("n_tokens,L,stride", [(100, 16, 5), (65, 16, 4), (64, 16, 16), (40, 8, 3), (9, 16, 5)])
+@pytest.mark.parametrize(
+    "n_tokens,L,stride", [(100, 16, 5), (65, 16, 4), (64, 16, 16), (40, 8, 3), (9, 16, 5)]
+)
 @pytest.mark.parametrize("ttt", [False, True])
 def test_legacy_scorer_matches_the_old_loops(n_tokens, L, stride, ttt):
     model, toks = tiny_model(), stream(n_tokens)
     ref_sum, ref_tokens, ref_bytes, ref_counts = legacy_reference(model, toks, L, stride, ttt)
     sc = WindowScorer(
-        model.token_nll, toks, L, stride, 3, ByteLUT(tables(), CPU), CPU, torch.float32, record=True,
+        model.token_nll,
+        toks,
+        L,
+        stride,
+        3,
+        ByteLUT(tables(), CPU),
+        CPU,
+        torch.float32,
+        record=True,
         rule="legacy",
     )
     sums = torch.zeros(3, dtype=torch.float64)

@@ -46,14 +46,26 @@ def fnv1a64(names: list[str]) -> int:
     return h
 
 
+# PR #726's hash is FNV-1a started from 1469598103934665603: the standard 64-bit offset basis
+# (14695981039346656037) with its last digit missing. Its seeds follow from that value.
+PR726_FNV_OFFSET = 1469598103934665603
+
+
+def _pr726_hash(text: str) -> int:
+    h = PR726_FNV_OFFSET
+    for b in text.encode("utf-8", errors="surrogatepass"):
+        h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
 def paths_seed(pattern: str, paths: list[str], num_tokens: list[int]) -> int:
-    """PR #726's loader seed: FNV-1a of the train glob pattern, then per shard XOR the hash of its
+    """PR #726's loader seed: its hash of the train glob pattern, then per shard XOR the hash of its
     path string and (token count * 0x9E3779B97F4A7C15) mod 2**64. The strings are the reference's
     os.path.join(DATA_PATH, pattern) and its sorted glob results, so the same DATA_PATH string
     (e.g. an absolute path) gives the same seed."""
-    seed = fnv1a64([pattern])
+    seed = _pr726_hash(pattern)
     for path, n in zip(paths, num_tokens):
-        seed ^= fnv1a64([path])
+        seed ^= _pr726_hash(path)
         seed ^= (int(n) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
     return seed
 

@@ -1,0 +1,154 @@
+"""The seed records as experiments (PR #339, #399, #726): each composed config against a table written
+by hand from the PR's own script (tests/seed_tables/), parameter counts against the scripts' own
+model classes, and a seconds-long CPU run of each experiment with the model shrunk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, run_cli
+
+from pgolf.components import MODELS
+from pgolf.config import job_config_from_dict, to_dict
+from pgolf.run import PARENT_ONLY
+
+TABLES = Path(__file__).parent / "seed_tables"
+SEEDS = ("pr339", "pr399", "pr726")
+# Sections a record is made of; every key in them must be in the table (a new key needs a decision).
+SECTIONS = ("train", "budget", "eval", "data", "model", "optimizer", "quant", "ttt")
+# Paths differ per machine; the table does not pin them.
+MACHINE_KEYS = {"data": ("path", "tokenizer_path")}
+# Parameter counts of the PRs' own GPT classes built with their run's settings on the meta device
+# (#399 and #726 also print them in their logs as model_params).
+REFERENCE_PARAMS = {"pr339": 27_092_058, "pr399": 26_829_913, "pr726": 26_993_756}
+
+
+def frozen_job(compose, experiment: str, *extra: str) -> dict:
+    d = compose([f"experiment={experiment}", *extra])
+    for k in PARENT_ONLY:
+        d.pop(k, None)
+    d["job_dir"] = "x"
+    return to_dict(job_config_from_dict(d))
+
+
+@pytest.mark.parametrize("name", SEEDS)
+def test_composed_config_equals_the_seed_table(compose, name):
+    table = json.loads((TABLES / f"{name}.json").read_text())
+    job = frozen_job(compose, name)
+    assert job["label"] == name
+    for section in SECTIONS:
+        got = {k: v for k, v in job[section].items() if k not in MACHINE_KEYS.get(section, ())}
+        want = table[section]
+        missing = sorted(set(got) - set(want))
+        assert not missing, (
+            f"{name}: {section} keys not in the seed table (decide their record value): {missing}"
+        )
+        diff = {k: (got.get(k), want[k]) for k in want if got.get(k) != want[k]}
+        assert not diff, f"{name}: {section} differs from tests/seed_tables/{name}.json (got, table): {diff}"
+    for k, v in table["hardware"].items():
+        assert job["hardware"][k] == v, (name, k)
+
+
+@pytest.mark.parametrize("name", SEEDS)
+def test_parameter_count_equals_the_reference_scripts(compose, name):
+    job = job_config_from_dict({**frozen_job(compose, name)})
+    with torch.device("meta"):
+        model = MODELS.build(job.model)
+    assert sum(p.numel() for p in model.parameters()) == REFERENCE_PARAMS[name]
+
+
+def test_pr726_ttt_freezes_what_its_script_froze(compose):
+    """Its log: `ttt_sliding:params unfrozen=26989644 frozen=4112` (two blocks' own parameters)."""
+    from pgolf.ttt.score_first import trainable
+
+    job = job_config_from_dict(frozen_job(compose, "pr726"))
+    with torch.device("meta"):
+        model = MODELS.build(job.model)
+    params, masks = trainable(model, job.ttt.freeze_blocks, job.ttt.freeze_bank_slices)
+    trained = sum(p.numel() for p in params)
+    assert not masks
+    assert trained == 26_989_644
+    assert sum(p.numel() for p in model.parameters()) - trained == 4_112
+
+
+def test_no_experiment_calls_549_seed_001():
+    for path in list((REPO / "conf").rglob("*.yaml")):
+        assert "seed-001" not in path.read_text(), path
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end on CPU, model shrunk
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory, tokenizer_model) -> Path:
+    """A few train shards (the coprime loader mixes several) and a short validation split."""
+    from pgolf.data.build import export_shards
+    from pgolf.data.embedded import collect_documents
+
+    out = tmp_path_factory.mktemp("seed_shards")
+    export_shards(tokenizer_model, collect_documents()[:60], out, val_docs=2, shard_tokens=12_000)
+    return out
+
+
+SHRINK = {
+    "pr339": ["model.num_layers=4", "model.backout_layer=3"],  # after block 2 = 4 // 2, as its code
+    "pr399": ["model.num_layers=4"],
+    "pr726": [
+        "model.num_layers=4",
+        "model.ve_layers=[2,3]",
+        "ttt.chunk_tokens=4096",
+        "ttt.batch_seqs=4",
+        "ttt.epochs=1",
+    ],
+}
+
+
+@pytest.mark.parametrize("name", SEEDS)
+def test_experiment_runs_end_to_end_on_cpu(name, small_shards, tokenizer_model, tmp_path):
+    args = [
+        f"experiment={name}",
+        "data=shards",
+        f"data.path={small_shards}",
+        f"data.tokenizer_path={tokenizer_model}",
+        "data.vocab_size=400",
+        "model.model_dim=64",
+        "model.num_heads=2",
+        "model.num_kv_heads=1",
+        "model.bigram_vocab_size=64",
+        "model.bigram_dim=32",
+        "model.ve_dim=32",
+        "hardware=cpu",
+        "budget.mode=steps",
+        "train.iterations=4",
+        "train.seq_len=64",
+        "train.batch_tokens=2048",
+        "train.prime_steps=1",
+        "train.log_every=1",
+        "train.val_every=0",
+        "train.val_batch_tokens=2048",
+        "train.grad_accum_base=1",
+        "eval.seq_len=64",
+        "eval.stride=32",
+        "eval.batch_seqs=4",
+        "optimizer.warmdown_iters=3",
+        "wandb.mode=disabled",
+        *SHRINK[name],
+    ]
+    if name == "pr339":
+        args += ["optimizer.swa_every=2"]  # lr scale 1, 1, 2/3, 1/3: one snapshot, after step 4
+    proc = run_cli(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["status"] == "ok" and result["label"] == name
+    assert result["steps"] == 4
+    assert result["metrics"]["sliding"]["window_rule"] == "exact"
+    final = "score_first" if name == "pr726" else "sliding"
+    assert result["final_mode"] == final and result["final_window_rule"] == "exact"
+    assert result["quant"]["compressor"] == {"pr339": "zstd", "pr399": "lzma", "pr726": "lzma"}[name]
+    if name == "pr339":
+        assert result["optimizer"]["averaging"] == {"mode": "swa", "every": 2, "count": 1, "first_step": 4}
