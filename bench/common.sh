@@ -36,3 +36,56 @@ bench_shards() {
     echo "shards: $(( $(date +%s) - t0 ))s"
   fi
 }
+
+# bench_gpu_idle: return 1 (after waiting up to GPU_IDLE_WAIT seconds, default 120) while another
+# process holds memory on the GPU. A run that shares the GPU measures both: a pgolf run left going by
+# an earlier device call made the next call's `experiment=pr339` run at 1440 ms/step, 2.1x its
+# 680 ms alone. Memory is used rather than the process list, which a container's PID namespace hides.
+bench_gpu_idle() {
+  command -v nvidia-smi > /dev/null || return 0
+  local waited=0 used
+  while true; do
+    used=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | sort -n | tail -1)
+    if (( ${used:-0} <= ${GPU_IDLE_MIB:-1024} )); then
+      return 0
+    fi
+    if (( waited >= ${GPU_IDLE_WAIT:-120} )); then
+      echo "GPU busy: ${used} MiB held by another process after ${waited}s; its timings would be shared." \
+        "A run left by an earlier call? Give the machine back (or end that process) and run again." >&2
+      nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader >&2
+      return 1
+    fi
+    sleep 5
+    waited=$((waited + 5))
+  done
+}
+
+# run_cut LOG PATTERN CMD...: run CMD in its own process group, stop it once LOG matches PATTERN
+# (or after RUN_LIMIT seconds, default 420). The group stays in this shell's session: job control
+# (set -m), never setsid. The device machine ends every process of a command's session when the
+# command returns or runs out of time, but a new session runs on until the machine goes back: a run
+# started with setsid by a call that hit its limit kept the GPU busy into the next call.
+run_cut() {
+  local log=$1 pattern=$2
+  shift 2
+  set -m # the next background job leads a process group of its own: kill -- -PID reaches its workers
+  "$@" > "$log" 2>&1 &
+  local pid=$! t0
+  set +m
+  t0=$(date +%s)
+  while kill -0 "$pid" 2> /dev/null; do
+    if grep -qE "$pattern" "$log"; then
+      sleep 1
+      kill -TERM -- "-$pid" 2> /dev/null
+      break
+    fi
+    if (($(date +%s) - t0 > ${RUN_LIMIT:-420})); then
+      echo "time limit: stopping $log"
+      kill -KILL -- "-$pid" 2> /dev/null
+      break
+    fi
+    sleep 1
+  done
+  wait "$pid" 2> /dev/null
+  echo "$(basename "$log"): $(($(date +%s) - t0))s"
+}

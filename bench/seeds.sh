@@ -46,30 +46,6 @@ ref_env() {
   esac
 }
 
-# run_cut LOG PATTERN CMD...: run CMD in its own process group, stop it once LOG matches PATTERN.
-run_cut() {
-  local log=$1 pattern=$2
-  shift 2
-  setsid "$@" > "$log" 2>&1 &
-  local pid=$! t0
-  t0=$(date +%s)
-  while kill -0 "$pid" 2>/dev/null; do
-    if grep -qE "$pattern" "$log"; then
-      sleep 1
-      kill -TERM -- "-$pid" 2>/dev/null
-      break
-    fi
-    if (( $(date +%s) - t0 > ${RUN_LIMIT:-420} )); then
-      echo "time limit: stopping $log"
-      kill -KILL -- "-$pid" 2>/dev/null
-      break
-    fi
-    sleep 1
-  done
-  wait "$pid" 2>/dev/null
-  echo "$(basename "$log"): $(( $(date +%s) - t0 ))s"
-}
-
 run_reference() {  # PR SEED
   local dir=/tmp/pgolf_bench/ref_$1_$2
   mkdir -p "$dir" && cd "$dir" || return 1
@@ -99,8 +75,8 @@ fi
 for item in $RUNLIST; do
   IFS=: read -r pr side seed <<< "$item"
   case "$side" in
-    ref) run_reference "$pr" "$seed" ;;
-    pgolf) run_pgolf "$pr" "$seed" ;;
-  esac
+    ref) bench_gpu_idle && run_reference "$pr" "$seed" ;;
+    pgolf) bench_gpu_idle && run_pgolf "$pr" "$seed" ;;
+  esac || exit 1  # a busy GPU: every later timing would be shared too
 done
 grep -hE "step:(50|100|150)/|step_avg|peak memory|model_params|params:|trained " "$OUT"/*.out | cut -c1-200

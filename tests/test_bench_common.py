@@ -1,0 +1,134 @@
+"""bench/common.sh helpers the GPU benches rely on for honest timings (run on CPU, no GPU needed).
+
+A seed bench run once measured `experiment=pr339` at 1440 ms/step, 2.1x its 680 ms: the run shared
+the GPU with one that an earlier device call had started with `setsid`. The device machine ends
+every process of a command's session when the command returns or runs out of time, but lets a new
+session run on. These tests play the machine's part: they end the caller's session and check that
+nothing run_cut started outlives it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+COMMON = REPO / "bench" / "common.sh"
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, session id) of a live process, None once it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp session ...
+    return fields[0], int(fields[3])
+
+
+def _alive(pid: int) -> bool:
+    st = _stat(pid)
+    return st is not None and st[0] not in ("Z", "X")  # a zombie no longer runs
+
+
+def _wait_for(predicate, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def _end_session(sid: int) -> None:
+    """What the device machine does when a command returns: SIGKILL every process of its session."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            st = _stat(int(entry.name))
+            if st is not None and st[1] == sid:
+                try:
+                    os.kill(int(entry.name), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def _bench_shell(script: str, tmp_path: Path, env: dict | None = None, **kw) -> subprocess.Popen:
+    full = f'REPO={REPO}; source "{COMMON}"; {script}'
+    return subprocess.Popen(
+        ["bash", "-c", full], cwd=tmp_path, env=dict(os.environ, **(env or {})), text=True, **kw
+    )
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_run_cut_child_dies_with_the_calling_session(tmp_path):
+    pid_file = tmp_path / "child.pid"
+    # The child records its pid, then runs far longer than the test (never printing the pattern).
+    child = f"bash -c 'echo $$ > {pid_file}; exec sleep 300'"
+    shell = _bench_shell(
+        f'run_cut "{tmp_path}/run.out" NEVER_PRINTED {child}', tmp_path, start_new_session=True
+    )
+    try:
+        assert _wait_for(lambda: pid_file.exists() and pid_file.read_text().strip(), 10), (
+            "child never started"
+        )
+        child_pid = int(pid_file.read_text())
+        assert _alive(child_pid)
+        _end_session(shell.pid)  # the calling command ran out of time
+        shell.wait(timeout=10)
+        survived = not _wait_for(lambda: not _alive(child_pid), 5)
+    finally:
+        if shell.poll() is None:
+            shell.kill()
+        if pid_file.exists() and _alive(int(pid_file.read_text())):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)  # the test's own child, by its pid
+    assert not survived, (
+        "run_cut's run outlived the session that started it: on the device machine it would go on using "
+        "the GPU during the next call (setsid?)"
+    )
+
+
+def test_run_cut_stops_the_whole_group_once_the_pattern_appears(tmp_path):
+    pid_file = tmp_path / "grandchild.pid"
+    # A launcher whose worker (the grandchild) keeps running, as torchrun's do.
+    child = f"bash -c 'sleep 300 & echo $! > {pid_file}; echo trained 3 steps in 1s; wait'"
+    shell = _bench_shell(f'run_cut "{tmp_path}/run.out" "trained [0-9]+ steps in" {child}', tmp_path)
+    try:
+        shell.wait(timeout=30)
+        worker = int(pid_file.read_text())
+        assert _wait_for(lambda: not _alive(worker), 5), "the launcher's worker survived the cut"
+    finally:
+        if shell.poll() is None:
+            shell.kill()
+        if pid_file.exists() and _alive(int(pid_file.read_text())):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    assert shell.returncode == 0
+    assert "trained 3 steps" in (tmp_path / "run.out").read_text()
+
+
+def _fake_nvidia_smi(tmp_path: Path, used_mib: int) -> dict:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    tool = bin_dir / "nvidia-smi"
+    tool.write_text(
+        "#!/bin/sh\n"
+        'case "$*" in *query-gpu=memory.used*) echo ' + str(used_mib) + " ;;\n"
+        "  *query-compute-apps*) echo '4242, python3, " + str(used_mib) + " MiB' ;; esac\n"
+    )
+    tool.chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "GPU_IDLE_WAIT": "0"}
+
+
+@pytest.mark.parametrize("used_mib, idle", [(3, True), (22300, False)])
+def test_bench_gpu_idle_refuses_a_gpu_another_process_holds(tmp_path, used_mib, idle):
+    shell = _bench_shell(
+        "bench_gpu_idle", tmp_path, _fake_nvidia_smi(tmp_path, used_mib), stderr=subprocess.PIPE
+    )
+    _, err = shell.communicate(timeout=30)
+    assert (shell.returncode == 0) == idle
+    if not idle:
+        assert "GPU busy: 22300 MiB" in err and "4242" in err
