@@ -85,11 +85,19 @@ def _merge_manifest(path: Path, dataset: dict, tokenizer: dict, shard_tokens: in
 def cmd_build(args: argparse.Namespace) -> None:
     import sentencepiece as spm
 
-    from pgolf.data.build import export_shards, read_documents, train_tokenizer
+    from pgolf.data.build import (
+        check_val_docs,
+        export_shards,
+        read_documents,
+        tokenizer_sentences,
+        train_tokenizer,
+    )
 
     for p in args.input:
         if not Path(p).is_file():
             raise SystemExit(f"--input {p}: no such file")
+    # Before the tokenizer trains (minutes on a large input): reads only the first --val-docs + 1.
+    check_val_docs(read_documents(args.input, args.text_field), args.val_docs, "--input")
     root = Path(args.root).expanduser()
     (root / "tokenizers").mkdir(parents=True, exist_ok=True)
     if args.tokenizer:
@@ -102,7 +110,9 @@ def cmd_build(args: argparse.Namespace) -> None:
         vocab = args.vocab_size
         model = root / "tokenizers" / f"fineweb_{vocab}_bpe.model"
         print(f"build: training a {vocab}-piece SentencePiece BPE tokenizer -> {model}", file=sys.stderr)
-        train_tokenizer(read_documents(args.input, args.text_field), vocab, model, args.tokenizer_train_docs)
+        train_tokenizer(
+            tokenizer_sentences(args.input, args.text_field), vocab, model, args.tokenizer_train_docs
+        )
     variant = args.name or f"sp{vocab}"
     out = root / "datasets" / f"fineweb10B_{variant}"
     stats = export_shards(
@@ -172,7 +182,12 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--vocab-size", type=int, default=1024)
     b.add_argument("--val-docs", type=int, default=50_000, help="the first N documents are validation")
     b.add_argument("--tokenizer", default=None, help="use this SentencePiece model instead of training one")
-    b.add_argument("--tokenizer-train-docs", type=int, default=None, help="train on the first N documents")
+    b.add_argument(
+        "--tokenizer-train-docs",
+        type=int,
+        default=None,
+        help="train the tokenizer on the first N documents (of a text file: its chunks of <= 4 KB)",
+    )
     b.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help="tokens per shard (default 1e8)")
     b.add_argument("--text-field", default="text", help="the JSON field holding the text (default 'text')")
     b.add_argument("--name", default=None, help="variant name (default sp<vocab>)")
