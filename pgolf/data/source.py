@@ -57,6 +57,31 @@ def _load_tokenizer(path: Path, vocab_size: int):
     return sp
 
 
+def check_disjoint(train: list[Path], val: list[Path], train_pattern: str, val_pattern: str) -> None:
+    """No file may be both train and validation data. The message blames the pattern that reaches
+    into the other split's files (the one matching a strict superset), or both when neither does."""
+    both = sorted(set(train) & set(val))
+    if not both:
+        return
+    t, v = set(train), set(val)
+    keys = {"train": f"data.train_pattern={train_pattern!r}", "val": f"data.val_pattern={val_pattern!r}"}
+    example = f"{both[0].name}{', ...' if len(both) > 1 else ''}; {len(both)} file(s)"
+    if v < t:  # the train pattern swallows the validation files
+        raise ShardError(
+            f"{keys['train']} also matches the validation files of {keys['val']} ({example}); training on "
+            "validation data is not allowed: narrow data.train_pattern (e.g. 'fineweb_train_*.bin')"
+        )
+    if t < v:
+        raise ShardError(
+            f"{keys['val']} also matches the training files of {keys['train']} ({example}); scoring on "
+            "training data is not allowed: narrow data.val_pattern (e.g. 'fineweb_val_*.bin')"
+        )
+    raise ShardError(
+        f"{keys['train']} and {keys['val']} both match {example}; a shard is train or validation, never "
+        "both: make the two patterns select disjoint files (e.g. 'fineweb_train_*.bin' and 'fineweb_val_*.bin')"
+    )
+
+
 def open_shards(
     folder: Path, train_pattern: str, val_pattern: str, tokenizer: Path, vocab_size: int
 ) -> DataSource:
@@ -64,12 +89,7 @@ def open_shards(
         raise ShardError(f"data.path={folder} is not a directory; download or build shards into it first")
     train = shard_files(folder, train_pattern, "train")
     val = shard_files(folder, val_pattern, "validation")
-    overlap = sorted(set(train) & set(val))
-    if overlap:
-        raise ShardError(
-            f"train pattern {train_pattern!r} also matches validation files ({overlap[0].name}, ...); "
-            "training on validation data is not allowed: fix data.train_pattern"
-        )
+    check_disjoint(train, val, train_pattern, val_pattern)
     train_n = sum(read_header(f) for f in train)  # headers and sizes of every shard, once
     val_n = sum(read_header(f) for f in val)
     sp = _load_tokenizer(tokenizer, vocab_size)
