@@ -50,7 +50,9 @@ def _cfg(loader: str, prefetch: int) -> SimpleNamespace:
 @pytest.mark.parametrize("loader", ["sequential", "coprime", "shuffled"])
 def test_an_id_beyond_vocab_is_named_by_file_and_offset(folder, tokenizer_model, loader, prefetch):
     src = open_shards(folder, "fineweb_train_*.bin", "fineweb_val_*.bin", tokenizer_model, VOCAB)  # passes
-    ld = build_loader(_cfg(loader, prefetch), src.train_files, seed=0, rank=0, world_size=1, device=torch.device("cpu"))
+    ld = build_loader(
+        _cfg(loader, prefetch), src.train_files, seed=0, rank=0, world_size=1, device=torch.device("cpu")
+    )
     emb = torch.nn.Embedding(VOCAB, 4)
     seen = 0
     with pytest.raises((ShardError, RuntimeError)) as e:
