@@ -217,9 +217,12 @@ def resume(job_dir: Path, task_overrides: list[str]) -> float:
         frozen["job_dir"] = str(job_dir)
         write_json_atomic(job_dir / "config.json", frozen)
     job_config_from_dict(frozen)
-    from pgolf.checkpoint import latest_step
+    from pgolf.checkpoint import CheckpointError, latest_step
 
-    step = latest_step(job_dir)
+    try:
+        step = latest_step(job_dir)
+    except CheckpointError as e:
+        sys.exit(f"pgolf: resume={job_dir}: {e}")
     print(
         f"pgolf: resuming {job_dir} from "
         + (f"its checkpoint at step {step}" if step is not None else "the start (it has no checkpoint)"),
