@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from pgolf.config import CheckpointConfig
-from pgolf.results import read_json, write_json_atomic
+from pgolf.results import atomic_file, read_json, write_json_atomic
 
 CKPT_DIR = "checkpoint"
 LATEST = "latest.json"
@@ -162,19 +162,23 @@ class _HashingWriter:
         self.f.flush()
 
 
+def _tensor_bytes(obj: Any) -> int:
+    """The tensor payload of a (nested) state: about what torch.save writes, for a full-disk message."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
 def _save_atomic(obj: Any, path: Path) -> dict[str, Any]:
-    """torch.save through a temp file and a rename; returns the file's {"bytes", "sha256"}."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            writer = _HashingWriter(f)
-            torch.save(obj, writer)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk or a kill mid-write leaves no temp file behind
-        raise
+    """torch.save through a temp file and a rename (none is left behind on failure); returns the
+    file's {"bytes", "sha256"}."""
+    with atomic_file(path, needed=_tensor_bytes(obj), tmp_name=f".{path.name}.tmp") as f:
+        writer = _HashingWriter(f)
+        torch.save(obj, writer)
     return {"bytes": writer.bytes, "sha256": writer.sha.hexdigest()}
 
 

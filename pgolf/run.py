@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pgolf.config import GROUPS, PARENT_ONLY, job_config_from_dict, to_dict
 from pgolf.registry import ConfigError
-from pgolf.results import read_json, write_json_atomic
+from pgolf.results import is_disk_full, read_json, write_json_atomic
 from pgolf.slots import GpuSlots, SlotLease, register_resolvers, visible_devices
 
 register_resolvers()  # before Hydra composes, here and in every joblib worker that imports us
@@ -119,10 +119,21 @@ def launch(frozen: dict, job_dir: Path, in_process: bool = True, env: dict[str, 
         try:
             run_job(job_dir)
             return 0
+        except KeyboardInterrupt:  # recorded as "interrupted by the user" by the worker
+            return 130
         except Exception:  # recorded in result.json by the worker; run_one reports it
             return 1
     full_env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), **(env or {}))
     return subprocess.call(worker_command(nproc, job_dir), env=full_env)
+
+
+def _record(result_path: Path, result: dict) -> None:
+    """Write the verdict; if that fails (a full disk), say so in its error instead of raising."""
+    try:
+        write_json_atomic(result_path, result)
+    except OSError as e:
+        why = "no space left on the device" if is_disk_full(e) else str(e)
+        result["error"] = f"{result.get('error', 'unknown error')}; {result_path.name} not written: {why}"
 
 
 def finish(job_dir: Path, code: int, multirun: bool, extra: dict | None = None) -> float:
@@ -145,10 +156,10 @@ def finish(job_dir: Path, code: int, multirun: bool, extra: dict | None = None) 
             "error": f"worker exited with code {code}{detail}",
             "returncode": code,
         }
-        write_json_atomic(result_path, result)
+        _record(result_path, result)
     if extra:
         result.update(extra)
-        write_json_atomic(result_path, result)
+        _record(result_path, result)
     if result.get("status") == "ok":
         b = result["bytes"]
         print(

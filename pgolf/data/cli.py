@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from pgolf.data.shards import SHARD_TOKENS
+from pgolf.results import write_text_atomic
 
 
 def default_root() -> str:
@@ -77,9 +78,7 @@ def _merge_manifest(path: Path, dataset: dict, tokenizer: dict, shard_tokens: in
     manifest.update(version="pgolf-build-1", shard_size=shard_tokens, num_val_docs=val_docs)
     for key, entry in (("datasets", dataset), ("tokenizers", tokenizer)):
         manifest[key] = [e for e in manifest.get(key, []) if e.get("name") != entry["name"]] + [entry]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(manifest, indent=2) + "\n")
 
 
 def cmd_build(args: argparse.Namespace) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 from pgolf.data.shards import ShardError, read_header
+from pgolf.results import write_text_atomic
 
 # Where each variant is published (the SP4096/SP8192 records' READMEs point at the second repo).
 DEFAULT_REPOS = {
@@ -249,10 +250,7 @@ def load_manifest(source: Source, remote_root: str, local_copy: Path, log: Calla
             raise DownloadError(f"cannot read {remote} from {source}: {type(e).__name__}: {e}") from e
         log(f"download: {source} unreachable ({type(e).__name__}); using the saved {local_copy}")
         return json.loads(local_copy.read_text(encoding="utf-8"))
-    local_copy.parent.mkdir(parents=True, exist_ok=True)
-    tmp = local_copy.with_name(local_copy.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, local_copy)
+    write_text_atomic(local_copy, text)
     return manifest
 
 

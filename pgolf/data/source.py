@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ import numpy as np
 from pgolf.data.bpb import ByteTables, build_byte_tables
 from pgolf.data.config import EmbeddedDataConfig, ShardDataConfig
 from pgolf.data.shards import ShardError, check_vocab, load_tokens, read_header, shard_files
+from pgolf.results import write_json_atomic
 
 
 @dataclass
@@ -163,9 +163,7 @@ def ensure_embedded(cfg: EmbeddedDataConfig, log=print) -> Path:
         log(f"embedded corpus: trained a {cfg.vocab_size}-piece SentencePiece BPE tokenizer")
         counts = export_shards(model, docs, folder, val_docs=cfg.val_docs)
         log(f"embedded corpus: {counts['train']:,} train and {counts['val']:,} val tokens")
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"documents": len(docs), "bytes": n_bytes, **counts}))
-        os.replace(tmp, done)
+        write_json_atomic(done, {"documents": len(docs), "bytes": n_bytes, **counts})
     return folder
 
 
