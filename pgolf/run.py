@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pgolf.config import GROUPS, PARENT_ONLY, job_config_from_dict, to_dict
 from pgolf.registry import ConfigError
-from pgolf.results import is_disk_full, read_json, write_json_atomic
+from pgolf.results import DiskFullError, is_disk_full, read_json, write_json_atomic
 from pgolf.slots import GpuSlots, SlotLease, register_resolvers, visible_devices
 
 register_resolvers()  # before Hydra composes, here and in every joblib worker that imports us
@@ -252,6 +252,8 @@ def run_one(cfg: DictConfig) -> float:
         return _run_job(cfg, job_dir, multirun)
     except Exception as e:
         if not multirun:
+            if isinstance(e, DiskFullError):  # names the file and the bytes: a traceback adds nothing
+                sys.exit(f"pgolf: {e}")
             raise
         # Never raise into Hydra from a sweep job: the basic sweeper would re-raise it, abort the
         # remaining jobs and skip on_multirun_end, i.e. the summary (ECOSYSTEM §c2, §e1.4).

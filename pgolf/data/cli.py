@@ -198,8 +198,11 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     from pgolf.data.download import DownloadError
+    from pgolf.results import DiskFullError
 
+    # RuntimeError: what sentencepiece raises
+    known = (DownloadError, ValueError, FileNotFoundError, RuntimeError, DiskFullError)
     try:
         args.func(args)
-    except (DownloadError, ValueError, FileNotFoundError, RuntimeError) as e:  # RuntimeError: sentencepiece
+    except known as e:
         raise SystemExit(f"pgolf.data {args.command}: {e}") from None
