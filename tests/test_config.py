@@ -312,11 +312,14 @@ def test_conf_dirs_match_groups():
         ("train.log_every=-1", r"^train\.log_every=-1 must be >= 0"),
         ("train.val_batch_tokens=0", r"^train\.val_batch_tokens=0 must be >= 1"),
         ("budget.eval_seconds=-1", r"^budget\.eval_seconds=-1\.0 must be >= 0"),
+        ("ttt=lora ttt.beta2=1", r"^ttt\.beta2=1\.0 must be in \[0, 1\)"),
+        ("ttt=phased ttt.global_momentum=1.5", r"^ttt\.global_momentum=1\.5 must be in \[0, 1\)"),
+        ("ttt=phased ttt.global_lr=-1", r"^ttt\.global_lr=-1\.0 must be >= 0"),
     ],
 )
 def test_nonsense_values_are_refused_by_key(compose, override, pattern):
     with pytest.raises(ConfigError, match=pattern):
-        job_config_from_dict(compose([override]))
+        job_config_from_dict(compose(override.split()))
 
 
 @pytest.mark.parametrize("override", ["seed=0", f"seed={2**32 - 1}", "optimizer.matrix_lr=0"])
