@@ -12,7 +12,7 @@ import traceback
 from pathlib import Path
 
 from pgolf.config import job_config_from_dict
-from pgolf.results import is_disk_full, read_json, write_json_atomic
+from pgolf.results import DiskFullError, disk_full, is_disk_full, read_json, write_json_atomic
 
 
 def _rank() -> int:
@@ -29,12 +29,16 @@ def _finish_together() -> None:
         dist.barrier()
 
 
-def describe_error(e: BaseException) -> str:
+def describe_error(e: BaseException, job_dir: Path | None = None) -> str:
     """The `error` of a failed result.json: what happened, in words a user acts on."""
     if isinstance(e, KeyboardInterrupt):
         return (
-            "interrupted by the user (Ctrl-C / SIGINT); resume=<job_dir> continues from a checkpoint, if any"
+            "interrupted by the user (Ctrl-C / SIGINT); resume=<job_dir> runs it again "
+            "(from its checkpoint, if any)"
         )
+    if is_disk_full(e) and not isinstance(e, DiskFullError):  # a write outside the atomic writers (a log)
+        where = getattr(e, "filename", None) or job_dir or "."
+        return f"DiskFullError: {disk_full(where, None)}"
     return f"{type(e).__name__}: {e}"
 
 
@@ -51,7 +55,7 @@ def run_job(job_dir: str | Path) -> dict:
         _finish_together()
         return result
     except BaseException as e:
-        error = describe_error(e)
+        error = describe_error(e, job_dir)
         # Recording the failure must not bury it: on a full disk these writes fail too, and their
         # errors would be chained onto the original one. A note on stderr is all they get.
         try:
@@ -73,7 +77,12 @@ def run_job(job_dir: str | Path) -> dict:
         raise
     finally:
         if trainer is not None:
-            trainer.close()
+            try:
+                trainer.close()
+            except OSError as close_error:  # e.g. flushing the log to a full disk: never hide the real error
+                print(
+                    f"pgolf: closing the run failed: {describe_error(close_error, job_dir)}", file=sys.stderr
+                )
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():

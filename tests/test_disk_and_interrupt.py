@@ -151,3 +151,19 @@ def test_ctrl_c_is_recorded_as_an_interruption(tmp_path, shard_dir, tokenizer_mo
     assert result["error"].startswith("interrupted by the user (Ctrl-C / SIGINT)")
     assert "pgolf: job failed: interrupted by the user" in err
     assert "Traceback" not in err, err[-3000:]
+
+
+def test_a_full_disk_outside_the_atomic_writers_is_described(tmp_path):
+    """A log line or any other plain write that hits a full disk is recorded in the same words."""
+    from pgolf.train import describe_error
+
+    log = tmp_path / "train.log"
+    text = describe_error(OSError(errno.ENOSPC, "No space left on device", str(log)), tmp_path)
+    assert text.startswith(f"DiskFullError: no space left on the device for {log}: it needs more space, ")
+    assert "bytes free" in text
+    wrapped = RuntimeError("[enforce fail at inline_container.cc] unexpected pos")
+    wrapped.__context__ = OSError(errno.ENOSPC, "No space left on device")  # as torch.save raises it
+    assert describe_error(wrapped, tmp_path).startswith(
+        f"DiskFullError: no space left on the device for {tmp_path}"
+    )
+    assert describe_error(ValueError("bad")) == "ValueError: bad"
