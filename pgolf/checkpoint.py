@@ -2,7 +2,7 @@
 
 Layout, in the job folder:
 
-    checkpoint/latest.json             {"step", "dir", "world_size", "fingerprint"}: the commit point
+    checkpoint/latest.json             {"step", "dir", "world_size", "fingerprint", "files"}: the commit point
     checkpoint/step_000120/rank0.pt    model (canonical per-layer names), optimizer (Adam + this rank's Muon momentum),
     checkpoint/step_000120/rank1.pt    loader position, RNG states, step, training ms, loss history
 
@@ -16,10 +16,18 @@ Checkpoints are taken every `checkpoint.every_steps` steps, or every `checkpoint
 training time. Time differs between ranks, so that decision travels with the trainer's lagged stop
 flags (MAX over ranks) and every rank checkpoints at the same step. Saving pauses the clock, as
 validation does.
+
+`latest.json` records the size and SHA-256 of every rank's file (hashed while it is written; each
+rank leaves its digest in `rankN.json` beside its file for rank 0 to collect). A resume checks them
+before unpickling, so a bit flip or a truncated copy is reported by file instead of surfacing as a
+torch or pickle error, or not at all. Every problem raises CheckpointError naming the file and the fix.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import os
 import random
 import shutil
@@ -32,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from pgolf.config import CheckpointConfig
-from pgolf.results import read_json, write_json_atomic
+from pgolf.results import atomic_file, read_json, write_json_atomic
 
 CKPT_DIR = "checkpoint"
 LATEST = "latest.json"
@@ -41,9 +49,44 @@ LATEST = "latest.json"
 FAULT_ENV = "PGOLF_FAULT_KILL_AFTER_STEP"
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be resumed from; the message names the file, what is wrong and the fix."""
+
+
+def _start_afresh(ckpt_dir: Path) -> str:
+    # Only the newest checkpoint is kept (older ones are deleted once it commits), so the way out of
+    # a damaged one is to train the job from its start.
+    return (
+        f"delete {ckpt_dir} to train this job again from step 0 (python -m pgolf.run "
+        f"resume={ckpt_dir.parent} then starts afresh)"
+    )
+
+
 def latest(job_dir: str | Path) -> dict[str, Any] | None:
+    """The commit record of the job's checkpoint; None when it has none."""
     path = Path(job_dir) / CKPT_DIR / LATEST
-    return read_json(path) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        meta = read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(
+            f"{path}: not valid JSON ({e}); the checkpoint's commit record is damaged: {_start_afresh(path.parent)}"
+        ) from None
+    ok = (
+        isinstance(meta, dict)
+        and isinstance(meta.get("step"), int)
+        and isinstance(meta.get("world_size"), int)
+        and isinstance(meta.get("dir"), str)
+        and meta["dir"].startswith("step_")
+        and "/" not in meta["dir"]
+    )
+    if not ok:
+        raise CheckpointError(
+            f"{path}: expected {{'step': int, 'dir': 'step_NNNNNNN', 'world_size': int, ...}}, got "
+            f"{json.dumps(meta)[:200]}; the checkpoint's commit record is damaged: {_start_afresh(path.parent)}"
+        )
+    return meta
 
 
 def latest_step(job_dir: str | Path) -> int | None:
@@ -104,13 +147,58 @@ def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -
         model.load_state_dict(state, strict=True)
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+class _HashingWriter:
+    """A file that hashes what torch.save writes through it: the digest costs no second read."""
+
+    def __init__(self, f: Any):
+        self.f, self.sha, self.bytes = f, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.bytes += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """The tensor payload of a (nested) state: about what torch.save writes, for a full-disk message."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _save_atomic(obj: Any, path: Path) -> dict[str, Any]:
+    """torch.save through a temp file and a rename (none is left behind on failure); returns the
+    file's {"bytes", "sha256"}."""
+    with atomic_file(path, needed=_tensor_bytes(obj), tmp_name=f".{path.name}.tmp") as f:
+        writer = _HashingWriter(f)
+        torch.save(obj, writer)
+    return {"bytes": writer.bytes, "sha256": writer.sha.hexdigest()}
+
+
+def _read_verified(path: Path, expected: dict[str, Any] | None, ckpt_dir: Path) -> bytes:
+    """The bytes of a rank's file, checked against the size and digest latest.json recorded."""
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path}: missing, though {ckpt_dir / LATEST} points at it (deleted, or a copy of the job "
+            f"folder that missed it): {_start_afresh(ckpt_dir)}"
+        )
+    data = path.read_bytes()
+    if expected is not None:
+        digest = hashlib.sha256(data).hexdigest()
+        if len(data) != expected.get("bytes") or digest != expected.get("sha256"):
+            raise CheckpointError(
+                f"{path}: damaged: {len(data):,} bytes with sha256 {digest[:16]}..., but it was written as "
+                f"{expected.get('bytes'):,} bytes with sha256 {str(expected.get('sha256'))[:16]}... (a bit flip "
+                f"on disk or a truncated copy): {_start_afresh(ckpt_dir)}"
+            )
+    return data
 
 
 # ---------------------------------------------------------------------------------- policy
@@ -158,7 +246,8 @@ class Checkpointer:
             "rng": rng_state(trainer.rt.device),
             "train": train_state,
         }
-        _save_atomic(state, step_dir / f"rank{self.rank}.pt")
+        digest = _save_atomic(state, step_dir / f"rank{self.rank}.pt")
+        write_json_atomic(step_dir / f"rank{self.rank}.json", digest)
         self._barrier()
         if self.rank == 0:  # the commit point: every rank's file is on disk
             meta = {
@@ -166,6 +255,9 @@ class Checkpointer:
                 "dir": step_dir.name,
                 "world_size": self.world_size,
                 "fingerprint": self.fingerprint,
+                "files": {
+                    f"rank{r}.pt": read_json(step_dir / f"rank{r}.json") for r in range(self.world_size)
+                },
             }
             write_json_atomic(self.dir / LATEST, meta)
             for old in self.dir.glob("step_*"):
@@ -187,23 +279,36 @@ class Checkpointer:
         if meta is None:
             return None
         if meta["world_size"] != self.world_size:
-            raise RuntimeError(
+            raise CheckpointError(
                 f"the checkpoint in {self.dir} was written by {meta['world_size']} processes, this run has "
                 f"{self.world_size}; resume with the job's frozen hardware.nproc_per_node"
             )
         if meta.get("fingerprint") != self.fingerprint:
-            raise RuntimeError(
+            raise CheckpointError(
                 f"the checkpoint in {self.dir} belongs to another configuration or seed "
                 f"({meta.get('fingerprint')} != {self.fingerprint}); delete it to start this job afresh"
             )
         device = trainer.rt.device
-        state = torch.load(
-            self.dir / meta["dir"] / f"rank{self.rank}.pt", map_location=device, weights_only=False
-        )
-        load_model_weights(trainer.model, state["model"])
-        trainer.opt.load_state_dict(state["optimizer"])
-        load_loader_state(trainer.loader, state["loader"])
-        set_rng_state(state["rng"], device)
+        path = self.dir / meta["dir"] / f"rank{self.rank}.pt"
+        # Checkpoints written before digests were recorded have no "files": loaded unchecked.
+        data = _read_verified(path, (meta.get("files") or {}).get(path.name), self.dir)
+        try:
+            state = torch.load(io.BytesIO(data), map_location=device, weights_only=False)
+        except Exception as e:  # a damaged zip or pickle: torch raises any of several types
+            raise CheckpointError(
+                f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]}): "
+                f"{_start_afresh(self.dir)}"
+            ) from None
+        try:
+            load_model_weights(trainer.model, state["model"])
+            trainer.opt.load_state_dict(state["optimizer"])
+            load_loader_state(trainer.loader, state["loader"])
+            set_rng_state(state["rng"], device)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+            raise CheckpointError(
+                f"{path}: does not fit this job's model, optimizer or loader ({type(e).__name__}: "
+                f"{str(e)[:300]}); it was written by other code or config: {_start_afresh(self.dir)}"
+            ) from None
         self.last_ms = float(state["train"]["train_ms"])
         self.saved_step = int(state["train"]["step"])
         return state["train"]

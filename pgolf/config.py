@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pgolf.eval.config import EvalConfig
-from pgolf.registry import ConfigError
+from pgolf.registry import ConfigError, check_range
 
+SEED_MAX = 2**32 - 1
 GROUPS = ("data", "model", "optimizer", "quant", "ttt", "hardware")
 
 
@@ -33,6 +34,16 @@ class TrainConfig:
     val_batch_tokens: int = 524_288  # VAL_BATCH_SIZE
     grad_accum_base: int = 8  # grad_accum = grad_accum_base // world_size (the rules use 8)
 
+    def validate(self, path: str) -> None:
+        check_range(f"{path}.seq_len", self.seq_len, 2)
+        check_range(f"{path}.batch_tokens", self.batch_tokens, 1)
+        check_range(f"{path}.iterations", self.iterations, 0)
+        check_range(f"{path}.prime_steps", self.prime_steps, 0, why="0 skips compile priming")
+        check_range(f"{path}.log_every", self.log_every, 0, why="0 logs no training steps")
+        check_range(f"{path}.val_every", self.val_every, 0, why="0 validates only at the end")
+        check_range(f"{path}.val_batch_tokens", self.val_batch_tokens, 1)
+        check_range(f"{path}.grad_accum_base", self.grad_accum_base, 1)
+
 
 @dataclass
 class BudgetConfig:
@@ -41,6 +52,11 @@ class BudgetConfig:
     quant_reserve_seconds: float = 0.0  # taken off the training clock for in-budget calibration
     eval_seconds: float = 600.0
     artifact_bytes: int = 16_000_000  # decimal cap on code bytes + compressed model bytes
+
+    def validate(self, path: str) -> None:
+        check_range(f"{path}.train_seconds", self.train_seconds, 0)
+        check_range(f"{path}.quant_reserve_seconds", self.quant_reserve_seconds, 0)
+        check_range(f"{path}.eval_seconds", self.eval_seconds, 0)
 
 
 @dataclass
@@ -79,6 +95,14 @@ class RootSettings:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     init_from: str | None = None  # a state dict .pt loaded into the fresh model (pgolf.models.convert)
+
+    def validate(self, path: str) -> None:
+        # Checked here, before anything starts: numpy's seeding would refuse it only in the worker.
+        if not 0 <= self.seed <= SEED_MAX:
+            raise ConfigError(
+                f"seed={self.seed} must be in 0..{SEED_MAX} (numpy and torch take unsigned 32-bit seeds); "
+                "pass e.g. seed=1337"
+            )
 
 
 @dataclass(kw_only=True)
@@ -159,6 +183,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     raise ConfigError(f"{path}: unsupported schema type {tp!r}")
 
 
+def _key(path: str, name: str) -> str:
+    """The dotted key a user types: `train.seq_len`, `model.num_layers`, `seed` (root: path "")."""
+    return f"{path}.{name}" if path else name
+
+
 def from_dict(cls: type, data: dict[str, Any], path: str) -> Any:
     """Build dataclass `cls` from `data`, rejecting unknown keys and values of the wrong type."""
     hints = typing.get_type_hints(cls)
@@ -166,10 +195,10 @@ def from_dict(cls: type, data: dict[str, Any], path: str) -> Any:
     unknown = sorted(set(data) - set(names))
     if unknown:
         raise ConfigError(
-            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(f'{path}.{k}' for k in unknown)} "
+            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(_key(path, k) for k in unknown)} "
             f"for {_type_name(cls)}; valid keys: {', '.join(names)}"
         )
-    kwargs = {k: _coerce(v, hints[k], f"{path}.{k}") for k, v in data.items()}
+    kwargs = {k: _coerce(v, hints[k], _key(path, k)) for k, v in data.items()}
     missing = [
         f.name
         for f in dataclasses.fields(cls)
@@ -178,7 +207,7 @@ def from_dict(cls: type, data: dict[str, Any], path: str) -> Any:
         and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
     ]
     if missing:
-        raise ConfigError(f"missing required key(s) {', '.join(f'{path}.{k}' for k in missing)}")
+        raise ConfigError(f"missing required key(s) {', '.join(_key(path, k) for k in missing)}")
     obj = cls(**kwargs)
     check = getattr(obj, "validate", None)
     if check is not None:
@@ -209,7 +238,7 @@ def job_config_from_dict(data: dict[str, Any]) -> JobConfig:
             )
         entry = REGISTRIES[group].get(node["name"])
         groups[group] = from_dict(entry.schema, node, group)
-    root = from_dict(RootSettings, data, "config")
+    root = from_dict(RootSettings, data, "")
     job = JobConfig(**groups, **{f.name: getattr(root, f.name) for f in dataclasses.fields(RootSettings)})
     check_compatibility(job)
     return job

@@ -22,6 +22,8 @@ import tokenize
 from collections.abc import Iterator
 from pathlib import Path
 
+from pgolf.results import write_text_atomic
+
 # The literal's alphabet: ASCII minus NUL (not allowed in source), LF and CR (end a "..." literal;
 # a CR would also be rewritten by universal newlines), the quote and the backslash.
 ALPHABET = bytes(c for c in range(1, 128) if c not in (10, 13, 34, 92))
@@ -387,9 +389,7 @@ def write_wrapper(path: Path, config: dict) -> tuple[int, int]:
     """Write the wrapper; return (its bytes on disk, raw bytes of the source it carries)."""
     modules = imported_modules()
     text = build_wrapper(modules, config)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8", newline="")  # the payload's control characters stay as they are
-    tmp.replace(path)
+    write_text_atomic(path, text)  # bytes as they are: the payload's control characters stay
     raw = sum(p.stat().st_size for p in modules.values())
     return path.stat().st_size, raw
 

@@ -64,3 +64,25 @@ class Registry:
 
     def build(self, cfg: Any, **runtime: Any) -> Any:
         return self.get(cfg.name).load_builder()(cfg, **runtime)
+
+
+def check_range(
+    path: str,
+    value: float,
+    low: float | None = None,
+    high: float | None = None,
+    high_open: bool = False,
+    why: str = "",
+) -> None:
+    """Raise a ConfigError naming `path`=value unless low <= value <= high (or < high if high_open)."""
+    too_low = low is not None and value < low
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if not (too_low or too_high):
+        return
+    if low is not None and high is not None:
+        rule = f"in [{low}, {high}{')' if high_open else ']'}"
+    elif low is not None:
+        rule = f">= {low}"
+    else:
+        rule = f"{'<' if high_open else '<='} {high}"
+    raise ConfigError(f"{path}={value} must be {rule}{f' ({why})' if why else ''}")

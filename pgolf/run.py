@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pgolf.config import GROUPS, PARENT_ONLY, job_config_from_dict, to_dict
 from pgolf.registry import ConfigError
-from pgolf.results import read_json, write_json_atomic
+from pgolf.results import DiskFullError, is_disk_full, read_json, write_json_atomic
 from pgolf.slots import GpuSlots, SlotLease, register_resolvers, visible_devices
 
 register_resolvers()  # before Hydra composes, here and in every joblib worker that imports us
@@ -119,10 +119,21 @@ def launch(frozen: dict, job_dir: Path, in_process: bool = True, env: dict[str, 
         try:
             run_job(job_dir)
             return 0
+        except KeyboardInterrupt:  # recorded as "interrupted by the user" by the worker
+            return 130
         except Exception:  # recorded in result.json by the worker; run_one reports it
             return 1
     full_env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), **(env or {}))
     return subprocess.call(worker_command(nproc, job_dir), env=full_env)
+
+
+def _record(result_path: Path, result: dict) -> None:
+    """Write the verdict; if that fails (a full disk), say so in its error instead of raising."""
+    try:
+        write_json_atomic(result_path, result)
+    except OSError as e:
+        why = "no space left on the device" if is_disk_full(e) else str(e)
+        result["error"] = f"{result.get('error', 'unknown error')}; {result_path.name} not written: {why}"
 
 
 def finish(job_dir: Path, code: int, multirun: bool, extra: dict | None = None) -> float:
@@ -145,10 +156,10 @@ def finish(job_dir: Path, code: int, multirun: bool, extra: dict | None = None) 
             "error": f"worker exited with code {code}{detail}",
             "returncode": code,
         }
-        write_json_atomic(result_path, result)
+        _record(result_path, result)
     if extra:
         result.update(extra)
-        write_json_atomic(result_path, result)
+        _record(result_path, result)
     if result.get("status") == "ok":
         b = result["bytes"]
         print(
@@ -217,9 +228,12 @@ def resume(job_dir: Path, task_overrides: list[str]) -> float:
         frozen["job_dir"] = str(job_dir)
         write_json_atomic(job_dir / "config.json", frozen)
     job_config_from_dict(frozen)
-    from pgolf.checkpoint import latest_step
+    from pgolf.checkpoint import CheckpointError, latest_step
 
-    step = latest_step(job_dir)
+    try:
+        step = latest_step(job_dir)
+    except CheckpointError as e:
+        sys.exit(f"pgolf: resume={job_dir}: {e}")
     print(
         f"pgolf: resuming {job_dir} from "
         + (f"its checkpoint at step {step}" if step is not None else "the start (it has no checkpoint)"),
@@ -238,6 +252,8 @@ def run_one(cfg: DictConfig) -> float:
         return _run_job(cfg, job_dir, multirun)
     except Exception as e:
         if not multirun:
+            if isinstance(e, DiskFullError):  # names the file and the bytes: a traceback adds nothing
+                sys.exit(f"pgolf: {e}")
             raise
         # Never raise into Hydra from a sweep job: the basic sweeper would re-raise it, abort the
         # remaining jobs and skip on_multirun_end, i.e. the summary (ECOSYSTEM §c2, §e1.4).

@@ -7,8 +7,9 @@ code bytes are the size of the file that ran, whatever the packer would make of 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
+
+from pgolf.results import write_text_atomic
 
 # Set by `pgolf.train.run_packed`: the self-extracting script this process runs from.
 PACKED_SCRIPT: Path | None = None
@@ -21,9 +22,7 @@ def write_code(path: Path, config: dict) -> tuple[int, int]:
         from pgolf.pack import write_wrapper
 
         return write_wrapper(path, config)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.copyfile(PACKED_SCRIPT, tmp)
-    tmp.replace(path)
+    write_text_atomic(path, PACKED_SCRIPT.read_bytes())
     extracted = Path(__file__).resolve().parent.parent  # the wrapper's temp dir
     raw = sum(p.stat().st_size for p in extracted.rglob("*.py"))
     return path.stat().st_size, raw

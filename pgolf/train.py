@@ -12,7 +12,7 @@ import traceback
 from pathlib import Path
 
 from pgolf.config import job_config_from_dict
-from pgolf.results import read_json, write_json_atomic
+from pgolf.results import DiskFullError, disk_full, is_disk_full, read_json, write_json_atomic
 
 
 def _rank() -> int:
@@ -29,6 +29,19 @@ def _finish_together() -> None:
         dist.barrier()
 
 
+def describe_error(e: BaseException, job_dir: Path | None = None) -> str:
+    """The `error` of a failed result.json: what happened, in words a user acts on."""
+    if isinstance(e, KeyboardInterrupt):
+        return (
+            "interrupted by the user (Ctrl-C / SIGINT); resume=<job_dir> runs it again "
+            "(from its checkpoint, if any)"
+        )
+    if is_disk_full(e) and not isinstance(e, DiskFullError):  # a write outside the atomic writers (a log)
+        where = getattr(e, "filename", None) or job_dir or "."
+        return f"DiskFullError: {disk_full(where, None)}"
+    return f"{type(e).__name__}: {e}"
+
+
 def run_job(job_dir: str | Path) -> dict:
     job_dir = Path(job_dir)
     trainer = None
@@ -42,26 +55,34 @@ def run_job(job_dir: str | Path) -> dict:
         _finish_together()
         return result
     except BaseException as e:
-        if _rank() == 0:
-            partial = dict(trainer.result) if trainer is not None else {}
-            partial.update(
-                status="failed",
-                error=f"{type(e).__name__}: {e}",
-                traceback=traceback.format_exc()[-4000:],
-            )
-            if trainer is not None:
-                partial["timings"] = dict(trainer.timer.seconds)
-            write_json_atomic(job_dir / "result.json", partial)
-            if trainer is not None:
-                trainer.log(f"FAILED {type(e).__name__}: {e}")
-        else:  # other ranks leave their error where the parent will find it
-            err = job_dir / "ranks" / f"rank{_rank()}_error.txt"
-            err.parent.mkdir(exist_ok=True)
-            err.write_text(f"{type(e).__name__}: {e}\n{traceback.format_exc()[-4000:]}")
+        error = describe_error(e, job_dir)
+        # Recording the failure must not bury it: on a full disk these writes fail too, and their
+        # errors would be chained onto the original one. A note on stderr is all they get.
+        try:
+            if _rank() == 0:
+                partial = dict(trainer.result) if trainer is not None else {}
+                partial.update(status="failed", error=error, traceback=traceback.format_exc()[-4000:])
+                if trainer is not None:
+                    partial["timings"] = dict(trainer.timer.seconds)
+                write_json_atomic(job_dir / "result.json", partial)
+                if trainer is not None:
+                    trainer.log(f"FAILED {error}")
+            else:  # other ranks leave their error where the parent will find it
+                err = job_dir / "ranks" / f"rank{_rank()}_error.txt"
+                err.parent.mkdir(exist_ok=True)
+                err.write_text(f"{error}\n{traceback.format_exc()[-4000:]}")
+        except OSError as record_error:
+            why = "no space left on the device" if is_disk_full(record_error) else str(record_error)
+            print(f"pgolf: {error} ({job_dir / 'result.json'} not written either: {why})", file=sys.stderr)
         raise
     finally:
         if trainer is not None:
-            trainer.close()
+            try:
+                trainer.close()
+            except OSError as close_error:  # e.g. flushing the log to a full disk: never hide the real error
+                print(
+                    f"pgolf: closing the run failed: {describe_error(close_error, job_dir)}", file=sys.stderr
+                )
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
@@ -99,8 +120,11 @@ def main() -> None:
         sys.exit("usage: python -m pgolf.train <job_dir holding config.json>")
     try:
         run_job(sys.argv[1])
+    except KeyboardInterrupt as e:
+        print(f"pgolf.train: {describe_error(e)}", file=sys.stderr)
+        sys.exit(130)  # the shell's code for a SIGINT
     except Exception as e:
-        print(f"pgolf.train: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"pgolf.train: {describe_error(e)}", file=sys.stderr)
         sys.exit(1)
 
 

@@ -32,7 +32,7 @@ from pgolf.hw.device import build as build_runtime
 from pgolf.log import RunLog
 from pgolf.models import attention
 from pgolf.models.layers import restore_fp32_params
-from pgolf.results import write_json_atomic
+from pgolf.results import write_json_atomic, write_text_atomic
 from pgolf.shipped import write_code
 from pgolf.timing import PhaseTimer
 from pgolf.tracking import Tracker
@@ -469,7 +469,7 @@ class Trainer:
             self.quant.model_budget = cap - code_bytes
             blob = self.quant.export(export())
             tmp = blob_path.with_name(blob_path.name + ".tmp")
-            tmp.write_bytes(blob)
+            write_text_atomic(tmp, blob)  # a full disk: one clear error and no partial file
             model_bytes = tmp.stat().st_size  # measured from the files that would ship
             total = model_bytes + code_bytes
             self.result["bytes"] = {

@@ -241,3 +241,113 @@ def test_banked_checkpoint_holds_canonical_names_and_loads_into_either_layout(tm
     layered.load_state_dict(saved, strict=True)
     for k, v in layered.state_dict().items():
         assert torch.equal(v, saved[k]), k
+
+
+# --------------------------------------------------------------------------- damaged checkpoints
+
+
+def _saved(tmp_path: Path) -> Path:
+    """A committed checkpoint of step 2 in tmp_path; returns its rank-0 file."""
+    tr = _FakeTrainer()
+    tr.loader = _Loader(5)
+    _steps(tr.model, tr.opt, 0, 1)
+    ck = Checkpointer(CheckpointConfig(every_steps=2), tmp_path, 0, 1, "abc")
+    ck.save(tr, {"step": 2, "train_ms": 1.0, "stop_after": None, "losses": [], "step_host_ms": []})
+    return tmp_path / "checkpoint" / "step_0000002" / "rank0.pt"
+
+
+def _restore(tmp_path: Path) -> dict:
+    fresh = _FakeTrainer()
+    fresh.loader = _Loader()
+    return Checkpointer(CheckpointConfig(every_steps=2), tmp_path, 0, 1, "abc").restore(fresh)
+
+
+def test_latest_json_records_each_files_digest(tmp_path):
+    import hashlib
+
+    rank0 = _saved(tmp_path)
+    meta = json.loads((tmp_path / "checkpoint" / "latest.json").read_text())
+    data = rank0.read_bytes()
+    assert meta["files"] == {"rank0.pt": {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}}
+    assert _restore(tmp_path)["step"] == 2
+
+
+@pytest.mark.parametrize("damage", ["bit_flip", "truncated"])
+def test_a_damaged_rank_file_is_named_with_the_fix(tmp_path, damage):
+    from pgolf.checkpoint import CheckpointError
+
+    rank0 = _saved(tmp_path)
+    data = bytearray(rank0.read_bytes())
+    if damage == "bit_flip":
+        # A byte inside a tensor's storage: torch.load would read it without complaint.
+        data[len(data) // 2] ^= 0x01
+    else:
+        data = data[: len(data) - 100]
+    rank0.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as e:
+        _restore(tmp_path)
+    msg = str(e.value)
+    assert str(rank0) in msg and "damaged" in msg and "bit flip" in msg
+    assert f"delete {tmp_path / 'checkpoint'}" in msg
+
+
+def test_a_bit_flip_loads_silently_without_the_digest(tmp_path):
+    """The control for the test above: without the recorded digest the same flip goes unnoticed."""
+    rank0 = _saved(tmp_path)
+    data = bytearray(rank0.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    rank0.write_bytes(bytes(data))
+    latest_path = tmp_path / "checkpoint" / "latest.json"
+    meta = json.loads(latest_path.read_text())
+    del meta["files"]  # as a checkpoint written before digests were recorded
+    latest_path.write_text(json.dumps(meta))
+    assert _restore(tmp_path)["step"] == 2
+
+
+@pytest.mark.parametrize(
+    "latest_text,pattern",
+    [
+        ('{"step": 2, "dir": "step_00', r"latest\.json: not valid JSON"),
+        ("\x00\x00\x00\x00", r"latest\.json: not valid JSON"),
+        ('{"step": "two", "dir": "step_0000002", "world_size": 1}', r"latest\.json: expected \{'step': int"),
+        ("[1, 2]", r"latest\.json: expected"),
+    ],
+)
+def test_a_damaged_latest_json_is_named_with_the_fix(tmp_path, latest_text, pattern):
+    from pgolf.checkpoint import CheckpointError
+
+    _saved(tmp_path)
+    (tmp_path / "checkpoint" / "latest.json").write_text(latest_text)
+    for call in (lambda: latest_step(tmp_path), lambda: _restore(tmp_path)):
+        with pytest.raises(CheckpointError, match=pattern) as e:
+            call()
+        assert "delete" in str(e.value) and "step 0" in str(e.value)
+
+
+def test_an_unreadable_or_missing_rank_file_is_named(tmp_path):
+    from pgolf.checkpoint import CheckpointError
+
+    rank0 = _saved(tmp_path)
+    latest_path = tmp_path / "checkpoint" / "latest.json"
+    meta = json.loads(latest_path.read_text())
+    del meta["files"]  # no digest: the damage reaches torch.load, whose error is wrapped
+    latest_path.write_text(json.dumps(meta))
+    rank0.write_bytes(b"PK\x03\x04 not a zip at all")
+    with pytest.raises(CheckpointError, match=r"rank0\.pt: not a readable checkpoint \(.*delete"):
+        _restore(tmp_path)
+    rank0.unlink()
+    with pytest.raises(CheckpointError, match=r"rank0\.pt: missing, though .*latest\.json points at it"):
+        _restore(tmp_path)
+
+
+def test_a_checkpoint_of_another_model_is_named(tmp_path):
+    from pgolf.checkpoint import CheckpointError
+
+    _saved(tmp_path)
+    other = _FakeTrainer()
+    other.model = BaselineGPT(
+        BaselineModelConfig(vocab_size=64, num_layers=3, model_dim=64, num_heads=4, num_kv_heads=2)
+    )
+    other.loader = _Loader()
+    with pytest.raises(CheckpointError, match=r"rank0\.pt: does not fit this job's model"):
+        Checkpointer(CheckpointConfig(every_steps=2), tmp_path, 0, 1, "abc").restore(other)

@@ -294,3 +294,43 @@ def test_readme_documents_every_group_option():
 def test_conf_dirs_match_groups():
     assert {p.name for p in CONF.iterdir() if p.is_dir()} >= set(GROUPS)
     assert Path(CONF / "config.yaml").is_file()
+
+
+@pytest.mark.parametrize(
+    "override,pattern",
+    [
+        ("seed=-1", r"^seed=-1 must be in 0\.\.4294967295"),
+        (f"seed={2**32}", r"^seed=4294967296 must be in 0\.\.4294967295"),
+        ("optimizer.matrix_lr=-0.01", r"^optimizer\.matrix_lr=-0\.01 must be >= 0"),
+        ("optimizer.embed_lr=-1", r"^optimizer\.embed_lr=-1\.0 must be >= 0"),
+        ("optimizer.muon_wd=-0.1", r"^optimizer\.muon_wd=-0\.1 must be >= 0"),
+        ("optimizer.muon_momentum=1.0", r"^optimizer\.muon_momentum=1\.0 must be in \[0, 1\)"),
+        ("optimizer.beta2=-0.5", r"^optimizer\.beta2=-0\.5 must be in \[0, 1\)"),
+        ("optimizer.adam_eps=0", r"^optimizer\.adam_eps=0\.0 must be > 0"),
+        ("optimizer.swa_threshold=2", r"^optimizer\.swa_threshold=2\.0 must be in \[0, 1\]"),
+        ("train.iterations=-5", r"^train\.iterations=-5 must be >= 0"),
+        ("train.log_every=-1", r"^train\.log_every=-1 must be >= 0"),
+        ("train.val_batch_tokens=0", r"^train\.val_batch_tokens=0 must be >= 1"),
+        ("budget.eval_seconds=-1", r"^budget\.eval_seconds=-1\.0 must be >= 0"),
+        ("ttt=lora ttt.beta2=1", r"^ttt\.beta2=1\.0 must be in \[0, 1\)"),
+        ("ttt=phased ttt.global_momentum=1.5", r"^ttt\.global_momentum=1\.5 must be in \[0, 1\)"),
+        ("ttt=phased ttt.global_lr=-1", r"^ttt\.global_lr=-1\.0 must be >= 0"),
+    ],
+)
+def test_nonsense_values_are_refused_by_key(compose, override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        job_config_from_dict(compose(override.split()))
+
+
+@pytest.mark.parametrize("override", ["seed=0", f"seed={2**32 - 1}", "optimizer.matrix_lr=0"])
+def test_edge_values_are_accepted(compose, override):
+    job_config_from_dict(compose([override]))
+
+
+def test_cli_negative_seed_fails_before_the_worker_starts(tmp_path):
+    from conftest import run_cli
+
+    proc = run_cli(["seed=-1", "hardware=cpu"], tmp_path, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "seed=-1 must be in 0..4294967295" in proc.stderr
+    assert not (tmp_path / "run" / "config.json").exists()  # refused before anything was frozen or built

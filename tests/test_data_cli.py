@@ -169,8 +169,8 @@ def test_a_damaged_source_file_is_refused_and_named(tmp_path, hub):
     (hub / "datasets/tokenizers/fineweb_1024_bpe.model").write_bytes(b"not a model")
     victim.unlink()
     write_tokens(victim, _shard_tokens("train", 1, 500))
-    with pytest.raises(DownloadError, match="SentencePiece"):
-        _get(tmp_path / "data", LocalHub(hub))
+    with pytest.raises(DownloadError, match="SentencePiece"):  # a fresh root: the first copy stays intact
+        _get(tmp_path / "fresh", LocalHub(hub))
 
 
 def test_plan_errors_name_the_fix(tmp_path, hub):
@@ -363,7 +363,7 @@ def test_build_reuses_a_tokenizer_and_rejects_bad_input(tmp_path, tokenizer_mode
         "build", "--input", str(docs), "--root", str(root), "--tokenizer", str(tokenizer_model),
         "--text-field", "body", "--val-docs", "30",
     )  # fmt: skip
-    assert too_few.returncode != 0 and "val_docs=30" in too_few.stderr
+    assert too_few.returncode != 0 and "--val-docs 30" in too_few.stderr
 
 
 def test_export_streams_a_generator_on_several_processes(tmp_path, tokenizer_model):

@@ -45,7 +45,8 @@ def data_cfg(loader: str, prefetch: int = 0, **extra) -> SimpleNamespace:
     cfg = dict(
         loader=loader,
         prefetch=prefetch,
-        vocab_size=1024,
+        # The shards' position-coded ids reach 20050: above the synthetic loader's 1024 ids.
+        vocab_size=1024 if loader == "synthetic" else 32768,
         coprime_mix_ramp_batches=10,  # short, so the tests cross the whole mix schedule
         coprime_mix_start=2,
         coprime_mix_end=4,
@@ -451,7 +452,7 @@ def test_process_exits_cleanly_with_a_live_producer(files):
         "import sys, torch; from types import SimpleNamespace; from pathlib import Path;"
         "from pgolf.data.loader import build_loader;"
         f"files = [Path(p) for p in {[str(f) for f in files]!r}];"
-        "cfg = SimpleNamespace(loader='sequential', prefetch=8, vocab_size=1024);"
+        "cfg = SimpleNamespace(loader='sequential', prefetch=8, vocab_size=32768);"
         "ld = build_loader(cfg, files, seed=0, rank=0, world_size=1, device=torch.device('cpu'));"
         "ld.next_batch(4096, 64, 1); print('ok');"
         "sys.argv[1] == 'raise' and 1 / 0"

@@ -216,10 +216,22 @@ def test_open_shards_ok(tmp_path, tokenizer_model):
     assert src.bos_id == 1 and src.vocab_size == 400
 
 
-def test_open_shards_rejects_train_pattern_matching_val(tmp_path, tokenizer_model):
-    folder = _shard_folder(tmp_path)
-    with pytest.raises(ShardError, match=r"fineweb_\*\.bin.*fineweb_val_000000\.bin"):
-        open_shards(folder, "fineweb_*.bin", "fineweb_val_*.bin", tokenizer_model, 400)
+@pytest.mark.parametrize(
+    "train,val,blamed,innocent",
+    [
+        ("fineweb_*.bin", "fineweb_val_*.bin", "narrow data.train_pattern", "narrow data.val_pattern"),
+        ("fineweb_train_*.bin", "fineweb_*.bin", "narrow data.val_pattern", "narrow data.train_pattern"),
+        ("fineweb_*_000000.bin", "fineweb_val_*.bin", "disjoint", "narrow"),  # neither contains the other
+    ],
+)
+def test_pattern_overlap_names_the_pattern_to_fix(tmp_path, tokenizer_model, train, val, blamed, innocent):
+    folder = _shard_folder(tmp_path, val_sizes=(50, 30), train_sizes=(80, 20))
+    with pytest.raises(ShardError) as e:
+        open_shards(folder, train, val, tokenizer_model, 400)
+    msg = str(e.value)
+    assert f"data.train_pattern={train!r}" in msg and f"data.val_pattern={val!r}" in msg
+    assert blamed in msg and innocent not in msg
+    assert "fineweb_val_000000.bin" in msg or "fineweb_train_000000.bin" in msg
 
 
 def test_open_shards_rejects_vocab_mismatch(tmp_path, tokenizer_model):

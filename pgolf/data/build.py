@@ -13,6 +13,8 @@ import itertools
 import json
 import lzma
 import os
+import re
+import shutil
 import sys
 import tempfile
 import time
@@ -40,6 +42,9 @@ SPM_SETTINGS = dict(
     hard_vocab_limit=False,
 )
 _BATCH_DOCS = 256
+# SentencePiece skips, without a word, every training sentence longer than this many bytes (its
+# default max_sentence_length, which the challenge's tokenizer run keeps). See tokenizer_sentences.
+SPM_MAX_SENTENCE_BYTES = 4192
 
 # ---------------------------------------------------------------------------------------------
 # reading documents
@@ -53,12 +58,16 @@ def _open_text(path: Path):
     return opener(path, "rt", encoding="utf-8")
 
 
+def is_jsonl(path: Path) -> bool:
+    """`.jsonl`, optionally compressed (`.jsonl.xz`, ...): one document per line; else a whole file."""
+    return (Path(path.stem).suffix if path.suffix in _OPENERS else path.suffix) == ".jsonl"
+
+
 def read_documents(paths: Iterable[str | Path], text_field: str = "text") -> Iterator[str]:
     """Documents from files, in order. `.jsonl` (optionally .xz/.gz/.bz2): one JSON object per
     line, its `text_field` is the document. Any other file (e.g. `.txt`): the whole file is one."""
     for path in map(Path, paths):
-        stem_suffix = Path(path.stem).suffix if path.suffix in _OPENERS else path.suffix
-        if stem_suffix == ".jsonl":
+        if is_jsonl(path):
             with _open_text(path) as f:
                 for lineno, line in enumerate(f, 1):
                     if not line.strip():
@@ -75,9 +84,74 @@ def read_documents(paths: Iterable[str | Path], text_field: str = "text") -> Ite
                 yield f.read()
 
 
+def check_val_docs(docs: Iterable[str], val_docs: int, inputs: str = "the input") -> None:
+    """Fail before any expensive step unless more than `val_docs` documents exist (at least one is
+    left for training). Reads only the first val_docs + 1 documents."""
+    if val_docs < 1:
+        raise ValueError(f"--val-docs {val_docs}: must be >= 1 (the first N documents are validation)")
+    n = sum(1 for _ in itertools.islice(docs, val_docs + 1))
+    if n <= val_docs:
+        raise ValueError(
+            f"--val-docs {val_docs}: {inputs} holds only {n} document(s), and the first --val-docs of them are "
+            f"validation with at least one left for training; pass --val-docs {max(n - 1, 1)} or less, or more "
+            "documents (a text file is one document; .jsonl holds one per line)"
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # tokenizer
 # ---------------------------------------------------------------------------------------------
+
+
+def _fitting_units(text: str, limit: int) -> Iterator[str]:
+    """`text` as consecutive pieces of at most `limit` UTF-8 bytes: whole lines where they fit,
+    else words, else byte cuts at a character boundary."""
+    for line in text.splitlines(keepends=True):
+        if len(line.encode("utf-8")) <= limit:
+            yield line
+            continue
+        for word in re.split(r"(?<=\s)", line):  # each word keeps the whitespace after it
+            raw = word.encode("utf-8")
+            while len(raw) > limit:
+                cut = limit
+                while raw[cut] & 0xC0 == 0x80:  # a continuation byte: step back to the character start
+                    cut -= 1
+                yield raw[:cut].decode("utf-8")
+                raw = raw[cut:]
+            if raw:
+                yield raw.decode("utf-8")
+
+
+def split_for_tokenizer(text: str, limit: int = SPM_MAX_SENTENCE_BYTES) -> Iterator[str]:
+    """`text` cut at line breaks into chunks of at most `limit` UTF-8 bytes; they join back to `text`."""
+    chunk: list[str] = []
+    size = 0
+    for unit in _fitting_units(text, limit):
+        n = len(unit.encode("utf-8"))
+        if chunk and size + n > limit:
+            yield "".join(chunk)
+            chunk, size = [], 0
+        chunk.append(unit)
+        size += n
+    if chunk:
+        yield "".join(chunk)
+
+
+def tokenizer_sentences(paths: Iterable[str | Path], text_field: str = "text") -> Iterator[str]:
+    """The text the tokenizer trains on, in document order.
+
+    A JSONL document goes to SentencePiece as it is, as in the challenge's own tokenizer run, so one
+    longer than SPM_MAX_SENTENCE_BYTES is skipped there exactly as it was for the published
+    tokenizers. A whole file is a corpus rather than one web page: given whole, SentencePiece would
+    skip every file over 4 KB and then stop with `!sentences_.empty()`, so it is cut at line breaks
+    into chunks that fit. Only tokenizer training sees the chunks; the shards hold every document
+    whole ([BOS] + the ids of the file)."""
+    for path in map(Path, paths):
+        if is_jsonl(path):
+            yield from read_documents([path], text_field)
+        else:
+            with _open_text(path) as f:
+                yield from split_for_tokenizer(f.read())
 
 
 def train_tokenizer(
@@ -89,16 +163,35 @@ def train_tokenizer(
 
     out_model = Path(out_model)
     out_model.parent.mkdir(parents=True, exist_ok=True)
+    seen = {"docs": 0, "too_long": 0}
+
+    def counted() -> Iterator[str]:
+        for doc in itertools.islice(docs, max_docs):
+            seen["docs"] += 1
+            seen["too_long"] += len(doc.encode("utf-8")) > SPM_MAX_SENTENCE_BYTES
+            yield doc
+
     with tempfile.TemporaryDirectory(dir=out_model.parent) as tmp:
         prefix = os.path.join(tmp, "spm")
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(itertools.islice(docs, max_docs)),
-            model_prefix=prefix,
-            vocab_size=vocab_size,
-            num_threads=os.cpu_count() or 1,
-            minloglevel=2,
-            **SPM_SETTINGS,
-        )
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=counted(),
+                model_prefix=prefix,
+                vocab_size=vocab_size,
+                num_threads=os.cpu_count() or 1,
+                minloglevel=2,
+                max_sentence_length=SPM_MAX_SENTENCE_BYTES,
+                **SPM_SETTINGS,
+            )
+        except RuntimeError as e:
+            if "sentences_.empty()" not in str(e):
+                raise
+            raise ValueError(
+                f"tokenizer training got no usable text: {seen['too_long']} of {seen['docs']} document(s) are "
+                f"longer than SentencePiece's max_sentence_length ({SPM_MAX_SENTENCE_BYTES} bytes, the "
+                "challenge's setting) and were skipped, the rest are empty; give long texts as .txt files "
+                "(cut at line breaks for tokenizer training) or pass --tokenizer MODEL"
+            ) from None
         os.replace(prefix + ".model", out_model)
         vocab = out_model.with_suffix(".vocab")
         os.replace(prefix + ".vocab", vocab)
@@ -199,8 +292,6 @@ class ShardWriter:
         self.fill = 0
         self.files = 0
         self.tokens = 0
-        for stale in out_dir.glob(f"{prefix}_{split}_*.bin"):  # a shorter re-export leaves no old tail
-            stale.unlink()
 
     def add(self, tokens: np.ndarray) -> None:
         while tokens.size:
@@ -256,6 +347,36 @@ def export_shards(
         )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Shards are written into a staging folder and moved in only once the export is complete, so a
+    # failure (too few documents, a bad line, Ctrl-C, a full disk) leaves the previous export, or none.
+    staging = Path(tempfile.mkdtemp(prefix=f".{prefix}-export-", dir=out_dir))
+    try:
+        stats = _export_into(model_path, docs, staging, val_docs, prefix, shard_tokens, workers, total_docs)
+        _commit_export(staging, out_dir, prefix)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return stats
+
+
+def _commit_export(staging: Path, out_dir: Path, prefix: str) -> None:
+    """Replace the previous export's shards with the staged ones (renames within one folder)."""
+    for split in ("val", "train"):
+        for stale in out_dir.glob(f"{prefix}_{split}_*.bin"):  # a shorter re-export leaves no old tail
+            stale.unlink()
+    for shard in sorted(staging.glob(f"{prefix}_*.bin")):
+        os.replace(shard, out_dir / shard.name)
+
+
+def _export_into(
+    model_path: str | Path,
+    docs: Iterable[str],
+    out_dir: Path,
+    val_docs: int,
+    prefix: str,
+    shard_tokens: int,
+    workers: int,
+    total_docs: int | None,
+) -> dict[str, int]:
     writers = {s: ShardWriter(out_dir, prefix, s, shard_tokens) for s in ("val", "train")}
     doc_counts = {"val": 0, "train": 0}
     # The split of each batch travels beside it (encode_stream only sees texts, in order).
@@ -278,7 +399,7 @@ def export_shards(
     if doc_counts["val"] < val_docs or doc_counts["train"] == 0:
         raise ValueError(
             f"val_docs={val_docs} must be between 1 and the number of documents - 1 ({done - 1}); "
-            f"{out_dir} now holds an incomplete export"
+            "nothing was exported"
         )
     for w in writers.values():
         w.close()

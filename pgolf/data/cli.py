@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from pgolf.data.shards import SHARD_TOKENS
+from pgolf.results import write_text_atomic
 
 
 def default_root() -> str:
@@ -77,19 +78,25 @@ def _merge_manifest(path: Path, dataset: dict, tokenizer: dict, shard_tokens: in
     manifest.update(version="pgolf-build-1", shard_size=shard_tokens, num_val_docs=val_docs)
     for key, entry in (("datasets", dataset), ("tokenizers", tokenizer)):
         manifest[key] = [e for e in manifest.get(key, []) if e.get("name") != entry["name"]] + [entry]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(manifest, indent=2) + "\n")
 
 
 def cmd_build(args: argparse.Namespace) -> None:
     import sentencepiece as spm
 
-    from pgolf.data.build import export_shards, read_documents, train_tokenizer
+    from pgolf.data.build import (
+        check_val_docs,
+        export_shards,
+        read_documents,
+        tokenizer_sentences,
+        train_tokenizer,
+    )
 
     for p in args.input:
         if not Path(p).is_file():
             raise SystemExit(f"--input {p}: no such file")
+    # Before the tokenizer trains (minutes on a large input): reads only the first --val-docs + 1.
+    check_val_docs(read_documents(args.input, args.text_field), args.val_docs, "--input")
     root = Path(args.root).expanduser()
     (root / "tokenizers").mkdir(parents=True, exist_ok=True)
     if args.tokenizer:
@@ -102,7 +109,9 @@ def cmd_build(args: argparse.Namespace) -> None:
         vocab = args.vocab_size
         model = root / "tokenizers" / f"fineweb_{vocab}_bpe.model"
         print(f"build: training a {vocab}-piece SentencePiece BPE tokenizer -> {model}", file=sys.stderr)
-        train_tokenizer(read_documents(args.input, args.text_field), vocab, model, args.tokenizer_train_docs)
+        train_tokenizer(
+            tokenizer_sentences(args.input, args.text_field), vocab, model, args.tokenizer_train_docs
+        )
     variant = args.name or f"sp{vocab}"
     out = root / "datasets" / f"fineweb10B_{variant}"
     stats = export_shards(
@@ -172,7 +181,12 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--vocab-size", type=int, default=1024)
     b.add_argument("--val-docs", type=int, default=50_000, help="the first N documents are validation")
     b.add_argument("--tokenizer", default=None, help="use this SentencePiece model instead of training one")
-    b.add_argument("--tokenizer-train-docs", type=int, default=None, help="train on the first N documents")
+    b.add_argument(
+        "--tokenizer-train-docs",
+        type=int,
+        default=None,
+        help="train the tokenizer on the first N documents (of a text file: its chunks of <= 4 KB)",
+    )
     b.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help="tokens per shard (default 1e8)")
     b.add_argument("--text-field", default="text", help="the JSON field holding the text (default 'text')")
     b.add_argument("--name", default=None, help="variant name (default sp<vocab>)")
@@ -184,8 +198,11 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     from pgolf.data.download import DownloadError
+    from pgolf.results import DiskFullError
 
+    # RuntimeError: what sentencepiece raises
+    known = (DownloadError, ValueError, FileNotFoundError, RuntimeError, DiskFullError)
     try:
         args.func(args)
-    except (DownloadError, ValueError, FileNotFoundError, RuntimeError) as e:  # RuntimeError: sentencepiece
+    except known as e:
         raise SystemExit(f"pgolf.data {args.command}: {e}") from None

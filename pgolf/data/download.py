@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 from pgolf.data.shards import ShardError, read_header
+from pgolf.results import write_text_atomic
 
 # Where each variant is published (the SP4096/SP8192 records' READMEs point at the second repo).
 DEFAULT_REPOS = {
@@ -42,7 +44,7 @@ class DownloadError(RuntimeError):
 
 class Source(Protocol):
     def fetch(self, remote: str) -> Path:
-        """A local, complete copy of `remote` (a path inside the repo) to link or copy from."""
+        """A local, complete copy of `remote` (a path inside the repo) to copy from."""
         ...
 
 
@@ -68,7 +70,7 @@ class HubSource:
             subfolder=None if str(p.parent) == "." else str(p.parent),
             repo_type="dataset",
         )
-        # Cache entries are symlinks into a blob store: link or copy the blob, never the link.
+        # Cache entries are symlinks into a blob store: copy the blob, not the link.
         return Path(path).resolve(strict=True)
 
     def __str__(self) -> str:
@@ -188,6 +190,33 @@ def verify(item: Item, path: Path) -> str | None:
     return None if path.stat().st_size > 0 else f"{path}: empty file"
 
 
+def copy_file(src: Path, dest: Path) -> None:
+    """An independent copy of `src` at `dest`. Never a hard link: a link is the same file, so
+    damaging the copy in the data root would damage the hub folder or cache it came from. Where the
+    filesystem shares blocks copy-on-write (btrfs, XFS with reflink), the copy is a clone: no second
+    200 MB per shard on disk, and a write to either side stays private. Elsewhere a plain copy."""
+    try:
+        _reflink(src, dest)
+    except OSError:
+        shutil.copyfile(src, dest)
+
+
+def _reflink(src: Path, dest: Path) -> None:
+    """A copy-on-write clone (FICLONE ioctl, Linux); raises OSError where the filesystem has none."""
+    import fcntl
+
+    ficlone = 0x40049409  # _IOW(0x94, 9, int) from linux/fs.h
+    if sys.platform != "linux":
+        raise OSError("no reflink ioctl on this platform")
+    with open(src, "rb") as s, open(dest, "wb") as d:
+        try:
+            fcntl.ioctl(d.fileno(), ficlone, s.fileno())
+        except OSError:
+            d.close()
+            dest.unlink(missing_ok=True)
+            raise
+
+
 def install(item: Item, source: Source) -> str:
     """Make item.dest a verified copy; returns "present", "fetched" or "replaced"."""
     reason = verify(item, item.dest)
@@ -197,10 +226,7 @@ def install(item: Item, source: Source) -> str:
     item.dest.parent.mkdir(parents=True, exist_ok=True)
     part = item.dest.with_name(item.dest.name + ".part")
     part.unlink(missing_ok=True)
-    try:
-        os.link(src, part)  # same filesystem as the cache: no second copy of 200 MB shards
-    except OSError:
-        shutil.copyfile(src, part)
+    copy_file(src, part)
     bad = verify(item, part)
     if bad is not None:
         part.unlink(missing_ok=True)
@@ -224,10 +250,7 @@ def load_manifest(source: Source, remote_root: str, local_copy: Path, log: Calla
             raise DownloadError(f"cannot read {remote} from {source}: {type(e).__name__}: {e}") from e
         log(f"download: {source} unreachable ({type(e).__name__}); using the saved {local_copy}")
         return json.loads(local_copy.read_text(encoding="utf-8"))
-    local_copy.parent.mkdir(parents=True, exist_ok=True)
-    tmp = local_copy.with_name(local_copy.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, local_copy)
+    write_text_atomic(local_copy, text)
     return manifest
 
 

@@ -49,9 +49,17 @@ class _Staged:
 
 class Loader:
     def __init__(
-        self, name: str, sampler: Any, rank: int, world_size: int, device: torch.device, prefetch: int = 0
+        self,
+        name: str,
+        sampler: Any,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        prefetch: int = 0,
+        vocab_size: int | None = None,
     ):
         self.name, self.sampler = name, sampler
+        self.vocab_size = vocab_size  # every batch's ids are checked against it on the host
         self.rank, self.world_size, self.device = rank, world_size, device
         self.prefetch = prefetch
         self.cuda = device.type == "cuda"
@@ -79,7 +87,9 @@ class Loader:
             )
         key = (local, seq_len)
         if not self.prefetch:
-            batch = self._copy(produce(self.sampler, self.pool, key, None), stream=None)
+            batch = self._copy(
+                produce(self.sampler, self.pool, key, None, self.vocab_size, self._state), stream=None
+            )
         else:
             if key != self._key:
                 self._restart(key)
@@ -118,7 +128,7 @@ class Loader:
         """(Re)start the producer for a batch shape, from the position of the last batch handed out."""
         self._stop_producer()
         self.sampler.load_state_dict(self._state)
-        self._producer = Producer(self.sampler, self.pool, key, self.prefetch, self.device)
+        self._producer = Producer(self.sampler, self.pool, key, self.prefetch, self.device, self.vocab_size)
         self._key = key
 
     def _stop_producer(self) -> None:
@@ -201,4 +211,4 @@ def build_loader(cfg: Any, files: list[Path], *, seed: int, rank: int, world_siz
             exhausted=getattr(cfg, "coprime_exhausted", "one"),
             pattern=_paths_pattern(cfg),
         )
-    return Loader(name, sampler, rank, world_size, device, prefetch=cfg.prefetch)
+    return Loader(name, sampler, rank, world_size, device, prefetch=cfg.prefetch, vocab_size=cfg.vocab_size)

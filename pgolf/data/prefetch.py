@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pgolf.data.sampling import HostSampler
+from pgolf.data.sampling import HostSampler, check_batch_vocab
 
 _POLL_S = 0.05
 
@@ -85,12 +85,25 @@ class BufferPool:
 
 
 def produce(
-    sampler: HostSampler, pool: BufferPool, key: tuple[int, int], stop: threading.Event | None
+    sampler: HostSampler,
+    pool: BufferPool,
+    key: tuple[int, int],
+    stop: threading.Event | None,
+    vocab_size: int | None = None,
+    before: dict[str, Any] | None = None,
 ) -> HostBatch:
-    """Assemble one batch: acquire a buffer, let the sampler fill it, snapshot the position."""
+    """Assemble one batch: acquire a buffer, let the sampler fill it, snapshot the position. With
+    `vocab_size`, ids beyond it are refused by file and offset (`before`: the sampler's state
+    before this batch, to replay it)."""
     local_tokens, seq_len = key
     buf = pool.acquire(sampler.shape(local_tokens, seq_len), stop)
     sampler.fill(as_uint16(buf), local_tokens, seq_len)
+    if vocab_size is not None:
+        try:
+            check_batch_vocab(sampler, as_uint16(buf), key, vocab_size, before)
+        except BaseException:
+            pool.release(buf)
+            raise
     return HostBatch(buf, key, sampler.state_dict())
 
 
@@ -104,8 +117,10 @@ class Producer:
         key: tuple[int, int],
         depth: int,
         device: torch.device | None = None,
+        vocab_size: int | None = None,
     ):
         self.sampler, self.pool, self.key, self.device = sampler, pool, key, device
+        self.vocab_size = vocab_size
         self.queue: queue.Queue[HostBatch | _Failure] = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="pgolf-data-producer", daemon=True)
@@ -118,8 +133,11 @@ class Producer:
                 # A new thread starts on GPU 0: without this, every rank's producer would open a
                 # context there when it pins memory or waits on a copy event.
                 torch.cuda.set_device(self.device)
+            before = self.sampler.state_dict()  # each batch's start state, should it need a replay
             while not self.stop.is_set():
-                self._put(produce(self.sampler, self.pool, self.key, self.stop))
+                item = produce(self.sampler, self.pool, self.key, self.stop, self.vocab_size, before)
+                before = item.state
+                self._put(item)
         except Stopped:
             pass
         except BaseException as e:  # handed to the consumer, which raises it in the main thread

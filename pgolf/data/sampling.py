@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from pgolf.data.shards import ShardError, load_tokens, read_header
+from pgolf.data.shards import HEADER_BYTES, ShardError, load_tokens, read_header
 
 
 class HostSampler(Protocol):
@@ -71,3 +71,72 @@ def rng_from_state(state: dict[str, Any]) -> np.random.Generator:
     bitgen = np.random.PCG64()
     bitgen.state = state
     return np.random.Generator(bitgen)
+
+
+# ---------------------------------------------------------------------------------------------
+# token ids beyond the vocabulary
+# ---------------------------------------------------------------------------------------------
+# open_shards reads only the head of each train shard, so an id >= vocab further in would reach the
+# embedding (an IndexError on CPU, a device-side assert on CUDA). Every batch is checked on the host
+# with one max() (microseconds, in the producer thread when prefetching); only when it fails is the
+# batch replayed through checking reads, to name the shard file and offset.
+
+
+def check_batch_vocab(
+    sampler: Any, out: np.ndarray, key: tuple[int, int], vocab_size: int, before: dict[str, Any] | None
+) -> None:
+    """Raise a ShardError naming the file and offset if `out` (just filled from sampler state
+    `before`) holds a token id >= vocab_size."""
+    if out.size == 0 or int(out.max()) < vocab_size:
+        return
+    top = int(out.max())
+    shards = getattr(sampler, "shards", None)
+    if before is not None and isinstance(shards, ShardSet):
+        sampler.load_state_dict(before)
+        sampler.shards = _CheckedShards(shards, vocab_size)
+        try:
+            sampler.fill(np.empty(out.shape, dtype=np.uint16), *key)
+        except ShardError as e:
+            raise e from None
+        finally:
+            sampler.shards = shards
+    raise ShardError(
+        f"a training batch holds token id {top} but data.vocab_size={vocab_size}; one of the train shards "
+        "was written with another tokenizer or is corrupt: re-export or re-download them"
+    )
+
+
+class _CheckedTokens:
+    """A shard's memmap whose slices are checked against the vocabulary (the replay only)."""
+
+    def __init__(self, path: Path, tokens: np.ndarray, vocab_size: int):
+        self.path, self.tokens, self.vocab_size = path, tokens, vocab_size
+        self.size = tokens.size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, span: slice) -> np.ndarray:
+        chunk = self.tokens[span]
+        bad = np.flatnonzero(chunk >= self.vocab_size)
+        if bad.size:
+            offset = (span.start or 0) + int(bad[0])
+            raise ShardError(
+                f"{self.path}: token id {int(chunk[bad[0]])} at token offset {offset:,} (byte "
+                f"{HEADER_BYTES + 2 * offset:,}) is >= data.vocab_size={self.vocab_size}; only the first "
+                "1M tokens of each train shard are checked before training. The shard was written with "
+                "another tokenizer or is corrupt: re-export it (python -m pgolf.data build) or delete it "
+                "and download it again, or point data.tokenizer_path/data.vocab_size at its tokenizer"
+            )
+        return chunk
+
+
+class _CheckedShards(ShardSet):
+    """The same shards, read through `_CheckedTokens`."""
+
+    def __init__(self, inner: ShardSet, vocab_size: int):
+        self.__dict__.update(inner.__dict__)
+        self.vocab_size = vocab_size
+
+    def tokens(self, i: int) -> np.ndarray:
+        return _CheckedTokens(self.files[i], super().tokens(i), self.vocab_size)  # type: ignore[return-value]

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pgolf.results import atomic_file
+
 MAGIC = 20240520
 VERSION = 1
 HEADER_INTS = 256
@@ -67,12 +69,9 @@ def write_shard(path: str | Path, tokens: np.ndarray) -> None:
         raise ShardError(f"{path}: token ids must fit uint16 (0..65535)")
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[0], header[1], header[2] = MAGIC, VERSION, tokens.size
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_file(path, needed=HEADER_BYTES + 2 * tokens.size, tmp_name=Path(path).name + ".tmp") as f:
         f.write(header.tobytes())
         f.write(tokens.astype("<u2").tobytes())
-    os.replace(tmp, path)
 
 
 def shard_files(folder: str | Path, pattern: str, role: str) -> list[Path]:

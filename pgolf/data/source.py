@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ import numpy as np
 from pgolf.data.bpb import ByteTables, build_byte_tables
 from pgolf.data.config import EmbeddedDataConfig, ShardDataConfig
 from pgolf.data.shards import ShardError, check_vocab, load_tokens, read_header, shard_files
+from pgolf.results import write_json_atomic
 
 
 @dataclass
@@ -57,6 +57,31 @@ def _load_tokenizer(path: Path, vocab_size: int):
     return sp
 
 
+def check_disjoint(train: list[Path], val: list[Path], train_pattern: str, val_pattern: str) -> None:
+    """No file may be both train and validation data. The message blames the pattern that reaches
+    into the other split's files (the one matching a strict superset), or both when neither does."""
+    both = sorted(set(train) & set(val))
+    if not both:
+        return
+    t, v = set(train), set(val)
+    keys = {"train": f"data.train_pattern={train_pattern!r}", "val": f"data.val_pattern={val_pattern!r}"}
+    example = f"{both[0].name}{', ...' if len(both) > 1 else ''}; {len(both)} file(s)"
+    if v < t:  # the train pattern swallows the validation files
+        raise ShardError(
+            f"{keys['train']} also matches the validation files of {keys['val']} ({example}); training on "
+            "validation data is not allowed: narrow data.train_pattern (e.g. 'fineweb_train_*.bin')"
+        )
+    if t < v:
+        raise ShardError(
+            f"{keys['val']} also matches the training files of {keys['train']} ({example}); scoring on "
+            "training data is not allowed: narrow data.val_pattern (e.g. 'fineweb_val_*.bin')"
+        )
+    raise ShardError(
+        f"{keys['train']} and {keys['val']} both match {example}; a shard is train or validation, never "
+        "both: make the two patterns select disjoint files (e.g. 'fineweb_train_*.bin' and 'fineweb_val_*.bin')"
+    )
+
+
 def open_shards(
     folder: Path, train_pattern: str, val_pattern: str, tokenizer: Path, vocab_size: int
 ) -> DataSource:
@@ -64,12 +89,7 @@ def open_shards(
         raise ShardError(f"data.path={folder} is not a directory; download or build shards into it first")
     train = shard_files(folder, train_pattern, "train")
     val = shard_files(folder, val_pattern, "validation")
-    overlap = sorted(set(train) & set(val))
-    if overlap:
-        raise ShardError(
-            f"train pattern {train_pattern!r} also matches validation files ({overlap[0].name}, ...); "
-            "training on validation data is not allowed: fix data.train_pattern"
-        )
+    check_disjoint(train, val, train_pattern, val_pattern)
     train_n = sum(read_header(f) for f in train)  # headers and sizes of every shard, once
     val_n = sum(read_header(f) for f in val)
     sp = _load_tokenizer(tokenizer, vocab_size)
@@ -143,9 +163,7 @@ def ensure_embedded(cfg: EmbeddedDataConfig, log=print) -> Path:
         log(f"embedded corpus: trained a {cfg.vocab_size}-piece SentencePiece BPE tokenizer")
         counts = export_shards(model, docs, folder, val_docs=cfg.val_docs)
         log(f"embedded corpus: {counts['train']:,} train and {counts['val']:,} val tokens")
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"documents": len(docs), "bytes": n_bytes, **counts}))
-        os.replace(tmp, done)
+        write_json_atomic(done, {"documents": len(docs), "bytes": n_bytes, **counts})
     return folder
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pgolf.registry import ConfigError
+from pgolf.registry import ConfigError, check_range
 
 NS_COEFFS = ("quintic", "polar_express")
 
@@ -59,6 +59,16 @@ class MuonConfig:
     timing_steps: int = 0
 
     def validate(self, path: str) -> None:
+        for key in ("matrix_lr", "scalar_lr", "tied_embed_lr", "embed_lr", "head_lr"):
+            check_range(f"{path}.{key}", getattr(self, key), 0, why="a learning rate; 0 freezes the group")
+        for key in ("muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2"):
+            check_range(f"{path}.{key}", getattr(self, key), 0, 1, high_open=True, why="a momentum")
+        if not self.adam_eps > 0:
+            raise ConfigError(
+                f"{path}.adam_eps={self.adam_eps} must be > 0 (it keeps Adam's division finite)"
+            )
+        check_range(f"{path}.muon_momentum_warmup_steps", self.muon_momentum_warmup_steps, 0)
+        check_range(f"{path}.swa_threshold", self.swa_threshold, 0, 1, why="a fraction of the peak lr")
         if self.muon_backend_steps < 1:
             raise ConfigError(f"{path}.muon_backend_steps must be >= 1")
         if self.ns_coeffs not in NS_COEFFS:

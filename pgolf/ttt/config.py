@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pgolf.registry import ConfigError
+from pgolf.registry import ConfigError, check_range
 
 
 @dataclass
@@ -83,6 +83,8 @@ class LoRATTTConfig:
             raise ConfigError(f"{path}.targets is empty; choose from q, k, v, head")
         if self.lr < 0 or self.alpha < 0 or self.weight_decay < 0:
             raise ConfigError(f"{path}: lr, alpha and weight_decay must be >= 0")
+        for key in ("beta1", "beta2"):
+            check_range(f"{path}.{key}", getattr(self, key), 0, 1, high_open=True, why="an Adam beta")
 
 
 @dataclass
@@ -111,3 +113,6 @@ class PhasedTTTConfig(LoRATTTConfig):
             raise ConfigError(
                 f"{path}: prefix_docs, num_phases, global_batch_seqs >= 1 and global_seq_len >= 2"
             )
+        check_range(f"{path}.global_lr", self.global_lr, 0, why="a learning rate")
+        check_range(f"{path}.global_momentum", self.global_momentum, 0, 1, high_open=True, why="a momentum")
+        check_range(f"{path}.global_grad_clip", self.global_grad_clip, 0)
