@@ -267,8 +267,9 @@ class Trainer:
         step_events: list[torch.cuda.Event] = []
         step_host_ms: list[float] = []
         losses: list[tuple[int, float]] = []
-        # Steps that may still run after a stop decision: the one queued, plus one more when the
-        # decision has to travel through a lagged all-reduce.
+        # Steps started after a stop vote: a vote stops the run after the next step (on CUDA, the
+        # one queued before the vote is read), plus one more when it travels through a lagged
+        # all-reduce.
         lookahead = 2 if (rt.distributed and is_cuda) else 1
         train_ms = 0.0
         stop_after: int | None = None
@@ -323,7 +324,11 @@ class Trainer:
             local_stop = 0.0
             completed = step - 1 if is_cuda else step  # steps known finished at done_ms
             if cap_ms is not None and completed > 0:
-                local_stop = float(done_ms + lookahead * done_ms / completed >= cap_ms)
+                # A vote now ends the run after the steps still in flight plus `lookahead` more;
+                # the next vote would end it one step later. Vote now when that later end would pass
+                # the cap, so the run ends on the last step that fits (not the first one past it).
+                left = (step - completed) + lookahead
+                local_stop = float(done_ms + (left + 1) * done_ms / completed >= cap_ms)
             # fill_/copy_ are kernel launches; torch.tensor(x, device=cuda) would block on a pageable copy.
             flags[0].fill_(local_stop)
             flags[1].copy_(~torch.isfinite(loss))

@@ -9,8 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Without CUDA, the fused Triton kernels (tests/test_kernels.py) run in Triton's CPU interpreter.
+# Triton picks interpreter or compiler when a kernel is decorated, i.e. when pgolf.models.kernels is
+# first imported, so this is set here, before any test module is collected.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 CONF = REPO / "conf"
 
 SAMPLE_TEXT = [

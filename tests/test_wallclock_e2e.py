@@ -1,0 +1,154 @@
+"""budget.mode=wallclock, as every challenge run trains: the clock stops training, not
+train.iterations; budget.quant_reserve_seconds comes off that clock and GPTQ calibration runs in it;
+result.json's timings stay inside the budget; and in a 2-process run the ranks stop on one shared vote.
+
+The first test drives the real training loop on a virtual clock (each step takes exactly 125 ms), so
+where it stops is exact. The end-to-end runs have a few seconds of budget (train.iterations is out
+of reach) and cost ~10-20 s each on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli, tiny_cpu_args
+
+from pgolf import trainer as trainer_module
+from pgolf.config import job_config_from_dict
+
+FAST_CLOCK = Path(__file__).parent / "_fast_clock"  # sitecustomize.py: one rank's clock runs fast
+ITERATIONS = 100_000  # never reached: the clock must stop the run
+TRAIN_SECONDS, RESERVE = 7.0, 3.0
+CAP_MS = 1000.0 * (TRAIN_SECONDS - RESERVE)
+# The stop is predicted from the mean step time (stop when one more step would pass the cap), so a
+# step slower than the mean may overshoot by about one step; a few tiny CPU steps fit in this slack.
+# Ignoring the reserve would overshoot by the whole reserve (3 s).
+OVERSHOOT_MS = 1000.0
+
+
+class StepClock:
+    """`time` for the trainer module: only a training step moves the clock, by exactly `step_s`."""
+
+    def __init__(self, step_s: float):
+        self.step_s = step_s
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def test_the_clock_stops_on_the_last_step_that_fits(
+    tmp_path, shard_dir, tokenizer_model, compose, monkeypatch
+):
+    """125 ms steps and 7.06 s - 2 s reserve = 5.06 s: 40 steps end at 5.000 s, a 41st would end past
+    the cap (5.125 s), and ignoring the reserve would allow 56. The loop must stop after exactly 40,
+    and result.json must charge the reserve: 5.0 s + 2 s used of 7.06 s."""
+    clock = StepClock(0.125)
+    monkeypatch.setattr(trainer_module, "time", clock)
+    real_step = trainer_module.Trainer._train_step
+
+    def timed_step(self, *args, **kwargs):
+        loss = real_step(self, *args, **kwargs)
+        clock.now += clock.step_s
+        return loss
+
+    monkeypatch.setattr(trainer_module.Trainer, "_train_step", timed_step)
+    overrides = tiny_cpu_args(
+        shard_dir,
+        tokenizer_model,
+        **{
+            "budget.mode": "wallclock",
+            "budget.train_seconds": "7.06",
+            "budget.quant_reserve_seconds": "2",
+            "train.iterations": str(ITERATIONS),
+            "train.prime_steps": "0",
+            "train.log_every": "0",
+            "train.batch_tokens": "512",
+            "wandb.mode": "disabled",
+            "hardware.threads": "1",
+        },
+    )
+    job = job_config_from_dict({**compose(overrides), "job_dir": str(tmp_path)})
+    threads = torch.get_num_threads()
+    trainer = trainer_module.Trainer(job, tmp_path)
+    try:
+        res = trainer.run()
+    finally:
+        trainer.close()
+        torch.set_num_threads(threads)  # the runtime set this process's threads; give them back
+    assert (res["status"], res["steps"], res["stopped_by"]) == ("ok", 40, "wallclock")
+    assert res["train_ms"] == pytest.approx(5000.0)
+    assert res["limits"]["train_seconds"] == {"limit": 7.06, "used": pytest.approx(7.0), "held": True}
+
+
+def _wallclock_run(tmp_path: Path, shard_dir, tokenizer_model, name: str, env=None, **extra) -> dict:
+    args = tiny_cpu_args(
+        shard_dir,
+        tokenizer_model,
+        **{
+            "budget.mode": "wallclock",
+            "budget.train_seconds": str(TRAIN_SECONDS),
+            "budget.quant_reserve_seconds": str(RESERVE),
+            "train.iterations": str(ITERATIONS),
+            "train.log_every": "0",
+            "hardware.threads": "1",  # steady step times on a shared 2-core machine
+            # GPTQ, so the calibration the reserve pays for really runs (also across ranks)
+            "quant": "int6_gptq",
+            "quant.keep_float_max_numel": "1024",
+            "quant.calibration.batches": "2",
+            **extra,
+        },
+    )
+    d = tmp_path / name
+    proc = run_cli(args, d, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((d / "run" / "result.json").read_text())
+
+
+def _assert_clock_stopped_in_budget(res: dict) -> None:
+    assert res["status"] == "ok"
+    assert res["stopped_by"] == "wallclock" and 0 < res["steps"] < ITERATIONS
+    assert res["train_ms"] <= CAP_MS + OVERSHOOT_MS, "training ran into the quantization reserve"
+    # GPTQ ran after the clock, and result.json charges the reserve (which must cover it)
+    assert res["calibration_seconds"] > 0
+    lim = res["limits"]["train_seconds"]
+    assert lim["limit"] == TRAIN_SECONDS
+    assert lim["used"] == pytest.approx(res["train_ms"] / 1000.0 + max(RESERVE, res["calibration_seconds"]))
+    assert lim["used"] <= TRAIN_SECONDS + OVERSHOOT_MS / 1000.0
+    assert res["limits"]["eval_seconds"]["held"]
+    # The phase timers agree with the clock: the train phase is the clock plus the pre-quant
+    # validation after it, never less than the clock itself.
+    assert res["timings"]["train"] >= res["train_ms"] / 1000.0
+
+
+@pytest.mark.slow
+def test_one_process_stops_by_the_clock_before_the_reserve(tmp_path, shard_dir, tokenizer_model):
+    res = _wallclock_run(tmp_path, shard_dir, tokenizer_model, "n1")
+    _assert_clock_stopped_in_budget(res)
+    # Stopped near the cap, not at some other early point: most of the clock was used.
+    assert res["train_ms"] >= 0.6 * CAP_MS
+    assert res["steps"] >= 5
+
+
+@pytest.mark.slow
+def test_two_ranks_stop_together_on_the_fastest_clock(tmp_path, shard_dir, tokenizer_model):
+    """Rank 1's clock runs 2x fast, so only rank 1 sees the cap at half the real time. Rank 0 must
+    stop at the same step (a rank that stopped alone would leave the other waiting in a DDP
+    all-reduce, or pair the wrong collectives): rank 0's own clock (train_ms, which rank 0
+    reports) then shows about half the cap."""
+    env = {
+        "PYTHONPATH": os.pathsep.join(p for p in (str(FAST_CLOCK), os.environ.get("PYTHONPATH")) if p),
+        "PGOLF_TEST_FAST_CLOCK": "1:2.0",
+        "OMP_NUM_THREADS": "1",
+    }
+    res = _wallclock_run(
+        tmp_path, shard_dir, tokenizer_model, "n2", env=env, **{"hardware.nproc_per_node": "2"}
+    )
+    assert res["world_size"] == 2
+    _assert_clock_stopped_in_budget(res)
+    assert res["train_ms"] <= 0.5 * CAP_MS + OVERSHOOT_MS, "rank 0 did not stop on rank 1's vote"
+    assert res["train_ms"] >= 0.25 * CAP_MS and res["steps"] >= 3
