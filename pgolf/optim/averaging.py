@@ -70,9 +70,14 @@ class WeightAverager:
     def apply(self) -> str:
         avg = self.averaged()
         if avg is None:
+            got = (
+                f"only {self.count} snapshot(s), fewer than {self.min_snapshots}"
+                if self.count
+                else "no snapshot"
+            )
             return (
-                f"swa: {self.count} snapshot(s), fewer than {self.min_snapshots} (lr scale below "
-                f"{self.threshold} on a multiple of {self.every} steps); exporting the live weights"
+                f"swa: {got} (lr scale below {self.threshold} on a multiple of {self.every} steps); "
+                "exporting the live weights"
             )
         for p, a in zip(self.params, avg):
             p.copy_(a.to(p.dtype))
