@@ -162,4 +162,10 @@ def test_experiment_runs_end_to_end_on_cpu(name, small_shards, tokenizer_model, 
         assert m["score_first"]["tokens"] == m["sliding"]["tokens"]  # same windows when stride divides n
     assert result["quant"]["compressor"] == {"pr339": "zstd", "pr399": "lzma", "pr726": "lzma"}[name]
     if name == "pr339":
-        assert result["optimizer"]["averaging"] == {"mode": "swa", "every": 1, "count": 2, "first_step": 3, "applied": True}
+        assert result["optimizer"]["averaging"] == {
+            "mode": "swa",
+            "every": 1,
+            "count": 2,
+            "first_step": 3,
+            "applied": True,
+        }
