@@ -104,3 +104,12 @@ def test_legacy_equals_exact_when_no_window_is_short():
 def test_unknown_rule_is_refused():
     with pytest.raises(ValueError, match="window_rule"):
         window_starts(10, 4, 2, "sloppy")
+
+
+def test_legacy_window_count_on_the_sp1024_val_stream_matches_pr726s_log():
+    """PR #726's log: `ttt_sliding:start chunks=1893 ... total_windows=969088 stride=64` on the
+    62,021,632 targets of the sp1024 validation split (seq 2048)."""
+    n = 62_021_632
+    assert window_starts(n, 2048, 64, "legacy", ttt=True).size == 969_088
+    assert window_starts(n, 2048, 64, "legacy").size == 969_088
+    assert window_starts(n, 2048, 64).size == 969_057

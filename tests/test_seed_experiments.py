@@ -104,8 +104,10 @@ SHRINK = {
         "ttt.chunk_tokens=4096",
         "ttt.batch_seqs=4",
         "ttt.epochs=1",
+        "eval.window_rule=legacy",  # the pre-fix rule through the trainer, sliding and TTT
     ],
 }
+RULE = {"pr339": "exact", "pr399": "exact", "pr726": "legacy"}
 
 
 @pytest.mark.parametrize("name", SEEDS)
@@ -140,15 +142,30 @@ def test_experiment_runs_end_to_end_on_cpu(name, small_shards, tokenizer_model, 
         *SHRINK[name],
     ]
     if name == "pr339":
-        args += ["optimizer.swa_every=2"]  # lr scale 1, 1, 2/3, 1/3: one snapshot, after step 4
+        # lr scale 1, 1, 2/3, 1/3: snapshots after steps 3 and 4 (its minimum of 2 to apply)
+        args += ["optimizer.swa_every=1", "optimizer.swa_threshold=0.9"]
     proc = run_cli(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["status"] == "ok" and result["label"] == name
     assert result["steps"] == 4
-    assert result["metrics"]["sliding"]["window_rule"] == "exact"
+    rule, m = RULE[name], result["metrics"]
+    assert m["sliding"]["window_rule"] == rule and "window_rule" not in m["nonoverlap"]
     final = "score_first" if name == "pr726" else "sliding"
-    assert result["final_mode"] == final and result["final_window_rule"] == "exact"
+    assert result["final_mode"] == final and result["final_window_rule"] == rule
+    # the val stream is whole 64-token sequences: exact scores each target once, as nonoverlap does;
+    # legacy scores the tail again
+    more = m["sliding"]["tokens"] > m["nonoverlap"]["tokens"]
+    assert more if rule == "legacy" else m["sliding"]["tokens"] == m["nonoverlap"]["tokens"]
+    if name == "pr726":
+        assert m["score_first"]["window_rule"] == "legacy"
+        assert m["score_first"]["tokens"] == m["sliding"]["tokens"]  # same windows when stride divides n
     assert result["quant"]["compressor"] == {"pr339": "zstd", "pr399": "lzma", "pr726": "lzma"}[name]
     if name == "pr339":
-        assert result["optimizer"]["averaging"] == {"mode": "swa", "every": 2, "count": 1, "first_step": 4}
+        assert result["optimizer"]["averaging"] == {
+            "mode": "swa",
+            "every": 1,
+            "count": 2,
+            "first_step": 3,
+            "applied": True,
+        }

@@ -290,3 +290,32 @@ def test_freeze_without_bank_slices_trains_the_frozen_layers_matrices():
     qo = masks[model.qo_bank].flatten().tolist()  # slots: q of layers 0..3, then o of layers 0..3
     assert qo == [0, 0, 1, 1, 0, 0, 1, 1]
     assert math.isclose(sum(p.numel() for p in params), total - own)
+
+
+def test_swa_in_param_dtype_sums_bf16_in_bf16_and_needs_two_snapshots():
+    """PR #339: `swa_state[name] += t` on the state dict as stored (bf16 tables stay bf16), then
+    `(t / count).to(dtype)`, applied only when count > 1."""
+    model = torch.nn.Module()
+    model.table = torch.nn.Parameter(torch.zeros(64, dtype=torch.bfloat16))
+    model.vec = torch.nn.Parameter(torch.zeros(64))
+    cfg = MuonConfig(swa_every=1, swa_threshold=1.0, swa_accumulate="param", swa_min_snapshots=2)
+    avg = WeightAverager(model, cfg)
+    g = torch.Generator().manual_seed(0)
+    snaps = [torch.randn(64, generator=g) for _ in range(3)]
+    ref_t, ref_v = None, None
+    for k, x in enumerate(snaps):
+        with torch.no_grad():
+            model.table.copy_(x.to(torch.bfloat16))
+            model.vec.copy_(x)
+        ref_t = model.table.detach().clone() if ref_t is None else ref_t + model.table.detach()
+        ref_v = model.vec.detach().clone() if ref_v is None else ref_v + model.vec.detach()
+        avg.update(k, 0.5)
+        if k == 0:  # one snapshot: below the minimum, nothing to apply
+            assert avg.averaged() is None and not avg.summary()["applied"]
+    assert "mean of 3 snapshots" in avg.apply()
+    assert model.table.dtype == torch.bfloat16
+    assert torch.equal(model.table.detach(), (ref_t / 3).to(torch.bfloat16))
+    torch.testing.assert_close(model.vec.detach(), ref_v / 3)
+    # summing in fp32 instead gives other bf16 values on some entries: the option matters
+    fp32_mean = sum(s.to(torch.bfloat16).float() for s in snaps) / 3
+    assert not torch.equal(fp32_mean.to(torch.bfloat16), model.table.detach())

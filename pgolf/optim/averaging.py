@@ -3,7 +3,8 @@
 EMA keeps an fp32 shadow of every parameter, initialized from the weights training starts from
 and updated after every optimizer step as ema <- d * ema + (1 - d) * theta (no bias correction).
 SWA sums an fp32 snapshot every `swa_every` steps while the lr scale is below `swa_threshold`
-(R0323: every 50 steps under 0.2) and divides by the count at the end. Both update with foreach
+(R0323: every 50 steps under 0.2) and divides by the count at the end (`swa_accumulate=param`
+sums in each parameter's dtype instead, and `swa_min_snapshots` is the fewest it applies). Both update with foreach
 kernels on the device, so the step stays free of host syncs; `apply()` writes the average into the
 model (cast to each parameter's dtype) before the final validation and the artifact.
 """
@@ -22,6 +23,8 @@ class WeightAverager:
         self.params = [p for _, p in model.named_parameters()]
         self.decay = cfg.ema_decay
         self.every, self.threshold = cfg.swa_every, cfg.swa_threshold
+        self.in_param_dtype = cfg.swa_accumulate == "param"
+        self.min_snapshots = cfg.swa_min_snapshots
         self.mode = "ema" if cfg.ema_decay > 0 else "swa"
         self.reset()
 
@@ -46,11 +49,12 @@ class WeightAverager:
             torch._foreach_add_(self.shadow, self._fp32(), alpha=1.0 - self.decay)
             return
         if lr_scale < self.threshold and (step + 1) % self.every == 0:
+            snap = [p.detach() for p in self.params] if self.in_param_dtype else self._fp32()
             if self.sum is None:
-                self.sum = [t.clone() for t in self._fp32()]
+                self.sum = [t.clone() for t in snap]
                 self.first_step = step + 1
             else:
-                torch._foreach_add_(self.sum, self._fp32())
+                torch._foreach_add_(self.sum, snap)
             self.count += 1
 
     @torch.no_grad()
@@ -58,7 +62,7 @@ class WeightAverager:
         """The average in fp32, one tensor per parameter; None if SWA never took a snapshot."""
         if self.mode == "ema":
             return self.shadow
-        if not self.count:
+        if self.count < self.min_snapshots:
             return None
         return [s / self.count for s in self.sum]
 
@@ -66,9 +70,14 @@ class WeightAverager:
     def apply(self) -> str:
         avg = self.averaged()
         if avg is None:
+            got = (
+                f"only {self.count} snapshot(s), fewer than {self.min_snapshots}"
+                if self.count
+                else "no snapshot"
+            )
             return (
-                f"swa: no snapshot (lr scale never fell below {self.threshold} on a multiple of "
-                f"{self.every} steps); exporting the live weights"
+                f"swa: {got} (lr scale below {self.threshold} on a multiple of {self.every} steps); "
+                "exporting the live weights"
             )
         for p, a in zip(self.params, avg):
             p.copy_(a.to(p.dtype))
@@ -79,7 +88,13 @@ class WeightAverager:
     def summary(self) -> dict:
         if self.mode == "ema":
             return {"mode": "ema", "decay": self.decay}
-        return {"mode": "swa", "every": self.every, "count": self.count, "first_step": self.first_step}
+        return {
+            "mode": "swa",
+            "every": self.every,
+            "count": self.count,
+            "first_step": self.first_step,
+            "applied": self.count >= self.min_snapshots,
+        }
 
     def state_dict(self) -> dict:
         return {"shadow": self.shadow, "sum": self.sum, "count": self.count, "first_step": self.first_step}

@@ -52,6 +52,11 @@ class MuonConfig:
     ema_decay: float = 0.0  # 0: off; else fp32 shadow, ema <- d*ema + (1-d)*theta after every step
     swa_every: int = 0  # 0: off; else a snapshot every N steps while lr scale < swa_threshold
     swa_threshold: float = 0.2
+    # SWA sums: `fp32` (default) or `param`, each parameter's own dtype, so bf16 tables sum and
+    # divide in bf16 (PR #339 sums its state dict as stored); SWA is applied only with at least
+    # swa_min_snapshots snapshots (PR #339: 2), else the live weights are exported
+    swa_accumulate: str = "fp32"
+    swa_min_snapshots: int = 1
     # Late QAT (TECHNIQUES §2.7): int6 STE fake-quant of the block matrices once lr scale < threshold.
     late_qat_threshold: float = 0.0
     # Optimizer timing with CUDA events on this many steps (after 10 settling steps); 0: off, so
@@ -93,6 +98,10 @@ class MuonConfig:
             raise ConfigError(f"{path}.wd_taper_start_frac={self.wd_taper_start_frac} must be in [0, 1]")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"{path}.ema_decay={self.ema_decay} must be in [0, 1) (0 turns EMA off)")
+        if self.swa_accumulate not in ("fp32", "param"):
+            raise ConfigError(f"{path}.swa_accumulate={self.swa_accumulate!r} must be fp32 or param")
+        if self.swa_min_snapshots < 1:
+            raise ConfigError(f"{path}.swa_min_snapshots must be >= 1")
         if self.swa_every < 0 or self.timing_steps < 0:
             raise ConfigError(f"{path}.swa_every and {path}.timing_steps must be >= 0")
         if self.ema_decay > 0 and self.swa_every > 0:
