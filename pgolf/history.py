@@ -15,12 +15,16 @@ METRICS_FILE = "metrics.jsonl"
 
 class History:
     def __init__(self, job_dir: Path, enabled: bool):
-        # Appended: a resumed job adds to the lines its killed run wrote.
-        self.file = open(job_dir / METRICS_FILE, "a", encoding="utf-8") if enabled else None
+        self.file = open(job_dir / METRICS_FILE, "ab+") if enabled else None
+        # Appended: a resumed job adds to the rows its killed run wrote, after ending a torn last row.
+        if self.file is not None and self.file.tell():
+            self.file.seek(-1, 2)
+            if self.file.read(1) != b"\n":
+                self.file.write(b"\n")
 
     def __call__(self, step: int, **values: float) -> None:
-        if self.file is not None:  # one whole line per write, flushed: a reader never sees half a row
-            self.file.write(json.dumps({"step": step, **values}) + "\n")
+        if self.file is not None:  # one whole row per write, flushed
+            self.file.write(json.dumps({"step": step, **values}).encode() + b"\n")
             self.file.flush()
 
     def close(self) -> None:

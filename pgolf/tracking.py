@@ -151,8 +151,11 @@ class JobRun:
                 data = f.read()
             end = data.rfind(b"\n") + 1  # a row still being written is read next time
             for line in data[:end].splitlines():
-                row = json.loads(line)
-                step = row.pop("step")
+                try:
+                    row = json.loads(line)
+                    step = int(row.pop("step"))
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    continue  # the torn last row of a killed worker (pgolf.history ends it)
                 # A resumed job retrains from its checkpoint: rows below the logged step are old news.
                 if step >= self.state["step"]:
                     self.run.log(row, step=step)

@@ -23,7 +23,7 @@ pytest.importorskip("wandb")  # a dependency of pgolf (pyproject.toml); the test
 @pytest.fixture(scope="module")
 def default_sweep(tmp_path_factory, shard_dir, tokenizer_model):
     """The README's seed sweep, two jobs, every wandb setting at its default (mode auto)."""
-    root = tmp_path_factory.mktemp("wandb_sweep")
+    root = tmp_path_factory.mktemp("default_sweep")
     sweep = root / "sweep"
     env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"} | wandb_isolation_env(root)
     args = tiny_cpu_args(shard_dir, tokenizer_model, **{"train.val_every": "3"})
@@ -61,8 +61,10 @@ def test_default_sweep_logs_one_offline_run_per_job_grouped_by_sweep(default_swe
         assert run.exit_code == 0
         train = [(h["_step"], h["train_loss"]) for h in run.history if "train_loss" in h]
         assert [s for s, _ in train] == list(range(1, 7))  # every log step, in order
-        log_losses = [float(x.split("train_loss:")[1].split()[0]) for x in (job / "train.log").open() if "train_loss:" in x]
-        assert [round(v, 4) for _, v in train] == log_losses
+        rows = [json.loads(x) for x in (job / "metrics.jsonl").read_text().splitlines()]
+        assert train == [
+            (r["step"], r["train_loss"]) for r in rows if "train_loss" in r
+        ]  # what the worker wrote
         val = [h for h in run.history if "val_bpb" in h]
         assert [h["_step"] for h in val] == [3, 6]
         assert val[-1]["val_bpb"] == result["metrics"]["pre_quant"]["val_bpb"]
@@ -78,11 +80,14 @@ def test_each_job_says_where_its_run_is_in_one_line_and_wandb_stays_quiet(defaul
     sweep, proc = default_sweep
     out = (proc.stdout + proc.stderr).splitlines()
     assert not [line for line in out if line.lower().startswith("wandb:")], "wandb chatter on the console"
-    notes = [line for line in out if "wandb" in line.lower()]
+    notes = [line for line in out if "wandb" in line.lower().replace(str(sweep).lower(), "")]
     for num in ("0", "1"):
         (run_dir,) = _offline_runs(sweep / num)
         assert sum(str(run_dir) in n for n in notes) == 1
-        assert f"pgolf: wandb offline run 'seed={('1337', '42')[int(num)]}' in {run_dir}; upload: wandb sync {run_dir}" in out
+        assert (
+            f"pgolf: wandb offline run 'seed={('1337', '42')[int(num)]}' in {run_dir}; upload: wandb sync {run_dir}"
+            in out
+        )
     (report_dir,) = _offline_runs(sweep)
     assert any(f"wandb sync {report_dir}" in n for n in notes)
     assert len(notes) == 3, notes
@@ -186,3 +191,53 @@ def test_wandb_failing_to_start_never_stops_the_job(tmp_path, monkeypatch, capsy
     assert start_job_run(wb, tmp_path, frozen, "seed=1", "sweep-x") is None
     err = capsys.readouterr().err
     assert "api_key not configured" in err and "wandb login" in err and "wandb.mode=offline" in err
+
+
+class _RecordingRun:
+    """Stands in for a wandb run in the follower's unit test: records what it is given."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, dict]] = []
+        self.summary: dict = {}
+        self.exit_code: int | None = None
+
+    def log(self, row: dict, step: int) -> None:
+        self.rows.append((step, row))
+
+    def finish(self, exit_code: int) -> None:
+        self.exit_code = exit_code
+
+
+def test_the_follower_copies_whole_rows_once_and_a_resumed_job_continues_after_them(tmp_path):
+    from pgolf.history import METRICS_FILE, History
+    from pgolf.tracking import JobRun
+
+    hist = History(tmp_path, enabled=True)
+    for step in (1, 2, 3):
+        hist(step, train_loss=5.0 - step)
+    hist.close()
+    with open(tmp_path / METRICS_FILE, "ab") as f:
+        f.write(b'{"step": 4, "train_lo')  # the worker was killed mid-row
+    run = _RecordingRun()
+    job = JobRun(run, tmp_path, {"id": "abc", "step": 0, "offset": 0})
+    job.close()  # no result.json: the job died
+    assert [s for s, _ in run.rows] == [1, 2, 3] and run.rows[0][1] == {"train_loss": 4.0}
+    assert run.summary["status"] == "missing" and run.exit_code == 1
+    state = json.loads((tmp_path / "wandb.json").read_text())
+    assert state["step"] == 3 and state["offset"] == len(
+        b"".join((tmp_path / METRICS_FILE).read_bytes().splitlines(True)[:3])
+    )
+
+    # resume=<job>: the worker retrains from its checkpoint at step 1; rows below step 3 are not new
+    hist = History(tmp_path, enabled=True)  # ends the torn row first
+    for step in (2, 3, 4, 5):
+        hist(step, train_loss=10.0 + step)
+    hist(5, val_loss=1.5, val_bpb=2.5)
+    hist.close()
+    (tmp_path / "result.json").write_text(json.dumps({"status": "ok", "val_bpb": 1.25, "val_loss": 2.0,
+                                                       "metrics": {"pre_quant": {"val_bpb": 1.2}}}))  # fmt: skip
+    run = _RecordingRun()
+    JobRun(run, tmp_path, state).close()
+    assert [s for s, _ in run.rows] == [3, 4, 5, 5]
+    assert run.summary == {"status": "ok", "val_bpb": 1.25, "val_loss": 2.0, "pre_quant_val_bpb": 1.2}
+    assert run.exit_code == 0
