@@ -165,7 +165,6 @@ def _run_job(cfg: DictConfig, job_dir: Path, multirun: bool) -> float:
             sys.exit(2)
         return float("inf")
     write_json_atomic(job_dir / "config.json", frozen)
-    job_run = start_hydra_job_run(wb, job_dir, frozen, multirun)  # wandb lives here, never in the worker
     lease: SlotLease | None = None
     if use_slots:
         slot_dir = slots.get("slot_dir") or Path(HydraConfig.get().sweep.dir) / ".gpu_slots"
@@ -173,6 +172,7 @@ def _run_job(cfg: DictConfig, job_dir: Path, multirun: bool) -> float:
         lease = pool.acquire(frozen["hardware"]["nproc_per_node"])
         acquired = time.time()
         print(f"pgolf: job {job_dir.name} holds GPU slot(s) {','.join(lease.devices)}", flush=True)
+    job_run = start_hydra_job_run(wb, job_dir, frozen, multirun)  # wandb lives here, never in the worker
     try:
         code = launch(frozen, job_dir, in_process=not multirun, env=lease.env() if lease else None)
     finally:
