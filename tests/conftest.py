@@ -46,9 +46,11 @@ def shard_dir(tmp_path_factory, tokenizer_model) -> Path:
 def wandb_isolation_env(root: Path) -> dict[str, str]:
     """wandb's own folders (settings, cache, artifacts, default run dir) under `root`, never the
     user's home. wandb itself stays as installed: a sweep logs offline, as it does for a user."""
-    return {f"WANDB_{k}_DIR": str(root / f"wandb_{k.lower()}") for k in ("CONFIG", "CACHE", "DATA")} | {
-        "WANDB_DIR": str(root / "wandb_runs")
-    }
+    env = {f"WANDB_{k}_DIR": root / f"wandb_{k.lower()}" for k in ("CONFIG", "CACHE", "DATA")}
+    env["WANDB_DIR"] = root / "wandb_runs"
+    for path in env.values():
+        path.mkdir(parents=True, exist_ok=True)  # wandb 0.19 warns on the console about a missing one
+    return {k: str(v) for k, v in env.items()}
 
 
 @pytest.fixture(autouse=True)
