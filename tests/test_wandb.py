@@ -241,3 +241,33 @@ def test_the_follower_copies_whole_rows_once_and_a_resumed_job_continues_after_t
     assert [s for s, _ in run.rows] == [3, 4, 5, 5]
     assert run.summary == {"status": "ok", "val_bpb": 1.25, "val_loss": 2.0, "pre_quant_val_bpb": 1.2}
     assert run.exit_code == 0
+
+
+def test_without_wandb_installed_a_sweep_trains_untracked_and_says_how_to_install(
+    tmp_path, monkeypatch, capsys
+):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
+    assert resolve_mode("auto", multirun=True) == "disabled"  # the default needs no wandb
+    wb = wandb_config({"mode": "offline"}, multirun=True)  # asked for explicitly: say what is missing
+    frozen = {"seed": 1, "label": "", "model": {"name": "m"}, "optimizer": {"name": "o"}}
+    assert start_job_run(wb, tmp_path, frozen, "seed=1", None) is None
+    assert 'pip install "wandb>=0.19.10,<0.32"' in capsys.readouterr().out
+
+
+def test_the_installed_wandb_is_in_the_range_pgolf_pins():
+    import wandb
+    from conftest import REPO
+    from packaging.requirements import Requirement
+
+    from pgolf.tracking import INSTALL_HINT
+
+    tomllib = pytest.importorskip("tomllib")
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    (pin,) = [Requirement(d) for d in deps if d.startswith("wandb")]
+    assert wandb.__version__ in pin.specifier, f"wandb {wandb.__version__} is outside the tested range {pin}"
+    assert Requirement(INSTALL_HINT.split('"')[1]) == pin  # the hint printed to users names the same range
