@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v wandb >/dev/null; then
-  echo "wandb is not installed (pip install wandb)" >&2
+  echo "wandb is not installed (pip install \"wandb>=0.19.10,<0.32\", the range pgolf pins)" >&2
   exit 2
 fi
 roots=("$@")

@@ -60,16 +60,6 @@ class BudgetConfig:
 
 
 @dataclass
-class WandbConfig:
-    # auto: offline in a multirun when wandb is installed, else disabled; resolved in the parent
-    # (WANDB_MODE in the environment wins) and frozen into config.json.
-    mode: Literal["auto", "disabled", "offline", "online"] = "auto"
-    project: str = "pgolf"
-    entity: str | None = None
-    tags: list[str] = field(default_factory=list)
-
-
-@dataclass
 class CheckpointConfig:
     """Periodic checkpoints for long runs (`python -m pgolf.run resume=<job_dir>`); off by default."""
 
@@ -92,7 +82,6 @@ class RootSettings:
     train: TrainConfig = field(default_factory=TrainConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     init_from: str | None = None  # a state dict .pt loaded into the fresh model (pgolf.models.convert)
 
@@ -117,9 +106,9 @@ class JobConfig(RootSettings):
     hardware: Any
 
 
-# Root keys that the Hydra parent consumes (resume a job, GPU slots, the sweep report); they never
-# reach a worker or config.json.
-PARENT_ONLY = ("resume", "launch", "report")
+# Root keys that the Hydra parent consumes (resume a job, GPU slots, the sweep report, wandb: see
+# pgolf.tracking); they never reach a worker or config.json.
+PARENT_ONLY = ("resume", "launch", "report", "wandb")
 
 # ---------------------------------------------------------------------------------------------
 # dict -> dataclass with strict, path-naming validation

@@ -29,6 +29,8 @@ from pgolf.config import GROUPS, PARENT_ONLY, job_config_from_dict, to_dict
 from pgolf.registry import ConfigError
 from pgolf.results import DiskFullError, is_disk_full, read_json, write_json_atomic
 from pgolf.slots import GpuSlots, SlotLease, register_resolvers, visible_devices
+from pgolf.tracking import resolve_mode as resolve_wandb_mode  # noqa: F401 (pgolf.callbacks uses it)
+from pgolf.tracking import resume_job_run, start_hydra_job_run, wandb_config
 
 register_resolvers()  # before Hydra composes, here and in every joblib worker that imports us
 
@@ -48,19 +50,6 @@ def conf_dir() -> str:
     return str(path)
 
 
-def resolve_wandb_mode(mode: str, multirun: bool) -> str:
-    """`auto` -> offline in a sweep when wandb is installed, else disabled. WANDB_MODE=disabled in
-    the environment always wins, so tests and CI never start wandb."""
-    env = os.environ.get("WANDB_MODE", "")
-    if env == "disabled":
-        return "disabled"
-    if mode != "auto":
-        return mode
-    if env in ("offline", "online"):
-        return env
-    return "offline" if multirun and importlib.util.find_spec("wandb") is not None else "disabled"
-
-
 def freeze(cfg: DictConfig, job_dir: Path, multirun: bool = False, default_nproc: int = 0) -> dict:
     """Validate and resolve the composed config into the dict the worker will read."""
     data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
@@ -68,8 +57,6 @@ def freeze(cfg: DictConfig, job_dir: Path, multirun: bool = False, default_nproc
     for key in PARENT_ONLY:
         data.pop(key, None)
     data["job_dir"] = str(job_dir)
-    if isinstance(data.get("wandb"), dict):
-        data["wandb"]["mode"] = resolve_wandb_mode(data["wandb"].get("mode", "auto"), multirun)
     hw = data.get("hardware")
     if default_nproc and isinstance(hw, dict) and not hw.get("nproc_per_node"):
         hw["nproc_per_node"] = default_nproc  # GPU slots: "all GPUs" means the job's share
@@ -181,6 +168,7 @@ def _run_job(cfg: DictConfig, job_dir: Path, multirun: bool) -> float:
         frozen = freeze(
             cfg, job_dir, multirun, default_nproc=int(slots.get("gpus_per_job", 1)) if use_slots else 0
         )
+        wb = wandb_config(cfg.get("wandb"), multirun)
     except (ConfigError, RuntimeError) as e:
         write_json_atomic(job_dir / "result.json", {"status": "failed", "error": f"config: {e}"})
         print(f"pgolf: invalid config: {e}", file=sys.stderr)
@@ -195,11 +183,14 @@ def _run_job(cfg: DictConfig, job_dir: Path, multirun: bool) -> float:
         lease = pool.acquire(frozen["hardware"]["nproc_per_node"])
         acquired = time.time()
         print(f"pgolf: job {job_dir.name} holds GPU slot(s) {','.join(lease.devices)}", flush=True)
+    job_run = start_hydra_job_run(wb, job_dir, frozen, multirun)  # wandb lives here, never in the worker
     try:
         code = launch(frozen, job_dir, in_process=not multirun, env=lease.env() if lease else None)
     finally:
         if lease is not None:
             lease.release()
+        if job_run is not None:
+            job_run.close()
     # Which GPUs the job held, and when: provenance, and the evidence that no GPU was shared.
     extra = (
         {"gpu_lease": {"devices": lease.devices, "acquired": acquired, "released": time.time()}}
@@ -239,7 +230,13 @@ def resume(job_dir: Path, task_overrides: list[str]) -> float:
         + (f"its checkpoint at step {step}" if step is not None else "the start (it has no checkpoint)"),
         flush=True,
     )
-    return finish(job_dir, launch(frozen, job_dir), multirun=False)
+    job_run = resume_job_run(job_dir, frozen)
+    try:
+        code = launch(frozen, job_dir)
+    finally:
+        if job_run is not None:
+            job_run.close()
+    return finish(job_dir, code, multirun=False)
 
 
 def run_one(cfg: DictConfig) -> float:

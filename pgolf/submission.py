@@ -30,9 +30,19 @@ class PackError(RuntimeError):
     pass
 
 
+def _pin(pkg: str, version: str | None) -> str:
+    """`pkg==version` without the local label (`2.13.0+cpu` -> `2.13.0`): no registry serves a
+    local build, and a grader installs the registry's build for its own machine (CUDA on Linux).
+    The version that ran stays in a comment."""
+    if not version:
+        return pkg
+    public = version.split("+", 1)[0]
+    return f"{pkg}=={public}" + (f"  # ran with {version}" if public != version else "")
+
+
 def requirements(result: dict, config: dict) -> str:
     v = result.get("versions", {})
-    lines = [f"{pkg}=={v[mod]}" if mod in v else pkg for mod, pkg in RUNTIME.items()]
+    lines = [_pin(pkg, v.get(mod)) for mod, pkg in RUNTIME.items()]
     pkg = COMPRESSOR_PKG.get(config.get("quant", {}).get("compressor", ""))
     if pkg:
         lines.append(pkg)
@@ -130,7 +140,7 @@ def verify(sub_dir: Path, run_dir: Path, timeout: int = 1800, tol: float = 1e-6)
         work.mkdir()
         shutil.copyfile(Path(sub_dir) / "train_gpt.py", work / "train_gpt.py")
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        env.update(PGOLF_JOB_DIR=str(work / "job"), TMPDIR=tmp, WANDB_MODE="disabled")
+        env.update(PGOLF_JOB_DIR=str(work / "job"), TMPDIR=tmp)
         proc = subprocess.run(
             [sys.executable, "train_gpt.py"],
             cwd=work,

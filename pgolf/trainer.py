@@ -27,6 +27,7 @@ from pgolf.config import JobConfig, config_hash, to_dict
 from pgolf.data.loader import build_loader
 from pgolf.eval.sliding import ModeResult, WindowScorer, evaluate_sliding, from_eval_result
 from pgolf.eval.val import ByteLUT, EvalResult, evaluate
+from pgolf.history import History
 from pgolf.hw.device import Runtime
 from pgolf.hw.device import build as build_runtime
 from pgolf.log import RunLog
@@ -35,7 +36,6 @@ from pgolf.models.layers import restore_fp32_params
 from pgolf.results import write_json_atomic, write_text_atomic
 from pgolf.shipped import write_code
 from pgolf.timing import PhaseTimer
-from pgolf.tracking import Tracker
 
 
 class TrainingError(RuntimeError):
@@ -78,7 +78,7 @@ class Trainer:
             "world_size": self.rt.world_size,
             "versions": versions(),
         }
-        self.tracker = Tracker(job, job_dir, self.rt.is_main)
+        self.history = History(job_dir, self.rt.is_main)
         self.ckpt = Checkpointer(
             job.checkpoint, job_dir, self.rt.rank, self.rt.world_size, self.result["config_hash_with_seed"]
         )
@@ -112,14 +112,6 @@ class Trainer:
                 f"bytes_total:{self.result['bytes']['total']} eval_time:{self.timer.seconds['eval']:.1f}s "
                 f"ttt_time:{self.timer.seconds['ttt']:.1f}s final_mode:{self.result['final_mode']}"
             )
-            self.tracker.summary(
-                {
-                    "val_bpb": final.val_bpb,
-                    "val_loss": final.val_loss,
-                    "bytes_total": self.result["bytes"]["total"],
-                }
-            )
-        self.tracker.finish()
         return self.result
 
     # ---------------------------------------------------------------------------------- build
@@ -300,7 +292,7 @@ class Trainer:
                 self.log(
                     f"step:{step}/{iterations} val_loss:{res.val_loss:.4f} val_bpb:{res.val_bpb:.4f} train_time:{train_ms:.0f}ms"
                 )
-                self.tracker.log({"val_loss": res.val_loss, "val_bpb": res.val_bpb}, step=step)
+                self.history(step, val_loss=res.val_loss, val_bpb=res.val_bpb)
                 if last:
                     self.result["metrics"] = {"pre_quant": vars(res)}
                     break
@@ -362,7 +354,7 @@ class Trainer:
                     (iterations - step) * ms / 1000.0 if not wallclock else max(cap_ms - done_ms, 0) / 1000.0
                 )
                 self.log.progress(step, iterations, value, ms, eta)
-                self.tracker.log({"train_loss": value, "lr_scale": self.opt.last_lr_scale}, step=step)
+                self.history(step, train_loss=value, lr_scale=self.opt.last_lr_scale)
                 if not math.isfinite(value):
                     raise TrainingError(
                         f"train loss is {value} at step {step}; lower the learning rates (optimizer.*_lr), "
@@ -672,4 +664,5 @@ class Trainer:
         loader = getattr(self, "loader", None)
         if loader is not None:
             loader.close()  # stops the prefetch thread; also on failure
+        self.history.close()
         self.log.close()

@@ -50,12 +50,26 @@ def shard_dir(tmp_path_factory, tokenizer_model) -> Path:
     return out
 
 
+def wandb_isolation_env(root: Path) -> dict[str, str]:
+    """wandb's own folders (settings, cache, artifacts, default run dir) under `root`, never the
+    user's home. wandb itself stays as installed: a sweep logs offline, as it does for a user."""
+    env = {f"WANDB_{k}_DIR": root / f"wandb_{k.lower()}" for k in ("CONFIG", "CACHE", "DATA")}
+    env["WANDB_DIR"] = root / "wandb_runs"
+    for path in env.values():
+        path.mkdir(parents=True, exist_ok=True)  # wandb 0.19 warns on the console about a missing one
+    return {k: str(v) for k, v in env.items()}
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     # One embedded-corpus cache for the whole test session, never the user's ~/.cache.
-    cache = os.environ.get("PGOLF_TEST_CACHE") or str(tmp_path_factory.getbasetemp() / "pgolf_cache")
+    base = tmp_path_factory.getbasetemp()
+    cache = os.environ.get("PGOLF_TEST_CACHE") or str(base / "pgolf_cache")
     monkeypatch.setenv("PGOLF_CACHE", cache)
-    monkeypatch.setenv("WANDB_MODE", "disabled")
+    for key, value in wandb_isolation_env(base).items():
+        monkeypatch.setenv(key, value)
+    # A developer's WANDB_MODE=online (or disabled) must not change what the tests see.
+    monkeypatch.delenv("WANDB_MODE", raising=False)
 
 
 @pytest.fixture

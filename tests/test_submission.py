@@ -50,3 +50,17 @@ def test_requirements_name_the_compressor_package():
     text = requirements(res, {"quant": {"compressor": "brotli"}})
     assert text.splitlines() == ["torch==2.9.1", "numpy==2.0", "sentencepiece==0.2", "brotli"]
     assert "zstandard" in requirements(res, {"quant": {"compressor": "zstd"}})
+
+
+def test_requirements_pin_versions_a_registry_serves():
+    """A local build label (`+cpu`, `+cu128`) names a wheel no registry serves, and the grader's
+    machine needs its own build: the pin keeps the public version, the comment the one that ran."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    res = {"versions": {"torch": "2.13.0+cpu", "numpy": "2.3.1", "sentencepiece": "0.2.1"}}
+    lines = requirements(res, {}).splitlines()
+    assert lines == ["torch==2.13.0  # ran with 2.13.0+cpu", "numpy==2.3.1", "sentencepiece==0.2.1"]
+    for line in lines:  # pip reads " #..." as a comment
+        (spec,) = Requirement(line.split(" #")[0]).specifier
+        assert spec.operator == "==" and Version(spec.version).local is None

@@ -11,7 +11,7 @@ import pytest
 from conftest import CONF, run_cli, tiny_cpu_args
 
 import pgolf.run  # noqa: F401  (registers the ${pgolf_slot_count:} resolver the gpus launcher uses)
-from pgolf.run import LAUNCHER_PLUGINS, check_launcher_plugin, resolve_wandb_mode
+from pgolf.run import LAUNCHER_PLUGINS, check_launcher_plugin
 
 LAUNCHERS = sorted(p.stem for p in (CONF / "launcher").glob("*.yaml"))
 EXPECTED_TARGET = {
@@ -65,16 +65,6 @@ def test_missing_launcher_plugin_says_how_to_install(monkeypatch):
     with pytest.raises(SystemExit, match=r"pip install -e \"\.\[parallel\]\""):
         check_launcher_plugin(["-m", "launcher=gpus", "seed=1,2"])
     check_launcher_plugin(["launcher=local"])  # the basic launcher ships with Hydra
-
-
-def test_wandb_mode_resolution(monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    assert resolve_wandb_mode("offline", multirun=True) == "disabled"  # tests and CI never log
-    monkeypatch.delenv("WANDB_MODE")
-    assert resolve_wandb_mode("auto", multirun=False) == "disabled"
-    have_wandb = importlib.util.find_spec("wandb") is not None
-    assert resolve_wandb_mode("auto", multirun=True) == ("offline" if have_wandb else "disabled")
-    assert resolve_wandb_mode("online", multirun=False) == "online"
 
 
 # ------------------------------------------------------------------------------ end to end
