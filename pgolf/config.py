@@ -95,7 +95,7 @@ class JobConfig(RootSettings):
 
 # Root keys that the Hydra parent consumes (resume a job, GPU slots, the sweep report); they never
 # reach a worker or config.json.
-PARENT_ONLY = ("resume", "launch", "report")
+PARENT_ONLY = ("resume", "launch", "report", "overwrite")
 
 # ---------------------------------------------------------------------------------------------
 # dict -> dataclass with strict, path-naming validation
