@@ -111,9 +111,11 @@ def lock_folder(folder: str | Path, command: str | None = None) -> FolderLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            os.close(fd)
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
+                # A filesystem without flock (some network mounts): never fail a run over the lock.
+                print(f"pgolf: cannot lock {path} on this filesystem ({e}); running without the lock")
+                return _own(folder, fd, None, command)
+            os.close(fd)
             owner = _read_owner(path)
             raise FolderInUse(
                 f"{folder} is in use by {_owner_text(owner)}: two runs in one folder would mix their "
@@ -138,19 +140,24 @@ def lock_folder(folder: str | Path, command: str | None = None) -> FolderLock:
                 else "running, but no longer holding the lock"
             )
             reclaimed = f"reclaimed the stale lock {path} of {_owner_text(previous)}, {state}"
-        me = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "proc_start": _proc_start(os.getpid()),
-            "started": time.time(),
-            "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:500],
-        }
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
-        lock = FolderLock(folder, fd, reclaimed)
-        _HELD[folder] = lock
-        return lock
+        return _own(folder, fd, reclaimed, command)
     raise FolderInUse(f"{folder}: could not take {path}; other processes keep replacing it")
+
+
+def _own(folder: Path, fd: int, reclaimed: str | None, command: str | None) -> FolderLock:
+    """Write this process into the lock file (for the message a second run gets) and hold it."""
+    me = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "proc_start": _proc_start(os.getpid()),
+        "started": time.time(),
+        "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:500],
+    }
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+    lock = FolderLock(folder, fd, reclaimed)
+    _HELD[folder] = lock
+    return lock
 
 
 @atexit.register

@@ -87,6 +87,21 @@ def test_a_process_killed_while_holding_the_lock_leaves_it_reclaimable(tmp_path)
     lock.release()
 
 
+def test_a_filesystem_without_flock_runs_without_the_lock(tmp_path, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    lock = lock_folder(tmp_path / "nfs")
+    assert "running without the lock" in capsys.readouterr().out
+    assert json.loads((tmp_path / "nfs" / LOCK_NAME).read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (tmp_path / "nfs" / LOCK_NAME).exists()
+
+
 def test_earlier_runs_are_described_and_set_aside(tmp_path):
     folder = tmp_path / "run"
     folder.mkdir()
