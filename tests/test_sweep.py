@@ -211,6 +211,18 @@ def test_free_text_overrides_are_quoted_for_hydra():
         assert quote_free_text([unchanged]) == [unchanged]
 
 
+def test_a_resumed_sweep_may_differ_only_in_overrides_that_do_not_change_its_jobs():
+    from pgolf.callbacks import job_defining
+
+    earlier = ["model.num_layers=1,2", "seed=1,2", "report.baseline='x=1'", "wandb.mode=offline"]
+    now = ["model.num_layers=1,2", "seed=1,2", "launcher=gpus", "launch.devices=[0,1]", "hydra.verbose=true"]
+    assert job_defining(earlier) == job_defining(now) == ["model.num_layers=1,2", "seed=1,2"]
+    assert job_defining(["seed=1,2", "overwrite=true", "+report.alpha=0.05"]) == ["seed=1,2"]
+    # Order decides the job numbers, so a reordered grid is another sweep.
+    assert job_defining(["seed=1,2", "model.num_layers=1,2"]) != job_defining(earlier)
+    assert job_defining(["seed=1,2,3"]) != job_defining(["seed=1,2"])
+
+
 def test_readme_sweep_commands_parse_as_typed_in_bash():
     """Every `pgolf.run -m` line of the README, through bash and then Hydra's override grammar."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
