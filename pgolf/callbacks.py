@@ -121,7 +121,6 @@ class OutputGuard(Callback):
                 f"{sweep_dir} holds a sweep of other overrides (earlier: {' '.join(job_defining(earlier))}; "
                 f"now: {' '.join(now)}). Rerun it with the earlier overrides to resume it. {fix}"
             )
-        SWEEP["resumed"] = True
         print(
             f"pgolf: resuming the sweep in {sweep_dir}: jobs whose result.json is ok are kept, "
             "failed, killed and missing ones run again",
@@ -169,7 +168,6 @@ def write_sweep_summary(config: DictConfig, sweep_dir: Path, log_to_wandb: bool 
             f"rerun it with: python -m pgolf.report {sweep_dir}",
             file=sys.stderr,
         )
-        SWEEP["report_failed"] = f"{type(e).__name__}: {e}"
         return None
 
 

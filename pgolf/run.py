@@ -5,6 +5,7 @@
     python -m pgolf.run model=baseline optimizer=muon hardware=gpu train.iterations=300
 
     python -m pgolf.run -m seed=1337,42,2025             # a sweep: outputs/sweeps/<time>/<job>/ + summary
+    python -m pgolf.run -m seed=1337,42,2025 hydra.sweep.dir=D   # again: resumes D, finished jobs kept
     python -m pgolf.run resume=outputs/sweeps/<time>/1   # continue a killed job from its checkpoint
 
 One device: the worker runs in this process. Several: `torchrun --standalone --nproc_per_node=N
