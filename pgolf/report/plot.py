@@ -37,13 +37,18 @@ def _baseline_bpb(summary: dict[str, Any] | None) -> float | None:
     return None
 
 
+def _short(text: str, width: int = 70) -> str:
+    # A lone configuration is described by all of its overrides; a legend that wide leaves no plot.
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def curve_label(g: Group, comparison: dict[str, Any]) -> str:
     """The legend entry of a configuration: what differs, and its verdict against the baseline."""
     if comparison.get("note") == "this is the baseline":
-        return f"{g.desc} ({BASELINE_MARK})"
+        return f"{_short(g.desc)} ({BASELINE_MARK})"
     if comparison.get("passes"):
-        return f"{g.desc} ({PASS_MARK})"
-    return g.desc
+        return f"{_short(g.desc)} ({PASS_MARK})"
+    return _short(g.desc)
 
 
 def build_figure(groups: list[Group], summary: dict[str, Any] | None = None) -> Any:
@@ -89,7 +94,11 @@ def build_figure(groups: list[Group], summary: dict[str, Any] | None = None) -> 
     if base_bpb is not None:
         desc = summary["baseline"]["desc"]
         ax_bpb.axhline(
-            base_bpb, color="black", ls="--", lw=1, label=f"{BASELINE_MARK}: {desc} ({base_bpb:.5f})"
+            base_bpb,
+            color="black",
+            ls="--",
+            lw=1,
+            label=f"{BASELINE_MARK}: {_short(desc, 40)} ({base_bpb:.5f})",
         )
         ax_bpb.legend(fontsize=7, loc="best")
     ax_loss.set(
@@ -98,7 +107,7 @@ def build_figure(groups: list[Group], summary: dict[str, Any] | None = None) -> 
     ax_loss.grid(alpha=0.3)
     ax_loss.legend(fontsize=8, loc="upper right")
     ax_bpb.set(ylabel="val_bpb (artifact roundtrip)", title="val_bpb per seed (bar: mean; *: passes)")
-    ticks = ["\n".join(textwrap.wrap(g.desc, 22)[:3]) for g, _ in curves]
+    ticks = ["\n".join(textwrap.wrap(g.desc, 22, max_lines=3, placeholder=" …")) for g, _ in curves]
     ax_bpb.set_xticks(range(len(curves)), ticks, rotation=0, fontsize=7)
     ax_bpb.grid(alpha=0.3, axis="y")
     fig.tight_layout()
