@@ -87,7 +87,7 @@ run_pgolf() {
     eval.modes=[nonoverlap,sliding] eval.seq_len=2048 eval.stride=64 eval.batch_seqs="$EVAL_BATCH" \
     ttt=score_first ttt.lr=0.002 ttt.momentum=0.9 ttt.epochs=3 ttt.chunk_tokens=32768 ttt.batch_seqs=32 \
     ttt.grad_clip=1.0 ttt.freeze_blocks=0 $PGOLF_EXTRA \
-    hydra.run.dir="$OUT/pgolf_run" > "$OUT/pgolf.out" 2>&1
+    overwrite=true hydra.run.dir="$OUT/pgolf_run" > "$OUT/pgolf.out" 2>&1
   echo "pgolf exit $?"
   grep -E "$LOGS" "$OUT/pgolf.out"
   cp "$OUT/pgolf_run/result.json" "$OUT/pgolf_result.json" 2>/dev/null
@@ -104,7 +104,7 @@ run_pgolf_lora() {  # $1: compile|eager
     budget.artifact_bytes=1000000000 budget.mode=steps train.iterations=0 train.prime_steps=0 \
     train.seq_len=2048 train.batch_tokens=786432 train.val_batch_tokens=524288 seed=1337 \
     eval.modes=[nonoverlap] ttt="$TTT" $PGOLF_EXTRA \
-    hydra.run.dir="$OUT/pgolf_$name" > "$OUT/pgolf_$name.out" 2>&1
+    overwrite=true hydra.run.dir="$OUT/pgolf_$name" > "$OUT/pgolf_$name.out" 2>&1
   echo "pgolf $name exit $?"
   grep -E "ttt:|eval:|final_roundtrip" "$OUT/pgolf_$name.out"
   cp "$OUT/pgolf_$name/result.json" "$OUT/pgolf_${name}_result.json" 2>/dev/null

@@ -49,7 +49,7 @@ run_pgolf() {
     optimizer.matrix_lr=0.025 optimizer.scalar_lr=0.025 optimizer.tied_embed_lr=0.035 optimizer.muon_momentum=0.99 \
     optimizer.muon_momentum_warmup_start=0.92 optimizer.muon_momentum_warmup_steps=1500 \
     optimizer.warmdown_iters="$WARMDOWN" optimizer.grad_clip_norm=0.3 \
-    hydra.run.dir="$OUT/pgolf_run" > "$OUT/pgolf.out" 2>&1
+    overwrite=true hydra.run.dir="$OUT/pgolf_run" > "$OUT/pgolf.out" 2>&1
   echo "pgolf exit $?"
   grep -E "$LOGS" "$OUT/pgolf.out"
   cp "$OUT/pgolf_run/result.json" "$OUT/pgolf_result.json" 2>/dev/null

@@ -90,7 +90,7 @@ run_pgolf() {
       python3 "$REPO/bench/r0409_init.py" "$REF" "$OUT/reference_init.pt" || return 1
     init=(init_from="$OUT/reference_init.pt")
   fi
-  pgolf_cmd "${init[@]}" hydra.run.dir="$OUT/pgolf_run" > "$OUT/pgolf.out" 2>&1
+  pgolf_cmd "${init[@]}" overwrite=true hydra.run.dir="$OUT/pgolf_run" > "$OUT/pgolf.out" 2>&1
   echo "pgolf exit $?"
   grep -E "$LOGS" "$OUT/pgolf.out"
   cp "$OUT/pgolf_run/result.json" "$OUT/pgolf_result.json" 2>/dev/null
@@ -105,7 +105,7 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
   pgolf_cmd data.vocab_size="${V:-1024}" train.iterations=4 train.seq_len=64 train.batch_tokens=1024 \
     train.prime_steps=1 train.log_every=1 train.val_batch_tokens=4096 model.num_layers=6 model.model_dim=64 \
     model.num_heads=2 model.num_kv_heads=1 model.loop_start=2 model.loop_end=3 model.parallel_start_layer=4 \
-    model.xsa_last_n=6 hydra.run.dir="$OUT/dry_run"
+    model.xsa_last_n=6 overwrite=true hydra.run.dir="$OUT/dry_run"
   exit $?
 fi
 bench_env "$SHIM" || exit 1

@@ -28,7 +28,7 @@ run_pgolf() {
   cd "$REPO" || return 1
   timeout 420 python3 -m pgolf.run experiment=naive_baseline data=shards data.path="$DATA" data.tokenizer_path="$TOK" \
     hardware=gpu budget.mode=steps train.iterations="$STEPS" train.log_every=100 train.val_every=0 seed=1337 \
-    hydra.run.dir="$OUT/pgolf_run" > "$OUT/pgolf.out" 2>&1
+    overwrite=true hydra.run.dir="$OUT/pgolf_run" > "$OUT/pgolf.out" 2>&1
   echo "pgolf exit $?"
   grep -E "step:(100|200|300)/|final_roundtrip|artifact:|trained|attention" "$OUT/pgolf.out"
 }

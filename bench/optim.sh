@@ -58,7 +58,7 @@ run_pgolf() {
     hardware.nproc_per_node="$NPROC" budget.mode=steps train.iterations="$STEPS" train.seq_len=2048 \
     train.batch_tokens=786432 train.prime_steps=20 train.log_every=50 train.val_every=0 \
     train.val_batch_tokens=524288 seed=1337 optimizer.warmdown_iters="$WARMDOWN" \
-    optimizer.timing_steps="$TIMING_STEPS" hydra.run.dir="$OUT/pgolf_run" > "$OUT/pgolf.out" 2>&1
+    optimizer.timing_steps="$TIMING_STEPS" overwrite=true hydra.run.dir="$OUT/pgolf_run" > "$OUT/pgolf.out" 2>&1
   echo "pgolf exit $?"
   grep -E "$LOGS" "$OUT/pgolf.out"
   cp "$OUT/pgolf_run/result.json" "$OUT/pgolf_result.json" 2>/dev/null

@@ -89,7 +89,7 @@ run_pgolf() {
     budget.mode=steps train.iterations=0 train.prime_steps=0 train.seq_len="$SEQ" train.batch_tokens="$BATCH" \
     train.val_batch_tokens="$VAL_TOKENS" train.log_every=50 seed=1337 \
     quant=r0409 quant.calibration.batches="$CAL_BATCHES" quant.report_compressors=true $PGOLF_EXTRA \
-    hydra.run.dir="$OUT/pgolf_run" > "$OUT/pgolf.out" 2>&1
+    overwrite=true hydra.run.dir="$OUT/pgolf_run" > "$OUT/pgolf.out" 2>&1
   echo "pgolf exit $?"
   grep -E "$LOGS" "$OUT/pgolf.out"
   cp "$OUT/pgolf_run/result.json" "$OUT/pgolf_result.json" 2>/dev/null

@@ -106,9 +106,9 @@ class JobConfig(RootSettings):
     hardware: Any
 
 
-# Root keys that the Hydra parent consumes (resume a job, GPU slots, the sweep report, wandb: see
-# pgolf.tracking); they never reach a worker or config.json.
-PARENT_ONLY = ("resume", "launch", "report", "wandb")
+# Root keys that the Hydra parent consumes (resume a job, reuse a used folder, GPU slots, the sweep
+# report, wandb: see pgolf.tracking); they never reach a worker or config.json.
+PARENT_ONLY = ("resume", "overwrite", "launch", "report", "wandb")
 
 # ---------------------------------------------------------------------------------------------
 # dict -> dataclass with strict, path-naming validation

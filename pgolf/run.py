@@ -5,6 +5,7 @@
     python -m pgolf.run model=baseline optimizer=muon hardware=gpu train.iterations=300
 
     python -m pgolf.run -m seed=1337,42,2025             # a sweep: outputs/sweeps/<time>/<job>/ + summary
+    python -m pgolf.run -m seed=1337,42,2025 hydra.sweep.dir=D   # again: resumes D, finished jobs kept
     python -m pgolf.run resume=outputs/sweeps/<time>/1   # continue a killed job from its checkpoint
 
 One device: the worker runs in this process. Several: `torchrun --standalone --nproc_per_node=N
@@ -15,6 +16,7 @@ job's worker is a fresh subprocess, and a failed job returns inf instead of rais
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -25,7 +27,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from pgolf.config import GROUPS, PARENT_ONLY, job_config_from_dict, to_dict
+from pgolf.callbacks import SWEEP, write_sweep_summary
+from pgolf.config import GROUPS, PARENT_ONLY, config_hash, job_config_from_dict, to_dict
+from pgolf.outdir import FolderInUse, lock_folder, set_aside
 from pgolf.registry import ConfigError
 from pgolf.results import DiskFullError, is_disk_full, read_json, write_json_atomic
 from pgolf.slots import GpuSlots, SlotLease, register_resolvers, visible_devices
@@ -161,7 +165,80 @@ def finish(job_dir: Path, code: int, multirun: bool, extra: dict | None = None) 
     return float("inf")
 
 
+def _earlier_result(job_dir: Path) -> tuple[dict | None, str]:
+    """The job folder's result.json as a dict (None if absent or unreadable) and a few words on it."""
+    path = job_dir / "result.json"
+    if not path.is_file():
+        return None, "left no result.json (killed or interrupted)"
+    try:
+        result = read_json(path)
+    except (OSError, ValueError) as e:
+        return None, f"left a corrupt result.json ({type(e).__name__}: {e})"
+    if not isinstance(result, dict):
+        return None, "left a corrupt result.json (not a JSON object)"
+    return result, f"ended with status {result.get('status')}: {str(result.get('error', ''))[:200]}"
+
+
+def _reuse_or_clear(job_dir: Path, frozen: dict) -> float | None:
+    """Before a sweep job runs in a folder an earlier run of this sweep used: keep a job that
+    finished with this very configuration (return its val_bpb), else move the earlier attempt's
+    verdict aside so it can never pass for this run's. A killed job's checkpoint stays, so the
+    rerun continues from it (the trainer checks that it belongs to this configuration and seed)."""
+    if not (job_dir / "result.json").exists() and not (job_dir / "config.json").exists():
+        return None  # a fresh job folder
+    result, how = _earlier_result(job_dir)
+    want = config_hash(job_config_from_dict(frozen), include_seed=True)
+    val_bpb = (result or {}).get("val_bpb")
+    finished = (
+        result is not None
+        and result.get("status") == "ok"
+        and isinstance(val_bpb, (int, float))
+        and math.isfinite(val_bpb)
+    )
+    if finished and result.get("config_hash_with_seed") == want:
+        print(
+            f"pgolf: job {job_dir.name} kept: it finished earlier (val_bpb {val_bpb:.6f}, "
+            f"{job_dir / 'result.json'}); not retrained",
+            flush=True,
+        )
+        return float(val_bpb)
+    if finished:  # same overrides, other configuration: conf/ or code defaults changed since
+        hydra_files = {".hydra", f"{HydraConfig.get().job.name}.log"}  # this attempt's, already open
+        others = [
+            p.name for p in job_dir.iterdir() if p.name not in hydra_files and not p.name.startswith(".")
+        ]
+        moved = set_aside(job_dir, others)
+        print(
+            f"pgolf: job {job_dir.name}: its finished result is for another configuration "
+            f"({result.get('config_hash_with_seed')} != {want}: conf/ or code changed since); "
+            f"moved it to {moved} and training again",
+            flush=True,
+        )
+        return None
+    moved = set_aside(job_dir, ["result.json"])
+    print(
+        f"pgolf: job {job_dir.name}: running it again (the earlier attempt {how})"
+        + (f"; its result.json is in {moved}" if moved else ""),
+        flush=True,
+    )
+    return None
+
+
 def _run_job(cfg: DictConfig, job_dir: Path, multirun: bool) -> float:
+    try:
+        lock = lock_folder(job_dir)  # a single run already holds it (pgolf.callbacks.OutputGuard)
+    except FolderInUse as e:
+        print(f"pgolf: job {job_dir.name} not run: {e}", file=sys.stderr, flush=True)
+        if not multirun:
+            sys.exit(2)
+        return float("inf")
+    if lock.reclaimed:
+        print(f"pgolf: {lock.reclaimed}", flush=True)
+    with lock:
+        return _run_locked_job(cfg, job_dir, multirun)
+
+
+def _run_locked_job(cfg: DictConfig, job_dir: Path, multirun: bool) -> float:
     slots = cfg.get("launch") or {}
     use_slots = bool(slots.get("gpu_slots"))
     try:
@@ -175,6 +252,10 @@ def _run_job(cfg: DictConfig, job_dir: Path, multirun: bool) -> float:
         if not multirun:
             sys.exit(2)
         return float("inf")
+    if multirun:
+        kept = _reuse_or_clear(job_dir, frozen)
+        if kept is not None:
+            return kept
     write_json_atomic(job_dir / "config.json", frozen)
     lease: SlotLease | None = None
     if use_slots:
@@ -222,21 +303,46 @@ def resume(job_dir: Path, task_overrides: list[str]) -> float:
     from pgolf.checkpoint import CheckpointError, latest_step
 
     try:
-        step = latest_step(job_dir)
-    except CheckpointError as e:
+        lock = lock_folder(job_dir)
+    except FolderInUse as e:
         sys.exit(f"pgolf: resume={job_dir}: {e}")
-    print(
-        f"pgolf: resuming {job_dir} from "
-        + (f"its checkpoint at step {step}" if step is not None else "the start (it has no checkpoint)"),
-        flush=True,
+    if lock.reclaimed:
+        print(f"pgolf: {lock.reclaimed}", flush=True)
+    with lock:
+        try:
+            step = latest_step(job_dir)
+        except CheckpointError as e:
+            sys.exit(f"pgolf: resume={job_dir}: {e}")
+        print(
+            f"pgolf: resuming {job_dir} from "
+            + (f"its checkpoint at step {step}" if step is not None else "the start (it has no checkpoint)"),
+            flush=True,
+        )
+        job_run = resume_job_run(job_dir, frozen)
+        try:
+            code = launch(frozen, job_dir)
+        finally:
+            if job_run is not None:
+                job_run.close()
+        return finish(job_dir, code, multirun=False)
+
+
+def _record_interrupt(job_dir: Path) -> None:
+    """Ctrl-C stopped this sweep job: say so in its result.json (the worker, killed at once by
+    subprocess.call, may not have written a verdict), so the summary and a resumed sweep know."""
+    result, _ = _earlier_result(job_dir)
+    if result is not None and result.get("status") == "ok":
+        return  # it finished just before the interrupt
+    if not (job_dir / "config.json").is_file():
+        return  # interrupted before it started: nothing of it to record
+    write_json_atomic(
+        job_dir / "result.json",
+        {
+            **(result or {}),
+            "status": "failed",
+            "error": "interrupted (Ctrl-C) before it finished; rerun the sweep command to run it again",
+        },
     )
-    job_run = resume_job_run(job_dir, frozen)
-    try:
-        code = launch(frozen, job_dir)
-    finally:
-        if job_run is not None:
-            job_run.close()
-    return finish(job_dir, code, multirun=False)
 
 
 def run_one(cfg: DictConfig) -> float:
@@ -247,6 +353,10 @@ def run_one(cfg: DictConfig) -> float:
     job_dir = Path(hc.runtime.output_dir).resolve()
     try:
         return _run_job(cfg, job_dir, multirun)
+    except KeyboardInterrupt:
+        if multirun:
+            _record_interrupt(job_dir)
+        raise
     except Exception as e:
         if not multirun:
             if isinstance(e, DiskFullError):  # names the file and the bytes: a traceback adds nothing
@@ -277,9 +387,65 @@ def check_launcher_plugin(argv: list[str]) -> None:
                 )
 
 
+# Overrides whose values are free text that may hold `=` or `,` (`report.baseline=model.num_layers=9`
+# once bash has removed the quotes), which Hydra's grammar would reject or split into a sweep.
+FREE_TEXT_KEYS = ("report.baseline",)
+
+
+def quote_free_text(argv: list[str]) -> list[str]:
+    """Quote the values of FREE_TEXT_KEYS for Hydra, so `report.baseline='model.num_layers=9'`
+    works as typed in a shell (the shell strips the quotes before Hydra sees the value)."""
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+~") in FREE_TEXT_KEYS and value and value[0] not in "'\"" and value != "null":
+            arg = f"{key}='{value.replace(chr(39), chr(92) + chr(39))}'"
+        out.append(arg)
+    return out
+
+
+def _end_of_sweep_exit() -> None:
+    """After a sweep: exit non-zero when a job failed (the summary is written by then)."""
+    sweep_dir = SWEEP.get("dir")
+    if sweep_dir is None:
+        return
+    jobs = SWEEP.get("jobs")
+    if jobs is None:
+        sys.exit(
+            f"pgolf: the sweep report was not written; rerun it with: python -m pgolf.report {sweep_dir}"
+        )
+    if jobs["failed"]:
+        print(
+            f"pgolf: {jobs['failed']} of {jobs['total']} jobs failed; see 'Failed jobs' in {sweep_dir}/summary.md. "
+            "Rerun the same command to run them again (finished jobs are kept).",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(1)
+
+
 def main() -> None:
+    sys.argv[1:] = quote_free_text(sys.argv[1:])
     check_launcher_plugin(sys.argv[1:])
-    _hydra_main()
+    try:
+        _hydra_main()
+    except KeyboardInterrupt:
+        if SWEEP.get("dir") is None:
+            print("pgolf: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+            sys.exit(130)
+        print(
+            "pgolf: interrupted (Ctrl-C): writing the summary of the jobs that ended",
+            file=sys.stderr,
+            flush=True,
+        )
+        write_sweep_summary(SWEEP["config"], SWEEP["dir"], log_to_wandb=False)
+        print(
+            "pgolf: rerun the same command to resume the sweep (finished jobs are kept)",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(130)
+    _end_of_sweep_exit()
 
 
 __all__ = ["GROUPS", "main", "run_one"]

@@ -226,3 +226,77 @@ def test_report_plot_or_a_note(sweep, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     s = write_report([sweep])
     assert s["plot"] is None and "matplotlib is not installed" in (sweep / "summary.md").read_text()
+
+
+def test_report_out_to_a_new_folder_with_the_plot(sweep, tmp_path):
+    """--out may name a folder that does not exist yet, also when the plot is drawn."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "new" / "deeper"
+    assert report_main([str(sweep), "--out", str(out), "--baseline", "model.num_layers=2"]) == 0
+    assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "summary.md").is_file() and not (sweep / "summary.md").exists()
+
+
+def test_a_corrupt_result_json_is_called_corrupt_and_named(sweep, capsys):
+    bad = sweep / "0" / "result.json"
+    bad.write_text('{"status": "ok", "val_bpb": 1.2')  # cut off mid-write
+    (sweep / "1" / "result.json").write_text("[1, 2]")  # valid JSON, but not a result
+    s = write_report([sweep], plot=False)
+    errors = {f["job"]: f for f in s["failed"]}
+    assert errors["0"]["status"] == "corrupt" and errors["1"]["status"] == "corrupt"
+    assert str(bad) in errors["0"]["error"] and "JSONDecodeError" in errors["0"]["error"]
+    assert "not an object" in errors["1"]["error"]
+    assert "missing" not in errors["0"]["error"] and "no result.json" not in errors["0"]["error"]
+    # The killed job (no result.json at all) is still told apart from the corrupt ones.
+    assert errors["7"]["status"] == "missing"
+    md = (sweep / "summary.md").read_text()
+    assert f"{bad} is corrupt" in md
+
+
+def test_one_seed_shows_no_fake_spread(tmp_path):
+    root = tmp_path / "sweep"
+    make_job(root, 0, ["model.num_layers=2"], 1, "A", 2.1)
+    make_job(root, 1, ["model.num_layers=3"], 1, "B", 2.09)
+    make_job(root, 2, ["model.num_layers=3"], 2, "B", 2.091)
+    s = write_report([root], plot=False)
+    one = next(g for g in s["groups"] if g["config_hash"] == H("A"))
+    assert one["n"] == 1 and one["val_bpb"]["std"] is None and one["val_loss"]["std"] is None
+    md = (root / "summary.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| model.num_layers=2 |"))
+    assert "(n=1, no spread)" in row and "±" not in row
+    two = next(line for line in md.splitlines() if line.startswith("| model.num_layers=3 |"))
+    assert "±" in two and "no spread" not in two
+    assert next(csv.DictReader((root / "summary.csv").open()))["val_bpb_std"] == ""
+
+
+def test_plot_names_configs_by_overrides_and_marks_baseline_and_passes(sweep):
+    pytest.importorskip("matplotlib")
+    from pgolf.report.plot import BASELINE_MARK, PASS_GID, PASS_MARK, build_figure
+    from pgolf.report.render import build_summary
+
+    summary, groups = build_summary([sweep], baseline="model.num_layers=2")
+    fig = build_figure(groups, summary)
+    ax_loss, ax_bpb = fig.axes
+    legend = [t.get_text() for t in ax_loss.get_legend().get_texts()]
+    assert legend == [f"model.num_layers=2 ({BASELINE_MARK})", f"model.num_layers=3 ({PASS_MARK})"]
+    ticks = [t.get_text() for t in ax_bpb.get_xticklabels()]
+    assert ticks == ["model.num_layers=2", "model.num_layers=3"]
+    assert not any(H("A")[:8] in t or H("B")[:8] in t for t in ticks + legend)
+    # The baseline's mean val_bpb is a line on the val_bpb panel, named in its legend.
+    base_bpb = 2.1 / math.log(2) * 1000 / 2400
+    lines = [ln for ln in ax_bpb.get_lines() if ln.get_label().startswith(f"{BASELINE_MARK}: ")]
+    assert len(lines) == 1 and lines[0].get_ydata()[0] == pytest.approx(base_bpb)
+    # The passing configuration gets a star on its mean; no other does.
+    stars = [c for c in ax_bpb.collections if c.get_gid() == PASS_GID]
+    assert [c.get_offsets()[0][0] for c in stars] == [1.0]
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    # A published number as the baseline: still a line, no configuration marked as the baseline.
+    summary, groups = build_summary([sweep], baseline="loss=2.1")
+    fig = build_figure(groups, summary)
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert not any(BASELINE_MARK in t for t in legend)
+    lines = [ln for ln in fig.axes[1].get_lines() if ln.get_label().startswith(f"{BASELINE_MARK}: ")]
+    assert lines and lines[0].get_ydata()[0] == pytest.approx(base_bpb)
+    plt.close(fig)

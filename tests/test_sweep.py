@@ -5,13 +5,19 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
-from conftest import CONF, run_cli, tiny_cpu_args
+from conftest import CONF, REPO, run_cli, tiny_cpu_args
 
 import pgolf.run  # noqa: F401  (registers the ${pgolf_slot_count:} resolver the gpus launcher uses)
-from pgolf.run import LAUNCHER_PLUGINS, check_launcher_plugin
+from pgolf.run import LAUNCHER_PLUGINS, check_launcher_plugin, quote_free_text
 
 LAUNCHERS = sorted(p.stem for p in (CONF / "launcher").glob("*.yaml"))
 EXPECTED_TARGET = {
@@ -88,7 +94,7 @@ def test_grid_sweep_writes_jobs_and_summary(tmp_path, shard_dir, tokenizer_model
             *args,
             "model.num_layers=1,2",
             "seed=1,2",
-            "report.baseline='model.num_layers=1'",
+            *shell_words("report.baseline='model.num_layers=1'"),  # as bash passes it: no quotes left
             f"hydra.sweep.dir={sweep}",
         ],
         tmp_path,
@@ -124,7 +130,9 @@ def test_a_failing_job_never_takes_the_sweep_down(tmp_path, shard_dir, tokenizer
     proc = run_cli(
         ["-m", *args, "optimizer.tied_embed_lr=1e30,0.05", "seed=3", f"hydra.sweep.dir={sweep}"], tmp_path
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Every job ran and the summary was written, and then the sweep says (by its exit code) that a job failed.
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "1 of 2 jobs failed" in proc.stderr and f"{sweep}/summary.md" in proc.stderr
     jobs = _jobs(sweep)
     assert jobs["0"]["status"] == "failed" and "nan" in jobs["0"]["error"].lower()
     assert jobs["1"]["status"] == "ok"
@@ -170,3 +178,191 @@ def test_sweep_summary_run_logs_offline_without_an_account(tmp_path, monkeypatch
     note = log_sweep_summary(summary, tmp_path, mode="offline", project="pgolf")
     assert "offline summary run" in note
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+# ------------------------------------------------------------------ commands as a shell passes them
+
+
+def shell_words(text: str) -> list[str]:
+    """The argv bash makes of `text` (quotes removed, comments dropped), from bash itself."""
+    out = subprocess.run(["bash", "-c", f'printf "%s\\0" {text}'], capture_output=True, check=True)
+    return [w.decode() for w in out.stdout.split(b"\0")[:-1]]
+
+
+def test_free_text_overrides_are_quoted_for_hydra():
+    assert quote_free_text(["report.baseline=model.num_layers=9", "seed=1,2"]) == [
+        "report.baseline='model.num_layers=9'",
+        "seed=1,2",
+    ]
+    # Commas stay inside the value instead of making a sweep; a quote inside is escaped.
+    assert quote_free_text(["+report.baseline=a=1,b=2"]) == ["+report.baseline='a=1,b=2'"]
+    assert quote_free_text(["report.baseline=it's"]) == ["report.baseline='it\\'s'"]
+    for unchanged in ("report.baseline='x=1'", 'report.baseline="x=1"', "report.baseline=null", "seed=1"):
+        assert quote_free_text([unchanged]) == [unchanged]
+
+
+def test_a_resumed_sweep_may_differ_only_in_overrides_that_do_not_change_its_jobs():
+    from pgolf.callbacks import job_defining
+
+    earlier = ["model.num_layers=1,2", "seed=1,2", "report.baseline='x=1'", "wandb.mode=offline"]
+    now = ["model.num_layers=1,2", "seed=1,2", "launcher=gpus", "launch.devices=[0,1]", "hydra.verbose=true"]
+    assert job_defining(earlier) == job_defining(now) == ["model.num_layers=1,2", "seed=1,2"]
+    assert job_defining(["seed=1,2", "overwrite=true", "+report.alpha=0.05"]) == ["seed=1,2"]
+    # Order decides the job numbers, so a reordered grid is another sweep.
+    assert job_defining(["seed=1,2", "model.num_layers=1,2"]) != job_defining(earlier)
+    assert job_defining(["seed=1,2,3"]) != job_defining(["seed=1,2"])
+
+
+def test_readme_sweep_commands_parse_as_typed_in_bash():
+    """Every `pgolf.run -m` line of the README, through bash and then Hydra's override grammar."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    lines = [
+        line.strip()
+        for line in (REPO / "README.md").read_text().splitlines()
+        if line.strip().startswith("python3 -m pgolf.run -m ")
+    ]
+    assert len(lines) >= 4 and all("<" not in line for line in lines)
+    parser = OverridesParser.create()
+    baselines = []
+    for line in lines:
+        argv = shell_words(line)
+        assert argv[:4] == ["python3", "-m", "pgolf.run", "-m"], line
+        for o in parser.parse_overrides(quote_free_text(argv[4:])):  # raises on anything Hydra rejects
+            if o.key_or_group == "report.baseline":
+                assert not o.is_sweep_override()
+                baselines.append(o.value())
+            if o.key_or_group == "seed":
+                assert o.is_sweep_override(), line
+        if "report.baseline=" in line:  # the control: what Hydra got before pgolf quoted it
+            with pytest.raises(OverrideParseException):
+                parser.parse_overrides(argv[4:])
+    assert baselines == ["model.num_layers=9"]
+
+
+# ------------------------------------------------------------------- kills, Ctrl-C, resumed sweeps
+
+
+def _start(args: list[str], **popen: object) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pgolf.run", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+
+
+def _wait_for(what: str, check, timeout: float = 300.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _worker_pid(job_dir: Path) -> int | None:
+    """The pid of the `python -m pgolf.train <job_dir>` worker, if it is running."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"pgolf.train" in cmd and str(job_dir).encode() in cmd:
+            return int(proc.name)
+    return None
+
+
+def _ok_result(job_dir: Path) -> bool:
+    try:
+        return json.loads((job_dir / "result.json").read_text()).get("status") == "ok"
+    except (OSError, ValueError):
+        return False
+
+
+@pytest.mark.slow
+def test_a_killed_job_is_recorded_and_a_rerun_keeps_finished_jobs(tmp_path, shard_dir, tokenizer_model):
+    sweep = tmp_path / "sweep"
+    args = [
+        "-m",
+        *tiny_cpu_args(shard_dir, tokenizer_model, **FAST),
+        "seed=1,2,3",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    proc = _start(args)
+    victim = _wait_for("job 1's worker", lambda: _worker_pid(sweep / "1"))
+    os.kill(victim, signal.SIGKILL)
+    out, err = proc.communicate(timeout=600)
+    # The killed job is recorded as failed; the next job and the summary still ran; the exit says so.
+    assert proc.returncode == 1, err[-3000:]
+    jobs = _jobs(sweep)
+    assert jobs["0"]["status"] == "ok" and jobs["2"]["status"] == "ok"
+    assert jobs["1"]["status"] == "failed" and "code -9" in jobs["1"]["error"]
+    summary = json.loads((sweep / "summary.json").read_text())
+    assert summary["jobs"] == {"total": 3, "ok": 2, "failed": 1}
+    assert [f["job"] for f in summary["failed"]] == ["1"] and "code -9" in summary["failed"][0]["error"]
+    assert "1 of 3 jobs failed" in err
+    finished = {n: (sweep / n / "result.json").read_bytes() for n in ("0", "2")}
+    logs = {n: (sweep / n / "train.log").read_text() for n in ("0", "2")}
+
+    # The same command again resumes the sweep: finished jobs are kept as they are, the killed one reruns.
+    again = run_cli(args, tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming the sweep" in again.stdout
+    for n in ("0", "2"):
+        assert f"job {n} kept" in again.stdout
+        assert (sweep / n / "result.json").read_bytes() == finished[n]
+        assert (sweep / n / "train.log").read_text() == logs[n]  # no second training
+    assert "job 1: running it again (the earlier attempt ended with status failed" in again.stdout
+    assert _jobs(sweep)["1"]["status"] == "ok"
+    (earlier,) = (sweep / "1" / ".replaced").glob("*/result.json")
+    assert "code -9" in json.loads(earlier.read_text())["error"]  # the failed attempt is kept aside
+    summary = json.loads((sweep / "summary.json").read_text())
+    assert summary["jobs"] == {"total": 3, "ok": 3, "failed": 0} and summary["groups"][0]["n"] == 3
+
+    # Another grid into the same folder is refused before any job runs...
+    other = ["-m", *tiny_cpu_args(shard_dir, tokenizer_model, **FAST), "seed=4", f"hydra.sweep.dir={sweep}"]
+    refused = run_cli(other, tmp_path)
+    assert refused.returncode == 2
+    assert (
+        f"{sweep} holds a sweep of other overrides" in refused.stderr and "overwrite=true" in refused.stderr
+    )
+    assert (sweep / "0" / "result.json").read_bytes() == finished["0"]
+    # ... unless the user says so: the earlier sweep is moved aside, not deleted.
+    replaced = run_cli([*other, "overwrite=true"], tmp_path)
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    assert _jobs(sweep)["0"]["seed"] == 4 and not (sweep / "1").exists()
+    (moved,) = (sweep / ".replaced").iterdir()
+    assert (moved / "0" / "result.json").read_bytes() == finished["0"] and (moved / "summary.md").is_file()
+    assert json.loads((sweep / "summary.json").read_text())["jobs"]["total"] == 1
+
+
+@pytest.mark.slow
+def test_ctrl_c_writes_the_summary_of_what_finished(tmp_path, shard_dir, tokenizer_model):
+    sweep = tmp_path / "sweep"
+    # Job 1 would train for hours: it is always the one running when Ctrl-C comes.
+    grid = tiny_cpu_args(shard_dir, tokenizer_model, **{**FAST, "train.iterations": "3,100000,3"})
+    args = ["-m", *grid, f"hydra.sweep.dir={sweep}"]
+    proc = _start(args, start_new_session=True)  # its own process group, like a terminal's foreground job
+    _wait_for("job 1's worker", lambda: _worker_pid(sweep / "1"))
+    assert _ok_result(sweep / "0")
+    # While it runs, a second sweep into the same folder is refused and touches nothing.
+    second = run_cli(args, tmp_path)
+    assert second.returncode == 2
+    assert f"{sweep} is in use by pid {proc.pid}" in second.stderr and ".pgolf.lock" in second.stderr
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the parent and the worker
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert "interrupted (Ctrl-C): writing the summary" in err
+    summary = json.loads((sweep / "summary.json").read_text())
+    assert summary["jobs"] == {"total": 2, "ok": 1, "failed": 1}
+    assert summary["failed"][0]["job"] == "1" and "interrupted (Ctrl-C)" in summary["failed"][0]["error"]
+    assert not (sweep / "2").exists()  # the sweep stopped: job 2 never started
+    assert re.search(r"\| 1 \| .* \| failed \| interrupted \(Ctrl-C\)", (sweep / "summary.md").read_text())
+    assert not (sweep / ".pgolf.lock").exists()  # released on the way out

@@ -18,14 +18,16 @@ import yaml
 from pgolf.config import config_hash
 
 # Overrides that do not define a configuration: seeds, where and how it ran, logging.
-_NOT_CONFIG = ("seed", "label", "hydra", "hydra/", "launcher", "launch", "resume", "report", "wandb")
+_NOT_CONFIG = (
+    "seed", "label", "hydra", "hydra/", "launcher", "launch", "resume", "report", "wandb", "overwrite"
+)  # fmt: skip
 
 
 @dataclass
 class Job:
     path: Path
     name: str  # relative to its sweep folder, e.g. "3"
-    status: str  # ok | failed | running | missing
+    status: str  # ok | failed | running | missing | corrupt
     error: str = ""
     result: dict[str, Any] = field(default_factory=dict)
     overrides: list[str] = field(default_factory=list)
@@ -63,12 +65,21 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+class Unreadable(str):
+    """Why a JSON file that exists could not be used (kept apart from "absent")."""
+
+
+def _read_json(path: Path) -> dict[str, Any] | Unreadable | None:
+    """The file's object; None when there is no file; `Unreadable` naming the file when it is corrupt."""
+    if not path.is_file():
+        return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+    except (OSError, ValueError) as e:
+        return Unreadable(f"{path} is corrupt ({type(e).__name__}: {e})")
+    if not isinstance(data, dict):
+        return Unreadable(f"{path} is corrupt (a JSON {type(data).__name__}, not an object)")
+    return data
 
 
 def is_job_dir(path: Path) -> bool:
@@ -109,13 +120,23 @@ def load_job(path: Path, root: Path) -> Job:
     name = str(path.relative_to(root)) if path != root else path.name
     overrides_file = path / ".hydra" / "overrides.yaml"
     overrides: list[str] = []
+    notes: list[str] = []  # other files of the job that could not be read
     if overrides_file.is_file():
-        loaded = yaml.safe_load(overrides_file.read_text(encoding="utf-8")) or []
-        overrides = [str(o) for o in loaded]
+        try:
+            loaded = yaml.safe_load(overrides_file.read_text(encoding="utf-8")) or []
+            overrides = [str(o) for o in loaded] if isinstance(loaded, list) else []
+        except (OSError, yaml.YAMLError) as e:
+            notes.append(f"{overrides_file} is corrupt ({type(e).__name__})")
     result = _read_json(path / "result.json")
     config = _read_json(path / "config.json")
     job = Job(path=path, name=name, status="missing", overrides=overrides)
-    if result is not None:
+    if isinstance(config, Unreadable):
+        notes.append(config)
+        config = None  # the job's identity then comes from result.json and its overrides alone
+    if isinstance(result, Unreadable):
+        job.status = "corrupt"
+        job.error = f"{result}; rerun the job (rerunning the sweep command reruns it) or delete the file"
+    elif result is not None:
         job.result = result
         job.status = str(result.get("status", "missing"))
         job.error = str(result.get("error", ""))
@@ -132,6 +153,8 @@ def load_job(path: Path, root: Path) -> Job:
         job.error = "result.json says running: the worker died before its verdict"
     elif job.status == "ok" and not job.ok:
         job.status, job.error = "failed", "result.json has no finite val_loss/val_bpb"
+    if notes and not job.ok:
+        job.error = "; ".join([job.error, *notes])
     return job
 
 
@@ -165,7 +188,8 @@ def group_jobs(jobs: list[Job]) -> list[Group]:
 
 def _describe(groups: list[Group]) -> None:
     """Name each group by the overrides that differ between groups (common ones say nothing)."""
-    common = set.intersection(*(set(g.overrides) for g in groups)) if groups else set()
+    # With one configuration nothing differs: then its own overrides say what it is.
+    common = set.intersection(*(set(g.overrides) for g in groups)) if len(groups) > 1 else set()
     for g in groups:
         varying = [o for o in g.overrides if o not in common]
         parts = ([g.label] if g.label else []) + varying

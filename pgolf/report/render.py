@@ -70,6 +70,15 @@ def _f(v: Any, digits: int = 5, signed: bool = False) -> str:
     return str(v)
 
 
+def _mean_std(spread: dict[str, Any], n: int) -> str:
+    """`mean ± std`; a single seed has no spread, and saying ± 0 would claim one."""
+    if not n:
+        return "-"
+    if n == 1:
+        return f"{_f(spread['mean'])} (n=1, no spread)"
+    return f"{_f(spread['mean'])} ± {_f(spread['std'])}"
+
+
 def _p(v: float | None) -> str:
     return "-" if v is None else f"{v:.3g}"
 
@@ -95,8 +104,8 @@ def to_markdown(s: dict[str, Any], plot_note: str | None) -> str:
         n = f"{g['n']}" + (f" (+{g['n_failed']} failed)" if g["n_failed"] else "")
         cap = "" if g["within_cap"] in (None, True) else " OVER CAP"
         out.append(
-            f"| {_cell(g['desc'])} | `{g['config_hash'][:8]}` | {n} | {_f(b['mean'])} ± {_f(b['std'])} | "
-            f"{_f(lo['mean'])} ± {_f(lo['std'])} | {_f(g['ms_per_step'], 1)} | {_f(g['steps'], 0)} | "
+            f"| {_cell(g['desc'])} | `{g['config_hash'][:8]}` | {n} | {_mean_std(b, g['n'])} | "
+            f"{_mean_std(lo, g['n'])} | {_f(g['ms_per_step'], 1)} | {_f(g['steps'], 0)} | "
             f"{'-' if g['bytes_total_max'] is None else format(g['bytes_total_max'], ',')}{cap} | "
             f"{_f(g['train_seconds'], 1)} | {_f(g['eval_seconds'], 1)} | {', '.join(map(str, g['seeds'])) or '-'} |"
         )
@@ -200,8 +209,9 @@ def write_report(
     """Aggregate `roots` and write summary.{md,csv,json} (+ the PNG) into out_dir (default roots[0])."""
     roots = [Path(r).resolve() for r in roots]
     out = Path(out_dir or roots[0])
+    out.mkdir(parents=True, exist_ok=True)  # --out may name a folder that does not exist yet
     summary, groups = build_summary(roots, baseline, alpha, min_delta_nats)
-    plot_note = plot_loss_curves(groups, out / PLOT_NAME) if plot else "plot skipped (--no-plot)"
+    plot_note = plot_loss_curves(groups, out / PLOT_NAME, summary) if plot else "plot skipped (--no-plot)"
     summary["plot"] = PLOT_NAME if plot_note is None else None
     summary["notes"] = [] if plot_note is None else [plot_note]
     md = to_markdown(summary, plot_note)

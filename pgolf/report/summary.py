@@ -26,7 +26,7 @@ def _spread(values: list[float]) -> dict[str, Any]:
         return {"mean": None, "std": None, "min": None, "max": None, "values": []}
     return {
         "mean": stats.mean(values),
-        "std": stats.std(values),
+        "std": stats.std(values) if len(values) >= 2 else None,  # one seed has no spread to report
         "min": min(values),
         "max": max(values),
         "values": values,
