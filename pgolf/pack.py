@@ -110,7 +110,11 @@ def imported_modules() -> dict[str, Path]:
 
     root = Path(pgolf.__file__).resolve().parent.parent
     out = {}
-    for name, mod in list(sys.modules.items()):
+    for key, mod in list(sys.modules.items()):
+        # A worker started as `python -m pgolf.train` holds that module as `__main__`: its spec
+        # keeps the real name, so the worker ships the same files as an in-process run.
+        spec = getattr(mod, "__spec__", None)
+        name = spec.name if key == "__main__" and spec is not None else key
         f = getattr(mod, "__file__", None)
         if (
             (name == "pgolf" or name.startswith("pgolf."))
@@ -320,13 +324,50 @@ def minify_source(source: str) -> str:
     return _reindent(ast.unparse(tree) + "\n")
 
 
+def _changed(value: dict, default: dict) -> dict:
+    """The keys of `value` that differ from `default`. A nested mapping (a nested dataclass) that
+    differs at all ships whole: a partial one would be completed from the nested class's own
+    defaults, which need not be the parent's (quant.embed's factory is not GroupQuant())."""
+    return {k: v for k, v in value.items() if v != default.get(k, _MISSING)}
+
+
+_MISSING = object()
+
+
+def shipped_config(config: dict) -> dict:
+    """The frozen config as the wrapper carries it: only what differs from the shipped schemas'
+    defaults (those defaults ship in the code, so the worker rebuilds the same config), every
+    group's `name`, the whole `data` group (the packed entry swaps it for DATA_PATH's shards,
+    whose defaults differ) and no `job_dir` (a path of the machine that ran it; the packed run
+    picks its own). Checked: the result loads into exactly the run's config."""
+    from pgolf.components import REGISTRIES
+    from pgolf.config import GROUPS, RootSettings, job_config_from_dict, to_dict
+
+    full = {k: v for k, v in config.items() if k != "job_dir"}
+    out = _changed({k: v for k, v in full.items() if k not in GROUPS}, to_dict(RootSettings()))
+    for group in GROUPS:
+        node = full[group]
+        if group == "data":
+            out[group] = node
+            continue
+        try:
+            default = to_dict(REGISTRIES[group].get(node["name"]).schema())
+        except TypeError:  # a schema with required fields: ship the group as it is
+            default = {}
+        out[group] = {"name": node["name"], **_changed(node, default)}
+    if to_dict(job_config_from_dict(out)) != to_dict(job_config_from_dict({**full, "job_dir": ""})):
+        raise RuntimeError("the trimmed config does not load into the run's config; ship it whole")
+    return out
+
+
 def shipped_sources(modules: dict[str, Path], config: dict) -> dict[str, str]:
-    """What the wrapper carries, by path: each module minified, and the config as compact JSON.
+    """What the wrapper carries, by path: each module minified, and the trimmed config as compact
+    JSON (`shipped_config`).
 
     Dropping top-level definitions nothing references (tree shaking) was measured and left out:
     it saved ~200 bytes on the r0409 set, for a soundness argument a reader would have to check."""
     out = {rel: minify_source(path.read_text(encoding="utf-8")) for rel, path in modules.items()}
-    out["config.json"] = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    out["config.json"] = json.dumps(shipped_config(config), sort_keys=True, separators=(",", ":"))
     return out
 
 
