@@ -97,7 +97,7 @@ _FROM_CHAR = bytes(ALPHABET.index(c) if c in ALPHABET else 0 for c in range(256)
 # in sys.modules, but the worker never imports them: shipping them would only inflate code bytes.
 PARENT_ONLY = ("pgolf.run", "pgolf.callbacks", "pgolf.slots", "pgolf.report")
 # The packer and its CLIs: a packed run counts its own file (pgolf.shipped), so they never run there.
-PACKER = ("pgolf.pack", "pgolf.plan", "pgolf.submission")
+PACKER = ("pgolf.pack", "pgolf.plan", "pgolf.submission", "pgolf.check")
 
 
 def _parent_only(name: str) -> bool:

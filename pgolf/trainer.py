@@ -739,10 +739,13 @@ class Trainer:
             if final_mode == "nonoverlap"
             else self.job.eval.window(self.job.train.seq_len)
         )
-        self.result["val"] = {
+        self.result["val"] = {  # what pgolf.check re-reads: the split's shards and the tokenizer
+            "dir": str(self.data.val_files[0].parent.resolve()),
             "files": [f.name for f in self.data.val_files],
             "tokens_total": self.data.val_tokens_total,
             "seq_len": L,
+            "tokenizer": str(Path(self.data.tokenizer_path).resolve()),
+            "tokenizer_sha256": sha256_file(self.data.tokenizer_path),
         }
         rules = verdict(self.result, to_dict(self.job))
         self.result["rules"] = rules
