@@ -191,8 +191,36 @@ def _reindent(source: str) -> str:
     return "".join(lines)
 
 
-def _strip(tree: ast.Module, keep_module_doc: bool) -> ast.Module:
+# Exceptions whose argument is not a message: SystemExit("...") exits 1 and SystemExit() exits 0.
+_KEEP_ARGS = {"SystemExit", "KeyboardInterrupt", "StopIteration"}
+# Modules whose error messages a packed run's user needs: its only inputs from outside are
+# DATA_PATH and TOKENIZER_PATH (read and checked in these data modules), SEED and the machine.
+# Every other message (config validation of a config that was validated before it shipped,
+# internal invariants) costs code bytes for nothing: 1.2 KB more if all of pgolf.data kept theirs.
+KEEP_MESSAGES = ("pgolf/data/shards.py", "pgolf/data/source.py", "pgolf/hw/device.py", "pgolf/train.py")
+
+
+def _is_text(node: ast.expr) -> bool:
+    """A string literal, an f-string, or a concatenation of them."""
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        return _is_text(node.left) and _is_text(node.right)
+    return isinstance(node, ast.JoinedStr) or (isinstance(node, ast.Constant) and isinstance(node.value, str))
+
+
+def _drop_message(node: ast.Raise) -> None:
+    """`raise E("a long explanation")` -> `raise E("")`: the type, the traceback and the cause stay;
+    one empty argument keeps any constructor's arity. Other arguments are left alone."""
+    call = node.exc
+    if isinstance(call, ast.Call) and len(call.args) == 1 and not call.keywords and _is_text(call.args[0]):
+        name = call.func.id if isinstance(call.func, ast.Name) else getattr(call.func, "attr", "")
+        if name not in _KEEP_ARGS:
+            call.args = [ast.Constant("")]
+
+
+def _strip(tree: ast.Module, keep_module_doc: bool, keep_messages: bool = True) -> ast.Module:
     for node in ast.walk(tree):
+        if isinstance(node, ast.Raise) and not keep_messages:
+            _drop_message(node)
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             node.body = _drop_docstring(node.body)
             _drop_annotations(node)
@@ -309,7 +337,7 @@ def rename_locals(tree: ast.Module) -> int:
     return renamed
 
 
-def minify_source(source: str) -> str:
+def minify_source(source: str, keep_messages: bool = True) -> str:
     """The same program with comments, docstrings, function annotations, `if TYPE_CHECKING:` blocks
     and formatting removed (`ast.unparse`, one-space indentation).
 
@@ -318,8 +346,9 @@ def minify_source(source: str) -> str:
     that reads its own `__doc__` keeps its module docstring. Function-local variables get short
     names where `rename_locals` can prove it safe; parameters, attributes and module-level names
     keep theirs (keyword calls, getattr by string and torch hooks reach them by name).
+    Without `keep_messages`, the text of `raise E("...")` is dropped too (`_drop_message`).
     """
-    tree = _strip(ast.parse(source), "__doc__" in source)
+    tree = _strip(ast.parse(source), "__doc__" in source, keep_messages)
     rename_locals(tree)
     return _reindent(ast.unparse(tree) + "\n")
 
@@ -361,13 +390,17 @@ def shipped_config(config: dict) -> dict:
 
 
 def shipped_sources(modules: dict[str, Path], config: dict) -> dict[str, str]:
-    """What the wrapper carries, by path: each module minified, and the trimmed config as compact
-    JSON (`shipped_config`).
+    """What the wrapper carries, by path: each module minified (error messages only where a packed
+    run's user needs them, KEEP_MESSAGES), and the config as compact JSON (a run's, trimmed by
+    `shipped_config` first).
 
     Dropping top-level definitions nothing references (tree shaking) was measured and left out:
     it saved ~200 bytes on the r0409 set, for a soundness argument a reader would have to check."""
-    out = {rel: minify_source(path.read_text(encoding="utf-8")) for rel, path in modules.items()}
-    out["config.json"] = json.dumps(shipped_config(config), sort_keys=True, separators=(",", ":"))
+    out = {
+        rel: minify_source(path.read_text(encoding="utf-8"), keep_messages=rel.startswith(KEEP_MESSAGES))
+        for rel, path in modules.items()
+    }
+    out["config.json"] = json.dumps(config, sort_keys=True, separators=(",", ":"))
     return out
 
 
@@ -427,7 +460,7 @@ def build_wrapper(modules: dict[str, Path], config: dict, codec: str | None = No
 def write_wrapper(path: Path, config: dict) -> tuple[int, int]:
     """Write the wrapper; return (its bytes on disk, raw bytes of the source it carries)."""
     modules = imported_modules()
-    text = build_wrapper(modules, config)
+    text = build_wrapper(modules, shipped_config(config))
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8", newline="")  # the payload's control characters stay as they are
     tmp.replace(path)

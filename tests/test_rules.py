@@ -57,15 +57,16 @@ def test_calibration_never_starts_a_batch_that_would_end_past_the_deadline():
     assert list(w) == [0, 1] and not w.cut
 
 
-# Calibration made slow on purpose: the probe's batches take 0.2 s, the real ones 0.6 s, so the
-# probe raises the 0.01 s reserve but still underestimates, and only the deadline keeps the sum in.
+# Calibration made slow on purpose: the probe's batches take 0.5 s more, the real ones 1.5 s more,
+# so the probe raises the 0.01 s reserve (to ~1.25 x 8 x 0.5 s) but still underestimates the real
+# 8 x 1.5 s, and only the deadline keeps training + calibration inside budget.train_seconds.
 SLOW_CALIBRATION = """
 import sys, time
 import pgolf.quant.mixed as mixed
 real, calls = mixed.collect_hessians, []
 def slow(model, watch, batches, dtype):
     calls.append(1)
-    delay = 0.2 if len(calls) == 1 else 0.6
+    delay = 0.5 if len(calls) == 1 else 1.5
     def paced():
         for b in batches:
             time.sleep(delay)
@@ -88,10 +89,13 @@ def test_a_calibration_slower_than_the_reserve_still_fits_the_training_budget(
             "quant": "int6_gptq",
             "quant.calibration.batches": "8",
             "budget.mode": "wallclock",
-            "budget.train_seconds": "6",
+            "budget.train_seconds": "30",
             "budget.quant_reserve_seconds": "0.01",
             "train.iterations": "100000",
             "train.log_every": "0",
+            # short steps: the training clock stops within a step of its cap, well inside the reserve
+            "train.grad_accum_base": "1",
+            "train.batch_tokens": "512",
         },
     )
     proc = subprocess.run(
@@ -104,12 +108,12 @@ def test_a_calibration_slower_than_the_reserve_still_fits_the_training_budget(
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = _strict(tmp_path / "run" / "result.json")
     plan, cal = r["calibration_plan"], r["calibration"]
-    # the probe measured ~0.2 s/batch x 8 and raised the reserve far above the configured 0.01 s
-    assert plan["configured_reserve_seconds"] == 0.01 and plan["reserve_seconds"] >= 8 * 0.2
-    # the real batches took 0.6 s: all 8 (4.8 s) would not fit, so the deadline cut them short
+    # the probe measured >= 0.5 s/batch x 8 and raised the reserve far above the configured 0.01 s
+    assert plan["configured_reserve_seconds"] == 0.01 and plan["reserve_seconds"] >= 1.25 * 8 * 0.5
+    # the real batches took over 1.5 s: all 8 would not fit, so the deadline cut them short
     assert cal["cut_by_deadline"] and 0 <= cal["batches"] < 8 and cal["planned"] == 8
     used = r["train_ms"] / 1000 + r["calibration_seconds"]
-    assert used <= 6.0 and r["rules"]["checks"]["train_seconds"]["used"] == pytest.approx(used)
+    assert used <= 30.0 and r["rules"]["checks"]["train_seconds"]["used"] == pytest.approx(used)
     assert r["rules"]["pass"] and r["status"] == "ok"
     assert "calibration: stopped after" in (tmp_path / "run" / "train.log").read_text()
 
@@ -299,3 +303,59 @@ def test_download_records_the_tokenizer_hash_and_refuses_a_mismatch(tmp_path, to
     manifest.write_text(json.dumps(body))
     with pytest.raises(DownloadError, match="run the download again"):
         record_tokenizer_hash(manifest, "fineweb10B_sp400", tokenizer_model)
+
+
+# -------------------------------------------------------------------------------- code bytes
+def test_shipped_code_drops_error_text_but_keeps_exit_codes_and_the_data_messages(tmp_path):
+    from pgolf.pack import KEEP_MESSAGES, minify_source, shipped_sources
+
+    src = (
+        "import sys\nclass E(Exception):\n    pass\n"
+        "def f(x):\n    if x == 1:\n        raise E(f'x={x} is a long explanation of the fix')\n"
+        "    if x == 2:\n        raise SystemExit('usage: tool <x>')\n"
+        "    if x == 3:\n        raise ValueError('a' + 'b')\n    return x\n"
+    )
+    small = minify_source(src, keep_messages=False)
+    assert "long explanation" not in small and "raise E('')" in small and "raise ValueError('')" in small
+    assert "usage: tool <x>" in small  # SystemExit('...') exits 1, SystemExit() would exit 0
+    assert minify_source(src) == minify_source(
+        src, keep_messages=True
+    ) and "long explanation" in minify_source(src)
+    ns: dict = {}
+    exec(compile(small, "m", "exec"), ns)
+    with pytest.raises(ns["E"]):
+        ns["f"](1)
+    with pytest.raises(SystemExit) as e:
+        ns["f"](2)
+    assert e.value.code == "usage: tool <x>" and ns["f"](4) == 4
+    # what a packed run's user can get wrong (DATA_PATH, TOKENIZER_PATH) keeps its explanation
+    mods = {rel: REPO / rel for rel in ("pgolf/data/shards.py", "pgolf/rules.py")}
+    out = shipped_sources(mods, _full_config())
+    assert (
+        "pgolf/data/shards.py" in KEEP_MESSAGES
+        and "is not the one that wrote the shards" in out["pgolf/data/shards.py"]
+    )
+
+
+def _full_config() -> dict:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = OmegaConf.to_container(
+            compose(config_name="config", overrides=["experiment=r0409"]), resolve=True
+        )
+    for key in ("hydra", "resume", "launch", "report"):
+        cfg.pop(key, None)
+    return cfg
+
+
+def test_the_trimmed_config_loads_into_the_run_s_config():
+    from pgolf.config import job_config_from_dict, to_dict
+    from pgolf.pack import shipped_config
+
+    full = to_dict(job_config_from_dict(_full_config()))
+    small = shipped_config(full)
+    assert "job_dir" not in small and len(json.dumps(small)) < 0.6 * len(json.dumps(full))
+    assert small["quant"]["name"] == "mixed" and small["data"] == full["data"]
+    assert to_dict(job_config_from_dict(small)) == {**full, "job_dir": ""}
