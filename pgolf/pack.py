@@ -460,7 +460,7 @@ def build_wrapper(modules: dict[str, Path], config: dict, codec: str | None = No
 def write_wrapper(path: Path, config: dict) -> tuple[int, int]:
     """Write the wrapper; return (its bytes on disk, raw bytes of the source it carries)."""
     modules = imported_modules()
-    text = build_wrapper(modules, shipped_config(config))
+    text = build_wrapper(modules, shipped_config(config), codec_for(config))  # the trimmed config may omit it
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8", newline="")  # the payload's control characters stay as they are
     tmp.replace(path)

@@ -359,3 +359,16 @@ def test_the_trimmed_config_loads_into_the_run_s_config():
     assert "job_dir" not in small and len(json.dumps(small)) < 0.6 * len(json.dumps(full))
     assert small["quant"]["name"] == "mixed" and small["data"] == full["data"]
     assert to_dict(job_config_from_dict(small)) == {**full, "job_dir": ""}
+
+
+def test_a_trimmed_config_keeps_the_brotli_codec_of_its_model(tmp_path):
+    """quant.compressor=brotli is the preset's default, so the trimmed config omits it: the codec
+    must still come from the run's whole config (brotli packs the code ~2.5% smaller)."""
+    pytest.importorskip("brotli")
+    from pgolf.config import job_config_from_dict, to_dict
+    from pgolf.pack import shipped_config, write_wrapper
+
+    full = to_dict(job_config_from_dict(_full_config()))
+    assert "compressor" not in shipped_config(full)["quant"] and full["quant"]["compressor"] == "brotli"
+    write_wrapper(tmp_path / "train_gpt.py", full)
+    assert "__import__('brotli').decompress" in (tmp_path / "train_gpt.py").read_text()
