@@ -98,9 +98,16 @@ _FROM_CHAR = bytes(ALPHABET.index(c) if c in ALPHABET else 0 for c in range(256)
 # Modules of the Hydra parent. A single-device run trains inside the parent process, so they are
 # in sys.modules, but the worker never imports them: shipping them would only inflate code bytes.
 # pgolf.tracking (wandb) above all: a packed script must run where wandb is not installed.
-PARENT_ONLY = ("pgolf.run", "pgolf.callbacks", "pgolf.outdir", "pgolf.slots", "pgolf.report", "pgolf.tracking")
+PARENT_ONLY = (
+    "pgolf.run",
+    "pgolf.callbacks",
+    "pgolf.outdir",
+    "pgolf.slots",
+    "pgolf.report",
+    "pgolf.tracking",
+)
 # The packer and its CLIs: a packed run counts its own file (pgolf.shipped), so they never run there.
-PACKER = ("pgolf.pack", "pgolf.plan", "pgolf.submission")
+PACKER = ("pgolf.pack", "pgolf.plan", "pgolf.submission", "pgolf.check")
 
 
 def _parent_only(name: str) -> bool:
@@ -113,7 +120,11 @@ def imported_modules() -> dict[str, Path]:
 
     root = Path(pgolf.__file__).resolve().parent.parent
     out = {}
-    for name, mod in list(sys.modules.items()):
+    for key, mod in list(sys.modules.items()):
+        # A worker started as `python -m pgolf.train` holds that module as `__main__`: its spec
+        # keeps the real name, so the worker ships the same files as an in-process run.
+        spec = getattr(mod, "__spec__", None)
+        name = spec.name if key == "__main__" and spec is not None else key
         f = getattr(mod, "__file__", None)
         if (
             (name == "pgolf" or name.startswith("pgolf."))
@@ -190,8 +201,36 @@ def _reindent(source: str) -> str:
     return "".join(lines)
 
 
-def _strip(tree: ast.Module, keep_module_doc: bool) -> ast.Module:
+# Exceptions whose argument is not a message: SystemExit("...") exits 1 and SystemExit() exits 0.
+_KEEP_ARGS = {"SystemExit", "KeyboardInterrupt", "StopIteration"}
+# Modules whose error messages a packed run's user needs: its only inputs from outside are
+# DATA_PATH and TOKENIZER_PATH (read and checked in these data modules), SEED and the machine.
+# Every other message (config validation of a config that was validated before it shipped,
+# internal invariants) costs code bytes for nothing: 1.2 KB more if all of pgolf.data kept theirs.
+KEEP_MESSAGES = ("pgolf/data/shards.py", "pgolf/data/source.py", "pgolf/hw/device.py", "pgolf/train.py")
+
+
+def _is_text(node: ast.expr) -> bool:
+    """A string literal, an f-string, or a concatenation of them."""
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        return _is_text(node.left) and _is_text(node.right)
+    return isinstance(node, ast.JoinedStr) or (isinstance(node, ast.Constant) and isinstance(node.value, str))
+
+
+def _drop_message(node: ast.Raise) -> None:
+    """`raise E("a long explanation")` -> `raise E("")`: the type, the traceback and the cause stay;
+    one empty argument keeps any constructor's arity. Other arguments are left alone."""
+    call = node.exc
+    if isinstance(call, ast.Call) and len(call.args) == 1 and not call.keywords and _is_text(call.args[0]):
+        name = call.func.id if isinstance(call.func, ast.Name) else getattr(call.func, "attr", "")
+        if name not in _KEEP_ARGS:
+            call.args = [ast.Constant("")]
+
+
+def _strip(tree: ast.Module, keep_module_doc: bool, keep_messages: bool = True) -> ast.Module:
     for node in ast.walk(tree):
+        if isinstance(node, ast.Raise) and not keep_messages:
+            _drop_message(node)
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             node.body = _drop_docstring(node.body)
             _drop_annotations(node)
@@ -308,7 +347,7 @@ def rename_locals(tree: ast.Module) -> int:
     return renamed
 
 
-def minify_source(source: str) -> str:
+def minify_source(source: str, keep_messages: bool = True) -> str:
     """The same program with comments, docstrings, function annotations, `if TYPE_CHECKING:` blocks
     and formatting removed (`ast.unparse`, one-space indentation).
 
@@ -317,18 +356,60 @@ def minify_source(source: str) -> str:
     that reads its own `__doc__` keeps its module docstring. Function-local variables get short
     names where `rename_locals` can prove it safe; parameters, attributes and module-level names
     keep theirs (keyword calls, getattr by string and torch hooks reach them by name).
+    Without `keep_messages`, the text of `raise E("...")` is dropped too (`_drop_message`).
     """
-    tree = _strip(ast.parse(source), "__doc__" in source)
+    tree = _strip(ast.parse(source), "__doc__" in source, keep_messages)
     rename_locals(tree)
     return _reindent(ast.unparse(tree) + "\n")
 
 
+def _changed(value: dict, default: dict) -> dict:
+    """The keys of `value` that differ from `default`. A nested mapping (a nested dataclass) that
+    differs at all ships whole: a partial one would be completed from the nested class's own
+    defaults, which need not be the parent's (quant.embed's factory is not GroupQuant())."""
+    return {k: v for k, v in value.items() if v != default.get(k, _MISSING)}
+
+
+_MISSING = object()
+
+
+def shipped_config(config: dict) -> dict:
+    """The frozen config as the wrapper carries it: only what differs from the shipped schemas'
+    defaults (those defaults ship in the code, so the worker rebuilds the same config), every
+    group's `name`, the whole `data` group (the packed entry swaps it for DATA_PATH's shards,
+    whose defaults differ) and no `job_dir` (a path of the machine that ran it; the packed run
+    picks its own). Checked: the result loads into exactly the run's config."""
+    from pgolf.components import REGISTRIES
+    from pgolf.config import GROUPS, RootSettings, job_config_from_dict, to_dict
+
+    full = {k: v for k, v in config.items() if k != "job_dir"}
+    out = _changed({k: v for k, v in full.items() if k not in GROUPS}, to_dict(RootSettings()))
+    for group in GROUPS:
+        node = full[group]
+        if group == "data":
+            out[group] = node
+            continue
+        try:
+            default = to_dict(REGISTRIES[group].get(node["name"]).schema())
+        except TypeError:  # a schema with required fields: ship the group as it is
+            default = {}
+        out[group] = {"name": node["name"], **_changed(node, default)}
+    if to_dict(job_config_from_dict(out)) != to_dict(job_config_from_dict({**full, "job_dir": ""})):
+        raise RuntimeError("the trimmed config does not load into the run's config; ship it whole")
+    return out
+
+
 def shipped_sources(modules: dict[str, Path], config: dict) -> dict[str, str]:
-    """What the wrapper carries, by path: each module minified, and the config as compact JSON.
+    """What the wrapper carries, by path: each module minified (error messages only where a packed
+    run's user needs them, KEEP_MESSAGES), and the config as compact JSON (a run's, trimmed by
+    `shipped_config` first).
 
     Dropping top-level definitions nothing references (tree shaking) was measured and left out:
     it saved ~200 bytes on the r0409 set, for a soundness argument a reader would have to check."""
-    out = {rel: minify_source(path.read_text(encoding="utf-8")) for rel, path in modules.items()}
+    out = {
+        rel: minify_source(path.read_text(encoding="utf-8"), keep_messages=rel.startswith(KEEP_MESSAGES))
+        for rel, path in modules.items()
+    }
     out["config.json"] = json.dumps(config, sort_keys=True, separators=(",", ":"))
     return out
 
@@ -389,7 +470,7 @@ def build_wrapper(modules: dict[str, Path], config: dict, codec: str | None = No
 def write_wrapper(path: Path, config: dict) -> tuple[int, int]:
     """Write the wrapper; return (its bytes on disk, raw bytes of the source it carries)."""
     modules = imported_modules()
-    text = build_wrapper(modules, config)
+    text = build_wrapper(modules, shipped_config(config), codec_for(config))  # the trimmed config may omit it
     write_text_atomic(path, text)  # bytes as they are: the payload's control characters stay
     raw = sum(p.stat().st_size for p in modules.values())
     return path.stat().st_size, raw

@@ -112,13 +112,14 @@ def code_bytes(job) -> int:
     from pgolf.components import REGISTRIES
     from pgolf.config import to_dict
     from pgolf.data.loader import _SAMPLERS
-    from pgolf.pack import build_wrapper, imported_modules
+    from pgolf.pack import build_wrapper, codec_for, imported_modules, shipped_config
 
     for group, reg in REGISTRIES.items():
         reg.get(getattr(job, group).name).load_builder()
     if getattr(job.data, "loader", None) in _SAMPLERS:  # the loader imports its sampler by name
         importlib.import_module(_SAMPLERS[job.data.loader].partition(":")[0])
-    return len(build_wrapper(imported_modules(), to_dict(job)).encode("utf-8"))
+    config = to_dict(job)
+    return len(build_wrapper(imported_modules(), shipped_config(config), codec_for(config)).encode("utf-8"))
 
 
 def main(argv: list[str] | None = None) -> int:

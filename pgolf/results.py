@@ -1,4 +1,5 @@
-"""Atomic writes: a reader sees the old file or the new one, never half of one.
+"""Atomic, strict JSON writes: a reader sees the old file or the new one, never half of one, and
+never a bare NaN or Infinity (which `json.dump` writes by default and strict parsers reject).
 
 Every writer goes through a temp file beside the target and a rename. A failure (a full disk, a
 kill) removes the temp file, and a full disk raises DiskFullError: one line naming the file, the
@@ -8,7 +9,9 @@ bytes it needed and the bytes free, instead of a bare `[Errno 28]`.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -77,8 +80,28 @@ def atomic_file(
         raise
 
 
+def finite_json(data: Any, path: str = "", reasons: dict[str, str] | None = None) -> Any:
+    """`data` with every non-finite float replaced by None; `reasons` (if given) collects
+    {dotted key: "nan" | "inf" | "-inf"} so the reader learns what the null stood for."""
+    if isinstance(data, float) and not math.isfinite(data):
+        if reasons is not None:
+            reasons[path or "."] = repr(data)
+        return None
+    if isinstance(data, dict):
+        return {k: finite_json(v, f"{path}.{k}" if path else str(k), reasons) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite_json(v, f"{path}[{i}]", reasons) for i, v in enumerate(data)]
+    return data
+
+
 def write_json_atomic(path: str | Path, data: Any) -> None:
-    text = json.dumps(data, indent=2, sort_keys=False, default=str) + "\n"
+    """Write `data` as strict JSON. Non-finite floats become null; for a dict, the keys they were
+    under are listed in `non_finite` ({key: "nan"}), so a null val_bpb never reads as "missing"."""
+    reasons: dict[str, str] = {}
+    data = finite_json(data, reasons=reasons)
+    if reasons and isinstance(data, dict):
+        data["non_finite"] = {**data.get("non_finite", {}), **reasons}
+    text = json.dumps(data, indent=2, sort_keys=False, default=str, allow_nan=False) + "\n"
     write_text_atomic(path, text)
 
 
@@ -92,3 +115,11 @@ def write_text_atomic(path: str | Path, text: str | bytes) -> None:
     data = text.encode("utf-8") if isinstance(text, str) else text
     with atomic_file(path, needed=len(data)) as f:
         f.write(data)
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -19,6 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from pgolf.check import check_run
 from pgolf.results import read_json, write_json_atomic, write_text_atomic
 
 # Packages a worker imports, by the names pip installs them under, and what pulls them in.
@@ -70,11 +71,17 @@ def pack(
         )
     if not script.is_file():
         raise PackError(f"{script} is missing; it is written with the artifact at the end of every run")
+    # The rules, re-checked from the files (hashes, bytes on disk, shard headers, tokenizer).
+    rules = check_run(run_dir)
+    if not rules["pass"]:
+        raise PackError(
+            f"{run_dir} is not a legal submission: {rules['reason']} (python -m pgolf.check {run_dir})"
+        )
     out = Path(out) if out else run_dir / "submission"
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(script, out / "train_gpt.py")
     code_bytes = (out / "train_gpt.py").stat().st_size
-    model_bytes = int(result["bytes"]["model"])
+    model_bytes = (run_dir / "artifact" / "final_model.ptz").stat().st_size  # hashed by check_run
     cap = int(result["bytes"]["cap"])
     total = model_bytes + code_bytes
     config = _config(run_dir)
@@ -82,7 +89,7 @@ def pack(
     if (run_dir / "train.log").is_file():
         shutil.copyfile(run_dir / "train.log", out / f"train_seed{seed}.log")
     write_text_atomic(out / "requirements.txt", requirements(result, config))
-    limits = result.get("limits", {})
+    held = {k: c["held"] for k, c in rules["checks"].items()}
     sub = {
         "name": name or result.get("label") or f"pgolf {config.get('model', {}).get('name', '')}",
         "val_bpb": result.get("val_bpb"),
@@ -107,8 +114,11 @@ def pack(
         + f", torch {result.get('versions', {}).get('torch')}",
         "compliance": {
             "artifact_under_16mb": total <= cap,
-            "training_under_600s": limits.get("train_seconds", {}).get("held"),
-            "eval_under_600s": limits.get("eval_seconds", {}).get("held"),
+            "training_under_600s": held["train_seconds"],
+            "eval_under_600s": held["eval_seconds"],
+            "ttt_score_first": held["ttt"],
+            "whole_val_split": held["val_split"],
+            "tokenizer_matches_shards": held["tokenizer"],
         },
     }
     write_json_atomic(out / "submission.json", sub)
@@ -133,7 +143,11 @@ def pack(
 
 
 def verify(sub_dir: Path, run_dir: Path, timeout: int = 1800, tol: float = 1e-6) -> dict:
-    """Run the packed train_gpt.py in an empty directory; its metrics must match the run's."""
+    """Check the submitted files against the run (`check_run`), run the packed train_gpt.py in an
+    empty directory, check that run the same way; its metrics must match the run's."""
+    before = check_run(run_dir, code=Path(sub_dir) / "train_gpt.py")
+    if not before["pass"]:
+        raise PackError(f"the submission does not check out: {before['reason']}")
     want = read_json(Path(run_dir) / "result.json")
     with tempfile.TemporaryDirectory(prefix="pgolf_verify_") as tmp:
         work = Path(tmp) / "empty"
@@ -153,9 +167,12 @@ def verify(sub_dir: Path, run_dir: Path, timeout: int = 1800, tol: float = 1e-6)
         if proc.returncode != 0 or not got_path.is_file():
             raise PackError(f"the packed script failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
         got = read_json(got_path)
+        after = check_run(work / "job")
         # A packed run ships the file it ran from: byte for byte the submitted script.
         shipped = work / "job" / "artifact" / "train_gpt.py"
         same_script = shipped.is_file() and shipped.read_bytes() == (work / "train_gpt.py").read_bytes()
+    if not after["pass"]:
+        raise PackError(f"the packed script's own run does not check out: {after['reason']}")
     if not same_script:
         raise PackError("the packed run did not ship the script it ran from (artifact/train_gpt.py differs)")
     checks = {

@@ -11,7 +11,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from pgolf.config import job_config_from_dict
+from pgolf.config import job_config_from_dict, to_dict
 from pgolf.results import DiskFullError, disk_full, is_disk_full, read_json, write_json_atomic
 
 
@@ -111,7 +111,8 @@ def run_packed(config_path: str, script: str | None = None) -> None:
     job_dir = Path(os.environ.get("PGOLF_JOB_DIR", "pgolf_run")).resolve()
     job_dir.mkdir(parents=True, exist_ok=True)
     cfg["job_dir"] = str(job_dir)
-    write_json_atomic(job_dir / "config.json", cfg)
+    # The wrapper carries only what differs from the defaults; the job dir gets the whole config.
+    write_json_atomic(job_dir / "config.json", to_dict(job_config_from_dict(cfg)))
     run_job(job_dir)
 
 

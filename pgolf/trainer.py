@@ -33,7 +33,8 @@ from pgolf.hw.device import build as build_runtime
 from pgolf.log import RunLog
 from pgolf.models import attention
 from pgolf.models.layers import restore_fp32_params
-from pgolf.results import write_json_atomic, write_text_atomic
+from pgolf.results import sha256_file, write_json_atomic, write_text_atomic
+from pgolf.rules import verdict
 from pgolf.shipped import write_code
 from pgolf.timing import PhaseTimer
 
@@ -44,6 +45,17 @@ class TrainingError(RuntimeError):
 
 class ArtifactTooLarge(TrainingError):
     pass
+
+
+class RulesBroken(TrainingError):
+    """The run finished but is not a legal submission (time over a limit, a diverged score, ...)."""
+
+
+# Calibration batches timed before the clock starts; the first is often slower (kernel set-up), so
+# the estimate takes the slowest of the others.
+PROBE_BATCHES = 2
+# Headroom on the measured calibration cost when reserving it off the training clock.
+CALIBRATION_MARGIN = 1.25
 
 
 def versions() -> dict[str, str]:
@@ -82,6 +94,7 @@ class Trainer:
         self.ckpt = Checkpointer(
             job.checkpoint, job_dir, self.rt.rank, self.rt.world_size, self.result["config_hash_with_seed"]
         )
+        self.calibration_plan: dict = {}  # the probe's measurement and the reserve taken off the clock
 
     # -----------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -96,17 +109,20 @@ class Trainer:
             blob_path = self.write_artifact()
         with self.timer.phase("eval_warmup"):  # compile on random tokens, reported apart (§5.4)
             self.warm_eval()
+        # budget.eval_seconds counts eval + TTT from here; TTT stops updating in time (wallclock)
+        self.eval_deadline = time.perf_counter() + self.job.budget.eval_seconds
         with self.timer.phase("eval"):
             final = self.eval_artifact(blob_path)
         with self.timer.phase("ttt"):
             if self.ttt.enabled:
                 final = self.run_ttt()
-        self.result.update(status="ok", val_loss=final.val_loss, val_bpb=final.val_bpb)
+        self.result.update(val_loss=final.val_loss, val_bpb=final.val_bpb)
         # `roundtrip`: the artifact's final score (the last eval mode, or TTT), which val_bpb reports
         self.result["metrics"]["roundtrip"] = vars(final)
         self.result["timings"] = {**self.timer.seconds, "total": time.perf_counter() - t_start}
+        self.enforce_rules()
+        self.result["status"] = "ok"
         if self.rt.is_main:  # byte accounting lives on rank 0, which wrote the artifact
-            self.result["limits"] = self._limits()
             self.log(
                 f"final_roundtrip val_loss:{final.val_loss:.8f} val_bpb:{final.val_bpb:.8f} "
                 f"bytes_total:{self.result['bytes']['total']} eval_time:{self.timer.seconds['eval']:.1f}s "
@@ -124,6 +140,8 @@ class Trainer:
             f"data:{job.data.name} train_shards:{len(self.data.train_files)} train_tokens:{self.data.train_tokens:,} "
             f"val_tokens:{self.data.val_tokens_total:,} tokenizer:{self.data.tokenizer_path}"
         )
+        for warning in self.data.warnings:
+            self.log(f"WARNING {warning}")
         self.val_tokens = self.data.val_tokens(job.train.seq_len)
         self.lut = ByteLUT(self.data.bytes, rt.device)
         self.loader = self._build_loader()
@@ -215,7 +233,12 @@ class Trainer:
     def prime(self) -> None:
         """Compile every graph with real steps, then undo them so training starts from the init."""
         n = self.job.train.prime_steps
+        probe = getattr(self.quant, "needs_calibration", False) and self.job.budget.mode == "wallclock"
         if n == 0:
+            if probe:
+                self.probe_calibration()
+                self.loader.close()
+                self.loader = self._build_loader()
             return
         snapshot = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         # Models that switch graphs during training (depth recurrence off -> on, ...) name every
@@ -234,6 +257,8 @@ class Trainer:
             self.model.load_state_dict(snapshot, strict=True)
         if hasattr(self.model, "on_progress"):
             self.model.on_progress(0.0)  # back to the variant that training starts in
+        if probe:  # on the restored weights, and before the loader restarts its stream
+            self.probe_calibration()
         self.opt.reset_state()
         self.loader.close()
         self.loader = self._build_loader()
@@ -246,7 +271,8 @@ class Trainer:
     def train(self) -> None:
         job, rt, t = self.job, self.rt, self.job.train
         wallclock = job.budget.mode == "wallclock"
-        cap_ms = 1000.0 * (job.budget.train_seconds - job.budget.quant_reserve_seconds) if wallclock else None
+        reserve = self.calibration_plan.get("reserve_seconds", job.budget.quant_reserve_seconds)
+        cap_ms = 1000.0 * (job.budget.train_seconds - reserve) if wallclock else None
         iterations = t.iterations
         is_cuda = rt.device.type == "cuda"
         on_progress = getattr(self.model, "on_progress", None)
@@ -497,6 +523,14 @@ class Trainer:
                 )
             else:
                 tmp.replace(blob_path)
+                # What ships, hashed as written: `pgolf.check` and `pgolf.pack` re-hash the files.
+                self.result["files"] = {
+                    f.relative_to(self.job_dir).as_posix(): {
+                        "bytes": f.stat().st_size,
+                        "sha256": sha256_file(f),
+                    }
+                    for f in (out / "train_gpt.py", blob_path)
+                }
         if self.rt.distributed:  # every rank learns rank 0's verdict before anyone raises
             flag = torch.tensor([1.0 if refusal else 0.0], device=self.rt.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -506,30 +540,92 @@ class Trainer:
             raise ArtifactTooLarge(refusal)
         return blob_path
 
-    def calibrate(self) -> None:
+    def _calibration_batches(self) -> int:
+        """Batches this rank calibrates on: training micro-batches, or batches of sampled sequences."""
+        cal, ws = self.job.quant.calibration, self.rt.world_size
+        if cal.source == "self":
+            return math.ceil(math.ceil(cal.self_seqs / ws) / cal.self_batch)
+        return math.ceil(cal.batches / ws)
+
+    def calibrate(self, max_batches: int | None = None, probe: bool = False) -> dict:
         """GPTQ Hessians from training batches the run has not trained on (the loader continues its
         stream) or from the model's own samples (quant.calibration.source=self); every rank takes
-        its share and the sums are all-reduced. This time is what budget.quant_reserve_seconds
-        reserves off the training clock."""
-        t, cal = self.job.train, self.job.quant.calibration
-        n = math.ceil(cal.batches / self.rt.world_size)
+        its share and the sums are all-reduced. Under budget.mode=wallclock no batch starts that
+        would end past budget.train_seconds (training time included): a slower calibration than
+        the probe measured uses fewer batches instead of breaking the limit."""
+        t, b = self.job.train, self.job.budget
+        n = self._calibration_batches()
         batches = (self.loader.next_batch(t.batch_tokens, t.seq_len, self.grad_accum) for _ in range(n))
         reduce = (lambda h: dist.all_reduce(h, op=dist.ReduceOp.SUM)) if self.rt.distributed else None
+        plan = self.calibration_plan
+        deadline = None
+        if not probe and b.mode == "wallclock":
+            left = b.train_seconds - self.result["train_ms"] / 1000.0
+            # the part after the last batch (all-reduce, bookkeeping) must fit too
+            deadline = time.perf_counter() + left - CALIBRATION_MARGIN * plan.get("fixed_seconds", 0.0)
+        t0 = time.perf_counter()
         info = self.quant.calibrate(
             self.model, batches, self.rt.amp_dtype, reduce, seed=self.job.seed + self.rt.rank,
-            world_size=self.rt.world_size,
+            world_size=self.rt.world_size, deadline=deadline, batch_seconds=plan.get("batch_seconds", 0.0),
+            max_batches=max_batches,
         )  # fmt: skip
         self.rt.sync()
+        info["seconds"] = time.perf_counter() - t0
+        if probe:
+            self.quant.reset_calibration()
+            return info
         self.result["calibration_seconds"] = info["seconds"]
+        self.result["calibration"] = {
+            "batches": info["batches"],
+            "planned": n,
+            "cut_by_deadline": info["cut_by_deadline"],
+            "seconds": info["seconds"],
+        }
         self.log(
             f"calibration: {info['hessians']} Hessians from {info['batches']} batches/rank in {info['seconds']:.1f}s"
             + (f" (unseen, round-to-nearest: {info['unseen']})" if info["unseen"] else "")
         )
-        b = self.job.budget
-        if b.mode == "wallclock" and info["seconds"] > b.quant_reserve_seconds:
+        if info["cut_by_deadline"]:
             self.log(
-                f"WARNING calibration took {info['seconds']:.1f}s > budget.quant_reserve_seconds="
-                f"{b.quant_reserve_seconds:g}: raise the reserve or lower quant.calibration.batches"
+                f"calibration: stopped after {info['batches']} of {n} batches, the most that fit the "
+                f"{b.train_seconds:g}s of budget.train_seconds left after {self.result['train_ms'] / 1000:.1f}s "
+                "of training; raise budget.quant_reserve_seconds or lower quant.calibration.batches"
+            )
+        return info
+
+    def probe_calibration(self) -> None:
+        """Time calibration on a few batches before the clock starts and take what the full
+        calibration will need off the training clock: budget.quant_reserve_seconds is a floor, the
+        measurement (with CALIBRATION_MARGIN) raises it. Every rank takes the largest reserve."""
+        b, n = self.job.budget, self._calibration_batches()
+        info = self.calibrate(max_batches=min(PROBE_BATCHES, n), probe=True)
+        times = info["batch_seconds"]
+        per_batch = max(times[1:] or times or [0.0])
+        fixed = max(info["seconds"] - sum(times), 0.0)
+        estimate = fixed + n * per_batch
+        reserve = max(b.quant_reserve_seconds, CALIBRATION_MARGIN * estimate)
+        if self.rt.distributed:  # the training clock's cap (and model switches on it) must agree
+            r = torch.tensor([reserve], dtype=torch.float64, device=self.rt.device)
+            dist.all_reduce(r, op=dist.ReduceOp.MAX)
+            reserve = float(r.item())
+        self.calibration_plan = {
+            "probe_batches": len(times),
+            "batch_seconds": per_batch,
+            "fixed_seconds": fixed,
+            "estimate_seconds": estimate,
+            "reserve_seconds": reserve,
+            "configured_reserve_seconds": b.quant_reserve_seconds,
+        }
+        self.result["calibration_plan"] = self.calibration_plan
+        raised = "" if reserve == b.quant_reserve_seconds else f", raised from {b.quant_reserve_seconds:g}s"
+        self.log(
+            f"calibration probe: {per_batch:.2f}s/batch x {n} batches + {fixed:.2f}s = {estimate:.1f}s; "
+            f"reserving {reserve:.1f}s of budget.train_seconds{raised}"
+        )
+        if reserve >= b.train_seconds:
+            raise TrainingError(
+                f"GPTQ calibration needs ~{estimate:.1f}s ({n} batches), which leaves no training time in "
+                f"budget.train_seconds={b.train_seconds:g}; lower quant.calibration.batches"
             )
 
     # ----------------------------------------------------------------------------------- eval
@@ -616,6 +712,8 @@ class Trainer:
             self.model.train()
 
     def run_ttt(self) -> ModeResult:
+        if self.job.budget.mode == "wallclock":  # TTT modes that can stop updating early read it
+            self.ttt.deadline = self.eval_deadline
         res = self.ttt.run(
             self.model,
             self._scorer(),
@@ -626,33 +724,44 @@ class Trainer:
             self.rt.sync,
         )
         self._record_mode(self.job.ttt.name, res, windowed=self.job.ttt.name == "score_first")
+        stopped = getattr(self.ttt, "stopped_at", None)
+        if stopped is not None:  # the eval clock ran short: later chunks were scored without updates
+            self.result["ttt_updates_stopped_at_chunk"] = stopped
         return res
 
-    def _limits(self) -> dict:
-        b, sec = self.job.budget, self.timer.seconds
-        eval_used = sec["eval"] + sec["ttt"]
-        lim = {
-            "artifact_bytes": {
-                "limit": b.artifact_bytes,
-                "used": self.result["bytes"]["total"],
-                "held": self.result["bytes"]["total"] <= b.artifact_bytes,
-            },
-            "eval_seconds": {
-                "limit": b.eval_seconds,
-                "used": eval_used,
-                "held": eval_used <= b.eval_seconds,
-                # The rules leave open whether compile warm-up counts (TECHNIQUES §5.4); accepted
-                # records excluded it. Both figures are here so a submission can state either.
-                "used_with_warmup": eval_used + sec.get("eval_warmup", 0.0),
-            },
+    def enforce_rules(self) -> None:
+        """Record the rules verdict; a run that is not a legal submission fails (status failed,
+        exit 1, nothing to pack). A diverged score, an incomplete val split or an illegal TTT mode
+        always fail; the time limits fail a budget.mode=wallclock run (a steps run has no clock
+        to hold, so its verdict only records them). The decision is taken on every rank together."""
+        final_mode = self.result.get("final_mode")
+        L = (
+            self.job.train.seq_len
+            if final_mode == "nonoverlap"
+            else self.job.eval.window(self.job.train.seq_len)
+        )
+        self.result["val"] = {  # what pgolf.check re-reads: the split's shards and the tokenizer
+            "dir": str(self.data.val_files[0].parent.resolve()),
+            "files": [f.name for f in self.data.val_files],
+            "tokens_total": self.data.val_tokens_total,
+            "seq_len": L,
+            "tokenizer": str(Path(self.data.tokenizer_path).resolve()),
+            "tokenizer_sha256": sha256_file(self.data.tokenizer_path),
         }
-        if b.mode == "wallclock":
-            # Calibration runs after the clock stops; it must fit in the reserve taken off the clock.
-            used = self.result["train_ms"] / 1000.0 + max(
-                b.quant_reserve_seconds, self.result.get("calibration_seconds", 0.0)
-            )
-            lim["train_seconds"] = {"limit": b.train_seconds, "used": used, "held": used <= b.train_seconds}
-        return lim
+        rules = verdict(self.result, to_dict(self.job))
+        self.result["rules"] = rules
+        c = rules["checks"]
+        self.result["limits"] = {k: c[k] for k in ("artifact_bytes", "eval_seconds", "train_seconds")}
+        enforced = ["val_bpb", "val_split", "ttt"]
+        if self.job.budget.mode == "wallclock":
+            enforced += ["train_seconds", "eval_seconds"]
+        broken = [k for k in enforced if not c[k]["held"]]
+        flag = torch.tensor([float(bool(broken))], device=self.rt.device)
+        if self.rt.distributed:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            why = rules["reason"] if broken else "another rank found a broken rule; see its log"
+            raise RulesBroken(f"not a legal submission: {why}")
 
     def write_result(self) -> None:
         if self.rt.is_main:

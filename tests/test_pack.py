@@ -17,6 +17,7 @@ import pytest
 import pgolf
 from pgolf.pack import (
     ALPHABET,
+    KEEP_MESSAGES,
     build_wrapper,
     codec_for,
     decode,
@@ -48,7 +49,7 @@ def test_wrapper_payload_round_trip():
     files = unpack(text)
     assert set(files) == set(modules) | {"config.json"}
     for rel, path in modules.items():
-        assert files[rel] == minify_source(path.read_text()).encode(), rel
+        assert files[rel] == minify_source(path.read_text(), rel.startswith(KEEP_MESSAGES)).encode(), rel
     assert json.loads(files["config.json"]) == CONFIG
     # compressed: the wrapper is smaller than the source it carries
     assert len(text.encode("utf-8")) < sum(p.stat().st_size for p in modules.values())
@@ -157,12 +158,15 @@ def test_wrapper_runs_the_packed_code(tmp_path, codec):
     assert (script.parent / out["script"]).resolve() == script.resolve()
 
 
-def test_write_wrapper_returns_on_disk_size(tmp_path):
+def test_write_wrapper_returns_on_disk_size(tmp_path, compose):
     import pgolf.data.shards  # noqa: F401  (make sure some submodules are loaded)
     import pgolf.quant.int8  # noqa: F401
+    from pgolf.config import job_config_from_dict, to_dict
+    from pgolf.pack import shipped_config
 
+    config = to_dict(job_config_from_dict(compose()))  # a run's frozen config: the wrapper trims it
     path = tmp_path / "train_gpt.py"
-    size, raw = write_wrapper(path, CONFIG)
+    size, raw = write_wrapper(path, config)
     data = path.read_bytes()
     assert size == len(data) == path.stat().st_size
     assert not (tmp_path / "train_gpt.py.tmp").exists()
@@ -173,8 +177,10 @@ def test_write_wrapper_returns_on_disk_size(tmp_path):
     assert raw == sum(p.stat().st_size for p in modules.values())
     assert set(files) == set(modules) | {"config.json"}
     for rel in ("pgolf/__init__.py", "pgolf/data/__init__.py", "pgolf/data/shards.py", "pgolf/quant/int8.py"):
-        assert files[rel] == minify_source((ROOT / rel).read_text()).encode(), rel
-    assert json.loads(files["config.json"]) == CONFIG
+        assert (
+            files[rel] == minify_source((ROOT / rel).read_text(), rel.startswith(KEEP_MESSAGES)).encode()
+        ), rel
+    assert json.loads(files["config.json"]) == shipped_config(config)
 
 
 def test_imported_modules_include_package_inits():
@@ -478,13 +484,14 @@ def test_minify_keeps_annotations_and_names_a_decorator_may_read():
     assert "def g(x):" in small
 
 
-def test_a_packed_run_ships_the_file_it_runs_from(tmp_path, monkeypatch):
+def test_a_packed_run_ships_the_file_it_runs_from(tmp_path, monkeypatch, compose):
     """pgolf.shipped: from source the packer writes the wrapper; packed, the running script is
     copied byte for byte (the packer is not even importable there)."""
     from pgolf import shipped
+    from pgolf.config import job_config_from_dict, to_dict
 
     built = tmp_path / "built.py"
-    size, _ = shipped.write_code(built, CONFIG)
+    size, _ = shipped.write_code(built, to_dict(job_config_from_dict(compose())))
     assert size == built.stat().st_size and unpack(built.read_text(encoding="utf-8"))["config.json"]
     running = tmp_path / "running.py"
     running.write_bytes(b'print("any wrapper")\x0b\n')

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pgolf.data.shards import SHARD_TOKENS, write_shard
+from pgolf.data.shards import MANIFEST, SHARD_TOKENS, write_shard
+from pgolf.results import sha256_file
 
 # The challenge's tokenizer settings (data/download_hf_docs_and_tokenize.py).
 SPM_SETTINGS = dict(
@@ -313,6 +314,19 @@ class ShardWriter:
             self._flush()
 
 
+def write_manifest(folder: str | Path, tokenizer: str | Path, counts: dict) -> None:
+    """Record in `<folder>/manifest.json` which tokenizer (by sha256 of its .model file) wrote the
+    shards, so a run can refuse another tokenizer of the same vocabulary size (its bpb is wrong)."""
+    data = {
+        "version": "pgolf-shards-1",
+        "tokenizer": {"file": Path(tokenizer).name, "sha256": sha256_file(tokenizer)},
+        "splits": counts,
+    }
+    tmp = Path(folder) / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, Path(folder) / MANIFEST)
+
+
 def _split_batches(docs: Iterable[str], val_docs: int) -> Iterator[tuple[str, list[str]]]:
     """("val"|"train", batch) with no batch crossing the split point."""
     it = iter(docs)
@@ -404,7 +418,7 @@ def _export_into(
     for w in writers.values():
         w.close()
     progress.update(done, sum(w.tokens for w in writers.values()), final=True)
-    return {
+    counts = {
         "val": writers["val"].tokens,
         "train": writers["train"].tokens,
         "docs_val": doc_counts["val"],
@@ -412,3 +426,5 @@ def _export_into(
         "files_val": writers["val"].files,
         "files_train": writers["train"].files,
     }
+    write_manifest(out_dir, model_path, counts)  # the tokenizer's hash: runs check it before training
+    return counts

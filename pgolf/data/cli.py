@@ -91,6 +91,7 @@ def cmd_build(args: argparse.Namespace) -> None:
         tokenizer_sentences,
         train_tokenizer,
     )
+    from pgolf.results import sha256_file
 
     for p in args.input:
         if not Path(p).is_file():
@@ -128,6 +129,7 @@ def cmd_build(args: argparse.Namespace) -> None:
         "kind": "sentencepiece_bpe",
         "vocab_size": vocab,
         "model_path": f"tokenizers/{model.name}",
+        "sha256": sha256_file(model),  # runs check the tokenizer against it
     }
     if model.with_suffix(".vocab").is_file():
         tokenizer["vocab_path"] = f"tokenizers/{model.with_suffix('.vocab').name}"

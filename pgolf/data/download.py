@@ -254,6 +254,27 @@ def load_manifest(source: Source, remote_root: str, local_copy: Path, log: Calla
     return manifest
 
 
+def record_tokenizer_hash(manifest_path: Path, dataset: str, tokenizer: Path) -> None:
+    """Write the sha256 of the verified tokenizer into the saved manifest beside the shards (the
+    challenge's manifest has none), so every run checks that its tokenizer is this one. A manifest
+    that already names a hash must match the file."""
+    from pgolf.results import sha256_file
+
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    entry = next((d for d in manifest.get("datasets", []) if d.get("name") == dataset), {})
+    tok = next(t for t in manifest.get("tokenizers", []) if t.get("name") == entry.get("tokenizer_name"))
+    digest = sha256_file(tokenizer)
+    if tok.get("sha256") not in (None, digest):
+        raise DownloadError(
+            f"{tokenizer} has sha256 {digest} but {manifest_path} says {tok['sha256']}: delete the tokenizer "
+            "file and run the download again"
+        )
+    tok["sha256"] = digest
+    tmp = manifest_path.with_name(manifest_path.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, manifest_path)
+
+
 def download(
     root: str | Path,
     variant: str = "sp1024",
@@ -295,6 +316,7 @@ def download(
     if errors:
         raise DownloadError(f"{len(errors)} of {len(items)} files failed:\n  " + "\n  ".join(errors))
     tokenizer = next(i for i in items if i.kind == "tokenizer")
+    record_tokenizer_hash(root / "datasets" / name / "manifest.json", name, tokenizer.dest)
     log(
         f"download: {name} ready in {root}: {len(outcome['fetched'])} fetched, {len(outcome['replaced'])} "
         f"replaced, {len(outcome['present'])} already present"

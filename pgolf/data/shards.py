@@ -7,12 +7,13 @@ Every reader validates the header and the exact file size and names the file in 
 from __future__ import annotations
 
 import glob
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-from pgolf.results import atomic_file
+from pgolf.results import atomic_file, sha256_file
 
 MAGIC = 20240520
 VERSION = 1
@@ -101,3 +102,43 @@ def check_vocab(files: list[Path], vocab_size: int, head_tokens: int | None = No
                 f"{f}: holds token id {top} but the vocabulary has {vocab_size} ids; these shards were written "
                 "with a different tokenizer than data.tokenizer_path/data.vocab_size"
             )
+
+
+MANIFEST = "manifest.json"
+
+
+def manifest_tokenizer_hashes(folder: str | Path) -> set[str]:
+    """The tokenizer sha256 values `<folder>/manifest.json` vouches for: pgolf's own shard manifest,
+    or the challenge's layout (`tokenizers` entries, narrowed to the dataset of this folder)."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return set()
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ShardError(f"{path}: not valid JSON ({e}); delete it or rebuild the shards") from None
+    entries = [m.get("tokenizer") or {}]
+    toks = m.get("tokenizers", [])
+    ds = next((d for d in m.get("datasets", []) if d.get("name") == Path(folder).name), None)
+    if ds and ds.get("tokenizer_name"):
+        toks = [t for t in toks if t.get("name") == ds["tokenizer_name"]]
+    return {t["sha256"] for t in entries + toks if t.get("sha256")}
+
+
+def check_tokenizer(folder: str | Path, tokenizer: str | Path) -> str | None:
+    """Refuse a tokenizer that did not write the shards in `folder`; return a warning (None if
+    verified) when the folder's manifest records no tokenizer hash (older exports, some downloads)."""
+    want = manifest_tokenizer_hashes(folder)
+    if not want:
+        return (
+            f"{Path(folder) / MANIFEST} records no tokenizer sha256, so {tokenizer} cannot be checked "
+            "against the shards; rebuild them with `python -m pgolf.data build` or re-run the download"
+        )
+    got = sha256_file(tokenizer)
+    if got not in want:
+        raise ShardError(
+            f"tokenizer {tokenizer} (sha256 {got[:12]}...) is not the one that wrote the shards in {folder} "
+            f"({Path(folder) / MANIFEST} records sha256 {', '.join(h[:12] + '...' for h in sorted(want))}); "
+            "its bpb would be wrong: point data.tokenizer_path at the .model those shards were built with"
+        )
+    return None

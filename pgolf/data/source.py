@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from pgolf.data.bpb import ByteTables, build_byte_tables
 from pgolf.data.config import EmbeddedDataConfig, ShardDataConfig
-from pgolf.data.shards import ShardError, check_vocab, load_tokens, read_header, shard_files
+from pgolf.data.shards import (
+    MANIFEST,
+    ShardError,
+    check_tokenizer,
+    check_vocab,
+    load_tokens,
+    read_header,
+    shard_files,
+)
 from pgolf.results import write_json_atomic
 
 
@@ -26,6 +35,7 @@ class DataSource:
     bos_id: int
     train_tokens: int
     val_tokens_total: int
+    warnings: list[str] = field(default_factory=list)  # for the run's log (an unverifiable tokenizer)
 
     def val_tokens(self, seq_len: int) -> np.ndarray:
         """All val shards concatenated and truncated to 1 + floor((N-1)/L)*L tokens, as the challenge does."""
@@ -93,6 +103,7 @@ def open_shards(
     train_n = sum(read_header(f) for f in train)  # headers and sizes of every shard, once
     val_n = sum(read_header(f) for f in val)
     sp = _load_tokenizer(tokenizer, vocab_size)
+    unverified = check_tokenizer(folder, tokenizer)  # raises if another tokenizer wrote the shards
     check_vocab(val, vocab_size)
     # A full scan of 10B train tokens is too slow: the first shard in full, then the head of every
     # other one, which catches a folder that mixes shards of two tokenizers.
@@ -107,6 +118,7 @@ def open_shards(
         bos_id=int(sp.bos_id()),
         train_tokens=train_n,
         val_tokens_total=val_n,
+        warnings=[unverified] if unverified else [],
     )
 
 
@@ -150,6 +162,11 @@ def ensure_embedded(cfg: EmbeddedDataConfig, log=print) -> Path:
     folder = cache_root(cfg) / f"embedded-{corpus_key(docs)}-v{cfg.vocab_size}-val{cfg.val_docs}"
     done = folder / "DONE.json"
     if done.is_file():
+        if not (folder / MANIFEST).is_file():  # built before manifests: pgolf made both files here
+            from pgolf.data.build import write_manifest
+
+            with _locked(folder.parent / (folder.name + ".lock")):
+                write_manifest(folder, folder / "tokenizer.model", json.loads(done.read_text()))
         return folder
     with _locked(folder.parent / (folder.name + ".lock")):
         if done.is_file():  # another process finished it while we waited

@@ -48,6 +48,32 @@ def route(name: str) -> str:
     return "other"
 
 
+class _Within:
+    """`batches`, stopped before a batch that would end after `deadline`: what guarantees that
+    calibration fits the time left of budget.train_seconds (fewer batches, never a late finish).
+    `times` gets each batch's seconds, from asking for it to asking for the next (producing it,
+    i.e. sampling for source=self, plus its forward); `cut` tells whether the deadline stopped it."""
+
+    def __init__(self, batches: Iterable, deadline: float | None, batch_seconds: float, limit: int | None):
+        self.it, self.deadline, self.est, self.limit = iter(batches), deadline, batch_seconds, limit
+        self.times: list[float] = []
+        self.cut = False
+
+    def __iter__(self):
+        t = time.perf_counter()
+        while self.limit is None or len(self.times) < self.limit:
+            if self.deadline is not None and t + max([self.est, *self.times]) > self.deadline:
+                self.cut = True
+                return
+            batch = next(self.it, None)
+            if batch is None:
+                return
+            yield batch
+            now = time.perf_counter()
+            self.times.append(now - t)
+            t = now
+
+
 def _np_dtype(t: Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
@@ -83,12 +109,17 @@ class MixedQuant:
         reduce: Callable[[Tensor], None] | None = None,
         seed: int = 0,
         world_size: int = 1,
+        deadline: float | None = None,
+        batch_seconds: float = 0.0,
+        max_batches: int | None = None,
     ) -> dict:
         """Collect layer-input Hessians for every matrix whose group uses GPTQ.
 
         `batches` are this rank's training batches (read lazily; untouched when
         calibration.source=self, where the model samples its own `self_seqs / world_size`
         sequences from `seed`). `reduce` (e.g. an all-reduce SUM) merges the ranks' Hessians.
+        No batch is started that would end after `deadline` (a `time.perf_counter()` value), going
+        by the slowest batch so far or `batch_seconds`, whichever is larger; at most `max_batches`.
         """
         t0 = time.perf_counter()
         export = getattr(model, "export_state_dict", model.state_dict)
@@ -109,6 +140,7 @@ class MixedQuant:
                 dev,
                 autocast_dtype,
             )
+        batches = _Within(batches, deadline, batch_seconds, max_batches)
         H, n = collect_hessians(model, watch, batches, autocast_dtype)
         for name in sorted(watch):  # same order on every rank; zeros where this rank saw nothing
             if name not in H:
@@ -123,9 +155,16 @@ class MixedQuant:
             "hessians": len(self.hessians),
             "unseen": sorted(set(watch) - set(self.hessians)),  # these fall back to round-to-nearest
             "seconds": time.perf_counter() - t0,
+            "batch_seconds": batches.times,
+            "cut_by_deadline": batches.cut,
         }
         self.stats["calibration"] = info
         return info
+
+    def reset_calibration(self) -> None:
+        """Forget a calibration (the trainer's timing probe before training)."""
+        self.hessians, self.calibrated = {}, False
+        self.stats.pop("calibration", None)
 
     # ---------------------------------------------------------------------------- quantize
     def quantize(self, state: dict[str, Tensor]) -> tuple[dict, dict[str, list[bytes]]]:

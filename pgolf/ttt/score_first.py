@@ -6,6 +6,11 @@ current weights; (2) unless c is the last chunk, train on the chunk's targets (c
 of eval.seq_len, split over ranks) for `epochs` epochs of SGD with momentum, gradients averaged
 over ranks and clipped, lr = lr * cos-schedule(c). Training tokens come only from the legality
 guard, which refuses anything not yet scored.
+
+With a `deadline` (set by the trainer under budget.mode=wallclock: the end of budget.eval_seconds),
+a chunk is trained on only if that training plus scoring every chunk after it still fits, going by
+the measured seconds per chunk; after that the remaining chunks are scored with the weights as
+they are. Every target is scored either way.
 """
 
 from __future__ import annotations
@@ -102,6 +107,20 @@ class ScoreFirstTTT:
 
     def __init__(self, cfg: ScoreFirstTTTConfig):
         self.cfg = cfg
+        self.deadline: float | None = None  # time.perf_counter() by which scoring must be done
+        self.stopped_at: int | None = None  # the chunk whose update the deadline skipped, if any
+
+    def _keep_updating(
+        self, c: int, n_chunks: int, score_s: float, train_s: float, world_size: int, device: torch.device
+    ) -> bool:
+        """Whether training on chunk c still leaves time to score the chunks after it (with 25%
+        headroom); decided on every rank together, since the updates all-reduce gradients."""
+        late = time.perf_counter() + 1.25 * (train_s + (n_chunks - c - 1) * score_s) > self.deadline
+        if world_size > 1:
+            flag = torch.tensor([float(late)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            late = bool(flag.item())
+        return not late
 
     # -------------------------------------------------------------------------------- plan
     def plan(self, n_targets: int, seq_len: int, world_size: int) -> tuple[int, list[int]]:
@@ -181,6 +200,8 @@ class ScoreFirstTTT:
         )
         every = max(n_chunks // 10, 1)
         marked = 0  # targets [0, marked) are marked scored in the guard
+        self.stopped_at = None
+        score_s, scored, train_s = 0.0, 0, 0.0  # seconds scoring so far, chunks scored, last update's seconds
         for c in range(n_chunks):
             w0, w1 = int(bounds[c]), int(bounds[c + 1])
             if w0 == w1:
@@ -188,6 +209,7 @@ class ScoreFirstTTT:
             # 1. score, weights fixed (inference mode inside the scorer)
             model.eval()
             mine = starts[w0:w1][rank_slice(w1 - w0, rank, world_size)]
+            t_score = time.perf_counter()
             scorer.score(mine, sums)
             # the chunk's windows, scored by all ranks; the legacy rule re-scores targets an earlier
             # chunk already marked (its short tail windows), which only the exact rule forbids
@@ -196,9 +218,22 @@ class ScoreFirstTTT:
                 a = min(max(a, marked), b)
             guard.mark_scored(a, b)
             marked = max(marked, b)
+            if self.deadline is not None:
+                sync()
+                score_s, scored = score_s + time.perf_counter() - t_score, scored + 1
             # 2. train on the chunk, unless it is the last one
-            if c == n_chunks - 1 or cfg.epochs == 0:
+            if c == n_chunks - 1 or cfg.epochs == 0 or self.stopped_at is not None:
                 continue
+            if self.deadline is not None and not self._keep_updating(
+                c, n_chunks, score_s / scored, train_s, world_size, scorer.device
+            ):
+                self.stopped_at = c
+                log(
+                    f"ttt:updates stopped before chunk {c + 1}/{n_chunks}: training it and scoring the rest would "
+                    "pass budget.eval_seconds; the remaining chunks are scored with the current weights"
+                )
+                continue
+            t_train = time.perf_counter()
             c0, c1 = c * cfg.chunk_tokens, min((c + 1) * cfg.chunk_tokens, scorer.n_targets)
             seqs = (c1 - c0) // L
             if seqs == 0:
@@ -230,6 +265,9 @@ class ScoreFirstTTT:
                         world_size,
                         cfg.grad_clip,
                     )
+            if self.deadline is not None:
+                sync()
+                train_s = time.perf_counter() - t_train
             if rank == 0 and (c % every == 0):
                 nll, ntok, nbytes = sums.tolist()
                 log(
@@ -237,6 +275,7 @@ class ScoreFirstTTT:
                     f"time:{time.perf_counter() - t0:.1f}s"
                 )
         model.eval()
+        guard.assert_complete()  # every target scored, with or without updates before it
         res = finish(sums, 0.0, world_size)
         seconds = time.perf_counter() - t0
         return ModeResult(

@@ -1,0 +1,374 @@
+"""Every run is a legal submission: the time guarantee, the rules verdict, failed runs, file hashes,
+`pgolf.check`, the tokenizer identity and the same shipped code in-process and in a worker."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, run_cli, tiny_cpu_args
+
+from pgolf.check import check_run
+from pgolf.quant.mixed import _Within
+from pgolf.results import read_json, write_json_atomic
+from pgolf.rules import verdict
+from pgolf.submission import PackError, pack
+
+
+def _strict(path: Path) -> dict:
+    def refuse(token):
+        raise ValueError(f"non-strict JSON constant {token}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+# ------------------------------------------------------------------------------- strict JSON
+def test_result_json_is_strict_and_says_what_a_null_stood_for(tmp_path):
+    write_json_atomic(tmp_path / "r.json", {"val_bpb": float("nan"), "m": {"x": [1.0, float("-inf")]}})
+    r = _strict(tmp_path / "r.json")
+    assert r["val_bpb"] is None and r["m"]["x"] == [1.0, None]
+    assert r["non_finite"] == {"val_bpb": "nan", "m.x[1]": "-inf"}
+
+
+# ------------------------------------------------------------------------- calibration clock
+def test_calibration_never_starts_a_batch_that_would_end_past_the_deadline():
+    def slow():
+        for i in range(100):
+            time.sleep(0.05)
+            yield i
+
+    t0 = time.perf_counter()
+    w = _Within(slow(), deadline=t0 + 0.32, batch_seconds=0.0, limit=None)
+    got = list(w)
+    end = time.perf_counter()
+    assert w.cut and 3 <= len(got) <= 6 and end <= t0 + 0.32 + 0.02
+    assert len(w.times) == len(got) and min(w.times) >= 0.05
+    # a prior estimate larger than the time left: no batch at all
+    w = _Within(slow(), deadline=time.perf_counter() + 0.1, batch_seconds=0.2, limit=None)
+    assert list(w) == [] and w.cut
+    # no deadline: the limit alone, not cut
+    w = _Within(slow(), deadline=None, batch_seconds=0.0, limit=2)
+    assert list(w) == [0, 1] and not w.cut
+
+
+# Calibration made slow on purpose: the probe's batches take 0.5 s more, the real ones 1.5 s more,
+# so the probe raises the 0.01 s reserve (to ~1.25 x 8 x 0.5 s) but still underestimates the real
+# 8 x 1.5 s, and only the deadline keeps training + calibration inside budget.train_seconds.
+SLOW_CALIBRATION = """
+import sys, time
+import pgolf.quant.mixed as mixed
+real, calls = mixed.collect_hessians, []
+def slow(model, watch, batches, dtype):
+    calls.append(1)
+    delay = 0.5 if len(calls) == 1 else 1.5
+    def paced():
+        for b in batches:
+            time.sleep(delay)
+            yield b
+    return real(model, watch, paced(), dtype)
+mixed.collect_hessians = slow
+from pgolf.run import main
+sys.argv = ["pgolf.run", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_calibration_slower_than_the_reserve_still_fits_the_training_budget(
+    tmp_path, shard_dir, tokenizer_model
+):
+    args = tiny_cpu_args(
+        shard_dir,
+        tokenizer_model,
+        **{
+            "quant": "int6_gptq",
+            "quant.calibration.batches": "8",
+            "budget.mode": "wallclock",
+            "budget.train_seconds": "30",
+            "budget.quant_reserve_seconds": "0.01",
+            "train.iterations": "100000",
+            "train.log_every": "0",
+            # short steps: the training clock stops within a step of its cap, well inside the reserve
+            "train.grad_accum_base": "1",
+            "train.batch_tokens": "512",
+        },
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", SLOW_CALIBRATION, *args, f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = _strict(tmp_path / "run" / "result.json")
+    plan, cal = r["calibration_plan"], r["calibration"]
+    # the probe measured >= 0.5 s/batch x 8 and raised the reserve far above the configured 0.01 s
+    assert plan["configured_reserve_seconds"] == 0.01 and plan["reserve_seconds"] >= 1.25 * 8 * 0.5
+    # the real batches took over 1.5 s: all 8 would not fit, so the deadline cut them short
+    assert cal["cut_by_deadline"] and 0 <= cal["batches"] < 8 and cal["planned"] == 8
+    used = r["train_ms"] / 1000 + r["calibration_seconds"]
+    assert used <= 30.0 and r["rules"]["checks"]["train_seconds"]["used"] == pytest.approx(used)
+    assert r["rules"]["pass"] and r["status"] == "ok"
+    assert "calibration: stopped after" in (tmp_path / "run" / "train.log").read_text()
+
+
+# ------------------------------------------------------------------------------ eval + TTT
+def test_ttt_stops_updating_when_the_eval_clock_runs_short_but_scores_everything():
+    from test_eval_sliding import scorer, stream, tiny_model
+
+    from pgolf.eval.sliding import evaluate_sliding
+    from pgolf.ttt.config import ScoreFirstTTTConfig
+    from pgolf.ttt.score_first import ScoreFirstTTT
+
+    toks = np.tile(stream(41), 8)
+    n = toks.size - 1
+    cfg = ScoreFirstTTTConfig(lr=0.5, epochs=3, chunk_tokens=40, batch_seqs=2)
+
+    def run(deadline):
+        model = tiny_model()
+        sc = scorer(model, toks, 16, 4, B=3)
+        ttt = ScoreFirstTTT(cfg)
+        ttt.deadline = deadline
+        return ttt.run(model, sc, model, log=lambda s: None), sc, ttt
+
+    # no time left: no update at all, every target scored once, exactly the plain sliding eval
+    res, sc, ttt = run(time.perf_counter() - 1.0)
+    ref = evaluate_sliding(scorer(tiny_model(), toks, 16, 4, B=3))
+    assert ttt.stopped_at == 0 and (sc.count[:n] == 1).all() and res.tokens == n
+    assert res.val_loss == pytest.approx(ref.val_loss, rel=1e-12, abs=0)
+    # time enough: the same as no deadline
+    free, _, _ = run(None)
+    res, sc, ttt = run(time.perf_counter() + 3600)
+    assert ttt.stopped_at is None and res.val_loss == free.val_loss and res.val_loss < ref.val_loss - 0.05
+
+
+# -------------------------------------------------------------------------------- verdict
+def _config(**budget) -> dict:
+    return {
+        "budget": {"train_seconds": 600, "eval_seconds": 600, "artifact_bytes": 16_000_000, **budget},
+        "ttt": {"name": "score_first"},
+        "model": {"vocab_size": 1024},
+    }
+
+
+def _result(**kw) -> dict:
+    r = {
+        "train_ms": 590_000.0,
+        "calibration_seconds": 9.0,
+        "timings": {"eval": 100.0, "ttt": 400.0, "eval_warmup": 50.0},
+        "bytes": {"total": 15_999_000},
+        "val_loss": 2.5,
+        "val_bpb": 1.08,
+        "metrics": {"roundtrip": {"tokens": 1000}},
+        "val": {"tokens_total": 1010, "seq_len": 64},
+    }
+    return r | kw
+
+
+def test_verdict_names_every_broken_rule():
+    assert verdict(_result(), _config())["pass"]
+    v = verdict(_result(calibration_seconds=10.5), _config())
+    assert not v["pass"] and "train_seconds" in v["reason"]
+    assert v["checks"]["train_seconds"]["used"] == pytest.approx(600.5)  # training + calibration
+    v = verdict(_result(timings={"eval": 300.0, "ttt": 301.0}), _config())
+    assert not v["pass"] and "eval_seconds" in v["reason"]
+    assert not verdict(_result(bytes={"total": 16_000_001}), _config())["pass"]
+    c = _config()
+    c["ttt"]["name"] = "pre_eval_finetune"
+    assert "not a legal score-first mode" in verdict(_result(), c)["reason"]
+    for bad in (float("nan"), None, 3 * math.log(1024)):
+        assert not verdict(_result(val_loss=bad), _config())["checks"]["val_bpb"]["held"]
+    v = verdict(_result(metrics={"roundtrip": {"tokens": 900}}), _config())
+    assert "not the whole split" in v["reason"]
+
+
+# ------------------------------------------------------------------- failed runs fail
+def test_a_diverged_run_fails_with_strict_json(tmp_path, shard_dir, tokenizer_model):
+    lr = {k: "1e8" for k in ("optimizer.matrix_lr", "optimizer.scalar_lr", "optimizer.embed_lr")}
+    proc = run_cli(tiny_cpu_args(shard_dir, tokenizer_model, **lr, **{"train.log_every": "0"}), tmp_path)
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    r = _strict(tmp_path / "run" / "result.json")
+    assert r["status"] == "failed" and ("NaN" in r["error"] or "not a legal submission" in r["error"])
+    with pytest.raises(PackError, match="did not finish"):
+        pack(tmp_path / "run")
+
+
+# ----------------------------------------------- a finished run: check, pack, shipped code
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, shard_dir, tokenizer_model) -> Path:
+    tmp = tmp_path_factory.mktemp("finished")
+    proc = run_cli(tiny_cpu_args(shard_dir, tokenizer_model), tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "run"
+
+
+def test_check_reverifies_a_finished_run_from_its_files(finished):
+    v = check_run(finished)
+    assert v["pass"] and v["skipped"] == [], v
+    c = v["checks"]
+    assert c["val_split"]["held"] and c["tokenizer"]["held"] and c["artifact_bytes"]["held"]
+    r = read_json(finished / "result.json")
+    assert r["rules"]["pass"] and set(r["files"]) == {"artifact/train_gpt.py", "artifact/final_model.ptz"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pgolf.check", str(finished)], cwd=REPO, capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and "pgolf.check: PASS" in proc.stdout
+
+
+@pytest.mark.parametrize("name", ["final_model.ptz", "train_gpt.py"])
+def test_one_flipped_byte_fails_check_and_pack(finished, tmp_path, name):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    path = run / "artifact" / name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+    v = check_run(run)
+    assert (
+        not v["pass"]
+        and f"artifact/{name}" in v["reason"]
+        and "changed since the run wrote it" in v["reason"]
+    )
+    with pytest.raises(PackError, match="not a legal submission"):
+        pack(run)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pgolf.check", str(run)], cwd=REPO, capture_output=True, text=True
+    )
+    assert proc.returncode == 1 and "FAIL" in proc.stdout
+
+
+def test_shipped_code_is_byte_identical_in_process_and_in_a_worker(
+    finished, tmp_path, shard_dir, tokenizer_model
+):
+    from pgolf.pack import unpack
+
+    proc = run_cli(
+        ["-m", *tiny_cpu_args(shard_dir, tokenizer_model), f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    worker = (tmp_path / "sweep" / "0" / "artifact" / "train_gpt.py").read_bytes()
+    in_process = (finished / "artifact" / "train_gpt.py").read_bytes()
+    files = unpack(worker.decode())
+    assert "pgolf/train.py" in files  # the worker runs it as __main__: it must still ship
+    assert "job_dir" not in json.loads(files["config.json"])
+    assert worker == in_process
+
+
+# -------------------------------------------------------------------------------- tokenizer
+def test_a_tokenizer_that_did_not_write_the_shards_is_refused(tmp_path, shard_dir, tokenizer_model):
+    import shutil
+
+    from pgolf.data.build import train_tokenizer
+    from pgolf.data.embedded import collect_documents
+    from pgolf.data.shards import ShardError
+    from pgolf.data.source import open_shards
+
+    other = train_tokenizer(collect_documents()[200:320], 400, tmp_path / "other400.model")
+    assert read_json(shard_dir / "manifest.json")["tokenizer"]["sha256"]
+    with pytest.raises(
+        ShardError, match=r"other400\.model.*is not the one that wrote the shards.*manifest\.json"
+    ):
+        open_shards(shard_dir, "fineweb_train_*.bin", "fineweb_val_*.bin", other, 400)
+    ok = open_shards(shard_dir, "fineweb_train_*.bin", "fineweb_val_*.bin", tokenizer_model, 400)
+    assert ok.warnings == []
+    # a folder without a recorded hash (an older export): a warning, not an error
+    bare = tmp_path / "bare"
+    shutil.copytree(shard_dir, bare)
+    (bare / "manifest.json").unlink()
+    src = open_shards(bare, "fineweb_train_*.bin", "fineweb_val_*.bin", other, 400)
+    assert len(src.warnings) == 1 and "records no tokenizer sha256" in src.warnings[0]
+
+
+def test_download_records_the_tokenizer_hash_and_refuses_a_mismatch(tmp_path, tokenizer_model):
+    from pgolf.data.download import DownloadError, record_tokenizer_hash
+    from pgolf.results import sha256_file
+
+    manifest = tmp_path / "manifest.json"
+    body = {
+        "datasets": [{"name": "fineweb10B_sp400", "tokenizer_name": "sp400"}],
+        "tokenizers": [{"name": "sp400", "model_path": "tokenizers/t.model"}],
+    }
+    manifest.write_text(json.dumps(body))
+    record_tokenizer_hash(manifest, "fineweb10B_sp400", tokenizer_model)
+    assert read_json(manifest)["tokenizers"][0]["sha256"] == sha256_file(tokenizer_model)
+    body["tokenizers"][0]["sha256"] = "0" * 64
+    manifest.write_text(json.dumps(body))
+    with pytest.raises(DownloadError, match="run the download again"):
+        record_tokenizer_hash(manifest, "fineweb10B_sp400", tokenizer_model)
+
+
+# -------------------------------------------------------------------------------- code bytes
+def test_shipped_code_drops_error_text_but_keeps_exit_codes_and_the_data_messages(tmp_path):
+    from pgolf.pack import KEEP_MESSAGES, minify_source, shipped_sources
+
+    src = (
+        "import sys\nclass E(Exception):\n    pass\n"
+        "def f(x):\n    if x == 1:\n        raise E(f'x={x} is a long explanation of the fix')\n"
+        "    if x == 2:\n        raise SystemExit('usage: tool <x>')\n"
+        "    if x == 3:\n        raise ValueError('a' + 'b')\n    return x\n"
+    )
+    small = minify_source(src, keep_messages=False)
+    assert "long explanation" not in small and "raise E('')" in small and "raise ValueError('')" in small
+    assert "usage: tool <x>" in small  # SystemExit('...') exits 1, SystemExit() would exit 0
+    assert minify_source(src) == minify_source(
+        src, keep_messages=True
+    ) and "long explanation" in minify_source(src)
+    ns: dict = {}
+    exec(compile(small, "m", "exec"), ns)
+    with pytest.raises(ns["E"]):
+        ns["f"](1)
+    with pytest.raises(SystemExit) as e:
+        ns["f"](2)
+    assert e.value.code == "usage: tool <x>" and ns["f"](4) == 4
+    # what a packed run's user can get wrong (DATA_PATH, TOKENIZER_PATH) keeps its explanation
+    mods = {rel: REPO / rel for rel in ("pgolf/data/shards.py", "pgolf/rules.py")}
+    out = shipped_sources(mods, _full_config())
+    assert (
+        "pgolf/data/shards.py" in KEEP_MESSAGES
+        and "is not the one that wrote the shards" in out["pgolf/data/shards.py"]
+    )
+
+
+def _full_config() -> dict:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = OmegaConf.to_container(
+            compose(config_name="config", overrides=["experiment=r0409"]), resolve=True
+        )
+    for key in ("hydra", "resume", "launch", "report"):
+        cfg.pop(key, None)
+    return cfg
+
+
+def test_the_trimmed_config_loads_into_the_run_s_config():
+    from pgolf.config import job_config_from_dict, to_dict
+    from pgolf.pack import shipped_config
+
+    full = to_dict(job_config_from_dict(_full_config()))
+    small = shipped_config(full)
+    assert "job_dir" not in small and len(json.dumps(small)) < 0.6 * len(json.dumps(full))
+    assert small["quant"]["name"] == "mixed" and small["data"] == full["data"]
+    assert to_dict(job_config_from_dict(small)) == {**full, "job_dir": ""}
+
+
+def test_a_trimmed_config_keeps_the_brotli_codec_of_its_model(tmp_path):
+    """quant.compressor=brotli is the preset's default, so the trimmed config omits it: the codec
+    must still come from the run's whole config (brotli packs the code ~2.5% smaller)."""
+    pytest.importorskip("brotli")
+    from pgolf.config import job_config_from_dict, to_dict
+    from pgolf.pack import shipped_config, write_wrapper
+
+    full = to_dict(job_config_from_dict(_full_config()))
+    assert "compressor" not in shipped_config(full)["quant"] and full["quant"]["compressor"] == "brotli"
+    write_wrapper(tmp_path / "train_gpt.py", full)
+    assert "__import__('brotli').decompress" in (tmp_path / "train_gpt.py").read_text()
