@@ -95,7 +95,7 @@ _FROM_CHAR = bytes(ALPHABET.index(c) if c in ALPHABET else 0 for c in range(256)
 
 # Modules of the Hydra parent. A single-device run trains inside the parent process, so they are
 # in sys.modules, but the worker never imports them: shipping them would only inflate code bytes.
-PARENT_ONLY = ("pgolf.run", "pgolf.callbacks", "pgolf.slots", "pgolf.report")
+PARENT_ONLY = ("pgolf.run", "pgolf.callbacks", "pgolf.slots", "pgolf.report", "pgolf.console")
 # The packer and its CLIs: a packed run counts its own file (pgolf.shipped), so they never run there.
 PACKER = ("pgolf.pack", "pgolf.plan", "pgolf.submission")
 

@@ -15,8 +15,8 @@ job's worker is a fresh subprocess, and a failed job returns inf instead of rais
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,12 +25,14 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from pgolf.config import GROUPS, PARENT_ONLY, job_config_from_dict, to_dict
+from pgolf.config import GROUPS, PARENT_ONLY, config_hash, job_config_from_dict, to_dict
 from pgolf.registry import ConfigError
 from pgolf.results import read_json, write_json_atomic
 from pgolf.slots import GpuSlots, SlotLease, register_resolvers, visible_devices
 
 register_resolvers()  # before Hydra composes, here and in every joblib worker that imports us
+# Hydra's job logging (conf/hydra/job_logging/pgolf.yaml) prints these lines and keeps them in run.log.
+log = logging.getLogger("pgolf.run")
 
 # launcher option -> (the Hydra plugin it needs, the pgolf extra that installs it)
 LAUNCHER_PLUGINS = {
@@ -112,7 +114,7 @@ def launch(frozen: dict, job_dir: Path, in_process: bool = True, env: dict[str, 
         from pgolf.components import DATA
         from pgolf.data.source import ensure_embedded
 
-        ensure_embedded(DATA.get("embedded").schema(**frozen["data"]))
+        ensure_embedded(DATA.get("embedded").schema(**frozen["data"]), log=logging.getLogger("pgolf.data").info)
     if nproc == 1 and in_process and not env:
         from pgolf.train import run_job
 
@@ -121,8 +123,10 @@ def launch(frozen: dict, job_dir: Path, in_process: bool = True, env: dict[str, 
             return 0
         except Exception:  # recorded in result.json by the worker; run_one reports it
             return 1
+    from pgolf.console import run_worker  # its output lines go to this job's run.log too
+
     full_env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), **(env or {}))
-    return subprocess.call(worker_command(nproc, job_dir), env=full_env)
+    return run_worker(worker_command(nproc, job_dir), full_env)
 
 
 def finish(job_dir: Path, code: int, multirun: bool, extra: dict | None = None) -> float:
@@ -151,13 +155,13 @@ def finish(job_dir: Path, code: int, multirun: bool, extra: dict | None = None) 
         write_json_atomic(result_path, result)
     if result.get("status") == "ok":
         b = result["bytes"]
-        print(
+        log.info(
             f"pgolf: val_bpb {result['val_bpb']:.6f}  val_loss {result['val_loss']:.6f}  "
             f"artifact {b['total']:,} bytes (model {b['model']:,} + code {b['code']:,}; cap {b['cap']:,})  "
             f"{result['steps']} steps, {result['ms_per_step']:.1f} ms/step  -> {result_path}"
         )
         return float(result["val_bpb"])
-    print(f"pgolf: job failed: {result.get('error', 'unknown error')} ({result_path})", file=sys.stderr)
+    log.error(f"pgolf: job failed: {result.get('error', 'unknown error')} ({result_path})")
     if not multirun:
         sys.exit(1)
     return float("inf")
@@ -172,18 +176,19 @@ def _run_job(cfg: DictConfig, job_dir: Path, multirun: bool) -> float:
         )
     except (ConfigError, RuntimeError) as e:
         write_json_atomic(job_dir / "result.json", {"status": "failed", "error": f"config: {e}"})
-        print(f"pgolf: invalid config: {e}", file=sys.stderr)
+        log.error(f"pgolf: invalid config: {e}")
         if not multirun:
             sys.exit(2)
         return float("inf")
     write_json_atomic(job_dir / "config.json", frozen)
+    log.debug(f"froze {job_dir / 'config.json'} (config hash {config_hash(frozen)})")
     lease: SlotLease | None = None
     if use_slots:
         slot_dir = slots.get("slot_dir") or Path(HydraConfig.get().sweep.dir) / ".gpu_slots"
         pool = GpuSlots(slot_dir, visible_devices(slots.get("devices")))
         lease = pool.acquire(frozen["hardware"]["nproc_per_node"])
         acquired = time.time()
-        print(f"pgolf: job {job_dir.name} holds GPU slot(s) {','.join(lease.devices)}", flush=True)
+        log.info(f"pgolf: job {job_dir.name} holds GPU slot(s) {','.join(lease.devices)}")
     try:
         code = launch(frozen, job_dir, in_process=not multirun, env=lease.env() if lease else None)
     finally:
@@ -210,7 +215,7 @@ def resume(job_dir: Path, task_overrides: list[str]) -> float:
         sys.exit(f"pgolf: resume={job_dir}: no config.json there; pass the folder of a job that was started")
     result_path = job_dir / "result.json"
     if result_path.is_file() and read_json(result_path).get("status") == "ok":
-        print(f"pgolf: {job_dir} already finished (result.json status ok); nothing to resume")
+        log.info(f"pgolf: {job_dir} already finished (result.json status ok); nothing to resume")
         return float(read_json(result_path)["val_bpb"])
     frozen = read_json(job_dir / "config.json")
     if frozen.get("job_dir") != str(job_dir):  # the folder was moved or synced from another machine
@@ -220,10 +225,9 @@ def resume(job_dir: Path, task_overrides: list[str]) -> float:
     from pgolf.checkpoint import latest_step
 
     step = latest_step(job_dir)
-    print(
+    log.info(
         f"pgolf: resuming {job_dir} from "
-        + (f"its checkpoint at step {step}" if step is not None else "the start (it has no checkpoint)"),
-        flush=True,
+        + (f"its checkpoint at step {step}" if step is not None else "the start (it has no checkpoint)")
     )
     return finish(job_dir, launch(frozen, job_dir), multirun=False)
 
@@ -242,7 +246,7 @@ def run_one(cfg: DictConfig) -> float:
         # Never raise into Hydra from a sweep job: the basic sweeper would re-raise it, abort the
         # remaining jobs and skip on_multirun_end, i.e. the summary (ECOSYSTEM §c2, §e1.4).
         write_json_atomic(job_dir / "result.json", {"status": "failed", "error": f"{type(e).__name__}: {e}"})
-        print(f"pgolf: job {job_dir.name} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        log.error(f"pgolf: job {job_dir.name} failed: {type(e).__name__}: {e}")
         return float("inf")
 
 

@@ -12,6 +12,7 @@ import traceback
 from pathlib import Path
 
 from pgolf.config import job_config_from_dict
+from pgolf.log import worker_logging
 from pgolf.results import read_json, write_json_atomic
 
 
@@ -73,6 +74,7 @@ def run_packed(config_path: str, script: str | None = None) -> None:
     config, with the challenge's env overrides."""
     import json
 
+    worker_logging()
     if script is not None:
         from pgolf import shipped
 
@@ -97,6 +99,7 @@ def run_packed(config_path: str, script: str | None = None) -> None:
 def main() -> None:
     if len(sys.argv) != 2:
         sys.exit("usage: python -m pgolf.train <job_dir holding config.json>")
+    worker_logging()
     try:
         run_job(sys.argv[1])
     except Exception as e:
