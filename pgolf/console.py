@@ -86,4 +86,3 @@ def run_worker(cmd: list[str], env: dict[str, str]) -> int:
         for t in readers:  # the pipes close when the worker's process tree exits
             t.join(timeout=10)
     return code
-

@@ -28,7 +28,9 @@ def worker_logging() -> None:
     """Console logging for a worker process that Hydra did not configure; PGOLF_LOG_DEBUG names the
     loggers (comma-separated, `root` for all) whose debug lines pgolf.run's hydra.verbose turned on."""
     relay = os.environ.get("PGOLF_LOG_RELAY")
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format=RELAY_FORMAT if relay else "%(message)s")
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stdout, format=RELAY_FORMAT if relay else "%(message)s"
+    )
     for name in os.environ.get("PGOLF_LOG_DEBUG", "").split(","):
         if name:
             logging.getLogger(None if name == "root" else name).setLevel(logging.DEBUG)
@@ -131,7 +133,9 @@ class Progress:
     """Progress lines of a long loop (eval, TTT) from host-side counts: no device sync. On a GPU the
     host runs ahead by the queued work only, so the counts lead the device by a few batches."""
 
-    def __init__(self, log: Callable[[str], None], label: str, total: int, unit: str, clock=time.perf_counter):
+    def __init__(
+        self, log: Callable[[str], None], label: str, total: int, unit: str, clock=time.perf_counter
+    ):
         self.log, self.label, self.total, self.unit, self.clock = log, label, total, unit, clock
         self.done = 0
         self.t0 = self.last = clock()

@@ -114,7 +114,9 @@ def launch(frozen: dict, job_dir: Path, in_process: bool = True, env: dict[str, 
         from pgolf.components import DATA
         from pgolf.data.source import ensure_embedded
 
-        ensure_embedded(DATA.get("embedded").schema(**frozen["data"]), log=logging.getLogger("pgolf.data").info)
+        ensure_embedded(
+            DATA.get("embedded").schema(**frozen["data"]), log=logging.getLogger("pgolf.data").info
+        )
     if nproc == 1 and in_process and not env:
         from pgolf.train import run_job
 

@@ -383,7 +383,9 @@ class Trainer:
                 train_state = {"step": step, "train_ms": train_ms, "stop_after": stop_after}
                 self.ckpt.save(self, {**train_state, "losses": losses, "step_host_ms": step_host_ms})
                 rt.sync()
-                self.log.debug(f"step:{step} checkpoint saved in {time.perf_counter() - paused:.1f}s (off the clock)")
+                self.log.debug(
+                    f"step:{step} checkpoint saved in {time.perf_counter() - paused:.1f}s (off the clock)"
+                )
                 t0 = time.perf_counter()
             self.ckpt.fault_point(step)
 

@@ -119,7 +119,11 @@ def test_pgolf_run_installs_bash_completion_that_completes_groups(tmp_path):
     script = _console_script("pgolf-run", tmp_path)
     env = dict(os.environ, PATH=f"{script.parent}{os.pathsep}{os.environ['PATH']}")
     install = subprocess.run(
-        ["pgolf-run", "--shell-completion", "install=bash"], capture_output=True, text=True, timeout=120, env=env
+        ["pgolf-run", "--shell-completion", "install=bash"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
     assert install.returncode == 0, install.stderr[-2000:]
     assert "hydra_bash_completion()" in install.stdout

@@ -56,7 +56,9 @@ def test_sweep_job_relays_its_worker_subprocess_into_run_log(tmp_path, shard_dir
     """A sweep job's worker is a subprocess: the parent logs its lines again, names and levels kept."""
     sweep = tmp_path / "sweep"
     args = tiny_cpu_args(shard_dir, tokenizer_model)
-    proc = run_cli(["-m", *args, "seed=7", f"hydra.sweep.dir={sweep}", "hydra.verbose=[pgolf.trainer]"], tmp_path)
+    proc = run_cli(
+        ["-m", *args, "seed=7", f"hydra.sweep.dir={sweep}", "hydra.verbose=[pgolf.trainer]"], tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = (sweep / "0" / "run.log").read_text()
     info = _file_lines(log, "pgolf.trainer", "INFO")

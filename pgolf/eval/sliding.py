@@ -29,8 +29,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from pgolf.eval.val import ByteLUT, EvalResult
-from pgolf.log import Progress
 from pgolf.eval.windows import check_window, scored_ranges, window_starts
+from pgolf.log import Progress
 
 # nll_fn(x, y, last): per-target NLL of windows x -> y, (B, T); with last > 0 only the last `last`
 # columns, (B, last). The models' `token_nll` has this signature.
