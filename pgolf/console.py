@@ -1,24 +1,43 @@
-"""The Hydra parent's console and run.log: the formatter and filter that conf/hydra/job_logging/pgolf.yaml
-names, and the relay that logs a worker subprocess's output lines into the job's logging.
+"""Logging between pgolf.run and its worker: the formatter and filter that conf/hydra/job_logging/pgolf.yaml
+names, the relay that logs a worker subprocess's output lines into the job's logging, and the worker's
+side of it.
 
 A worker in the parent's process logs straight into Hydra's handlers. A worker subprocess (sweep jobs,
 torchrun) has its own process, so pgolf.run reads its stdout and stderr line by line and logs each line
-again here: a line the worker tagged (`pgolf.log.RELAY_FORMAT`) under its own logger name and level, any
-other line (prints, warnings, tracebacks, torchrun's own lines) under `pgolf.worker`, INFO from stdout and
-WARNING from stderr. Parent-only: never shipped in a run's code (pgolf.pack.PARENT_ONLY).
+again here: a line the worker tagged (RELAY_FORMAT) under its own logger name and level, any other line
+(prints, warnings, tracebacks, torchrun's own lines) under `pgolf.worker`, INFO from stdout and WARNING
+from stderr. Never shipped in a run's code (pgolf.pack.PARENT_ONLY): a packed train_gpt.py has no
+parent to relay to and prints plain lines (pgolf.train.run_packed).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import subprocess
+import sys
 import threading
 from collections.abc import Iterable
 
 WORKER = logging.getLogger("pgolf.worker")
-# What RELAY_FORMAT writes (tests/test_logging.py checks the two agree).
+# A worker that pgolf.run starts (PGOLF_LOG_RELAY=1) tags each line with its level and logger; TAGGED
+# reads the tags back (tests/test_logging.py checks that the two agree).
+RELAY_FORMAT = "%(levelname)s:%(name)s:%(message)s"
 TAGGED = re.compile(r"(DEBUG|INFO|WARNING|ERROR|CRITICAL):([\w.]+):(.*)")
+
+
+def worker_logging() -> None:
+    """Console logging of `python -m pgolf.train` (alone, under torchrun, or started by pgolf.run):
+    plain lines on stdout, tagged for the relay under pgolf.run. PGOLF_LOG_DEBUG names the loggers
+    (comma-separated, `root` for all) whose debug lines pgolf.run's hydra.verbose turned on."""
+    relay = os.environ.get("PGOLF_LOG_RELAY")
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stdout, format=RELAY_FORMAT if relay else "%(message)s"
+    )
+    for name in os.environ.get("PGOLF_LOG_DEBUG", "").split(","):
+        if name:
+            logging.getLogger(None if name == "root" else name).setLevel(logging.DEBUG)
 
 
 class ConsoleFormatter(logging.Formatter):

@@ -2,38 +2,22 @@
 
 Console lines go to the `pgolf.trainer` logger. Under `pgolf.run` Hydra's job logging shows them and
 writes them into the job's run.log (`hydra.verbose=pgolf.trainer` adds the debug lines); a worker
-process started on its own (`python -m pgolf.train`, torchrun, a packed train_gpt.py) prints them to
-stdout (`worker_logging`). train.log stays the complete record: debug lines included, console or not.
+process of its own prints them to stdout (`pgolf.console.worker_logging`, or plain lines in a packed
+train_gpt.py). train.log stays the complete record: debug lines included, console or not.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 LOG = logging.getLogger("pgolf.trainer")
-# A worker that pgolf.run starts as a subprocess (PGOLF_LOG_RELAY=1) tags each line with its level and
-# logger, so the parent logs it again under the same name into the job's run.log (pgolf.console).
-RELAY_FORMAT = "%(levelname)s:%(name)s:%(message)s"
 # Progress lines of a long loop: at each further tenth of the work, at most every PROGRESS_MIN_S
 # seconds, and at least every PROGRESS_MAX_S seconds.
 PROGRESS_MIN_S, PROGRESS_MAX_S = 5.0, 60.0
-
-
-def worker_logging() -> None:
-    """Console logging for a worker process that Hydra did not configure; PGOLF_LOG_DEBUG names the
-    loggers (comma-separated, `root` for all) whose debug lines pgolf.run's hydra.verbose turned on."""
-    relay = os.environ.get("PGOLF_LOG_RELAY")
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stdout, format=RELAY_FORMAT if relay else "%(message)s"
-    )
-    for name in os.environ.get("PGOLF_LOG_DEBUG", "").split(","):
-        if name:
-            logging.getLogger(None if name == "root" else name).setLevel(logging.DEBUG)
 
 
 class RunLog:
@@ -43,7 +27,7 @@ class RunLog:
         self.file = open(path, "a", encoding="utf-8") if (enabled and path is not None) else None
         self.stream = stream or sys.stdout  # where the progress bar is drawn, if it is a terminal
         self.bar = ""  # the bar as drawn now ("" when none is)
-        self.lifted: dict[logging.Handler, object] = {}  # console handler -> its own stream
+        self.lifted = []  # (console handler, its own stream) while the bar is drawn
 
     def __call__(self, msg: str, console: bool = True, level: int = logging.INFO) -> None:
         if not self.enabled:
@@ -77,14 +61,14 @@ class RunLog:
 
     def _lift(self) -> None:
         """Route each console handler that writes to a terminal through `_Lifted` while the bar is up."""
-        lg: logging.Logger | None = LOG
-        while lg is not None:
+        lg = LOG
+        while lg:
             for h in lg.handlers:
                 s = getattr(h, "stream", None)
-                if type(h) is logging.StreamHandler and h not in self.lifted and getattr(s, "isatty", bool)():
-                    self.lifted[h] = s
+                if type(h) is logging.StreamHandler and getattr(s, "isatty", bool)():
+                    self.lifted.append((h, s))
                     h.setStream(_Lifted(s, self))
-            lg = lg.parent if lg.propagate else None
+            lg = lg.propagate and lg.parent
 
     def draw(self) -> None:
         self.stream.write("\r\x1b[K" + self.bar)  # back to column 0, clear the line, draw
@@ -96,9 +80,9 @@ class RunLog:
             self.stream.write("\n")
             self.stream.flush()
             self.bar = ""
-        for h, s in self.lifted.items():
+        for h, s in self.lifted:
             h.setStream(s)
-        self.lifted = {}
+        self.lifted = []
 
     def close(self) -> None:
         self.end_bar()
@@ -108,25 +92,22 @@ class RunLog:
 
 
 class _Lifted:
-    """A console handler's stream while the bar is drawn: a log line first takes the bar off its
-    terminal line, and the bar is drawn again under the finished line."""
+    """A console handler's stream while the bar is drawn: a log line (a StreamHandler writes each
+    record, newline included, in one call) first takes the bar off its terminal line, and the bar
+    is drawn again under it."""
 
     def __init__(self, stream, log: RunLog):
-        self.s, self.log, self.mid = stream, log, False  # mid: inside a line written in parts
+        self.s, self.log = stream, log
 
-    def write(self, text: str) -> int:
-        if self.log.bar and not self.mid:
-            self.log.stream.write("\r\x1b[K")
-            self.log.stream.flush()
-        n = self.s.write(text)
-        self.mid = not text.endswith("\n")
-        if self.log.bar and not self.mid:
-            self.s.flush()
-            self.log.draw()
-        return n
+    def write(self, text: str) -> None:
+        self.log.stream.write("\r\x1b[K")
+        self.log.stream.flush()
+        self.s.write(text)
+        self.s.flush()
+        self.log.draw()
 
-    def __getattr__(self, name: str):
-        return getattr(self.s, name)
+    def flush(self) -> None:
+        self.s.flush()
 
 
 class Progress:

@@ -136,7 +136,6 @@ class Trainer:
     def build(self) -> None:
         job, rt = self.job, self.rt
         self.log(f"pgolf {__version__} job_dir:{self.job_dir} device:{rt.device} world_size:{rt.world_size}")
-        self.log.debug("versions: " + " ".join(f"{k}:{v}" for k, v in self.result["versions"].items()))
         self.data = DATA.build(job.data)
         self.grad_accum = job.train.grad_accum_base // rt.world_size
         self.log(
