@@ -235,6 +235,8 @@ class Trainer:
         n = self.job.train.prime_steps
         if n == 0:
             return
+        if self.rt.compile:  # minutes on a GPU with nothing else to show
+            self.log(f"priming: compiling the training graphs with {n} steps (undone after)")
         snapshot = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         # Models that switch graphs during training (depth recurrence off -> on, ...) name every
         # variant; each gets its priming steps and its eval graph here, so the switch in train()
@@ -612,6 +614,8 @@ class Trainer:
 
     def warm_eval(self) -> None:
         """Compile the eval graphs on random tokens before the eval clock starts."""
+        if self.rt.compile:
+            self.log("eval warm-up: compiling the eval graphs on random tokens (off the eval clock)")
         if getattr(self.job.hardware, "eval_cudnn_attention", False):
             # The graphs traced from here on (eval) put cuDNN first; the training graphs keep the
             # flash kernel. Dynamo guards on the choice, so the nonoverlap graph compiled during
