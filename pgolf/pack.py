@@ -101,6 +101,7 @@ _FROM_CHAR = bytes(ALPHABET.index(c) if c in ALPHABET else 0 for c in range(256)
 PARENT_ONLY = (
     "pgolf.run",
     "pgolf.callbacks",
+    "pgolf.console",
     "pgolf.outdir",
     "pgolf.slots",
     "pgolf.report",

@@ -130,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     from pgolf.run import conf_dir
 
     overrides = list(sys.argv[1:] if argv is None else argv)
+    if {"-h", "--help"} & set(overrides):
+        print(__doc__.strip())
+        print("\nexample: python -m pgolf.plan experiment=r0409   (any overrides python -m pgolf.run takes)")
+        return 0
     with initialize_config_dir(config_dir=str(Path(conf_dir()).resolve()), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     data = OmegaConf.to_container(cfg, resolve=True)

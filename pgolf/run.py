@@ -16,9 +16,9 @@ job's worker is a fresh subprocess, and a failed job returns inf instead of rais
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,6 +37,8 @@ from pgolf.tracking import resolve_mode as resolve_wandb_mode  # noqa: F401 (pgo
 from pgolf.tracking import resume_job_run, start_hydra_job_run, wandb_config
 
 register_resolvers()  # before Hydra composes, here and in every joblib worker that imports us
+# Hydra's job logging (conf/hydra/job_logging/pgolf.yaml) prints these lines and keeps them in run.log.
+log = logging.getLogger("pgolf.run")
 
 # launcher option -> (the Hydra plugin it needs, the pgolf extra that installs it)
 LAUNCHER_PLUGINS = {
@@ -103,7 +105,9 @@ def launch(frozen: dict, job_dir: Path, in_process: bool = True, env: dict[str, 
         from pgolf.components import DATA
         from pgolf.data.source import ensure_embedded
 
-        ensure_embedded(DATA.get("embedded").schema(**frozen["data"]))
+        ensure_embedded(
+            DATA.get("embedded").schema(**frozen["data"]), log=logging.getLogger("pgolf.data").info
+        )
     if nproc == 1 and in_process and not env:
         from pgolf.train import run_job
 
@@ -114,8 +118,10 @@ def launch(frozen: dict, job_dir: Path, in_process: bool = True, env: dict[str, 
             return 130
         except Exception:  # recorded in result.json by the worker; run_one reports it
             return 1
+    from pgolf.console import run_worker  # its output lines go to this job's run.log too
+
     full_env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), **(env or {}))
-    return subprocess.call(worker_command(nproc, job_dir), env=full_env)
+    return run_worker(worker_command(nproc, job_dir), full_env)
 
 
 def _record(result_path: Path, result: dict) -> None:
@@ -153,13 +159,13 @@ def finish(job_dir: Path, code: int, multirun: bool, extra: dict | None = None) 
         _record(result_path, result)
     if result.get("status") == "ok":
         b = result["bytes"]
-        print(
+        log.info(
             f"pgolf: val_bpb {result['val_bpb']:.6f}  val_loss {result['val_loss']:.6f}  "
             f"artifact {b['total']:,} bytes (model {b['model']:,} + code {b['code']:,}; cap {b['cap']:,})  "
             f"{result['steps']} steps, {result['ms_per_step']:.1f} ms/step  -> {result_path}"
         )
         return float(result["val_bpb"])
-    print(f"pgolf: job failed: {result.get('error', 'unknown error')} ({result_path})", file=sys.stderr)
+    log.error(f"pgolf: job failed: {result.get('error', 'unknown error')} ({result_path})")
     if not multirun:
         sys.exit(1)
     return float("inf")
@@ -196,10 +202,9 @@ def _reuse_or_clear(job_dir: Path, frozen: dict) -> float | None:
         and math.isfinite(val_bpb)
     )
     if finished and result.get("config_hash_with_seed") == want:
-        print(
+        log.info(
             f"pgolf: job {job_dir.name} kept: it finished earlier (val_bpb {val_bpb:.6f}, "
             f"{job_dir / 'result.json'}); not retrained",
-            flush=True,
         )
         return float(val_bpb)
     if finished:  # same overrides, other configuration: conf/ or code defaults changed since
@@ -208,18 +213,16 @@ def _reuse_or_clear(job_dir: Path, frozen: dict) -> float | None:
             p.name for p in job_dir.iterdir() if p.name not in hydra_files and not p.name.startswith(".")
         ]
         moved = set_aside(job_dir, others)
-        print(
+        log.info(
             f"pgolf: job {job_dir.name}: its finished result is for another configuration "
             f"({result.get('config_hash_with_seed')} != {want}: conf/ or code changed since); "
             f"moved it to {moved} and training again",
-            flush=True,
         )
         return None
     moved = set_aside(job_dir, ["result.json"])
-    print(
+    log.info(
         f"pgolf: job {job_dir.name}: running it again (the earlier attempt {how})"
         + (f"; its result.json is in {moved}" if moved else ""),
-        flush=True,
     )
     return None
 
@@ -228,12 +231,12 @@ def _run_job(cfg: DictConfig, job_dir: Path, multirun: bool) -> float:
     try:
         lock = lock_folder(job_dir)  # a single run already holds it (pgolf.callbacks.OutputGuard)
     except FolderInUse as e:
-        print(f"pgolf: job {job_dir.name} not run: {e}", file=sys.stderr, flush=True)
+        log.error(f"pgolf: job {job_dir.name} not run: {e}")
         if not multirun:
             sys.exit(2)
         return float("inf")
     if lock.reclaimed:
-        print(f"pgolf: {lock.reclaimed}", flush=True)
+        log.info(f"pgolf: {lock.reclaimed}")
     with lock:
         return _run_locked_job(cfg, job_dir, multirun)
 
@@ -248,7 +251,7 @@ def _run_locked_job(cfg: DictConfig, job_dir: Path, multirun: bool) -> float:
         wb = wandb_config(cfg.get("wandb"), multirun)
     except (ConfigError, RuntimeError) as e:
         write_json_atomic(job_dir / "result.json", {"status": "failed", "error": f"config: {e}"})
-        print(f"pgolf: invalid config: {e}", file=sys.stderr)
+        log.error(f"pgolf: invalid config: {e}")
         if not multirun:
             sys.exit(2)
         return float("inf")
@@ -257,13 +260,14 @@ def _run_locked_job(cfg: DictConfig, job_dir: Path, multirun: bool) -> float:
         if kept is not None:
             return kept
     write_json_atomic(job_dir / "config.json", frozen)
+    log.debug(f"froze {job_dir / 'config.json'} (config hash {config_hash(frozen)})")
     lease: SlotLease | None = None
     if use_slots:
         slot_dir = slots.get("slot_dir") or Path(HydraConfig.get().sweep.dir) / ".gpu_slots"
         pool = GpuSlots(slot_dir, visible_devices(slots.get("devices")))
         lease = pool.acquire(frozen["hardware"]["nproc_per_node"])
         acquired = time.time()
-        print(f"pgolf: job {job_dir.name} holds GPU slot(s) {','.join(lease.devices)}", flush=True)
+        log.info(f"pgolf: job {job_dir.name} holds GPU slot(s) {','.join(lease.devices)}")
     job_run = start_hydra_job_run(wb, job_dir, frozen, multirun)  # wandb lives here, never in the worker
     try:
         code = launch(frozen, job_dir, in_process=not multirun, env=lease.env() if lease else None)
@@ -293,7 +297,7 @@ def resume(job_dir: Path, task_overrides: list[str]) -> float:
         sys.exit(f"pgolf: resume={job_dir}: no config.json there; pass the folder of a job that was started")
     result_path = job_dir / "result.json"
     if result_path.is_file() and read_json(result_path).get("status") == "ok":
-        print(f"pgolf: {job_dir} already finished (result.json status ok); nothing to resume")
+        log.info(f"pgolf: {job_dir} already finished (result.json status ok); nothing to resume")
         return float(read_json(result_path)["val_bpb"])
     frozen = read_json(job_dir / "config.json")
     if frozen.get("job_dir") != str(job_dir):  # the folder was moved or synced from another machine
@@ -307,16 +311,15 @@ def resume(job_dir: Path, task_overrides: list[str]) -> float:
     except FolderInUse as e:
         sys.exit(f"pgolf: resume={job_dir}: {e}")
     if lock.reclaimed:
-        print(f"pgolf: {lock.reclaimed}", flush=True)
+        log.info(f"pgolf: {lock.reclaimed}")
     with lock:
         try:
             step = latest_step(job_dir)
         except CheckpointError as e:
             sys.exit(f"pgolf: resume={job_dir}: {e}")
-        print(
+        log.info(
             f"pgolf: resuming {job_dir} from "
-            + (f"its checkpoint at step {step}" if step is not None else "the start (it has no checkpoint)"),
-            flush=True,
+            + (f"its checkpoint at step {step}" if step is not None else "the start (it has no checkpoint)")
         )
         job_run = resume_job_run(job_dir, frozen)
         try:
@@ -365,7 +368,7 @@ def run_one(cfg: DictConfig) -> float:
         # Never raise into Hydra from a sweep job: the basic sweeper would re-raise it, abort the
         # remaining jobs and skip on_multirun_end, i.e. the summary (ECOSYSTEM §c2, §e1.4).
         write_json_atomic(job_dir / "result.json", {"status": "failed", "error": f"{type(e).__name__}: {e}"})
-        print(f"pgolf: job {job_dir.name} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        log.error(f"pgolf: job {job_dir.name} failed: {type(e).__name__}: {e}")
         return float("inf")
 
 

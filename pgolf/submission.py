@@ -11,12 +11,16 @@ only the shipped code can be imported) and compares its metrics with the origina
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 from pgolf.check import check_run
@@ -25,6 +29,10 @@ from pgolf.results import read_json, write_json_atomic, write_text_atomic
 # Packages a worker imports, by the names pip installs them under, and what pulls them in.
 RUNTIME = {"torch": "torch", "numpy": "numpy", "sentencepiece": "sentencepiece"}
 COMPRESSOR_PKG = {"zstd": "zstandard", "brotli": "brotli"}
+
+
+# Progress lines (stderr); the results are printed to stdout.
+log = logging.getLogger("pgolf.pack")
 
 
 class PackError(RuntimeError):
@@ -142,6 +150,38 @@ def pack(
     return info
 
 
+def _run_packed(work: Path, env: dict[str, str], timeout: int) -> tuple[int, str]:
+    """Run `train_gpt.py` in `work`, showing its lines as they come (a packed run takes as long as the
+    original); its exit code and the tail of its output."""
+    proc = subprocess.Popen(
+        [sys.executable, "train_gpt.py"],
+        cwd=work,
+        env={**env, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+    )
+    tail: collections.deque[str] = collections.deque(maxlen=60)
+
+    def show() -> None:
+        for line in proc.stdout:
+            tail.append(line)
+            log.info("  | %s", line.rstrip())
+
+    reader = threading.Thread(target=show, daemon=True)
+    reader.start()
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise PackError(f"the packed script ran over {timeout} s and was stopped") from None
+    finally:
+        reader.join(timeout=10)
+    return code, "".join(tail)
+
+
 def verify(sub_dir: Path, run_dir: Path, timeout: int = 1800, tol: float = 1e-6) -> dict:
     """Check the submitted files against the run (`check_run`), run the packed train_gpt.py in an
     empty directory, check that run the same way; its metrics must match the run's."""
@@ -153,19 +193,23 @@ def verify(sub_dir: Path, run_dir: Path, timeout: int = 1800, tol: float = 1e-6)
         work = Path(tmp) / "empty"
         work.mkdir()
         shutil.copyfile(Path(sub_dir) / "train_gpt.py", work / "train_gpt.py")
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        # the packed script prints plain lines: no relay tags, whatever this shell has set
+        drop = ("PYTHONPATH", "PGOLF_LOG_RELAY", "PGOLF_LOG_DEBUG")
+        env = {k: v for k, v in os.environ.items() if k not in drop}
         env.update(PGOLF_JOB_DIR=str(work / "job"), TMPDIR=tmp)
-        proc = subprocess.run(
-            [sys.executable, "train_gpt.py"],
-            cwd=work,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
+        log.info(
+            f"verify 1/3: running the packed train_gpt.py ({(work / 'train_gpt.py').stat().st_size:,} bytes) "
+            f"with a fresh Python in the empty folder {work}, no PYTHONPATH; it trains and scores again:"
         )
+        t0 = time.perf_counter()
+        code, output = _run_packed(work, env, timeout)
         got_path = work / "job" / "result.json"
-        if proc.returncode != 0 or not got_path.is_file():
-            raise PackError(f"the packed script failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        if code != 0 or not got_path.is_file():
+            raise PackError(f"the packed script failed (exit {code}):\n{output[-3000:]}")
+        log.info(
+            f"verify 2/3: the packed run finished in {time.perf_counter() - t0:.0f}s; checking that it "
+            "shipped the script it ran from"
+        )
         got = read_json(got_path)
         after = check_run(work / "job")
         # A packed run ships the file it ran from: byte for byte the submitted script.
@@ -181,6 +225,9 @@ def verify(sub_dir: Path, run_dir: Path, timeout: int = 1800, tol: float = 1e-6)
         "model_bytes": (got["bytes"]["model"], want["bytes"]["model"]),
         "code_bytes": (got["bytes"]["code"], (Path(sub_dir) / "train_gpt.py").stat().st_size),
     }
+    log.info(
+        f"verify 3/3: comparing val_bpb, steps, model and code bytes with {Path(run_dir) / 'result.json'}"
+    )
     bad = {
         k: v
         for k, v in checks.items()
@@ -204,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         "--verify", action="store_true", help="rerun the packed script from an empty dir and compare"
     )
     a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         info = pack(a.run_dir, a.out, a.name, a.author, a.github_id)
         print(

@@ -93,7 +93,9 @@ def run_packed(config_path: str, script: str | None = None) -> None:
     """Entry of a packed `train_gpt.py` (`script`, whose size is the run's code bytes): the embedded
     config, with the challenge's env overrides."""
     import json
+    import logging
 
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")  # plain lines
     if script is not None:
         from pgolf import shipped
 
@@ -119,6 +121,9 @@ def run_packed(config_path: str, script: str | None = None) -> None:
 def main() -> None:
     if len(sys.argv) != 2:
         sys.exit("usage: python -m pgolf.train <job_dir holding config.json>")
+    from pgolf.console import worker_logging  # never shipped: a packed script starts in run_packed
+
+    worker_logging()
     try:
         run_job(sys.argv[1])
     except KeyboardInterrupt as e:

@@ -13,6 +13,8 @@ import math
 import platform
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -99,21 +101,21 @@ class Trainer:
     # -----------------------------------------------------------------------------------------
     def run(self) -> dict:
         t_start = time.perf_counter()
-        with self.timer.phase("build"):
+        with self.phase("build"):
             self.build()
-        with self.timer.phase("prime"):
+        with self.phase("prime"):
             self.prime()
-        with self.timer.phase("train"):
+        with self.phase("train"):
             self.train()
-        with self.timer.phase("artifact"):
+        with self.phase("artifact"):
             blob_path = self.write_artifact()
-        with self.timer.phase("eval_warmup"):  # compile on random tokens, reported apart (§5.4)
+        with self.phase("eval_warmup"):  # compile on random tokens, reported apart (§5.4)
             self.warm_eval()
         # budget.eval_seconds counts eval + TTT from here; TTT stops updating in time (wallclock)
         self.eval_deadline = time.perf_counter() + self.job.budget.eval_seconds
-        with self.timer.phase("eval"):
+        with self.phase("eval"):
             final = self.eval_artifact(blob_path)
-        with self.timer.phase("ttt"):
+        with self.phase("ttt"):
             if self.ttt.enabled:
                 final = self.run_ttt()
         self.result.update(val_loss=final.val_loss, val_bpb=final.val_bpb)
@@ -129,6 +131,14 @@ class Trainer:
                 f"ttt_time:{self.timer.seconds['ttt']:.1f}s final_mode:{self.result['final_mode']}"
             )
         return self.result
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """A timed phase; its edges are debug lines (hydra.verbose=pgolf.trainer), so a hang shows where."""
+        self.log.debug(f"phase:{name} start")
+        with self.timer.phase(name):
+            yield
+        self.log.debug(f"phase:{name} done in {self.timer.seconds[name]:.2f}s")
 
     # ---------------------------------------------------------------------------------- build
     def build(self) -> None:
@@ -240,6 +250,8 @@ class Trainer:
                 self.loader.close()
                 self.loader = self._build_loader()
             return
+        if self.rt.compile:  # minutes on a GPU with nothing else to show
+            self.log(f"priming: compiling the training graphs with {n} steps (undone after)")
         snapshot = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         # Models that switch graphs during training (depth recurrence off -> on, ...) name every
         # variant; each gets its priming steps and its eval graph here, so the switch in train()
@@ -390,13 +402,18 @@ class Trainer:
             # Every input to this decision is identical on all ranks (the time vote came in the flags).
             if self.ckpt.enabled and step < iterations and stop_after is None and self.ckpt.due(step):
                 rt.sync()
-                train_ms += 1000.0 * (time.perf_counter() - t0)  # the clock pauses while saving
+                paused = time.perf_counter()
+                train_ms += 1000.0 * (paused - t0)  # the clock pauses while saving
                 train_state = {"step": step, "train_ms": train_ms, "stop_after": stop_after}
                 self.ckpt.save(self, {**train_state, "losses": losses, "step_host_ms": step_host_ms})
                 rt.sync()
+                self.log.debug(
+                    f"step:{step} checkpoint saved in {time.perf_counter() - paused:.1f}s (off the clock)"
+                )
                 t0 = time.perf_counter()
             self.ckpt.fault_point(step)
 
+        self.log.end_bar()
         # Per-step times: CUDA events bracket each step on the device; host times on CPU.
         if is_cuda:
             step_ms = [a.elapsed_time(b) for a, b in zip(step_events[:-1], step_events[1:])]
@@ -436,7 +453,7 @@ class Trainer:
         t = self.job.train
         return max(1, t.val_batch_tokens // (self.rt.world_size * self.grad_accum * t.seq_len))
 
-    def _validate(self) -> EvalResult:
+    def _validate(self, label: str = "val") -> EvalResult:
         t = self.job.train
         batch_seqs = self._val_batch_seqs()
         self.model.eval()
@@ -450,6 +467,8 @@ class Trainer:
             self.rt.amp_dtype,
             self.rt.rank,
             self.rt.world_size,
+            self.log,
+            label,
         )
         self.model.train()
         return res
@@ -648,10 +667,12 @@ class Trainer:
             if mode == "nonoverlap":
                 self.rt.sync()
                 t0 = time.perf_counter()
-                final = from_eval_result(self._validate(), time.perf_counter() - t0)
+                final = from_eval_result(self._validate("eval:nonoverlap"), time.perf_counter() - t0)
             else:
                 self.model.eval()
-                final = evaluate_sliding(self._scorer(), self.rt.rank, self.rt.world_size, self.rt.sync)
+                final = evaluate_sliding(
+                    self._scorer(), self.rt.rank, self.rt.world_size, self.rt.sync, self.log
+                )
                 self.model.train()
             self._record_mode(mode, final, windowed=mode == "sliding")
         assert final is not None  # eval.modes is validated non-empty
@@ -690,6 +711,8 @@ class Trainer:
 
     def warm_eval(self) -> None:
         """Compile the eval graphs on random tokens before the eval clock starts."""
+        if self.rt.compile:
+            self.log("eval warm-up: compiling the eval graphs on random tokens (off the eval clock)")
         if getattr(self.job.hardware, "eval_cudnn_attention", False):
             # The graphs traced from here on (eval) put cuDNN first; the training graphs keep the
             # flash kernel. Dynamo guards on the choice, so the nonoverlap graph compiled during

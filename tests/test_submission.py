@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -25,6 +26,10 @@ def test_pack_writes_the_folder_and_the_packed_script_reproduces(tmp_path, shard
     )  # fmt: skip
     assert cli.returncode == 0, cli.stderr[-3000:]
     assert "verified: the packed script reproduces" in cli.stdout
+    # progress on stderr while it runs: the phases, and the packed run's own lines as they come
+    phases = [line for line in cli.stderr.splitlines() if line.startswith("verify ")]
+    assert [p.split(":")[0] for p in phases] == ["verify 1/3", "verify 2/3", "verify 3/3"], cli.stderr
+    assert "  | step:6/6 train_loss:" in cli.stderr and "  | final_roundtrip val_loss:" in cli.stderr
     r = json.loads((run / "result.json").read_text())
     sub = json.loads((out / "submission.json").read_text())
     assert (out / "train_gpt.py").read_bytes() == (run / "artifact" / "train_gpt.py").read_bytes()
@@ -64,3 +69,22 @@ def test_requirements_pin_versions_a_registry_serves():
     for line in lines:  # pip reads " #..." as a comment
         (spec,) = Requirement(line.split(" #")[0]).specifier
         assert spec.operator == "==" and Version(spec.version).local is None
+
+
+def test_verify_streams_the_packed_run_and_stops_it_at_the_timeout(tmp_path, caplog):
+    """The packed script's lines are shown while it runs, not after; a hung script is stopped."""
+    import logging
+
+    from pgolf.submission import _run_packed
+
+    (tmp_path / "train_gpt.py").write_text(
+        "import sys, time\nprint('step:1', flush=True)\nprint('oops', file=sys.stderr, flush=True)\n"
+        "time.sleep(float(sys.argv[1]) if len(sys.argv) > 1 else 0)\nprint('done')\n"
+    )
+    with caplog.at_level(logging.INFO, logger="pgolf.pack"):
+        code, tail = _run_packed(tmp_path, dict(os.environ), timeout=60)
+    assert code == 0 and tail == "step:1\noops\ndone\n"
+    assert [r.getMessage() for r in caplog.records] == ["  | step:1", "  | oops", "  | done"]
+    (tmp_path / "train_gpt.py").write_text("import time\nprint('hung', flush=True)\ntime.sleep(60)\n")
+    with pytest.raises(PackError, match="ran over 1 s"):
+        _run_packed(tmp_path, dict(os.environ), timeout=1)

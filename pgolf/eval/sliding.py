@@ -30,6 +30,7 @@ from torch import Tensor
 
 from pgolf.eval.val import ByteLUT, EvalResult
 from pgolf.eval.windows import check_rule, check_window, scored_ranges, window_starts
+from pgolf.log import Progress
 
 # nll_fn(x, y, last): per-target NLL of windows x -> y, (B, T); with last > 0 only the last `last`
 # columns, (B, last). The models' `token_nll` has this signature.
@@ -148,20 +149,20 @@ class WindowScorer:
         return sums, nll, torch.where(mask, pos, n)
 
     @torch.inference_mode()
-    def score(self, starts: np.ndarray, sums: Tensor) -> None:
+    def score(self, starts: np.ndarray, sums: Tensor, progress: Progress | None = None) -> None:
         """Add the NLL/token/byte sums of `starts` (any subset of the kept windows) to `sums`."""
         first = starts == 0
         if self.tail and first.any():  # the window at 0 scores every column: the one-window graph
-            self._run(starts[first], 1, 0, sums)
+            self._run(starts[first], 1, 0, sums, progress)
             starts = starts[~first]
         if self.tail and self.rule == "legacy":
             # a legacy short window (past n - L) scores columns before its last `stride`: full graph
             short = starts + self.seq_len > self.n_targets
-            self._run(starts[short], self.batch_seqs, 0, sums)
+            self._run(starts[short], self.batch_seqs, 0, sums, progress)
             starts = starts[~short]
-        self._run(starts, self.batch_seqs, self.tail, sums)
+        self._run(starts, self.batch_seqs, self.tail, sums, progress)
 
-    def _run(self, starts: np.ndarray, B: int, last: int, sums: Tensor) -> None:
+    def _run(self, starts: np.ndarray, B: int, last: int, sums: Tensor, progress: Progress | None) -> None:
         if starts.size == 0:
             return
         n_batches = -(-starts.size // B)
@@ -179,6 +180,8 @@ class WindowScorer:
                 flat = where.reshape(-1)
                 self.nll.index_put_((flat,), nll.reshape(-1).double())
                 self.count.index_add_(0, flat, torch.ones_like(flat))
+            if progress is not None:
+                progress.advance(min(B, starts.size - b * B))
 
     @torch.inference_mode()
     def warmup(self, seed: int = 0) -> None:
@@ -210,14 +213,19 @@ def rank_slice(n: int, rank: int, world_size: int) -> slice:
 
 
 def evaluate_sliding(
-    scorer: WindowScorer, rank: int = 0, world_size: int = 1, sync: Callable[[], None] = lambda: None
+    scorer: WindowScorer,
+    rank: int = 0,
+    world_size: int = 1,
+    sync: Callable[[], None] = lambda: None,
+    log: Callable[[str], None] | None = None,
 ) -> ModeResult:
-    """Every kept window once, split contiguously over ranks."""
+    """Every kept window once, split contiguously over ranks; `log` gets progress lines (pgolf.log.Progress)."""
     sync()
     t0 = time.perf_counter()
     starts = scorer.starts()
     sums = torch.zeros(3, dtype=torch.float64, device=scorer.device)
-    scorer.score(starts[rank_slice(starts.size, rank, world_size)], sums)
+    mine = starts[rank_slice(starts.size, rank, world_size)]
+    scorer.score(mine, sums, Progress(log, "eval:sliding", mine.size, "windows") if log else None)
     res = finish(sums, 0.0, world_size)  # the all-reduce + read is the sync point
     seconds = time.perf_counter() - t0
     return ModeResult(

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from pgolf.data.bpb import ByteTables
+from pgolf.log import Progress
 
 
 @dataclass
@@ -49,9 +50,13 @@ def evaluate(
     amp_dtype: torch.dtype,
     rank: int = 0,
     world_size: int = 1,
+    log: Callable[[str], None] | None = None,
+    label: str = "val",
 ) -> EvalResult:
+    """`log` gets `label` progress lines on long passes (pgolf.log.Progress)."""
     total_seqs = (val_tokens.size - 1) // seq_len
     first, last = total_seqs * rank // world_size, total_seqs * (rank + 1) // world_size
+    progress = Progress(log, label, last - first, "sequences") if log else None
     sums = torch.zeros(3, device=device, dtype=torch.float64)  # nll, tokens, bytes
     stream = torch.from_numpy(val_tokens.astype(np.int64))
     for s in range(first, last, batch_seqs):
@@ -63,6 +68,8 @@ def evaluate(
         sums[0] += nll.double().sum()
         sums[1] += y.numel()
         sums[2] += lut.count(x, y).sum().double()
+        if progress is not None:
+            progress.advance(e - s)
     if world_size > 1:
         dist.all_reduce(sums)
     nll_sum, n_tok, n_bytes = sums.tolist()

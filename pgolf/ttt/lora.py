@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from pgolf.eval.sliding import ModeResult, WindowScorer, finish
+from pgolf.log import Progress
 from pgolf.ttt.config import LoRATTTConfig, PhasedTTTConfig
 from pgolf.ttt.docs import Doc, doc_queue, find_docs, pause_points, phase_doc_sets
 from pgolf.ttt.guard import ScoredStream
@@ -496,9 +497,11 @@ class LoRATTT:
         try:
             for p in model.parameters():
                 p.requires_grad_(False)  # only the adapters learn per document
+            progress = Progress(log, f"ttt:{cfg.name}", len(queue), "doc batches")
             for k, batch in enumerate(queue):
                 if k % world_size == rank:
                     self._score_batch(model, batch, scorer, guard, sums, batch_index=k)
+                progress.advance()
                 while phase < len(pauses) and pauses[phase] == k + 1:
                     for other in range(done_upto, k + 1):  # scored by another rank before this collective
                         if other % world_size != rank:
