@@ -197,8 +197,8 @@ def test_parent_only_modules_and_the_packer_are_not_shipped():
     """The Hydra parent's modules never reach the worker, and a packed run counts its own file
     (pgolf.shipped) instead of running the packer: neither counts as code bytes."""
     import pgolf.callbacks  # noqa: F401
-    import pgolf.outdir  # noqa: F401
     import pgolf.console  # noqa: F401
+    import pgolf.outdir  # noqa: F401
     import pgolf.plan  # noqa: F401
     import pgolf.report  # noqa: F401
     import pgolf.slots  # noqa: F401
