@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from pgolf.results import read_json, sha256_file
-from pgolf.rules import val_split_check, verdict
+from pgolf.rules import val_split_of, verdict
 
 SHIPPED = ("artifact/train_gpt.py", "artifact/final_model.ptz")
 
@@ -63,8 +63,7 @@ def _val_split(result: dict, config: dict) -> dict:
     from pgolf.data.shards import read_header
 
     total = sum(read_header(f) for f in files)
-    scored = result.get("metrics", {}).get("roundtrip", {}).get("tokens")
-    out = val_split_check(scored, total, val.get("seq_len", 0))
+    out = val_split_of(result, config, total)  # under its window rule (legacy re-scores the tail)
     out["files"] = len(files)
     if total != val.get("tokens_total"):
         out["held"] = False
@@ -96,7 +95,7 @@ def check_run(run_dir: str | Path, code: Path | None = None) -> dict:
     if result.get("status") != "ok":
         checks["status"]["why"] = f"the run did not finish: {result.get('error', '')}"
     checks |= _files(run_dir, result, code)
-    for key in ("train_seconds", "eval_seconds", "ttt", "val_bpb"):
+    for key in ("train_seconds", "eval_seconds", "ttt", "val_bpb", "window_rule"):
         checks[key] = rules[key]
     checks["val_split"] = _val_split(result, config)
     checks["tokenizer"] = _tokenizer(result)

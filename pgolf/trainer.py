@@ -756,7 +756,9 @@ class Trainer:
         """Record the rules verdict; a run that is not a legal submission fails (status failed,
         exit 1, nothing to pack). A diverged score, an incomplete val split or an illegal TTT mode
         always fail; the time limits fail a budget.mode=wallclock run (a steps run has no clock
-        to hold, so its verdict only records them). The decision is taken on every rank together."""
+        to hold, so its verdict only records them). A score under eval.window_rule=legacy is only
+        recorded too: such a run compares with the pre-fix records on purpose, so it finishes, and
+        its verdict (pass false) keeps it from pgolf.pack. The decision is taken on every rank together."""
         final_mode = self.result.get("final_mode")
         L = (
             self.job.train.seq_len
@@ -785,6 +787,8 @@ class Trainer:
         if flag.item():
             why = rules["reason"] if broken else "another rank found a broken rule; see its log"
             raise RulesBroken(f"not a legal submission: {why}")
+        if not rules["pass"]:
+            self.log(f"rules: not a legal submission (recorded; the run finishes): {rules['reason']}")
 
     def write_result(self) -> None:
         if self.rt.is_main:

@@ -24,6 +24,7 @@ from pgolf.data.build import (
     train_tokenizer,
 )
 from pgolf.data.shards import load_tokens
+from pgolf.results import sha256_file
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -133,9 +134,13 @@ def test_val_docs_is_checked_before_the_tokenizer_trains(tmp_path, monkeypatch, 
 def test_a_failed_export_leaves_the_previous_one_untouched(tmp_path, tokenizer_model):
     docs = list(embedded_docs()[:40])
     out = tmp_path / "export"
-    export_shards(tokenizer_model, docs, out, val_docs=5, shard_tokens=3000, workers=1)
+    stats = export_shards(tokenizer_model, docs, out, val_docs=5, shard_tokens=3000, workers=1)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert len(before) > 4
+    # The manifest comes out of the staging folder with the shards: it names this tokenizer.
+    manifest = json.loads(before["manifest.json"])
+    assert manifest["tokenizer"]["sha256"] == sha256_file(tokenizer_model)
+    assert manifest["splits"] == stats
 
     def fails_midway():
         yield from docs[:30]  # several shards' worth are written before the failure

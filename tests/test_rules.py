@@ -188,6 +188,52 @@ def test_verdict_names_every_broken_rule():
     assert "not the whole split" in v["reason"]
 
 
+def _legacy_multiplicity(n: int, L: int, stride: int, ttt: bool) -> np.ndarray:
+    """How often the pre-fix records' loops score each target, written out plainly: every start
+    ws = 0, stride, ... < n; a window of wlen = min(ws + L, n) - ws scores all of it at ws = 0, else
+    its last min(stride, wlen) targets; score-first TTT keeps only ws = 0 and wlen >= stride."""
+    times = np.zeros(n, dtype=np.int64)
+    for ws in range(0, n, stride):
+        wlen = min(ws + L, n) - ws
+        if ttt and ws > 0 and wlen < stride:
+            continue
+        first = ws if ws == 0 else ws + wlen - min(stride, wlen)
+        times[first : ws + wlen] += 1
+    return times
+
+
+@pytest.mark.parametrize("ttt", [False, True])
+@pytest.mark.parametrize(("total", "L", "stride"), [(7054, 64, 32), (1 + 10 * 48, 48, 22)])
+def test_a_legacy_window_run_scores_the_whole_split_but_is_no_submission(total, L, stride, ttt):
+    n = (total - 1) // L * L
+    times = _legacy_multiplicity(n, L, stride, ttt)
+    assert times.min() >= 1 and times.sum() > n  # every target at least once, the tail again
+    mode = "score_first" if ttt else "sliding"
+    c = _config()
+    c["eval"] = {"stride": stride}
+
+    def judged(tokens: int, rule: str | None) -> dict:
+        r = _result(
+            metrics={"roundtrip": {"tokens": tokens}},
+            val={"tokens_total": total, "seq_len": L},
+            final_mode=mode,
+            final_window_rule=rule,
+        )
+        return verdict(r, c)
+
+    v = judged(int(times.sum()), "legacy")
+    assert v["checks"]["val_split"]["held"] and v["checks"]["val_split"]["tokens_expected"] == times.sum()
+    assert not v["checks"]["window_rule"]["held"] and not v["pass"]
+    assert "eval.window_rule=legacy" in v["reason"] and "val_split" not in v["reason"]
+    # a legacy count that is off either way (a window lost, or scored twice) is not the whole split
+    for wrong in (times.sum() - 1, times.sum() + stride, n):
+        assert not judged(int(wrong), "legacy")["checks"]["val_split"]["held"]
+    # the exact rule scores each target once: the legacy count is refused there
+    assert not judged(int(times.sum()), "exact")["checks"]["val_split"]["held"]
+    v = judged(n, "exact")
+    assert v["pass"] and v["checks"]["window_rule"] == {"rule": "exact", "held": True}
+
+
 # ------------------------------------------------------------------- failed runs fail
 def test_a_diverged_run_fails_with_strict_json(tmp_path, shard_dir, tokenizer_model):
     lr = {k: "1e8" for k in ("optimizer.matrix_lr", "optimizer.scalar_lr", "optimizer.embed_lr")}

@@ -14,6 +14,7 @@ from conftest import REPO, run_cli
 from pgolf.components import MODELS
 from pgolf.config import job_config_from_dict, to_dict
 from pgolf.run import PARENT_ONLY
+from pgolf.submission import PackError, pack
 
 TABLES = Path(__file__).parent / "seed_tables"
 SEEDS = ("pr339", "pr399", "pr726")
@@ -157,9 +158,17 @@ def test_experiment_runs_end_to_end_on_cpu(name, small_shards, tokenizer_model, 
     # legacy scores the tail again
     more = m["sliding"]["tokens"] > m["nonoverlap"]["tokens"]
     assert more if rule == "legacy" else m["sliding"]["tokens"] == m["nonoverlap"]["tokens"]
+    # the whole split was scored either way (legacy: exactly the legacy windows' count); a legacy
+    # score is recorded as no submission (the run still finishes) and pack refuses it
+    checks = result["rules"]["checks"]
+    assert checks["val_split"]["held"] and checks["window_rule"]["held"] == (rule == "exact")
     if name == "pr726":
         assert m["score_first"]["window_rule"] == "legacy"
         assert m["score_first"]["tokens"] == m["sliding"]["tokens"]  # same windows when stride divides n
+        assert checks["val_split"]["tokens_expected"] == m["score_first"]["tokens"]
+        assert not result["rules"]["pass"] and "eval.window_rule=legacy" in result["rules"]["reason"]
+        with pytest.raises(PackError, match="eval.window_rule=legacy"):
+            pack(tmp_path / "run")
     assert result["quant"]["compressor"] == {"pr339": "zstd", "pr399": "lzma", "pr726": "lzma"}[name]
     if name == "pr339":
         assert result["optimizer"]["averaging"] == {

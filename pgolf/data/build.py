@@ -373,12 +373,17 @@ def export_shards(
 
 
 def _commit_export(staging: Path, out_dir: Path, prefix: str) -> None:
-    """Replace the previous export's shards with the staged ones (renames within one folder)."""
+    """Replace the previous export's shards and manifest with the staged ones (renames within one
+    folder). The old manifest goes first and the new one comes in last: a commit cut short leaves
+    shards with no manifest (runs warn that the tokenizer is unverified), never new shards under
+    the old export's tokenizer hash."""
+    (out_dir / MANIFEST).unlink(missing_ok=True)
     for split in ("val", "train"):
         for stale in out_dir.glob(f"{prefix}_{split}_*.bin"):  # a shorter re-export leaves no old tail
             stale.unlink()
     for shard in sorted(staging.glob(f"{prefix}_*.bin")):
         os.replace(shard, out_dir / shard.name)
+    os.replace(staging / MANIFEST, out_dir / MANIFEST)
 
 
 def _export_into(
