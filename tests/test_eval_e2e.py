@@ -22,9 +22,12 @@ def test_score_first_run_reports_modes_and_final(tmp_path, shard_dir, tokenizer_
     r = json.loads((tmp_path / "run" / "result.json").read_text())
     m = r["metrics"]
     assert r["final_mode"] == "score_first"
+    scores = {"val_loss", "val_bpb", "tokens", "bytes", "seconds", "tokens_per_s"}
     for mode in ("nonoverlap", "sliding", "score_first"):
-        assert set(m[mode]) == {"val_loss", "val_bpb", "tokens", "bytes", "seconds", "tokens_per_s"}
+        windowed = mode != "nonoverlap"  # the windowed scores name their eval.window_rule
+        assert set(m[mode]) == scores | ({"window_rule"} if windowed else set())
         assert m[mode]["seconds"] > 0 and m[mode]["tokens_per_s"] > 0
+    assert m["sliding"]["window_rule"] == m["score_first"]["window_rule"] == r["final_window_rule"] == "exact"
     assert r["val_bpb"] == m["score_first"]["val_bpb"] == m["roundtrip"]["val_bpb"]
     # sliding and TTT score the same targets: every one exactly once
     assert m["sliding"]["tokens"] == m["score_first"]["tokens"] == m["nonoverlap"]["tokens"]

@@ -180,6 +180,7 @@ def test_eval_cudnn_attention_applies_to_graphs_made_at_eval_warmup_and_reprimes
     calls: list[tuple] = []
     scorer_stub = SimpleNamespace(warmup=lambda: calls.append(("sliding", attention.sdpa_backends())))
     model_stub = SimpleNamespace(eval=lambda: None, train=lambda: None)
+    logs: list[str] = []
     try:
         for flag in (False, True):
             attention.set_sdpa_backends(None)
@@ -187,12 +188,19 @@ def test_eval_cudnn_attention_applies_to_graphs_made_at_eval_warmup_and_reprimes
                 hardware=CudaHardwareConfig(eval_cudnn_attention=flag),
                 eval=SimpleNamespace(modes=["nonoverlap", "sliding"]),
             )
-            stub = SimpleNamespace(job=job, ttt=SimpleNamespace(enabled=False), model=model_stub)
+            stub = SimpleNamespace(
+                job=job,
+                ttt=SimpleNamespace(enabled=False),
+                model=model_stub,
+                rt=SimpleNamespace(compile=True, world_size=1),
+                log=logs.append,
+            )
             stub._scorer = lambda: scorer_stub
             stub._prime_eval = lambda: calls.append(("nonoverlap", attention.sdpa_backends()))
             Trainer.warm_eval(stub)
         cudnn_first = ["cudnn", "flash", "efficient", "math"]
         assert calls == [("sliding", None), ("nonoverlap", cudnn_first), ("sliding", cudnn_first)]
+        assert len(logs) == 2 and all(line.startswith("eval warm-up: compiling") for line in logs)
     finally:
         attention.set_sdpa_backends(None)
 

@@ -11,9 +11,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_loaders import SIZES, CoprimeReference, expected_rows, run
+from test_loaders import SIZES, CoprimeReference, T, data_cfg, expected_rows, run
 from test_loaders import files as files  # noqa: F401  (module fixture reused here)
 
+from pgolf.data.loader import build_loader
 from pgolf.models.config import BankedGPTConfig, LayeredGPTConfig
 from pgolf.models.gpt import GPT
 from pgolf.optim.averaging import WeightAverager
@@ -260,13 +261,29 @@ def test_coprime_paths_seed_and_fresh_weights_match_pr726(files, world):  # noqa
     assert not all(torch.equal(u[0], v[0]) for u, v in zip(got, default))
 
 
-def test_fresh_weights_change_the_plan_once_a_cursor_runs_out(files):  # noqa: F811
-    folder = str(files[0].parent)
-    base = dict(coprime_seed="paths", path=folder, train_pattern="fineweb_train_*.bin")
-    one = run("coprime", files, 40, rows=5, coprime_exhausted="one", **base)
-    fresh = run("coprime", files, 40, rows=5, coprime_exhausted="fresh", **base)
-    same = [torch.equal(a[0], b[0]) for a, b in zip(one, fresh)]
-    assert same[0] and not all(same)  # identical until the first run-out cursor, then they part
+def test_fresh_weights_change_the_plan_once_a_cursor_runs_out(files, monkeypatch):  # noqa: F811
+    """Both settings draw the same plan until a batch is drawn while a cursor stands run out, then
+    they part. The paths seed hashes the path strings, so the shards are named relative to their
+    folder: under pytest's numbered tmp folder the plan, and when a cursor first runs out, would
+    change with the folder's name (and so with which tests ran before)."""
+    monkeypatch.chdir(files[0].parent)
+    base = dict(coprime_seed="paths", path=".", train_pattern="fineweb_train_*.bin")
+    plans: dict[str, list[torch.Tensor]] = {}
+    run_out: dict[str, list[bool]] = {}
+    for exhausted in ("one", "fresh"):
+        cfg = data_cfg("coprime", coprime_exhausted=exhausted, **base)
+        plans[exhausted], run_out[exhausted] = [], []
+        with build_loader(cfg, files, seed=0, rank=0, world_size=1, device=CPU) as loader:
+            for _ in range(60):
+                state = loader.state_dict()["sampler"]
+                cursor = zip(state["live"], state["cursor"]["taken"], state["cursor"]["blocks"])
+                run_out[exhausted].append(any(live and taken >= blocks for live, taken, blocks in cursor))
+                plans[exhausted].append(loader.next_batch(5 * T, T, 1)[0].clone())
+    assert any(run_out["one"]), "no cursor ran out: draw more batches"
+    first = run_out["one"].index(True)  # the first batch drawn while a cursor stands run out
+    assert first > 0 and run_out["fresh"].index(True) == first
+    assert all(torch.equal(a, b) for a, b in zip(plans["one"][:first], plans["fresh"][:first]))
+    assert not all(torch.equal(a, b) for a, b in zip(plans["one"][first:], plans["fresh"][first:]))
 
 
 # ---------------------------------------------------------------------------------------------
