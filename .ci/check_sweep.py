@@ -86,12 +86,14 @@ def main(argv: list[str]) -> int:
     for line in found:
         print(f"ci sweep FAILED: {line}", file=sys.stderr)
     if not found:
-        modes = {
-            json.loads((p / "config.json").read_text())["wandb"]["mode"] for p in sweep_dir.glob("[0-9]*")
-        }
-        print(
-            f"ci sweep ok: {len(SEEDS)} jobs ok, summary in {sweep_dir} (wandb mode {', '.join(sorted(modes))})"
-        )
+        # wandb is on by default in a sweep (offline: no account, no network): each job has its run
+        jobs = sorted(sweep_dir.glob("[0-9]*"))
+        without = [j.name for j in jobs if not any((j / "wandb").glob("offline-run-*"))]
+        if without:
+            found.append(f"no offline wandb run in job(s) {', '.join(without)} (the default sweep mode)")
+            print(f"ci sweep FAILED: {found[-1]}", file=sys.stderr)
+        else:
+            print(f"ci sweep ok: {len(SEEDS)} jobs ok, summary and an offline wandb run each in {sweep_dir}")
     return 1 if found else 0
 
 
