@@ -1,4 +1,4 @@
-"""Parameter banks <-> canonical per-layer names (TECHNIQUES §2.4).
+"""Parameter banks <-> canonical per-layer names (docs/techniques.md#parameter-banks).
 
 A banked model stores its 6L block matrices as four 3-D parameters:
   qo_bank (2L, d, d)            [0, L): W_q of layer i, [L, 2L): W_o of layer i

@@ -1,4 +1,6 @@
-"""The naive baseline GPT (TECHNIQUES §2.1), numerically the same as the challenge's root script.
+"""The naive baseline GPT, numerically the same as the challenge's root script.
+
+docs/techniques.md#baseline-gpt
 
 Tied embedding, weightless RMSNorms, U-Net skips, per-channel resid mix, QK-norm + half-split
 RoPE + per-head q-gain, GQA attention, relu^2 MLP, zero-init output projections, logit soft-cap.

@@ -1,4 +1,4 @@
-"""Transformer blocks of the record GPT family with functional weights (TECHNIQUES §2.4, §2.14).
+"""Transformer blocks of the record GPT family with functional weights (docs/techniques.md#model).
 
 A block never assumes where its six matrices live: `GPT` passes them in as a `LayerWeights`
 (slices of the 3-D banks, or the block's own per-layer linears), so one block implementation
@@ -175,7 +175,10 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """relu(x W_up)^2 W_down, or leaky_relu(x W_up, slope)^2 W_down (R0323's LeakyReLU(0.5)^2)."""
+    """relu(x W_up)^2 W_down, or leaky_relu(x W_up, slope)^2 W_down.
+
+    docs/techniques.md#leakyrelu-squared-mlp
+    """
 
     def __init__(self, cfg: GPTModelConfig, own_weights: bool):
         super().__init__()

@@ -20,7 +20,10 @@ def check_heads(path: str, model_dim: int, num_heads: int, num_kv_heads: int) ->
 
 @dataclass
 class BaselineModelConfig:
-    """The challenge's naive baseline GPT (TECHNIQUES §2.1); every field is its env-var lower-cased."""
+    """The challenge's naive baseline GPT; every field is its env-var lower-cased.
+
+    docs/techniques.md#baseline-gpt
+    """
 
     name: str = "baseline"
     vocab_size: int = 1024
@@ -47,7 +50,7 @@ class BaselineModelConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# The record GPT family (TECHNIQUES §2.4, §2.14): one schema, two parameter layouts
+# The record GPT family (docs/techniques.md#model): one schema, two parameter layouts
 # ---------------------------------------------------------------------------------------------
 
 ATTN_GATES = ("attn_out_gate", "gated_attn", "sparse_attn_gate")
@@ -88,23 +91,25 @@ class GPTModelConfig:
     qk_gain_init: float = 1.5
     xsa_last_n: int = 0  # XSA on the last n physical layers (more than num_layers: all)
     xsa_layers: list[int] = field(default_factory=list)  # ... or on an explicit set
-    attn_out_gate: bool = False  # AttnOutGate (R0416): 2*sigmoid(W x[:gate_window]) per head
+    attn_out_gate: bool = False  # AttnOutGate: 2*sigmoid(W x[:gate_window]) per head
     attn_out_gate_src: Literal["proj", "q"] = "proj"  # gate input: block input or raw Q projection
-    gated_attn: bool = False  # dense gate (R0419): sigmoid(W_g x), W_g: heads x dim
+    gated_attn: bool = False  # dense gate: sigmoid(W_g x), W_g: heads x dim
     gated_attn_init_std: float = 0.01
-    sparse_attn_gate: bool = False  # sparse gate (R0423): sigmoid(s * W_g x[:gate_window])
+    sparse_attn_gate: bool = False  # sparse gate: sigmoid(s * W_g x[:gate_window])
     sparse_attn_gate_init_std: float = 0.0
     sparse_attn_gate_scale: float = 1.0
     gate_window: int = 12  # GATE_WINDOW: input width of AttnOutGate, the sparse gate, SmearGate v3
+    # (the gates: docs/techniques.md#attention-output-gates)
     # residual structure
     ln_scale: bool = False  # sub-block inputs of physical layer i scaled by 1/sqrt(i+1)
     resid_mix: bool = False  # learned per-channel mix of the stream with x0 before each block
     unet_skips: bool = False  # encoder outputs added back LIFO into the decoder
     skip_gates_enabled: bool = False  # sigmoid-gated (lerp) U-Net skips; needs unet_skips
-    # gptj (R0409), two_lane (concurrent reads, R0410+), two_lane_seq (R0331), split_lane (R0404/R0408)
+    # gptj, two_lane (concurrent reads), two_lane_seq (MLP reads after attention), split_lane
+    # (attention and MLP on separate lanes): docs/techniques.md#parallel-residuals
     parallel_residual: Literal["none", "gptj", "two_lane", "two_lane_seq", "split_lane"] = "none"
     parallel_start_layer: int = 7  # first physical layer of the parallel form
-    # two-lane forms: the hidden that leaves; learned = lane_merge m*lane0 + (1-m)*lane1 (R0404)
+    # two-lane forms: the hidden that leaves; learned = lane_merge m*lane0 + (1-m)*lane1 (split_lane's merge)
     parallel_final_lane: Literal["mean", "attn", "mlp", "learned"] = "mean"
     backout: bool = False  # subtract lambda * h_mid before the final norm (PR #339)
     # h_mid = the stream after this many executed layers (-1: the U-Net midpoint, num_layers // 2).
@@ -113,11 +118,11 @@ class GPTModelConfig:
     backout_lambda_init: float = 0.2
     # embedding add-ons
     smear_gate: Literal["none", "v2", "v3"] = "none"
-    smear_bos_fix: bool = False  # no previous-token term at BOS positions (R0427A)
+    smear_bos_fix: bool = False  # no previous-token term at BOS positions (docs/techniques.md#smeargate)
     bos_id: int = 1
     bigram_vocab_size: int = 0  # BigramHash buckets (0: off)
     bigram_dim: int = 128
-    # the bigram projection's optimizer: false = scalar Adam (R0323, PR #399); true = Muon with the
+    # the bigram projection's optimizer: false = scalar Adam (PR #399, #549); true = Muon with the
     # block matrices (PR #339); needs the per-layer layout (parallel_muon shards only the banks)
     bigram_proj_muon: bool = False
     # with ortho_init, also scale the bigram projection by 1/sqrt(2 num_layers) like the output
@@ -241,7 +246,10 @@ class LayeredGPTConfig(GPTModelConfig):
 
 @dataclass
 class BankedGPTConfig(GPTModelConfig):
-    """Parameter banks `qo_bank`, `kv_bank`, `mlp_up_bank`, `mlp_down_bank` (TECHNIQUES §2.4)."""
+    """Parameter banks `qo_bank`, `kv_bank`, `mlp_up_bank`, `mlp_down_bank`.
+
+    docs/techniques.md#parameter-banks
+    """
 
     name: str = "banked"
     BANKED: ClassVar[bool] = True

@@ -1,6 +1,6 @@
 """Foreign weights into a pgolf model: the `init_from` loader and `python -m pgolf.models.convert`.
 
-Accepted state dicts, detected from their names (TECHNIQUES §2.4, §3.2, §3.3):
+Accepted state dicts, detected from their names (banked layouts: docs/techniques.md#parameter-banks):
 
 - pgolf's own `state_dict()` of either layout: banked (`qo_bank`, `kv_bank`, `mlp_up_bank`,
   `mlp_down_bank`) or per-layer (`blocks.{i}.attn.c_q.weight`, ...); a pgolf checkpoint file

@@ -1,4 +1,7 @@
-"""Embedding add-ons of the record stacks (TECHNIQUES §2.14): SmearGate v2/v3, BigramHash, value embeddings.
+"""Embedding add-ons of the record stacks: SmearGate v2/v3, BigramHash, value embeddings.
+
+What each does and where it comes from: docs/techniques.md#smeargate, docs/techniques.md#bigramhash,
+docs/techniques.md#value-embeddings.
 
 Each is zero-cost to switch off (the module is simply absent) and, where the spec says so, the
 identity at initialization: BigramHash and value embeddings start with zero projections, SmearGate
@@ -12,18 +15,18 @@ from torch import Tensor, nn
 
 from pgolf.models.layers import CastedLinear
 
-# Multipliers of the bigram hash (PR #162 as used from R0320 on), in int32 arithmetic.
+# Multipliers of the bigram hash (PR #162, as the records use it from 2026-03-20 on), in int32 arithmetic.
 _HASH_CUR, _HASH_PREV = 36313, 27191
 
 
 def _not_bos(ids: Tensor, bos_id: int, dtype: torch.dtype) -> Tensor:
     """(B, T, 1) mask that is 0 where the current token is BOS: a packed stream's previous token
-    then belongs to another document and must not leak into this one (R0427A's fix)."""
+    then belongs to another document and must not leak into this one (the SmearGate BOS fix)."""
     return (ids != bos_id).to(dtype).unsqueeze(-1)
 
 
 class SmearGateV2(nn.Module):
-    """x_t <- (1 - s) x_t + s x_{t-1} per channel, s = sigmoid(g), g init 0 (R0320I6 -> R0331).
+    """x_t <- (1 - s) x_t + s x_{t-1} per channel, s = sigmoid(g), g init 0 (SmearGate v2).
 
     Applied after the embedding RMSNorm. With the BOS fix the previous-token term is zeroed at BOS
     positions, which makes a document start inside a packed sequence look exactly like one at
@@ -44,7 +47,7 @@ class SmearGateV2(nn.Module):
 
 
 class SmearGateV3(nn.Module):
-    """x_t <- x_t + lam * sigmoid(w . x_t[:window]) * x_{t-1} for t >= 1 (R0416, modded-nanogpt style).
+    """x_t <- x_t + lam * sigmoid(w . x_t[:window]) * x_{t-1} for t >= 1 (v3, modded-nanogpt style).
 
     Applied to the raw embedding, before the RMSNorm. w (window -> 1) and lam start at zero, so the
     gate is the identity at init.
@@ -82,7 +85,8 @@ class BigramHash(nn.Module):
 
     Table n x d_b and projection d_b -> d are zero-initialized, times a learned scalar (init 0.05).
     With OrthoInit the projection is re-initialized orthogonally like every other unflagged matrix
-    (R0323's init sweep does the same); the zero table still makes the add-on the identity at init.
+    (the 2026-03-23 record's init loop does the same); the zero table still makes the add-on the
+    identity at init.
     """
 
     def __init__(self, num_buckets: int, bigram_dim: int, model_dim: int, scale_init: float = 0.05):
@@ -107,7 +111,7 @@ class ValueEmbedding(nn.Module):
     scalar (init 0.1); GPT multiplies it by a per-layer scalar and adds it to V in the chosen layers.
 
     The zero projection makes it the identity at init unless OrthoInit re-initializes the projection
-    (as R0323's init sweep does; the table is not zero, so VE then contributes from step 0).
+    (as the 2026-03-23 record's init loop does; the table is not zero, so VE then contributes from step 0).
     """
 
     def __init__(self, vocab_size: int, ve_dim: int, kv_dim: int):

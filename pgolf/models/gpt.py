@@ -1,4 +1,4 @@
-"""The record GPT family (TECHNIQUES §2.4, §2.14, §3.2-3.4): one stack, banked or per-layer weights.
+"""The record GPT family (docs/techniques.md#model): one stack, banked or per-layer weights.
 
 `model=banked` keeps the block matrices in four 3-D fp32 banks and hands each layer its slices;
 `model=layered` gives every block its own linears. Everything else (embedding add-ons, U-Net skips,
@@ -35,7 +35,8 @@ from pgolf.models.layers import (
 from pgolf.models.recurrence import layer_plan
 from pgolf.quant.qat import qat_weight
 
-# Embedding tables share the token embedding's optimizer role (R0323: tok_emb, bigram and VE tables).
+# Embedding tables share the token embedding's optimizer role (tok_emb, bigram and VE tables, as the
+# 2026-03-23 record groups them).
 EMBED_TABLES = ("tok_emb.weight", "bigram.embed.weight", "ve_shared.embed.weight")
 LOOP_OFF, LOOP_ON, STATIC = "loop_off", "loop_on", "static"
 LANE_FORMS = ("two_lane", "two_lane_seq", "split_lane")  # parallel residuals that carry two streams
@@ -51,7 +52,7 @@ class GPT(nn.Module):
         hidden = int(cfg.mlp_mult * dim)
         self.num_layers = L
         self.rope_dims = cfg.rope_dims or head_dim
-        # Late QAT (TECHNIQUES §2.7), enabled by the optimizer before the first trace; the on/off
+        # Late QAT (docs/techniques.md#late-qat), enabled by the optimizer before the first trace; the on/off
         # switch is this tensor, so it takes effect inside the compiled graph.
         self.qat_enabled = False
         self.register_buffer("qat_blend", torch.zeros(()), persistent=False)
@@ -72,7 +73,7 @@ class GPT(nn.Module):
         )
 
         # Layer plans of both graph variants; skip parameters are sized for the deeper (looped) one
-        # and the plain plan uses the first of them (R0409).
+        # and the plain plan uses the first of them (as the 2026-04-09 record does).
         plans = [
             layer_plan(L, cfg.num_loops, cfg.loop_start, cfg.loop_end, looping) for looping in (False, True)
         ]
@@ -93,8 +94,8 @@ class GPT(nn.Module):
             self.mlp_up_bank = nn.Parameter(torch.empty(L, hidden, dim))
             self.mlp_down_bank = nn.Parameter(torch.empty(L, dim, hidden))
 
-        # Two-stream forms (TECHNIQUES §2.14): two_lane (concurrent, R0410+), two_lane_seq (R0331),
-        # split_lane (R0404/R0408). Per physical layer: resid lambdas (L, 2) and post lambdas
+        # Two-stream forms (docs/techniques.md#parallel-residuals): two_lane (concurrent reads),
+        # two_lane_seq (sequential) and split_lane. Per physical layer: resid lambdas (L, 2) and post lambdas
         # (L, 2, 2) indexed [source sub-block (attn, mlp), destination lane (0, 1)].
         self.lane_form = cfg.parallel_residual if cfg.parallel_residual in LANE_FORMS else None
         self.two_lane = self.lane_form == "two_lane"
@@ -103,7 +104,7 @@ class GPT(nn.Module):
             init = 1.1 if self.two_lane else math.sqrt(1.1)
             self.parallel_resid_lambdas = nn.Parameter(torch.full((L, 2), init))
             self.parallel_post_lambdas = nn.Parameter(torch.ones(L, 2, 2))
-        # learned final merge m * lane0 + (1 - m) * lane1, m init 0.5 (R0404's lane_merge)
+        # learned final merge m * lane0 + (1 - m) * lane1, m init 0.5 (split_lane's lane_merge)
         self.lane_merge = (
             nn.Parameter(torch.tensor(0.5, dtype=torch.float32))
             if cfg.parallel_final_lane == "learned"
@@ -155,8 +156,8 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             nn.init.normal_(self.tok_emb.weight, mean=0.0, std=cfg.tied_embed_init_std)
         proj_scale = 1.0 / math.sqrt(2 * self.num_layers)
-        # Block matrices in one fixed order (R0323's: q, o, k, v, up, down per layer), whatever
-        # the layout, so banked and per-layer models built from one seed hold identical weights.
+        # Block matrices in one fixed order (the 2026-03-23 record's: q, o, k, v, up, down per layer),
+        # whatever the layout, so banked and per-layer models built from one seed hold identical weights.
         for i in range(self.num_layers):
             w = self.layer_weights(i)
             for t, is_proj in zip(
@@ -172,7 +173,7 @@ class GPT(nn.Module):
                     nn.init.kaiming_uniform_(t, a=math.sqrt(5))
         block_mats = {n for names in bank_slots(self.num_layers).values() for n in names}
         # Other linears (bigram/VE projections, gates, untied head): zero-flagged ones stay zero;
-        # with OrthoInit the rest with both dims >= 64 become orthogonal (R0323's init sweep).
+        # with OrthoInit the rest with both dims >= 64 become orthogonal (the 2026-03-23 record's init loop).
         for name, m in self.named_modules():
             if isinstance(m, nn.Linear) and f"{name}.weight" not in block_mats:
                 if getattr(m, "_zero_init", False):
@@ -203,7 +204,7 @@ class GPT(nn.Module):
     def _two_lane(
         self, i: int, lanes: tuple[Tensor, Tensor], x0: Tensor, cos: Tensor, sin: Tensor, ve: Tensor | None
     ) -> tuple[Tensor, Tensor]:
-        """Concurrent two-lane block (R0410+): attention reads resid-mix(lane0, x0), the MLP reads
+        """Concurrent two-lane block (`two_lane`): attention reads resid-mix(lane0, x0), the MLP reads
         lane1, both from the pre-update lanes; each lane gets a learned mix of both outputs."""
         lane0, lane1 = lanes
         b, w = self.blocks[i], self.layer_weights(i)
@@ -216,7 +217,7 @@ class GPT(nn.Module):
     def _two_lane_seq(
         self, i: int, lanes: tuple[Tensor, Tensor], x0: Tensor, cos: Tensor, sin: Tensor, ve: Tensor | None
     ) -> tuple[Tensor, Tensor]:
-        """Sequential two-lane block (R0331): attention reads resid-mix(lane0, x0) and writes both
+        """Sequential two-lane block (`two_lane_seq`): attention reads resid-mix(lane0, x0) and writes both
         lanes; then the MLP reads resid-mix(lane1, x0), which already holds this attention output,
         and writes both lanes. The lanes themselves are never replaced by their mixed reads."""
         lane0, lane1 = lanes
@@ -231,7 +232,7 @@ class GPT(nn.Module):
     def _split_lane(
         self, i: int, lanes: tuple[Tensor, Tensor], x0: Tensor, cos: Tensor, sin: Tensor, ve: Tensor | None
     ) -> tuple[Tensor, Tensor]:
-        """Split lanes (R0404/R0408): the attention sub-block alone on lane0 (resid-mixed with x0, as
+        """Split lanes (`split_lane`): the attention sub-block alone on lane0 (resid-mixed with x0, as
         a sequential block does), the MLP sub-block alone on lane1; the lanes never exchange."""
         lane0, lane1 = lanes
         b, w = self.blocks[i], self.layer_weights(i)
@@ -285,7 +286,7 @@ class GPT(nn.Module):
         seq = self.lane_form == "two_lane_seq"
         skips: list[Tensor | tuple[Tensor, Tensor]] = []
         for n, i in enumerate(encoder, start=1):
-            if seq and (lanes is not None or i >= start):  # R0331's lanes may start in the encoder
+            if seq and (lanes is not None or i >= start):  # two_lane_seq's lanes may start in the encoder
                 lanes = self._lane_block(i, (x, x) if lanes is None else lanes, x0, cos, sin, ve(i))
             else:
                 x = self.blocks[i](x, x0, self.layer_weights(i), cos, sin, ve(i))
@@ -297,7 +298,7 @@ class GPT(nn.Module):
             skip = skips.pop() if k < self.num_skips and skips else None  # LIFO U-Net
             if self.lane_form is not None and lanes is None and i >= start:
                 if self.lane_form == "split_lane" and skip is not None:
-                    x, skip = self._merge_skip(x, skip, k), None  # R0408: into the stream, then split
+                    x, skip = self._merge_skip(x, skip, k), None  # split_lane: into the stream, then split
                 lanes = (x, x)  # from the first decoder layer at or past the start: two lanes
             if lanes is None:
                 if skip is not None:
@@ -307,10 +308,10 @@ class GPT(nn.Module):
                 pruned = rows > 0
             else:
                 if skip is not None:
-                    if seq:  # R0331: into both lanes (each its own lane of a two-lane skip)
+                    if seq:  # two_lane_seq: into both lanes (each its own lane of a two-lane skip)
                         s0, s1 = skip if isinstance(skip, tuple) else (skip, skip)
                         lanes = (self._merge_skip(lanes[0], s0, k), self._merge_skip(lanes[1], s1, k))
-                    else:  # R0404/R0408/R0410+: into the attention lane only
+                    else:  # split_lane, two_lane: into the attention lane only
                         lanes = (self._merge_skip(lanes[0], skip, k), lanes[1])
                 lanes = self._lane_block(i, lanes, x0, cos, sin, ve(i))
             if len(encoder) + k + 1 == backout_at:
@@ -358,8 +359,9 @@ class GPT(nn.Module):
     def param_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """Optimizer roles: 'matrix' = the banks or the 2-D block matrices (Muon); 'embed' = token,
         bigram and VE tables; 'head' = an untied head; 'scalar' = everything else (control tensors,
-        gates, lambdas, and the small bigram/VE projections, which R0323 steps with scalar Adam; with
-        `bigram_proj_muon` the bigram projection is a Muon matrix instead, as in PR #339)."""
+        gates, lambdas, and the small bigram/VE projections, which the 2026-03-23 record steps with
+        scalar Adam; with `bigram_proj_muon` the bigram projection is a Muon matrix instead, as in
+        PR #339)."""
         slots = bank_slots(self.num_layers)
         matrices = set(BANKS) if self.banked else {n for names in slots.values() for n in names}
         groups: dict[str, list[tuple[str, nn.Parameter]]] = {
@@ -404,7 +406,8 @@ class GPT(nn.Module):
         self.looping = name == LOOP_ON
 
     def on_progress(self, frac: float) -> str | None:
-        """Host-side, once per step before it runs: loops switch on at `enable_looping_at` (R0409).
+        """Host-side, once per step before it runs: loops switch on at `enable_looping_at`
+        (docs/techniques.md#depth-recurrence).
 
         Returns a line for the log when the graph variant changes, else None.
         """

@@ -1,4 +1,4 @@
-"""Optional fused Triton kernels behind model switches (TECHNIQUES §2.14, R0410's fused kernels).
+"""Optional fused Triton kernels behind model switches (docs/techniques.md#fused-kernels).
 
 * `model.fused_mlp`: the MLP activation leaky_relu(h, slope)^2 (relu^2 with slope 0), forward and
   backward in one elementwise pass each, computed in fp32 and stored in h's dtype.

@@ -91,7 +91,9 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def ntk_rope_base(base: float, rope_dims: int, seq_len: int, train_seq_len: int) -> float:
-    """NTK-aware base for sequences longer than the RoPE train length (TECHNIQUES §2.14).
+    """NTK-aware base for sequences longer than the RoPE train length.
+
+    docs/techniques.md#partial-rope-and-ntk-base
 
     base' = base * (T / T_train)^(rd / (rd - 2)); unchanged when T <= T_train or T_train is 0.
     """
@@ -110,7 +112,8 @@ def apply_partial_rotary(x: Tensor, cos: Tensor, sin: Tensor, rope_dims: int) ->
 def restore_fp32_params(model: nn.Module) -> None:
     """After `.bfloat16()`: linear weights, vectors and control tensors go back to fp32.
 
-    3-D parameters are banks of linear weights (TECHNIQUES §2.4) and are kept in fp32 like them.
+    3-D parameters are banks of linear weights (docs/techniques.md#parameter-banks) and are kept in fp32
+    like them.
     """
     with torch.no_grad():
         for module in model.modules():

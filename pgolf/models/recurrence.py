@@ -1,4 +1,6 @@
-"""Depth recurrence: which physical layers run, in which order, and where the U-Net splits (TECHNIQUES §2.14).
+"""Depth recurrence: which physical layers run, in which order, and where the U-Net splits.
+
+The technique and the records that use it: docs/techniques.md#depth-recurrence.
 
 With `num_loops = k` the segment loop_start..loop_end runs k + 1 times:
 [0 .. loop_start-1] + [loop_start .. loop_end] * (k + 1) + [loop_end+1 .. L-1]. The U-Net split is

@@ -1,9 +1,9 @@
-"""Weight averaging applied to the exported weights: EMA or SWA (TECHNIQUES §2.6).
+"""Weight averaging applied to the exported weights: EMA or SWA (docs/techniques.md#ema-and-swa).
 
 EMA keeps an fp32 shadow of every parameter, initialized from the weights training starts from
 and updated after every optimizer step as ema <- d * ema + (1 - d) * theta (no bias correction).
 SWA sums an fp32 snapshot every `swa_every` steps while the lr scale is below `swa_threshold`
-(R0323: every 50 steps under 0.2) and divides by the count at the end (`swa_accumulate=param`
+(the 2026-03-23 record: every 50 steps under 0.2) and divides by the count at the end (`swa_accumulate=param`
 sums in each parameter's dtype instead, and `swa_min_snapshots` is the fewest it applies). Both update with foreach
 kernels on the device, so the step stays free of host syncs; `apply()` writes the average into the
 model (cast to each parameter's dtype) before the final validation and the artifact.

@@ -11,7 +11,9 @@ NS_COEFFS = ("quintic", "polar_express")
 
 @dataclass
 class MuonConfig:
-    """Muon (Newton-Schulz) for block matrices + AdamW for embeddings and scalars (TECHNIQUES §2.2-2.7).
+    """Muon (Newton-Schulz) for block matrices + AdamW for embeddings and scalars.
+
+    The techniques: docs/techniques.md#optimizer-and-schedule.
 
     Every variant is a switch; the defaults are the challenge baseline (no weight decay, no
     averaging, no QAT). `conf/optimizer/muon_r0323.yaml` / `muon_r0409.yaml` hold the records.
@@ -31,9 +33,11 @@ class MuonConfig:
     # Newton-Schulz coefficients: the fixed quintic (3.4445, -4.7750, 2.0315) or the per-iteration
     # Polar Express table (PR #1344; more than 5 steps reuse only the 5 tuples, as the record does).
     ns_coeffs: str = "quintic"
-    row_normalize: bool = False  # MuonEq-R: unit-L2 rows of the Nesterov update before NS (R0403+)
+    # MuonEq-R: unit-L2 rows of the Nesterov update before NS (docs/techniques.md#muoneq-r)
+    row_normalize: bool = False
     muon_wd: float = 0.0  # decoupled: p <- p * (1 - lr * wd) before the update
-    # WD taper (R0418): multiplier 1 until this training fraction, then linear to final_mult at 1.
+    # WD taper: multiplier 1 until this training fraction, then linear to final_mult at 1
+    # (docs/techniques.md#decoupled-weight-decay-and-wd-taper).
     wd_taper_start_frac: float = 1.0
     wd_taper_final_mult: float = 1.0
     beta1: float = 0.9
@@ -48,7 +52,8 @@ class MuonConfig:
     warmdown_iters: int = 1200
     warmdown_frac: float = 0.0
     min_lr: float = 0.0
-    # Weight averaging applied to the exported weights (TECHNIQUES §2.6); at most one of the two.
+    # Weight averaging applied to the exported weights, at most one of the two
+    # (docs/techniques.md#ema-and-swa).
     ema_decay: float = 0.0  # 0: off; else fp32 shadow, ema <- d*ema + (1-d)*theta after every step
     swa_every: int = 0  # 0: off; else a snapshot every N steps while lr scale < swa_threshold
     swa_threshold: float = 0.2
@@ -57,7 +62,8 @@ class MuonConfig:
     # swa_min_snapshots snapshots (PR #339: 2), else the live weights are exported
     swa_accumulate: str = "fp32"
     swa_min_snapshots: int = 1
-    # Late QAT (TECHNIQUES §2.7): int6 STE fake-quant of the block matrices once lr scale < threshold.
+    # Late QAT: int6 STE fake-quant of the block matrices once lr scale < threshold
+    # (docs/techniques.md#late-qat).
     late_qat_threshold: float = 0.0
     # Optimizer timing with CUDA events on this many steps (after 10 settling steps); 0: off, so
     # the step stays free of host syncs. Results land in result.json["optimizer_timing"].
@@ -107,13 +113,16 @@ class MuonConfig:
         if self.ema_decay > 0 and self.swa_every > 0:
             raise ConfigError(
                 f"{path}: ema_decay and swa_every are both on; the exported weights can be one average, "
-                "so set one of them to 0 (R0323 logged SWA but exported only the EMA: use ema_decay)"
+                "so set one of them to 0 (the 2026-03-23 record logged SWA but exported only the EMA: use "
+                "ema_decay)"
             )
 
 
 @dataclass
 class ParallelMuonConfig(MuonConfig):
-    """Parallel Muon over parameter banks (TECHNIQUES §2.4): reduce-scatter -> sharded NS -> all-gather.
+    """Parallel Muon over parameter banks: reduce-scatter -> sharded NS -> all-gather.
+
+    docs/techniques.md#parallel-muon
 
     The optimizer does all gradient communication itself (no DDP): banks by reduce-scatter,
     replicated parameters by one packed all-reduce of every gradient up to `pack_max_numel`

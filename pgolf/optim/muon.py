@@ -5,10 +5,10 @@ instead of one call per matrix (54 calls -> 4 for the baseline), which is the sa
 with far fewer kernel launches. Across ranks the work is split as in the baseline: matrix i is
 processed by rank i % world_size and one all-reduce shares every update.
 
-A 3-D parameter is a bank of matrices (TECHNIQUES §2.4): each [j] slice is orthogonalized as its
-own matrix, exactly as if it were a separate 2-D parameter. When one shape group is exactly one
-whole bank (the usual case on one device), its gradient is used as the batch directly, without
-stacking slices.
+A 3-D parameter is a bank of matrices (docs/techniques.md#parameter-banks): each [j] slice is
+orthogonalized as its own matrix, exactly as if it were a separate 2-D parameter. When one shape
+group is exactly one whole bank (the usual case on one device), its gradient is used as the batch
+directly, without stacking slices.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pgolf.optim.schedules import lr_scale, muon_momentum, training_frac, wd_mul
 from pgolf.optim.timing import OptimizerTimer
 
 QUINTIC = (3.4445, -4.7750, 2.0315)
-# Polar Express (PR #1344 -> R0423, R0427A): one (a, b, c) per iteration (TECHNIQUES §2.2).
+# Polar Express: one (a, b, c) per iteration (docs/techniques.md#polar-express-coefficients).
 POLAR_EXPRESS = (
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
     (4.042929935166739, -2.808917465908714, 0.5000178451051316),
@@ -258,7 +258,7 @@ class OptimizerBundle:
         timing = self.timer is not None and self.timer.begin(step)
         if cfg.grad_clip_norm > 0:
             # Over the local gradients: before any communication when the optimizer does it itself
-            # (each rank clips its own, as R0323 does), after DDP's average otherwise.
+            # (each rank clips its own, as the 2026-03-23 record does), after DDP's average otherwise.
             torch.nn.utils.clip_grad_norm_(self.all_params, cfg.grad_clip_norm)
         lr = cfg.matrix_lr * scale
         self._step_all(scale, lr, muon_momentum(cfg, step), cfg.muon_wd * wd_mult(cfg, frac))
@@ -267,7 +267,7 @@ class OptimizerBundle:
         if self.averager is not None:
             self.averager.update(step, scale)
         # Late QAT: a tensor flag read inside the compiled forward (a Python flag would be folded in
-        # at the first trace and never take effect, TECHNIQUES §2.7); the next forward sees it.
+        # at the first trace and never take effect, docs/techniques.md#late-qat); the next forward sees it.
         if cfg.late_qat_threshold > 0 and self.qat_step is None and scale < cfg.late_qat_threshold:
             self.model.qat_blend.fill_(1.0)
             self.qat_step = step + 1

@@ -1,4 +1,4 @@
-"""Parallel Muon over parameter banks (PR #399 -> R0323; TECHNIQUES §2.4), with no DDP.
+"""Parallel Muon over parameter banks (docs/techniques.md#parallel-muon), with no DDP.
 
 One optimizer step, after the local backward:
 1. every bank's gradient (bf16, padded on the matrix index to a multiple of the world size) goes

@@ -52,7 +52,10 @@ def muon_momentum(cfg: MuonConfig, step: int) -> float:
 
 
 def wd_mult(cfg: MuonConfig, frac: float) -> float:
-    """Muon WD taper (R0418): 1 until wd_taper_start_frac, then linear to wd_taper_final_mult at frac 1."""
+    """Muon WD taper: 1 until wd_taper_start_frac, then linear to wd_taper_final_mult at frac 1.
+
+    docs/techniques.md#decoupled-weight-decay-and-wd-taper
+    """
     start = cfg.wd_taper_start_frac
     if frac <= start or start >= 1.0:
         return 1.0
