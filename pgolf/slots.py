@@ -1,8 +1,9 @@
 """GPU slots for parallel sweep jobs on one node: one lock file per GPU, never two jobs on one GPU.
 
-Hydra does not pin GPUs (ECOSYSTEM §c5): a parallel launcher runs N jobs at once and every one of
-them would see every GPU. Each job therefore takes an exclusive `flock` on `<slot_dir>/<gpu>.lock`
-for each GPU it needs and hands exactly those GPUs to its worker through CUDA_VISIBLE_DEVICES.
+Hydra does not pin GPUs (README.md#sweeps-and-reports, launcher `gpus`): a parallel launcher
+runs N jobs at once and every one of them would see every GPU. Each job therefore takes an
+exclusive `flock` on `<slot_dir>/<gpu>.lock` for each GPU it needs and hands exactly those GPUs
+to its worker through CUDA_VISIBLE_DEVICES.
 The kernel drops a flock when its holder dies, so a killed job frees its GPU by itself and a
 stale lock file never blocks a sweep. A job that needs k GPUs takes all k or none (and retries),
 so two k-GPU jobs can never deadlock holding half each.

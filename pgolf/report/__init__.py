@@ -1,4 +1,4 @@
-"""Sweep aggregation: `python -m pgolf.report <sweep_dir> [--baseline ...]` (ECOSYSTEM §c6)."""
+"""Sweep aggregation: `python -m pgolf.report <sweep_dir> [--baseline ...]` (README.md#sweeps-and-reports)."""
 
 from pgolf.report.render import build_summary, write_report
 

@@ -1,4 +1,7 @@
-"""Per-configuration statistics and the comparison against a baseline (ECOSYSTEM §c6)."""
+"""Per-configuration statistics and the comparison against a baseline.
+
+The challenge's rule: docs/techniques.md#record-significance
+"""
 
 from __future__ import annotations
 
@@ -74,8 +77,9 @@ def group_stats(g: Group) -> dict[str, Any]:
 def compare(g: dict[str, Any], base: Baseline, alpha: float, margin: float) -> dict[str, Any]:
     """Candidate group vs baseline: deltas, Welch's test and the challenge's rule test, in nats.
 
-    Rule (TECHNIQUES §1.6): improve by at least `margin` nats at p < alpha, tested as a one-sided
-    one-sample t-test of the candidate's per-seed losses against `baseline mean - margin`.
+    Rule (docs/techniques.md#record-significance): improve by at least `margin` nats at p < alpha,
+    tested as a one-sided one-sample t-test of the candidate's per-seed losses against
+    `baseline mean - margin`.
     """
     loss, bpb = g["val_loss"]["values"], g["val_bpb"]["values"]
     out: dict[str, Any] = {"baseline": base.desc, "n": len(loss)}

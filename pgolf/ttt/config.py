@@ -1,4 +1,4 @@
-"""Schemas of the `ttt` group (TECHNIQUES §2.11-2.13)."""
+"""Schemas of the `ttt` group (docs/techniques.md#test-time-training)."""
 
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ class NoTTTConfig:
 
 @dataclass
 class ScoreFirstTTTConfig:
-    """Legal score-first chunked TTT (§2.11; R0323 defaults): score a chunk's sliding windows under
-    inference mode, then train on the chunk; the last chunk is never trained on. Windows use
-    eval.seq_len / eval.stride / eval.batch_seqs."""
+    """Legal score-first chunked TTT, defaults of the 2026-03-23 record: score a chunk's sliding
+    windows under inference mode, then train on the chunk; the last chunk is never trained on.
+    Windows use eval.seq_len / eval.stride / eval.batch_seqs (docs/techniques.md#score-first-chunked-ttt)."""
 
     name: str = "score_first"
-    lr: float = 0.002  # TTT_LR (0.005 in R0406/R0409); cosine over chunks
+    lr: float = 0.002  # TTT_LR (0.005 in the 2026-04-06/09 records); cosine over chunks
     momentum: float = 0.9  # TTT_MOMENTUM; the SGD buffer persists across chunks
     epochs: int = 3  # TTT_EPOCHS over each chunk
     chunk_tokens: int = 32768  # TTT_CHUNK_TOKENS
@@ -49,19 +49,20 @@ LoRATarget = Literal["q", "k", "v", "head"]
 
 @dataclass
 class LoRATTTConfig:
-    """Per-document LoRA TTT (§2.12): independent rank-r adapters per document of a batch, chunked
-    score-then-update inside each document, adapters and AdamW state reset per batch."""
+    """Per-document LoRA TTT: independent rank-r adapters per document of a batch, chunked
+    score-then-update inside each document, adapters and AdamW state reset per batch
+    (docs/techniques.md#per-document-lora-ttt)."""
 
     name: str = "lora"
-    rank: int = 96  # TTT_LORA_RANK (80 in R0427A)
-    alpha: float = 0.0  # output scale alpha/rank (144 from R0423); 0: unscaled (R0410)
+    rank: int = 96  # TTT_LORA_RANK (80 in the 2026-04-27 record)
+    alpha: float = 0.0  # output scale alpha/rank (144 from 2026-04-23); 0: unscaled (2026-04-10)
     targets: list[LoRATarget] = field(default_factory=lambda: ["q", "k", "v", "head"])
     lr: float = 1e-4  # AdamW
     beta1: float = 0.0
     beta2: float = 0.999
     eps: float = 1e-10
     weight_decay: float = 0.5
-    chunk_size: int = 48  # TTT_CHUNK_SIZE (32 in R0410)
+    chunk_size: int = 48  # TTT_CHUNK_SIZE (32 in the 2026-04-10 record)
     context: int = 2048  # in-document context of each chunk's window
     batch_docs: int = 64  # TTT_BATCH_SIZE: documents per batch
     bos_id: int = 1
@@ -89,8 +90,9 @@ class LoRATTTConfig:
 
 @dataclass
 class PhasedTTTConfig(LoRATTTConfig):
-    """Phased TTT (§2.13): LoRA TTT over the length-sorted queue, pausing at prefix_docs*(p+1)//num_phases
-    scored documents for global SGD of the base model on all documents scored up to that boundary."""
+    """Phased TTT: LoRA TTT over the length-sorted queue, pausing at prefix_docs*(p+1)//num_phases
+    scored documents for global SGD of the base model on all documents scored up to that boundary
+    (docs/techniques.md#phased-ttt)."""
 
     name: str = "phased"
     prefix_docs: int = 2000  # PHASED_TTT_PREFIX_DOCS

@@ -1,8 +1,8 @@
-"""The legality guard shared by every TTT mode (TECHNIQUES §1.5).
+"""The legality guard shared by every TTT mode (docs/techniques.md#test-time-training-legality).
 
 Weight-updating code never holds the validation stream: it asks a `ScoredStream` for training
 tokens, and the guard hands out only targets that have already been scored. Scoring code marks
-what it scored; marking a target twice also raises (single pass, §1.5 condition 4).
+what it scored; marking a target twice also raises (every target is scored once, in a single pass).
 
 Target t is stream token t+1 predicted from tokens 0..t; training on targets [a, b) needs tokens
 [a, b] (inputs a..b-1, targets a+1..b), all of which are then already graded or pure context.

@@ -1,5 +1,5 @@
-"""ttt=lora and ttt=phased: per-document LoRA TTT (TECHNIQUES §2.12), optionally with phased global
-SGD of the base model on already-scored documents (§2.13).
+"""ttt=lora and ttt=phased: per-document LoRA TTT, optionally with phased global SGD of the base
+model on already-scored documents (docs/techniques.md#per-document-lora-ttt, docs/techniques.md#phased-ttt).
 
 Per batch of documents (the length-sorted queue of pgolf.ttt.docs), every document gets its own
 rank-r adapters (q/k/v projections of every layer, and the logits), so no information flows
@@ -435,7 +435,7 @@ class LoRATTT:
 
     # -------------------------------------------------------------------------- global SGD
     def _global_sgd(self, model, docs: list[Doc], scorer, guard, loss_fn, world_size, rank) -> None:
-        """Phased TTT's base-model SGD on already-scored documents (§2.13)."""
+        """Phased TTT's base-model SGD on already-scored documents."""
         cfg: PhasedTTTConfig = self.cfg  # type: ignore[assignment]
         L = cfg.global_seq_len
         tokens = torch.cat([guard.training_tokens(*d.targets)[:-1] for d in docs])  # each doc from its BOS

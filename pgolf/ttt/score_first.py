@@ -1,4 +1,4 @@
-"""ttt=score_first: legal score-first chunked TTT (TECHNIQUES §2.11, PR #461 recipe as in R0323).
+"""ttt=score_first: legal score-first chunked TTT (docs/techniques.md#score-first-chunked-ttt).
 
 The stream's targets are cut into chunks of `chunk_tokens`. Each sliding window belongs to the chunk
 holding its first scored target. For chunk c: (1) score its windows under inference mode with the
