@@ -1,10 +1,11 @@
 """Document boundaries of a batch, for varlen attention that never attends across documents.
 
-Follows the document-packing records (PR #1530 -> 2026-04-10 on, §2.16): a segment starts at every
-BOS and at every row start (rows are separate sequences), segments longer than `max_doc_len` are
-cut, and `cu_seqlens` (segment starts + the total length) is padded with the total length to a
-multiple of `bucket`. The padding adds zero-length segments, which varlen kernels skip, and keeps
-the number of distinct shapes small so `torch.compile` builds only a few graphs.
+Follows the document-packing records (docs/techniques.md#document-boundaries): a segment starts
+at every BOS and at every row start (rows are separate sequences), segments longer than
+`max_doc_len` are cut, and `cu_seqlens` (segment starts + the total length) is padded with the
+total length to a multiple of `bucket`. The padding adds zero-length segments, which varlen
+kernels skip, and keeps the number of distinct shapes small so `torch.compile` builds only a few
+graphs.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Exact byte accounting for val_bpb (TECHNIQUES §1.4).
+"""Exact byte accounting for val_bpb (docs/techniques.md#bits-per-byte).
 
 bytes(y | p) = base_bytes[y] + [has_leading_space[y] and not is_boundary[p]]: the space that a
 piece's leading "▁" stands for is charged only when the previous token is not a boundary (BOS...).

@@ -1,4 +1,6 @@
-"""Train a SentencePiece BPE tokenizer with the challenge's settings and export shards (§1.3).
+"""Train a SentencePiece BPE tokenizer with the challenge's settings and export shards.
+
+The format: docs/techniques.md#data-format, docs/techniques.md#tokenizers
 
 Layout per document: [BOS] + encode(text), no EOS; the first `val_docs` documents form the
 validation split, the rest the training split. Documents stream through: memory stays at about

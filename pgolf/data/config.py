@@ -16,7 +16,7 @@ class LoaderFields:
 
     loader: `sequential` (the baseline's stream), `coprime` (PR #726 / 2026-03-29 record),
     `shuffled` (ShuffledSequenceLoader, 2026-04-05 on), `synthetic` (random tokens made on the
-    device: for benchmarking the input pipeline only, never for training). TECHNIQUES §2.16.
+    device: for benchmarking the input pipeline only, never for training); docs/techniques.md#data-loaders.
     """
 
     loader: LoaderName = "sequential"

@@ -1,4 +1,4 @@
-"""`data.loader=coprime`: coprime-stride multi-shard memmap loader (PR #726 -> 2026-03-29 record, §2.16).
+"""`data.loader=coprime`: coprime-stride multi-shard memmap loader (docs/techniques.md#coprime-stride-loader).
 
 Every rank computes the same global plan from one RNG, so no communication is needed:
 

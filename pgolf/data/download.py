@@ -1,4 +1,6 @@
-"""Fetch the challenge's published FineWeb exports: manifest-driven, resumable, verified (§1.3).
+"""Fetch the challenge's published FineWeb exports: manifest-driven, resumable, verified.
+
+The format of what it fetches: docs/techniques.md#data-format
 
 The hub repo holds `<remote_root>/manifest.json`, `<remote_root>/datasets/fineweb10B_<variant>/`
 shards and `<remote_root>/tokenizers/` models, as the challenge's `cached_challenge_fineweb.py`

@@ -1,4 +1,4 @@
-"""`data.loader=sequential`: the baseline's stream (ROOT TokenStream/DistributedTokenLoader, §2.16).
+"""`data.loader=sequential`: the baseline's stream (docs/techniques.md#sequential-loader).
 
 Shards are read in sorted order and wrap around. Every micro-batch consumes one contiguous chunk of
 world_size * (local_tokens + 1) tokens; rank r gets the r-th span of local_tokens + 1 (the +1 gives

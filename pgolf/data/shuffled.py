@@ -1,4 +1,6 @@
-"""`data.loader=shuffled`: the ShuffledSequenceLoader of the 2026-04-05+ records (§2.16).
+"""`data.loader=shuffled`: the ShuffledSequenceLoader of the 2026-04-05+ records.
+
+docs/techniques.md#shuffled-sequence-loader
 
 Rank r owns the shards files[r::W] (no shard is shared, so ranks never see the same token) and its
 own RNG. Each shard gets a random phase in [0, T-1] and a random permutation of its T-token windows

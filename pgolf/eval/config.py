@@ -13,13 +13,14 @@ EvalMode = Literal["nonoverlap", "sliding"]
 @dataclass
 class EvalConfig:
     # Run in this order on the artifact's weights; the last one (then TTT, when enabled) gives the
-    # final val_bpb. nonoverlap: disjoint train.seq_len sequences (ROOT eval_val); sliding: §2.10.
+    # final val_bpb. nonoverlap: disjoint train.seq_len sequences (the challenge's root script);
+    # sliding: docs/techniques.md#sliding-window-eval.
     modes: list[EvalMode] = field(default_factory=lambda: ["nonoverlap"])
     seq_len: int = 0  # EVAL_SEQ_LEN of sliding windows and TTT; 0: train.seq_len
     stride: int = 64  # EVAL_STRIDE
     batch_seqs: int = 32  # EVAL_BATCH_SEQS: windows per forward and rank (one compiled shape)
     # Which targets the sliding windows (and score-first TTT) score: `exact` (each once) or `legacy`,
-    # the records' rule before the sliding-window fix (2026-03 scripts, PR #339 / #399 / #726 / R0323),
+    # the records' rule before the sliding-window fix (2026-03 scripts, PR #339 / #399 / #726 / #549),
     # whose short tail windows score the last `stride` targets again; only for comparing with numbers
     # published under it. result.json records the rule of each windowed score (metrics.<mode>).
     window_rule: Literal["exact", "legacy"] = "exact"

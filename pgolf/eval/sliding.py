@@ -1,4 +1,7 @@
-"""Sliding-window scoring on the device (TECHNIQUES §2.10), shared by sliding eval and score-first TTT.
+"""Sliding-window scoring on the device, shared by sliding eval and score-first TTT.
+
+docs/techniques.md#sliding-window-eval
+
 
 Throughput choices (eval time counts against budget.eval_seconds):
 - The whole validation stream lives on the device once; a batch of windows is gathered there from

@@ -1,4 +1,7 @@
-"""Non-overlapping validation (TECHNIQUES §2.10) with exact bpb accounting (§1.4).
+"""Non-overlapping validation with exact bpb accounting.
+
+docs/techniques.md#non-overlapping-eval, docs/techniques.md#bits-per-byte
+
 
 The truncated stream is cut into floor((N-1)/L) sequences of length L, split contiguously over
 ranks; NLL and byte sums stay on the device in float64 and are read once at the end.

@@ -1,4 +1,7 @@
-"""The sliding-window rule (TECHNIQUES §2.10): which windows exist and which targets each scores.
+"""The sliding-window rule: which windows exist and which targets each scores.
+
+docs/techniques.md#sliding-window-eval
+
 
 Targets are indexed by stream position t = 0 .. n-1 (target t is token t+1, predicted from tokens
 0..t). A window starting at `ws` reads inputs [ws, ws+L) and scores targets [lo, hi):
@@ -7,9 +10,9 @@ Targets are indexed by stream position t = 0 .. n-1 (target t is token t+1, pred
     hi = min(ws + L, n)
 A window is kept only when it scores something (lo < hi). Consecutive kept windows then tile
 [0, n) exactly: window k (k >= 1) starts scoring where window k-1 stopped, so no target is scored
-twice. The record lineage R0319S-R0323 instead kept every short tail window and let each score its
-last `stride` targets, which counted ~2k tail targets several times (§2.10 duplicate-scoring bug);
-here the ranges are derived, never stored, so that cannot happen.
+twice. The records from 2026-03-19 to 2026-03-31 instead kept every short tail window and let each
+score its last `stride` targets, which counted ~2k tail targets several times (fixed by the
+2026-04-01 record); here the ranges are derived, never stored, so that cannot happen.
 
 `rule="legacy"` reproduces that older rule, for comparing with numbers published under it
 (`eval.window_rule=legacy`). A window's length is wlen = min(ws + L, n) - ws, and it scores
@@ -71,7 +74,7 @@ def scored_ranges(
 def assign_chunks(
     starts: np.ndarray, n_targets: int, seq_len: int, stride: int, chunk_tokens: int, rule: str = "exact"
 ) -> np.ndarray:
-    """The chunk of each window (score-first TTT, §2.11): the one holding its first scored target.
+    """The chunk of each window (score-first TTT): the one holding its first scored target.
 
     A window's scored range can straddle a chunk boundary (when stride does not divide the chunk);
     the whole window is then scored with its first target's chunk, before that chunk is trained on,

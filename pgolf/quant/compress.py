@@ -1,4 +1,7 @@
-"""Compressors as a switch (TECHNIQUES §2.9): zlib, zstd, lzma and brotli, plus a byte shuffle.
+"""Compressors as a switch: zlib, zstd, lzma and brotli, plus a byte shuffle.
+
+docs/techniques.md#compressors-and-byte-shuffle
+
 
 zlib and lzma are in the standard library; zstd and brotli are the pip packages `zstandard` and
 `brotli` (pgolf's dependencies), imported only when chosen so a missing one fails with the fix.

@@ -26,7 +26,7 @@ class Int8ZlibConfig:
 
 @dataclass
 class GroupQuant:
-    """How one routing group of large matrices is quantized (TECHNIQUES §2.8)."""
+    """How one routing group of large matrices is quantized (docs/techniques.md#mixed-int-n-routing)."""
 
     bits: int = 6  # 2..8; codes are stored one per byte, the compressor removes the unused bits
     # rowmax: step = max|row| / qmax (PR #339 / #399's int6); search: GPTQ-lite's best percentile
@@ -34,8 +34,9 @@ class GroupQuant:
     sigmas: float = 12.85  # sdclip: per-row step = sigmas * std(row) / (2**(bits-1) - 1)
     percentile: float = 99.99984  # percentile: per-row clip at this quantile of |row|
     gptq: bool = False  # full-Hessian GPTQ (needs calibration); else round to nearest
-    floor: bool = False  # percentile/search: the pre-SDClip records' step floor of 1/qmax (§5.10)
-    search_per_row: bool = True  # search: best clip per row; false = one per matrix (R0323's code)
+    # percentile/search: the pre-SDClip records' step floor of 1/qmax (docs/techniques.md#mixed-int-n-routing)
+    floor: bool = False
+    search_per_row: bool = True  # search: best clip per row; false = one per matrix (2026-03-23 code)
     # percentile without GPTQ: clamp values to the clip and round with the exact fp32 step, storing
     # it as fp16 afterwards (the 2026-03 records' int8 path); false: codes from the stored fp16 step
     clip_then_round: bool = False
@@ -61,7 +62,7 @@ class CalibrationConfig:
 
     source: Literal["train", "self"] = "train"  # training batches, or sequences the model samples itself
     batches: int = 64  # source=train: micro-batches of the training loader, split over the ranks
-    self_seqs: int = 64  # source=self: sequences sampled (R0325: 64 x 2048 at temperature 0.8)
+    self_seqs: int = 64  # source=self: sequences sampled (2026-03-25 record: 64 x 2048 at temperature 0.8)
     self_seq_len: int = 2048
     self_batch: int = 8  # sequences sampled at a time
     temperature: float = 0.8
@@ -95,12 +96,16 @@ class MixedQuantConfig:
     )
     byte_shuffle: bool = True  # group the bytes of fp16/fp32 sections by position before compressing
     report_compressors: bool = False  # also record the bytes every installed compressor would give
-    gate_int8: bool = False  # attention gates (*.attn_gate_w, 32..8192 elements): int8 per row (§2.8g)
-    lqer_rank: int = 0  # LQER (§2.8i): rank-r correction of the top-k error matrices (0: off)
+    # attention gates (*.attn_gate_w, 32..8192 elements): int8 per row
+    # (docs/techniques.md#attention-gate-int8)
+    gate_int8: bool = False
+    # LQER (docs/techniques.md#lqer)
+    lqer_rank: int = 0  # rank-r correction of the top-k error matrices (0: off)
     lqer_top_k: int = 3
     lqer_factor_bits: int = 4  # the factors' per-row int bits
-    # Selective +-1 pruning (§2.8h): when model + code bytes exceed budget.artifact_bytes (decimal),
-    # zero the fewest |q| = 1 matrix codes, smallest squared row scale first, that make it fit.
+    # Selective +-1 pruning (docs/techniques.md#selective-pruning-to-fit): when model + code bytes exceed
+    # budget.artifact_bytes (decimal), zero the fewest |q| = 1 matrix codes, smallest squared row
+    # scale first, that make it fit.
     prune_to_fit: bool = False
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 

@@ -1,4 +1,7 @@
-"""Per-row scales and the two ways to pick integer codes: round to nearest, or GPTQ (TECHNIQUES §2.8).
+"""Per-row scales and the two ways to pick integer codes: round to nearest, or GPTQ.
+
+docs/techniques.md#full-hessian-gptq, docs/techniques.md#sdclip, docs/techniques.md#gptq-lite-clip-search
+
 
 GPTQ quantizes a weight W (out, in) one input column at a time and pushes each column's rounding
 error onto the columns not yet quantized, weighted by the inverse of the layer-input Hessian
@@ -11,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-PERCENTILE_SEARCH = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # GPTQ-lite candidate clips (R0323)
+PERCENTILE_SEARCH = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # GPTQ-lite candidate clips (2026-03-22/23 records)
 
 
 def qmax(bits: int) -> int:
@@ -40,7 +43,8 @@ def row_scales(
     """Per-row step sizes (fp32 holding fp16-representable values) for a 2-D float tensor.
 
     `floor` applies the pre-SDClip records' minimum step 1/qmax to the percentile and search clips;
-    `per_row=False` makes the search pick one candidate for the whole matrix, as R0323's code does.
+    `per_row=False` makes the search pick one candidate for the whole matrix, as the 2026-03-23
+    record's code does.
     """
     w = w.float()
     m = qmax(bits)

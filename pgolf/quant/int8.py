@@ -1,4 +1,6 @@
-"""Baseline export (TECHNIQUES §2.8a): per-row int8 with percentile clip, fp16 scales, zlib-9.
+"""Baseline export: per-row int8 with percentile clip, fp16 scales, zlib-9.
+
+docs/techniques.md#baseline-int8-export
 
 * 2-D float tensors with more than `keep_float_max_numel` elements: per row, clip at the
   `clip_percentile` quantile of |W_r|, scale s_r = max(c_r/127, 1/127) stored fp16,

@@ -1,4 +1,4 @@
-"""The records' export family (TECHNIQUES §2.8-2.9): per-row int-N, name-routed groups, GPTQ, SDClip.
+"""The records' export family: per-row int-N, name-routed groups, GPTQ, SDClip (docs/techniques.md#export).
 
 Routing by parameter name: `embed` (token/bigram/VE tables, an untied head), `attn` (`.attn.`),
 `mlp` (`.mlp.`), `other` (any other large matrix). Each group has its own bits, clip rule

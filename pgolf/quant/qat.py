@@ -1,11 +1,12 @@
-"""Straight-through fake quantization for (late) QAT (TECHNIQUES §2.7).
+"""Straight-through fake quantization for (late) QAT (docs/techniques.md#late-qat).
 
-The R0320-R0323 form, per row r of a matrix (rows = all but the last dim, so a 3-D bank is
-quantized matrix by matrix): s_r = max(max_j |W_rj| / 31, 1/31), W~ = clamp(round(W / s), -32, 31) * s,
+The 2026-03-20 to 2026-03-23 records' form, per row r of a matrix (rows = all but the last dim,
+so a 3-D bank is quantized matrix by matrix):
+    s_r = max(max_j |W_rj| / 31, 1/31), W~ = clamp(round(W / s), -32, 31) * s,
 the same scale floor as the records' int6 exporter. The forward uses W + blend * stopgrad(W~ - W):
 with a 0-d tensor `blend` the switch is a graph input, so flipping it from 0 to 1 changes what a
 `torch.compile(fullgraph=True)` graph computes without a recompile (a Python flag would be
-specialized at the first trace and never take effect, the R0321 pitfall).
+specialized at the first trace and never take effect, as in those records).
 """
 
 from __future__ import annotations

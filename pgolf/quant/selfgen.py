@@ -1,4 +1,4 @@
-"""Calibration text the model writes itself (R0325's AR self-generated GPTQ calibration, §2.8e).
+"""Calibration text the model writes itself, for GPTQ without data (docs/techniques.md#gptq-calibration).
 
 After training, the model samples sequences at a temperature, the first token uniform over the
 vocabulary, from a seeded generator, re-running the whole prefix for every new token (no KV cache:

@@ -2,8 +2,8 @@
 
 The challenge accepts a record when it beats the best by at least 0.005 nats at p < 0.01
 (docs/techniques.md#record-significance); records report a one-sample one-sided t-test against
-`baseline - margin` or a Welch two-sample test. Everything here is one-sided with the alternative "the candidate is
-lower" (lower loss is better), which is the question a record asks.
+`baseline - margin` or a Welch two-sample test. Everything here is one-sided with the
+alternative "the candidate is lower" (lower loss is better), which is the question a record asks.
 """
 
 from __future__ import annotations
