@@ -2,7 +2,7 @@
 # GPU machines here are offline: Python packages arrive as wheels in .whl/, data in .bench/.
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 BENCH_TOK="$REPO/.bench/corpus/fineweb_1024_bpe.model"
-# The 2026-03-23 record's shape and optimizer (TECHNIQUES §3.2) as its script's environment
+# The 2026-03-23 record's shape and optimizer (PR #549) as its script's environment
 # variables, shared by the benchmarks that run that script: `env "${R0323_SHAPE[@]}" ... torchrun`.
 R0323_SHAPE=(NUM_LAYERS=11 BIGRAM_VOCAB_SIZE=1536 XSA_LAST_N=4 ROPE_DIMS=16 LN_SCALE=1 VE_ENABLED=1 VE_DIM=128 VE_LAYERS=9,10)
 R0323_OPTIM=(MATRIX_LR=0.025 SCALAR_LR=0.025 TIED_EMBED_LR=0.035 MUON_MOMENTUM=0.99 MUON_MOMENTUM_WARMUP_START=0.92

@@ -18,8 +18,8 @@ import re
 import sys
 from pathlib import Path
 
-# The R0319S-R0323 window list kept short tail windows that re-score the last targets with less
-# context (TECHNIQUES §2.10); R0401 fixed it. pgolf's rule cannot produce the duplicates, so the
+# The 2026-03-19 to 2026-03-31 records' window list kept short tail windows that re-score the last
+# targets with less context (docs/techniques.md#sliding-window-eval); the 2026-04-01 record fixed it. pgolf's rule cannot produce the duplicates, so the
 # reference is compared with the fix applied (PATCH=0 in eval.sh runs the original).
 FIXES = [
     (

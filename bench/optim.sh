@@ -12,8 +12,8 @@
 #   TIMING_STEPS  pgolf steps (after 10 settling steps) bracketed with CUDA events to measure the
 #                optimizer time and the exposed (not overlapped) communication wait (default 20).
 #
-# Equalized on purpose: the reference's LATE_QAT_THRESHOLD and SWA are off (R0323's late-QAT flag
-# is folded by torch.compile, TECHNIQUES §2.7, and its SWA is collected but never applied, §2.6;
+# Equalized on purpose: the reference's LATE_QAT_THRESHOLD and SWA are off (the record's late-QAT
+# flag is folded by torch.compile, docs/techniques.md#late-qat, and its SWA is collected but never applied;
 # both only add host work), and pgolf's presets match (late_qat_threshold 0, swa_every 0). EMA 0.997
 # is on in both and replaces the weights before each side's final evaluation, so after 150 steps
 # the evaluated weights are mostly the initialization (0.997^150 = 0.64): the quality figures to

@@ -59,7 +59,7 @@ def test_naive_baseline_experiment_is_the_challenge_baseline(compose):
 
 
 def test_r0323_experiment_is_the_records_recipe(compose):
-    """TECHNIQUES §3.2, group by group."""
+    """The 2026-03-23 record's configuration, group by group."""
     job = job_config_from_dict(compose(["experiment=r0323"]))
     check_compatibility(job)
     m, o, t = job.model, job.optimizer, job.ttt
@@ -100,7 +100,7 @@ def test_r0323_experiment_is_the_records_recipe(compose):
 
 
 def test_r0409_experiment_is_the_records_recipe(compose):
-    """TECHNIQUES §3.3, group by group."""
+    """The 2026-04-09 record's configuration, group by group."""
     job = job_config_from_dict(compose(["experiment=r0409"]))
     check_compatibility(job)
     m, o, q, t = job.model, job.optimizer, job.quant, job.ttt

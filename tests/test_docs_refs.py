@@ -36,6 +36,7 @@ TEAM_NOTE = re.compile(r"\b(?:TECHNIQUES|ECOSYSTEM|DESIGN)\b|shared/docs")
 BARE_SECTION = re.compile(r"(?<!\.md )§")
 RECORD_ID = re.compile(r"\bR0\d{3}[A-Z]*\b")
 DOC_REF = re.compile(r"\b((?:docs/[\w./-]+?|README)\.md)#([\w-]+)")
+MD_LINK = re.compile(r"\]\(([\w./-]*?\.md)?#([\w-]+)\)")
 HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
 FENCE = re.compile(r"^\s*(```|~~~)")
 
@@ -115,9 +116,47 @@ def broken_doc_refs(root: Path) -> list[str]:
     return broken
 
 
+def broken_markdown_links(root: Path) -> list[str]:
+    """`file:line: link (why)` for every `[text](<file>.md#anchor)` or `[text](#anchor)` in README.md
+    and docs/*.md whose file or heading is missing (paths relative to the linking file)."""
+    broken = []
+    for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+            for m in MD_LINK.finditer(line):
+                target = (p.parent / m.group(1)) if m.group(1) else p
+                if not target.is_file():
+                    broken.append(f"{p.relative_to(root).as_posix()}:{n}: {m.group(0)} (no such file)")
+                elif m.group(2) not in anchors(target.read_text(encoding="utf-8")):
+                    broken.append(
+                        f"{p.relative_to(root).as_posix()}:{n}: {m.group(0)} (no heading with this anchor)"
+                    )
+    return broken
+
+
 def test_code_and_config_cite_no_team_notes():
     problems = citation_problems(REPO, skip=PENDING_REWRITE)
     assert not problems, "point these at docs/techniques.md#<anchor> instead:\n" + "\n".join(problems)
+
+
+def test_docs_tests_and_bench_cite_no_team_notes():
+    # the repository stands on its own docs everywhere, not only in the package
+    this = Path(__file__).resolve()
+    files = [REPO / "README.md", *(REPO / "docs").glob("*.md")]
+    files += [
+        p for d in ("tests", "bench", "launch") for p in (REPO / d).rglob("*") if p.suffix in CHECKED_SUFFIXES
+    ]
+    hits = [
+        f"{p.relative_to(REPO).as_posix()}:{n}: {line.strip()}"
+        for p in files
+        if p.is_file() and p.resolve() != this
+        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+        if TEAM_NOTE.search(line)
+    ]
+    assert not hits, "\n".join(hits)
+
+
+def test_markdown_links_to_anchors_resolve():
+    assert not (broken := broken_markdown_links(REPO)), "\n".join(broken)
 
 
 def test_pending_rewrite_files_still_exist():

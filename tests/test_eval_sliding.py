@@ -1,4 +1,4 @@
-"""Sliding-window eval (TECHNIQUES §2.10): the window rule, and the device scorer against references."""
+"""Sliding-window eval: the window rule, and the device scorer against references."""
 
 from __future__ import annotations
 

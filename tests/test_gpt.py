@@ -54,7 +54,7 @@ EXCLUSIVE = [
     {"gptj", "two_lane"},
     {"out_gate", "out_gate_q", "dense_gate", "sparse_gate"},
 ]
-# The records' stacks on tiny shapes (TECHNIQUES §3.2-3.4, §4.2).
+# The records' stacks on tiny shapes.
 STACKS = {
     "r0323": ["leaky", "mlp3", "xsa", "rope", "ln_scale", "resid_mix", "unet", "smear_v2", "bigram", "ve", "ortho"],
     "r0409": ["leaky", "xsa", "rope", "ln_scale", "resid_mix", "skip_gates", "gptj", "loops", "qk", "ortho"],
@@ -235,7 +235,7 @@ SIGMOID_GATES = [dict(sparse_attn_gate=True), dict(gated_attn=True, gated_attn_i
 
 @pytest.mark.parametrize("gate", SIGMOID_GATES)
 def test_sigmoid_gates_halve_attention_at_zero_weights(gate):
-    """sigmoid(0) = 0.5 per head before W_o: the same as halving attn_scale (TECHNIQUES §2.14)."""
+    """sigmoid(0) = 0.5 per head before W_o: the same as halving attn_scale."""
     plain, model, _ = _with_and_without(gate)
     with torch.no_grad():
         for b in plain.blocks:

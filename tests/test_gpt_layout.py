@@ -98,7 +98,7 @@ def test_unbank_rebank_roundtrip_is_exact():
     assert sorted(back) == sorted(state)
     for k in state:
         assert torch.equal(back[k], state[k]) and back[k].dtype == state[k].dtype, k
-    # slice j of each bank is the named matrix of the spec's layout (TECHNIQUES §2.4)
+    # slice j of each bank is the named matrix of the canonical layout (pgolf/models/banks.py)
     n = 4
     assert torch.equal(flat["blocks.1.attn.c_q.weight"], state["qo_bank"][1])
     assert torch.equal(flat["blocks.1.attn.proj.weight"], state["qo_bank"][n + 1])
@@ -219,7 +219,7 @@ def test_preset_parameter_counts_match_the_record_logs(compose, option, data, ex
     with torch.device("meta"):
         model = GPT(m, banked=type(m).BANKED, init=False)
     assert sum(p.numel() for p in model.parameters()) == expected
-    # the same number from the shapes (TECHNIQUES §3.2, §3.3)
+    # the same number, counted by hand from the shapes
     d, L, Vv, kv, hid = 512, 11, m.vocab_size, 256, int(m.mlp_mult * 512)
     blocks = L * (2 * d * d + 2 * kv * d + 2 * hid * d + 2 * d + 2 * d + 8)
     if option == "sp8192_recur":

@@ -1,4 +1,4 @@
-"""Muon variants, AdamW weight decay, schedules, EMA/SWA and late QAT (TECHNIQUES §2.2-2.7)."""
+"""Muon variants, AdamW weight decay, schedules, EMA/SWA and late QAT."""
 
 from __future__ import annotations
 
@@ -151,7 +151,7 @@ def test_wd_taper_scales_the_muon_decay():
 
 
 def test_r0409_fraction_warmdown_with_reserve():
-    """WARMDOWN_FRAC 0.72 of the 588 s left after a 12 s GPTQ reserve (TECHNIQUES §2.5, §3.3)."""
+    """WARMDOWN_FRAC 0.72 of the 588 s left after a 12 s GPTQ reserve (the 2026-04-09 record)."""
     cfg = MuonConfig(warmdown_frac=0.72, min_lr=0.0)
     cap = 1000.0 * (600 - 12)
     for frac, expected in [(0.0, 1.0), (0.279, 1.0), (0.28, 1.0), (0.64, 0.5), (0.82, 0.25), (1.0, 0.0)]:

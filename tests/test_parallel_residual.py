@@ -1,4 +1,4 @@
-"""Parallel residuals (TECHNIQUES §2.14): the two-stream forms against eager re-implementations of
+"""Parallel residuals: the two-stream forms against eager re-implementations of
 the records' forward passes, written here from the records' code (R0331 two-lane sequential,
 R0404/R0408 split lanes with a learned merge, R0410 two-lane concurrent), plus structure checks."""
 

@@ -1,4 +1,4 @@
-"""Selective +-1 pruning (quant.prune_to_fit, TECHNIQUES §2.8h): the fewest |q| = 1 codes, smallest
+"""Selective +-1 pruning (quant.prune_to_fit): the fewest |q| = 1 codes, smallest
 squared row scale first, that bring the real compressed blob under a decimal byte budget."""
 
 from __future__ import annotations

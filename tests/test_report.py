@@ -16,7 +16,7 @@ from pgolf.report import stats
 from pgolf.report.__main__ import main as report_main
 from pgolf.report.render import write_report
 
-# ECOSYSTEM §b9: the 2026-03-18 LongContextSeq2048 record (one-sample, against baseline - 0.005)
+# Published per-seed figures: the 2026-03-18 LongContextSeq2048 record (one-sample, against baseline - 0.005)
 # and the 2026-03-25 ValCalib record (Welch, per-seed values of both PRs).
 LONGCTX = [1.20576485, 1.2061746, 1.20715923]
 VALCALIB_NEW = [1.11508120, 1.11437394, 1.11475014]
@@ -49,7 +49,7 @@ def test_t_cdf_matches_closed_forms(t):
 
 
 def test_t_quantiles_and_power_hint():
-    # The critical values quoted in ECOSYSTEM §c6 (scipy t.ppf(0.99, df)).
+    # Critical values from scipy's t.ppf(0.99, df).
     assert stats.t_ppf(0.99, 2) == pytest.approx(6.9646, abs=1e-4)
     assert stats.t_ppf(0.99, 3) == pytest.approx(4.5407, abs=1e-4)
     assert stats.t_ppf(0.99, 5) == pytest.approx(3.3649, abs=1e-4)

@@ -1,4 +1,4 @@
-"""Score-first TTT (TECHNIQUES §2.11) and the legality guard shared by TTT modes (§1.5)."""
+"""Score-first TTT and the legality guard shared by TTT modes."""
 
 from __future__ import annotations
 

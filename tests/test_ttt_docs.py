@@ -1,4 +1,4 @@
-"""Documents and the phased-TTT schedule on a synthetic stream (TECHNIQUES §2.12-2.13)."""
+"""Documents and the phased-TTT schedule on a synthetic stream."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Per-document LoRA TTT and phased TTT (TECHNIQUES §2.12-2.13) on synthetic document streams."""
+"""Per-document LoRA TTT and phased TTT on synthetic document streams."""
 
 from __future__ import annotations
 
