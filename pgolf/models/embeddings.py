@@ -3,9 +3,10 @@
 What each does and where it comes from: docs/techniques.md#smeargate, docs/techniques.md#bigramhash,
 docs/techniques.md#value-embeddings.
 
-Each is zero-cost to switch off (the module is simply absent) and, where the spec says so, the
-identity at initialization: BigramHash and value embeddings start with zero projections, SmearGate
-v3 with a zero lambda. SmearGate v2 starts at a 50/50 mix with the previous token, as specified.
+Each is zero-cost to switch off (the module is simply absent) and, where the records' code makes
+it so, the identity at initialization: BigramHash and value embeddings start with zero
+projections, SmearGate v3 with a zero lambda. SmearGate v2 starts at a 50/50 mix with the previous
+token, as in the records.
 """
 
 from __future__ import annotations
