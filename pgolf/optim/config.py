@@ -113,8 +113,7 @@ class MuonConfig:
         if self.ema_decay > 0 and self.swa_every > 0:
             raise ConfigError(
                 f"{path}: ema_decay and swa_every are both on; the exported weights can be one average, "
-                "so set one of them to 0 (the 2026-03-23 record logged SWA but exported only the EMA: use "
-                "ema_decay)"
+                "so set one of them to 0 (the 2026-03-23 record exported only the EMA: use ema_decay)"
             )
 
 

@@ -33,8 +33,8 @@ def find_docs(stream: np.ndarray, bos_id: int) -> list[Doc]:
     if starts.size == 0 or starts[0] != 0:
         raise ValueError(
             f"per-document TTT needs every document to start with BOS (id {bos_id}); the validation stream "
-            f"{'has no BOS' if starts.size == 0 else f'starts with token {int(stream[0])}'} (an export that "
-            "drops the per-document BOS; docs/techniques.md#data-format)"
+            f"{'has no BOS' if starts.size == 0 else f'starts with token {int(stream[0])}'} (see "
+            "docs/techniques.md#data-format)"
         )
     ends = np.append(starts[1:] + 1, stream.size)  # through the next BOS inclusive
     docs = [Doc(i, int(s), int(e - s)) for i, (s, e) in enumerate(zip(starts, ends))]
