@@ -21,6 +21,10 @@ class LoaderFields:
 
     loader: LoaderName = "sequential"
     prefetch: int = 0  # producer-thread queue depth in batches; 0 = assemble each batch on demand
+    # threads filling that queue: 1 = one producer thread; N > 1 = one thread plans every batch in
+    # order (the same batches) and N threads copy their tokens
+    prefetch_threads: int = 1
+    pin_memory: bool = True  # on CUDA, host batches sit in pinned memory (false: pageable)
     # coprime: the shard-mix schedule ramps over this many batches (progress = built / ramp) ...
     coprime_mix_ramp_batches: int = 1800
     # ... from max(mix_start, world) to max(mix_end, mix_start * world) shards per global batch ...
@@ -39,6 +43,13 @@ class LoaderFields:
     def validate_loader(self, path: str) -> None:
         if self.prefetch < 0:
             raise ConfigError(f"{path}.prefetch={self.prefetch} must be >= 0 (0 turns prefetching off)")
+        if self.prefetch_threads < 1:
+            raise ConfigError(f"{path}.prefetch_threads={self.prefetch_threads} must be >= 1")
+        if self.prefetch_threads > 1 and self.prefetch == 0:
+            raise ConfigError(
+                f"{path}.prefetch_threads={self.prefetch_threads} needs {path}.prefetch > 0: the threads fill "
+                "the prefetch queue, which prefetch=0 turns off"
+            )
         if self.coprime_mix_ramp_batches < 1:
             raise ConfigError(f"{path}.coprime_mix_ramp_batches must be >= 1")
         if not 1 <= self.coprime_mix_start <= self.coprime_mix_end:

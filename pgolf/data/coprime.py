@@ -202,14 +202,24 @@ class CoprimeSampler:
             active = still
         return np.asarray(shard_ids, dtype=np.int64), np.asarray(window_starts, dtype=np.int64)
 
-    def fill(self, out: np.ndarray, local_tokens: int, seq_len: int) -> None:
+    def plan(self, local_tokens: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """Advance the plan by one global batch: this rank's rows as (shard ids, window starts)."""
         check_seq_len(self.seq_len, seq_len, "coprime")
         self.seq_len = seq_len
         rows = local_tokens // seq_len
         shard_ids, starts = self._global_windows(seq_len, rows * self.world_size)
         mine = slice(self.rank, None, self.world_size)
-        self.shards.read_windows(shard_ids[mine], starts[mine], out)
         self.batches_built += 1
+        return shard_ids[mine], starts[mine]
+
+    def gather(
+        self, plan: tuple[np.ndarray, np.ndarray], out: np.ndarray, shards: ShardSet | None = None
+    ) -> None:
+        """Copy a plan's windows into `out`; reads only, so worker threads may run it concurrently."""
+        (self.shards if shards is None else shards).read_windows(*plan, out)
+
+    def fill(self, out: np.ndarray, local_tokens: int, seq_len: int) -> None:
+        self.gather(self.plan(local_tokens, seq_len), out)
 
     # ------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

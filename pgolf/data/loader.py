@@ -5,7 +5,9 @@ them to the device. Tokens travel as uint16 (half the bytes of int32) and become
 device. With `data.prefetch = N > 0`, a producer thread keeps up to N batches ready in pinned
 memory, the copy of the *next* batch is issued on a side CUDA stream as soon as the current one is
 handed out, and the compute stream only waits on that copy's event, so the step never waits for
-the host. Prefetch changes timing only: batches are identical with it on or off.
+the host. With `data.prefetch_threads = M > 1`, one thread plans the batches in order and M threads
+gather their tokens (`pgolf.data.parallel_prefetch`). Prefetch changes timing only: batches are
+identical with it on or off and with any number of threads.
 """
 
 from __future__ import annotations
@@ -57,15 +59,18 @@ class Loader:
         device: torch.device,
         prefetch: int = 0,
         vocab_size: int | None = None,
+        prefetch_threads: int = 1,
+        pin_memory: bool = True,
     ):
         self.name, self.sampler = name, sampler
         self.vocab_size = vocab_size  # every batch's ids are checked against it on the host
         self.rank, self.world_size, self.device = rank, world_size, device
         self.prefetch = prefetch
+        self.prefetch_threads = prefetch_threads  # > 1: one planner thread and this many gatherers
         self.cuda = device.type == "cuda"
         # Sync mode needs two buffers (one being copied, one being filled); prefetch needs room for
         # the queue, the one being filled and the one whose copy is in flight.
-        self.pool = BufferPool(pin=self.cuda, capacity=prefetch + 3 if prefetch else 2)
+        self.pool = BufferPool(pin=self.cuda and pin_memory, capacity=prefetch + 3 if prefetch else 2)
         self.stream = torch.cuda.Stream(device) if (self.cuda and prefetch) else None
         self._state = sampler.state_dict()  # position after the last batch handed out
         self._producer: Producer | None = None
@@ -128,7 +133,22 @@ class Loader:
         """(Re)start the producer for a batch shape, from the position of the last batch handed out."""
         self._stop_producer()
         self.sampler.load_state_dict(self._state)
-        self._producer = Producer(self.sampler, self.pool, key, self.prefetch, self.device, self.vocab_size)
+        if self.prefetch_threads > 1:
+            from pgolf.data.parallel_prefetch import ParallelProducer  # only runs that use it pack it
+
+            self._producer = ParallelProducer(
+                self.sampler,
+                self.pool,
+                key,
+                self.prefetch,
+                self.prefetch_threads,
+                self.device,
+                self.vocab_size,
+            )
+        else:
+            self._producer = Producer(
+                self.sampler, self.pool, key, self.prefetch, self.device, self.vocab_size
+            )
         self._key = key
 
     def _stop_producer(self) -> None:
@@ -211,4 +231,14 @@ def build_loader(cfg: Any, files: list[Path], *, seed: int, rank: int, world_siz
             exhausted=getattr(cfg, "coprime_exhausted", "one"),
             pattern=_paths_pattern(cfg),
         )
-    return Loader(name, sampler, rank, world_size, device, prefetch=cfg.prefetch, vocab_size=cfg.vocab_size)
+    return Loader(
+        name,
+        sampler,
+        rank,
+        world_size,
+        device,
+        prefetch=cfg.prefetch,
+        vocab_size=cfg.vocab_size,
+        prefetch_threads=getattr(cfg, "prefetch_threads", 1),
+        pin_memory=getattr(cfg, "pin_memory", True),
+    )

@@ -31,6 +31,20 @@ class HostSampler(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+class PlannedSampler(HostSampler, Protocol):
+    """A sampler whose `fill` is `gather(plan(...))`: every decision (RNG draws, cursors) is in
+    `plan`, and `gather` only reads shards. Plans made in order on one thread and gathered by any
+    number of threads give exactly the batches of `fill` (`data.prefetch_threads`)."""
+
+    def plan(self, local_tokens: int, seq_len: int) -> Any:
+        """Advance by one micro-batch and return what `gather` needs to copy its tokens."""
+        ...
+
+    def gather(self, plan: Any, out: np.ndarray, shards: ShardSet | None = None) -> None:
+        """Copy a plan's tokens into `out` (from `shards` if given); never changes the sampler."""
+        ...
+
+
 class ShardSet:
     """Token counts of every shard (headers read once) and lazily opened read-only memmaps."""
 
@@ -100,7 +114,22 @@ def check_batch_vocab(
             raise e from None
         finally:
             sampler.shards = shards
-    raise ShardError(
+    raise _vocab_error(top, vocab_size)
+
+
+def check_planned_vocab(sampler: Any, plan: Any, out: np.ndarray, vocab_size: int) -> None:
+    """`check_batch_vocab` for a batch gathered from `plan`: the replay gathers the plan again
+    through checking reads, leaving the sampler (which may have planned further) untouched."""
+    if out.size == 0 or int(out.max()) < vocab_size:
+        return
+    top = int(out.max())
+    if isinstance(sampler.shards, ShardSet):
+        sampler.gather(plan, np.empty(out.shape, dtype=np.uint16), _CheckedShards(sampler.shards, vocab_size))
+    raise _vocab_error(top, vocab_size)
+
+
+def _vocab_error(top: int, vocab_size: int) -> ShardError:
+    return ShardError(
         f"a training batch holds token id {top} but data.vocab_size={vocab_size}; one of the train shards "
         "was written with another tokenizer or is corrupt: re-export or re-download them"
     )

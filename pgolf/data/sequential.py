@@ -29,26 +29,42 @@ class SequentialSampler:
     def shape(self, local_tokens: int, seq_len: int) -> tuple[int, ...]:
         return (local_tokens + 1,)
 
-    def _advance(self, n: int, out: np.ndarray | None = None) -> None:
-        """Move n tokens along the wrapping stream, copying them into `out` when given."""
+    def _advance(self, n: int, segments: list[tuple[int, int, int]] | None = None) -> None:
+        """Move n tokens along the wrapping stream, recording their (shard, start, count) pieces in
+        `segments` when given."""
         done = 0
         while done < n:
-            tokens = self.shards.tokens(self.file_idx)
-            k = min(n - done, tokens.size - self.pos)
+            k = min(n - done, int(self.shards.num_tokens[self.file_idx]) - self.pos)
             if k <= 0:
                 self.file_idx = (self.file_idx + 1) % len(self.shards)
                 self.pos = 0
                 continue
-            if out is not None:
-                out[done : done + k] = tokens[self.pos : self.pos + k]
+            if segments is not None:
+                segments.append((self.file_idx, self.pos, k))
             self.pos += k
             done += k
 
-    def fill(self, out: np.ndarray, local_tokens: int, seq_len: int) -> None:
+    def plan(self, local_tokens: int, seq_len: int) -> list[tuple[int, int, int]]:
+        """Advance past one micro-batch of every rank: this rank's span as (shard, start, count) pieces."""
         span = local_tokens + 1
+        segments: list[tuple[int, int, int]] = []
         self._advance(self.rank * span)  # the spans of lower ranks: skipped, never copied
-        self._advance(span, out)
+        self._advance(span, segments)
         self._advance((self.world_size - 1 - self.rank) * span)
+        return segments
+
+    def gather(
+        self, plan: list[tuple[int, int, int]], out: np.ndarray, shards: ShardSet | None = None
+    ) -> None:
+        """Copy a plan's pieces into `out`; reads only, so worker threads may run it concurrently."""
+        shards = self.shards if shards is None else shards
+        done = 0
+        for si, pos, k in plan:
+            out[done : done + k] = shards.tokens(si)[pos : pos + k]
+            done += k
+
+    def fill(self, out: np.ndarray, local_tokens: int, seq_len: int) -> None:
+        self.gather(self.plan(local_tokens, seq_len), out)
 
     def state_dict(self) -> dict[str, Any]:
         return {"file_idx": self.file_idx, "pos": self.pos}

@@ -61,21 +61,35 @@ class ShuffledSampler:
                 f"seq_len={seq_len} tokens; use longer shards or a shorter train.seq_len"
             )
 
-    def fill(self, out: np.ndarray, local_tokens: int, seq_len: int) -> None:
+    def plan(self, local_tokens: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """Advance the RNG and window lists by one micro-batch: its rows' (shard ids, starts)."""
         check_seq_len(self.seq_len, seq_len, "shuffled")
         if self.seq_len is None:
             self.seq_len = seq_len
             self._redraw_all(seq_len)
         n = len(self.shards)
-        for row in range(local_tokens // seq_len):
+        rows = local_tokens // seq_len
+        shard_ids = np.empty(rows, dtype=np.int64)
+        starts = np.empty(rows, dtype=np.int64)
+        for row in range(rows):
             total = int(self.left.sum())
             if total == 0:
                 self._redraw_all(seq_len)
                 total = int(self.left.sum())
             si = int(self.rng.choice(n, p=self.left / total))
             self.left[si] -= 1
-            pos = int(self.starts[si][self.left[si]])  # pop from the end, as list.pop() does
-            out[row] = self.shards.tokens(si)[pos : pos + seq_len + 1]
+            shard_ids[row] = si
+            starts[row] = self.starts[si][self.left[si]]  # pop from the end, as list.pop() does
+        return shard_ids, starts
+
+    def gather(
+        self, plan: tuple[np.ndarray, np.ndarray], out: np.ndarray, shards: ShardSet | None = None
+    ) -> None:
+        """Copy a plan's windows into `out`; reads only, so worker threads may run it concurrently."""
+        (self.shards if shards is None else shards).read_windows(*plan, out)
+
+    def fill(self, out: np.ndarray, local_tokens: int, seq_len: int) -> None:
+        self.gather(self.plan(local_tokens, seq_len), out)
 
     def state_dict(self) -> dict[str, Any]:
         return {
