@@ -7,6 +7,7 @@ window read from a batch names its shard and start, and any off-by-one shows up 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import subprocess
@@ -377,15 +378,52 @@ def test_prefetch_follows_a_change_of_batch_shape(files):
     assert same(out[0], out[2])
 
 
+@pytest.mark.parametrize("name", ["sequential", "coprime", "shuffled"])
+def test_prefetch_threads_give_the_batches_of_no_prefetch(files, name):
+    """50 batches per rank, past shuffled epochs (every shard redrawn), coprime cursor redraws and
+    the sequential stream's wrap: 1 to 4 threads, a shallow and the PR #1532 queue depth."""
+    for rank in range(2):
+        off = run(name, files, 50, seed=9, rank=rank, world=2, prefetch=0)
+        for threads, depth in ((1, 3), (2, 3), (3, 100), (4, 1)):
+            on = run(name, files, 50, seed=9, rank=rank, world=2, prefetch=depth, prefetch_threads=threads)
+            assert same(off, on), (rank, threads, depth)
+
+
+def test_prefetch_threads_deliver_in_plan_order_whatever_order_gathers_finish(files):
+    """Gathers that finish out of order (earlier batches sleep longer) still arrive in plan order."""
+    import time
+
+    from pgolf.data.loader import Loader
+    from pgolf.data.shuffled import ShuffledSampler
+
+    class Slow(ShuffledSampler):
+        def gather(self, plan, out, shards=None):
+            time.sleep(0.02 * (3 - int(plan[1][0]) % 4))  # a batch-dependent delay of 0-60 ms
+            super().gather(plan, out, shards)
+
+    expected = run("shuffled", files, 20, seed=3)
+    with Loader("shuffled", Slow(files, 3, 0, 1), 0, 1, CPU, prefetch=8, prefetch_threads=4) as ld:
+        assert same(batches(ld, 20, 3 * T), expected)
+
+
+def test_prefetch_threads_follow_a_change_of_batch_shape(files):
+    out = {}
+    for prefetch, threads in ((0, 1), (2, 3)):
+        cfg = data_cfg("shuffled", prefetch, prefetch_threads=threads)
+        with build_loader(cfg, files, seed=0, rank=0, world_size=1, device=CPU) as ld:
+            out[threads] = batches(ld, 4, 2 * T) + batches(ld, 4, 5 * T) + batches(ld, 2, 2 * T)
+    assert same(out[1], out[3])
+
+
 # ---------------------------------------------------------------------------------------------
 # position (checkpointing)
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("prefetch", [0, 3])
+@pytest.mark.parametrize("prefetch, threads", [(0, 1), (3, 1), (3, 3)])
 @pytest.mark.parametrize("name", ["sequential", "coprime", "shuffled", "synthetic"])
-def test_state_dict_resumes_exactly(files, name, prefetch):
-    cfg = data_cfg(name, prefetch)
+def test_state_dict_resumes_exactly(files, name, prefetch, threads):
+    cfg = data_cfg(name, prefetch, prefetch_threads=threads)
     with build_loader(cfg, files, seed=4, rank=1, world_size=2, device=CPU) as ld:
         batches(ld, 25, 3 * T * 2)  # past a shuffled epoch and coprime cursor redraws
         state = json.loads(json.dumps(ld.state_dict()))  # plain values: any checkpoint format holds it
@@ -394,6 +432,19 @@ def test_state_dict_resumes_exactly(files, name, prefetch):
         batches(fresh, 2, 3 * T * 2)  # wherever it stands, loading moves it
         fresh.load_state_dict(state)
         assert same(batches(fresh, 15, 3 * T * 2), expected)
+
+
+def test_a_position_taken_with_threads_resumes_without_them(files):
+    """The state of a loader with 3 gather threads and a deep queue (batches in flight), loaded into
+    a loader without prefetch, continues the uninterrupted stream."""
+    threaded = data_cfg("shuffled", 50, prefetch_threads=3)
+    uninterrupted = run("shuffled", files, 40, seed=4)
+    with build_loader(threaded, files, seed=4, rank=0, world_size=1, device=CPU) as ld:
+        assert same(batches(ld, 17, 3 * T), uninterrupted[:17])
+        state = json.loads(json.dumps(ld.state_dict()))
+    with build_loader(data_cfg("shuffled"), files, seed=4, rank=0, world_size=1, device=CPU) as fresh:
+        fresh.load_state_dict(state)
+        assert same(batches(fresh, 23, 3 * T), uninterrupted[17:])
 
 
 def test_state_of_another_rank_is_refused(files):
@@ -444,7 +495,49 @@ def test_a_producer_failure_is_raised_in_the_consumer(files):
     assert not _producers()
 
 
-def test_process_exits_cleanly_with_a_live_producer(files):
+def _gatherers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("pgolf-data-gather-") and t.is_alive()]
+
+
+def test_close_stops_the_planner_and_every_gather_thread(files):
+    before = (len(_producers()), len(_gatherers()))
+    ld = build_loader(
+        data_cfg("shuffled", 4, prefetch_threads=3), files, seed=0, rank=0, world_size=1, device=CPU
+    )
+    batches(ld, 2, 3 * T)
+    assert (len(_producers()), len(_gatherers())) == (before[0] + 1, before[1] + 3)
+    ld.close()
+    ld.close()
+    assert (len(_producers()), len(_gatherers())) == before
+
+
+@pytest.mark.parametrize("stage", ["plan", "gather"])
+def test_a_planner_or_gather_failure_is_raised_in_the_consumer(files, stage):
+    from pgolf.data.loader import Loader
+    from pgolf.data.shuffled import ShuffledSampler
+
+    calls = itertools.count(1)  # next() is atomic: exactly one call, in one thread, gets 3
+
+    class Failing(ShuffledSampler):
+        def plan(self, local_tokens, seq_len):
+            if stage == "plan" and next(calls) == 3:
+                raise OSError("disk went away")
+            return super().plan(local_tokens, seq_len)
+
+        def gather(self, plan, out, shards=None):
+            if stage == "gather" and next(calls) == 3:
+                raise OSError("disk went away")
+            super().gather(plan, out, shards)
+
+    ld = Loader("shuffled", Failing(files, 0, 0, 1), 0, 1, CPU, prefetch=4, prefetch_threads=3)
+    with pytest.raises(RuntimeError, match="disk went away"):
+        batches(ld, 8, 3 * T)
+    ld.close()
+    assert not _producers() and not _gatherers()
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_process_exits_cleanly_with_a_live_producer(files, threads):
     """A process that ends without close(), normally or by an exception, exits at once and cleanly.
     Without the atexit hook, ~80% of such exits aborted ("terminate called without an active
     exception") from a daemon thread frozen inside torch during finalization."""
@@ -452,7 +545,7 @@ def test_process_exits_cleanly_with_a_live_producer(files):
         "import sys, torch; from types import SimpleNamespace; from pathlib import Path;"
         "from pgolf.data.loader import build_loader;"
         f"files = [Path(p) for p in {[str(f) for f in files]!r}];"
-        "cfg = SimpleNamespace(loader='sequential', prefetch=8, vocab_size=32768);"
+        f"cfg = SimpleNamespace(loader='sequential', prefetch=8, prefetch_threads={threads}, vocab_size=32768);"
         "ld = build_loader(cfg, files, seed=0, rank=0, world_size=1, device=torch.device('cpu'));"
         "ld.next_batch(4096, 64, 1); print('ok');"
         "sys.argv[1] == 'raise' and 1 / 0"
@@ -494,6 +587,22 @@ def test_loader_options_are_validated(compose):
     ):
         with pytest.raises(ConfigError, match=match):
             job_config_from_dict(compose([bad]))
+
+
+def test_prefetch_thread_options_are_validated(compose):
+    from pgolf.config import job_config_from_dict
+    from pgolf.registry import ConfigError
+
+    job = job_config_from_dict(compose([]))
+    assert (job.data.prefetch, job.data.prefetch_threads, job.data.pin_memory) == (0, 1, True)
+    job = job_config_from_dict(
+        compose(["data.prefetch=100", "data.prefetch_threads=4", "data.pin_memory=false"])
+    )
+    assert (job.data.prefetch, job.data.prefetch_threads, job.data.pin_memory) == (100, 4, False)
+    with pytest.raises(ConfigError, match=r"data\.prefetch_threads=0 must be >= 1"):
+        job_config_from_dict(compose(["data.prefetch_threads=0"]))
+    with pytest.raises(ConfigError, match=r"data\.prefetch_threads=2 needs data\.prefetch > 0"):
+        job_config_from_dict(compose(["data.prefetch_threads=2"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -555,12 +664,16 @@ def test_document_boundaries_flat_buffer_counts_as_one_row():
 def test_cuda_prefetch_matches_cpu(files, name):
     cpu = run(name, files, 12, seed=2, rank=1, world=2)
     # The trainer passes cuda:<local_rank>; a bare "cuda" must work too.
-    for prefetch, cuda in (
-        (0, torch.device("cuda")),
-        (3, torch.device("cuda")),
-        (3, torch.device("cuda", 0)),
+    for prefetch, cuda, extra in (
+        (0, torch.device("cuda"), {}),
+        (3, torch.device("cuda"), {}),
+        (3, torch.device("cuda", 0), {}),
+        (100, torch.device("cuda", 0), {"prefetch_threads": 4}),
+        (3, torch.device("cuda", 0), {"prefetch_threads": 2, "pin_memory": False}),
     ):
-        with build_loader(data_cfg(name, prefetch), files, seed=2, rank=1, world_size=2, device=cuda) as ld:
+        cfg = data_cfg(name, prefetch, **extra)
+        with build_loader(cfg, files, seed=2, rank=1, world_size=2, device=cuda) as ld:
+            assert ld.pool.pin == extra.get("pin_memory", True)
             got = []
             for _ in range(12):
                 x, y = ld.next_batch(3 * T * 2, T, 1)

@@ -1,5 +1,5 @@
 """A token id >= vocab past the head that open_shards scans is refused by file and offset when a batch
-reads it, with every loader, prefetch on or off, instead of an IndexError inside the embedding."""
+reads it, with every loader, prefetch on or off (one or several threads), instead of an IndexError inside the embedding."""
 
 from __future__ import annotations
 
@@ -33,10 +33,11 @@ def folder(tmp_path_factory) -> Path:
     return out
 
 
-def _cfg(loader: str, prefetch: int) -> SimpleNamespace:
+def _cfg(loader: str, prefetch: int, threads: int = 1) -> SimpleNamespace:
     return SimpleNamespace(
         loader=loader,
         prefetch=prefetch,
+        prefetch_threads=threads,
         vocab_size=VOCAB,
         coprime_mix_ramp_batches=10,
         coprime_mix_start=2,
@@ -46,12 +47,17 @@ def _cfg(loader: str, prefetch: int) -> SimpleNamespace:
     )
 
 
-@pytest.mark.parametrize("prefetch", [0, 2])
+@pytest.mark.parametrize("prefetch, threads", [(0, 1), (2, 1), (2, 3)])
 @pytest.mark.parametrize("loader", ["sequential", "coprime", "shuffled"])
-def test_an_id_beyond_vocab_is_named_by_file_and_offset(folder, tokenizer_model, loader, prefetch):
+def test_an_id_beyond_vocab_is_named_by_file_and_offset(folder, tokenizer_model, loader, prefetch, threads):
     src = open_shards(folder, "fineweb_train_*.bin", "fineweb_val_*.bin", tokenizer_model, VOCAB)  # passes
     ld = build_loader(
-        _cfg(loader, prefetch), src.train_files, seed=0, rank=0, world_size=1, device=torch.device("cpu")
+        _cfg(loader, prefetch, threads),
+        src.train_files,
+        seed=0,
+        rank=0,
+        world_size=1,
+        device=torch.device("cpu"),
     )
     emb = torch.nn.Embedding(VOCAB, 4)
     seen = 0
