@@ -1,4 +1,4 @@
-"""The seed records as experiments (PR #339, #399, #726): each composed config against a table written
+"""The seed records as experiments (PR #339, #399, #726, #1532): each composed config against a table written
 by hand from the PR's own script (tests/seed_tables/), parameter counts against the scripts' own
 model classes, and a seconds-long CPU run of each experiment with the model shrunk."""
 
@@ -17,14 +17,15 @@ from pgolf.run import PARENT_ONLY
 from pgolf.submission import PackError, pack
 
 TABLES = Path(__file__).parent / "seed_tables"
-SEEDS = ("pr339", "pr399", "pr726")
+SEEDS = ("pr339", "pr399", "pr726", "pr1532")
 # Sections a record is made of; every key in them must be in the table (a new key needs a decision).
 SECTIONS = ("train", "budget", "eval", "data", "model", "optimizer", "quant", "ttt")
 # Paths differ per machine; the table does not pin them.
 MACHINE_KEYS = {"data": ("path", "tokenizer_path")}
 # Parameter counts of the PRs' own GPT classes built with their run's settings on the meta device
-# (#399 and #726 also print them in their logs as model_params).
-REFERENCE_PARAMS = {"pr339": 27_092_058, "pr399": 26_829_913, "pr726": 26_993_756}
+# (#399 and #726 also print them in their logs as model_params). #1532 runs the 2026-04-09 record's
+# model unchanged: that record's log prints model_params:35944536.
+REFERENCE_PARAMS = {"pr339": 27_092_058, "pr399": 26_829_913, "pr726": 26_993_756, "pr1532": 35_944_536}
 
 
 def frozen_job(compose, experiment: str, *extra: str) -> dict:
@@ -107,8 +108,21 @@ SHRINK = {
         "ttt.epochs=1",
         "eval.window_rule=legacy",  # the pre-fix rule through the trainer, sliding and TTT
     ],
+    "pr1532": [
+        "model.num_layers=4",
+        "model.xsa_last_n=4",
+        "model.loop_start=1",
+        "model.loop_end=2",
+        "model.parallel_start_layer=2",
+        "quant.calibration.batches=2",
+        "budget.quant_reserve_seconds=0",
+        "ttt.chunk_tokens=4096",
+        "ttt.batch_seqs=4",
+        "ttt.epochs=1",
+        "data.prefetch_threads=3",  # the record's queue of 100, gathered by several threads
+    ],
 }
-RULE = {"pr339": "exact", "pr399": "exact", "pr726": "legacy"}
+RULE = {"pr339": "exact", "pr399": "exact", "pr726": "legacy", "pr1532": "exact"}
 
 
 @pytest.mark.parametrize("name", SEEDS)
@@ -152,7 +166,7 @@ def test_experiment_runs_end_to_end_on_cpu(name, small_shards, tokenizer_model, 
     assert result["steps"] == 4
     rule, m = RULE[name], result["metrics"]
     assert m["sliding"]["window_rule"] == rule and "window_rule" not in m["nonoverlap"]
-    final = "score_first" if name == "pr726" else "sliding"
+    final = "score_first" if name in ("pr726", "pr1532") else "sliding"
     assert result["final_mode"] == final and result["final_window_rule"] == rule
     # the val stream is whole 64-token sequences: exact scores each target once, as nonoverlap does;
     # legacy scores the tail again
@@ -169,7 +183,10 @@ def test_experiment_runs_end_to_end_on_cpu(name, small_shards, tokenizer_model, 
         assert not result["rules"]["pass"] and "eval.window_rule=legacy" in result["rules"]["reason"]
         with pytest.raises(PackError, match="eval.window_rule=legacy"):
             pack(tmp_path / "run")
-    assert result["quant"]["compressor"] == {"pr339": "zstd", "pr399": "lzma", "pr726": "lzma"}[name]
+    assert (
+        result["quant"]["compressor"]
+        == {"pr339": "zstd", "pr399": "lzma", "pr726": "lzma", "pr1532": "brotli"}[name]
+    )
     if name == "pr339":
         assert result["optimizer"]["averaging"] == {
             "mode": "swa",
