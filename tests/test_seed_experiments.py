@@ -114,10 +114,11 @@ SHRINK = {
         "model.loop_start=1",
         "model.loop_end=2",
         "model.parallel_start_layer=2",
+        "model.bigram_vocab_size=0",  # the shared shrink above would switch on a BigramHash it has not
         "quant.calibration.batches=2",
         "budget.quant_reserve_seconds=0",
         "ttt.chunk_tokens=4096",
-        "ttt.batch_seqs=4",
+        "ttt.batch_seqs=16",
         "ttt.epochs=1",
         "data.prefetch_threads=3",  # the record's queue of 100, gathered by several threads
     ],
