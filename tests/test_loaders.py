@@ -689,16 +689,21 @@ def test_cuda_prefetch_matches_cpu(files, name):
 
 @pytest.mark.slow
 def test_trainer_prefetch_changes_nothing(tmp_path, shard_dir, tokenizer_model):
-    """End to end on CPU: prefetch on and off give bit-identical losses (same batches, same math);
-    the producer thread is closed at the end (the run's process exits normally)."""
+    """End to end on CPU: prefetch off, on, and on with gather threads give bit-identical losses
+    (same batches, same math); the threads are closed at the end (the run's process exits normally)."""
     from conftest import run_cli, tiny_cpu_args
 
     results = {}
-    for loader, prefetch in (("shuffled", 0), ("shuffled", 3)):
-        d = tmp_path / f"{loader}{prefetch}"
-        extra = {"data.loader": loader, "data.prefetch": str(prefetch)}
+    for prefetch, threads in ((0, 1), (3, 1), (3, 2)):
+        d = tmp_path / f"shuffled{prefetch}x{threads}"
+        extra = {
+            "data.loader": "shuffled",
+            "data.prefetch": str(prefetch),
+            "data.prefetch_threads": str(threads),
+        }
         proc = run_cli(tiny_cpu_args(shard_dir, tokenizer_model, **extra), d)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        results[(loader, prefetch)] = json.loads((d / "run" / "result.json").read_text())
-    assert results[("shuffled", 0)]["train_losses"] == results[("shuffled", 3)]["train_losses"]
-    assert results[("shuffled", 0)]["val_loss"] == results[("shuffled", 3)]["val_loss"]
+        results[(prefetch, threads)] = json.loads((d / "run" / "result.json").read_text())
+    for setting in ((3, 1), (3, 2)):
+        assert results[(0, 1)]["train_losses"] == results[setting]["train_losses"], setting
+        assert results[(0, 1)]["val_loss"] == results[setting]["val_loss"], setting
