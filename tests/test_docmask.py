@@ -214,3 +214,22 @@ def test_mask_with_length_cap_splits_a_long_document():
     changed[:, 16:] = ids[:, 16:]
     with torch.no_grad():
         assert torch.equal(m._logits(ids)[:, 16:], m._logits(changed)[:, 16:])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["dense", "flex"])
+def test_mask_traces_into_one_graph(backend):
+    """The mask is built from the ids without host syncs: Dynamo traces the whole forward with
+    fullgraph=True (backend "eager": tracing only, no compile time), the training loss with its
+    backward for dense (flex has no CPU backward), the last-rows scores for both."""
+    docmask._DOC_BACKEND = backend
+    torch._dynamo.reset()
+    ids, _ = two_docs()
+    m = model(doc_mask=True, doc_max_len=16)
+    if backend == "dense":
+        loss = torch.compile(m, backend="eager", fullgraph=True)(ids, ids)
+        loss.backward()
+        assert torch.equal(loss.detach(), m(ids, ids).detach())
+    nll = torch.compile(m.token_nll, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(nll(ids, ids, 16), m.token_nll(ids, ids, 16), atol=1e-6, rtol=1e-6)
