@@ -160,7 +160,7 @@ def two_docs(T=48, boundary=20, seed=0) -> tuple[torch.Tensor, torch.Tensor]:
 
 def model(doc_mask: bool, **extra) -> GPT:
     torch.manual_seed(0)
-    cfg = LayeredGPTConfig(**MIXING_OFF, doc_mask=doc_mask, **extra)
+    cfg = LayeredGPTConfig(**{**MIXING_OFF, "doc_mask": doc_mask, **extra})
     cfg.validate("model")
     m = GPT(cfg, banked=False).eval()
     with torch.no_grad():  # zero-initialized projections would hide every path: wake them up
@@ -182,6 +182,17 @@ def test_changing_a_document_never_changes_the_next(backend):
     assert torch.equal(a[:, 20:], b[:, 20:])  # and nothing of document k+1
     assert torch.equal(a_last, b_last)
     torch.testing.assert_close(a_last, a[:, -16:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("form", ["two_lane", "two_lane_seq", "split_lane"])
+def test_lane_forms_carry_the_mask(form):
+    """The two-stream residual forms hand the mask to their attention sub-blocks too."""
+    docmask._DOC_BACKEND = "dense"
+    ids, changed = two_docs()
+    m = model(doc_mask=True, parallel_residual=form, parallel_start_layer=1)
+    with torch.no_grad():
+        a, b = m._logits(ids), m._logits(changed)
+    assert not torch.equal(a[:, :20], b[:, :20]) and torch.equal(a[:, 20:], b[:, 20:])
 
 
 def test_without_the_mask_the_next_document_does_change():
