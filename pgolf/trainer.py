@@ -157,6 +157,11 @@ class Trainer:
         self.loader = self._build_loader()
 
         backend = attention.select_backend(getattr(job.hardware, "attention", "auto"), rt.device.type)
+        if getattr(job.model, "doc_mask", False):  # the document-masked kernel is chosen apart
+            from pgolf.models.docmask import select_doc_backend  # imported (and shipped) only then
+
+            doc = select_doc_backend(getattr(job.hardware, "doc_attention", "auto"), rt.device.type)
+            backend = f"{backend}+doc_mask:{doc}"
         # training graphs use the global SDPA flags; an earlier run in this process may have left
         # the eval kernel list (warm_eval) behind
         attention.set_sdpa_backends(None)

@@ -8,6 +8,9 @@ from typing import Literal
 from pgolf.registry import ConfigError
 
 AttentionBackend = Literal["auto", "fa3", "fa2", "sdpa"]
+# the kernel of model.doc_mask (pgolf.models.docmask): auto = varlen (FA3) if it imports, else flex
+# on CUDA, dense SDPA on CPU
+DocAttentionBackend = Literal["auto", "varlen", "flex", "dense"]
 
 
 def _check_nproc(path: str, nproc: int) -> None:
@@ -25,6 +28,7 @@ class CudaHardwareConfig:
     compile: bool = True
     amp_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     attention: AttentionBackend = "auto"
+    doc_attention: DocAttentionBackend = "auto"
     allow_tf32: bool = True
     # Training keeps SDPA on the flash kernel (what the reference scripts use). True makes cuDNN
     # SDPA's first choice in the graphs compiled at eval warm-up (nonoverlap, sliding windows, TTT):
@@ -42,12 +46,18 @@ class CpuHardwareConfig:
     compile: bool = False  # inductor's C++ compile costs more than it saves on short CPU runs
     amp_dtype: Literal["bfloat16", "float32"] = "float32"
     attention: AttentionBackend = "sdpa"
+    # flex runs forward-only on CPU (torch has no CPU backward for it): scoring, not training
+    doc_attention: DocAttentionBackend = "auto"
     threads: int = 0  # torch intra-op threads per process; 0 = cores / nproc
 
     def validate(self, path: str) -> None:
         _check_nproc(path, self.nproc_per_node)
         if self.attention in ("fa3", "fa2"):
             raise ConfigError(f"{path}.attention={self.attention!r} needs a GPU; use sdpa or auto on CPU")
+        if self.doc_attention == "varlen":
+            raise ConfigError(
+                f"{path}.doc_attention=varlen needs FlashAttention-3 on a GPU; use dense or auto on CPU"
+            )
 
 
 @dataclass

@@ -8,7 +8,7 @@ serves both layouts and the two give the same numbers for the same weights.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,9 @@ from torch import Tensor, nn
 from pgolf.models.attention import causal_attention, exclusive_self_attention, last_rows_causal_attention
 from pgolf.models.config import GPTModelConfig
 from pgolf.models.layers import CastedLinear, apply_partial_rotary, last_rows, rms_norm
+
+if TYPE_CHECKING:  # imported on use only (GPT with model.doc_mask), so other runs never ship it
+    from pgolf.models.docmask import DocMask
 
 
 class LayerWeights(NamedTuple):
@@ -139,9 +142,11 @@ class Attention(nn.Module):
         sin: Tensor,
         ve: Tensor | None = None,
         rows: int = 0,
+        doc: DocMask | None = None,
     ) -> Tensor:
         """Attention output for every position, or for the last `rows` only (keys/values still
-        cover the whole sequence, so those rows get exactly the output they would get in full)."""
+        cover the whole sequence, so those rows get exactly the output they would get in full).
+        With `doc` (model.doc_mask) no query attends to a key of another document."""
         B, T, _ = x.shape
         xq = last_rows(x, rows)
         Tq = xq.size(1)
@@ -167,7 +172,10 @@ class Attention(nn.Module):
             q = apply_partial_rotary(rms_norm(q), last_rows(cos, rows), last_rows(sin, rows), self.rope_dims)
             k = apply_partial_rotary(rms_norm(k), cos, sin, self.rope_dims)
             q = q * self.q_gain.to(q.dtype)[None, None, :, None]
-        y = last_rows_causal_attention(q, k, v) if rows else causal_attention(q, k, v)
+        if doc is not None:
+            y = doc.attend_last_rows(q, k, v) if rows else doc.attend(q, k, v)
+        else:
+            y = last_rows_causal_attention(q, k, v) if rows else causal_attention(q, k, v)
         if self.use_xsa:
             y = exclusive_self_attention(y, last_rows(v, rows))
         y = self._gate(y, xq, q_raw)
@@ -241,9 +249,16 @@ class Block(nn.Module):
         return h * self.ln_factor if self.ln_factor != 1.0 else h
 
     def attn_branch(
-        self, h: Tensor, w: LayerWeights, cos: Tensor, sin: Tensor, ve: Tensor | None, rows: int = 0
+        self,
+        h: Tensor,
+        w: LayerWeights,
+        cos: Tensor,
+        sin: Tensor,
+        ve: Tensor | None,
+        rows: int = 0,
+        doc: DocMask | None = None,
     ) -> Tensor:
-        return self.attn_scale.to(h.dtype) * self.attn(self.norm(h), w, cos, sin, ve, rows)
+        return self.attn_scale.to(h.dtype) * self.attn(self.norm(h), w, cos, sin, ve, rows, doc)
 
     def mlp_branch(self, h: Tensor, w: LayerWeights) -> Tensor:
         return self.mlp_scale.to(h.dtype) * self.mlp(self.norm(h), w.up, w.down)
@@ -257,17 +272,18 @@ class Block(nn.Module):
         sin: Tensor,
         ve: Tensor | None = None,
         rows: int = 0,
+        doc: DocMask | None = None,
     ) -> Tensor:
         """The block's output for every position, or (rows > 0) for the last `rows` positions only:
         what scoring needs from the final layer, where no later layer reads the other positions."""
         x = self.mix(x, x0)
         if self.gptj:
             n = self.norm(x)
-            a = self.attn_scale.to(x.dtype) * self.attn(n, w, cos, sin, ve, rows)
+            a = self.attn_scale.to(x.dtype) * self.attn(n, w, cos, sin, ve, rows, doc)
             return (
                 last_rows(x, rows)
                 + a
                 + self.mlp_scale.to(x.dtype) * self.mlp(last_rows(n, rows), w.up, w.down)
             )
-        x = last_rows(x, rows) + self.attn_branch(x, w, cos, sin, ve, rows)
+        x = last_rows(x, rows) + self.attn_branch(x, w, cos, sin, ve, rows, doc)
         return x + self.mlp_branch(x, w)

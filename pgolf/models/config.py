@@ -89,6 +89,12 @@ class GPTModelConfig:
     # 256 round), used up to rope_train_seq_len as they do; float32: exact positions
     rope_table_dtype: Literal["float32", "bfloat16"] = "float32"
     qk_gain_init: float = 1.5
+    # Document-masked attention (pgolf.models.docmask; docs/models.md): a token attends only to
+    # earlier tokens of its own document, i.e. never across a BOS (`bos_id`) or a row start. The
+    # kernel is hardware.doc_attention's. doc_max_len > 0 also cuts a document every doc_max_len
+    # tokens from its start (the records' cap when a micro-batch is one long row); 0: no cap.
+    doc_mask: bool = False
+    doc_max_len: int = 0
     xsa_last_n: int = 0  # XSA on the last n physical layers (more than num_layers: all)
     xsa_layers: list[int] = field(default_factory=list)  # ... or on an explicit set
     attn_out_gate: bool = False  # AttnOutGate: 2*sigmoid(W x[:gate_window]) per head
@@ -167,6 +173,11 @@ class GPTModelConfig:
             raise ConfigError(
                 f"{path}.rope_train_seq_len={self.rope_train_seq_len}: must be >= 0, and NTK rescaling "
                 "needs more than 2 rotated dims"
+            )
+        if self.doc_max_len < 0 or (self.doc_max_len and not self.doc_mask):
+            raise ConfigError(
+                f"{path}.doc_max_len={self.doc_max_len} must be >= 0 and caps documents only under "
+                f"the document mask: set {path}.doc_mask=true or {path}.doc_max_len=0"
             )
         if int(self.mlp_mult * self.model_dim) < 1:
             raise ConfigError(f"{path}.mlp_mult={self.mlp_mult} gives an empty MLP")

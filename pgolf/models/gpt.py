@@ -14,6 +14,7 @@ and `on_progress(frac)` (host-side switches during training, e.g. turning the lo
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,9 @@ from pgolf.models.layers import (
 )
 from pgolf.models.recurrence import layer_plan
 from pgolf.quant.qat import qat_weight
+
+if TYPE_CHECKING:  # imported on use only (model.doc_mask), so other runs never ship it
+    from pgolf.models.docmask import DocMask
 
 # Embedding tables share the token embedding's optimizer role (tok_emb, bigram and VE tables, as the
 # 2026-03-23 record groups them).
@@ -119,6 +123,11 @@ class GPT(nn.Module):
         self._export_keys: list[str] | None = None
         self._fused_ce = optional_kernel(cfg.fused_ce, "fused_ce", "softcap_cross_entropy")
         self.head_delta = None  # test-time logit adapter (pgolf.ttt.lora); a plain callable, None outside TTT
+        self._doc_mask = None  # the DocMask class under model.doc_mask, imported only then
+        if cfg.doc_mask:
+            from pgolf.models.docmask import DocMask
+
+            self._doc_mask = DocMask
         if init:
             self._init_weights()
 
@@ -202,20 +211,34 @@ class GPT(nn.Module):
         return torch.lerp(scaled, x, torch.sigmoid(self.skip_gates[k].to(x.dtype)))
 
     def _two_lane(
-        self, i: int, lanes: tuple[Tensor, Tensor], x0: Tensor, cos: Tensor, sin: Tensor, ve: Tensor | None
+        self,
+        i: int,
+        lanes: tuple[Tensor, Tensor],
+        x0: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        ve: Tensor | None,
+        doc: DocMask | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Concurrent two-lane block (`two_lane`): attention reads resid-mix(lane0, x0), the MLP reads
         lane1, both from the pre-update lanes; each lane gets a learned mix of both outputs."""
         lane0, lane1 = lanes
         b, w = self.blocks[i], self.layer_weights(i)
-        a = b.attn_branch(b.mix(lane0, x0), w, cos, sin, ve)
+        a = b.attn_branch(b.mix(lane0, x0), w, cos, sin, ve, doc=doc)
         m = b.mlp_branch(lane1, w)
         r = self.parallel_resid_lambdas[i].to(lane0.dtype)
         p = self.parallel_post_lambdas[i].to(lane0.dtype)
         return r[0] * lane0 + p[0, 0] * a + p[1, 0] * m, r[1] * lane1 + p[0, 1] * a + p[1, 1] * m
 
     def _two_lane_seq(
-        self, i: int, lanes: tuple[Tensor, Tensor], x0: Tensor, cos: Tensor, sin: Tensor, ve: Tensor | None
+        self,
+        i: int,
+        lanes: tuple[Tensor, Tensor],
+        x0: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        ve: Tensor | None,
+        doc: DocMask | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Sequential two-lane block (`two_lane_seq`): attention reads resid-mix(lane0, x0) and writes both
         lanes; then the MLP reads resid-mix(lane1, x0), which already holds this attention output,
@@ -224,29 +247,43 @@ class GPT(nn.Module):
         b, w = self.blocks[i], self.layer_weights(i)
         r = self.parallel_resid_lambdas[i].to(lane0.dtype)
         p = self.parallel_post_lambdas[i].to(lane0.dtype)
-        a = b.attn_branch(b.mix(lane0, x0), w, cos, sin, ve)
+        a = b.attn_branch(b.mix(lane0, x0), w, cos, sin, ve, doc=doc)
         lane0, lane1 = r[0] * lane0 + p[0, 0] * a, r[0] * lane1 + p[0, 1] * a
         m = b.mlp_branch(b.mix(lane1, x0), w)
         return r[1] * lane0 + p[1, 0] * m, r[1] * lane1 + p[1, 1] * m
 
     def _split_lane(
-        self, i: int, lanes: tuple[Tensor, Tensor], x0: Tensor, cos: Tensor, sin: Tensor, ve: Tensor | None
+        self,
+        i: int,
+        lanes: tuple[Tensor, Tensor],
+        x0: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        ve: Tensor | None,
+        doc: DocMask | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Split lanes (`split_lane`): the attention sub-block alone on lane0 (resid-mixed with x0, as
         a sequential block does), the MLP sub-block alone on lane1; the lanes never exchange."""
         lane0, lane1 = lanes
         b, w = self.blocks[i], self.layer_weights(i)
         h = b.mix(lane0, x0)
-        return h + b.attn_branch(h, w, cos, sin, ve), lane1 + b.mlp_branch(lane1, w)
+        return h + b.attn_branch(h, w, cos, sin, ve, doc=doc), lane1 + b.mlp_branch(lane1, w)
 
     def _lane_block(
-        self, i: int, lanes: tuple[Tensor, Tensor], x0: Tensor, cos: Tensor, sin: Tensor, ve: Tensor | None
+        self,
+        i: int,
+        lanes: tuple[Tensor, Tensor],
+        x0: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        ve: Tensor | None,
+        doc: DocMask | None = None,
     ) -> tuple[Tensor, Tensor]:
         if self.lane_form == "two_lane_seq":
-            return self._two_lane_seq(i, lanes, x0, cos, sin, ve)
+            return self._two_lane_seq(i, lanes, x0, cos, sin, ve, doc)
         if self.lane_form == "split_lane":
-            return self._split_lane(i, lanes, x0, cos, sin, ve)
-        return self._two_lane(i, lanes, x0, cos, sin, ve)
+            return self._split_lane(i, lanes, x0, cos, sin, ve, doc)
+        return self._two_lane(i, lanes, x0, cos, sin, ve, doc)
 
     def _lane_out(self, lanes: tuple[Tensor, Tensor]) -> Tensor:
         mode = self.cfg.parallel_final_lane
@@ -261,8 +298,14 @@ class GPT(nn.Module):
         x = self._embed(ids)
         x0 = x
         T = ids.size(1)
-        train_len = self.cfg.rope_train_seq_len
-        base = ntk_rope_base(self.cfg.rope_base, self.rope_dims, T, train_len)
+        cfg = self.cfg
+        # model.doc_mask: built once per forward from the ids, on the device, shared by every layer
+        doc = self._doc_mask(ids, cfg.bos_id, cfg.doc_max_len) if self._doc_mask is not None else None
+        train_len = cfg.rope_train_seq_len
+        # NTK rescaling is for attention spans past the RoPE train length; under the document mask
+        # with a length cap the span is at most doc_max_len, however long the packed row is
+        span = min(T, cfg.doc_max_len) if doc is not None and cfg.doc_max_len > 0 else T
+        base = ntk_rope_base(cfg.rope_base, self.rope_dims, span, train_len)
         # the records' bf16 tables apply where they use the cast buffer: up to the RoPE train length
         # (past it they recompute an NTK inv_freq in fp32)
         bf16_tables = self.cfg.rope_table_dtype == "bfloat16" and (train_len <= 0 or T <= train_len)
@@ -287,9 +330,9 @@ class GPT(nn.Module):
         skips: list[Tensor | tuple[Tensor, Tensor]] = []
         for n, i in enumerate(encoder, start=1):
             if seq and (lanes is not None or i >= start):  # two_lane_seq's lanes may start in the encoder
-                lanes = self._lane_block(i, (x, x) if lanes is None else lanes, x0, cos, sin, ve(i))
+                lanes = self._lane_block(i, (x, x) if lanes is None else lanes, x0, cos, sin, ve(i), doc)
             else:
-                x = self.blocks[i](x, x0, self.layer_weights(i), cos, sin, ve(i))
+                x = self.blocks[i](x, x0, self.layer_weights(i), cos, sin, ve(i), doc=doc)
             if self.num_skips:
                 skips.append(x if lanes is None else lanes)  # a two-lane skip returns lane by lane
             if n == backout_at:
@@ -304,7 +347,7 @@ class GPT(nn.Module):
                 if skip is not None:
                     x = self._merge_skip(x, skip, k)
                 rows = last if k == len(decoder) - 1 else 0
-                x = self.blocks[i](x, x0, self.layer_weights(i), cos, sin, ve(i), rows)
+                x = self.blocks[i](x, x0, self.layer_weights(i), cos, sin, ve(i), rows, doc)
                 pruned = rows > 0
             else:
                 if skip is not None:
@@ -313,7 +356,7 @@ class GPT(nn.Module):
                         lanes = (self._merge_skip(lanes[0], s0, k), self._merge_skip(lanes[1], s1, k))
                     else:  # split_lane, two_lane: into the attention lane only
                         lanes = (self._merge_skip(lanes[0], skip, k), lanes[1])
-                lanes = self._lane_block(i, lanes, x0, cos, sin, ve(i))
+                lanes = self._lane_block(i, lanes, x0, cos, sin, ve(i), doc)
             if len(encoder) + k + 1 == backout_at:
                 h_mid = x if lanes is None else self._lane_out(lanes)
         if lanes is not None:
