@@ -16,6 +16,7 @@ import itertools
 import json
 import keyword
 import lzma
+import re
 import string
 import sys
 import tokenize
@@ -359,9 +360,231 @@ def minify_source(source: str, keep_messages: bool = True) -> str:
     keep theirs (keyword calls, getattr by string and torch hooks reach them by name).
     Without `keep_messages`, the text of `raise E("...")` is dropped too (`_drop_message`).
     """
-    tree = _strip(ast.parse(source), "__doc__" in source, keep_messages)
+    return _unparse(_strip(ast.parse(source), "__doc__" in source, keep_messages))
+
+
+def _unparse(tree: ast.Module) -> str:
     rename_locals(tree)
     return _reindent(ast.unparse(tree) + "\n")
+
+
+# ------------------------------------------------------------------------------ tree shaking
+# Decorators that only wrap or describe the definition: nothing runs at import that a dropped
+# definition would have done. Any other decorator (triton.jit, torch.library.custom_op, a registry
+# hook) may register the definition somewhere by itself, so its definition always stays.
+_PURE_DECORATORS = {
+    "staticmethod",
+    "classmethod",
+    "property",
+    "cached_property",
+    "dataclass",
+    "contextmanager",
+    "cache",
+    "lru_cache",
+    "wraps",
+    "no_grad",
+    "inference_mode",
+}
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+# Calls that build a value and do nothing else, allowed in a droppable class body (dataclass fields).
+_INERT_CALLS = {"field", "frozenset", "tuple"}
+
+
+def _inert(node: ast.AST | None) -> bool:
+    """An expression whose evaluation has no effect beyond its value: literals, names, attribute
+    reads, operators, lambdas, containers of those, and `_INERT_CALLS`."""
+    for n in ast.walk(node) if node is not None else ():
+        if isinstance(n, (ast.NamedExpr, ast.Await, ast.Yield, ast.YieldFrom, ast.Subscript)):
+            return False
+        if isinstance(n, ast.Call) and not (isinstance(n.func, ast.Name) and n.func.id in _INERT_CALLS):
+            return False
+    return True
+
+
+def _droppable(node: ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) -> bool:
+    """Whether defining `node` does nothing but bind its name: decorators in `_PURE_DECORATORS`,
+    inert default values and (a class) inert base and body statements."""
+    for d in node.decorator_list:
+        f = d.func if isinstance(d, ast.Call) else d
+        name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+        if name not in _PURE_DECORATORS or (isinstance(d, ast.Call) and not all(map(_inert, d.args))):
+            return False
+    if isinstance(node, ast.ClassDef):
+        body_ok = all(
+            isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Pass))
+            or (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))
+            or (isinstance(s, (ast.Assign, ast.AnnAssign)) and _inert(s.value))
+            for s in node.body
+        )
+        return body_ok and all(map(_inert, node.bases)) and not node.keywords
+    a = node.args
+    return all(map(_inert, [*a.defaults, *a.kw_defaults]))
+
+
+def _mentions(node: ast.AST, skip: set[int] = frozenset()) -> tuple[set[str], set[str], set[str]]:
+    """What `node` could reach a definition by: (identifiers, prefixes, suffixes). Identifiers:
+    names, attributes, imported names, keyword arguments, and every identifier-like word inside a
+    string constant (getattr by name, registry builders "module:function", `__all__`). Prefixes and
+    suffixes: the identifier characters at the ends of string pieces that are glued to computed
+    text (f"by_{x}", "by_" + x, "{}_fn".format(x)), since such a string may be a name that never
+    appears whole. Subtrees whose id() is in `skip` are not entered."""
+    words: set[str] = set()
+    prefixes: set[str] = set()
+    suffixes: set[str] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if id(n) in skip:
+            continue
+        if isinstance(n, ast.Name):
+            words.add(n.id)
+        elif isinstance(n, ast.Attribute):
+            words.add(n.attr)
+            if n.attr in ("format", "join") and isinstance(n.value, ast.Constant):
+                _glued([n.value], prefixes, suffixes)
+        elif isinstance(n, ast.alias):
+            words.update(n.name.split("."))
+            if n.asname:
+                words.add(n.asname)
+        elif isinstance(n, ast.keyword) and n.arg:
+            words.add(n.arg)
+        elif isinstance(n, ast.Constant) and isinstance(n.value, str):
+            words.update(_IDENT.findall(n.value))
+        elif isinstance(n, (ast.Global, ast.Nonlocal)):
+            words.update(n.names)
+        elif isinstance(n, ast.JoinedStr):
+            _glued(n.values, prefixes, suffixes)
+        elif isinstance(n, ast.BinOp) and isinstance(n.op, (ast.Add, ast.Mod)):
+            _glued([n.left, n.right], prefixes, suffixes)
+        stack.extend(ast.iter_child_nodes(n))
+    return words, prefixes, suffixes
+
+
+_HEAD_RUN = re.compile(r"^[A-Za-z0-9_]*")
+_TAIL_RUN = re.compile(r"[A-Za-z0-9_]*$")
+
+
+# A placeholder of str.format or %-formatting: computed text inside a constant.
+_PLACEHOLDER = re.compile(r"\{[^{}]*\}|%[-#0 +]*[0-9*]*(?:\.[0-9*]+)?[a-zA-Z%]")
+
+
+def _glued(pieces: list[ast.AST], prefixes: set[str], suffixes: set[str]) -> None:
+    """The identifier runs at the ends of the constant string pieces among `pieces`, and around
+    the placeholders inside them: computed text may continue such a run on either side."""
+    for p in pieces:
+        if isinstance(p, ast.Constant) and isinstance(p.value, str):
+            for text in _PLACEHOLDER.split(p.value):
+                prefixes.add(_TAIL_RUN.search(text).group())  # the start of a name built as "run" + x
+                suffixes.add(_HEAD_RUN.match(text).group())  # the end of one built as x + "run"
+
+
+def _live_class(rel: str, name: str) -> type | None:
+    """The class `name` of the shipped module `rel` as loaded in this process, if it is."""
+    module = rel[:-3].replace("/", ".").removesuffix(".__init__")
+    obj = getattr(sys.modules.get(module), name, None)
+    return obj if isinstance(obj, type) else None
+
+
+def _plain_class(cls: type | None) -> bool:
+    """Creating `cls` ran no code of its own: no metaclass, no `__init_subclass__` of a base (either
+    could record the class somewhere, as a registry does)."""
+    return (
+        cls is not None
+        and type(cls) is type
+        and not any("__init_subclass__" in vars(b) for b in cls.__mro__[1:-1])
+    )
+
+
+def _external_attrs(cls: type | None) -> set[str] | None:
+    """Attribute names `cls` inherits from a base outside pgolf (torch calls `forward`, `step`,
+    `extra_repr`, ... on such a class by name), or None when the class is not loaded here (then
+    every method stays)."""
+    obj = cls
+    if obj is None:
+        return None
+    out: set[str] = set()
+    for base in obj.__mro__[1:]:
+        if not base.__module__.startswith("pgolf"):
+            out.update(dir(base))
+    return out
+
+
+def shake(trees: dict[str, ast.Module], roots: set[str]) -> list[str]:
+    """Drop, in place, the top-level functions and classes, and the methods, that no kept code can
+    reach by name; return what went ("path:name" / "path:Class.method").
+
+    Conservative by construction: a definition stays when its name is mentioned anywhere in kept
+    code of any shipped module (`_mentions`: names, attributes, string words, so getattr by string
+    and registry builders count) or in `roots` (the entry point, the frozen config's words). Always
+    kept: every top-level statement that is not a def or class (imports, assignments, registry
+    calls, `if __name__` blocks), definitions under a decorator that may register them
+    (`_PURE_DECORATORS`), dunder methods, methods whose name a non-pgolf base class of the live
+    class has (framework hooks), and every method of a class not loaded in this process."""
+    mentioned = set(roots)
+    prefixes: set[str] = set()
+    suffixes: set[str] = set()
+
+    def mention(found: tuple[set[str], set[str], set[str]]) -> None:
+        mentioned.update(found[0])
+        prefixes.update(p for p in found[1] if p)
+        suffixes.update(x for x in found[2] if x)
+
+    def reached(name: str) -> bool:
+        return (
+            name in mentioned
+            or any(name.startswith(p) for p in prefixes)
+            or any(name.endswith(x) for x in suffixes)
+        )
+
+    pending: list[tuple[str, ast.AST, ast.AST | None]] = []  # (module path, def, owning class)
+    kept_ids: set[int] = set()
+
+    def keep(rel: str, node: ast.AST, owner: ast.ClassDef | None) -> None:
+        kept_ids.add(id(node))
+        if isinstance(node, ast.ClassDef):  # the class's own statements run; its methods wait
+            inherited = _external_attrs(_live_class(rel, node.name)) if owner is None else None
+            methods = set()
+            for s in node.body:
+                if (
+                    isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef))
+                    and inherited is not None
+                    and _droppable(s)
+                    and not (s.name.startswith("__") and s.name.endswith("__"))
+                    and s.name not in inherited
+                ):
+                    pending.append((rel, s, node))
+                    methods.add(id(s))
+            mention(_mentions(node, methods))
+        else:
+            mention(_mentions(node))
+
+    for rel, tree in trees.items():
+        for s in tree.body:
+            if isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and (
+                not (s.name.startswith("__") and s.name.endswith("__"))  # module __getattr__ and the like
+                and _droppable(s)
+                and (not isinstance(s, ast.ClassDef) or _plain_class(_live_class(rel, s.name)))
+            ):
+                pending.append((rel, s, None))
+            else:
+                keep(rel, s, None)
+    changed = True
+    while changed:
+        changed = False
+        for rel, node, owner in list(pending):
+            if id(node) not in kept_ids and reached(node.name):
+                keep(rel, node, owner)
+                changed = True
+    dropped = []
+    for rel, node, owner in pending:
+        if id(node) in kept_ids:
+            continue
+        holder = owner if owner is not None else trees[rel]
+        holder.body = [s for s in holder.body if s is not node] or [ast.Pass()]
+        dropped.append(f"{rel}:{owner.name + '.' if owner is not None else ''}{node.name}")
+    return dropped
 
 
 def _changed(value: dict, default: dict) -> dict:
@@ -402,16 +625,17 @@ def shipped_config(config: dict) -> dict:
 
 def shipped_sources(modules: dict[str, Path], config: dict) -> dict[str, str]:
     """What the wrapper carries, by path: each module minified (error messages only where a packed
-    run's user needs them, KEEP_MESSAGES), and the config as compact JSON (a run's, trimmed by
-    `shipped_config` first).
-
-    Dropping top-level definitions nothing references (tree shaking) was measured and left out:
-    it saved ~200 bytes on the r0409 set, for a soundness argument a reader would have to check."""
-    out = {
-        rel: minify_source(path.read_text(encoding="utf-8"), keep_messages=rel.startswith(KEEP_MESSAGES))
-        for rel, path in modules.items()
-    }
-    out["config.json"] = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    run's user needs them, KEEP_MESSAGES) with the definitions no shipped code reaches dropped
+    (`shake`, rooted at the wrapper's own code and the config's words), and the config as compact
+    JSON (a run's, trimmed by `shipped_config` first)."""
+    config_json = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    trees = {}
+    for rel, path in modules.items():
+        source = path.read_text(encoding="utf-8")
+        trees[rel] = _strip(ast.parse(source), "__doc__" in source, rel.startswith(KEEP_MESSAGES))
+    shake(trees, set(_IDENT.findall(_TAIL + config_json)))
+    out = {rel: _unparse(tree) for rel, tree in trees.items()}
+    out["config.json"] = config_json
     return out
 
 

@@ -24,6 +24,7 @@ from pgolf.pack import (
     encode,
     imported_modules,
     minify_source,
+    shipped_sources,
     unpack,
     write_wrapper,
 )
@@ -48,8 +49,12 @@ def test_wrapper_payload_round_trip():
     assert text.isascii() and "\0" not in text and "\r" not in text
     files = unpack(text)
     assert set(files) == set(modules) | {"config.json"}
+    sources = shipped_sources(modules, CONFIG)
     for rel, path in modules.items():
-        assert files[rel] == minify_source(path.read_text(), rel.startswith(KEEP_MESSAGES)).encode(), rel
+        assert files[rel] == sources[rel].encode(), rel
+        # minified, less what the tree shaker dropped (nothing of a module that has no definitions)
+        if "def " not in path.read_text():
+            assert files[rel] == minify_source(path.read_text(), rel.startswith(KEEP_MESSAGES)).encode()
     assert json.loads(files["config.json"]) == CONFIG
     # compressed: the wrapper is smaller than the source it carries
     assert len(text.encode("utf-8")) < sum(p.stat().st_size for p in modules.values())
@@ -176,10 +181,9 @@ def test_write_wrapper_returns_on_disk_size(tmp_path, compose):
     modules = imported_modules()
     assert raw == sum(p.stat().st_size for p in modules.values())
     assert set(files) == set(modules) | {"config.json"}
+    sources = shipped_sources(modules, shipped_config(config))
     for rel in ("pgolf/__init__.py", "pgolf/data/__init__.py", "pgolf/data/shards.py", "pgolf/quant/int8.py"):
-        assert (
-            files[rel] == minify_source((ROOT / rel).read_text(), rel.startswith(KEEP_MESSAGES)).encode()
-        ), rel
+        assert files[rel] == sources[rel].encode(), rel
     assert json.loads(files["config.json"]) == shipped_config(config)
 
 
@@ -588,3 +592,131 @@ def test_minified_kernels_compute_what_the_originals_do(tmp_path):
         results.append(torch.load(out))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------ tree shaking
+SHAKE_A = textwrap.dedent(
+    """
+    import torch
+
+    TABLE = {"pick": "by_table"}
+
+    def planted_unused(x):
+        return helper_of_unused(x)
+
+    def helper_of_unused(x):
+        return x
+
+    def by_getattr():
+        return 1
+
+    def by_table():
+        return 2
+
+    def loss_fn():
+        return 5
+
+    def build(cfg):
+        return Net()
+
+    def __getattr__(name):
+        raise AttributeError(name)
+
+    @some.registry_hook
+    def registers_itself():
+        return 3
+
+    def default_has_effect(x=print("defined")):
+        return x
+
+    class Net(torch.nn.Module):
+        def forward(self, x):
+            return self.used(x)
+
+        def used(self, x):
+            return x
+
+        def never_called(self, x):
+            return x
+
+    class Unused:
+        def method(self):
+            return 4
+
+    class Base:
+        def __init_subclass__(cls):
+            pass
+
+    class Recorded(Base):
+        pass
+
+    def entry():
+        import importlib
+        getattr(sys.modules[__name__], "{}_fn".format("lo" + "ss"))
+        kind = "get" + "attr"
+        return getattr(importlib.import_module("pgolf.shake_a"), "by_" + kind)
+    """
+)
+SHAKE_B = textwrap.dedent(
+    """
+    import importlib
+
+    BUILDERS = ["pgolf.shake_a:build"]
+
+    def run():
+        from pgolf.shake_a import entry, TABLE
+        module, _, fn = BUILDERS[0].partition(":")
+        return getattr(importlib.import_module(module), fn)(None), entry(), TABLE
+    """
+)
+
+
+def _shaken(monkeypatch, roots: set[str]) -> tuple[dict[str, str], list[str]]:
+    """SHAKE_A and SHAKE_B loaded as pgolf.shake_a / pgolf.shake_b, shaken from `roots`."""
+    import types
+
+    from pgolf.pack import _strip, _unparse, shake
+
+    for name, src in (("pgolf.shake_a", SHAKE_A), ("pgolf.shake_b", SHAKE_B)):
+        mod = types.ModuleType(name)
+        monkeypatch.setitem(sys.modules, name, mod)
+        exec(
+            compile(src.replace("@some.registry_hook", "@(lambda f: f)"), f"{name}.py", "exec"), mod.__dict__
+        )
+    trees = {"pgolf/shake_a.py": ast.parse(SHAKE_A), "pgolf/shake_b.py": ast.parse(SHAKE_B)}
+    trees = {rel: _strip(t, False) for rel, t in trees.items()}
+    dropped = shake(trees, roots)
+    return {rel: _unparse(t) for rel, t in trees.items()}, dropped
+
+
+def test_shake_drops_what_nothing_reaches_and_keeps_what_a_string_or_hook_reaches(monkeypatch):
+    out, dropped = _shaken(monkeypatch, {"run"})
+    assert sorted(dropped) == [
+        "pgolf/shake_a.py:Net.never_called",
+        "pgolf/shake_a.py:Unused",
+        "pgolf/shake_a.py:helper_of_unused",
+        "pgolf/shake_a.py:planted_unused",
+    ]
+    a = out["pgolf/shake_a.py"]
+    assert "def planted_unused" not in a and "never_called" not in a and "class Unused" not in a
+    for kept in (
+        "def by_table",  # a string in a kept table
+        "def build",  # a registry-style "module:function" string
+        "def __getattr__",  # a module hook Python calls by name
+        "def registers_itself",  # a decorator that may register it
+        "def default_has_effect",  # its default runs code at import
+        "def forward",  # torch calls it: a name of the nn.Module base
+        "def used",
+        "class Recorded",  # a base's __init_subclass__ sees it
+        "def entry",
+        "def by_getattr",  # a name built at run time: "by_" + ... may start it
+        "def loss_fn",  # ... or "{}_fn".format(...) end it
+    ):
+        assert kept in a, kept
+
+
+def test_shake_roots_keep_an_entry_point_and_its_callees(monkeypatch):
+    out, _ = _shaken(monkeypatch, set())
+    assert "def run" not in out["pgolf/shake_b.py"]  # nothing mentions it
+    out, _ = _shaken(monkeypatch, {"run"})
+    assert "def run" in out["pgolf/shake_b.py"] and "def entry" in out["pgolf/shake_a.py"]
