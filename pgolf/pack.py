@@ -23,6 +23,8 @@ import tokenize
 from collections.abc import Iterator
 from pathlib import Path
 
+from pgolf.checkpoint_gate import checkpoints_on
+from pgolf.config import CheckpointConfig
 from pgolf.results import write_text_atomic
 
 # The literal's alphabet: ASCII minus NUL (not allowed in source), LF and CR (end a "..." literal;
@@ -144,6 +146,22 @@ def imported_modules() -> dict[str, Path]:
             if init.is_file():
                 out.setdefault(init.relative_to(root).as_posix(), init)
     return dict(sorted(out.items()))
+
+
+# Modules a worker imports only for a feature its config may turn off, by the test of the frozen
+# config that says the feature is on. When it is off they never ship, even if this process imported
+# them (a resume in the Hydra parent imports pgolf.checkpoint; so does a fault drill in the worker):
+# an in-process run, a worker and pgolf.plan then pack the same files.
+CONFIG_GATED = {
+    "pgolf/checkpoint.py": lambda cfg: checkpoints_on(CheckpointConfig(**cfg.get("checkpoint", {}))),
+}
+
+
+def shipped_modules(config: dict) -> dict[str, Path]:
+    """`imported_modules` less the `CONFIG_GATED` ones whose feature `config` turns off."""
+    return {
+        rel: p for rel, p in imported_modules().items() if CONFIG_GATED.get(rel, lambda cfg: True)(config)
+    }
 
 
 def _drop_docstring(body: list[ast.stmt]) -> list[ast.stmt]:
@@ -623,16 +641,33 @@ def shipped_config(config: dict) -> dict:
     return out
 
 
+def _is_main_block(node: ast.stmt) -> bool:
+    """`if __name__ == "__main__":` with no else."""
+    t = node.test if isinstance(node, ast.If) and not node.orelse else None
+    return (
+        isinstance(t, ast.Compare)
+        and isinstance(t.left, ast.Name)
+        and t.left.id == "__name__"
+        and len(t.ops) == 1
+        and isinstance(t.ops[0], ast.Eq)
+        and isinstance(t.comparators[0], ast.Constant)
+        and t.comparators[0].value == "__main__"
+    )
+
+
 def shipped_sources(modules: dict[str, Path], config: dict) -> dict[str, str]:
     """What the wrapper carries, by path: each module minified (error messages only where a packed
-    run's user needs them, KEEP_MESSAGES) with the definitions no shipped code reaches dropped
-    (`shake`, rooted at the wrapper's own code and the config's words), and the config as compact
-    JSON (a run's, trimmed by `shipped_config` first)."""
+    run's user needs them, KEEP_MESSAGES) without its `if __name__ == "__main__":` block (the
+    wrapper imports every module and runs none as a script) and with the definitions no shipped
+    code reaches dropped (`shake`, rooted at the wrapper's own code and the config's words), and
+    the config as compact JSON (a run's, trimmed by `shipped_config` first)."""
     config_json = json.dumps(config, sort_keys=True, separators=(",", ":"))
     trees = {}
     for rel, path in modules.items():
         source = path.read_text(encoding="utf-8")
         trees[rel] = _strip(ast.parse(source), "__doc__" in source, rel.startswith(KEEP_MESSAGES))
+    for tree in trees.values():  # never true there: the wrapper imports them, it runs none as a script
+        tree.body = [s for s in tree.body if not _is_main_block(s)] or [ast.Pass()]
     shake(trees, set(_IDENT.findall(_TAIL + config_json)))
     out = {rel: _unparse(tree) for rel, tree in trees.items()}
     out["config.json"] = config_json
@@ -694,7 +729,7 @@ def build_wrapper(modules: dict[str, Path], config: dict, codec: str | None = No
 
 def write_wrapper(path: Path, config: dict) -> tuple[int, int]:
     """Write the wrapper; return (its bytes on disk, raw bytes of the source it carries)."""
-    modules = imported_modules()
+    modules = shipped_modules(config)
     text = build_wrapper(modules, shipped_config(config), codec_for(config))  # the trimmed config may omit it
     write_text_atomic(path, text)  # bytes as they are: the payload's control characters stay
     raw = sum(p.stat().st_size for p in modules.values())

@@ -164,10 +164,11 @@ def test_wrapper_runs_the_packed_code(tmp_path, codec):
 
 
 def test_write_wrapper_returns_on_disk_size(tmp_path, compose):
+    import pgolf.checkpoint  # noqa: F401  (imported, but this config turns checkpoints off)
     import pgolf.data.shards  # noqa: F401  (make sure some submodules are loaded)
     import pgolf.quant.int8  # noqa: F401
     from pgolf.config import job_config_from_dict, to_dict
-    from pgolf.pack import shipped_config
+    from pgolf.pack import shipped_config, shipped_modules
 
     config = to_dict(job_config_from_dict(compose()))  # a run's frozen config: the wrapper trims it
     path = tmp_path / "train_gpt.py"
@@ -178,9 +179,12 @@ def test_write_wrapper_returns_on_disk_size(tmp_path, compose):
     text = data.decode("utf-8")
     ast.parse(text)
     files = unpack(text)
-    modules = imported_modules()
+    modules = shipped_modules(config)
     assert raw == sum(p.stat().st_size for p in modules.values())
     assert set(files) == set(modules) | {"config.json"}
+    assert "pgolf/checkpoint.py" in imported_modules() and "pgolf/checkpoint.py" not in files
+    on = {**config, "checkpoint": {**config["checkpoint"], "every_steps": 5}}
+    assert "pgolf/checkpoint.py" in shipped_modules(on)
     sources = shipped_sources(modules, shipped_config(config))
     for rel in ("pgolf/__init__.py", "pgolf/data/__init__.py", "pgolf/data/shards.py", "pgolf/quant/int8.py"):
         assert files[rel] == sources[rel].encode(), rel
