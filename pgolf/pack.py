@@ -657,6 +657,74 @@ def _is_main_block(node: ast.stmt) -> bool:
     )
 
 
+# The schemas whose values a packed run may change before it validates them (pgolf.train.run_packed:
+# DATA_PATH and TOKENIZER_PATH rewrite the data group, SEED the root's seed): their `validate`
+# methods ship. Every other schema's values are the frozen config's, validated by the run that
+# packed them; validating them again can only pass, so their `validate` methods are dropped
+# (pgolf.config.from_dict calls `validate` only where the class has one).
+REVALIDATED = {"pgolf/data/config.py": None, "pgolf/config.py": {"RootSettings"}}
+
+
+def _checks_only(fn: ast.FunctionDef) -> bool:
+    """A `validate` that only reads and raises: no stores into attributes or items, no mutating
+    method calls, no global/nonlocal. Anything else might normalise a value, and stays."""
+    for n in ast.walk(fn):
+        if isinstance(n, (ast.Global, ast.Nonlocal)):
+            return False
+        if isinstance(n, (ast.Attribute, ast.Subscript)) and isinstance(n.ctx, (ast.Store, ast.Del)):
+            return False
+        if isinstance(n, ast.Call) and (
+            (isinstance(n.func, ast.Name) and n.func.id in ("setattr", "delattr", "exec", "eval"))
+            or (
+                isinstance(n.func, ast.Attribute)
+                and n.func.attr
+                in ("append", "extend", "insert", "update", "setdefault", "pop", "popitem", "clear", "remove")
+            )
+        ):
+            return False
+    return True
+
+
+def drop_prevalidated(rel: str, tree: ast.Module) -> list[str]:
+    """Drop, in place, the `validate` methods of schemas a packed run never changes (`REVALIDATED`
+    names the ones it may change); return the classes that lost theirs. A method that does more
+    than check (`_checks_only`) stays, and with it every other `validate` of that module (a
+    subclass's may call it through super())."""
+    if rel in REVALIDATED and REVALIDATED[rel] is None:
+        return []
+    keep = REVALIDATED.get(rel) or set()
+    classes = [c for c in tree.body if isinstance(c, ast.ClassDef) and c.name not in keep]
+    methods = [
+        (c, s) for c in classes for s in c.body if isinstance(s, ast.FunctionDef) and s.name == "validate"
+    ]
+    if not all(_checks_only(m) for _, m in methods):
+        return []
+    kept_validates = {c.name for c in tree.body if isinstance(c, ast.ClassDef) and c.name in keep}
+    for c, _ in methods:  # without its own, a subclass of a kept schema would run the base's
+        if any(isinstance(b, ast.Name) and b.id in kept_validates for b in c.bases):
+            return []
+    for c, m in methods:
+        c.body = [s for s in c.body if s is not m] or [ast.Pass()]
+    return [c.name for c, _ in methods]
+
+
+def _revalidated_reach_other_modules(trees: dict[str, ast.Module]) -> bool:
+    """Whether a schema whose `validate` ships calls super().validate on a base from another module
+    (whose `validate` might have been dropped): then none is dropped."""
+    for rel, keep in REVALIDATED.items():
+        tree = trees.get(rel)
+        local = {c.name for c in tree.body if isinstance(c, ast.ClassDef)} if tree else set()
+        for c in tree.body if tree else ():
+            if isinstance(c, ast.ClassDef) and (keep is None or c.name in keep):
+                calls_super = any(
+                    isinstance(n, ast.Attribute) and n.attr == "validate" and "super()" in ast.unparse(n)
+                    for n in ast.walk(c)
+                )
+                if calls_super and not all(isinstance(b, ast.Name) and b.id in local for b in c.bases):
+                    return True
+    return False
+
+
 def shipped_sources(modules: dict[str, Path], config: dict) -> dict[str, str]:
     """What the wrapper carries, by path: each module minified (error messages only where a packed
     run's user needs them, KEEP_MESSAGES) without its `if __name__ == "__main__":` block (the
@@ -670,6 +738,9 @@ def shipped_sources(modules: dict[str, Path], config: dict) -> dict[str, str]:
         trees[rel] = _strip(ast.parse(source), "__doc__" in source, rel.startswith(KEEP_MESSAGES))
     for tree in trees.values():  # never true there: the wrapper imports them, it runs none as a script
         tree.body = [s for s in tree.body if not _is_main_block(s)] or [ast.Pass()]
+    if not _revalidated_reach_other_modules(trees):
+        for rel, tree in trees.items():
+            drop_prevalidated(rel, tree)
     shake(trees, set(_IDENT.findall(_TAIL + config_json)))
     out = {rel: _unparse(tree) for rel, tree in trees.items()}
     out["config.json"] = config_json

@@ -724,3 +724,34 @@ def test_shake_roots_keep_an_entry_point_and_its_callees(monkeypatch):
     assert "def run" not in out["pgolf/shake_b.py"]  # nothing mentions it
     out, _ = _shaken(monkeypatch, {"run"})
     assert "def run" in out["pgolf/shake_b.py"] and "def entry" in out["pgolf/shake_a.py"]
+
+
+def test_prevalidated_schemas_ship_without_validate_and_the_shipped_config_still_loads(tmp_path, compose):
+    """Schemas a packed run never changes lose `validate` (the run that packed them validated the
+    same values); the data group and the root (DATA_PATH, TOKENIZER_PATH, SEED) keep theirs, and a
+    validate that stores anything is never dropped."""
+    import pgolf.train  # noqa: F401  (the entry point: the tree shaker's root)
+    from pgolf.config import job_config_from_dict, to_dict
+    from pgolf.pack import drop_prevalidated, shipped_config
+
+    config = to_dict(job_config_from_dict(compose(["experiment=r0409"])))
+    src = shipped_sources(imported_modules(), shipped_config(config))
+    assert "def validate" not in src["pgolf/quant/config.py"] + src["pgolf/models/config.py"]
+    data_cfg = (ROOT / "pgolf/data/config.py").read_text()
+    assert src["pgolf/data/config.py"].count("def validate") == data_cfg.count("def validate") > 0
+    assert src["pgolf/config.py"].count("def validate") == 1  # RootSettings: the seed
+    normalises = ast.parse("class A:\n    def validate(self, path):\n        self.x = tuple(self.x)\n")
+    assert drop_prevalidated("pgolf/other.py", normalises) == [] and "validate" in ast.unparse(normalises)
+    # The shipped schemas, loaded as a packed run loads them, accept the frozen config as it is.
+    pkg = tmp_path / "pkg"
+    for rel, text in src.items():
+        (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / rel).write_text(text)
+    probe = (
+        "import json; from pgolf.config import job_config_from_dict, to_dict;"
+        f"c = json.load(open({str(pkg / 'config.json')!r})); print(json.dumps(to_dict(job_config_from_dict(c))))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=pkg, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout) == {**config, "job_dir": ""}
