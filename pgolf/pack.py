@@ -2,8 +2,8 @@
 
 The challenge counts the UTF-8 bytes of the submitted `train_gpt.py` (TECHNIQUES §1.1). Records
 ship their code as an LZMA + base85 `exec` wrapper; pgolf ships the worker's modules and the frozen
-config the same way, denser: minified sources joined by NUL bytes, raw LZMA2, and a base-123 string
-literal (every 1-byte ASCII character a `"..."` literal can hold), so the counted code bytes are the
+config the same way, denser: minified and tree-shaken sources joined by NUL bytes, bzip2 (or
+brotli), and a base-123 string literal (every 1-byte ASCII character a `"..."` literal can hold), so the counted code bytes are the
 size of a real file that runs. docs/quant.md ("Code bytes") has the measured sizes.
 """
 
@@ -385,7 +385,37 @@ def minify_source(source: str, keep_messages: bool = True) -> str:
 
 def _unparse(tree: ast.Module) -> str:
     rename_locals(tree)
-    return _reindent(ast.unparse(tree) + "\n")
+    return _squeeze(_reindent(ast.unparse(tree) + "\n"))
+
+
+def _squeeze(source: str) -> str:
+    """`source` without the spaces `ast.unparse` puts around operators, after commas and colons:
+    between two tokens a space stays only where both sides are word characters (`x if y`,
+    `in b"..."`). Indentation and everything inside a token (strings) are left alone. Checked: the
+    result must parse to the same AST, else `source` is returned as it is."""
+    out: list[str] = []
+    prev = None
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type in (tokenize.NL, tokenize.NEWLINE):
+            out.append("\n")
+            prev = None
+        elif tok.type in (tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER, tokenize.COMMENT):
+            continue
+        elif prev is None:
+            out.append(" " * tok.start[1] + tok.string)  # the line's indentation
+            prev = tok
+        else:
+            word = (prev.string[-1:].isalnum() or prev.string[-1:] == "_") and (
+                tok.string[:1].isalnum() or tok.string[:1] in "_'\""
+            )
+            out.append((" " if word and prev.end != tok.start else "") + tok.string)
+            prev = tok
+    small = "".join(out)
+    try:
+        same = ast.dump(ast.parse(small)) == ast.dump(ast.parse(source))
+    except SyntaxError:
+        same = False
+    return small if same else source
 
 
 # ------------------------------------------------------------------------------ tree shaking
