@@ -551,11 +551,10 @@ def _external_attrs(cls: type | None) -> set[str] | None:
     """Attribute names `cls` inherits from a base outside pgolf (torch calls `forward`, `step`,
     `extra_repr`, ... on such a class by name), or None when the class is not loaded here (then
     every method stays)."""
-    obj = cls
-    if obj is None:
+    if cls is None:
         return None
     out: set[str] = set()
-    for base in obj.__mro__[1:]:
+    for base in cls.__mro__[1:]:
         if not base.__module__.startswith("pgolf"):
             out.update(dir(base))
     return out
