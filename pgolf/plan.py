@@ -129,10 +129,25 @@ def code_bytes(job) -> int:
             importlib.import_module(module)
     if getattr(job.data, "loader", None) in _SAMPLERS:  # the loader imports its sampler by name
         importlib.import_module(_SAMPLERS[job.data.loader].partition(":")[0])
-    config = to_dict(job)
+    config = to_dict(_hardware_as_frozen(job))
     return len(
         build_wrapper(shipped_modules(config), shipped_config(config), codec_for(config)).encode("utf-8")
     )
+
+
+def _hardware_as_frozen(job):
+    """`job` with the hardware group as `pgolf.run.freeze` hands it to a worker on this machine:
+    `auto` resolved, `nproc_per_node` filled in (the shipped config carries the result: planning
+    `hardware=auto` printed 9 bytes more than the offline default run wrote). A GPU config planned
+    on a machine without those GPUs keeps its group as written."""
+    from pgolf.hw.device import resolve_auto, resolve_nproc
+
+    hw = resolve_auto(job.hardware) if job.hardware.name == "auto" else job.hardware
+    try:
+        hw = resolve_nproc(hw)
+    except RuntimeError:
+        pass
+    return dataclasses.replace(job, hardware=hw)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -226,8 +226,8 @@ with initialize_config_dir(config_dir=str(Path(conf_dir()).resolve()), version_b
 data = OmegaConf.to_container(cfg, resolve=True)
 data.pop("hydra", None)
 job = job_config_from_dict(data)
-plan.code_bytes(job)
-print(json.dumps(sorted(pack.shipped_modules(to_dict(job)))))
+code = plan.code_bytes(job)
+print(json.dumps({"modules": sorted(pack.shipped_modules(to_dict(job))), "code_bytes": code}))
 """
 
 
@@ -245,6 +245,9 @@ def test_plan_counts_the_modules_a_run_ships(tiny_run, shard_dir, tokenizer_mode
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    planned = set(json.loads(proc.stdout.strip().splitlines()[-1]))
+    plan = json.loads(proc.stdout.strip().splitlines()[-1])
+    planned = set(plan["modules"])
     assert "pgolf/trainer.py" in planned and "pgolf/train.py" in planned
     assert planned == shipped, (sorted(planned - shipped), sorted(shipped - planned))
+    # ... and its code bytes are the run's, to the byte (the same packer, the same frozen config)
+    assert plan["code_bytes"] == load_result(tmp)["bytes"]["code"]
