@@ -755,3 +755,14 @@ def test_prevalidated_schemas_ship_without_validate_and_the_shipped_config_still
     proc = subprocess.run([sys.executable, "-c", probe], cwd=pkg, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout) == {**config, "job_dir": ""}
+
+
+def test_squeeze_drops_spaces_between_tokens_but_never_changes_the_program():
+    from pgolf.pack import _squeeze
+
+    assert _squeeze("x = f(a, b) + c[1:2]\nif x in y and not z:\n    s = 'q' f'{x!r}' in b'q'\n") == (
+        "x=f(a,b)+c[1:2]\nif x in y and not z:\n    s='q'f'{x!r}'in b'q'\n"
+    )
+    assert _squeeze("x = 1 if y else 2\n") == "x=1 if y else 2\n"  # '1if' would not tokenize
+    risky = "y = 1 .real\n"  # '1.real' is a syntax error: the module keeps its spaces
+    assert _squeeze(risky) == risky
