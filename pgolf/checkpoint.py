@@ -39,14 +39,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pgolf.checkpoint_gate import CKPT_DIR, FAULT_ENV, checkpoints_on
 from pgolf.config import CheckpointConfig
 from pgolf.results import atomic_file, read_json, write_json_atomic
 
-CKPT_DIR = "checkpoint"
 LATEST = "latest.json"
-# Fault injection for tests and drills: the worker SIGKILLs itself right after this step (after the
-# step's checkpoint, if one is due), as an OOM killer or a lost node would.
-FAULT_ENV = "PGOLF_FAULT_KILL_AFTER_STEP"
 
 
 class CheckpointError(RuntimeError):
@@ -216,7 +213,7 @@ class Checkpointer:
 
     @property
     def enabled(self) -> bool:
-        return self.cfg.every_steps > 0 or self.cfg.every_seconds > 0
+        return checkpoints_on(self.cfg)
 
     def time_due(self, train_ms: float) -> float:
         """This rank's vote (0/1) for a time-based checkpoint; reduced with MAX across ranks."""

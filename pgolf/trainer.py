@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pgolf import __version__
-from pgolf.checkpoint import Checkpointer
+from pgolf.checkpoint_gate import open_checkpoints
 from pgolf.components import DATA, MODELS, OPTIMIZERS, QUANT, TTT
 from pgolf.config import JobConfig, config_hash, to_dict
 from pgolf.data.loader import build_loader
@@ -93,7 +93,7 @@ class Trainer:
             "versions": versions(),
         }
         self.history = History(job_dir, self.rt.is_main)
-        self.ckpt = Checkpointer(
+        self.ckpt = open_checkpoints(
             job.checkpoint, job_dir, self.rt.rank, self.rt.world_size, self.result["config_hash_with_seed"]
         )
         self.calibration_plan: dict = {}  # the probe's measurement and the reserve taken off the clock

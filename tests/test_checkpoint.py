@@ -144,6 +144,36 @@ def test_time_based_checkpoints_vote():
     assert not off.enabled and off.time_due(1e9) == 0.0
 
 
+def test_a_run_without_checkpoints_gets_the_null_policy_and_never_imports_the_module(tmp_path, monkeypatch):
+    """Checkpoints off, no drill, no checkpoint folder: `NoCheckpoints` answers every call the
+    trainer makes as a Checkpointer would there; any of the three brings the real one back."""
+    import subprocess
+    import sys
+
+    from pgolf.checkpoint_gate import NoCheckpoints, open_checkpoints
+
+    monkeypatch.delenv(FAULT_ENV, raising=False)
+    off, job = CheckpointConfig(), tmp_path / "job"
+    job.mkdir()
+    null, real = open_checkpoints(off, job, 0, 1, "x"), Checkpointer(off, job, 0, 1, "x")
+    assert isinstance(null, NoCheckpoints)
+    assert null.enabled is real.enabled is False
+    assert null.time_due(1e9) == real.time_due(1e9) == 0.0
+    for ck in (null, real):
+        ck.vote(True, 3)
+        ck.fault_point(3)
+        assert ck.restore(_FakeTrainer()) is None
+        ck.discard()
+    assert isinstance(open_checkpoints(CheckpointConfig(every_steps=2), job, 0, 1, "x"), Checkpointer)
+    assert isinstance(open_checkpoints(CheckpointConfig(every_seconds=1.0), job, 0, 1, "x"), Checkpointer)
+    (job / "checkpoint").mkdir()
+    assert isinstance(open_checkpoints(off, job, 0, 1, "x"), Checkpointer)  # a stale one gets reported
+    monkeypatch.setenv(FAULT_ENV, "3")
+    assert isinstance(open_checkpoints(off, tmp_path, 0, 1, "x"), Checkpointer)
+    probe = "import sys, pgolf.trainer; assert 'pgolf.checkpoint' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
+
+
 # --------------------------------------------------------------------------- kill and resume
 
 

@@ -219,14 +219,15 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from pgolf import pack, plan
-from pgolf.config import job_config_from_dict
+from pgolf.config import job_config_from_dict, to_dict
 from pgolf.run import conf_dir
 with initialize_config_dir(config_dir=str(Path(conf_dir()).resolve()), version_base="1.3"):
     cfg = compose(config_name="config", overrides=sys.argv[1:])
 data = OmegaConf.to_container(cfg, resolve=True)
 data.pop("hydra", None)
-plan.code_bytes(job_config_from_dict(data))
-print(json.dumps(sorted(pack.imported_modules())))
+job = job_config_from_dict(data)
+code = plan.code_bytes(job)
+print(json.dumps({"modules": sorted(pack.shipped_modules(to_dict(job))), "code_bytes": code}))
 """
 
 
@@ -244,6 +245,9 @@ def test_plan_counts_the_modules_a_run_ships(tiny_run, shard_dir, tokenizer_mode
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    planned = set(json.loads(proc.stdout.strip().splitlines()[-1]))
+    plan = json.loads(proc.stdout.strip().splitlines()[-1])
+    planned = set(plan["modules"])
     assert "pgolf/trainer.py" in planned and "pgolf/train.py" in planned
     assert planned == shipped, (sorted(planned - shipped), sorted(shipped - planned))
+    # ... and its code bytes are the run's, to the byte (the same packer, the same frozen config)
+    assert plan["code_bytes"] == load_result(tmp)["bytes"]["code"]

@@ -24,6 +24,7 @@ from pgolf.pack import (
     encode,
     imported_modules,
     minify_source,
+    shipped_sources,
     unpack,
     write_wrapper,
 )
@@ -48,8 +49,12 @@ def test_wrapper_payload_round_trip():
     assert text.isascii() and "\0" not in text and "\r" not in text
     files = unpack(text)
     assert set(files) == set(modules) | {"config.json"}
+    sources = shipped_sources(modules, CONFIG)
     for rel, path in modules.items():
-        assert files[rel] == minify_source(path.read_text(), rel.startswith(KEEP_MESSAGES)).encode(), rel
+        assert files[rel] == sources[rel].encode(), rel
+        # minified, less what the tree shaker dropped (nothing of a module that has no definitions)
+        if "def " not in path.read_text():
+            assert files[rel] == minify_source(path.read_text(), rel.startswith(KEEP_MESSAGES)).encode()
     assert json.loads(files["config.json"]) == CONFIG
     # compressed: the wrapper is smaller than the source it carries
     assert len(text.encode("utf-8")) < sum(p.stat().st_size for p in modules.values())
@@ -60,12 +65,12 @@ def test_codec_follows_the_model_compressor():
     pytest.importorskip("brotli")
     modules = _modules("pgolf/__init__.py", "pgolf/quant/mixed.py", "pgolf/models/gpt.py")
     as_brotli = build_wrapper(modules, {"quant": {"compressor": "brotli"}})
-    as_lzma = build_wrapper(modules, {"quant": {"compressor": "lzma"}})
+    as_bz2 = build_wrapper(modules, {"quant": {"compressor": "lzma"}})  # a stdlib codec
     assert codec_for({"quant": {"compressor": "brotli"}}) == "brotli"
-    assert codec_for({"quant": {"compressor": "zstd"}}) == codec_for({}) == "lzma"
-    assert "brotli" in as_brotli and "brotli" not in as_lzma
-    assert len(as_brotli) < len(as_lzma)
-    assert unpack(as_brotli)["pgolf/models/gpt.py"] == unpack(as_lzma)["pgolf/models/gpt.py"]
+    assert codec_for({"quant": {"compressor": "zstd"}}) == codec_for({}) == "bz2"
+    assert "brotli" in as_brotli and "brotli" not in as_bz2
+    assert len(as_brotli) < len(as_bz2)
+    assert unpack(as_brotli)["pgolf/models/gpt.py"] == unpack(as_bz2)["pgolf/models/gpt.py"]
 
 
 def test_wrapper_is_deterministic():
@@ -116,7 +121,7 @@ def test_every_alphabet_character_survives_a_source_file(tmp_path):
 
 
 # ------------------------------------------------------------------------------ the wrapper runs
-@pytest.mark.parametrize("codec", ["lzma", "brotli"])
+@pytest.mark.parametrize("codec", ["bz2", "lzma", "brotli"])
 def test_wrapper_runs_the_packed_code(tmp_path, codec):
     """Executing the wrapper extracts the files and imports pgolf from them, not from the installed
     package; the entry point learns which script it runs from."""
@@ -159,10 +164,11 @@ def test_wrapper_runs_the_packed_code(tmp_path, codec):
 
 
 def test_write_wrapper_returns_on_disk_size(tmp_path, compose):
+    import pgolf.checkpoint  # noqa: F401  (imported, but this config turns checkpoints off)
     import pgolf.data.shards  # noqa: F401  (make sure some submodules are loaded)
     import pgolf.quant.int8  # noqa: F401
     from pgolf.config import job_config_from_dict, to_dict
-    from pgolf.pack import shipped_config
+    from pgolf.pack import shipped_config, shipped_modules
 
     config = to_dict(job_config_from_dict(compose()))  # a run's frozen config: the wrapper trims it
     path = tmp_path / "train_gpt.py"
@@ -173,13 +179,15 @@ def test_write_wrapper_returns_on_disk_size(tmp_path, compose):
     text = data.decode("utf-8")
     ast.parse(text)
     files = unpack(text)
-    modules = imported_modules()
+    modules = shipped_modules(config)
     assert raw == sum(p.stat().st_size for p in modules.values())
     assert set(files) == set(modules) | {"config.json"}
+    assert "pgolf/checkpoint.py" in imported_modules() and "pgolf/checkpoint.py" not in files
+    on = {**config, "checkpoint": {**config["checkpoint"], "every_steps": 5}}
+    assert "pgolf/checkpoint.py" in shipped_modules(on)
+    sources = shipped_sources(modules, shipped_config(config))
     for rel in ("pgolf/__init__.py", "pgolf/data/__init__.py", "pgolf/data/shards.py", "pgolf/quant/int8.py"):
-        assert (
-            files[rel] == minify_source((ROOT / rel).read_text(), rel.startswith(KEEP_MESSAGES)).encode()
-        ), rel
+        assert files[rel] == sources[rel].encode(), rel
     assert json.loads(files["config.json"]) == shipped_config(config)
 
 
@@ -463,11 +471,11 @@ def test_minify_preserves_behaviour_of_tricky_source():
         "tags": "tuple[str, ...]",
         "extra": "dict[str, int]",
     }
-    assert "TYPE_CHECKING:" not in small and "def comp(xs):" in small and "def scaled(self, k=2.0):" in small
-    assert "def add(a: int, /, b: int=1, *, c: int=0) -> int:" in small  # decorated: annotations kept
-    assert "lr: float = 0.1" in small  # class-body annotations are dataclass fields: kept
+    assert "TYPE_CHECKING:" not in small and "def comp(xs):" in small and "def scaled(self,k=2.0):" in small
+    assert "def add(a:int,/,b:int=1,*,c:int=0)->int:" in small  # decorated: annotations kept
+    assert "lr:float=0.1" in small  # class-body annotations are dataclass fields: kept
     assert "local_sum" not in small and "label_text" not in small and "problem" not in small  # shortened ...
-    assert "def keyword_target(first_arg, second_arg=2):" in small  # ... parameters never
+    assert "def keyword_target(first_arg,second_arg=2):" in small  # ... parameters never
     assert "beta_value" in small  # a function that calls locals() keeps its names
     assert "last_seen" in small and "total_sum" in small  # mentioned in a nested scope: kept
     assert "\n    an indented line of the docstring" in small  # text inside strings is not reindented
@@ -482,7 +490,7 @@ def test_minify_keeps_annotations_and_names_a_decorator_may_read():
         "def g(x: int) -> int:\n    doubled = 2 * x\n    return doubled\n"
     )
     small = minify_source(source)
-    assert "def f(x: int) -> int:" in small and small.count("doubled") == 2
+    assert "def f(x:int)->int:" in small and small.count("doubled") == 2
     assert "def g(x):" in small
 
 
@@ -588,3 +596,173 @@ def test_minified_kernels_compute_what_the_originals_do(tmp_path):
         results.append(torch.load(out))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------ tree shaking
+SHAKE_A = textwrap.dedent(
+    """
+    import torch
+
+    TABLE = {"pick": "by_table"}
+
+    def planted_unused(x):
+        return helper_of_unused(x)
+
+    def helper_of_unused(x):
+        return x
+
+    def by_getattr():
+        return 1
+
+    def by_table():
+        return 2
+
+    def loss_fn():
+        return 5
+
+    def build(cfg):
+        return Net()
+
+    def __getattr__(name):
+        raise AttributeError(name)
+
+    @some.registry_hook
+    def registers_itself():
+        return 3
+
+    def default_has_effect(x=print("defined")):
+        return x
+
+    class Net(torch.nn.Module):
+        def forward(self, x):
+            return self.used(x)
+
+        def used(self, x):
+            return x
+
+        def never_called(self, x):
+            return x
+
+    class Unused:
+        def method(self):
+            return 4
+
+    class Base:
+        def __init_subclass__(cls):
+            pass
+
+    class Recorded(Base):
+        pass
+
+    def entry():
+        import importlib
+        getattr(sys.modules[__name__], "{}_fn".format("lo" + "ss"))
+        kind = "get" + "attr"
+        return getattr(importlib.import_module("pgolf.shake_a"), "by_" + kind)
+    """
+)
+SHAKE_B = textwrap.dedent(
+    """
+    import importlib
+
+    BUILDERS = ["pgolf.shake_a:build"]
+
+    def run():
+        from pgolf.shake_a import entry, TABLE
+        module, _, fn = BUILDERS[0].partition(":")
+        return getattr(importlib.import_module(module), fn)(None), entry(), TABLE
+    """
+)
+
+
+def _shaken(monkeypatch, roots: set[str]) -> tuple[dict[str, str], list[str]]:
+    """SHAKE_A and SHAKE_B loaded as pgolf.shake_a / pgolf.shake_b, shaken from `roots`."""
+    import types
+
+    from pgolf.pack import _strip, _unparse, shake
+
+    for name, src in (("pgolf.shake_a", SHAKE_A), ("pgolf.shake_b", SHAKE_B)):
+        mod = types.ModuleType(name)
+        monkeypatch.setitem(sys.modules, name, mod)
+        exec(
+            compile(src.replace("@some.registry_hook", "@(lambda f: f)"), f"{name}.py", "exec"), mod.__dict__
+        )
+    trees = {"pgolf/shake_a.py": ast.parse(SHAKE_A), "pgolf/shake_b.py": ast.parse(SHAKE_B)}
+    trees = {rel: _strip(t, False) for rel, t in trees.items()}
+    dropped = shake(trees, roots)
+    return {rel: _unparse(t) for rel, t in trees.items()}, dropped
+
+
+def test_shake_drops_what_nothing_reaches_and_keeps_what_a_string_or_hook_reaches(monkeypatch):
+    out, dropped = _shaken(monkeypatch, {"run"})
+    assert sorted(dropped) == [
+        "pgolf/shake_a.py:Net.never_called",
+        "pgolf/shake_a.py:Unused",
+        "pgolf/shake_a.py:helper_of_unused",
+        "pgolf/shake_a.py:planted_unused",
+    ]
+    a = out["pgolf/shake_a.py"]
+    assert "def planted_unused" not in a and "never_called" not in a and "class Unused" not in a
+    for kept in (
+        "def by_table",  # a string in a kept table
+        "def build",  # a registry-style "module:function" string
+        "def __getattr__",  # a module hook Python calls by name
+        "def registers_itself",  # a decorator that may register it
+        "def default_has_effect",  # its default runs code at import
+        "def forward",  # torch calls it: a name of the nn.Module base
+        "def used",
+        "class Recorded",  # a base's __init_subclass__ sees it
+        "def entry",
+        "def by_getattr",  # a name built at run time: "by_" + ... may start it
+        "def loss_fn",  # ... or "{}_fn".format(...) end it
+    ):
+        assert kept in a, kept
+
+
+def test_shake_roots_keep_an_entry_point_and_its_callees(monkeypatch):
+    out, _ = _shaken(monkeypatch, set())
+    assert "def run" not in out["pgolf/shake_b.py"]  # nothing mentions it
+    out, _ = _shaken(monkeypatch, {"run"})
+    assert "def run" in out["pgolf/shake_b.py"] and "def entry" in out["pgolf/shake_a.py"]
+
+
+def test_prevalidated_schemas_ship_without_validate_and_the_shipped_config_still_loads(tmp_path, compose):
+    """Schemas a packed run never changes lose `validate` (the run that packed them validated the
+    same values); the data group and the root (DATA_PATH, TOKENIZER_PATH, SEED) keep theirs, and a
+    validate that stores anything is never dropped."""
+    import pgolf.train  # noqa: F401  (the entry point: the tree shaker's root)
+    from pgolf.config import job_config_from_dict, to_dict
+    from pgolf.pack import drop_prevalidated, shipped_config
+
+    config = to_dict(job_config_from_dict(compose(["experiment=r0409"])))
+    src = shipped_sources(imported_modules(), shipped_config(config))
+    assert "def validate" not in src["pgolf/quant/config.py"] + src["pgolf/models/config.py"]
+    data_cfg = (ROOT / "pgolf/data/config.py").read_text()
+    assert src["pgolf/data/config.py"].count("def validate") == data_cfg.count("def validate") > 0
+    assert src["pgolf/config.py"].count("def validate") == 1  # RootSettings: the seed
+    normalises = ast.parse("class A:\n    def validate(self, path):\n        self.x = tuple(self.x)\n")
+    assert drop_prevalidated("pgolf/other.py", normalises) == [] and "validate" in ast.unparse(normalises)
+    # The shipped schemas, loaded as a packed run loads them, accept the frozen config as it is.
+    pkg = tmp_path / "pkg"
+    for rel, text in src.items():
+        (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / rel).write_text(text)
+    probe = (
+        "import json; from pgolf.config import job_config_from_dict, to_dict;"
+        f"c = json.load(open({str(pkg / 'config.json')!r})); print(json.dumps(to_dict(job_config_from_dict(c))))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=pkg, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout) == {**config, "job_dir": ""}
+
+
+def test_squeeze_drops_spaces_between_tokens_but_never_changes_the_program():
+    from pgolf.pack import _squeeze
+
+    assert _squeeze("x = f(a, b) + c[1:2]\nif x in y and not z:\n    s = 'q' f'{x!r}' in b'q'\n") == (
+        "x=f(a,b)+c[1:2]\nif x in y and not z:\n    s='q'f'{x!r}'in b'q'\n"
+    )
+    assert _squeeze("x = 1 if y else 2\n") == "x=1 if y else 2\n"  # '1if' would not tokenize
+    risky = "y = 1 .real\n"  # '1.real' is a syntax error: the module keeps its spaces
+    assert _squeeze(risky) == risky
