@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import CONF, REPO
 
-from pgolf.components import OPTIMIZERS, REGISTRIES, check_compatibility
-from pgolf.config import GROUPS, config_hash, job_config_from_dict, to_dict
+from pgolf.components import OPTIMIZERS, REGISTRIES
+from pgolf.config import GROUPS, check_compatibility, config_hash, job_config_from_dict, to_dict
 from pgolf.registry import ConfigError, Entry, Registry
 
 SHARD_ARGS = ["data.path=/some/shards", "data.tokenizer_path=/some/tok.model"]
