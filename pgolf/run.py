@@ -33,7 +33,6 @@ from pgolf.outdir import FolderInUse, lock_folder, set_aside
 from pgolf.registry import ConfigError
 from pgolf.results import DiskFullError, is_disk_full, read_json, write_json_atomic
 from pgolf.slots import GpuSlots, SlotLease, register_resolvers, visible_devices
-from pgolf.tracking import resolve_mode as resolve_wandb_mode  # noqa: F401 (pgolf.callbacks uses it)
 from pgolf.tracking import resume_job_run, start_hydra_job_run, wandb_config
 
 register_resolvers()  # before Hydra composes, here and in every joblib worker that imports us
