@@ -15,7 +15,6 @@ import copy
 import dataclasses
 import math
 import sys
-from pathlib import Path
 
 import torch
 
@@ -123,22 +122,14 @@ def code_bytes(job) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from pgolf.config import job_config_from_dict
-    from pgolf.run import conf_dir
+    from pgolf.compose import compose_job
 
     overrides = list(sys.argv[1:] if argv is None else argv)
     if {"-h", "--help"} & set(overrides):
         print(__doc__.strip())
         print("\nexample: python -m pgolf.plan experiment=r0409   (any overrides python -m pgolf.run takes)")
         return 0
-    with initialize_config_dir(config_dir=str(Path(conf_dir()).resolve()), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    data = OmegaConf.to_container(cfg, resolve=True)
-    data.pop("hydra", None)
-    job = job_config_from_dict(data)
+    job = compose_job(overrides)
     r = estimate(job)
     print(f"plan: model={job.model.name} quant={job.quant.name} params={r['params']:,}")
     for key, gr in sorted(r["groups"].items()):
