@@ -16,6 +16,14 @@ from pgolf.ttt.config import LoRATTTConfig, NoTTTConfig, PhasedTTTConfig, ScoreF
 DATA = Registry("data")
 DATA.register("shards", ShardDataConfig, "pgolf.data.source:build_shard_source")
 DATA.register("embedded", EmbeddedDataConfig, "pgolf.data.source:build_embedded_source")
+# How training batches are drawn (`data.loader`; its settings are keys of every data schema).
+# Builders take (data cfg, files=, seed=, rank=, world_size=, device=); each lives with its sampler,
+# so a run imports, packs and counts the bytes of only the sampler it uses.
+LOADERS = Registry("data", key="loader")
+LOADERS.register("sequential", None, "pgolf.data.sequential:build")
+LOADERS.register("coprime", None, "pgolf.data.coprime:build")
+LOADERS.register("shuffled", None, "pgolf.data.shuffled:build")
+LOADERS.register("synthetic", None, "pgolf.data.synthetic:build")
 
 MODELS = Registry("model")
 MODELS.register("baseline", BaselineModelConfig, "pgolf.models.baseline:build", provides=("matrices",))

@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pgolf.components import REGISTRIES
+from pgolf.components import LOADERS, REGISTRIES
 from pgolf.eval.config import EvalConfig
 from pgolf.registry import ConfigError, check_range
 
@@ -245,6 +245,7 @@ def check_compatibility(job: JobConfig) -> None:
                 f"{group}={entry.name} needs {', '.join(missing)}, which the chosen "
                 f"model={job.model.name} / data={job.data.name} do not provide"
             )
+    LOADERS.get(job.data.loader)  # a registered loader, or a ConfigError with the choices
     if job.model.vocab_size != job.data.vocab_size:
         raise ConfigError(
             f"model.vocab_size={job.model.vocab_size} differs from data.vocab_size={job.data.vocab_size}; "

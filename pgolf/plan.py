@@ -104,19 +104,17 @@ def estimate(job) -> dict:
 
 def code_bytes(job) -> int:
     """Bytes of the packed train_gpt.py for this config (the modules a worker imports)."""
-    import importlib
-
     import pgolf.train  # noqa: F401  (the worker's entry point)
     import pgolf.trainer  # noqa: F401  (imported lazily by pgolf.train.run_job)
-    from pgolf.components import REGISTRIES
+    from pgolf.components import LOADERS, REGISTRIES
     from pgolf.config import to_dict
-    from pgolf.data.loader import _SAMPLERS
     from pgolf.pack import build_wrapper, codec_for, imported_modules, shipped_config
 
     for group, reg in REGISTRIES.items():
         reg.get(getattr(job, group).name).load_builder()
-    if getattr(job.data, "loader", None) in _SAMPLERS:  # the loader imports its sampler by name
-        importlib.import_module(_SAMPLERS[job.data.loader].partition(":")[0])
+    LOADERS.get(job.data.loader).load_builder()  # the loader imports its sampler by name
+    if getattr(job.optimizer, "late_qat_threshold", 0.0) > 0:  # the trainer imports it only then
+        import pgolf.quant.qat  # noqa: F401
     config = to_dict(job)
     return len(build_wrapper(imported_modules(), shipped_config(config), codec_for(config)).encode("utf-8"))
 

@@ -7,8 +7,6 @@ from typing import Literal
 
 from pgolf.registry import ConfigError
 
-LoaderName = Literal["sequential", "coprime", "shuffled", "synthetic"]
-
 
 @dataclass
 class LoaderFields:
@@ -19,7 +17,7 @@ class LoaderFields:
     device: for benchmarking the input pipeline only, never for training). TECHNIQUES §2.16.
     """
 
-    loader: LoaderName = "sequential"
+    loader: str = "sequential"  # a name registered in pgolf.components.LOADERS (checked there)
     prefetch: int = 0  # producer-thread queue depth in batches; 0 = assemble each batch on demand
     # coprime: the shard-mix schedule ramps over this many batches (progress = built / ramp) ...
     coprime_mix_ramp_batches: int = 1800
