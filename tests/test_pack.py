@@ -263,7 +263,7 @@ def _reference_strip(tree: ast.AST) -> str:
         "pgolf/models/gpt.py",
         "pgolf/quant/mixed.py",
         "pgolf/config.py",
-        "pgolf/components.py",
+        "pgolf/optim/muon.py",  # a TYPE_CHECKING block (the catalog, components.py, has no nesting left)
     ],
 )
 def test_minified_source_is_the_same_program(rel):
