@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import functools
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,19 +40,11 @@ from pgolf.models.blocks import MLP, Attention
 
 
 def build_model(overrides: list[str]) -> torch.nn.Module:
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
     from pgolf.components import MODELS
-    from pgolf.config import job_config_from_dict
+    from pgolf.compose import compose_job
     from pgolf.models.layers import restore_fp32_params
-    from pgolf.run import conf_dir
 
-    with initialize_config_dir(config_dir=str(Path(conf_dir()).resolve()), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["model=banked", *overrides])
-    data = OmegaConf.to_container(cfg, resolve=True)
-    data.pop("hydra", None)
-    job = job_config_from_dict(data)
+    job = compose_job(["model=banked", *overrides])
     torch.manual_seed(0)
     model = MODELS.build(job.model).cuda().bfloat16()
     restore_fp32_params(model)

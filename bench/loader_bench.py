@@ -45,9 +45,7 @@ def split_train(src: Path, parts: int) -> Path:
 
 
 def compose(data: Path, tokenizer: Path, args: argparse.Namespace) -> dict:
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
+    from pgolf.compose import compose_dict
 
     overrides = [
         "experiment=none",
@@ -63,11 +61,7 @@ def compose(data: Path, tokenizer: Path, args: argparse.Namespace) -> dict:
         f"train.batch_tokens={args.batch_tokens}",
         "train.prime_steps=0",
     ]
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=overrides)
-        d = OmegaConf.to_container(cfg, resolve=True)
-    d.pop("hydra", None)
-    return d
+    return compose_dict(overrides)
 
 
 def host_throughput(data_cfg, files: list[Path], batches: int, batch_tokens: int, seq_len: int) -> float:

@@ -147,14 +147,13 @@ def write_sweep_summary(config: DictConfig, sweep_dir: Path, log_to_wandb: bool 
         print(summary["markdown"], flush=True)
         print(f"pgolf: sweep summary in {sweep_dir}/summary.md (.csv, .json)", flush=True)
         if log_to_wandb:
-            from pgolf.run import resolve_wandb_mode
-            from pgolf.tracking import log_sweep_summary
+            from pgolf.tracking import log_sweep_summary, resolve_mode
 
             wb = config.get("wandb") or {}
             note = log_sweep_summary(
                 summary,
                 sweep_dir,
-                mode=resolve_wandb_mode(str(wb.get("mode", "auto")), multirun=True),
+                mode=resolve_mode(str(wb.get("mode", "auto")), multirun=True),
                 project=str(wb.get("project", "pgolf")),
                 entity=wb.get("entity"),
             )

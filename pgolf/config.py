@@ -16,6 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from pgolf.components import LOADERS, REGISTRIES
 from pgolf.eval.config import EvalConfig
 from pgolf.registry import ConfigError, check_range
 
@@ -214,8 +215,6 @@ def to_dict(obj: Any) -> Any:
 
 def job_config_from_dict(data: dict[str, Any]) -> JobConfig:
     """Validate a resolved config dict (from Hydra or config.json) into a JobConfig."""
-    from pgolf.components import REGISTRIES, check_compatibility
-
     data = {k: v for k, v in data.items() if k not in PARENT_ONLY}
     groups: dict[str, Any] = {}
     for group in GROUPS:
@@ -231,6 +230,60 @@ def job_config_from_dict(data: dict[str, Any]) -> JobConfig:
     job = JobConfig(**groups, **{f.name: getattr(root, f.name) for f in dataclasses.fields(RootSettings)})
     check_compatibility(job)
     return job
+
+
+def check_compatibility(job: JobConfig) -> None:
+    """Cross-group checks: each implementation's `requires` must be provided by another group."""
+    provided: set[str] = set()
+    for group, reg in REGISTRIES.items():
+        provided.update(reg.get(getattr(job, group).name).provides)
+    for group, reg in REGISTRIES.items():
+        entry = reg.get(getattr(job, group).name)
+        missing = [cap for cap in entry.requires if cap not in provided]
+        if missing:
+            raise ConfigError(
+                f"{group}={entry.name} needs {', '.join(missing)}, which the chosen "
+                f"model={job.model.name} / data={job.data.name} do not provide"
+            )
+    LOADERS.get(job.data.loader)  # a registered loader, or a ConfigError with the choices
+    if job.model.vocab_size != job.data.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={job.model.vocab_size} differs from data.vocab_size={job.data.vocab_size}; "
+            "set model.vocab_size=${data.vocab_size} (the shipped model configs do)"
+        )
+    t = job.train
+    if t.seq_len < 2 or t.batch_tokens < 1 or t.iterations < 0 or t.prime_steps < 0:
+        raise ConfigError(
+            "train.seq_len >= 2, train.batch_tokens >= 1, train.iterations and train.prime_steps >= 0"
+        )
+    if t.grad_accum_base < 1:
+        raise ConfigError("train.grad_accum_base must be >= 1")
+    if t.batch_tokens % (t.grad_accum_base * t.seq_len):
+        raise ConfigError(
+            f"train.batch_tokens={t.batch_tokens} must be a multiple of train.grad_accum_base*train.seq_len="
+            f"{t.grad_accum_base * t.seq_len} so every world size dividing {t.grad_accum_base} gets whole sequences"
+        )
+    b = job.budget
+    if b.mode == "wallclock" and b.train_seconds <= b.quant_reserve_seconds:
+        raise ConfigError("budget.train_seconds must exceed budget.quant_reserve_seconds in wallclock mode")
+    check_eval(job)
+    if b.artifact_bytes <= 0:
+        raise ConfigError("budget.artifact_bytes must be positive (the challenge cap is 16000000)")
+
+
+def check_eval(job: JobConfig) -> None:
+    """Sliding windows must fit train.seq_len when eval.seq_len defers to it; score-first TTT follows
+    the records, which always report the sliding score before it (and share its windows)."""
+    e = job.eval
+    if e.stride > e.window(job.train.seq_len):
+        raise ConfigError(
+            f"eval.stride={e.stride} exceeds the window eval.seq_len={e.window(job.train.seq_len)}"
+        )
+    if job.ttt.name == "score_first" and "sliding" not in e.modes:
+        raise ConfigError(
+            f"ttt={job.ttt.name} scores with sliding windows after the sliding eval, as the records do; "
+            f"add it: eval.modes=[nonoverlap,sliding] (now {e.modes})"
+        )
 
 
 # Keys that do not change what a run computes: excluded from the seed-free config hash, so all

@@ -105,6 +105,7 @@ _FROM_CHAR = bytes(ALPHABET.index(c) if c in ALPHABET else 0 for c in range(256)
 # pgolf.tracking (wandb) above all: a packed script must run where wandb is not installed.
 PARENT_ONLY = (
     "pgolf.run",
+    "pgolf.compose",
     "pgolf.callbacks",
     "pgolf.console",
     "pgolf.outdir",

@@ -15,7 +15,6 @@ import copy
 import dataclasses
 import math
 import sys
-from pathlib import Path
 
 import torch
 
@@ -117,9 +116,8 @@ def code_bytes(job) -> int:
 
     import pgolf.train  # noqa: F401  (the worker's entry point)
     import pgolf.trainer  # noqa: F401  (imported lazily by pgolf.train.run_job)
-    from pgolf.components import REGISTRIES
+    from pgolf.components import LOADERS, REGISTRIES
     from pgolf.config import to_dict
-    from pgolf.data.loader import _SAMPLERS
     from pgolf.pack import build_wrapper, codec_for, shipped_config, shipped_modules
 
     for group, reg in REGISTRIES.items():
@@ -127,8 +125,9 @@ def code_bytes(job) -> int:
         reg.get(name).load_builder()
         for module in BUILT_LAZILY.get((group, name), ()):
             importlib.import_module(module)
-    if getattr(job.data, "loader", None) in _SAMPLERS:  # the loader imports its sampler by name
-        importlib.import_module(_SAMPLERS[job.data.loader].partition(":")[0])
+    LOADERS.get(job.data.loader).load_builder()  # the loader imports its sampler by name
+    if job.optimizer.late_qat_threshold > 0:  # the trainer imports it only then
+        import pgolf.quant.qat  # noqa: F401
     config = to_dict(_hardware_as_frozen(job))
     return len(
         build_wrapper(shipped_modules(config), shipped_config(config), codec_for(config)).encode("utf-8")
@@ -151,22 +150,14 @@ def _hardware_as_frozen(job):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from pgolf.config import job_config_from_dict
-    from pgolf.run import conf_dir
+    from pgolf.compose import compose_job
 
     overrides = list(sys.argv[1:] if argv is None else argv)
     if {"-h", "--help"} & set(overrides):
         print(__doc__.strip())
         print("\nexample: python -m pgolf.plan experiment=r0409   (any overrides python -m pgolf.run takes)")
         return 0
-    with initialize_config_dir(config_dir=str(Path(conf_dir()).resolve()), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    data = OmegaConf.to_container(cfg, resolve=True)
-    data.pop("hydra", None)
-    job = job_config_from_dict(data)
+    job = compose_job(overrides)
     r = estimate(job)
     print(f"plan: model={job.model.name} quant={job.quant.name} params={r['params']:,}")
     for key, gr in sorted(r["groups"].items()):

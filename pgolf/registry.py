@@ -1,7 +1,9 @@
-"""Name -> (schema, builder) registries, one per config group.
+"""Name -> (schema, builder) registries, one per config group (and one per choice within a group).
 
 Config files say `name: baseline`; the registry maps that name to a dataclass schema (validated in
-the Hydra parent before anything launches) and to a builder. Builders are stored as
+the Hydra parent before anything launches) and to a builder. A choice made by another key of a
+group (`data.loader`) is a registry keyed by that key, whose entries have no schema of their own
+(their settings are keys of the group's schema). Builders are stored as
 "module:function" strings and imported only when built, so validating a config never imports
 torch and fails in well under a second.
 """
@@ -21,7 +23,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class Entry:
     name: str
-    schema: type
+    schema: type | None  # None: the settings are keys of the enclosing group's schema
     builder: str  # "package.module:function"
     requires: tuple[str, ...] = ()  # capabilities the rest of the config must provide
     provides: tuple[str, ...] = ()  # capabilities this implementation offers to others
@@ -32,21 +34,22 @@ class Entry:
 
 
 class Registry:
-    def __init__(self, group: str):
+    def __init__(self, group: str, key: str = "name"):
         self.group = group
+        self.key = key  # the config key that selects an entry: `name`, or e.g. `loader` of `data`
         self._entries: dict[str, Entry] = {}
 
     def register(
         self,
         name: str,
-        schema: type,
+        schema: type | None,
         builder: str,
         requires: tuple[str, ...] = (),
         provides: tuple[str, ...] = (),
     ) -> None:
         if name in self._entries:
             raise ValueError(f"{self.group} registry: duplicate name {name!r}")
-        if any(e.schema is schema for e in self._entries.values()):
+        if schema is not None and any(e.schema is schema for e in self._entries.values()):
             raise ValueError(f"{self.group} registry: schema {schema.__name__} registered twice")
         self._entries[name] = Entry(name, schema, builder, tuple(requires), tuple(provides))
 
@@ -54,8 +57,9 @@ class Registry:
         try:
             return self._entries[name]
         except KeyError:
+            what = self.group if self.key == "name" else f"{self.group}.{self.key}"
             raise ConfigError(
-                f"{self.group}.name={name!r} is not a registered {self.group} implementation; "
+                f"{self.group}.{self.key}={name!r} is not a registered {what} implementation; "
                 f"valid choices: {', '.join(self.names())}"
             ) from None
 
@@ -63,7 +67,8 @@ class Registry:
         return sorted(self._entries)
 
     def build(self, cfg: Any, **runtime: Any) -> Any:
-        return self.get(cfg.name).load_builder()(cfg, **runtime)
+        """The implementation `cfg.<key>` names, built from `cfg` and the runtime arguments."""
+        return self.get(getattr(cfg, self.key)).load_builder()(cfg, **runtime)
 
 
 def check_range(

@@ -25,15 +25,15 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from pgolf.callbacks import SWEEP, write_sweep_summary
+from pgolf.compose import conf_dir, plain_dict
 from pgolf.config import GROUPS, PARENT_ONLY, config_hash, job_config_from_dict, to_dict
 from pgolf.outdir import FolderInUse, lock_folder, set_aside
 from pgolf.registry import ConfigError
 from pgolf.results import DiskFullError, is_disk_full, read_json, write_json_atomic
 from pgolf.slots import GpuSlots, SlotLease, register_resolvers, visible_devices
-from pgolf.tracking import resolve_mode as resolve_wandb_mode  # noqa: F401 (pgolf.callbacks uses it)
 from pgolf.tracking import resume_job_run, start_hydra_job_run, wandb_config
 
 register_resolvers()  # before Hydra composes, here and in every joblib worker that imports us
@@ -47,19 +47,9 @@ LAUNCHER_PLUGINS = {
 }
 
 
-def conf_dir() -> str:
-    path = Path(os.environ.get("PGOLF_CONF", Path(__file__).resolve().parent.parent / "conf"))
-    if not (path / "config.yaml").is_file():
-        sys.exit(
-            f"pgolf: no config.yaml in {path}; install pgolf from a checkout (pip install -e .) or set PGOLF_CONF"
-        )
-    return str(path)
-
-
 def freeze(cfg: DictConfig, job_dir: Path, multirun: bool = False, default_nproc: int = 0) -> dict:
     """Validate and resolve the composed config into the dict the worker will read."""
-    data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
-    data.pop("hydra", None)
+    data = plain_dict(cfg)
     for key in PARENT_ONLY:
         data.pop(key, None)
     data["job_dir"] = str(job_dir)

@@ -176,7 +176,13 @@ class Trainer:
         )
         self.result.update(params=n_params, attention_backend=backend, grad_accum=self.grad_accum)
         compiled = torch.compile(self.model, dynamic=False, fullgraph=True) if rt.compile else self.model
-        self.opt = OPTIMIZERS.build(job.optimizer, model=self.model, device=rt.device, compile_ns=rt.compile)
+        self.opt = OPTIMIZERS.build(
+            job.optimizer,
+            model=self.model,
+            device=rt.device,
+            compile_ns=rt.compile,
+            late_qat=self._late_qat(),
+        )
         # An optimizer that averages gradients itself (parallel_muon: reduce-scatter of the banks)
         # must not get DDP's all-reduce on top, which would communicate every bank twice.
         if rt.distributed and not getattr(self.opt, "handles_grad_sync", False):
@@ -216,6 +222,16 @@ class Trainer:
             model = model.bfloat16()  # embeddings compute in bf16 ...
             restore_fp32_params(model)  # ... linear weights and control tensors stay fp32
         return model
+
+    def _late_qat(self):
+        """Late QAT at the quant group's bits when optimizer.late_qat_threshold is set, else None."""
+        threshold = self.job.optimizer.late_qat_threshold
+        if threshold <= 0:
+            return None
+        # Imported here: only runs that use it ship it in their code bytes.
+        from pgolf.quant.qat import LateQAT
+
+        return LateQAT(self.model, self.job.quant, threshold)
 
     def _load_init_from(self, path: str) -> None:
         # Imported here: only runs that use it ship the converter in their code bytes.

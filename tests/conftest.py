@@ -75,16 +75,10 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture
 def compose():
     """compose(overrides) -> resolved plain dict, through Hydra exactly as `pgolf.run` composes."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
+    from pgolf.compose import compose_dict
 
     def _compose(overrides: list[str] | None = None) -> dict:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = hydra_compose(config_name="config", overrides=overrides or [])
-            d = OmegaConf.to_container(cfg, resolve=True)
-        d.pop("hydra", None)
-        return d
+        return compose_dict(overrides or [])
 
     return _compose
 

@@ -215,17 +215,10 @@ def test_repo_layout():
 
 _PLAN_MODULES = """
 import json, sys
-from pathlib import Path
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from pgolf import pack, plan
-from pgolf.config import job_config_from_dict, to_dict
-from pgolf.run import conf_dir
-with initialize_config_dir(config_dir=str(Path(conf_dir()).resolve()), version_base="1.3"):
-    cfg = compose(config_name="config", overrides=sys.argv[1:])
-data = OmegaConf.to_container(cfg, resolve=True)
-data.pop("hydra", None)
-job = job_config_from_dict(data)
+from pgolf.compose import compose_job
+from pgolf.config import to_dict
+job = compose_job(sys.argv[1:])
 code = plan.code_bytes(job)
 print(json.dumps({"modules": sorted(pack.shipped_modules(to_dict(job))), "code_bytes": code}))
 """

@@ -12,7 +12,8 @@ from pgolf.optim.config import MuonConfig, ParallelMuonConfig
 from pgolf.optim.muon import OptimizerBundle, make_ns, newton_schulz, ns_schedule, row_normalize
 from pgolf.optim.parallel_muon import ParallelMuonBundle
 from pgolf.optim.schedules import lr_scale, muon_momentum, training_frac, wd_mult
-from pgolf.quant.qat import fake_quant_rows, qat_weight
+from pgolf.quant.config import GroupQuant, Int8ZlibConfig, LosslessConfig, MixedQuantConfig
+from pgolf.quant.qat import LateQAT, fake_quant_rows, qat_weight
 from pgolf.registry import ConfigError
 
 V = 64
@@ -271,62 +272,79 @@ def test_fake_quant_is_the_record_int6_grid():
     assert torch.equal(qat_weight(w, torch.tensor(0.0)), w)
 
 
+# attention at int6 (the records' grid), MLP at int4: each matrix gets its own group's bits
+QAT_QUANT = MixedQuantConfig(attn=GroupQuant(bits=6), mlp=GroupQuant(bits=4))
+QAT_BITS = {"c_q": 6, "c_k": 6, "c_v": 6, "attn.proj": 6, "mlp.fc": 4, "mlp.proj": 4}
+BANK_BITS = {"qo_bank": 6, "kv_bank": 6, "mlp_up_bank": 4, "mlp_down_bank": 4}
+
+
 @pytest.mark.parametrize("banked", [True, False])
 def test_late_qat_switch_takes_effect_under_compile(banked):
     """The flag flips after the graph is compiled (fullgraph) and the compiled forward follows it:
     quantized weights at blend 1, exact weights at 0, with no recompile either way."""
     torch._dynamo.reset()
     model = tiny_gpt(banked)
-    model.enable_late_qat()
+    blend = LateQAT(model, QAT_QUANT, 0.5).hook.blend
     x = torch.randint(2, V, (2, 17), generator=torch.Generator().manual_seed(0))
     compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
     off = compiled(x[:, :-1], x[:, 1:])
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    model.qat_blend.fill_(1.0)
+    blend.fill_(1.0)
     on = compiled(x[:, :-1], x[:, 1:])
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames  # same graph, new behaviour
-    # eager reference: a plain model holding the fake-quantized block matrices
+    # eager reference: a plain model holding the fake-quantized block matrices, at their group's bits
     ref = tiny_gpt(banked)
     with torch.no_grad():
-        for name in (
-            ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
-            if banked
-            else [
-                n
-                for n, p in ref.named_parameters()
-                if n.startswith("blocks.")
-                and p.ndim == 2
-                and "weight" in n
-                and any(k in n for k in ("c_q", "c_k", "c_v", "attn.proj", "mlp.fc", "mlp.proj"))
-            ]
-        ):
-            t = dict(ref.named_parameters())[name]
-            t.copy_(fake_quant_rows(t))
+        for name, t in ref.named_parameters():
+            bits = BANK_BITS.get(name) or next(
+                (b for k, b in QAT_BITS.items() if f".{k}.weight" in name), None
+            )
+            if bits is not None and name.startswith(("blocks.", *BANK_BITS)):
+                t.copy_(fake_quant_rows(t, bits))
     torch.testing.assert_close(on, ref(x[:, :-1], x[:, 1:]), rtol=1e-5, atol=1e-5)
     assert abs(on.item() - off.item()) > 1e-4
     torch.testing.assert_close(off, tiny_gpt(banked)(x[:, :-1], x[:, 1:]), rtol=1e-6, atol=1e-6)
-    model.qat_blend.fill_(0.0)
+    blend.fill_(0.0)
     torch.testing.assert_close(compiled(x[:, :-1], x[:, 1:]), off, rtol=0, atol=0)
     model.eval()  # eval forwards never fake-quantize
-    model.qat_blend.fill_(1.0)
+    blend.fill_(1.0)
     torch.testing.assert_close(model(x[:, :-1], x[:, 1:]), off, rtol=1e-6, atol=1e-6)
+
+
+def test_late_qat_bits_are_the_exporters():
+    """Each hooked matrix trains towards the grid its quant group exports it on."""
+    names = tiny_gpt(banked=False).weight_hook_names()
+    assert LateQAT(tiny_gpt(), QAT_QUANT, 0.5).bits == dict(zip(names, [6, 6, 6, 6, 4, 4]))
+    assert set(LateQAT(tiny_gpt(), Int8ZlibConfig(), 0.5).bits.values()) == {8}
+    with pytest.raises(ValueError, match="unquantized"):
+        LateQAT(tiny_gpt(), LosslessConfig(), 0.5)
+
+
+def test_weight_hook_names_are_the_hooked_matrices_in_order():
+    model = tiny_gpt(banked=False)
+    params = dict(model.named_parameters())
+    assert [params[n] for n in model.weight_hook_names()] == list(model._layer_weights(0))
 
 
 def test_bundle_turns_late_qat_on_and_priming_reset_turns_it_off():
     model = tiny_gpt()
     cfg = MuonConfig(late_qat_threshold=0.5, warmdown_iters=4)
-    bundle = OptimizerBundle(model, cfg, torch.device("cpu"), False)
-    assert model.qat_enabled and model.qat_blend.item() == 0.0
+    qat = LateQAT(model, QAT_QUANT, cfg.late_qat_threshold)
+    bundle = OptimizerBundle(model, cfg, torch.device("cpu"), False, qat)
+    assert model.weight_hook is qat.hook and qat.hook.blend.item() == 0.0
     scales = []
     for step in range(4):  # lr scale before step s: 1, 0.75, 0.5, 0.25 -> below 0.5 first at s=3
         set_grads(model, step)
         bundle.step(step, 0.0, 4, None)
-        scales.append((bundle.last_lr_scale, model.qat_blend.item()))
+        scales.append((bundle.last_lr_scale, qat.hook.blend.item()))
     assert scales == [(1.0, 0.0), (0.75, 0.0), (0.5, 0.0), (0.25, 1.0)]
     assert bundle.report()["late_qat_step"] == 4
+    state = bundle.state_dict()
     bundle.reset_state()
-    assert model.qat_blend.item() == 0.0 and bundle.qat_step is None
-    assert "qat_blend" not in model.state_dict() and "qat_blend" not in model.export_state_dict()
+    assert qat.hook.blend.item() == 0.0 and bundle.qat_step is None
+    bundle.load_state_dict(state)  # a resume after the start: on again, from the same step
+    assert qat.hook.blend.item() == 1.0 and bundle.qat_step == 4
+    assert not any("blend" in k for k in [*model.state_dict(), *model.export_state_dict()])
 
 
 def test_late_qat_on_a_model_without_support_is_refused():
@@ -337,7 +355,10 @@ def test_late_qat_on_a_model_without_support_is_refused():
         BaselineModelConfig(vocab_size=V, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2)
     )
     with pytest.raises(ValueError, match="late_qat_threshold"):
-        OptimizerBundle(model, MuonConfig(late_qat_threshold=0.15), torch.device("cpu"), False)
+        LateQAT(model, QAT_QUANT, 0.15)
+    # a threshold with nothing to drive it is refused too, never silently ignored
+    with pytest.raises(ValueError, match="late_qat_threshold"):
+        OptimizerBundle(tiny_gpt(), MuonConfig(late_qat_threshold=0.15), torch.device("cpu"), False)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="optimizer timing uses CUDA events")

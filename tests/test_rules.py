@@ -387,14 +387,10 @@ def test_shipped_code_drops_error_text_but_keeps_exit_codes_and_the_data_message
 
 
 def _full_config() -> dict:
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    from pgolf.compose import compose_dict
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = OmegaConf.to_container(
-            compose(config_name="config", overrides=["experiment=r0409"]), resolve=True
-        )
-    for key in ("hydra", "resume", "launch", "report"):
+    cfg = compose_dict(["experiment=r0409"])
+    for key in ("resume", "launch", "report"):
         cfg.pop(key, None)
     return cfg
 

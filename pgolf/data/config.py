@@ -7,8 +7,6 @@ from typing import Literal
 
 from pgolf.registry import ConfigError
 
-LoaderName = Literal["sequential", "coprime", "shuffled", "synthetic"]
-
 
 @dataclass
 class LoaderFields:
@@ -19,7 +17,7 @@ class LoaderFields:
     device: for benchmarking the input pipeline only, never for training); docs/techniques.md#data-loaders.
     """
 
-    loader: LoaderName = "sequential"
+    loader: str = "sequential"  # a name registered in pgolf.components.LOADERS (checked there)
     prefetch: int = 0  # producer-thread queue depth in batches; 0 = assemble each batch on demand
     # threads filling that queue: 1 = one producer thread; N > 1 = one thread plans every batch in
     # order (the same batches) and N threads copy their tokens

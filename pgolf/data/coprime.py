@@ -237,3 +237,35 @@ class CoprimeSampler:
         self.live = np.asarray(state["live"], dtype=bool)
         self.batches_built = int(state["batches_built"])
         self.seq_len = state["seq_len"]
+
+
+def _paths_pattern(cfg: Any) -> str | None:
+    """The train glob as PR #726 hashes it (data.coprime_seed=paths), else None."""
+    if getattr(cfg, "coprime_seed", "run") != "paths":
+        return None
+    if not hasattr(cfg, "path"):
+        raise ValueError(
+            "data.coprime_seed=paths hashes the shard paths under data.path, which this data source has "
+            "not; use data=shards (or fineweb_*) or data.coprime_seed=run"
+        )
+    return os.path.join(str(cfg.path), cfg.train_pattern)
+
+
+def build(cfg: Any, files: list[Path], *, seed: int, rank: int, world_size: int, device: Any) -> Any:
+    """`data.loader=coprime` for this rank, with its `cfg.coprime_*` settings."""
+    from pgolf.data.loader import Loader  # the device side (torch); the sampler stays numpy-only
+
+    sampler = CoprimeSampler(
+        files,
+        seed,
+        rank,
+        world_size,
+        ramp_batches=cfg.coprime_mix_ramp_batches,
+        mix_start=cfg.coprime_mix_start,
+        mix_end=cfg.coprime_mix_end,
+        alpha_start=cfg.coprime_alpha_start,
+        alpha_end=cfg.coprime_alpha_end,
+        exhausted=getattr(cfg, "coprime_exhausted", "one"),
+        pattern=_paths_pattern(cfg),
+    )
+    return Loader.for_config(cfg, sampler, rank, world_size, device)

@@ -12,8 +12,6 @@ identical with it on or off and with any number of threads.
 
 from __future__ import annotations
 
-import importlib
-import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,14 +19,8 @@ from typing import Any
 
 import torch
 
+from pgolf.components import LOADERS
 from pgolf.data.prefetch import BufferPool, HostBatch, Producer, produce
-
-# Imported on use, so a run packs (and counts the bytes of) only the sampler it uses.
-_SAMPLERS = {
-    "sequential": "pgolf.data.sequential:SequentialSampler",
-    "coprime": "pgolf.data.coprime:CoprimeSampler",
-    "shuffled": "pgolf.data.shuffled:ShuffledSampler",
-}
 
 
 def to_xy(buf: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,6 +69,21 @@ class Loader:
         self._staged: _Staged | None = None
         self._key: tuple[int, int] | None = None
         self._closed = False
+
+    @classmethod
+    def for_config(cls, cfg: Any, sampler: Any, rank: int, world_size: int, device: torch.device) -> Loader:
+        """The device side of data loader `cfg.loader` around its host sampler, as `cfg` sets it."""
+        return cls(
+            cfg.loader,
+            sampler,
+            rank,
+            world_size,
+            device,
+            prefetch=cfg.prefetch,
+            vocab_size=cfg.vocab_size,
+            prefetch_threads=cfg.prefetch_threads,
+            pin_memory=cfg.pin_memory,
+        )
 
     # ------------------------------------------------------------------------------ batches
     def next_batch(
@@ -188,57 +195,6 @@ class Loader:
         self.close()
 
 
-def _paths_pattern(cfg: Any) -> str | None:
-    """The train glob as PR #726 hashes it (data.coprime_seed=paths), else None."""
-    if getattr(cfg, "coprime_seed", "run") != "paths":
-        return None
-    if not hasattr(cfg, "path"):
-        raise ValueError(
-            "data.coprime_seed=paths hashes the shard paths under data.path, which this data source has "
-            "not; use data=shards (or fineweb_*) or data.coprime_seed=run"
-        )
-    return os.path.join(str(cfg.path), cfg.train_pattern)
-
-
 def build_loader(cfg: Any, files: list[Path], *, seed: int, rank: int, world_size: int, device: torch.device):
-    """The loader `cfg.loader` names, with its `cfg` parameters, for this rank."""
-    name = cfg.loader
-    if name == "synthetic":
-        from pgolf.data.synthetic import SyntheticLoader
-
-        return SyntheticLoader(cfg.vocab_size, seed=seed, rank=rank, world_size=world_size, device=device)
-    if name not in _SAMPLERS:
-        raise ValueError(
-            f"data.loader={name!r} is not implemented; valid choices: {', '.join(_SAMPLERS)}, synthetic"
-        )
-    module, _, cls = _SAMPLERS[name].partition(":")
-    sampler_cls = getattr(importlib.import_module(module), cls)
-    if name == "sequential":
-        sampler = sampler_cls(files, rank, world_size)
-    elif name == "shuffled":
-        sampler = sampler_cls(files, seed, rank, world_size)
-    else:
-        sampler = sampler_cls(
-            files,
-            seed,
-            rank,
-            world_size,
-            ramp_batches=cfg.coprime_mix_ramp_batches,
-            mix_start=cfg.coprime_mix_start,
-            mix_end=cfg.coprime_mix_end,
-            alpha_start=cfg.coprime_alpha_start,
-            alpha_end=cfg.coprime_alpha_end,
-            exhausted=getattr(cfg, "coprime_exhausted", "one"),
-            pattern=_paths_pattern(cfg),
-        )
-    return Loader(
-        name,
-        sampler,
-        rank,
-        world_size,
-        device,
-        prefetch=cfg.prefetch,
-        vocab_size=cfg.vocab_size,
-        prefetch_threads=getattr(cfg, "prefetch_threads", 1),
-        pin_memory=getattr(cfg, "pin_memory", True),
-    )
+    """The loader `cfg.loader` names (registered in pgolf.components.LOADERS), for this rank."""
+    return LOADERS.build(cfg, files=files, seed=seed, rank=rank, world_size=world_size, device=device)

@@ -71,3 +71,10 @@ class SequentialSampler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.file_idx, self.pos = int(state["file_idx"]), int(state["pos"])
+
+
+def build(cfg: Any, files: list[Path], *, seed: int, rank: int, world_size: int, device: Any) -> Any:
+    """`data.loader=sequential` for this rank (the stream does not depend on the seed)."""
+    from pgolf.data.loader import Loader  # the device side (torch); the sampler stays numpy-only
+
+    return Loader.for_config(cfg, SequentialSampler(files, rank, world_size), rank, world_size, device)

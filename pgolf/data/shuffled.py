@@ -107,3 +107,10 @@ class ShuffledSampler:
                 self.starts[si] = self._draw(si, self.seq_len, rng_from_state(saved))
         self.left = np.asarray(state["left"], dtype=np.int64)
         self.rng = rng_from_state(state["rng"])
+
+
+def build(cfg: Any, files: list[Path], *, seed: int, rank: int, world_size: int, device: Any) -> Any:
+    """`data.loader=shuffled` for this rank."""
+    from pgolf.data.loader import Loader  # the device side (torch); the sampler stays numpy-only
+
+    return Loader.for_config(cfg, ShuffledSampler(files, seed, rank, world_size), rank, world_size, device)

@@ -6,6 +6,7 @@ against (bench/loaders.sh). Training on it learns nothing about text.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,3 +53,8 @@ class SyntheticLoader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def build(cfg: Any, files: list[Path], *, seed: int, rank: int, world_size: int, device: torch.device):
+    """`data.loader=synthetic` for this rank (the shard files are not read)."""
+    return SyntheticLoader(cfg.vocab_size, seed=seed, rank=rank, world_size=world_size, device=device)

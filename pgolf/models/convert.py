@@ -177,16 +177,12 @@ def load_into(model: nn.Module, path: str | Path, model_name: str = "?") -> str:
 # ------------------------------------------------------------------------------------- CLI
 def build_model(preset: str, overrides: list[str]) -> tuple[nn.Module, str]:
     """The model of `model=<preset>` plus Hydra-style overrides, composed as `pgolf.run` does."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
     from pgolf.components import MODELS
+    from pgolf.compose import compose_dict
     from pgolf.config import from_dict
 
-    conf = Path(__file__).resolve().parents[2] / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["experiment=none", f"model={preset}", *overrides])
-        node = OmegaConf.to_container(cfg.model, resolve=True)
+    # Only the model group is validated: a conversion needs no data (or any other group) to exist.
+    node = compose_dict(["experiment=none", f"model={preset}", *overrides])["model"]
     schema = MODELS.get(node["name"]).schema
     return MODELS.build(from_dict(schema, node, "model")), node["name"]
 

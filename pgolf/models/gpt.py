@@ -34,7 +34,6 @@ from pgolf.models.layers import (
     token_cross_entropy,
 )
 from pgolf.models.recurrence import layer_plan
-from pgolf.quant.qat import qat_weight
 
 if TYPE_CHECKING:  # imported on use only (model.doc_mask), so other runs never ship it
     from pgolf.models.docmask import DocMask
@@ -44,6 +43,8 @@ if TYPE_CHECKING:  # imported on use only (model.doc_mask), so other runs never 
 EMBED_TABLES = ("tok_emb.weight", "bigram.embed.weight", "ve_shared.embed.weight")
 LOOP_OFF, LOOP_ON, STATIC = "loop_off", "loop_on", "static"
 LANE_FORMS = ("two_lane", "two_lane_seq", "split_lane")  # parallel residuals that carry two streams
+# The per-layer linears of a block's six matrices, in LayerWeights order (q, k, v, o, up, down).
+LAYER_MATRICES = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj")
 
 
 class GPT(nn.Module):
@@ -56,10 +57,8 @@ class GPT(nn.Module):
         hidden = int(cfg.mlp_mult * dim)
         self.num_layers = L
         self.rope_dims = cfg.rope_dims or head_dim
-        # Late QAT (docs/techniques.md#late-qat), enabled by the optimizer before the first trace; the on/off
-        # switch is this tensor, so it takes effect inside the compiled graph.
-        self.qat_enabled = False
-        self.register_buffer("qat_blend", torch.zeros(()), persistent=False)
+        # A module applied to the block matrices of training forwards (set_weight_hook); None: off.
+        self.weight_hook: nn.Module | None = None
 
         self.tok_emb = nn.Embedding(V, dim)
         self.bigram = (
@@ -132,15 +131,22 @@ class GPT(nn.Module):
             self._init_weights()
 
     # ------------------------------------------------------------------------------ weights
-    def enable_late_qat(self) -> None:
-        """Put int6 STE fake-quant of the six block matrices into the training forward, gated by
-        `qat_blend` (0: exact weights, 1: quantized forward); eval forwards never fake-quantize."""
-        self.qat_enabled = True
+    def set_weight_hook(self, hook: nn.Module | None) -> None:
+        """Run every layer's six block matrices through `hook` in training forwards: it gets them in
+        `LayerWeights` order (export names: `weight_hook_names()`) and returns the six to use.
+        Late QAT's fake quantization (pgolf.quant.qat) installs one before the first trace, so it
+        is part of the compiled graph; eval forwards never see it. A submodule, so its buffers
+        follow the model's device; it holds no persistent state, so state dicts are unchanged."""
+        self.weight_hook = hook
+
+    def weight_hook_names(self) -> list[str]:
+        """The export names of layer 0's matrices, in the order the weight hook gets them."""
+        return [f"blocks.0.{name}.weight" for name in LAYER_MATRICES]
 
     def layer_weights(self, i: int) -> LayerWeights:
         w = self._layer_weights(i)
-        if self.qat_enabled and self.training:
-            return LayerWeights(*(qat_weight(t, self.qat_blend) for t in w))
+        if self.weight_hook is not None and self.training:
+            return LayerWeights(*self.weight_hook(w))
         return w
 
     def _layer_weights(self, i: int) -> LayerWeights:

@@ -62,8 +62,8 @@ class MuonConfig:
     # swa_min_snapshots snapshots (PR #339: 2), else the live weights are exported
     swa_accumulate: str = "fp32"
     swa_min_snapshots: int = 1
-    # Late QAT: int6 STE fake-quant of the block matrices once lr scale < threshold
-    # (docs/techniques.md#late-qat).
+    # Late QAT (docs/techniques.md#late-qat): STE fake-quant of the block matrices once lr scale < threshold.
+    # pgolf.quant.qat owns it: the bits are the quant group's, and it decides the start from this.
     late_qat_threshold: float = 0.0
     # Optimizer timing with CUDA events on this many steps (after 10 settling steps); 0: off, so
     # the step stays free of host syncs. Results land in result.json["optimizer_timing"].

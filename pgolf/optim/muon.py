@@ -14,6 +14,7 @@ directly, without stacking slices.
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,9 @@ from pgolf.optim.averaging import WeightAverager
 from pgolf.optim.config import MuonConfig
 from pgolf.optim.schedules import lr_scale, muon_momentum, training_frac, wd_mult
 from pgolf.optim.timing import OptimizerTimer
+
+if TYPE_CHECKING:
+    from pgolf.quant.qat import LateQAT
 
 QUINTIC = (3.4445, -4.7750, 2.0315)
 # Polar Express: one (a, b, c) per iteration (docs/techniques.md#polar-express-coefficients).
@@ -204,14 +208,22 @@ class OptimizerBundle:
     """All optimizers of a run behind one interface: the trainer calls `step(step, elapsed_ms, ...)`.
 
     Per step: lr/momentum/WD schedules (host-side), optional global grad-norm clipping, AdamW on
-    the embed/head/scalar roles, Muon on the matrices, then the EMA/SWA shadow update and the late
-    QAT switch. `handles_grad_sync` tells the trainer whether gradients arrive already averaged
+    the embed/head/scalar roles, Muon on the matrices, then the EMA/SWA shadow update, and the lr
+    scale goes to late QAT (`late_qat`, pgolf.quant.qat, which decides its start; the bundle keeps
+    that start in its state dict). `handles_grad_sync` tells the trainer whether gradients arrive already averaged
     (False: the trainer wraps the model in DDP) or the optimizer communicates them itself.
     """
 
     handles_grad_sync = False
 
-    def __init__(self, model: nn.Module, cfg: MuonConfig, device: torch.device, compile_ns: bool):
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: MuonConfig,
+        device: torch.device,
+        compile_ns: bool,
+        late_qat: LateQAT | None = None,
+    ):
         self.cfg = cfg
         self.model = model
         groups = model.param_groups()
@@ -235,14 +247,12 @@ class OptimizerBundle:
         self.all_params = [p for ps in groups.values() for _, p in ps]
         self.last_lr_scale = 1.0
         self.averager = WeightAverager(model, cfg) if cfg.ema_decay > 0 or cfg.swa_every > 0 else None
-        self.qat_step: int | None = None  # first step whose forward ran with fake-quant weights
-        if cfg.late_qat_threshold > 0:
-            if not hasattr(model, "enable_late_qat"):
-                raise ValueError(
-                    f"optimizer.late_qat_threshold={cfg.late_qat_threshold} needs a model with late QAT "
-                    f"support (model=banked, layered, sp8192_recur); {type(model).__name__} has none: set it to 0"
-                )
-            model.enable_late_qat()  # before the first trace: the fake-quant path is in the graph
+        if cfg.late_qat_threshold > 0 and late_qat is None:
+            raise ValueError(
+                f"optimizer.late_qat_threshold={cfg.late_qat_threshold} needs late_qat="
+                "pgolf.quant.qat.LateQAT(model, quant_cfg, threshold), which the trainer builds"
+            )
+        self.late_qat = late_qat
         self.timer = (
             OptimizerTimer(cfg.timing_steps) if cfg.timing_steps > 0 and device.type == "cuda" else None
         )
@@ -266,11 +276,8 @@ class OptimizerBundle:
             self.timer.end()
         if self.averager is not None:
             self.averager.update(step, scale)
-        # Late QAT: a tensor flag read inside the compiled forward (a Python flag would be folded in
-        # at the first trace and never take effect, docs/techniques.md#late-qat); the next forward sees it.
-        if cfg.late_qat_threshold > 0 and self.qat_step is None and scale < cfg.late_qat_threshold:
-            self.model.qat_blend.fill_(1.0)
-            self.qat_step = step + 1
+        if self.late_qat is not None:
+            self.late_qat.update(step, scale)
 
     def _step_all(self, scale: float, lr: float, momentum: float, wd: float) -> None:
         for opt, base in self.base_lrs:
@@ -302,6 +309,11 @@ class OptimizerBundle:
             "qat_step": self.qat_step,
         }
 
+    @property
+    def qat_step(self) -> int | None:
+        """The first step whose forward ran with fake-quantized weights (None: not yet, or no QAT)."""
+        return self.late_qat.step if self.late_qat is not None else None
+
     def load_state_dict(self, state: dict) -> None:
         if len(state["adam"]) != len(self.adams):
             raise ValueError(
@@ -313,9 +325,8 @@ class OptimizerBundle:
         self.last_lr_scale = state["last_lr_scale"]
         if self.averager is not None and state.get("averager") is not None:
             self.averager.load_state_dict(state["averager"])
-        self.qat_step = state.get("qat_step")
-        if self.qat_step is not None:
-            self.model.qat_blend.fill_(1.0)
+        if self.late_qat is not None:
+            self.late_qat.restore(state.get("qat_step"))
 
     def reset_state(self) -> None:
         """Back to the freshly built state (empty moments, QAT off, averages restarted from the
@@ -326,9 +337,8 @@ class OptimizerBundle:
         self.last_lr_scale = 1.0
         if self.averager is not None:
             self.averager.reset()
-        if self.qat_step is not None or self.cfg.late_qat_threshold > 0:
-            self.model.qat_blend.fill_(0.0)
-            self.qat_step = None
+        if self.late_qat is not None:
+            self.late_qat.reset()
         if self.timer is not None:
             self.timer.reset()
 
@@ -340,6 +350,10 @@ class OptimizerBundle:
 
 
 def build(
-    cfg: MuonConfig, model: nn.Module, device: torch.device, compile_ns: bool = True
+    cfg: MuonConfig,
+    model: nn.Module,
+    device: torch.device,
+    compile_ns: bool = True,
+    late_qat: LateQAT | None = None,
 ) -> OptimizerBundle:
-    return OptimizerBundle(model, cfg, device, compile_ns)
+    return OptimizerBundle(model, cfg, device, compile_ns, late_qat)

@@ -17,6 +17,7 @@ On one process the same arithmetic runs without the collectives.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -24,6 +25,9 @@ from torch import Tensor, nn
 
 from pgolf.optim.config import ParallelMuonConfig
 from pgolf.optim.muon import OptimizerBundle, make_ns, muon_update
+
+if TYPE_CHECKING:
+    from pgolf.quant.qat import LateQAT
 
 
 @dataclass
@@ -145,8 +149,15 @@ class ParallelMuonBundle(OptimizerBundle):
 
     handles_grad_sync = True
 
-    def __init__(self, model: nn.Module, cfg: ParallelMuonConfig, device: torch.device, compile_ns: bool):
-        super().__init__(model, cfg, device, compile_ns)
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: ParallelMuonConfig,
+        device: torch.device,
+        compile_ns: bool,
+        late_qat: LateQAT | None = None,
+    ):
+        super().__init__(model, cfg, device, compile_ns, late_qat)
         self.muon.timer = self.timer  # built after the Muon part; brackets its collective waits
         banks = {id(p) for p in self.muon.params}
         self.replicated = [p for p in self.all_params if id(p) not in banks]
@@ -186,6 +197,10 @@ class ParallelMuonBundle(OptimizerBundle):
 
 
 def build(
-    cfg: ParallelMuonConfig, model: nn.Module, device: torch.device, compile_ns: bool = True
+    cfg: ParallelMuonConfig,
+    model: nn.Module,
+    device: torch.device,
+    compile_ns: bool = True,
+    late_qat: LateQAT | None = None,
 ) -> ParallelMuonBundle:
-    return ParallelMuonBundle(model, cfg, device, compile_ns)
+    return ParallelMuonBundle(model, cfg, device, compile_ns, late_qat)

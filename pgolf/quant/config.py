@@ -7,6 +7,20 @@ from typing import Literal
 
 from pgolf.registry import ConfigError
 
+# Parameter names (substrings) routed to the `embed` group: token/bigram/VE tables, an untied head.
+EMBED_NAMES = ("tok_emb", "bigram.embed", "ve_shared.embed", "lm_head")
+
+
+def route(name: str) -> str:
+    """The routing group of a large matrix, by name (the records' classify rule): embed | mlp | attn | other."""
+    if any(p in name for p in EMBED_NAMES):
+        return "embed"
+    if ".mlp." in name:
+        return "mlp"
+    if ".attn." in name:
+        return "attn"
+    return "other"
+
 
 @dataclass
 class Int8ZlibConfig:
@@ -16,6 +30,11 @@ class Int8ZlibConfig:
     clip_percentile: float = 99.99984
     keep_float_max_numel: int = 65_536
     zlib_level: int = 9
+
+    def matrix_bits(self, name: str) -> int | None:
+        """Bits of the per-row integer codes the exporter gives a large matrix `name` (late QAT trains
+        towards the same grid): int8 for every one."""
+        return 8
 
     def validate(self, path: str) -> None:
         if not 0.0 < self.clip_percentile <= 100.0:
@@ -112,6 +131,11 @@ class MixedQuantConfig:
     def groups(self) -> dict[str, GroupQuant]:
         return {"embed": self.embed, "attn": self.attn, "mlp": self.mlp, "other": self.other}
 
+    def matrix_bits(self, name: str) -> int | None:
+        """Bits of the per-row integer codes the exporter gives a large matrix `name`: its routing
+        group's (late QAT trains towards the same grid)."""
+        return self.groups()[route(name)].bits
+
     @property
     def needs_calibration(self) -> bool:
         return any(g.gptq for g in self.groups().values())
@@ -139,6 +163,10 @@ class LosslessConfig:
 
     name: str = "lossless"
     zlib_level: int = 1
+
+    def matrix_bits(self, name: str) -> int | None:
+        """None: every tensor is stored exactly, so there is no integer grid (nor late QAT towards one)."""
+        return None
 
     def validate(self, path: str) -> None:
         if not 0 <= self.zlib_level <= 9:

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from pgolf.models.layers import is_control
 from pgolf.quant.compress import COMPRESSORS, available, compressor, shuffle, unshuffle
-from pgolf.quant.config import GroupQuant, MixedQuantConfig
+from pgolf.quant.config import GroupQuant, MixedQuantConfig, route
 from pgolf.quant.gptq import clip_then_round, gptq_codes, round_codes, row_scales
 from pgolf.quant.hessian import collect_hessians
 from pgolf.quant.selfgen import sample_sequences
@@ -34,18 +34,6 @@ MAGIC = b"PGQ1"
 # Selective pruning's compressions per search round (run on threads). A constant, not the core
 # count: the probe points, hence the pruned count, must not depend on the machine it runs on.
 PRUNE_PROBES_PER_ROUND = 8
-EMBED_NAMES = ("tok_emb", "bigram.embed", "ve_shared.embed", "lm_head")
-
-
-def route(name: str) -> str:
-    """The group of a large matrix, by name (the records' classify rule)."""
-    if any(p in name for p in EMBED_NAMES):
-        return "embed"
-    if ".mlp." in name:
-        return "mlp"
-    if ".attn." in name:
-        return "attn"
-    return "other"
 
 
 class _Within:
