@@ -81,8 +81,9 @@ class Loader:
             device,
             prefetch=cfg.prefetch,
             vocab_size=cfg.vocab_size,
-            prefetch_threads=cfg.prefetch_threads,
-            pin_memory=cfg.pin_memory,
+            # schemas carry both (LoaderFields); a bare namespace gets the one-thread, pinned default
+            prefetch_threads=getattr(cfg, "prefetch_threads", 1),
+            pin_memory=getattr(cfg, "pin_memory", True),
         )
 
     # ------------------------------------------------------------------------------ batches
