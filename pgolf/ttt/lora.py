@@ -2,15 +2,21 @@
 model on already-scored documents (docs/techniques.md#per-document-lora-ttt, docs/techniques.md#phased-ttt).
 
 Per batch of documents (the length-sorted queue of pgolf.ttt.docs), every document gets its own
-rank-r adapters (q/k/v projections of every layer, and the logits), so no information flows
-between documents. Each document is processed in chunks of `chunk_size` targets: the chunk's
-window is up to `context` tokens of the same document ending at the chunk's end; one forward
-(base + adapters) scores the chunk's own targets, then, for documents that still have a later
-chunk, one AdamW step on the mean loss over the chunk. The update sees only scored targets: the
-guard hands out nothing else. Adapters and optimizer state reset per batch.
+rank-r adapters (`ttt.targets`: q/k/v projections, attention output `o` and MLP output `mlp` of
+every block, and the logits), so no information flows between documents. The o and mlp adapters
+read the normalized input of their sub-block and add to its output before the branch scale. With
+`per_pass` every executed pass of a looped layer has its own adapters (GPT.pass_deltas); without,
+a looped layer shares one set. Each document is processed in chunks of `chunk_size` targets: the
+chunk's window is up to `context` tokens of the same document ending at the chunk's end; one
+forward (base + adapters) scores the chunk's own targets, then, for documents that still have a
+later chunk, one AdamW step on the mean loss over the chunk. The update sees only scored targets:
+the guard hands out nothing else. AdamW state resets per batch; so do the adapters (B zero, A
+drawn afresh), or, with `warm_start_a`, B alone (A keeps what the previous batches trained).
 
 Phased: after the queue has scored prefix_docs*(p+1)//num_phases documents, global SGD (fresh
-momentum) trains the base weights on exactly those documents, then the queue continues.
+momentum, `global_epochs` passes per chunk) trains the base weights on exactly those documents,
+concatenated; with `global_doc_mask` no token attends across a BOS there (GPT.doc_masked). Then the
+queue continues.
 Batches go round-robin to ranks; at a pause every rank marks the other ranks' documents scored
 (the collective in the SGD step orders it after their scoring).
 
@@ -26,9 +32,13 @@ are reset in place, so the graphs' inputs stay the same objects (no re-trace). T
 uploaded once per batch; nothing in the chunk loop reads the device. `warmup` compiles every graph
 on random tokens before the eval clock.
 
-Not done here: separate adapters per pass of looped layers (a looped layer shares one adapter
-across its passes), O/MLP adapters, document-respecting attention inside global SGD, and dynamic
-batch claiming across ranks.
+Time rule (`deadline`, set under budget.mode=wallclock): see UpdateClock. Once updating would not
+leave time to score the rest, the remaining batches are scored without adapter steps and the
+remaining phases skip global SGD; every target is still scored, and `stopped_at` records the first
+batch without updates.
+
+Not done here: dynamic batch claiming across ranks (batches go round-robin), more than one
+adapter step per chunk (TTT_GRAD_STEPS > 1), and global SGD's lr warm-up.
 """
 
 from __future__ import annotations
@@ -458,7 +468,8 @@ class LoRATTT:
         chunk that has a later one (without: every chunk under the fresh adapters, i.e. the base model)."""
         cfg, dev = self.cfg, scorer.device
         n = len(docs)
-        rows = cfg.batch_docs if self.padded else n
+        # warm_start_a: one set of batch_docs rows for every batch (a short batch too), so A carries on
+        rows = cfg.batch_docs if self.padded or cfg.warm_start_a else n
         step, adapters = self._tools(model, scorer, rows)
         adapters.reset(n, seed=batch_index)
         tab = chunk_table(
