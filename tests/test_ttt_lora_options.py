@@ -262,3 +262,21 @@ def test_updates_stop_in_time_and_every_target_is_still_scored(phased):
     # a deadline that is never near: the same as none
     res, sc, _, ttt = run(toks, cfg, deadline=1e9, clock=VirtualClock())
     assert ttt.stopped_at is None and res.val_loss == free.val_loss
+
+
+def test_compiled_options_trace_whole_and_warmup_makes_every_graph():
+    """O/MLP and per-pass hooks and the document-masked global SGD under fullgraph tracing
+    (aot_eager): warm-up makes every graph, including global SGD's masked one; the pass makes none."""
+    from test_ttt_lora import _compiled_vs_eager
+    from torch._dynamo.utils import counters
+
+    toks = synthetic(LENGTHS, seed=4)
+    cfg = phased_cfg(
+        targets=["q", "k", "v", "o", "mlp", "head"], per_pass=True, global_doc_mask=True, global_epochs=2
+    )
+    counters.clear()
+    eager, sc, res, sc_c, warm, after = _compiled_vs_eager(cfg, toks, "aot_eager")
+    assert after == warm
+    n = toks.size - 1
+    assert (sc_c.count[:n] == 1).all() and res.tokens == eager.tokens
+    torch.testing.assert_close(sc_c.nll[:n], sc.nll[:n], rtol=0, atol=1e-5)
