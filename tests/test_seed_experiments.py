@@ -142,8 +142,8 @@ SHRINK = {
         "quant.calibration.batches=2",
         "budget.quant_reserve_seconds=0",
         "ttt.rank=4",
-        "ttt.chunk_size=16",
-        "ttt.context=64",
+        "ttt.chunk_size=64",
+        "ttt.context=128",
         "ttt.batch_docs=2",
         "ttt.prefix_docs=2",
         "ttt.num_phases=2",
@@ -197,7 +197,9 @@ def test_experiment_runs_end_to_end_on_cpu(name, small_shards, tokenizer_model, 
     rule, m = RULE[name], result["metrics"]
     assert m["sliding"]["window_rule"] == rule and "window_rule" not in m["nonoverlap"]
     final = {"pr726": "score_first", "pr1532": "score_first", "pr1775": "phased"}.get(name, "sliding")
-    assert result["final_mode"] == final and result["final_window_rule"] == rule
+    # the phased pass scores no windows, so the final score has no window rule
+    assert result["final_mode"] == final
+    assert result["final_window_rule"] == (None if final == "phased" else rule)
     # the val stream is whole 64-token sequences: exact scores each target once, as nonoverlap does;
     # legacy scores the tail again
     more = m["sliding"]["tokens"] > m["nonoverlap"]["tokens"]
@@ -218,8 +220,10 @@ def test_experiment_runs_end_to_end_on_cpu(name, small_shards, tokenizer_model, 
         == {"pr339": "zstd", "pr399": "lzma", "pr726": "lzma", "pr1532": "brotli", "pr1775": "brotli"}[name]
     )
     if name == "pr1775":  # every target scored once by the phased pass, global SGD under the document mask
-        assert m["phased"]["tokens"] == checks["val_split"]["tokens_expected"]
-        assert "global SGD on" in (tmp_path / "run" / "train.log").read_text()
+        assert m["phased"]["tokens"] == m["sliding"]["tokens"] and checks["val_split"]["held"]
+        log = (tmp_path / "run" / "train.log").read_text()
+        print("\n".join(line for line in log.splitlines() if "ttt" in line))
+        assert "global SGD on" in log
     if name == "pr339":
         assert result["optimizer"]["averaging"] == {
             "mode": "swa",
