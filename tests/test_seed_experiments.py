@@ -1,4 +1,4 @@
-"""The seed records as experiments (PR #339, #399, #726, #1532): each composed config against a table written
+"""The seed records as experiments (PR #339, #399, #726, #1532, #1775): each composed config against a table written
 by hand from the PR's own script (tests/seed_tables/), parameter counts against the scripts' own
 model classes, and a seconds-long CPU run of each experiment with the model shrunk."""
 
@@ -17,15 +17,23 @@ from pgolf.run import PARENT_ONLY
 from pgolf.submission import PackError, pack
 
 TABLES = Path(__file__).parent / "seed_tables"
-SEEDS = ("pr339", "pr399", "pr726", "pr1532")
+SEEDS = ("pr339", "pr399", "pr726", "pr1532", "pr1775")
 # Sections a record is made of; every key in them must be in the table (a new key needs a decision).
 SECTIONS = ("train", "budget", "eval", "data", "model", "optimizer", "quant", "ttt")
 # Paths differ per machine; the table does not pin them.
 MACHINE_KEYS = {"data": ("path", "tokenizer_path")}
 # Parameter counts of the PRs' own GPT classes built with their run's settings on the meta device
 # (#399 and #726 also print them in their logs as model_params). #1532 runs the 2026-04-09 record's
-# model unchanged: that record's log prints model_params:35944536.
-REFERENCE_PARAMS = {"pr339": 27_092_058, "pr399": 26_829_913, "pr726": 26_993_756, "pr1532": 35_944_536}
+# model unchanged: that record's log prints model_params:35944536. #1775 is the 2026-04-16 record's
+# model (its log: 35,945,671) without its gates, AttnOutGate (12 x 8 per layer: 1,056) and SmearGate
+# v3 (12 + 1): a count derived from the log, not from #1775's own script.
+REFERENCE_PARAMS = {
+    "pr339": 27_092_058,
+    "pr399": 26_829_913,
+    "pr726": 26_993_756,
+    "pr1532": 35_944_536,
+    "pr1775": 35_945_671 - 1_056 - 13,
+}
 
 
 def frozen_job(compose, experiment: str, *extra: str) -> dict:
@@ -122,8 +130,29 @@ SHRINK = {
         "ttt.epochs=1",
         "data.prefetch_threads=3",  # the record's queue of 100, gathered by several threads
     ],
+    "pr1775": [
+        "model.num_layers=4",
+        "model.xsa_last_n=4",
+        "model.loop_start=1",
+        "model.loop_end=2",
+        "model.parallel_start_layer=2",
+        "model.bigram_vocab_size=0",
+        "model.doc_max_len=64",
+        "eval.modes=[nonoverlap,sliding]",  # the shared checks below compare the two
+        "quant.calibration.batches=2",
+        "budget.quant_reserve_seconds=0",
+        "ttt.rank=4",
+        "ttt.chunk_size=64",
+        "ttt.context=128",
+        "ttt.batch_docs=2",
+        "ttt.prefix_docs=2",
+        "ttt.num_phases=2",
+        "ttt.global_seq_len=32",
+        "ttt.global_batch_seqs=4",
+        "ttt.global_chunk_tokens=256",
+    ],
 }
-RULE = {"pr339": "exact", "pr399": "exact", "pr726": "legacy", "pr1532": "exact"}
+RULE = {"pr339": "exact", "pr399": "exact", "pr726": "legacy", "pr1532": "exact", "pr1775": "exact"}
 
 
 @pytest.mark.parametrize("name", SEEDS)
@@ -167,8 +196,10 @@ def test_experiment_runs_end_to_end_on_cpu(name, small_shards, tokenizer_model, 
     assert result["steps"] == 4
     rule, m = RULE[name], result["metrics"]
     assert m["sliding"]["window_rule"] == rule and "window_rule" not in m["nonoverlap"]
-    final = "score_first" if name in ("pr726", "pr1532") else "sliding"
-    assert result["final_mode"] == final and result["final_window_rule"] == rule
+    final = {"pr726": "score_first", "pr1532": "score_first", "pr1775": "phased"}.get(name, "sliding")
+    # the phased pass scores no windows, so the final score has no window rule
+    assert result["final_mode"] == final
+    assert result["final_window_rule"] == (None if final == "phased" else rule)
     # the val stream is whole 64-token sequences: exact scores each target once, as nonoverlap does;
     # legacy scores the tail again
     more = m["sliding"]["tokens"] > m["nonoverlap"]["tokens"]
@@ -186,8 +217,13 @@ def test_experiment_runs_end_to_end_on_cpu(name, small_shards, tokenizer_model, 
             pack(tmp_path / "run")
     assert (
         result["quant"]["compressor"]
-        == {"pr339": "zstd", "pr399": "lzma", "pr726": "lzma", "pr1532": "brotli"}[name]
+        == {"pr339": "zstd", "pr399": "lzma", "pr726": "lzma", "pr1532": "brotli", "pr1775": "brotli"}[name]
     )
+    if name == "pr1775":  # every target scored once by the phased pass, global SGD under the document mask
+        assert m["phased"]["tokens"] == m["sliding"]["tokens"] and checks["val_split"]["held"]
+        log = (tmp_path / "run" / "train.log").read_text()
+        print("\n".join(line for line in log.splitlines() if "ttt" in line))
+        assert "global SGD on" in log
     if name == "pr339":
         assert result["optimizer"]["averaging"] == {
             "mode": "swa",

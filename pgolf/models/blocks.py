@@ -96,8 +96,10 @@ class Attention(nn.Module):
         self.use_xsa = layer in xsa_layers(cfg)
         # q/k rms_norm + RoPE (+ q_gain) as one kernel each, used only with grad disabled
         self.fused_qk = optional_kernel(cfg.fused_qk_rope, "fused_qk_rope", "qk_prologue")
-        # Test-time adapters (pgolf.ttt.lora): delta(kind, x) -> added to the q/k/v projections.
-        # A plain callable, not a module, so it never enters the state dict; None outside TTT.
+        # Test-time adapters (pgolf.ttt.lora): delta(kind, x) -> added to the q/k/v projections, and,
+        # where delta.has("o") / has("mlp"), to the attention / MLP output (see Block). A plain
+        # callable, not a module, so it never enters the state dict; None outside TTT. GPT can also
+        # hand a block one per pass of a looped layer (GPT.pass_deltas), which takes precedence.
         self.delta = None
         # Output gates act per head on y, after XSA and before W_o; at most one (config validation).
         self.gate_window = cfg.gate_window
@@ -143,18 +145,21 @@ class Attention(nn.Module):
         ve: Tensor | None = None,
         rows: int = 0,
         doc: DocMask | None = None,
+        delta=None,
     ) -> Tensor:
         """Attention output for every position, or for the last `rows` only (keys/values still
         cover the whole sequence, so those rows get exactly the output they would get in full).
-        With `doc` (model.doc_mask) no query attends to a key of another document."""
+        With `doc` (model.doc_mask) no query attends to a key of another document. `delta`: this
+        pass's test-time adapters (default: self.delta)."""
+        delta = self.delta if delta is None else delta
         B, T, _ = x.shape
         xq = last_rows(x, rows)
         Tq = xq.size(1)
         q_raw = F.linear(xq, w.q.to(x.dtype))
         k = F.linear(x, w.k.to(x.dtype))
         v = F.linear(x, w.v.to(x.dtype))
-        if self.delta is not None:
-            q_raw, k, v = q_raw + self.delta("q", xq), k + self.delta("k", x), v + self.delta("v", x)
+        if delta is not None:
+            q_raw, k, v = q_raw + delta("q", xq), k + delta("k", x), v + delta("v", x)
         q = q_raw.view(B, Tq, self.num_heads, self.head_dim)
         k = k.view(B, T, self.num_kv_heads, self.head_dim)
         if ve is not None:  # value embedding, added before the split into heads
@@ -179,7 +184,10 @@ class Attention(nn.Module):
         if self.use_xsa:
             y = exclusive_self_attention(y, last_rows(v, rows))
         y = self._gate(y, xq, q_raw)
-        return F.linear(y.reshape(B, Tq, -1), w.o.to(x.dtype))
+        out = F.linear(y.reshape(B, Tq, -1), w.o.to(x.dtype))
+        if delta is not None and delta.has("o"):  # O adapter: from the attention's (normalized) input
+            out = out + delta("o", xq)
+        return out
 
 
 class MLP(nn.Module):
@@ -257,11 +265,20 @@ class Block(nn.Module):
         ve: Tensor | None,
         rows: int = 0,
         doc: DocMask | None = None,
+        delta=None,
     ) -> Tensor:
-        return self.attn_scale.to(h.dtype) * self.attn(self.norm(h), w, cos, sin, ve, rows, doc)
+        return self.attn_scale.to(h.dtype) * self.attn(self.norm(h), w, cos, sin, ve, rows, doc, delta)
 
-    def mlp_branch(self, h: Tensor, w: LayerWeights) -> Tensor:
-        return self.mlp_scale.to(h.dtype) * self.mlp(self.norm(h), w.up, w.down)
+    def mlp_out(self, n: Tensor, w: LayerWeights, delta=None) -> Tensor:
+        """The MLP on the normalized input n, plus the MLP test-time adapter's output (from n) if any."""
+        out = self.mlp(n, w.up, w.down)
+        delta = self.attn.delta if delta is None else delta
+        if delta is not None and delta.has("mlp"):
+            out = out + delta("mlp", n)
+        return out
+
+    def mlp_branch(self, h: Tensor, w: LayerWeights, delta=None) -> Tensor:
+        return self.mlp_scale.to(h.dtype) * self.mlp_out(self.norm(h), w, delta)
 
     def forward(
         self,
@@ -273,17 +290,19 @@ class Block(nn.Module):
         ve: Tensor | None = None,
         rows: int = 0,
         doc: DocMask | None = None,
+        delta=None,
     ) -> Tensor:
         """The block's output for every position, or (rows > 0) for the last `rows` positions only:
-        what scoring needs from the final layer, where no later layer reads the other positions."""
+        what scoring needs from the final layer, where no later layer reads the other positions.
+        `delta`: this pass's test-time adapters (default: self.attn.delta)."""
         x = self.mix(x, x0)
         if self.gptj:
             n = self.norm(x)
-            a = self.attn_scale.to(x.dtype) * self.attn(n, w, cos, sin, ve, rows, doc)
+            a = self.attn_scale.to(x.dtype) * self.attn(n, w, cos, sin, ve, rows, doc, delta)
             return (
                 last_rows(x, rows)
                 + a
-                + self.mlp_scale.to(x.dtype) * self.mlp(last_rows(n, rows), w.up, w.down)
+                + self.mlp_scale.to(x.dtype) * self.mlp_out(last_rows(n, rows), w, delta)
             )
-        x = last_rows(x, rows) + self.attn_branch(x, w, cos, sin, ve, rows, doc)
-        return x + self.mlp_branch(x, w)
+        x = last_rows(x, rows) + self.attn_branch(x, w, cos, sin, ve, rows, doc, delta)
+        return x + self.mlp_branch(x, w, delta)

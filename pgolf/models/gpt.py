@@ -14,6 +14,8 @@ and `on_progress(frac)` (host-side switches during training, e.g. turning the lo
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -122,6 +124,10 @@ class GPT(nn.Module):
         self._export_keys: list[str] | None = None
         self._fused_ce = optional_kernel(cfg.fused_ce, "fused_ce", "softcap_cross_entropy")
         self.head_delta = None  # test-time logit adapter (pgolf.ttt.lora); a plain callable, None outside TTT
+        # Test-time adapters per executed block pass (pgolf.ttt.lora, ttt.per_pass): entry s serves
+        # the s-th block run by the forward (block_passes()), so each pass of a looped layer gets its
+        # own; None outside TTT (blocks then use their attn.delta)
+        self.pass_deltas: list | None = None
         self._doc_mask = None  # the DocMask class under model.doc_mask, imported only then
         if cfg.doc_mask:
             from pgolf.models.docmask import DocMask
@@ -225,13 +231,14 @@ class GPT(nn.Module):
         sin: Tensor,
         ve: Tensor | None,
         doc: DocMask | None = None,
+        delta=None,
     ) -> tuple[Tensor, Tensor]:
         """Concurrent two-lane block (`two_lane`): attention reads resid-mix(lane0, x0), the MLP reads
         lane1, both from the pre-update lanes; each lane gets a learned mix of both outputs."""
         lane0, lane1 = lanes
         b, w = self.blocks[i], self.layer_weights(i)
-        a = b.attn_branch(b.mix(lane0, x0), w, cos, sin, ve, doc=doc)
-        m = b.mlp_branch(lane1, w)
+        a = b.attn_branch(b.mix(lane0, x0), w, cos, sin, ve, doc=doc, delta=delta)
+        m = b.mlp_branch(lane1, w, delta)
         r = self.parallel_resid_lambdas[i].to(lane0.dtype)
         p = self.parallel_post_lambdas[i].to(lane0.dtype)
         return r[0] * lane0 + p[0, 0] * a + p[1, 0] * m, r[1] * lane1 + p[0, 1] * a + p[1, 1] * m
@@ -245,6 +252,7 @@ class GPT(nn.Module):
         sin: Tensor,
         ve: Tensor | None,
         doc: DocMask | None = None,
+        delta=None,
     ) -> tuple[Tensor, Tensor]:
         """Sequential two-lane block (`two_lane_seq`): attention reads resid-mix(lane0, x0) and writes both
         lanes; then the MLP reads resid-mix(lane1, x0), which already holds this attention output,
@@ -253,9 +261,9 @@ class GPT(nn.Module):
         b, w = self.blocks[i], self.layer_weights(i)
         r = self.parallel_resid_lambdas[i].to(lane0.dtype)
         p = self.parallel_post_lambdas[i].to(lane0.dtype)
-        a = b.attn_branch(b.mix(lane0, x0), w, cos, sin, ve, doc=doc)
+        a = b.attn_branch(b.mix(lane0, x0), w, cos, sin, ve, doc=doc, delta=delta)
         lane0, lane1 = r[0] * lane0 + p[0, 0] * a, r[0] * lane1 + p[0, 1] * a
-        m = b.mlp_branch(b.mix(lane1, x0), w)
+        m = b.mlp_branch(b.mix(lane1, x0), w, delta)
         return r[1] * lane0 + p[1, 0] * m, r[1] * lane1 + p[1, 1] * m
 
     def _split_lane(
@@ -267,13 +275,15 @@ class GPT(nn.Module):
         sin: Tensor,
         ve: Tensor | None,
         doc: DocMask | None = None,
+        delta=None,
     ) -> tuple[Tensor, Tensor]:
         """Split lanes (`split_lane`): the attention sub-block alone on lane0 (resid-mixed with x0, as
         a sequential block does), the MLP sub-block alone on lane1; the lanes never exchange."""
         lane0, lane1 = lanes
         b, w = self.blocks[i], self.layer_weights(i)
         h = b.mix(lane0, x0)
-        return h + b.attn_branch(h, w, cos, sin, ve, doc=doc), lane1 + b.mlp_branch(lane1, w)
+        a = b.attn_branch(h, w, cos, sin, ve, doc=doc, delta=delta)
+        return h + a, lane1 + b.mlp_branch(lane1, w, delta)
 
     def _lane_block(
         self,
@@ -284,12 +294,13 @@ class GPT(nn.Module):
         sin: Tensor,
         ve: Tensor | None,
         doc: DocMask | None = None,
+        delta=None,
     ) -> tuple[Tensor, Tensor]:
         if self.lane_form == "two_lane_seq":
-            return self._two_lane_seq(i, lanes, x0, cos, sin, ve, doc)
+            return self._two_lane_seq(i, lanes, x0, cos, sin, ve, doc, delta)
         if self.lane_form == "split_lane":
-            return self._split_lane(i, lanes, x0, cos, sin, ve, doc)
-        return self._two_lane(i, lanes, x0, cos, sin, ve, doc)
+            return self._split_lane(i, lanes, x0, cos, sin, ve, doc, delta)
+        return self._two_lane(i, lanes, x0, cos, sin, ve, doc, delta)
 
     def _lane_out(self, lanes: tuple[Tensor, Tensor]) -> Tensor:
         mode = self.cfg.parallel_final_lane
@@ -334,16 +345,23 @@ class GPT(nn.Module):
         start = self.cfg.parallel_start_layer
         seq = self.lane_form == "two_lane_seq"
         skips: list[Tensor | tuple[Tensor, Tensor]] = []
+        passes = self.pass_deltas
+
+        def delta(s: int):  # the test-time adapters of the s-th executed block, if per pass
+            return None if passes is None else passes[s]
+
         for n, i in enumerate(encoder, start=1):
+            d = delta(n - 1)
             if seq and (lanes is not None or i >= start):  # two_lane_seq's lanes may start in the encoder
-                lanes = self._lane_block(i, (x, x) if lanes is None else lanes, x0, cos, sin, ve(i), doc)
+                lanes = self._lane_block(i, (x, x) if lanes is None else lanes, x0, cos, sin, ve(i), doc, d)
             else:
-                x = self.blocks[i](x, x0, self.layer_weights(i), cos, sin, ve(i), doc=doc)
+                x = self.blocks[i](x, x0, self.layer_weights(i), cos, sin, ve(i), doc=doc, delta=d)
             if self.num_skips:
                 skips.append(x if lanes is None else lanes)  # a two-lane skip returns lane by lane
             if n == backout_at:
                 h_mid = x if lanes is None else self._lane_out(lanes)
         for k, i in enumerate(decoder):
+            d = delta(len(encoder) + k)
             skip = skips.pop() if k < self.num_skips and skips else None  # LIFO U-Net
             if self.lane_form is not None and lanes is None and i >= start:
                 if self.lane_form == "split_lane" and skip is not None:
@@ -353,7 +371,7 @@ class GPT(nn.Module):
                 if skip is not None:
                     x = self._merge_skip(x, skip, k)
                 rows = last if k == len(decoder) - 1 else 0
-                x = self.blocks[i](x, x0, self.layer_weights(i), cos, sin, ve(i), rows, doc)
+                x = self.blocks[i](x, x0, self.layer_weights(i), cos, sin, ve(i), rows, doc, d)
                 pruned = rows > 0
             else:
                 if skip is not None:
@@ -362,7 +380,7 @@ class GPT(nn.Module):
                         lanes = (self._merge_skip(lanes[0], s0, k), self._merge_skip(lanes[1], s1, k))
                     else:  # split_lane, two_lane: into the attention lane only
                         lanes = (self._merge_skip(lanes[0], skip, k), lanes[1])
-                lanes = self._lane_block(i, lanes, x0, cos, sin, ve(i), doc)
+                lanes = self._lane_block(i, lanes, x0, cos, sin, ve(i), doc, d)
             if len(encoder) + k + 1 == backout_at:
                 h_mid = x if lanes is None else self._lane_out(lanes)
         if lanes is not None:
@@ -442,6 +460,25 @@ class GPT(nn.Module):
     def load_export_state_dict(self, state: dict[str, Tensor]) -> None:
         """Load a per-layer state dict (re-stacking the banks); strict, in place."""
         self.load_state_dict(rebank(state, self.num_layers) if self.banked else state, strict=True)
+
+    def block_passes(self) -> list[int]:
+        """The physical layer of every block the forward runs, in order (looped layers repeat)."""
+        if self.looping:
+            return list(self.enc_loop) + list(self.dec_loop)
+        return list(self.enc_plain) + list(self.dec_plain)
+
+    @contextmanager
+    def doc_masked(self) -> Iterator[None]:
+        """Attention within documents (as model.doc_mask=true) for the forwards inside, whatever the
+        config says: phased TTT's global SGD trains on concatenated documents this way."""
+        before = self._doc_mask
+        from pgolf.models.docmask import DocMask
+
+        self._doc_mask = DocMask
+        try:
+            yield
+        finally:
+            self._doc_mask = before
 
     def graph_variants(self) -> list[str]:
         """The compiled graphs training can switch between; the trainer primes each before the clock."""

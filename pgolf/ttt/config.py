@@ -44,7 +44,9 @@ class ScoreFirstTTTConfig:
             )
 
 
-LoRATarget = Literal["q", "k", "v", "head"]
+# q/k/v: added to those projections; o: to the attention output, mlp: to the MLP output (both read
+# the normalized input of their sub-block); head: to the logits
+LoRATarget = Literal["q", "k", "v", "o", "mlp", "head"]
 
 
 @dataclass
@@ -69,6 +71,12 @@ class LoRATTTConfig:
     # Under hardware.compile: windows are padded to at most this many lengths (context, context/2,
     # ...), one compiled graph each. Fewer: less compile time at warm-up, more padded columns.
     window_buckets: int = 6
+    # true: every executed pass of a looped layer gets its own adapters (the records from 2026-04-10);
+    # false: a looped layer shares one set across its passes
+    per_pass: bool = False
+    # true: a new batch of documents keeps the A matrices as the previous batch left them and zeroes
+    # only B (PR #1767, TTT_WARM_START_A); false: A is drawn afresh per batch
+    warm_start_a: bool = False
 
     def validate(self, path: str) -> None:
         if self.rank < 1 or self.chunk_size < 1 or self.context < self.chunk_size or self.batch_docs < 1:
@@ -81,7 +89,7 @@ class LoRATTTConfig:
                 "torch._dynamo recompiles at most 8 times per function)"
             )
         if not self.targets:
-            raise ConfigError(f"{path}.targets is empty; choose from q, k, v, head")
+            raise ConfigError(f"{path}.targets is empty; choose from q, k, v, o, mlp, head")
         if self.lr < 0 or self.alpha < 0 or self.weight_decay < 0:
             raise ConfigError(f"{path}: lr, alpha and weight_decay must be >= 0")
         for key in ("beta1", "beta2"):
@@ -103,6 +111,14 @@ class PhasedTTTConfig(LoRATTTConfig):
     global_seq_len: int = 2048
     global_batch_seqs: int = 32
     global_grad_clip: float = 1.0
+    global_epochs: int = 1  # GLOBAL_TTT_EPOCHS: passes over each chunk's sequences
+    # GLOBAL_TTT_RESPECT_DOC_BOUNDARIES: no token attends across a BOS inside global SGD's sequences
+    global_doc_mask: bool = False
+    # GLOBAL_TTT_WARMUP_CHUNKS / GLOBAL_TTT_WARMUP_START_LR: a linear lr warm-up over the first chunks
+    # in the records' code, unused by every record (0 chunks); only 0 is accepted, since the exact
+    # warm-up formula is not reproduced here
+    global_warmup_chunks: int = 0
+    global_warmup_start_lr: float = 0.0
 
     def validate(self, path: str) -> None:
         super().validate(path)
@@ -118,3 +134,10 @@ class PhasedTTTConfig(LoRATTTConfig):
         check_range(f"{path}.global_lr", self.global_lr, 0, why="a learning rate")
         check_range(f"{path}.global_momentum", self.global_momentum, 0, 1, high_open=True, why="a momentum")
         check_range(f"{path}.global_grad_clip", self.global_grad_clip, 0)
+        if self.global_epochs < 1:
+            raise ConfigError(f"{path}.global_epochs={self.global_epochs}: must be >= 1")
+        if self.global_warmup_chunks != 0:
+            raise ConfigError(
+                f"{path}.global_warmup_chunks={self.global_warmup_chunks}: only 0 (no warm-up, as every "
+                "record runs) is supported; the records' warm-up formula is not reproduced"
+            )

@@ -2,15 +2,21 @@
 model on already-scored documents (docs/techniques.md#per-document-lora-ttt, docs/techniques.md#phased-ttt).
 
 Per batch of documents (the length-sorted queue of pgolf.ttt.docs), every document gets its own
-rank-r adapters (q/k/v projections of every layer, and the logits), so no information flows
-between documents. Each document is processed in chunks of `chunk_size` targets: the chunk's
-window is up to `context` tokens of the same document ending at the chunk's end; one forward
-(base + adapters) scores the chunk's own targets, then, for documents that still have a later
-chunk, one AdamW step on the mean loss over the chunk. The update sees only scored targets: the
-guard hands out nothing else. Adapters and optimizer state reset per batch.
+rank-r adapters (`ttt.targets`: q/k/v projections, attention output `o` and MLP output `mlp` of
+every block, and the logits), so no information flows between documents. The o and mlp adapters
+read the normalized input of their sub-block and add to its output before the branch scale. With
+`per_pass` every executed pass of a looped layer has its own adapters (GPT.pass_deltas); without,
+a looped layer shares one set. Each document is processed in chunks of `chunk_size` targets: the
+chunk's window is up to `context` tokens of the same document ending at the chunk's end; one
+forward (base + adapters) scores the chunk's own targets, then, for documents that still have a
+later chunk, one AdamW step on the mean loss over the chunk. The update sees only scored targets:
+the guard hands out nothing else. AdamW state resets per batch; so do the adapters (B zero, A
+drawn afresh), or, with `warm_start_a`, B alone (A keeps what the previous batches trained).
 
 Phased: after the queue has scored prefix_docs*(p+1)//num_phases documents, global SGD (fresh
-momentum) trains the base weights on exactly those documents, then the queue continues.
+momentum, `global_epochs` passes per chunk) trains the base weights on exactly those documents,
+concatenated; with `global_doc_mask` no token attends across a BOS there (GPT.doc_masked). Then the
+queue continues.
 Batches go round-robin to ranks; at a pause every rank marks the other ranks' documents scored
 (the collective in the SGD step orders it after their scoring).
 
@@ -26,13 +32,18 @@ are reset in place, so the graphs' inputs stay the same objects (no re-trace). T
 uploaded once per batch; nothing in the chunk loop reads the device. `warmup` compiles every graph
 on random tokens before the eval clock.
 
-Not done here: separate adapters per pass of looped layers (a looped layer shares one adapter
-across its passes), O/MLP adapters, document-respecting attention inside global SGD, and dynamic
-batch claiming across ranks.
+Time rule (`deadline`, set under budget.mode=wallclock): see UpdateClock. Once updating would not
+leave time to score the rest, the remaining batches are scored without adapter steps and the
+remaining phases skip global SGD; every target is still scored, and `stopped_at` records the first
+batch without updates.
+
+Not done here: dynamic batch claiming across ranks (batches go round-robin), more than one
+adapter step per chunk (TTT_GRAD_STEPS > 1), and global SGD's lr warm-up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from bisect import bisect_left
@@ -41,6 +52,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from pgolf.eval.sliding import ModeResult, WindowScorer, finish
@@ -75,11 +87,16 @@ class BatchedLoRA:
 
 
 class LayerDelta:
-    """One layer's `Attention.delta`: the q/k/v adapter output for `kind`, 0 for a kind without one.
-    Built once per Adapters, so every batch attaches the same object (a compiled graph guards on it)."""
+    """One block pass's test-time adapters (`Attention.delta`, or an entry of `GPT.pass_deltas`): the
+    adapter output for `kind` (q, k, v, o, mlp), 0 for a q/k/v kind without one; the model adds an
+    o/mlp output only where `has` says so. Built once per Adapters, so every batch attaches the same
+    object (a compiled graph guards on it)."""
 
     def __init__(self, layer: dict[str, BatchedLoRA]):
         self.layer = layer
+
+    def has(self, kind: str) -> bool:
+        return kind in self.layer
 
     def __call__(self, kind: str, x: Tensor) -> Tensor | float:
         a = self.layer.get(kind)
@@ -87,21 +104,30 @@ class LayerDelta:
 
 
 class Adapters:
-    """The adapters of `n` batch rows and the AdamW that trains them, reset in place per batch."""
+    """The adapters of `n` batch rows and the AdamW that trains them, reset in place per batch.
+
+    One set per block (`per_pass` off: a looped layer shares it across its passes) or one per
+    executed block pass (`per_pass` on, attached through `GPT.pass_deltas`)."""
 
     def __init__(self, model: nn.Module, n: int, cfg: LoRATTTConfig, device: torch.device):
         mc = model.cfg
-        head_dim = mc.model_dim // mc.num_heads
-        out = {"q": mc.model_dim, "k": mc.num_kv_heads * head_dim, "v": mc.num_kv_heads * head_dim}
+        d = mc.model_dim
+        head_dim = d // mc.num_heads
+        kv = mc.num_kv_heads * head_dim
+        out = {"q": d, "k": kv, "v": kv, "o": d, "mlp": d}  # o and mlp read the normalized input (d)
         scale = cfg.alpha / cfg.rank if cfg.alpha > 0 else 1.0
         self.n, self.device = n, device
+        self.per_pass = cfg.per_pass
+        self.warm_start_a = cfg.warm_start_a
+        self.drawn = False  # A drawn once (warm start keeps it from then on)
+        slots = model.block_passes() if cfg.per_pass else list(range(len(model.blocks)))
         self.layers = [
             {
-                kind: BatchedLoRA(n, mc.model_dim, out[kind], cfg.rank, scale, device)
+                kind: BatchedLoRA(n, d, out[kind], cfg.rank, scale, device)
                 for kind in cfg.targets
                 if kind != "head"
             }
-            for _ in model.blocks
+            for _ in slots
         ]
         self.deltas = [LayerDelta(layer) for layer in self.layers]
         self.head = (
@@ -129,31 +155,53 @@ class Adapters:
 
     def reset(self, rows: int, seed: int) -> None:
         """New adapters for `rows` documents and fresh AdamW state (zeroed in place: step 0 again).
-        Seeded per batch of documents, so scores do not depend on which rank ran the batch."""
-        gen = torch.Generator(device=self.device).manual_seed(seed)
-        for a in self.loras():
-            a.reset(rows, gen)
+        Seeded per batch of documents, so scores do not depend on which rank ran the batch. With
+        warm_start_a, A is drawn at the first reset only and then kept as training left it (B is
+        zeroed, so a fresh batch still starts from the base model's outputs); the scores then depend
+        on which batches this rank ran before."""
+        if self.warm_start_a and self.drawn:
+            with torch.no_grad():
+                for a in self.loras():
+                    a.b.zero_()
+        else:
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+            for a in self.loras():
+                a.reset(rows, gen)
+            self.drawn = True
         for state in self.opt.state.values():
             for v in state.values():
                 if isinstance(v, Tensor):
                     v.zero_()
 
     def attach(self, model: nn.Module) -> None:
-        for block, delta in zip(model.blocks, self.deltas):
-            block.attn.delta = delta
+        if self.per_pass:
+            model.pass_deltas = self.deltas
+        else:
+            for block, delta in zip(model.blocks, self.deltas):
+                block.attn.delta = delta
         model.head_delta = self.head
 
     @staticmethod
     def detach(model: nn.Module) -> None:
         for block in model.blocks:
             block.attn.delta = None
+        if hasattr(model, "pass_deltas"):
+            model.pass_deltas = None
         model.head_delta = None
 
 
-def check_model(model: nn.Module) -> None:
+def check_model(model: nn.Module, cfg: LoRATTTConfig | None = None) -> None:
     if not (hasattr(model, "head_delta") and all(hasattr(b.attn, "delta") for b in model.blocks)):
         raise TypeError(
             "ttt=lora/phased needs a model with test-time adapter hooks: model=banked or model=layered"
+        )
+    if cfg is None or hasattr(model, "block_passes"):
+        return
+    extra = [t for t in cfg.targets if t in ("o", "mlp")]
+    if extra or cfg.per_pass or getattr(cfg, "global_doc_mask", False):
+        raise TypeError(
+            f"ttt targets {extra}, ttt.per_pass and ttt.global_doc_mask need the GPT family "
+            "(model=banked, layered, sp8192_recur or a PR preset)"
         )
 
 
@@ -295,6 +343,11 @@ class LoRATTT:
         self.backend = backend
         self._step: ChunkStep | None = None
         self._pool: dict[int, Adapters] = {}
+        # time rule (as ttt=score_first): the trainer sets `deadline` (clock() by which scoring must be
+        # done) under budget.mode=wallclock; `clock` is replaceable for tests
+        self.deadline: float | None = None
+        self.clock: Callable[[], float] = time.perf_counter
+        self.stopped_at: int | None = None  # the first document batch scored without updates, if any
 
     @property
     def padded(self) -> bool:
@@ -321,7 +374,7 @@ class LoRATTT:
         """Compile the chunk graph of every window length (forward and backward) and the fused AdamW
         step on random tokens, and phased TTT's global SGD shapes; the validation tokens are never
         read (the global SGD shapes follow from the documents' lengths). Nothing to do eagerly."""
-        check_model(model)
+        check_model(model, self.cfg)
         if not self.compile:
             return
         B, dev = self.cfg.batch_docs, scorer.device
@@ -369,6 +422,14 @@ class LoRATTT:
         opt = torch.optim.SGD(params, lr=0.0, momentum=cfg.global_momentum)
         model.train()
         g, L = torch.Generator().manual_seed(1), cfg.global_seq_len
+        with self._global_attention(model):
+            self._warm_sizes(sizes, g, L, vocab, scorer, loss_fn, opt, params, world_size)
+        with torch.no_grad():
+            model.load_state_dict(snapshot, strict=True)
+        model.eval()
+
+    def _warm_sizes(self, sizes, g, L, vocab, scorer, loss_fn, opt, params, world_size) -> None:
+        cfg: PhasedTTTConfig = self.cfg  # type: ignore[assignment]
         for bs in sizes:
             # laid out as _global_sgd's sequences are (views of one run of tokens: stride L), since
             # the compiled model guards on strides
@@ -385,9 +446,12 @@ class LoRATTT:
                 world_size,
                 cfg.global_grad_clip,
             )
-        with torch.no_grad():
-            model.load_state_dict(snapshot, strict=True)
-        model.eval()
+
+    def _global_attention(self, model: nn.Module):
+        """Document-masked attention for global SGD under ttt.global_doc_mask, else unchanged."""
+        if getattr(self.cfg, "global_doc_mask", False):
+            return model.doc_masked()
+        return contextlib.nullcontext()
 
     # ------------------------------------------------------------------------------ one batch
     def _score_batch(
@@ -398,10 +462,14 @@ class LoRATTT:
         guard: ScoredStream,
         sums: Tensor,
         batch_index: int = 0,
+        update: bool = True,
     ) -> None:
+        """Score one batch chunk by chunk; with `update`, an AdamW step on the adapters after each
+        chunk that has a later one (without: every chunk under the fresh adapters, i.e. the base model)."""
         cfg, dev = self.cfg, scorer.device
         n = len(docs)
-        rows = cfg.batch_docs if self.padded else n
+        # warm_start_a: one set of batch_docs rows for every batch (a short batch too), so A carries on
+        rows = cfg.batch_docs if self.padded or cfg.warm_start_a else n
         step, adapters = self._tools(model, scorer, rows)
         adapters.reset(n, seed=batch_index)
         tab = chunk_table(
@@ -423,7 +491,7 @@ class LoRATTT:
                     scorer.count.index_add_(0, flat, torch.ones_like(flat))
                 # update: documents with a later chunk, on targets the guard confirms were scored
                 train = tab.train[ci, :n]
-                if not train.any():
+                if not update or not train.any():
                     continue
                 for j in np.flatnonzero(train):
                     guard.training_tokens(int(starts[j] + tab.ws[ci, j]), int(starts[j] + tab.end[ci, j]))
@@ -437,15 +505,21 @@ class LoRATTT:
     def _global_sgd(self, model, docs: list[Doc], scorer, guard, loss_fn, world_size, rank) -> None:
         """Phased TTT's base-model SGD on already-scored documents."""
         cfg: PhasedTTTConfig = self.cfg  # type: ignore[assignment]
-        L = cfg.global_seq_len
         tokens = torch.cat([guard.training_tokens(*d.targets)[:-1] for d in docs])  # each doc from its BOS
         params = [p for p in model.parameters()]
         opt = torch.optim.SGD(params, lr=cfg.global_lr, momentum=cfg.global_momentum)
         model.train()
+        with self._global_attention(model):
+            self._global_chunks(model, tokens, opt, params, scorer, loss_fn, world_size, rank)
+        model.eval()
+
+    def _global_chunks(self, model, tokens, opt, params, scorer, loss_fn, world_size, rank) -> None:
+        cfg: PhasedTTTConfig = self.cfg  # type: ignore[assignment]
+        L = cfg.global_seq_len
         for c, n_chunks, t0, spans in global_steps(tokens.numel(), cfg, world_size, rank):
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(cfg.global_lr, c, n_chunks)
-            for a, e in spans:
+            for a, e in [span for _ in range(cfg.global_epochs) for span in spans]:
                 part = tokens[t0 + a * L : t0 + e * L + 1]
                 x = part[:-1].view(-1, L) if e > a else part.new_zeros(0, L)
                 y = part[1:].view(-1, L) if e > a else part.new_zeros(0, L)
@@ -461,7 +535,6 @@ class LoRATTT:
                     world_size,
                     cfg.global_grad_clip,
                 )
-        model.eval()
 
     # --------------------------------------------------------------------------------- run
     def run(
@@ -475,7 +548,7 @@ class LoRATTT:
         sync: Callable[[], None] = lambda: None,
     ) -> ModeResult:
         cfg = self.cfg
-        check_model(model)
+        check_model(model, cfg)
         sync()
         t0 = time.perf_counter()
         guard = ScoredStream(scorer.stream)
@@ -493,6 +566,8 @@ class LoRATTT:
         sums = torch.zeros(3, dtype=torch.float64, device=scorer.device)
         requires = {p: p.requires_grad for p in model.parameters()}
         phase, done_upto = 0, 0  # batches [0, done_upto) are marked on this rank
+        clock = UpdateClock(self, queue, rank, world_size, scorer.device, sync)
+        self.stopped_at = None
         model.eval()
         try:
             for p in model.parameters():
@@ -500,7 +575,11 @@ class LoRATTT:
             progress = Progress(log, f"ttt:{cfg.name}", len(queue), "doc batches")
             for k, batch in enumerate(queue):
                 if k % world_size == rank:
-                    self._score_batch(model, batch, scorer, guard, sums, batch_index=k)
+                    update = self.stopped_at is None and clock.keep_updating(k)
+                    if not update and self.stopped_at is None:
+                        self._stop(k, log)
+                    with clock.batch(k, update):
+                        self._score_batch(model, batch, scorer, guard, sums, batch_index=k, update=update)
                 progress.advance()
                 while phase < len(pauses) and pauses[phase] == k + 1:
                     for other in range(done_upto, k + 1):  # scored by another rank before this collective
@@ -508,9 +587,19 @@ class LoRATTT:
                             for d in queue[other]:
                                 guard.mark_scored(*d.targets)
                     done_upto = k + 1
+                    n_tok = sum(d.length - 1 for d in sets[phase])
+                    if not clock.keep_global_sgd(k, n_tok, self.stopped_at is not None):
+                        if self.stopped_at is None:
+                            self._stop(k + 1, log)
+                        log(
+                            f"ttt:{cfg.name} phase {phase + 1}/{len(pauses)}: global SGD skipped (eval clock)"
+                        )
+                        phase += 1
+                        continue
                     for p, flag in requires.items():
                         p.requires_grad_(flag)
-                    self._global_sgd(model, sets[phase], scorer, guard, loss_fn, world_size, rank)
+                    with clock.global_sgd(n_tok):
+                        self._global_sgd(model, sets[phase], scorer, guard, loss_fn, world_size, rank)
                     for p in model.parameters():
                         p.requires_grad_(False)
                     log(
@@ -528,6 +617,78 @@ class LoRATTT:
         return ModeResult(
             res.val_loss, res.val_bpb, res.tokens, res.bytes, seconds, res.tokens / max(seconds, 1e-9)
         )
+
+    def _stop(self, k: int, log: Callable[[str], None]) -> None:
+        self.stopped_at = k
+        log(
+            f"ttt:updates stopped before document batch {k}: updating it and scoring the rest would pass "
+            "budget.eval_seconds; the remaining batches are scored without updates"
+        )
+
+
+class UpdateClock:
+    """ttt=lora/phased's time rule, like ttt=score_first's: an update (a batch's adapter steps, a
+    phase's global SGD) runs only if, at the measured pace, it and the scoring of every batch this
+    rank still has fit before the deadline with 25% headroom. Scoring without updates is costed at
+    the pace with updates (an upper bound: the measured seconds per target of updated batches), so
+    the rule is conservative. Batch decisions are per rank (they involve no collective); a phase
+    is skipped on every rank when any rank is late, since global SGD all-reduces. No deadline: always."""
+
+    def __init__(self, ttt: LoRATTT, queue: list[list[Doc]], rank: int, world_size: int, device, sync):
+        self.ttt, self.rank, self.world_size, self.device, self.sync = ttt, rank, world_size, device, sync
+        targets = [sum(d.length - 1 for d in b) for b in queue]
+        self.targets = targets
+        mine = [t if k % world_size == rank else 0 for k, t in enumerate(targets)]
+        self.after = np.cumsum(mine[::-1])[::-1].tolist() + [0]  # this rank's targets in batches >= k
+        self.upd_s, self.upd_targets = 0.0, 0  # seconds and targets of updated batches so far
+        self.sgd_s, self.sgd_tokens = 0.0, 0
+
+    @property
+    def on(self) -> bool:
+        return self.ttt.deadline is not None
+
+    def _target_rate(self) -> float:
+        return self.upd_s / self.upd_targets if self.upd_targets else 0.0
+
+    def keep_updating(self, k: int) -> bool:
+        if not self.on:
+            return True
+        need = self.after[k] * self._target_rate()
+        return self.ttt.clock() + 1.25 * need <= self.ttt.deadline
+
+    def keep_global_sgd(self, k: int, tokens: int, stopped: bool) -> bool:
+        if not self.on:
+            return True
+        rate = self.sgd_s / self.sgd_tokens if self.sgd_tokens else 0.0
+        need = tokens * rate + self.after[k + 1] * self._target_rate()
+        late = stopped or self.ttt.clock() + 1.25 * need > self.ttt.deadline
+        if self.world_size > 1:
+            flag = torch.tensor([float(late)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            late = bool(flag.item())
+        return not late
+
+    @contextlib.contextmanager
+    def batch(self, k: int, update: bool) -> Iterator[None]:
+        if not (self.on and update):
+            yield
+            return
+        t = self.ttt.clock()
+        yield
+        self.sync()
+        self.upd_s += self.ttt.clock() - t
+        self.upd_targets += self.targets[k]
+
+    @contextlib.contextmanager
+    def global_sgd(self, tokens: int) -> Iterator[None]:
+        if not self.on:
+            yield
+            return
+        t = self.ttt.clock()
+        yield
+        self.sync()
+        self.sgd_s += self.ttt.clock() - t
+        self.sgd_tokens += tokens
 
 
 def build(cfg: LoRATTTConfig) -> LoRATTT:
