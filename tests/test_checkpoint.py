@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import run_cli, tiny_cpu_args
 
-from pgolf.checkpoint import FAULT_ENV, Checkpointer, latest_step
+from pgolf.checkpoint import FAULT_ENV, Checkpointer, latest_step, training_parts
 from pgolf.config import CheckpointConfig
 from pgolf.models.baseline import BaselineGPT
 from pgolf.models.config import BaselineModelConfig
@@ -75,7 +75,12 @@ class _FakeTrainer:
         self.model = BaselineGPT(TINY)
         self.opt = OptimizerBundle(self.model, MuonConfig(), torch.device("cpu"), compile_ns=False)
         self.loader = None
-        self.rt = type("RT", (), {"device": torch.device("cpu")})()
+
+    def checkpointer(
+        self, cfg: CheckpointConfig, job_dir: Path, world_size: int = 1, fingerprint: str = "abc"
+    ):
+        parts = training_parts(self.model, self.opt, self.loader, torch.device("cpu"))
+        return Checkpointer(cfg, job_dir, 0, world_size, fingerprint, parts=parts)
 
 
 class _Loader:
@@ -91,14 +96,13 @@ class _Loader:
 
 def test_checkpointer_commits_atomically_and_guards_its_job(tmp_path):
     cfg = CheckpointConfig(every_steps=2)
-    ck = Checkpointer(cfg, tmp_path, rank=0, world_size=1, fingerprint="abc")
-    assert ck.enabled and ck.due(4) and not ck.due(3)
     tr = _FakeTrainer()
     tr.loader = _Loader(123)
+    ck = tr.checkpointer(cfg, tmp_path)
+    assert ck.enabled and ck.due(4) and not ck.due(3)
     _steps(tr.model, tr.opt, 0, 1)
     for step in (2, 4):
         ck.save(
-            tr,
             {
                 "step": step,
                 "train_ms": 10.0 * step,
@@ -117,14 +121,14 @@ def test_checkpointer_commits_atomically_and_guards_its_job(tmp_path):
 
     fresh = _FakeTrainer()
     fresh.loader = _Loader()
-    state = Checkpointer(cfg, tmp_path, 0, 1, "abc").restore(fresh)
+    state = fresh.checkpointer(cfg, tmp_path).restore()
     assert state["step"] == 4 and state["train_ms"] == 40.0 and fresh.loader.pos == 123
     for a, b in zip(tr.model.state_dict().values(), fresh.model.state_dict().values()):
         assert torch.equal(a, b)
     with pytest.raises(RuntimeError, match="another configuration or seed"):
-        Checkpointer(cfg, tmp_path, 0, 1, "other").restore(_FakeTrainer())
+        _FakeTrainer().checkpointer(cfg, tmp_path, fingerprint="other").restore()
     with pytest.raises(RuntimeError, match="processes"):
-        Checkpointer(cfg, tmp_path, 0, 2, "abc").restore(_FakeTrainer())
+        _FakeTrainer().checkpointer(cfg, tmp_path, world_size=2).restore()
     ck.discard()
     assert not (tmp_path / "checkpoint").exists()
 
@@ -219,8 +223,8 @@ def test_banked_checkpoint_holds_canonical_names_and_loads_into_either_layout(tm
     tr.opt = OptimizerBundle(tr.model, MuonConfig(), torch.device("cpu"), compile_ns=False)
     tr.loader = _Loader(7)
     _steps(tr.model, tr.opt, 0, 2)
-    ck = Checkpointer(CheckpointConfig(every_steps=1), tmp_path, 0, 1, "abc")
-    ck.save(tr, {"step": 2, "train_ms": 1.0, "stop_after": None, "losses": [], "step_host_ms": []})
+    ck = tr.checkpointer(CheckpointConfig(every_steps=1), tmp_path)
+    ck.save({"step": 2, "train_ms": 1.0, "stop_after": None, "losses": [], "step_host_ms": []})
     saved = torch.load(tmp_path / "checkpoint" / "step_0000002" / "rank0.pt", weights_only=False)["model"]
     layered = GPT(LayeredGPTConfig(**shape), banked=False)
     assert list(saved) == list(layered.state_dict())  # the per-layer model's names, in its order
@@ -232,7 +236,7 @@ def test_banked_checkpoint_holds_canonical_names_and_loads_into_either_layout(tm
     fresh.model = GPT(BankedGPTConfig(**shape), banked=True)
     fresh.opt = OptimizerBundle(fresh.model, MuonConfig(), torch.device("cpu"), compile_ns=False)
     fresh.loader = _Loader()
-    Checkpointer(CheckpointConfig(every_steps=1), tmp_path, 0, 1, "abc").restore(fresh)
+    fresh.checkpointer(CheckpointConfig(every_steps=1), tmp_path).restore()
     _steps(tr.model, tr.opt, 2, 2)
     _steps(fresh.model, fresh.opt, 2, 2)
     for (name, a), b in zip(tr.model.state_dict().items(), fresh.model.state_dict().values()):
@@ -251,15 +255,15 @@ def _saved(tmp_path: Path) -> Path:
     tr = _FakeTrainer()
     tr.loader = _Loader(5)
     _steps(tr.model, tr.opt, 0, 1)
-    ck = Checkpointer(CheckpointConfig(every_steps=2), tmp_path, 0, 1, "abc")
-    ck.save(tr, {"step": 2, "train_ms": 1.0, "stop_after": None, "losses": [], "step_host_ms": []})
+    ck = tr.checkpointer(CheckpointConfig(every_steps=2), tmp_path)
+    ck.save({"step": 2, "train_ms": 1.0, "stop_after": None, "losses": [], "step_host_ms": []})
     return tmp_path / "checkpoint" / "step_0000002" / "rank0.pt"
 
 
 def _restore(tmp_path: Path) -> dict:
     fresh = _FakeTrainer()
     fresh.loader = _Loader()
-    return Checkpointer(CheckpointConfig(every_steps=2), tmp_path, 0, 1, "abc").restore(fresh)
+    return fresh.checkpointer(CheckpointConfig(every_steps=2), tmp_path).restore()
 
 
 def test_latest_json_records_each_files_digest(tmp_path):
@@ -350,4 +354,4 @@ def test_a_checkpoint_of_another_model_is_named(tmp_path):
     )
     other.loader = _Loader()
     with pytest.raises(CheckpointError, match=r"rank0\.pt: does not fit this job's model"):
-        Checkpointer(CheckpointConfig(every_steps=2), tmp_path, 0, 1, "abc").restore(other)
+        other.checkpointer(CheckpointConfig(every_steps=2), tmp_path).restore()
