@@ -119,8 +119,9 @@ class MixedQuant:
         by the slowest batch so far or `batch_seconds`, whichever is larger; at most `max_batches`.
         """
         t0 = time.perf_counter()
-        export = getattr(model, "export_state_dict", model.state_dict)
-        watch = {n: t for n, t in export().items() if self.quantized(n, t) and self.group(n).gptq}
+        watch = {
+            n: t for n, t in model.export_state_dict().items() if self.quantized(n, t) and self.group(n).gptq
+        }
         cal = self.cfg.calibration
         if cal.source == "self":
             dev = next(model.parameters()).device
