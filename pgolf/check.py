@@ -16,13 +16,14 @@ from pathlib import Path
 
 from pgolf.results import read_json, sha256_file
 from pgolf.rules import val_split_of, verdict
+from pgolf.run_result import RunResult
 
 SHIPPED = ("artifact/train_gpt.py", "artifact/final_model.ptz")
 
 
-def _files(run_dir: Path, result: dict, code: Path | None) -> dict:
+def _files(run_dir: Path, result: RunResult, code: Path | None) -> dict:
     """Every shipped file re-hashed; `code` replaces the run's train_gpt.py (a submission's copy)."""
-    recorded = result.get("files") or {}
+    recorded = result.files or {}
     out, sizes = {}, {}
     for rel in SHIPPED:
         path = code if (code is not None and rel.endswith("train_gpt.py")) else run_dir / rel
@@ -52,9 +53,9 @@ def _files(run_dir: Path, result: dict, code: Path | None) -> dict:
     return out
 
 
-def _val_split(result: dict, config: dict) -> dict:
+def _val_split(result: RunResult, config: dict) -> dict:
     """The whole val split was scored: the split's size re-read from every shard the pattern matches."""
-    val = result.get("val") or {}
+    val = result.val or {}
     folder = Path(val.get("dir", ""))
     pattern = config.get("data", {}).get("val_pattern", "fineweb_val_*.bin")
     files = sorted(folder.glob(pattern)) if val.get("dir") and folder.is_dir() else []
@@ -63,7 +64,7 @@ def _val_split(result: dict, config: dict) -> dict:
     from pgolf.data.shards import read_header
 
     total = sum(read_header(f) for f in files)
-    out = val_split_of(result, config, total)  # under its window rule (legacy re-scores the tail)
+    out = val_split_of(result.to_json(), config, total)  # under its window rule (legacy re-scores the tail)
     out["files"] = len(files)
     if total != val.get("tokens_total"):
         out["held"] = False
@@ -71,8 +72,8 @@ def _val_split(result: dict, config: dict) -> dict:
     return out
 
 
-def _tokenizer(result: dict) -> dict:
-    val = result.get("val") or {}
+def _tokenizer(result: RunResult) -> dict:
+    val = result.val or {}
     tok, folder = Path(val.get("tokenizer", "")), Path(val.get("dir", ""))
     if not val.get("tokenizer") or not tok.is_file() or not folder.is_dir():
         return {"held": None, "why": "the tokenizer or the shard folder is not on this machine"}
@@ -89,11 +90,11 @@ def check_run(run_dir: str | Path, code: Path | None = None) -> dict:
     """The verdict on a finished run: {pass, reason, checks}. `code`: check this train_gpt.py (a
     submission folder's) instead of the run's own."""
     run_dir = Path(run_dir)
-    result, config = read_json(run_dir / "result.json"), read_json(run_dir / "config.json")
-    rules = verdict(result, config)["checks"]
-    checks = {"status": {"status": result.get("status"), "held": result.get("status") == "ok"}}
-    if result.get("status") != "ok":
-        checks["status"]["why"] = f"the run did not finish: {result.get('error', '')}"
+    result, config = RunResult.read(run_dir / "result.json"), read_json(run_dir / "config.json")
+    rules = verdict(result.to_json(), config)["checks"]
+    checks = {"status": {"status": result.status, "held": result.status == "ok"}}
+    if result.status != "ok":
+        checks["status"]["why"] = f"the run did not finish: {result.error or ''}"
     checks |= _files(run_dir, result, code)
     for key in ("train_seconds", "eval_seconds", "ttt", "val_bpb", "window_rule"):
         checks[key] = rules[key]

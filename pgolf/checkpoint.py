@@ -6,6 +6,10 @@ Layout, in the job folder:
     checkpoint/step_000120/rank0.pt    model (canonical per-layer names), optimizer (Adam + this rank's Muon momentum),
     checkpoint/step_000120/rank1.pt    loader position, RNG states, step, training ms, loss history
 
+The checkpointer is given the run's stateful parts when it is built (model weights, optimizer,
+loader, RNG: `training_parts`), each with `state_dict()`/`load_state_dict()`; it saves and restores
+those and the trainer's own counters, and never reaches into the trainer.
+
 Every rank writes its own file (Muon momentum and the loader position are per rank) through a temp
 file and a rename; only after all ranks have written does rank 0 replace `latest.json`, and only
 then are older steps deleted. A kill at any moment therefore leaves the previous checkpoint or the
@@ -32,6 +36,7 @@ import os
 import random
 import shutil
 import signal
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +46,7 @@ import torch.distributed as dist
 
 from pgolf.checkpoint_gate import CKPT_DIR, FAULT_ENV, checkpoints_on
 from pgolf.config import CheckpointConfig
+from pgolf.contracts import BatchLoader, Optimizer, Stateful, TrainModel
 from pgolf.results import atomic_file, read_json, write_json_atomic
 
 LATEST = "latest.json"
@@ -107,41 +113,45 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
-def loader_state(loader: Any) -> dict[str, Any]:
-    if hasattr(loader, "state_dict"):
-        return loader.state_dict()
-    stream = loader.stream  # the foundation's SequentialLoader: a TokenStream position is all it has
-    return {"file_idx": stream.file_idx, "pos": stream.pos}
+class RngState:
+    """Every random generator the run draws from (Python, numpy, torch, CUDA), as one part."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def state_dict(self) -> dict[str, Any]:
+        return rng_state(self.device)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_rng_state(state, self.device)
 
 
-def load_loader_state(loader: Any, state: dict[str, Any]) -> None:
-    if hasattr(loader, "load_state_dict"):
-        loader.load_state_dict(state)
-        return
-    from pgolf.data.shards import load_tokens
+class ExportedWeights:
+    """A model's weights under the canonical per-layer names (`export_state_dict`), so a checkpoint
+    of a banked model holds no 3-D bank and loads into a layered one too. The banked export is
+    views of the banks; torch.save writes each bank's storage once."""
 
-    stream = loader.stream
-    stream.file_idx = state["file_idx"]
-    stream.tokens = load_tokens(stream.files[stream.file_idx], mmap=True)
-    stream.pos = state["pos"]
+    def __init__(self, model: TrainModel):
+        self.model = model
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.model.export_state_dict()
 
-def model_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The weights under the canonical per-layer names (`export_state_dict`) where the model has
-    them, so a checkpoint of a banked model holds no 3-D bank and loads into a layered one too.
-    The banked export is views of the banks; torch.save writes each bank's storage once."""
-    export = getattr(model, "export_state_dict", None)
-    return export() if export is not None else model.state_dict()
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.model.load_export_state_dict(state)  # strict; re-stacks the banks
 
 
-@torch.no_grad()
-def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Strict load of `model_weights` output, re-stacking banks where the model has them."""
-    load = getattr(model, "load_export_state_dict", None)
-    if load is not None:
-        load(state)
-    else:
-        model.load_state_dict(state, strict=True)
+def training_parts(
+    model: TrainModel, optimizer: Optimizer, loader: BatchLoader, device: torch.device
+) -> dict[str, Stateful]:
+    """What a training checkpoint holds besides the trainer's counters, in save and load order."""
+    return {
+        "model": ExportedWeights(model),
+        "optimizer": optimizer,
+        "loader": loader,
+        "rng": RngState(device),
+    }
 
 
 class _HashingWriter:
@@ -200,8 +210,19 @@ def _read_verified(path: Path, expected: dict[str, Any] | None, ckpt_dir: Path) 
 
 # ---------------------------------------------------------------------------------- policy
 class Checkpointer:
-    def __init__(self, cfg: CheckpointConfig, job_dir: Path, rank: int, world_size: int, fingerprint: str):
+    def __init__(
+        self,
+        cfg: CheckpointConfig,
+        job_dir: Path,
+        rank: int,
+        world_size: int,
+        fingerprint: str,
+        parts: Mapping[str, Stateful] | None = None,
+        device: torch.device | None = None,
+    ):
         self.cfg = cfg
+        self.parts = dict(parts or {})  # saved in this order, restored in this order
+        self.device = device or torch.device("cpu")  # where a restore puts the tensors
         self.dir = Path(job_dir) / CKPT_DIR
         self.rank, self.world_size = rank, world_size
         self.fingerprint = fingerprint  # the seeded config hash: a checkpoint only resumes its own job
@@ -232,17 +253,13 @@ class Checkpointer:
         return by_steps or self.time_flag
 
     # ------------------------------------------------------------------------------ save
-    def save(self, trainer: Any, train_state: dict[str, Any]) -> None:
+    def save(self, train_state: dict[str, Any]) -> None:
+        """Every part's state and the trainer's counters (`train_state`: step, train_ms, ...)."""
         step = int(train_state["step"])
         step_dir = self.dir / f"step_{step:07d}"
         step_dir.mkdir(parents=True, exist_ok=True)
-        state = {
-            "model": model_weights(trainer.model),
-            "optimizer": trainer.opt.state_dict(),
-            "loader": loader_state(trainer.loader),
-            "rng": rng_state(trainer.rt.device),
-            "train": train_state,
-        }
+        state = {name: part.state_dict() for name, part in self.parts.items()}
+        state["train"] = train_state
         digest = _save_atomic(state, step_dir / f"rank{self.rank}.pt")
         write_json_atomic(step_dir / f"rank{self.rank}.json", digest)
         self._barrier()
@@ -270,8 +287,8 @@ class Checkpointer:
             os.kill(os.getpid(), signal.SIGKILL)
 
     # ---------------------------------------------------------------------------- restore
-    def restore(self, trainer: Any) -> dict[str, Any] | None:
-        """Load the latest checkpoint into the trainer's parts; returns its training state."""
+    def restore(self) -> dict[str, Any] | None:
+        """Load the latest checkpoint into the parts; returns the trainer's counters (None: no checkpoint)."""
         meta = latest(self.dir.parent)
         if meta is None:
             return None
@@ -285,22 +302,19 @@ class Checkpointer:
                 f"the checkpoint in {self.dir} belongs to another configuration or seed "
                 f"({meta.get('fingerprint')} != {self.fingerprint}); delete it to start this job afresh"
             )
-        device = trainer.rt.device
         path = self.dir / meta["dir"] / f"rank{self.rank}.pt"
         # Checkpoints written before digests were recorded have no "files": loaded unchecked.
         data = _read_verified(path, (meta.get("files") or {}).get(path.name), self.dir)
         try:
-            state = torch.load(io.BytesIO(data), map_location=device, weights_only=False)
+            state = torch.load(io.BytesIO(data), map_location=self.device, weights_only=False)
         except Exception as e:  # a damaged zip or pickle: torch raises any of several types
             raise CheckpointError(
                 f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]}): "
                 f"{_start_afresh(self.dir)}"
             ) from None
         try:
-            load_model_weights(trainer.model, state["model"])
-            trainer.opt.load_state_dict(state["optimizer"])
-            load_loader_state(trainer.loader, state["loader"])
-            set_rng_state(state["rng"], device)
+            for name, part in self.parts.items():
+                part.load_state_dict(state[name])
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
             raise CheckpointError(
                 f"{path}: does not fit this job's model, optimizer or loader ({type(e).__name__}: "

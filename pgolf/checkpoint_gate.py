@@ -50,17 +50,8 @@ class NoCheckpoints:
     def fault_point(self, step: int) -> None:
         pass
 
-    def restore(self, trainer: Any) -> None:
+    def restore(self) -> None:
         return None
 
     def discard(self) -> None:
         pass
-
-
-def open_checkpoints(cfg: Any, job_dir: Path, rank: int, world_size: int, fingerprint: str) -> Any:
-    """The run's checkpoint policy: `pgolf.checkpoint.Checkpointer` only when `needs_checkpointer`."""
-    if not needs_checkpointer(cfg, job_dir):
-        return NoCheckpoints()
-    from pgolf.checkpoint import Checkpointer
-
-    return Checkpointer(cfg, job_dir, rank, world_size, fingerprint)

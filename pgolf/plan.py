@@ -26,8 +26,7 @@ def _state_on_meta(model_cfg) -> dict[str, torch.Tensor]:
 
     with torch.device("meta"):
         model = MODELS.build(model_cfg)
-    export = getattr(model, "export_state_dict", model.state_dict)
-    return dict(export())
+    return dict(model.export_state_dict())
 
 
 def _group_of(quant, name: str, t: torch.Tensor) -> str:

@@ -33,6 +33,7 @@ from pgolf.config import GROUPS, PARENT_ONLY, config_hash, job_config_from_dict,
 from pgolf.outdir import FolderInUse, lock_folder, set_aside
 from pgolf.registry import ConfigError
 from pgolf.results import DiskFullError, is_disk_full, read_json, write_json_atomic
+from pgolf.run_result import ResultError, RunResult
 from pgolf.slots import GpuSlots, SlotLease, register_resolvers, visible_devices
 from pgolf.tracking import resume_job_run, start_hydra_job_run, wandb_config
 
@@ -114,20 +115,20 @@ def launch(frozen: dict, job_dir: Path, in_process: bool = True, env: dict[str, 
     return run_worker(worker_command(nproc, job_dir), full_env)
 
 
-def _record(result_path: Path, result: dict) -> None:
+def _record(result_path: Path, result: RunResult) -> None:
     """Write the verdict; if that fails (a full disk), say so in its error instead of raising."""
     try:
-        write_json_atomic(result_path, result)
+        result.write(result_path)
     except OSError as e:
         why = "no space left on the device" if is_disk_full(e) else str(e)
-        result["error"] = f"{result.get('error', 'unknown error')}; {result_path.name} not written: {why}"
+        result.error = f"{result.error or 'unknown error'}; {result_path.name} not written: {why}"
 
 
-def finish(job_dir: Path, code: int, multirun: bool, extra: dict | None = None) -> float:
+def finish(job_dir: Path, code: int, multirun: bool, gpu_lease: dict | None = None) -> float:
     """Read the worker's verdict (or record why there is none) and return the sweep metric."""
     result_path = job_dir / "result.json"
-    result = read_json(result_path) if result_path.is_file() else {}
-    if code != 0 and result.get("status") != "failed":
+    result = RunResult.read(result_path) if result_path.is_file() else RunResult()
+    if code != 0 and result.status != "failed":
         # The worker died without writing its verdict (killed, OOM): record it for the sweep.
         rank_errors = (
             sorted((job_dir / "ranks").glob("rank*_error.txt")) if (job_dir / "ranks").is_dir() else []
@@ -137,42 +138,36 @@ def finish(job_dir: Path, code: int, multirun: bool, extra: dict | None = None) 
             if rank_errors
             else ""
         )
-        result = {
-            **result,
-            "status": "failed",
-            "error": f"worker exited with code {code}{detail}",
-            "returncode": code,
-        }
+        result.status, result.error = "failed", f"worker exited with code {code}{detail}"
+        result.returncode = code
         _record(result_path, result)
-    if extra:
-        result.update(extra)
+    if gpu_lease:
+        result.gpu_lease = gpu_lease
         _record(result_path, result)
-    if result.get("status") == "ok":
-        b = result["bytes"]
+    if result.status == "ok":
+        b = result.bytes
         log.info(
-            f"pgolf: val_bpb {result['val_bpb']:.6f}  val_loss {result['val_loss']:.6f}  "
-            f"artifact {b['total']:,} bytes (model {b['model']:,} + code {b['code']:,}; cap {b['cap']:,})  "
-            f"{result['steps']} steps, {result['ms_per_step']:.1f} ms/step  -> {result_path}"
+            f"pgolf: val_bpb {result.val_bpb:.6f}  val_loss {result.val_loss:.6f}  "
+            f"artifact {b.total:,} bytes (model {b.model:,} + code {b.code:,}; cap {b.cap:,})  "
+            f"{result.steps} steps, {result.ms_per_step:.1f} ms/step  -> {result_path}"
         )
-        return float(result["val_bpb"])
-    log.error(f"pgolf: job failed: {result.get('error', 'unknown error')} ({result_path})")
+        return float(result.val_bpb)
+    log.error(f"pgolf: job failed: {result.error or 'unknown error'} ({result_path})")
     if not multirun:
         sys.exit(1)
     return float("inf")
 
 
-def _earlier_result(job_dir: Path) -> tuple[dict | None, str]:
-    """The job folder's result.json as a dict (None if absent or unreadable) and a few words on it."""
+def _earlier_result(job_dir: Path) -> tuple[RunResult | None, str]:
+    """The job folder's result.json (None if absent or unreadable) and a few words on it."""
     path = job_dir / "result.json"
     if not path.is_file():
         return None, "left no result.json (killed or interrupted)"
     try:
-        result = read_json(path)
-    except (OSError, ValueError) as e:
+        result = RunResult.read(path)
+    except (OSError, ResultError) as e:
         return None, f"left a corrupt result.json ({type(e).__name__}: {e})"
-    if not isinstance(result, dict):
-        return None, "left a corrupt result.json (not a JSON object)"
-    return result, f"ended with status {result.get('status')}: {str(result.get('error', ''))[:200]}"
+    return result, f"ended with status {result.status}: {(result.error or '')[:200]}"
 
 
 def _reuse_or_clear(job_dir: Path, frozen: dict) -> float | None:
@@ -184,14 +179,9 @@ def _reuse_or_clear(job_dir: Path, frozen: dict) -> float | None:
         return None  # a fresh job folder
     result, how = _earlier_result(job_dir)
     want = config_hash(job_config_from_dict(frozen), include_seed=True)
-    val_bpb = (result or {}).get("val_bpb")
-    finished = (
-        result is not None
-        and result.get("status") == "ok"
-        and isinstance(val_bpb, (int, float))
-        and math.isfinite(val_bpb)
-    )
-    if finished and result.get("config_hash_with_seed") == want:
+    val_bpb = result.val_bpb if result is not None else None
+    finished = result is not None and result.status == "ok" and val_bpb is not None and math.isfinite(val_bpb)
+    if finished and result.config_hash_with_seed == want:
         log.info(
             f"pgolf: job {job_dir.name} kept: it finished earlier (val_bpb {val_bpb:.6f}, "
             f"{job_dir / 'result.json'}); not retrained",
@@ -205,7 +195,7 @@ def _reuse_or_clear(job_dir: Path, frozen: dict) -> float | None:
         moved = set_aside(job_dir, others)
         log.info(
             f"pgolf: job {job_dir.name}: its finished result is for another configuration "
-            f"({result.get('config_hash_with_seed')} != {want}: conf/ or code changed since); "
+            f"({result.config_hash_with_seed} != {want}: conf/ or code changed since); "
             f"moved it to {moved} and training again",
         )
         return None
@@ -240,7 +230,7 @@ def _run_locked_job(cfg: DictConfig, job_dir: Path, multirun: bool) -> float:
         )
         wb = wandb_config(cfg.get("wandb"), multirun)
     except (ConfigError, RuntimeError) as e:
-        write_json_atomic(job_dir / "result.json", {"status": "failed", "error": f"config: {e}"})
+        RunResult(status="failed", error=f"config: {e}").write(job_dir / "result.json")
         log.error(f"pgolf: invalid config: {e}")
         if not multirun:
             sys.exit(2)
@@ -267,12 +257,8 @@ def _run_locked_job(cfg: DictConfig, job_dir: Path, multirun: bool) -> float:
         if job_run is not None:
             job_run.close()
     # Which GPUs the job held, and when: provenance, and the evidence that no GPU was shared.
-    extra = (
-        {"gpu_lease": {"devices": lease.devices, "acquired": acquired, "released": time.time()}}
-        if lease
-        else None
-    )
-    return finish(job_dir, code, multirun, extra)
+    gpu_lease = {"devices": lease.devices, "acquired": acquired, "released": time.time()} if lease else None
+    return finish(job_dir, code, multirun, gpu_lease)
 
 
 def resume(job_dir: Path, task_overrides: list[str]) -> float:
@@ -286,9 +272,10 @@ def resume(job_dir: Path, task_overrides: list[str]) -> float:
     if not (job_dir / "config.json").is_file():
         sys.exit(f"pgolf: resume={job_dir}: no config.json there; pass the folder of a job that was started")
     result_path = job_dir / "result.json"
-    if result_path.is_file() and read_json(result_path).get("status") == "ok":
+    earlier = RunResult.read(result_path) if result_path.is_file() else None
+    if earlier is not None and earlier.status == "ok":
         log.info(f"pgolf: {job_dir} already finished (result.json status ok); nothing to resume")
-        return float(read_json(result_path)["val_bpb"])
+        return float(earlier.val_bpb)
     frozen = read_json(job_dir / "config.json")
     if frozen.get("job_dir") != str(job_dir):  # the folder was moved or synced from another machine
         frozen["job_dir"] = str(job_dir)
@@ -324,18 +311,14 @@ def _record_interrupt(job_dir: Path) -> None:
     """Ctrl-C stopped this sweep job: say so in its result.json (the worker, killed at once by
     subprocess.call, may not have written a verdict), so the summary and a resumed sweep know."""
     result, _ = _earlier_result(job_dir)
-    if result is not None and result.get("status") == "ok":
+    if result is not None and result.status == "ok":
         return  # it finished just before the interrupt
     if not (job_dir / "config.json").is_file():
         return  # interrupted before it started: nothing of it to record
-    write_json_atomic(
-        job_dir / "result.json",
-        {
-            **(result or {}),
-            "status": "failed",
-            "error": "interrupted (Ctrl-C) before it finished; rerun the sweep command to run it again",
-        },
-    )
+    result = result or RunResult()
+    result.status = "failed"
+    result.error = "interrupted (Ctrl-C) before it finished; rerun the sweep command to run it again"
+    result.write(job_dir / "result.json")
 
 
 def run_one(cfg: DictConfig) -> float:
@@ -357,7 +340,7 @@ def run_one(cfg: DictConfig) -> float:
             raise
         # Never raise into Hydra from a sweep job: the basic sweeper would re-raise it, abort the
         # remaining jobs and skip on_multirun_end, i.e. the summary (ECOSYSTEM §c2, §e1.4).
-        write_json_atomic(job_dir / "result.json", {"status": "failed", "error": f"{type(e).__name__}: {e}"})
+        RunResult(status="failed", error=f"{type(e).__name__}: {e}").write(job_dir / "result.json")
         log.error(f"pgolf: job {job_dir.name} failed: {type(e).__name__}: {e}")
         return float("inf")
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from pgolf.check import check_run
 from pgolf.results import read_json, write_json_atomic, write_text_atomic
+from pgolf.run_result import RunResult
 
 # Packages a worker imports, by the names pip installs them under, and what pulls them in.
 RUNTIME = {"torch": "torch", "numpy": "numpy", "sentencepiece": "sentencepiece"}
@@ -49,8 +50,9 @@ def _pin(pkg: str, version: str | None) -> str:
     return f"{pkg}=={public}" + (f"  # ran with {version}" if public != version else "")
 
 
-def requirements(result: dict, config: dict) -> str:
-    v = result.get("versions", {})
+def requirements(versions: dict[str, str], config: dict) -> str:
+    """requirements.txt for the packages that ran (`versions`: result.json's) and the config's extras."""
+    v = versions
     lines = [_pin(pkg, v.get(mod)) for mod, pkg in RUNTIME.items()]
     pkg = COMPRESSOR_PKG.get(config.get("quant", {}).get("compressor", ""))
     if pkg:
@@ -72,11 +74,9 @@ def pack(
     res_path, script = run_dir / "result.json", run_dir / "artifact" / "train_gpt.py"
     if not res_path.is_file():
         raise PackError(f"{res_path} not found: is {run_dir} a pgolf job dir (outputs/runs/...)?")
-    result = read_json(res_path)
-    if result.get("status") != "ok":
-        raise PackError(
-            f"{run_dir} did not finish (status {result.get('status')!r}): {result.get('error', '')}"
-        )
+    result = RunResult.read(res_path)
+    if result.status != "ok":
+        raise PackError(f"{run_dir} did not finish (status {result.status!r}): {result.error or ''}")
     if not script.is_file():
         raise PackError(f"{script} is missing; it is written with the artifact at the end of every run")
     # The rules, re-checked from the files (hashes, bytes on disk, shard headers, tokenizer).
@@ -90,18 +90,18 @@ def pack(
     shutil.copyfile(script, out / "train_gpt.py")
     code_bytes = (out / "train_gpt.py").stat().st_size
     model_bytes = (run_dir / "artifact" / "final_model.ptz").stat().st_size  # hashed by check_run
-    cap = int(result["bytes"]["cap"])
+    cap = int(result.bytes.cap)
     total = model_bytes + code_bytes
     config = _config(run_dir)
-    seed = result.get("seed")
+    seed = result.seed
     if (run_dir / "train.log").is_file():
         shutil.copyfile(run_dir / "train.log", out / f"train_seed{seed}.log")
-    write_text_atomic(out / "requirements.txt", requirements(result, config))
+    write_text_atomic(out / "requirements.txt", requirements(result.versions or {}, config))
     held = {k: c["held"] for k, c in rules["checks"].items()}
     sub = {
-        "name": name or result.get("label") or f"pgolf {config.get('model', {}).get('name', '')}",
-        "val_bpb": result.get("val_bpb"),
-        "val_loss": result.get("val_loss"),
+        "name": name or result.label or f"pgolf {config.get('model', {}).get('name', '')}",
+        "val_bpb": result.val_bpb,
+        "val_loss": result.val_loss,
         "bytes_total": total,
         "bytes_model": model_bytes,
         "bytes_code": code_bytes,
@@ -111,15 +111,15 @@ def pack(
         "date": datetime.date.today().isoformat(),
         "seeds": {
             str(seed): {
-                "val_bpb": result.get("val_bpb"),
-                "val_loss": result.get("val_loss"),
+                "val_bpb": result.val_bpb,
+                "val_loss": result.val_loss,
                 "bytes_total": total,
-                "train_time_ms": result.get("train_ms"),
+                "train_time_ms": result.train_ms,
             }
         },
-        "config_hash": result.get("config_hash"),
-        "platform": result.get("versions", {}).get("gpu", "cpu")
-        + f", torch {result.get('versions', {}).get('torch')}",
+        "config_hash": result.config_hash,
+        "platform": (result.versions or {}).get("gpu", "cpu")
+        + f", torch {(result.versions or {}).get('torch')}",
         "compliance": {
             "artifact_under_16mb": total <= cap,
             "training_under_600s": held["train_seconds"],
@@ -137,7 +137,7 @@ def pack(
             f"# {sub['name']}\n\n**val_bpb {sub['val_bpb']:.4f}** (seed {seed}), artifact {total:,} bytes "
             f"(model {model_bytes:,} + code {code_bytes:,}; cap {cap:,}).\n\n## What is new\n\nTODO\n\n"
             "## Configuration\n\nPacked by `python -m pgolf.pack`; the full config is inside `train_gpt.py` "
-            f"(config hash `{result.get('config_hash')}`).\n\n## Reproduce\n\n```bash\npip install -r requirements.txt\n"
+            f"(config hash `{result.config_hash}`).\n\n## Reproduce\n\n```bash\npip install -r requirements.txt\n"
             "DATA_PATH=./data/datasets/fineweb10B_sp1024 TOKENIZER_PATH=./data/tokenizers/fineweb_1024_bpe.model \\\n"
             "  torchrun --standalone --nproc_per_node=8 train_gpt.py\n```\n",
         )
@@ -188,7 +188,7 @@ def verify(sub_dir: Path, run_dir: Path, timeout: int = 1800, tol: float = 1e-6)
     before = check_run(run_dir, code=Path(sub_dir) / "train_gpt.py")
     if not before["pass"]:
         raise PackError(f"the submission does not check out: {before['reason']}")
-    want = read_json(Path(run_dir) / "result.json")
+    want = RunResult.read(Path(run_dir) / "result.json")
     with tempfile.TemporaryDirectory(prefix="pgolf_verify_") as tmp:
         work = Path(tmp) / "empty"
         work.mkdir()
@@ -210,7 +210,7 @@ def verify(sub_dir: Path, run_dir: Path, timeout: int = 1800, tol: float = 1e-6)
             f"verify 2/3: the packed run finished in {time.perf_counter() - t0:.0f}s; checking that it "
             "shipped the script it ran from"
         )
-        got = read_json(got_path)
+        got = RunResult.read(got_path)
         after = check_run(work / "job")
         # A packed run ships the file it ran from: byte for byte the submitted script.
         shipped = work / "job" / "artifact" / "train_gpt.py"
@@ -220,10 +220,10 @@ def verify(sub_dir: Path, run_dir: Path, timeout: int = 1800, tol: float = 1e-6)
     if not same_script:
         raise PackError("the packed run did not ship the script it ran from (artifact/train_gpt.py differs)")
     checks = {
-        "val_bpb": (got.get("val_bpb"), want.get("val_bpb")),
-        "steps": (got.get("steps"), want.get("steps")),
-        "model_bytes": (got["bytes"]["model"], want["bytes"]["model"]),
-        "code_bytes": (got["bytes"]["code"], (Path(sub_dir) / "train_gpt.py").stat().st_size),
+        "val_bpb": (got.val_bpb, want.val_bpb),
+        "steps": (got.steps, want.steps),
+        "model_bytes": (got.bytes.model, want.bytes.model),
+        "code_bytes": (got.bytes.code, (Path(sub_dir) / "train_gpt.py").stat().st_size),
     }
     log.info(
         f"verify 3/3: comparing val_bpb, steps, model and code bytes with {Path(run_dir) / 'result.json'}"
@@ -235,7 +235,7 @@ def verify(sub_dir: Path, run_dir: Path, timeout: int = 1800, tol: float = 1e-6)
     }
     if bad:
         raise PackError(f"the packed script does not reproduce the run: {bad} (packed, original)")
-    return {k: v[0] for k, v in checks.items()} | {"code_bytes_packed_run": got["bytes"]["code"]}
+    return {k: v[0] for k, v in checks.items()} | {"code_bytes_packed_run": got.bytes.code}
 
 
 def main(argv: list[str] | None = None) -> int:

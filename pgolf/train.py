@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pgolf.config import job_config_from_dict, to_dict
 from pgolf.results import DiskFullError, disk_full, is_disk_full, read_json, write_json_atomic
+from pgolf.run_result import RunResult
 
 
 def _rank() -> int:
@@ -60,11 +61,12 @@ def run_job(job_dir: str | Path) -> dict:
         # errors would be chained onto the original one. A note on stderr is all they get.
         try:
             if _rank() == 0:
-                partial = dict(trainer.result) if trainer is not None else {}
-                partial.update(status="failed", error=error, traceback=traceback.format_exc()[-4000:])
+                partial = trainer.result if trainer is not None else RunResult()
+                partial.status, partial.error = "failed", error
+                partial.traceback = traceback.format_exc()[-4000:]
                 if trainer is not None:
-                    partial["timings"] = dict(trainer.timer.seconds)
-                write_json_atomic(job_dir / "result.json", partial)
+                    partial.timings = dict(trainer.timer.seconds)
+                partial.write(job_dir / "result.json")
                 if trainer is not None:
                     trainer.log(f"FAILED {error}")
             else:  # other ranks leave their error where the parent will find it

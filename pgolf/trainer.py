@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import math
 import platform
-import statistics
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,9 +23,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pgolf import __version__
-from pgolf.checkpoint_gate import open_checkpoints
+from pgolf.checkpoint_gate import NoCheckpoints, needs_checkpointer
 from pgolf.components import DATA, MODELS, OPTIMIZERS, QUANT, TTT
 from pgolf.config import JobConfig, config_hash, to_dict
+from pgolf.contracts import BatchLoader, Optimizer, Quantizer, TrainModel, TTTMode
 from pgolf.data.loader import build_loader
 from pgolf.eval.sliding import ModeResult, WindowScorer, evaluate_sliding, from_eval_result
 from pgolf.eval.val import ByteLUT, EvalResult, evaluate
@@ -33,12 +34,18 @@ from pgolf.history import History
 from pgolf.hw.device import Runtime
 from pgolf.hw.device import build as build_runtime
 from pgolf.log import RunLog
+from pgolf.loop import LossLog, StepFlags, StepTimes, StopRule, TrainClock
 from pgolf.models import attention
+from pgolf.models.config import GPTModelConfig
 from pgolf.models.layers import restore_fp32_params
-from pgolf.results import sha256_file, write_json_atomic, write_text_atomic
+from pgolf.results import sha256_file, write_text_atomic
 from pgolf.rules import verdict
+from pgolf.run_result import ByteCounts, RunResult
 from pgolf.shipped import write_code
 from pgolf.timing import PhaseTimer
+
+if TYPE_CHECKING:  # imported on use only: a run without checkpoints never ships the module
+    from pgolf.checkpoint import Checkpointer
 
 
 class TrainingError(RuntimeError):
@@ -83,23 +90,28 @@ class Trainer:
         self.rt: Runtime = build_runtime(job.hardware)
         self.log = RunLog(job_dir / "train.log", enabled=self.rt.is_main)
         self.timer = PhaseTimer(self.rt.sync)
-        self.result: dict = {
-            "status": "running",
-            "label": job.label,
-            "seed": job.seed,
-            "config_hash": config_hash(job),
-            "config_hash_with_seed": config_hash(job, include_seed=True),
-            "world_size": self.rt.world_size,
-            "versions": versions(),
-        }
-        self.history = History(job_dir, self.rt.is_main)
-        self.ckpt = open_checkpoints(
-            job.checkpoint, job_dir, self.rt.rank, self.rt.world_size, self.result["config_hash_with_seed"]
+        self.result = RunResult(
+            label=job.label,
+            seed=job.seed,
+            config_hash=config_hash(job),
+            config_hash_with_seed=config_hash(job, include_seed=True),
+            world_size=self.rt.world_size,
+            versions=versions(),
         )
+        self.history = History(job_dir, self.rt.is_main)
         self.calibration_plan: dict = {}  # the probe's measurement and the reserve taken off the clock
+        # The components (pgolf.contracts), built by build(); the loader is rebuilt after priming and
+        # the checkpointer, which is given the stateful parts, is built when training starts.
+        self.model: TrainModel
+        self.opt: Optimizer
+        self.quant: Quantizer
+        self.ttt: TTTMode
+        self.loader: BatchLoader | None = None
+        self.ckpt: Checkpointer | NoCheckpoints | None = None
 
     # -----------------------------------------------------------------------------------------
     def run(self) -> dict:
+        """Every phase of the job; returns the result.json dict (also kept as `self.result`)."""
         t_start = time.perf_counter()
         with self.phase("build"):
             self.build()
@@ -118,19 +130,19 @@ class Trainer:
         with self.phase("ttt"):
             if self.ttt.enabled:
                 final = self.run_ttt()
-        self.result.update(val_loss=final.val_loss, val_bpb=final.val_bpb)
+        self.result.val_loss, self.result.val_bpb = final.val_loss, final.val_bpb
         # `roundtrip`: the artifact's final score (the last eval mode, or TTT), which val_bpb reports
-        self.result["metrics"]["roundtrip"] = vars(final)
-        self.result["timings"] = {**self.timer.seconds, "total": time.perf_counter() - t_start}
+        self.result.metrics["roundtrip"] = vars(final)
+        self.result.timings = {**self.timer.seconds, "total": time.perf_counter() - t_start}
         self.enforce_rules()
-        self.result["status"] = "ok"
+        self.result.status = "ok"
         if self.rt.is_main:  # byte accounting lives on rank 0, which wrote the artifact
             self.log(
                 f"final_roundtrip val_loss:{final.val_loss:.8f} val_bpb:{final.val_bpb:.8f} "
-                f"bytes_total:{self.result['bytes']['total']} eval_time:{self.timer.seconds['eval']:.1f}s "
-                f"ttt_time:{self.timer.seconds['ttt']:.1f}s final_mode:{self.result['final_mode']}"
+                f"bytes_total:{self.result.bytes.total} eval_time:{self.timer.seconds['eval']:.1f}s "
+                f"ttt_time:{self.timer.seconds['ttt']:.1f}s final_mode:{self.result.final_mode}"
             )
-        return self.result
+        return self.result.to_json()
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -156,11 +168,11 @@ class Trainer:
         self.lut = ByteLUT(self.data.bytes, rt.device)
         self.loader = self._build_loader()
 
-        backend = attention.select_backend(getattr(job.hardware, "attention", "auto"), rt.device.type)
-        if getattr(job.model, "doc_mask", False):  # the document-masked kernel is chosen apart
+        backend = attention.select_backend(rt.attention, rt.device.type)
+        if isinstance(job.model, GPTModelConfig) and job.model.doc_mask:  # its kernel is chosen apart
             from pgolf.models.docmask import select_doc_backend  # imported (and shipped) only then
 
-            doc = select_doc_backend(getattr(job.hardware, "doc_attention", "auto"), rt.device.type)
+            doc = select_doc_backend(job.hardware.doc_attention, rt.device.type)
             backend = f"{backend}+doc_mask:{doc}"
         # training graphs use the global SDPA flags; an earlier run in this process may have left
         # the eval kernel list (warm_eval) behind
@@ -174,7 +186,8 @@ class Trainer:
         self.log(
             f"model:{job.model.name} params:{n_params:,} attention_backend:{backend} amp:{rt.amp_dtype} compile:{rt.compile}"
         )
-        self.result.update(params=n_params, attention_backend=backend, grad_accum=self.grad_accum)
+        self.result.params, self.result.attention_backend = n_params, backend
+        self.result.grad_accum = self.grad_accum
         compiled = torch.compile(self.model, dynamic=False, fullgraph=True) if rt.compile else self.model
         self.opt = OPTIMIZERS.build(
             job.optimizer,
@@ -185,15 +198,13 @@ class Trainer:
         )
         # An optimizer that averages gradients itself (parallel_muon: reduce-scatter of the banks)
         # must not get DDP's all-reduce on top, which would communicate every bank twice.
-        if rt.distributed and not getattr(self.opt, "handles_grad_sync", False):
+        if rt.distributed and not self.opt.handles_grad_sync:
             ids = [rt.local_rank] if rt.device.type == "cuda" else None
             self.train_model = DDP(compiled, device_ids=ids, broadcast_buffers=False)
         else:
             self.train_model = compiled
         self.quant = QUANT.build(job.quant)
-        self.ttt = TTT.build(job.ttt)
-        if hasattr(self.ttt, "compile"):  # ttt=lora/phased compile their per-chunk step with the model
-            self.ttt.compile = rt.compile
+        self.ttt = TTT.build(job.ttt, compile=rt.compile)  # lora/phased compile their per-chunk step
         self.compiled_model = compiled  # the TTT training step reuses the compiled forward
         self._window_scorer: WindowScorer | None = None  # built on first use by _scorer()
         self.eval_nll = (
@@ -205,7 +216,7 @@ class Trainer:
             f"world_size:{rt.world_size} grad_accum:{self.grad_accum} global_batch_tokens:{job.train.batch_tokens}"
         )
 
-    def _build_loader(self):
+    def _build_loader(self) -> BatchLoader:
         rt = self.rt
         return build_loader(
             self.job.data,
@@ -264,7 +275,7 @@ class Trainer:
     def prime(self) -> None:
         """Compile every graph with real steps, then undo them so training starts from the init."""
         n = self.job.train.prime_steps
-        probe = getattr(self.quant, "needs_calibration", False) and self.job.budget.mode == "wallclock"
+        probe = self.quant.needs_calibration and self.job.budget.mode == "wallclock"
         if n == 0:
             if probe:
                 self.probe_calibration()
@@ -277,10 +288,9 @@ class Trainer:
         # Models that switch graphs during training (depth recurrence off -> on, ...) name every
         # variant; each gets its priming steps and its eval graph here, so the switch in train()
         # finds an already compiled graph instead of stalling on a recompile under the clock.
-        variants = self.model.graph_variants() if hasattr(self.model, "graph_variants") else [None]
+        variants = self.model.graph_variants()
         for variant in variants:
-            if variant is not None:
-                self.model.set_graph_variant(variant)
+            self.model.set_graph_variant(variant)
             for i in range(n):
                 self._train_step(i, 0.0, None)
             # Also compile the eval graph now, so validation inside training never stalls on it.
@@ -288,8 +298,7 @@ class Trainer:
         self.rt.sync()
         with torch.no_grad():
             self.model.load_state_dict(snapshot, strict=True)
-        if hasattr(self.model, "on_progress"):
-            self.model.on_progress(0.0)  # back to the variant that training starts in
+        self.model.on_progress(0.0)  # back to the variant that training starts in
         if probe:  # on the restored weights, and before the loader restarts its stream
             self.probe_calibration()
         self.opt.reset_state()
@@ -302,173 +311,159 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- train
     def train(self) -> None:
-        job, rt, t = self.job, self.rt, self.job.train
-        wallclock = job.budget.mode == "wallclock"
-        reserve = self.calibration_plan.get("reserve_seconds", job.budget.quant_reserve_seconds)
-        cap_ms = 1000.0 * (job.budget.train_seconds - reserve) if wallclock else None
-        iterations = t.iterations
-        is_cuda = rt.device.type == "cuda"
-        on_progress = getattr(self.model, "on_progress", None)
-        # Flags of step k (stop, non-finite loss) travel to the host through a pinned buffer and are
-        # read while step k+1 runs; in a distributed run they are MAX-reduced first.
-        # [stop, non-finite loss, time-based checkpoint due]
-        flags_host = torch.zeros(3, dtype=torch.float32, pin_memory=is_cuda)
-        flags = torch.zeros(3, dtype=torch.float32, device=rt.device)
-        pending: torch.cuda.Event | None = None
-        step_events: list[torch.cuda.Event] = []
-        step_host_ms: list[float] = []
-        losses: list[tuple[int, float]] = []
-        # Steps started after a stop vote: a vote stops the run after the next step (on CUDA, the
-        # one queued before the vote is read), plus one more when it travels through a lagged
-        # all-reduce.
-        lookahead = 2 if (rt.distributed and is_cuda) else 1
-        train_ms = 0.0
-        stop_after: int | None = None
-        step = 0
-        resumed = self.ckpt.restore(self)  # a killed run continues where its checkpoint left off
-        if resumed is not None:
-            step, train_ms, stop_after = resumed["step"], resumed["train_ms"], resumed["stop_after"]
-            losses, step_host_ms = list(resumed["losses"]), list(resumed["step_host_ms"])
-            self.result["resumed_from_step"] = step
-            self.log(f"resumed from the checkpoint at step {step} ({train_ms / 1000:.1f}s of training done)")
-        rt.sync()
-        t0 = time.perf_counter()
-        if is_cuda:
-            step_events.append(torch.cuda.Event(enable_timing=True))
-            step_events[-1].record()
-
+        """The loop: each step asks the clock, the stop rule, the flags, the loss log and the
+        checkpointer whether they are due. The step itself never waits for the device."""
+        t, rt = self.job.train, self.rt
+        cap_ms = self._cap_ms()
+        cuda = rt.device.type == "cuda"
+        clock = TrainClock(rt.sync, time.perf_counter)
+        # On CUDA the host times a step while it is still queued; a vote through the lagged
+        # all-reduce lands one step later still.
+        stop = StopRule(
+            t.iterations, cap_ms, in_flight=int(cuda), lookahead=2 if rt.distributed and cuda else 1
+        )
+        flags = StepFlags(rt.device, rt.distributed)
+        times, losses = StepTimes(cuda), LossLog(t.log_every, t.iterations)
+        self.ckpt = self._checkpointer()
+        step = self._resume(clock, stop, times, losses)  # a killed run continues where it left off
+        clock.start()
+        times.start()
         while True:
-            last = step == iterations or (stop_after is not None and step >= stop_after)
+            last = stop.is_last(step)
             if last or (t.val_every > 0 and step > 0 and step % t.val_every == 0):
-                rt.sync()
-                train_ms += 1000.0 * (time.perf_counter() - t0)
-                # EMA/SWA weights go in now: they are what pre_quant and the artifact see
-                if last and hasattr(self.opt, "finish"):
-                    note = self.opt.finish()
-                    if note:
-                        self.log(note)
-                res = self._validate()
-                self.log(
-                    f"step:{step}/{iterations} val_loss:{res.val_loss:.4f} val_bpb:{res.val_bpb:.4f} train_time:{train_ms:.0f}ms"
-                )
-                self.history(step, val_loss=res.val_loss, val_bpb=res.val_bpb)
+                with clock.paused():  # validation is off the clock
+                    self._validate_in_training(step, clock.train_ms, last)
                 if last:
-                    self.result["metrics"] = {"pre_quant": vars(res)}
                     break
-                rt.sync()
-                t0 = time.perf_counter()
-
-            elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
-            if on_progress is not None:  # host-side model switches (e.g. loops on at a fraction); no sync
-                note = on_progress(elapsed_ms / cap_ms if cap_ms is not None else step / max(iterations, 1))
-                if note:
-                    self.log(f"step:{step} {note}")
+            elapsed_ms = clock.elapsed_ms()
+            note = self.model.on_progress(stop.progress(step, elapsed_ms))  # host-side switches; no sync
+            if note:
+                self.log(f"step:{step} {note}")
             loss = self._train_step(step, elapsed_ms, cap_ms)
             step += 1
-
             # Host bookkeeping. On CUDA, wait only for the *previous* step (this one stays queued).
-            if pending is not None:
-                pending.synchronize()
-                stop_after = self._apply_flags(flags_host, step - 1, stop_after)
-            done_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
-            step_host_ms.append(done_ms)
-            local_stop = 0.0
-            completed = step - 1 if is_cuda else step  # steps known finished at done_ms
-            if cap_ms is not None and completed > 0:
-                # A vote now ends the run after the steps still in flight plus `lookahead` more;
-                # the next vote would end it one step later. Vote now when that later end would pass
-                # the cap, so the run ends on the last step that fits (not the first one past it).
-                left = (step - completed) + lookahead
-                local_stop = float(done_ms + (left + 1) * done_ms / completed >= cap_ms)
-            # fill_/copy_ are kernel launches; torch.tensor(x, device=cuda) would block on a pageable copy.
-            flags[0].fill_(local_stop)
-            flags[1].copy_(~torch.isfinite(loss))
-            flags[2].fill_(self.ckpt.time_due(done_ms))
-            if rt.distributed:
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            if is_cuda:
-                flags_host.copy_(flags, non_blocking=True)
-                pending = torch.cuda.Event()
-                pending.record()
-                step_events.append(torch.cuda.Event(enable_timing=True))
-                step_events[-1].record()
-            else:
-                flags_host.copy_(flags)
-                stop_after = self._apply_flags(flags_host, step, stop_after)
-
-            if t.log_every > 0 and (step % t.log_every == 0 or step == iterations or step <= 5):
-                if rt.distributed:  # log the global-batch mean, identical for every world size
-                    loss = loss.detach().clone()
-                    dist.all_reduce(
-                        loss, op=dist.ReduceOp.AVG if not rt.device.type == "cpu" else dist.ReduceOp.SUM
-                    )
-                    loss = loss / rt.world_size if rt.device.type == "cpu" else loss
-                value = loss.item()  # the only read of the loss: log steps only
-                losses.append((step, value))
-                ms = done_ms / max(step - 1, 1)
-                self.log(
-                    f"step:{step}/{iterations} train_loss:{value:.4f} train_time:{done_ms:.0f}ms step_avg:{ms:.2f}ms"
-                )
-                eta = (
-                    (iterations - step) * ms / 1000.0 if not wallclock else max(cap_ms - done_ms, 0) / 1000.0
-                )
-                self.log.progress(step, iterations, value, ms, eta)
-                self.history(step, train_loss=value, lr_scale=self.opt.last_lr_scale)
-                if not math.isfinite(value):
-                    raise TrainingError(
-                        f"train loss is {value} at step {step}; lower the learning rates (optimizer.*_lr), "
-                        "set optimizer.grad_clip_norm, or check the data"
-                    )
-
+            self._act_on_flags(flags.previous(), step - 1, stop)
+            done_ms = clock.elapsed_ms()
+            self._act_on_flags(
+                flags.send(stop.vote(step, done_ms), loss, self.ckpt.time_due(done_ms)), step, stop
+            )
+            times.mark(done_ms)
+            if losses.due(step):
+                self._log_train_loss(step, losses.read(step, loss, rt.world_size), done_ms, cap_ms)
             # Every input to this decision is identical on all ranks (the time vote came in the flags).
-            if self.ckpt.enabled and step < iterations and stop_after is None and self.ckpt.due(step):
-                rt.sync()
-                paused = time.perf_counter()
-                train_ms += 1000.0 * (paused - t0)  # the clock pauses while saving
-                train_state = {"step": step, "train_ms": train_ms, "stop_after": stop_after}
-                self.ckpt.save(self, {**train_state, "losses": losses, "step_host_ms": step_host_ms})
-                rt.sync()
-                self.log.debug(
-                    f"step:{step} checkpoint saved in {time.perf_counter() - paused:.1f}s (off the clock)"
-                )
-                t0 = time.perf_counter()
+            if self.ckpt.enabled and step < t.iterations and not stop.stopping and self.ckpt.due(step):
+                self._save_checkpoint(step, clock, stop, times, losses)
             self.ckpt.fault_point(step)
-
         self.log.end_bar()
-        # Per-step times: CUDA events bracket each step on the device; host times on CPU.
-        if is_cuda:
-            step_ms = [a.elapsed_time(b) for a, b in zip(step_events[:-1], step_events[1:])]
-        else:
-            step_ms = [b - a for a, b in zip([0.0] + step_host_ms[:-1], step_host_ms)]
-        settled = step_ms[min(20, len(step_ms) // 2) :] or step_ms
-        peak = torch.cuda.max_memory_allocated(rt.device) if is_cuda else 0
-        self.result.update(
-            steps=step,
-            train_ms=train_ms,
-            ms_per_step=statistics.median(settled) if settled else 0.0,
-            ms_per_step_mean=train_ms / max(step, 1),
-            train_losses=losses,
-            peak_memory_bytes=peak,
-            stopped_by="wallclock" if stop_after is not None and step < iterations else "iterations",
-        )
-        if hasattr(self.opt, "report"):  # late-QAT start, averaging, optional optimizer timing
-            self.result["optimizer"] = self.opt.report()
-        self.log(
-            f"trained {step} steps in {train_ms / 1000:.1f}s, median {self.result['ms_per_step']:.2f}ms/step, "
-            f"peak memory {peak / 2**20:.0f} MiB"
+        self._record_training(step, clock.train_ms, stop, times, losses)
+
+    def _checkpointer(self) -> Checkpointer | NoCheckpoints:
+        """Built once priming is undone: it is given the parts it saves (the loader is the new one).
+        A run that neither saves nor has a checkpoint folder to resume from gets `NoCheckpoints`, and
+        never imports (so never ships) the checkpoint module."""
+        rt = self.rt
+        if not needs_checkpointer(self.job.checkpoint, self.job_dir):
+            return NoCheckpoints()
+        from pgolf.checkpoint import Checkpointer, training_parts
+
+        parts = training_parts(self.model, self.opt, self.loader, rt.device)
+        fingerprint = self.result.config_hash_with_seed  # a checkpoint only resumes its own job
+        return Checkpointer(
+            self.job.checkpoint,
+            self.job_dir,
+            rt.rank,
+            rt.world_size,
+            fingerprint,
+            parts=parts,
+            device=rt.device,
         )
 
-    def _apply_flags(self, flags_host: torch.Tensor, step: int, stop_after: int | None) -> int | None:
-        stop, nonfinite, checkpoint_due = flags_host.tolist()
+    def _cap_ms(self) -> float | None:
+        """The training clock's cap under budget.mode=wallclock: budget.train_seconds less the
+        quantization reserve (raised by the calibration probe where it measured more)."""
+        b = self.job.budget
+        if b.mode != "wallclock":
+            return None
+        return 1000.0 * (
+            b.train_seconds - self.calibration_plan.get("reserve_seconds", b.quant_reserve_seconds)
+        )
+
+    def _resume(self, clock: TrainClock, stop: StopRule, times: StepTimes, losses: LossLog) -> int:
+        """Load the latest checkpoint, if any, into the parts and the loop's counters; the first step."""
+        resumed = self.ckpt.restore()
+        if resumed is None:
+            return 0
+        step, clock.train_ms, stop.stop_after = resumed["step"], resumed["train_ms"], resumed["stop_after"]
+        losses.values, times.host_ms = list(resumed["losses"]), list(resumed["step_host_ms"])
+        self.result.resumed_from_step = step
+        self.log(
+            f"resumed from the checkpoint at step {step} ({clock.train_ms / 1000:.1f}s of training done)"
+        )
+        return step
+
+    def _validate_in_training(self, step: int, train_ms: float, last: bool) -> None:
+        if last:  # EMA/SWA weights go in now: they are what pre_quant and the artifact see
+            note = self.opt.finish()
+            if note:
+                self.log(note)
+        res = self._validate()
+        self.log(
+            f"step:{step}/{self.job.train.iterations} val_loss:{res.val_loss:.4f} val_bpb:{res.val_bpb:.4f} "
+            f"train_time:{train_ms:.0f}ms"
+        )
+        self.history(step, val_loss=res.val_loss, val_bpb=res.val_bpb)
+        if last:
+            self.result.metrics = {"pre_quant": vars(res)}
+
+    def _act_on_flags(self, flags: list[float] | None, step: int, stop: StopRule) -> None:
+        """The all-reduced flags of `step` (None: not arrived yet): stop, fail or checkpoint."""
+        if flags is None:
+            return
+        stop_vote, nonfinite, checkpoint_due = flags
         self.ckpt.vote(bool(checkpoint_due), step)
         if nonfinite:
             raise TrainingError(
                 f"train loss became NaN/inf at step {step}; lower the learning rates "
                 "(optimizer.*_lr), set optimizer.grad_clip_norm, or check the data"
             )
-        if stop and stop_after is None:
-            return step + 1
-        return stop_after
+        stop.agree(bool(stop_vote), step)
+
+    def _log_train_loss(self, step: int, value: float, done_ms: float, cap_ms: float | None) -> None:
+        iterations = self.job.train.iterations
+        ms = done_ms / max(step - 1, 1)
+        self.log(
+            f"step:{step}/{iterations} train_loss:{value:.4f} train_time:{done_ms:.0f}ms step_avg:{ms:.2f}ms"
+        )
+        eta = (iterations - step) * ms / 1000.0 if cap_ms is None else max(cap_ms - done_ms, 0) / 1000.0
+        self.log.progress(step, iterations, value, ms, eta)
+        self.history(step, train_loss=value, lr_scale=self.opt.last_lr_scale)
+        if not math.isfinite(value):
+            raise TrainingError(
+                f"train loss is {value} at step {step}; lower the learning rates (optimizer.*_lr), "
+                "set optimizer.grad_clip_norm, or check the data"
+            )
+
+    def _save_checkpoint(
+        self, step: int, clock: TrainClock, stop: StopRule, times: StepTimes, losses: LossLog
+    ) -> None:
+        with clock.paused() as paused_at:  # the clock pauses while saving
+            train_state = {"step": step, "train_ms": clock.train_ms, "stop_after": stop.stop_after}
+            self.ckpt.save({**train_state, "losses": losses.values, "step_host_ms": times.host_ms})
+        self.log.debug(f"step:{step} checkpoint saved in {clock.now() - paused_at:.1f}s (off the clock)")
+
+    def _record_training(
+        self, steps: int, train_ms: float, stop: StopRule, times: StepTimes, losses: LossLog
+    ) -> None:
+        rt, r = self.rt, self.result
+        peak = torch.cuda.max_memory_allocated(rt.device) if rt.device.type == "cuda" else 0
+        r.steps, r.train_ms, r.ms_per_step = steps, train_ms, times.median_ms()
+        r.ms_per_step_mean, r.train_losses = train_ms / max(steps, 1), losses.values
+        r.peak_memory_bytes, r.stopped_by = peak, stop.stopped_by(steps)
+        r.optimizer = self.opt.report()  # late-QAT start, averaging, optional optimizer timing
+        self.log(
+            f"trained {steps} steps in {train_ms / 1000:.1f}s, median {r.ms_per_step:.2f}ms/step, "
+            f"peak memory {peak / 2**20:.0f} MiB"
+        )
 
     def _val_batch_seqs(self) -> int:
         t = self.job.train
@@ -521,30 +516,21 @@ class Trainer:
         blob_path = out / "final_model.ptz"
         cap = self.job.budget.artifact_bytes
         refusal = ""
-        if getattr(self.quant, "needs_calibration", False):
+        if self.quant.needs_calibration:
             self.calibrate()
         if self.rt.is_main:
             out.mkdir(parents=True, exist_ok=True)
-            # A banked model exports its banks as per-layer 2-D matrices under the canonical names.
-            export = getattr(self.model, "export_state_dict", self.model.state_dict)
             # Code first: a quant that prunes to fit (quant.prune_to_fit) aims at the bytes left.
             code_bytes, code_raw = write_code(out / "train_gpt.py", to_dict(self.job))
-            self.quant.model_budget = cap - code_bytes
-            blob = self.quant.export(export())
+            # A banked model exports its banks as per-layer 2-D matrices under the canonical names.
+            blob = self.quant.export(self.model.export_state_dict(), model_budget=cap - code_bytes)
             tmp = blob_path.with_name(blob_path.name + ".tmp")
             write_text_atomic(tmp, blob)  # a full disk: one clear error and no partial file
             model_bytes = tmp.stat().st_size  # measured from the files that would ship
             total = model_bytes + code_bytes
-            self.result["bytes"] = {
-                "model": model_bytes,
-                "code": code_bytes,
-                "code_source_raw": code_raw,
-                "total": total,
-                "cap": cap,
-                "within_cap": total <= cap,
-            }
+            self.result.bytes = ByteCounts(model_bytes, code_bytes, code_raw, total, cap, total <= cap)
             self.log(f"artifact: model {model_bytes:,} + code {code_bytes:,} = {total:,} bytes (cap {cap:,})")
-            stats = getattr(self.quant, "stats", None) or {}  # per-group bits/error, seconds, bytes
+            stats = self.quant.stats  # per-group bits/error, seconds, bytes
             prune = stats.get("prune")
             if prune:
                 self.log(
@@ -553,7 +539,7 @@ class Trainer:
                     f"compressions, {prune['seconds']:.1f}s){'' if prune['fits'] else ': cannot fit'}"
                 )
             if stats:
-                self.result["quant"] = stats
+                self.result.quant = stats
             if total > cap:
                 tmp.unlink()  # never leave an over-cap model where a submission would pick it up
                 refusal = (
@@ -564,7 +550,7 @@ class Trainer:
             else:
                 tmp.replace(blob_path)
                 # What ships, hashed as written: `pgolf.check` and `pgolf.pack` re-hash the files.
-                self.result["files"] = {
+                self.result.files = {
                     f.relative_to(self.job_dir).as_posix(): {
                         "bytes": f.stat().st_size,
                         "sha256": sha256_file(f),
@@ -600,7 +586,7 @@ class Trainer:
         plan = self.calibration_plan
         deadline = None
         if not probe and b.mode == "wallclock":
-            left = b.train_seconds - self.result["train_ms"] / 1000.0
+            left = b.train_seconds - self.result.train_ms / 1000.0
             # the part after the last batch (all-reduce, bookkeeping) must fit too
             deadline = time.perf_counter() + left - CALIBRATION_MARGIN * plan.get("fixed_seconds", 0.0)
         t0 = time.perf_counter()
@@ -614,8 +600,8 @@ class Trainer:
         if probe:
             self.quant.reset_calibration()
             return info
-        self.result["calibration_seconds"] = info["seconds"]
-        self.result["calibration"] = {
+        self.result.calibration_seconds = info["seconds"]
+        self.result.calibration = {
             "batches": info["batches"],
             "planned": n,
             "cut_by_deadline": info["cut_by_deadline"],
@@ -628,7 +614,7 @@ class Trainer:
         if info["cut_by_deadline"]:
             self.log(
                 f"calibration: stopped after {info['batches']} of {n} batches, the most that fit the "
-                f"{b.train_seconds:g}s of budget.train_seconds left after {self.result['train_ms'] / 1000:.1f}s "
+                f"{b.train_seconds:g}s of budget.train_seconds left after {self.result.train_ms / 1000:.1f}s "
                 "of training; raise budget.quant_reserve_seconds or lower quant.calibration.batches"
             )
         return info
@@ -656,7 +642,7 @@ class Trainer:
             "reserve_seconds": reserve,
             "configured_reserve_seconds": b.quant_reserve_seconds,
         }
-        self.result["calibration_plan"] = self.calibration_plan
+        self.result.calibration_plan = self.calibration_plan
         raised = "" if reserve == b.quant_reserve_seconds else f", raised from {b.quant_reserve_seconds:g}s"
         self.log(
             f"calibration probe: {per_batch:.2f}s/batch x {n} batches + {fixed:.2f}s = {estimate:.1f}s; "
@@ -678,11 +664,7 @@ class Trainer:
         with torch.no_grad():
             for p in self.model.parameters():
                 p.fill_(float("nan"))  # anything the artifact failed to restore would poison the score
-        load = getattr(self.model, "load_export_state_dict", None)
-        if load is not None:
-            load(state)  # strict; re-stacks the banks from the per-layer matrices
-        else:
-            self.model.load_state_dict(state, strict=True)
+        self.model.load_export_state_dict(state)  # strict; re-stacks the banks from the per-layer matrices
         final: ModeResult | None = None
         for mode in self.job.eval.modes:
             if mode == "nonoverlap":
@@ -700,11 +682,12 @@ class Trainer:
         return final
 
     def _record_mode(self, mode: str, res: ModeResult, windowed: bool = False) -> None:
-        self.result["metrics"][mode] = vars(res)
+        # vars(): the result's own __dict__, so `roundtrip` (the same object) shows its window_rule too
+        self.result.metrics[mode] = vars(res)
         if windowed:  # which sliding-window rule scored it (eval.window_rule): exact or legacy
-            self.result["metrics"][mode]["window_rule"] = self.job.eval.window_rule
-        self.result["final_mode"] = mode
-        self.result["final_window_rule"] = self.job.eval.window_rule if windowed else None
+            self.result.metrics[mode]["window_rule"] = self.job.eval.window_rule
+        self.result.final_mode = mode
+        self.result.final_window_rule = self.job.eval.window_rule if windowed else None
         self.log(
             f"eval:{mode} val_loss:{res.val_loss:.8f} val_bpb:{res.val_bpb:.8f} tokens:{res.tokens} "
             f"time:{res.seconds:.2f}s tokens_per_s:{res.tokens_per_s:,.0f}"
@@ -734,7 +717,7 @@ class Trainer:
         """Compile the eval graphs on random tokens before the eval clock starts."""
         if self.rt.compile:
             self.log("eval warm-up: compiling the eval graphs on random tokens (off the eval clock)")
-        if getattr(self.job.hardware, "eval_cudnn_attention", False):
+        if self.rt.eval_cudnn_attention:
             # The graphs traced from here on (eval) put cuDNN first; the training graphs keep the
             # flash kernel. Dynamo guards on the choice, so the nonoverlap graph compiled during
             # training would recompile on the eval clock: it is compiled again here, off the clock.
@@ -756,8 +739,8 @@ class Trainer:
             self.model.train()
 
     def run_ttt(self) -> ModeResult:
-        if self.job.budget.mode == "wallclock":  # TTT modes that can stop updating early read it
-            self.ttt.deadline = self.eval_deadline
+        # TTT modes that can stop updating early read the deadline; a steps run has no eval clock
+        deadline = self.eval_deadline if self.job.budget.mode == "wallclock" else None
         res = self.ttt.run(
             self.model,
             self._scorer(),
@@ -766,11 +749,11 @@ class Trainer:
             self.rt.world_size,
             self.log,
             self.rt.sync,
+            deadline=deadline,
         )
         self._record_mode(self.job.ttt.name, res, windowed=self.job.ttt.name == "score_first")
-        stopped = getattr(self.ttt, "stopped_at", None)
-        if stopped is not None:  # the eval clock ran short: later chunks were scored without updates
-            self.result["ttt_updates_stopped_at_chunk"] = stopped
+        if self.ttt.stopped_at is not None:  # the eval clock ran short: later chunks had no updates
+            self.result.ttt_updates_stopped_at_chunk = self.ttt.stopped_at
         return res
 
     def enforce_rules(self) -> None:
@@ -780,13 +763,13 @@ class Trainer:
         to hold, so its verdict only records them). A score under eval.window_rule=legacy is only
         recorded too: such a run compares with the pre-fix records on purpose, so it finishes, and
         its verdict (pass false) keeps it from pgolf.pack. The decision is taken on every rank together."""
-        final_mode = self.result.get("final_mode")
+        final_mode = self.result.final_mode
         L = (
             self.job.train.seq_len
             if final_mode == "nonoverlap"
             else self.job.eval.window(self.job.train.seq_len)
         )
-        self.result["val"] = {  # what pgolf.check re-reads: the split's shards and the tokenizer
+        self.result.val = {  # what pgolf.check re-reads: the split's shards and the tokenizer
             "dir": str(self.data.val_files[0].parent.resolve()),
             "files": [f.name for f in self.data.val_files],
             "tokens_total": self.data.val_tokens_total,
@@ -794,10 +777,10 @@ class Trainer:
             "tokenizer": str(Path(self.data.tokenizer_path).resolve()),
             "tokenizer_sha256": sha256_file(self.data.tokenizer_path),
         }
-        rules = verdict(self.result, to_dict(self.job))
-        self.result["rules"] = rules
+        rules = verdict(self.result.to_json(), to_dict(self.job))
+        self.result.rules = rules
         c = rules["checks"]
-        self.result["limits"] = {k: c[k] for k in ("artifact_bytes", "eval_seconds", "train_seconds")}
+        self.result.limits = {k: c[k] for k in ("artifact_bytes", "eval_seconds", "train_seconds")}
         enforced = ["val_bpb", "val_split", "ttt"]
         if self.job.budget.mode == "wallclock":
             enforced += ["train_seconds", "eval_seconds"]
@@ -813,13 +796,12 @@ class Trainer:
 
     def write_result(self) -> None:
         if self.rt.is_main:
-            write_json_atomic(self.job_dir / "result.json", self.result)
-            if self.result.get("status") == "ok":
+            self.result.write(self.job_dir / "result.json")
+            if self.result.status == "ok" and self.ckpt is not None:
                 self.ckpt.discard()
 
     def close(self) -> None:
-        loader = getattr(self, "loader", None)
-        if loader is not None:
-            loader.close()  # stops the prefetch thread; also on failure
+        if self.loader is not None:
+            self.loader.close()  # stops the prefetch thread; also on failure
         self.history.close()
         self.log.close()

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import run_cli, tiny_cpu_args
 
-from pgolf.checkpoint import FAULT_ENV, Checkpointer, latest_step
+from pgolf.checkpoint import FAULT_ENV, Checkpointer, latest_step, training_parts
 from pgolf.config import CheckpointConfig
 from pgolf.models.baseline import BaselineGPT
 from pgolf.models.config import BaselineModelConfig
@@ -75,7 +75,12 @@ class _FakeTrainer:
         self.model = BaselineGPT(TINY)
         self.opt = OptimizerBundle(self.model, MuonConfig(), torch.device("cpu"), compile_ns=False)
         self.loader = None
-        self.rt = type("RT", (), {"device": torch.device("cpu")})()
+
+    def checkpointer(
+        self, cfg: CheckpointConfig, job_dir: Path, world_size: int = 1, fingerprint: str = "abc"
+    ):
+        parts = training_parts(self.model, self.opt, self.loader, torch.device("cpu"))
+        return Checkpointer(cfg, job_dir, 0, world_size, fingerprint, parts=parts)
 
 
 class _Loader:
@@ -91,14 +96,13 @@ class _Loader:
 
 def test_checkpointer_commits_atomically_and_guards_its_job(tmp_path):
     cfg = CheckpointConfig(every_steps=2)
-    ck = Checkpointer(cfg, tmp_path, rank=0, world_size=1, fingerprint="abc")
-    assert ck.enabled and ck.due(4) and not ck.due(3)
     tr = _FakeTrainer()
     tr.loader = _Loader(123)
+    ck = tr.checkpointer(cfg, tmp_path)
+    assert ck.enabled and ck.due(4) and not ck.due(3)
     _steps(tr.model, tr.opt, 0, 1)
     for step in (2, 4):
         ck.save(
-            tr,
             {
                 "step": step,
                 "train_ms": 10.0 * step,
@@ -117,14 +121,14 @@ def test_checkpointer_commits_atomically_and_guards_its_job(tmp_path):
 
     fresh = _FakeTrainer()
     fresh.loader = _Loader()
-    state = Checkpointer(cfg, tmp_path, 0, 1, "abc").restore(fresh)
+    state = fresh.checkpointer(cfg, tmp_path).restore()
     assert state["step"] == 4 and state["train_ms"] == 40.0 and fresh.loader.pos == 123
     for a, b in zip(tr.model.state_dict().values(), fresh.model.state_dict().values()):
         assert torch.equal(a, b)
     with pytest.raises(RuntimeError, match="another configuration or seed"):
-        Checkpointer(cfg, tmp_path, 0, 1, "other").restore(_FakeTrainer())
+        _FakeTrainer().checkpointer(cfg, tmp_path, fingerprint="other").restore()
     with pytest.raises(RuntimeError, match="processes"):
-        Checkpointer(cfg, tmp_path, 0, 2, "abc").restore(_FakeTrainer())
+        _FakeTrainer().checkpointer(cfg, tmp_path, world_size=2).restore()
     ck.discard()
     assert not (tmp_path / "checkpoint").exists()
 
@@ -150,26 +154,26 @@ def test_a_run_without_checkpoints_gets_the_null_policy_and_never_imports_the_mo
     import subprocess
     import sys
 
-    from pgolf.checkpoint_gate import NoCheckpoints, open_checkpoints
+    from pgolf.checkpoint_gate import NoCheckpoints, needs_checkpointer
 
     monkeypatch.delenv(FAULT_ENV, raising=False)
     off, job = CheckpointConfig(), tmp_path / "job"
     job.mkdir()
-    null, real = open_checkpoints(off, job, 0, 1, "x"), Checkpointer(off, job, 0, 1, "x")
-    assert isinstance(null, NoCheckpoints)
+    assert not needs_checkpointer(off, job)
+    null, real = NoCheckpoints(), Checkpointer(off, job, 0, 1, "x")
     assert null.enabled is real.enabled is False
     assert null.time_due(1e9) == real.time_due(1e9) == 0.0
     for ck in (null, real):
         ck.vote(True, 3)
         ck.fault_point(3)
-        assert ck.restore(_FakeTrainer()) is None
+        assert ck.restore() is None
         ck.discard()
-    assert isinstance(open_checkpoints(CheckpointConfig(every_steps=2), job, 0, 1, "x"), Checkpointer)
-    assert isinstance(open_checkpoints(CheckpointConfig(every_seconds=1.0), job, 0, 1, "x"), Checkpointer)
+    assert needs_checkpointer(CheckpointConfig(every_steps=2), job)
+    assert needs_checkpointer(CheckpointConfig(every_seconds=1.0), job)
     (job / "checkpoint").mkdir()
-    assert isinstance(open_checkpoints(off, job, 0, 1, "x"), Checkpointer)  # a stale one gets reported
+    assert needs_checkpointer(off, job)  # a stale one gets reported
     monkeypatch.setenv(FAULT_ENV, "3")
-    assert isinstance(open_checkpoints(off, tmp_path, 0, 1, "x"), Checkpointer)
+    assert needs_checkpointer(off, tmp_path)
     probe = "import sys, pgolf.trainer; assert 'pgolf.checkpoint' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
 
@@ -249,8 +253,8 @@ def test_banked_checkpoint_holds_canonical_names_and_loads_into_either_layout(tm
     tr.opt = OptimizerBundle(tr.model, MuonConfig(), torch.device("cpu"), compile_ns=False)
     tr.loader = _Loader(7)
     _steps(tr.model, tr.opt, 0, 2)
-    ck = Checkpointer(CheckpointConfig(every_steps=1), tmp_path, 0, 1, "abc")
-    ck.save(tr, {"step": 2, "train_ms": 1.0, "stop_after": None, "losses": [], "step_host_ms": []})
+    ck = tr.checkpointer(CheckpointConfig(every_steps=1), tmp_path)
+    ck.save({"step": 2, "train_ms": 1.0, "stop_after": None, "losses": [], "step_host_ms": []})
     saved = torch.load(tmp_path / "checkpoint" / "step_0000002" / "rank0.pt", weights_only=False)["model"]
     layered = GPT(LayeredGPTConfig(**shape), banked=False)
     assert list(saved) == list(layered.state_dict())  # the per-layer model's names, in its order
@@ -262,7 +266,7 @@ def test_banked_checkpoint_holds_canonical_names_and_loads_into_either_layout(tm
     fresh.model = GPT(BankedGPTConfig(**shape), banked=True)
     fresh.opt = OptimizerBundle(fresh.model, MuonConfig(), torch.device("cpu"), compile_ns=False)
     fresh.loader = _Loader()
-    Checkpointer(CheckpointConfig(every_steps=1), tmp_path, 0, 1, "abc").restore(fresh)
+    fresh.checkpointer(CheckpointConfig(every_steps=1), tmp_path).restore()
     _steps(tr.model, tr.opt, 2, 2)
     _steps(fresh.model, fresh.opt, 2, 2)
     for (name, a), b in zip(tr.model.state_dict().items(), fresh.model.state_dict().values()):
@@ -281,15 +285,15 @@ def _saved(tmp_path: Path) -> Path:
     tr = _FakeTrainer()
     tr.loader = _Loader(5)
     _steps(tr.model, tr.opt, 0, 1)
-    ck = Checkpointer(CheckpointConfig(every_steps=2), tmp_path, 0, 1, "abc")
-    ck.save(tr, {"step": 2, "train_ms": 1.0, "stop_after": None, "losses": [], "step_host_ms": []})
+    ck = tr.checkpointer(CheckpointConfig(every_steps=2), tmp_path)
+    ck.save({"step": 2, "train_ms": 1.0, "stop_after": None, "losses": [], "step_host_ms": []})
     return tmp_path / "checkpoint" / "step_0000002" / "rank0.pt"
 
 
 def _restore(tmp_path: Path) -> dict:
     fresh = _FakeTrainer()
     fresh.loader = _Loader()
-    return Checkpointer(CheckpointConfig(every_steps=2), tmp_path, 0, 1, "abc").restore(fresh)
+    return fresh.checkpointer(CheckpointConfig(every_steps=2), tmp_path).restore()
 
 
 def test_latest_json_records_each_files_digest(tmp_path):
@@ -380,4 +384,4 @@ def test_a_checkpoint_of_another_model_is_named(tmp_path):
     )
     other.loader = _Loader()
     with pytest.raises(CheckpointError, match=r"rank0\.pt: does not fit this job's model"):
-        Checkpointer(CheckpointConfig(every_steps=2), tmp_path, 0, 1, "abc").restore(other)
+        other.checkpointer(CheckpointConfig(every_steps=2), tmp_path).restore()

@@ -69,11 +69,11 @@ def test_pruning_picks_the_smallest_count_that_fits_a_decimal_budget(monkeypatch
     state = _state()
     plain = MixedQuant(_cfg()).export(state)
     q = MixedQuant(_cfg(prune_to_fit=True))
-    q.model_budget = len(plain) - 150  # bytes, decimal: no MiB anywhere
-    blob = q.export(state)
+    budget = len(plain) - 150  # bytes, decimal: no MiB anywhere
+    blob = q.export(state, model_budget=budget)
     st = q.stats["prune"]
     n = st["pruned"]
-    assert st["fits"] and 0 < n < st["candidates"] and len(blob) <= q.model_budget == st["budget"]
+    assert st["fits"] and 0 < n < st["candidates"] and len(blob) <= budget == st["budget"]
     assert st["bytes_before"] == len(plain) and st["bytes_after"] == len(blob) == q.stats["blob_bytes"]
 
     order = _independent_order(state, q.cfg)
@@ -91,7 +91,7 @@ def test_pruning_picks_the_smallest_count_that_fits_a_decimal_budget(monkeypatch
     last = order[n - 1][1]
     one_less = bytearray(payload)
     one_less[start + last] = plain_codes[last]
-    assert 5 + len(lzma.compress(bytes(one_less), preset=6)) > q.model_budget
+    assert 5 + len(lzma.compress(bytes(one_less), preset=6)) > budget
     # and the pruned blob still loads: the pruned weights are exactly zero, the others unchanged
     w_plain, w_pruned = MixedQuant.load(plain), MixedQuant.load(blob)
     changed = sum(int((w_plain[k] != w_pruned[k]).sum()) for k in w_plain)
@@ -103,19 +103,17 @@ def test_pruning_is_off_by_default_and_idle_when_the_blob_fits():
     assert MixedQuantConfig().prune_to_fit is False
     plain = MixedQuant(_cfg()).export(state)
     off = MixedQuant(_cfg())
-    off.model_budget = 100  # far too small, but pruning is off: same bytes, the cap refusal is the trainer's
-    assert off.export(state) == plain and "prune" not in off.stats
+    # far too small, but pruning is off: same bytes, the cap refusal is the trainer's
+    assert off.export(state, model_budget=100) == plain and "prune" not in off.stats
     roomy = MixedQuant(_cfg(prune_to_fit=True))
-    roomy.model_budget = len(plain)
-    assert roomy.export(state) == plain and "prune" not in roomy.stats
+    assert roomy.export(state, model_budget=len(plain)) == plain and "prune" not in roomy.stats
 
 
 def test_pruning_that_cannot_fit_returns_the_unpruned_blob():
     state = _state()
     plain = MixedQuant(_cfg()).export(state)
     q = MixedQuant(_cfg(prune_to_fit=True))
-    q.model_budget = 200
-    assert q.export(state) == plain
+    assert q.export(state, model_budget=200) == plain
     assert q.stats["prune"]["fits"] is False and q.stats["prune"]["pruned"] == 0
 
 

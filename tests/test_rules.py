@@ -134,8 +134,7 @@ def test_ttt_stops_updating_when_the_eval_clock_runs_short_but_scores_everything
         model = tiny_model()
         sc = scorer(model, toks, 16, 4, B=3)
         ttt = ScoreFirstTTT(cfg)
-        ttt.deadline = deadline
-        return ttt.run(model, sc, model, log=lambda s: None), sc, ttt
+        return ttt.run(model, sc, model, log=lambda s: None, deadline=deadline), sc, ttt
 
     # no time left: no update at all, every target scored once, exactly the plain sliding eval
     res, sc, ttt = run(time.perf_counter() - 1.0)

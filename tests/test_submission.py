@@ -52,9 +52,9 @@ def test_pack_refuses_unfinished_runs(tmp_path):
 
 def test_requirements_name_the_compressor_package():
     res = {"versions": {"torch": "2.9.1", "numpy": "2.0", "sentencepiece": "0.2"}}
-    text = requirements(res, {"quant": {"compressor": "brotli"}})
+    text = requirements(res["versions"], {"quant": {"compressor": "brotli"}})
     assert text.splitlines() == ["torch==2.9.1", "numpy==2.0", "sentencepiece==0.2", "brotli"]
-    assert "zstandard" in requirements(res, {"quant": {"compressor": "zstd"}})
+    assert "zstandard" in requirements(res["versions"], {"quant": {"compressor": "zstd"}})
 
 
 def test_requirements_pin_versions_a_registry_serves():
@@ -64,7 +64,7 @@ def test_requirements_pin_versions_a_registry_serves():
     from packaging.version import Version
 
     res = {"versions": {"torch": "2.13.0+cpu", "numpy": "2.3.1", "sentencepiece": "0.2.1"}}
-    lines = requirements(res, {}).splitlines()
+    lines = requirements(res["versions"], {}).splitlines()
     assert lines == ["torch==2.13.0  # ran with 2.13.0+cpu", "numpy==2.3.1", "sentencepiece==0.2.1"]
     for line in lines:  # pip reads " #..." as a comment
         (spec,) = Requirement(line.split(" #")[0]).specifier

@@ -48,6 +48,9 @@ class Runtime:
     world_size: int
     amp_dtype: torch.dtype
     compile: bool
+    attention: str  # hardware.attention as configured ("auto" is resolved by models.attention)
+    # cuDNN first in the SDPA graphs compiled at eval warm-up (hardware.eval_cudnn_attention; GPU only)
+    eval_cudnn_attention: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -86,4 +89,5 @@ def build(cfg: CudaHardwareConfig | CpuHardwareConfig) -> Runtime:
         if world > 1 and not dist.is_initialized():
             dist.init_process_group("gloo")
     amp = torch.bfloat16 if cfg.amp_dtype == "bfloat16" else torch.float32
-    return Runtime(device, rank, local_rank, world, amp, cfg.compile)
+    eval_cudnn = isinstance(cfg, CudaHardwareConfig) and cfg.eval_cudnn_attention
+    return Runtime(device, rank, local_rank, world, amp, cfg.compile, cfg.attention, eval_cudnn)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pgolf.contracts import SingleGraphModel
 from pgolf.models.attention import causal_attention
 from pgolf.models.config import BaselineModelConfig
 from pgolf.models.layers import (
@@ -84,7 +85,7 @@ class Block(nn.Module):
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
 
 
-class BaselineGPT(nn.Module):
+class BaselineGPT(SingleGraphModel, nn.Module):
     def __init__(self, cfg: BaselineModelConfig):
         super().__init__()
         self.cfg = cfg

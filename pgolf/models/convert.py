@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from pgolf.contracts import SingleGraphModel
 from pgolf.models.banks import BANKS, bank_slots, unbank
 
 CKPT_DIR = "checkpoint"  # pgolf.checkpoint.CKPT_DIR (not imported: that module pulls in the trainer's config)
@@ -160,7 +161,7 @@ def load_into(model: nn.Module, path: str | Path, model_name: str = "?") -> str:
     """Load the weights in `path` into `model` in place (strict); returns the detected layout."""
     src = str(path)
     state = read_state(path)
-    if not hasattr(model, "load_export_state_dict"):  # the baseline family: its own names only
+    if isinstance(model, SingleGraphModel):  # the baseline family: its own names only
         state = _strip_prefixes(state)
         _mismatch(src, model_name, state, model.state_dict(), "state_dict")
         model.load_state_dict(state, strict=True)

@@ -18,6 +18,7 @@ import zlib
 import torch
 from torch import Tensor
 
+from pgolf.contracts import NoCalibration
 from pgolf.models.layers import is_control
 from pgolf.quant.config import Int8ZlibConfig
 
@@ -57,7 +58,7 @@ def dequantize_tensor(codes: Tensor, scale: Tensor, dtype: torch.dtype) -> Tenso
     return (codes.float() * float(scale)).to(dtype).contiguous()
 
 
-class Int8Zlib:
+class Int8Zlib(NoCalibration):
     def __init__(self, cfg: Int8ZlibConfig):
         self.cfg = cfg
 
@@ -102,7 +103,8 @@ class Int8Zlib:
             out[name] = t.to(getattr(torch, orig)).contiguous() if orig else t
         return out
 
-    def export(self, state: dict[str, Tensor]) -> bytes:
+    def export(self, state: dict[str, Tensor], model_budget: int | None = None) -> bytes:
+        # One fixed encoding, nothing to trade for bytes: the trainer refuses an over-budget blob.
         buf = io.BytesIO()
         torch.save(self.quantize(state), buf)
         return zlib.compress(buf.getvalue(), level=self.cfg.zlib_level)

@@ -8,16 +8,18 @@ import zlib
 import torch
 from torch import Tensor
 
+from pgolf.contracts import NoCalibration
 from pgolf.quant.config import LosslessConfig
 
 FORMAT = "pgolf-lossless-v1"
 
 
-class Lossless:
+class Lossless(NoCalibration):
     def __init__(self, cfg: LosslessConfig):
         self.cfg = cfg
 
-    def export(self, state: dict[str, Tensor]) -> bytes:
+    def export(self, state: dict[str, Tensor], model_budget: int | None = None) -> bytes:
+        # One fixed encoding, nothing to trade for bytes: the trainer refuses an over-budget blob.
         buf = io.BytesIO()
         torch.save(
             {"format": FORMAT, "state": {k: v.detach().cpu().contiguous() for k, v in state.items()}}, buf

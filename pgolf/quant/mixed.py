@@ -72,9 +72,6 @@ class MixedQuant:
         self.hessians: dict[str, Tensor] = {}
         self.calibrated = False
         self.stats: dict = {}
-        # Bytes the blob may take (cap minus code bytes), set by the trainer before export; the
-        # pruning search (cfg.prune_to_fit) aims at it.
-        self.model_budget: int | None = None
         self._prunable: list[tuple[int, Tensor]] = []
 
     # ----------------------------------------------------------------------------- routing
@@ -110,8 +107,9 @@ class MixedQuant:
         by the slowest batch so far or `batch_seconds`, whichever is larger; at most `max_batches`.
         """
         t0 = time.perf_counter()
-        export = getattr(model, "export_state_dict", model.state_dict)
-        watch = {n: t for n, t in export().items() if self.quantized(n, t) and self.group(n).gptq}
+        watch = {
+            n: t for n, t in model.export_state_dict().items() if self.quantized(n, t) and self.group(n).gptq
+        }
         cal = self.cfg.calibration
         if cal.source == "self":
             dev = next(model.parameters()).device
@@ -260,7 +258,9 @@ class MixedQuant:
         h = json.dumps(header, separators=(",", ":")).encode()
         return struct.pack("<I", len(h)) + h + b"".join(body)
 
-    def export(self, state: dict[str, Tensor]) -> bytes:
+    def export(self, state: dict[str, Tensor], model_budget: int | None = None) -> bytes:
+        """The blob; `model_budget`: the bytes it may take (the cap minus the code bytes), which the
+        pruning search (quant.prune_to_fit) aims at."""
         t0 = time.perf_counter()
         missing = [
             n
@@ -279,8 +279,8 @@ class MixedQuant:
         prefix = MAGIC + bytes([COMPRESSORS.index(self.cfg.compressor)])
         blob = prefix + comp(payload)
         self.stats.pop("prune", None)
-        if self.cfg.prune_to_fit and self.model_budget is not None and len(blob) > self.model_budget:
-            blob = self._prune(header, sections, lambda p: prefix + comp(p), blob)
+        if self.cfg.prune_to_fit and model_budget is not None and len(blob) > model_budget:
+            blob = self._prune(header, sections, lambda p: prefix + comp(p), blob, model_budget)
         t2 = time.perf_counter()
         self.stats.update(
             payload_bytes=len(payload),
@@ -312,15 +312,20 @@ class MixedQuant:
         return pos_all[np.argsort(key_all, kind="stable")]
 
     def _prune(
-        self, header: dict, sections: dict[str, list[bytes]], pack: Callable[[bytes], bytes], blob: bytes
+        self,
+        header: dict,
+        sections: dict[str, list[bytes]],
+        pack: Callable[[bytes], bytes],
+        blob: bytes,
+        budget: int,
     ) -> bytes:
         """The blob with the fewest leading codes of `prune_order` zeroed whose real compressed size
-        fits `model_budget`: n fits and n - 1 does not (the search keeps that bracket; compressed size
+        fits `budget`: n fits and n - 1 does not (the search keeps that bracket; compressed size
         is not exactly monotone in n, so this is the smallest count on the searched path). If zeroing
         every candidate does not fit, the unpruned blob comes back and the trainer's cap refusal
         stands."""
         t0 = time.perf_counter()
-        budget = int(self.model_budget)
+        budget = int(budget)
         order = self.prune_order(sections)
         codes = np.frombuffer(b"".join(sections["codes"]), dtype=np.int8)
 

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from pgolf.config import config_hash
+from pgolf.run_result import ResultError, RunResult
 
 # Overrides that do not define a configuration: seeds, where and how it ran, logging.
 _NOT_CONFIG = (
@@ -29,7 +30,7 @@ class Job:
     name: str  # relative to its sweep folder, e.g. "3"
     status: str  # ok | failed | running | missing | corrupt
     error: str = ""
-    result: dict[str, Any] = field(default_factory=dict)
+    result: RunResult = field(default_factory=RunResult)
     overrides: list[str] = field(default_factory=list)
     config_hash: str | None = None
     seed: int | None = None
@@ -37,11 +38,7 @@ class Job:
 
     @property
     def ok(self) -> bool:
-        return (
-            self.status == "ok"
-            and _finite(self.result.get("val_loss"))
-            and _finite(self.result.get("val_bpb"))
-        )
+        return self.status == "ok" and _finite(self.result.val_loss) and _finite(self.result.val_bpb)
 
 
 @dataclass
@@ -80,6 +77,18 @@ def _read_json(path: Path) -> dict[str, Any] | Unreadable | None:
     if not isinstance(data, dict):
         return Unreadable(f"{path} is corrupt (a JSON {type(data).__name__}, not an object)")
     return data
+
+
+def _read_result(path: Path) -> RunResult | Unreadable | None:
+    """The job's result; None when there is no file; `Unreadable` naming the file and the key."""
+    if not path.is_file():
+        return None
+    try:
+        return RunResult.read(path)
+    except ResultError as e:
+        return Unreadable(f"{path} is corrupt ({e.reason})")
+    except OSError as e:
+        return Unreadable(f"{path} is corrupt ({type(e).__name__}: {e})")
 
 
 def is_job_dir(path: Path) -> bool:
@@ -127,7 +136,7 @@ def load_job(path: Path, root: Path) -> Job:
             overrides = [str(o) for o in loaded] if isinstance(loaded, list) else []
         except (OSError, yaml.YAMLError) as e:
             notes.append(f"{overrides_file} is corrupt ({type(e).__name__})")
-    result = _read_json(path / "result.json")
+    result = _read_result(path / "result.json")
     config = _read_json(path / "config.json")
     job = Job(path=path, name=name, status="missing", overrides=overrides)
     if isinstance(config, Unreadable):
@@ -138,11 +147,11 @@ def load_job(path: Path, root: Path) -> Job:
         job.error = f"{result}; rerun the job (rerunning the sweep command reruns it) or delete the file"
     elif result is not None:
         job.result = result
-        job.status = str(result.get("status", "missing"))
-        job.error = str(result.get("error", ""))
-        job.config_hash = result.get("config_hash")
-        job.seed = result.get("seed")
-        job.label = str(result.get("label", ""))
+        job.status = result.status
+        job.error = result.error or ""
+        job.config_hash = result.config_hash
+        job.seed = result.seed
+        job.label = result.label or ""
     if config is not None:
         job.config_hash = job.config_hash or config_hash(config)
         job.seed = job.seed if job.seed is not None else config.get("seed")

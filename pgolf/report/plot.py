@@ -58,7 +58,7 @@ def build_figure(groups: list[Group], summary: dict[str, Any] | None = None) -> 
     matplotlib.use("Agg")  # files only: no display on pods and CI
     import matplotlib.pyplot as plt
 
-    curves = [(g, [j for j in g.ok_jobs if j.result.get("train_losses")]) for g in groups]
+    curves = [(g, [j for j in g.ok_jobs if j.result.train_losses]) for g in groups]
     curves = [(g, jobs) for g, jobs in curves if jobs]
     if not curves:
         return None
@@ -70,7 +70,7 @@ def build_figure(groups: list[Group], summary: dict[str, Any] | None = None) -> 
         verdict = verdicts.get(g.config_hash, {})
         is_base = verdict.get("note") == "this is the baseline"
         for k, job in enumerate(jobs):
-            steps, losses = zip(*job.result["train_losses"])
+            steps, losses = zip(*job.result.train_losses)
             # One line per seed, thin, with the group named once: seeds read as a band.
             ax_loss.plot(
                 steps,
@@ -81,7 +81,7 @@ def build_figure(groups: list[Group], summary: dict[str, Any] | None = None) -> 
                 alpha=0.75,
                 label=curve_label(g, verdict) if k == 0 else None,
             )
-        bpbs = [j.result["val_bpb"] for j in jobs]
+        bpbs = [j.result.val_bpb for j in jobs]
         ax_bpb.scatter([i] * len(bpbs), bpbs, color=color, s=28)
         mean = sum(bpbs) / len(bpbs)
         ax_bpb.hlines(mean, i - 0.25, i + 0.25, color=color, lw=2)

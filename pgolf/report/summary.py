@@ -44,7 +44,7 @@ def _mean_of(jobs: list[Job], get) -> float | None:
 def _tokens_per_byte(jobs: list[Job]) -> float | None:
     """From the validation counts of the roundtrip eval; converts bpb <-> nats on this val set."""
     for j in jobs:
-        rt = (j.result.get("metrics") or {}).get("roundtrip") or {}
+        rt = (j.result.metrics or {}).get("roundtrip") or {}
         if rt.get("tokens") and rt.get("bytes"):
             return rt["tokens"] / rt["bytes"]
     return None
@@ -52,7 +52,8 @@ def _tokens_per_byte(jobs: list[Job]) -> float | None:
 
 def group_stats(g: Group) -> dict[str, Any]:
     ok = sorted(g.ok_jobs, key=lambda j: (j.seed is None, j.seed))
-    bytes_total = [j.result["bytes"]["total"] for j in ok if isinstance(j.result.get("bytes"), dict)]
+    counts = [j.result.bytes for j in ok]
+    bytes_total = [c.total for c in counts if c is not None and c.total is not None]
     return {
         "config_hash": g.config_hash,
         "desc": g.desc,
@@ -62,14 +63,14 @@ def group_stats(g: Group) -> dict[str, Any]:
         "n_failed": len(g.failed_jobs),
         "seeds": [j.seed for j in ok],
         "jobs": [j.name for j in g.jobs],
-        "val_bpb": _spread([float(j.result["val_bpb"]) for j in ok]),
-        "val_loss": _spread([float(j.result["val_loss"]) for j in ok]),
-        "ms_per_step": _mean_of(ok, lambda r: r.get("ms_per_step")),
-        "steps": _mean_of(ok, lambda r: r.get("steps")),
+        "val_bpb": _spread([float(j.result.val_bpb) for j in ok]),
+        "val_loss": _spread([float(j.result.val_loss) for j in ok]),
+        "ms_per_step": _mean_of(ok, lambda r: r.ms_per_step),
+        "steps": _mean_of(ok, lambda r: r.steps),
         "bytes_total_max": max(bytes_total) if bytes_total else None,
-        "within_cap": all(j.result["bytes"].get("within_cap", False) for j in ok) if bytes_total else None,
-        "train_seconds": _mean_of(ok, lambda r: (r.get("timings") or {}).get("train")),
-        "eval_seconds": _mean_of(ok, lambda r: (r.get("timings") or {}).get("eval")),
+        "within_cap": all(c is not None and bool(c.within_cap) for c in counts) if bytes_total else None,
+        "train_seconds": _mean_of(ok, lambda r: (r.timings or {}).get("train")),
+        "eval_seconds": _mean_of(ok, lambda r: (r.timings or {}).get("eval")),
         "tokens_per_byte": _tokens_per_byte(ok),
     }
 
@@ -153,7 +154,7 @@ def parse_baseline(spec: str, groups: list[Group]) -> Baseline:
     ok = chosen.ok_jobs
     return Baseline(
         desc,
-        [float(j.result["val_loss"]) for j in ok],
-        [float(j.result["val_bpb"]) for j in ok],
+        [float(j.result.val_loss) for j in ok],
+        [float(j.result.val_bpb) for j in ok],
         chosen.config_hash,
     )

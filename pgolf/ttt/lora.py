@@ -55,6 +55,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from pgolf.contracts import NeverStopsEarly
 from pgolf.eval.sliding import ModeResult, WindowScorer, finish
 from pgolf.log import Progress
 from pgolf.ttt.config import LoRATTTConfig, PhasedTTTConfig
@@ -331,14 +332,14 @@ def global_steps(
         yield c, n_chunks, t0, spans
 
 
-class LoRATTT:
+class LoRATTT(NeverStopsEarly):
     enabled = True
 
     def __init__(
         self, cfg: LoRATTTConfig, compile: bool = False, pad: bool | None = None, backend: str = "inductor"
     ):
         self.cfg = cfg
-        self.compile = compile  # the trainer sets it from hardware.compile
+        self.compile = compile  # hardware.compile: the per-chunk step compiles with the model
         self.pad = pad  # fixed shapes (batch_docs rows, bucketed windows); None: when compiling
         self.backend = backend
         self._step: ChunkStep | None = None
@@ -546,7 +547,9 @@ class LoRATTT:
         world_size: int = 1,
         log: Callable[[str], None] = print,
         sync: Callable[[], None] = lambda: None,
+        deadline: float | None = None,
     ) -> ModeResult:
+        # `deadline` is not read: every document's adapters train to the end, as in the records.
         cfg = self.cfg
         check_model(model, cfg)
         sync()
@@ -691,5 +694,5 @@ class UpdateClock:
         self.sgd_tokens += tokens
 
 
-def build(cfg: LoRATTTConfig) -> LoRATTT:
-    return LoRATTT(cfg)
+def build(cfg: LoRATTTConfig, compile: bool = False) -> LoRATTT:
+    return LoRATTT(cfg, compile=compile)

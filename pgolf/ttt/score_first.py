@@ -7,7 +7,7 @@ of eval.seq_len, split over ranks) for `epochs` epochs of SGD with momentum, gra
 over ranks and clipped, lr = lr * cos-schedule(c). Training tokens come only from the legality
 guard, which refuses anything not yet scored.
 
-With a `deadline` (set by the trainer under budget.mode=wallclock: the end of budget.eval_seconds),
+With a `deadline` (passed by the trainer under budget.mode=wallclock: the end of budget.eval_seconds),
 a chunk is trained on only if that training plus scoring every chunk after it still fits, going by
 the measured seconds per chunk; after that the remaining chunks are scored with the weights as
 they are. Every target is scored either way.
@@ -107,15 +107,21 @@ class ScoreFirstTTT:
 
     def __init__(self, cfg: ScoreFirstTTTConfig):
         self.cfg = cfg
-        self.deadline: float | None = None  # time.perf_counter() by which scoring must be done
         self.stopped_at: int | None = None  # the chunk whose update the deadline skipped, if any
 
     def _keep_updating(
-        self, c: int, n_chunks: int, score_s: float, train_s: float, world_size: int, device: torch.device
+        self,
+        c: int,
+        n_chunks: int,
+        score_s: float,
+        train_s: float,
+        world_size: int,
+        device: torch.device,
+        deadline: float,
     ) -> bool:
         """Whether training on chunk c still leaves time to score the chunks after it (with 25%
         headroom); decided on every rank together, since the updates all-reduce gradients."""
-        late = time.perf_counter() + 1.25 * (train_s + (n_chunks - c - 1) * score_s) > self.deadline
+        late = time.perf_counter() + 1.25 * (train_s + (n_chunks - c - 1) * score_s) > deadline
         if world_size > 1:
             flag = torch.tensor([float(late)], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -179,7 +185,10 @@ class ScoreFirstTTT:
         world_size: int = 1,
         log: Callable[[str], None] = print,
         sync: Callable[[], None] = lambda: None,
+        deadline: float | None = None,
     ) -> ModeResult:
+        """Score every chunk, then train on it. `deadline` (time.perf_counter()): when scoring must
+        be done; updates stop early (`stopped_at`) when training a chunk would make it late."""
         cfg, L = self.cfg, scorer.seq_len
         sync()
         t0 = time.perf_counter()
@@ -218,14 +227,14 @@ class ScoreFirstTTT:
                 a = min(max(a, marked), b)
             guard.mark_scored(a, b)
             marked = max(marked, b)
-            if self.deadline is not None:
+            if deadline is not None:
                 sync()
                 score_s, scored = score_s + time.perf_counter() - t_score, scored + 1
             # 2. train on the chunk, unless it is the last one
             if c == n_chunks - 1 or cfg.epochs == 0 or self.stopped_at is not None:
                 continue
-            if self.deadline is not None and not self._keep_updating(
-                c, n_chunks, score_s / scored, train_s, world_size, scorer.device
+            if deadline is not None and not self._keep_updating(
+                c, n_chunks, score_s / scored, train_s, world_size, scorer.device, deadline
             ):
                 self.stopped_at = c
                 log(
@@ -265,7 +274,7 @@ class ScoreFirstTTT:
                         world_size,
                         cfg.grad_clip,
                     )
-            if self.deadline is not None:
+            if deadline is not None:
                 sync()
                 train_s = time.perf_counter() - t_train
             if rank == 0 and (c % every == 0):
@@ -283,5 +292,6 @@ class ScoreFirstTTT:
         )
 
 
-def build(cfg: ScoreFirstTTTConfig) -> ScoreFirstTTT:
+def build(cfg: ScoreFirstTTTConfig, compile: bool = False) -> ScoreFirstTTT:
+    # `compile` is the trainer's: its training step is the compiled model the trainer passes to run()
     return ScoreFirstTTT(cfg)
