@@ -1,6 +1,6 @@
 """The code that ships: a self-extracting `train_gpt.py` holding exactly the pgolf modules a run imported.
 
-The challenge counts the UTF-8 bytes of the submitted `train_gpt.py` (TECHNIQUES §1.1). Records
+The challenge counts the UTF-8 bytes of the submitted `train_gpt.py` (docs/techniques.md#artifact-size-cap). Records
 ship their code as an LZMA + base85 `exec` wrapper; pgolf ships the worker's modules and the frozen
 config the same way, denser: minified and tree-shaken sources joined by NUL bytes, bzip2 (or
 brotli), and a base-123 string literal (every 1-byte ASCII character a `"..."` literal can hold), so the counted code bytes are the

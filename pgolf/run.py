@@ -9,7 +9,7 @@
     python -m pgolf.run resume=outputs/sweeps/<time>/1   # continue a killed job from its checkpoint
 
 One device: the worker runs in this process. Several: `torchrun --standalone --nproc_per_node=N
--m pgolf.train <job_dir>`, so Hydra never runs inside the ranks (ECOSYSTEM §c1). In a sweep every
+-m pgolf.train <job_dir>`, so Hydra never runs inside the ranks. In a sweep every
 job's worker is a fresh subprocess, and a failed job returns inf instead of raising.
 """
 
@@ -89,7 +89,7 @@ def worker_command(nproc: int, job_dir: Path) -> list[str]:
 def launch(frozen: dict, job_dir: Path, in_process: bool = True, env: dict[str, str] | None = None) -> int:
     """Run the worker. One process in-process for a single run; sweeps always start a fresh
     process per job, so no CUDA, compile or process-group state leaks from one job into the next
-    (ECOSYSTEM §e1.3) and a crashed or killed worker cannot take the sweep down with it."""
+    and a crashed or killed worker cannot take the sweep down with it."""
     nproc = frozen["hardware"]["nproc_per_node"]
     if frozen["data"]["name"] == "embedded":
         # Build the offline corpus once here, not racing in N ranks.
@@ -339,7 +339,7 @@ def run_one(cfg: DictConfig) -> float:
                 sys.exit(f"pgolf: {e}")
             raise
         # Never raise into Hydra from a sweep job: the basic sweeper would re-raise it, abort the
-        # remaining jobs and skip on_multirun_end, i.e. the summary (ECOSYSTEM §c2, §e1.4).
+        # remaining jobs and skip on_multirun_end, i.e. the summary (README.md#sweeps-and-reports).
         RunResult(status="failed", error=f"{type(e).__name__}: {e}").write(job_dir / "result.json")
         log.error(f"pgolf: job {job_dir.name} failed: {type(e).__name__}: {e}")
         return float("inf")

@@ -121,7 +121,9 @@ class Trainer:
             self.train()
         with self.phase("artifact"):
             blob_path = self.write_artifact()
-        with self.phase("eval_warmup"):  # compile on random tokens, reported apart (§5.4)
+        with self.phase(
+            "eval_warmup"
+        ):  # compile on random tokens, reported apart (docs/techniques.md#time-limits)
             self.warm_eval()
         # budget.eval_seconds counts eval + TTT from here; TTT stops updating in time (wallclock)
         self.eval_deadline = time.perf_counter() + self.job.budget.eval_seconds

@@ -117,7 +117,8 @@ def last_rows_causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
-    """XSA (TECHNIQUES §2.14): remove from each head's output its component along the token's own value.
+    """Exclusive self-attention (docs/techniques.md#exclusive-self-attention-xsa): remove from each
+    head's output its component along the token's own value.
 
     y: (B, T, H, D) attention output, v: (B, T, H_kv, D) values. GQA-efficient: y is viewed as
     (B, T, H_kv, H/H_kv, D) and the unit value broadcast over each group, so V is never repeated.
