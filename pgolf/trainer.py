@@ -26,7 +26,6 @@ from pgolf import __version__
 from pgolf.checkpoint_gate import NoCheckpoints, needs_checkpointer
 from pgolf.components import DATA, MODELS, OPTIMIZERS, QUANT, TTT
 from pgolf.config import JobConfig, config_hash, to_dict
-from pgolf.contracts import BatchLoader, Optimizer, Quantizer, TrainModel, TTTMode
 from pgolf.data.loader import build_loader
 from pgolf.eval.sliding import ModeResult, WindowScorer, evaluate_sliding, from_eval_result
 from pgolf.eval.val import ByteLUT, EvalResult, evaluate
@@ -44,8 +43,9 @@ from pgolf.run_result import ByteCounts, RunResult
 from pgolf.shipped import write_code
 from pgolf.timing import PhaseTimer
 
-if TYPE_CHECKING:  # imported on use only: a run without checkpoints never ships the module
+if TYPE_CHECKING:  # annotations only: a packed run ships no Protocol, and no checkpoint module when off
     from pgolf.checkpoint import Checkpointer
+    from pgolf.contracts import BatchLoader, Optimizer, Quantizer, TrainModel, TTTMode
 
 
 class TrainingError(RuntimeError):
