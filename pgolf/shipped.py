@@ -19,7 +19,7 @@ def write_code(path: Path, config: dict) -> tuple[int, int]:
     """Write the run's `train_gpt.py` to `path`; return (its bytes on disk, raw bytes of the source
     it carries: the original files from source, the extracted minified files when packed)."""
     if PACKED_SCRIPT is None:
-        from pgolf.pack import write_wrapper
+        from pgolf.parent.pack import write_wrapper
 
         return write_wrapper(path, config)
     write_text_atomic(path, PACKED_SCRIPT.read_bytes())

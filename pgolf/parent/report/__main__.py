@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pgolf.report.render import write_report
+from pgolf.parent.report.render import write_report
 
 
 def main(argv: list[str] | None = None) -> int:

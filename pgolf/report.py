@@ -1,0 +1,10 @@
+"""`python -m pgolf.report`: a shim. The command lives in pgolf.parent.report.__main__; like everything the worker never
+runs, it sits under pgolf.parent, and this shim, which imports from there, never ships either
+(docs/architecture.md#what-ships)."""
+
+import sys
+
+from pgolf.parent.report.__main__ import main
+
+if __name__ == "__main__":
+    sys.exit(main())
