@@ -215,7 +215,7 @@ def test_repo_layout():
 
 _PLAN_MODULES = """
 import json, sys
-from pgolf import pack, plan
+from pgolf.parent import pack, plan
 from pgolf.parent.compose import compose_job
 from pgolf.config import to_dict
 job = compose_job(sys.argv[1:])
