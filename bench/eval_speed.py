@@ -41,8 +41,8 @@ from pgolf.models.blocks import MLP, Attention
 
 def build_model(overrides: list[str]) -> torch.nn.Module:
     from pgolf.components import MODELS
-    from pgolf.compose import compose_job
     from pgolf.models.layers import restore_fp32_params
+    from pgolf.parent.compose import compose_job
 
     job = compose_job(["model=banked", *overrides])
     torch.manual_seed(0)

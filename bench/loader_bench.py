@@ -45,7 +45,7 @@ def split_train(src: Path, parts: int) -> Path:
 
 
 def compose(data: Path, tokenizer: Path, args: argparse.Namespace) -> dict:
-    from pgolf.compose import compose_dict
+    from pgolf.parent.compose import compose_dict
 
     overrides = [
         "experiment=none",

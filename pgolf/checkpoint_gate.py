@@ -4,7 +4,7 @@ A run with checkpointing off (the default, and every record's config) never save
 to resume unless its job folder already holds a checkpoint folder. Such a run gets `NoCheckpoints`,
 which does exactly what a `Checkpointer` does in that case (nothing), so the checkpoint module
 (torch.save/load plumbing, digests, resume checks: ~2.3 KB of a packed train_gpt.py) is neither
-imported by the worker nor shipped (`pgolf.pack.shipped_modules` leaves it out whenever the
+imported by the worker nor shipped (`pgolf.parent.pack.shipped_modules` leaves it out whenever the
 config turns checkpoints off, so an in-process run and a worker ship the same files).
 """
 

@@ -108,7 +108,7 @@ class JobConfig(RootSettings):
 
 
 # Root keys that the Hydra parent consumes (resume a job, reuse a used folder, GPU slots, the sweep
-# report, wandb: see pgolf.tracking); they never reach a worker or config.json.
+# report, wandb: see pgolf.parent.tracking); they never reach a worker or config.json.
 PARENT_ONLY = ("resume", "overwrite", "launch", "report", "wandb")
 
 # ---------------------------------------------------------------------------------------------

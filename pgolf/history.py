@@ -1,7 +1,7 @@
 """Rank 0's metric history: one JSON object per line in `<job_dir>/metrics.jsonl`.
 
 The worker only writes this file; whoever wants the curves follows it from outside (the Hydra
-parent mirrors it into wandb, see `pgolf.tracking`). So the worker, and a packed `train_gpt.py`,
+parent mirrors it into wandb, see `pgolf.parent.tracking`). So the worker, and a packed `train_gpt.py`,
 never import a tracking library.
 """
 

@@ -2,7 +2,7 @@
 
 Console lines go to the `pgolf.trainer` logger. Under `pgolf.run` Hydra's job logging shows them and
 writes them into the job's run.log (`hydra.verbose=pgolf.trainer` adds the debug lines); a worker
-process of its own prints them to stdout (`pgolf.console.worker_logging`, or plain lines in a packed
+process of its own prints them to stdout (`pgolf.parent.console.worker_logging`, or plain lines in a packed
 train_gpt.py). train.log stays the complete record: debug lines included, console or not.
 """
 

@@ -19,9 +19,11 @@ def write_code(path: Path, config: dict) -> tuple[int, int]:
     """Write the run's `train_gpt.py` to `path`; return (its bytes on disk, raw bytes of the source
     it carries: the original files from source, the extracted minified files when packed)."""
     if PACKED_SCRIPT is None:
-        from pgolf.pack import write_wrapper
+        # Never runs in a packed script, but this line ships: of the ways to name the packer, this
+        # one costs the fewest code bytes (43,020 for the offline default against 43,038).
+        from pgolf.parent import pack
 
-        return write_wrapper(path, config)
+        return pack.write_wrapper(path, config)
     write_text_atomic(path, PACKED_SCRIPT.read_bytes())
     extracted = Path(__file__).resolve().parent.parent  # the wrapper's temp dir
     raw = sum(p.stat().st_size for p in extracted.rglob("*.py"))

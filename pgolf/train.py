@@ -123,7 +123,7 @@ def run_packed(config_path: str, script: str | None = None) -> None:
 def main() -> None:
     if len(sys.argv) != 2:
         sys.exit("usage: python -m pgolf.train <job_dir holding config.json>")
-    from pgolf.console import worker_logging  # never shipped: a packed script starts in run_packed
+    from pgolf.parent.console import worker_logging  # never shipped: a packed script starts in run_packed
 
     worker_logging()
     try:

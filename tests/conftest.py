@@ -75,7 +75,7 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture
 def compose():
     """compose(overrides) -> resolved plain dict, through Hydra exactly as `pgolf.run` composes."""
-    from pgolf.compose import compose_dict
+    from pgolf.parent.compose import compose_dict
 
     def _compose(overrides: list[str] | None = None) -> dict:
         return compose_dict(overrides or [])

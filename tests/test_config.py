@@ -249,7 +249,7 @@ def test_config_hash_ignores_seed_but_not_model(compose):
 def test_validation_never_imports_torch():
     code = (
         "import sys\n"
-        "from pgolf.compose import compose_job\n"
+        "from pgolf.parent.compose import compose_job\n"
         "from pgolf.registry import ConfigError\n"
         "try:\n    compose_job(['+model.nope=1'])\nexcept ConfigError:\n    pass\n"
         "assert 'torch' not in sys.modules, 'validation imported torch'\n"

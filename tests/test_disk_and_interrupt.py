@@ -99,7 +99,7 @@ def write_artifact(self):
 
 T.Trainer.write_artifact = write_artifact
 sys.argv = ["pgolf.run", *sys.argv[1:]]
-from pgolf.run import main
+from pgolf.parent.run import main
 main()
 """
 

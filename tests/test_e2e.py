@@ -215,8 +215,8 @@ def test_repo_layout():
 
 _PLAN_MODULES = """
 import json, sys
-from pgolf import pack, plan
-from pgolf.compose import compose_job
+from pgolf.parent import pack, plan
+from pgolf.parent.compose import compose_job
 from pgolf.config import to_dict
 job = compose_job(sys.argv[1:])
 code = plan.code_bytes(job)
@@ -227,7 +227,7 @@ print(json.dumps({"modules": sorted(pack.shipped_modules(to_dict(job))), "code_b
 def test_plan_counts_the_modules_a_run_ships(tiny_run, shard_dir, tokenizer_model):
     """pgolf.plan's code bytes pack the same modules the worker shipped (it once left out the
     trainer, which the worker imports lazily, and printed ~14 KB too few for r0409)."""
-    from pgolf.pack import unpack
+    from pgolf.parent.pack import unpack
 
     tmp, _ = tiny_run
     shipped = set(unpack((tmp / "run" / "artifact" / "train_gpt.py").read_text(encoding="utf-8"))) - {

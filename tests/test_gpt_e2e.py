@@ -13,7 +13,7 @@ import torch
 from conftest import run_cli, tiny_cpu_args
 
 from pgolf.checkpoint import FAULT_ENV
-from pgolf.pack import unpack
+from pgolf.parent.pack import unpack
 
 pytestmark = pytest.mark.slow
 

@@ -170,6 +170,27 @@ def test_models_never_import_quant_or_optim():
     assert not back, back
 
 
+def test_worker_modules_load_without_pgolf_parent():
+    """Nothing of pgolf.parent ships, nor a shim that imports it at load (pgolf.parent.pack's one
+    rule), so any other module may reach them only lazily, inside a function a packed run never
+    calls (pgolf.shipped's packer, pgolf.train's relay): at module level it could not load there."""
+    graph = import_graph(REPO / "pgolf")
+    parent = {m for m in graph if m == "pgolf.parent" or m.startswith("pgolf.parent.")}
+    shims = {
+        m for m in graph if m not in parent and any(MODULE in graph[m][t] for t in graph[m] if t in parent)
+    }
+    assert {"pgolf.run", "pgolf.pack", "pgolf.report", "pgolf.report.__main__"} <= shims
+    assert "pgolf.parent.pack" in graph["pgolf.shipped"]  # the lazy edge the rule allows
+    loads = [
+        f"{a} -> {b}"
+        for a in graph
+        if a not in parent | shims
+        for b, kinds in graph[a].items()
+        if b in parent | shims and MODULE in kinds
+    ]
+    assert not loads, loads
+
+
 def _package(root: Path, files: dict[str, str]) -> Path:
     pkg = root / "pkg"
     for rel, text in {"__init__.py": "", **files}.items():

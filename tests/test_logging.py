@@ -13,8 +13,8 @@ import torch
 from conftest import run_cli, tiny_cpu_args
 
 from pgolf import log as runlog
-from pgolf.console import RELAY_FORMAT, TAGGED, relay
 from pgolf.log import Progress, RunLog
+from pgolf.parent.console import RELAY_FORMAT, TAGGED, relay
 
 FINAL = re.compile(r"^pgolf: val_bpb \d+\.\d+ ", re.M)
 

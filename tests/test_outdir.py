@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_cli, tiny_cpu_args
 
-from pgolf.outdir import LOCK_NAME, FolderInUse, earlier_run, lock_folder, set_aside
+from pgolf.parent.outdir import LOCK_NAME, FolderInUse, earlier_run, lock_folder, set_aside
 
 TAKE_LOCK = """
 import sys
-from pgolf.outdir import FolderInUse, lock_folder
+from pgolf.parent.outdir import FolderInUse, lock_folder
 try:
     lock = lock_folder(sys.argv[1], command="second")
 except FolderInUse as e:

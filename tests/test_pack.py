@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import pgolf
-from pgolf.pack import (
+from pgolf.parent.pack import (
     ALPHABET,
     KEEP_MESSAGES,
     build_wrapper,
@@ -42,7 +42,9 @@ def _modules(*rels: str) -> dict[str, Path]:
 
 
 def test_wrapper_payload_round_trip():
-    modules = _modules("pgolf/__init__.py", "pgolf/pack.py", "pgolf/data/shards.py", "pgolf/quant/int8.py")
+    modules = _modules(
+        "pgolf/__init__.py", "pgolf/parent/pack.py", "pgolf/data/shards.py", "pgolf/quant/int8.py"
+    )
     text = build_wrapper(modules, CONFIG)
     ast.parse(text)
     compile(text, "train_gpt.py", "exec")
@@ -74,7 +76,7 @@ def test_codec_follows_the_model_compressor():
 
 
 def test_wrapper_is_deterministic():
-    modules = _modules("pgolf/__init__.py", "pgolf/pack.py")
+    modules = _modules("pgolf/__init__.py", "pgolf/parent/pack.py")
     assert build_wrapper(modules, CONFIG) == build_wrapper(dict(modules), CONFIG)
     assert build_wrapper(modules, CONFIG) == build_wrapper(modules, dict(reversed(list(CONFIG.items()))))
     assert build_wrapper(modules, CONFIG) != build_wrapper(modules, {**CONFIG, "seed": 1})
@@ -110,7 +112,7 @@ def test_every_alphabet_character_survives_a_source_file(tmp_path):
     assert set(text.encode()) == set(ALPHABET)  # every character is exercised
     script = tmp_path / "t.py"
     script.write_text(
-        f'import sys\nsys.path.insert(0, {str(ROOT)!r})\nfrom pgolf.pack import decode\nS="{text}"\n'
+        f'import sys\nsys.path.insert(0, {str(ROOT)!r})\nfrom pgolf.parent.pack import decode\nS="{text}"\n'
         "sys.stdout.write(decode(S).hex())\n",
         encoding="utf-8",
         newline="",
@@ -168,7 +170,7 @@ def test_write_wrapper_returns_on_disk_size(tmp_path, compose):
     import pgolf.data.shards  # noqa: F401  (make sure some submodules are loaded)
     import pgolf.quant.int8  # noqa: F401
     from pgolf.config import job_config_from_dict, to_dict
-    from pgolf.pack import shipped_config, shipped_modules
+    from pgolf.parent.pack import shipped_config, shipped_modules
 
     config = to_dict(job_config_from_dict(compose()))  # a run's frozen config: the wrapper trims it
     path = tmp_path / "train_gpt.py"
@@ -201,36 +203,40 @@ def test_imported_modules_include_package_inits():
     assert list(mods) == sorted(mods)
 
 
-def test_parent_only_modules_and_the_packer_are_not_shipped():
-    """The Hydra parent's modules never reach the worker, and a packed run counts its own file
-    (pgolf.shipped) instead of running the packer: neither counts as code bytes."""
-    import pgolf.callbacks  # noqa: F401
-    import pgolf.compose  # noqa: F401
-    import pgolf.console  # noqa: F401
-    import pgolf.outdir  # noqa: F401
+def test_nothing_of_pgolf_parent_and_no_shim_is_shipped():
+    """One rule decides what ships: nothing under pgolf.parent (the Hydra parent, the packer and its
+    CLIs), nor the root shims that import from it (`python -m pgolf.run` and friends). A packed run
+    counts its own file (pgolf.shipped) instead of running the packer."""
+    import pgolf.check  # noqa: F401  (the shims)
+    import pgolf.pack  # noqa: F401
     import pgolf.plan  # noqa: F401
     import pgolf.report  # noqa: F401
-    import pgolf.slots  # noqa: F401
+    import pgolf.report.__main__  # noqa: F401
+    import pgolf.run  # noqa: F401
     import pgolf.submission  # noqa: F401
     import pgolf.trainer  # noqa: F401
 
+    parent = Path(pgolf.parent.__file__).parent
+    assert {p.stem for p in parent.glob("*.py")} >= {"run", "compose", "callbacks", "console", "pack"}
+    assert "pgolf.parent.report.render" in sys.modules  # imported, so the rule had work to do
     shipped = imported_modules()
     assert "pgolf/trainer.py" in shipped and "pgolf/shipped.py" in shipped
+    shims = {f"pgolf/{name}.py" for name in ("check", "pack", "plan", "run", "submission")}
+    shims |= {"pgolf/report/__init__.py", "pgolf/report/__main__.py"}
+    assert all((ROOT / rel).is_file() for rel in shims)
     for rel in shipped:
-        assert not rel.startswith(
-            (
-                "pgolf/report/",
-                "pgolf/callbacks.py",
-                "pgolf/compose.py",
-                "pgolf/outdir.py",
-                "pgolf/console.py",
-                "pgolf/slots.py",
-                "pgolf/run.py",
-                "pgolf/pack.py",
-                "pgolf/plan.py",
-                "pgolf/submission.py",
-            )
-        ), rel
+        assert not rel.startswith("pgolf/parent/") and rel not in shims, rel
+
+
+def test_a_module_that_imports_pgolf_parent_is_parent_side(tmp_path):
+    """The shim test reads top-level imports only: a lazy import inside a function (pgolf.shipped's
+    packer) keeps a module on the worker side."""
+    from pgolf.parent.pack import _imports_parent
+
+    shim, lazy = tmp_path / "shim.py", tmp_path / "lazy.py"
+    shim.write_text("import sys\nfrom pgolf.parent.run import main\n")
+    lazy.write_text("def f():\n    from pgolf.parent.pack import write_wrapper\n")
+    assert _imports_parent(shim) and not _imports_parent(lazy)
 
 
 # ------------------------------------------------------------------------------ the minifier
@@ -540,7 +546,7 @@ def test_renamed_locals_keep_every_scope_s_interface():
     """Over every pgolf module: after renaming, each function still has the same parameters, reads
     the same globals and free variables, offers the same cells and has as many locals: renaming
     captured nothing and split nothing."""
-    from pgolf.pack import _strip
+    from pgolf.parent.pack import _strip
 
     for path in sorted((ROOT / "pgolf").rglob("*.py")):
         source = path.read_text()
@@ -681,7 +687,7 @@ def _shaken(monkeypatch, roots: set[str]) -> tuple[dict[str, str], list[str]]:
     """SHAKE_A and SHAKE_B loaded as pgolf.shake_a / pgolf.shake_b, shaken from `roots`."""
     import types
 
-    from pgolf.pack import _strip, _unparse, shake
+    from pgolf.parent.pack import _strip, _unparse, shake
 
     for name, src in (("pgolf.shake_a", SHAKE_A), ("pgolf.shake_b", SHAKE_B)):
         mod = types.ModuleType(name)
@@ -734,7 +740,7 @@ def test_prevalidated_schemas_ship_without_validate_and_the_shipped_config_still
     validate that stores anything is never dropped."""
     import pgolf.train  # noqa: F401  (the entry point: the tree shaker's root)
     from pgolf.config import job_config_from_dict, to_dict
-    from pgolf.pack import drop_prevalidated, shipped_config
+    from pgolf.parent.pack import drop_prevalidated, shipped_config
 
     config = to_dict(job_config_from_dict(compose(["experiment=r0409"])))
     src = shipped_sources(imported_modules(), shipped_config(config))
@@ -760,7 +766,7 @@ def test_prevalidated_schemas_ship_without_validate_and_the_shipped_config_still
 
 
 def test_squeeze_drops_spaces_between_tokens_but_never_changes_the_program():
-    from pgolf.pack import _squeeze
+    from pgolf.parent.pack import _squeeze
 
     assert _squeeze("x = f(a, b) + c[1:2]\nif x in y and not z:\n    s = 'q' f'{x!r}' in b'q'\n") == (
         "x=f(a,b)+c[1:2]\nif x in y and not z:\n    s='q'f'{x!r}'in b'q'\n"

@@ -243,7 +243,7 @@ def test_plan_estimate_matches_a_real_export(preset, compose):
     """The plan's estimate is within 10% of a real export of the same config's (Gaussian) weights."""
     from pgolf.components import MODELS, QUANT
     from pgolf.config import job_config_from_dict
-    from pgolf.plan import estimate
+    from pgolf.parent.plan import estimate
 
     over = ["experiment=none", "model=layered", "data.vocab_size=512", "model.num_layers=2",
             "model.model_dim=256", "model.num_heads=4", "model.num_kv_heads=2", "model.ve_layers=[1]", f"quant={preset}",

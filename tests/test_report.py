@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from pgolf.config import config_hash
-from pgolf.report import stats
-from pgolf.report.__main__ import main as report_main
-from pgolf.report.render import write_report
+from pgolf.parent.report import stats
+from pgolf.parent.report.__main__ import main as report_main
+from pgolf.parent.report.render import write_report
 
 # Published per-seed figures: the 2026-03-18 LongContextSeq2048 record (one-sample, against baseline - 0.005)
 # and the 2026-03-25 ValCalib record (Welch, per-seed values of both PRs).
@@ -271,8 +271,8 @@ def test_one_seed_shows_no_fake_spread(tmp_path):
 
 def test_plot_names_configs_by_overrides_and_marks_baseline_and_passes(sweep):
     pytest.importorskip("matplotlib")
-    from pgolf.report.plot import BASELINE_MARK, PASS_GID, PASS_MARK, build_figure
-    from pgolf.report.render import build_summary
+    from pgolf.parent.report.plot import BASELINE_MARK, PASS_GID, PASS_MARK, build_figure
+    from pgolf.parent.report.render import build_summary
 
     summary, groups = build_summary([sweep], baseline="model.num_layers=2")
     fig = build_figure(groups, summary)

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from conftest import REPO, run_cli, tiny_cpu_args
 
-from pgolf.check import check_run
+from pgolf.parent.check import check_run
+from pgolf.parent.submission import PackError, pack
 from pgolf.quant.mixed import _Within
 from pgolf.results import read_json, write_json_atomic
 from pgolf.rules import verdict
-from pgolf.submission import PackError, pack
 
 
 def _strict(path: Path) -> dict:
@@ -73,7 +73,7 @@ def slow(model, watch, batches, dtype):
             yield b
     return real(model, watch, paced(), dtype)
 mixed.collect_hessians = slow
-from pgolf.run import main
+from pgolf.parent.run import main
 sys.argv = ["pgolf.run", *sys.argv[1:]]
 main()
 """
@@ -293,7 +293,7 @@ def test_one_flipped_byte_fails_check_and_pack(finished, tmp_path, name):
 def test_shipped_code_is_byte_identical_in_process_and_in_a_worker(
     finished, tmp_path, shard_dir, tokenizer_model
 ):
-    from pgolf.pack import unpack
+    from pgolf.parent.pack import unpack
 
     proc = run_cli(
         ["-m", *tiny_cpu_args(shard_dir, tokenizer_model), f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path
@@ -352,7 +352,7 @@ def test_download_records_the_tokenizer_hash_and_refuses_a_mismatch(tmp_path, to
 
 # -------------------------------------------------------------------------------- code bytes
 def test_shipped_code_drops_error_text_but_keeps_exit_codes_and_the_data_messages(tmp_path):
-    from pgolf.pack import KEEP_MESSAGES, minify_source, shipped_sources
+    from pgolf.parent.pack import KEEP_MESSAGES, minify_source, shipped_sources
 
     src = (
         "import sys\nclass E(Exception):\n    pass\n"
@@ -376,7 +376,7 @@ def test_shipped_code_drops_error_text_but_keeps_exit_codes_and_the_data_message
     # what a packed run's user can get wrong (DATA_PATH, TOKENIZER_PATH) keeps its explanation
     import pgolf.data.source  # noqa: F401  (reaches the shard checks; the tree shaker keeps what is reached)
     import pgolf.train  # noqa: F401  (the packed entry point)
-    from pgolf.pack import imported_modules
+    from pgolf.parent.pack import imported_modules
 
     out = shipped_sources(imported_modules(), _full_config())
     assert (
@@ -386,7 +386,7 @@ def test_shipped_code_drops_error_text_but_keeps_exit_codes_and_the_data_message
 
 
 def _full_config() -> dict:
-    from pgolf.compose import compose_dict
+    from pgolf.parent.compose import compose_dict
 
     cfg = compose_dict(["experiment=r0409"])
     for key in ("resume", "launch", "report"):
@@ -396,7 +396,7 @@ def _full_config() -> dict:
 
 def test_the_trimmed_config_loads_into_the_run_s_config():
     from pgolf.config import job_config_from_dict, to_dict
-    from pgolf.pack import shipped_config
+    from pgolf.parent.pack import shipped_config
 
     full = to_dict(job_config_from_dict(_full_config()))
     small = shipped_config(full)
@@ -410,7 +410,7 @@ def test_a_trimmed_config_keeps_the_brotli_codec_of_its_model(tmp_path):
     must still come from the run's whole config (brotli packs the code ~2.5% smaller)."""
     pytest.importorskip("brotli")
     from pgolf.config import job_config_from_dict, to_dict
-    from pgolf.pack import shipped_config, write_wrapper
+    from pgolf.parent.pack import shipped_config, write_wrapper
 
     full = to_dict(job_config_from_dict(_full_config()))
     assert "compressor" not in shipped_config(full)["quant"] and full["quant"]["compressor"] == "brotli"

@@ -13,8 +13,8 @@ from conftest import REPO, run_cli
 
 from pgolf.components import MODELS
 from pgolf.config import job_config_from_dict, to_dict
-from pgolf.run import PARENT_ONLY
-from pgolf.submission import PackError, pack
+from pgolf.parent.run import PARENT_ONLY
+from pgolf.parent.submission import PackError, pack
 
 TABLES = Path(__file__).parent / "seed_tables"
 SEEDS = ("pr339", "pr399", "pr726", "pr1532", "pr1775")

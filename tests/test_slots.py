@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pgolf.slots import GpuSlots, slot_count, visible_devices
+from pgolf.parent.slots import GpuSlots, slot_count, visible_devices
 
 
 def test_threads_never_share_a_device(tmp_path):
@@ -115,7 +115,7 @@ def test_processes_never_share_a_device(tmp_path):
 def test_a_killed_job_frees_its_gpu(tmp_path):
     slot_dir = tmp_path / "slots"
     code = (
-        "import sys, time; from pgolf.slots import GpuSlots; "
+        "import sys, time; from pgolf.parent.slots import GpuSlots; "
         f"lease = GpuSlots({str(slot_dir)!r}, ['0']).acquire(1); print('held', flush=True); time.sleep(60)"
     )
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import REPO, run_cli, tiny_cpu_args
 
-from pgolf.submission import PackError, pack, requirements
+from pgolf.parent.submission import PackError, pack, requirements
 
 
 @pytest.mark.slow
@@ -75,7 +75,7 @@ def test_verify_streams_the_packed_run_and_stops_it_at_the_timeout(tmp_path, cap
     """The packed script's lines are shown while it runs, not after; a hung script is stopped."""
     import logging
 
-    from pgolf.submission import _run_packed
+    from pgolf.parent.submission import _run_packed
 
     (tmp_path / "train_gpt.py").write_text(
         "import sys, time\nprint('step:1', flush=True)\nprint('oops', file=sys.stderr, flush=True)\n"

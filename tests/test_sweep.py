@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import CONF, REPO, run_cli, tiny_cpu_args
 
-import pgolf.run  # noqa: F401  (registers the ${pgolf_slot_count:} resolver the gpus launcher uses)
-from pgolf.run import LAUNCHER_PLUGINS, check_launcher_plugin, quote_free_text
+import pgolf.parent.run  # noqa: F401  (registers the ${pgolf_slot_count:} resolver the gpus launcher uses)
+from pgolf.parent.run import LAUNCHER_PLUGINS, check_launcher_plugin, quote_free_text
 
 LAUNCHERS = sorted(p.stem for p in (CONF / "launcher").glob("*.yaml"))
 EXPECTED_TARGET = {
@@ -44,7 +44,7 @@ def test_every_launcher_composes(option):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"launcher={option}"], return_hydra_config=True)
     assert EXPECTED_TARGET[option] in cfg.hydra.launcher._target_
-    assert cfg.hydra.callbacks.sweep_report._target_ == "pgolf.callbacks.SweepReport"
+    assert cfg.hydra.callbacks.sweep_report._target_ == "pgolf.parent.callbacks.SweepReport"
     if option == "gpus":
         assert cfg.launch.gpu_slots is True and cfg.hydra.launcher.n_jobs >= 1
     if option == "slurm":  # one task per node, which runs torchrun itself
@@ -168,7 +168,7 @@ def test_gpus_launcher_runs_jobs_in_parallel_on_distinct_slots(tmp_path, shard_d
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed")
 def test_sweep_summary_run_logs_offline_without_an_account(tmp_path, monkeypatch):
-    from pgolf.tracking import log_sweep_summary
+    from pgolf.parent.tracking import log_sweep_summary
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -202,7 +202,7 @@ def test_free_text_overrides_are_quoted_for_hydra():
 
 
 def test_a_resumed_sweep_may_differ_only_in_overrides_that_do_not_change_its_jobs():
-    from pgolf.callbacks import job_defining
+    from pgolf.parent.callbacks import job_defining
 
     earlier = ["model.num_layers=1,2", "seed=1,2", "report.baseline='x=1'", "wandb.mode=offline"]
     now = ["model.num_layers=1,2", "seed=1,2", "launcher=gpus", "launch.devices=[0,1]", "hydra.verbose=true"]

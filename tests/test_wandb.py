@@ -14,8 +14,8 @@ import pytest
 from _wandb_records import read_offline_run
 from conftest import tiny_cpu_args, wandb_isolation_env
 
-from pgolf.pack import imported_modules, unpack
-from pgolf.tracking import resolve_mode, run_name, start_job_run, swept_overrides, wandb_config
+from pgolf.parent.pack import imported_modules, unpack
+from pgolf.parent.tracking import resolve_mode, run_name, start_job_run, swept_overrides, wandb_config
 
 pytest.importorskip("wandb")  # a dependency of pgolf (pyproject.toml); the tests meet it as installed
 
@@ -114,14 +114,14 @@ def _clean_env(tmp: Path, blocked: tuple[str, ...]) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_a_sweep_jobs_packed_script_runs_without_wandb(default_sweep, tmp_path):
-    from pgolf.submission import pack
+    from pgolf.parent.submission import pack
 
     sweep, _ = default_sweep
     job = sweep / "0"
     info = pack(job, tmp_path / "sub")
     script = Path(info["dir"]) / "train_gpt.py"
     files = unpack(script.read_text(encoding="utf-8"))
-    assert "pgolf/tracking.py" not in files and "pgolf/history.py" in files
+    assert "pgolf/parent/tracking.py" not in files and "pgolf/history.py" in files
     assert "wandb" not in json.loads(files["config.json"])
     blocked = ("wandb", "hydra", "omegaconf")  # the worker needs none of the parent's libraries
     env = _clean_env(tmp_path, blocked)
@@ -142,7 +142,7 @@ def test_a_sweep_jobs_packed_script_runs_without_wandb(default_sweep, tmp_path):
 
 
 def test_the_packer_never_ships_tracking_even_when_the_parent_imported_it():
-    import pgolf.tracking  # noqa: F401 - a single run trains in the parent, which imported it
+    import pgolf.parent.tracking  # noqa: F401 - a single run trains in the parent, which imported it
 
     assert not any("tracking" in rel for rel in imported_modules())
 
@@ -210,7 +210,7 @@ class _RecordingRun:
 
 def test_the_follower_copies_whole_rows_once_and_a_resumed_job_continues_after_them(tmp_path):
     from pgolf.history import METRICS_FILE, History
-    from pgolf.tracking import JobRun
+    from pgolf.parent.tracking import JobRun
 
     hist = History(tmp_path, enabled=True)
     for step in (1, 2, 3):
@@ -264,7 +264,7 @@ def test_the_installed_wandb_is_in_the_range_pgolf_pins():
     from conftest import REPO
     from packaging.requirements import Requirement
 
-    from pgolf.tracking import INSTALL_HINT
+    from pgolf.parent.tracking import INSTALL_HINT
 
     tomllib = pytest.importorskip("tomllib")
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]

@@ -81,6 +81,9 @@ class GPTModelConfig:
     tie_embeddings: bool = True
     tied_embed_init_std: float = 0.005
     logit_softcap: float = 0.0  # 0: off; the records use 30
+    # z-loss (PaLM): the training loss gains z_loss * mean(logsumexp(logits)^2), pulling the softmax
+    # normalizer toward 1 so the logits cannot drift upward together; evaluation never sees it. 0: off
+    z_loss: float = 0.0
     # attention
     rope_base: float = 10_000.0
     rope_dims: int = 0  # ROPE_DIMS: rotate only the first rope_dims of each head (0: all)
@@ -185,6 +188,12 @@ class GPTModelConfig:
             raise ConfigError(f"{path}.logit_softcap={self.logit_softcap} must be >= 0 (0: off)")
         if self.fused_ce and self.logit_softcap <= 0:
             raise ConfigError(f"{path}.fused_ce fuses the soft-capped loss; set {path}.logit_softcap > 0")
+        if self.z_loss < 0:
+            raise ConfigError(f"{path}.z_loss={self.z_loss} must be >= 0 (0: off)")
+        if self.z_loss and self.fused_ce:
+            raise ConfigError(
+                f"{path}.z_loss needs the logits, which {path}.fused_ce never stores; set one of them off"
+            )
         if self.fused_mlp_gemm and self.fused_mlp_up:
             raise ConfigError(
                 f"{path}.fused_mlp_gemm and {path}.fused_mlp_up both fuse the MLP activation into a GEMM "

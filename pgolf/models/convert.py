@@ -179,8 +179,8 @@ def load_into(model: nn.Module, path: str | Path, model_name: str = "?") -> str:
 def build_model(preset: str, overrides: list[str]) -> tuple[nn.Module, str]:
     """The model of `model=<preset>` plus Hydra-style overrides, composed as `pgolf.run` does."""
     from pgolf.components import MODELS
-    from pgolf.compose import compose_dict
     from pgolf.config import from_dict
+    from pgolf.parent.compose import compose_dict
 
     # Only the model group is validated: a conversion needs no data (or any other group) to exist.
     node = compose_dict(["experiment=none", f"model={preset}", *overrides])["model"]

@@ -411,7 +411,11 @@ class GPT(nn.Module):
         """Mean next-token cross-entropy (fp32 softmax)."""
         if self._fused_ce is not None:
             return self._fused_ce(self._raw_logits(input_ids), target_ids, self.cfg.logit_softcap).mean()
-        return mean_cross_entropy(self._logits(input_ids), target_ids)
+        logits = self._logits(input_ids)
+        loss = mean_cross_entropy(logits, target_ids)
+        if self.cfg.z_loss:  # training only: token_nll, which evaluation scores with, has no z-loss
+            loss = loss + self.cfg.z_loss * logits.float().logsumexp(-1).square().mean()
+        return loss
 
     def token_nll(self, input_ids: Tensor, target_ids: Tensor, last: int = 0) -> Tensor:
         """Per-token NLL in fp32, shape (B, T); with last > 0 only for the last `last` positions,

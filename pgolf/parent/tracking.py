@@ -3,7 +3,7 @@ run per sweep.
 
 A job's run follows the worker's `metrics.jsonl` while it trains (live when online) and takes its
 summary from `result.json` when the job ends, so the summary's `val_bpb` is the final score. The
-worker never imports wandb and this module is never packed (`pgolf.pack.PARENT_ONLY`): a packed
+worker never imports wandb and this module is never packed (`pgolf.parent.pack.PARENT_PACKAGE`): a packed
 `train_gpt.py` runs where wandb is not installed, and `config.json` holds no wandb settings.
 
 Runs of a sweep share one group, `sweep-<sweep folder name>` (the report run's too), and are named
@@ -293,7 +293,7 @@ def log_sweep_summary(
         return f"wandb summary run skipped: wandb is not installed ({INSTALL_HINT})"
     import wandb
 
-    from pgolf.report.render import CSV_COLUMNS, csv_row
+    from pgolf.parent.report.render import CSV_COLUMNS, csv_row
 
     run = wandb.init(
         project=project,

@@ -11,7 +11,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from pgolf.report.collect import Group
+from pgolf.parent.report.collect import Group
 from pgolf.results import write_text_atomic
 
 PASS_MARK = "passes the rule"

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pgolf.report import stats
-from pgolf.report.collect import Group, Job, collect, group_jobs, select_group
+from pgolf.parent.report import stats
+from pgolf.parent.report.collect import Group, Job, collect, group_jobs, select_group
 
 LN2 = math.log(2.0)
 

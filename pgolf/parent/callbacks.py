@@ -1,12 +1,12 @@
 """Hydra callbacks (registered under `hydra.callbacks` in conf/config.yaml).
 
 `OutputGuard` owns the output folder before Hydra writes anything into it: it locks the run or
-sweep folder (pgolf/outdir.py), refuses a folder that already holds another run unless
+sweep folder (pgolf/parent/outdir.py), refuses a folder that already holds another run unless
 `overwrite=true`, and recognises a rerun of the same sweep, whose finished jobs are then kept.
 
 `SweepReport.on_multirun_end` runs on the launching host once every job has returned and writes
 summary.{md,csv,json} into the sweep folder. It must never raise: the jobs' results are already on
-disk, and `python -m pgolf.report <sweep_dir>` can always redo the aggregation. `pgolf.run.main`
+disk, and `python -m pgolf.report <sweep_dir>` can always redo the aggregation. `pgolf.parent.run.main`
 calls `write_sweep_summary` itself when Ctrl-C ends a sweep early, and reads `SWEEP` to turn
 failed jobs into a non-zero exit.
 """
@@ -21,10 +21,10 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from pgolf.outdir import FolderInUse, earlier_run, lock_folder, set_aside
+from pgolf.parent.outdir import FolderInUse, earlier_run, lock_folder, set_aside
 
 # The sweep this process launched: its folder and config (set when it starts) and, once the
-# summary is written, the job counts. `pgolf.run.main` reads it for Ctrl-C and the exit code.
+# summary is written, the job counts. `pgolf.parent.run.main` reads it for Ctrl-C and the exit code.
 SWEEP: dict[str, Any] = {}
 
 # Overrides that do not change which jobs a sweep runs, so a rerun may differ in them and still
@@ -127,13 +127,13 @@ class OutputGuard(Callback):
             flush=True,
         )
 
-    # The locks are released at process exit (pgolf/outdir.py), after the summary is written.
+    # The locks are released at process exit (pgolf/parent/outdir.py), after the summary is written.
 
 
 def write_sweep_summary(config: DictConfig, sweep_dir: Path, log_to_wandb: bool = True) -> dict | None:
     """Write the sweep's summary files; return the summary, or None (with a message) on failure."""
     try:
-        from pgolf.report import write_report
+        from pgolf.parent.report import write_report
 
         rep = config.get("report") or {}
         baseline = rep.get("baseline")
@@ -147,7 +147,7 @@ def write_sweep_summary(config: DictConfig, sweep_dir: Path, log_to_wandb: bool 
         print(summary["markdown"], flush=True)
         print(f"pgolf: sweep summary in {sweep_dir}/summary.md (.csv, .json)", flush=True)
         if log_to_wandb:
-            from pgolf.tracking import log_sweep_summary, resolve_mode
+            from pgolf.parent.tracking import log_sweep_summary, resolve_mode
 
             wb = config.get("wandb") or {}
             note = log_sweep_summary(

@@ -6,7 +6,7 @@ A worker in the parent's process logs straight into Hydra's handlers. A worker s
 torchrun) has its own process, so pgolf.run reads its stdout and stderr line by line and logs each line
 again here: a line the worker tagged (RELAY_FORMAT) under its own logger name and level, any other line
 (prints, warnings, tracebacks, torchrun's own lines) under `pgolf.worker`, INFO from stdout and WARNING
-from stderr. Never shipped in a run's code (pgolf.pack.PARENT_ONLY): a packed train_gpt.py has no
+from stderr. Never shipped in a run's code (pgolf.parent.pack.PARENT_PACKAGE): a packed train_gpt.py has no
 parent to relay to and prints plain lines (pgolf.train.run_packed).
 """
 

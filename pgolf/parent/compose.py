@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 def conf_dir() -> str:
     """The config tree: $PGOLF_CONF, else `conf/` of the checkout next to the package."""
-    path = Path(os.environ.get("PGOLF_CONF", Path(__file__).resolve().parent.parent / "conf"))
+    path = Path(os.environ.get("PGOLF_CONF", Path(__file__).resolve().parents[2] / "conf"))
     if not (path / "config.yaml").is_file():
         sys.exit(
             f"pgolf: no config.yaml in {path}; install pgolf from a checkout (pip install -e .) or set PGOLF_CONF"
@@ -46,7 +46,7 @@ def compose_dict(overrides: Sequence[str] = ()) -> dict[str, Any]:
     """`conf/config.yaml` with these overrides, as `python -m pgolf.run <overrides>` composes it."""
     from hydra import compose, initialize_config_dir
 
-    from pgolf.slots import register_resolvers
+    from pgolf.parent.slots import register_resolvers
 
     register_resolvers()  # the resolvers conf/ may use, as pgolf.run registers them
     with initialize_config_dir(config_dir=str(Path(conf_dir()).resolve()), version_base="1.3"):

@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pgolf.report.collect import collect, group_jobs
-from pgolf.report.plot import plot_loss_curves
-from pgolf.report.summary import Baseline, compare, group_stats, parse_baseline
+from pgolf.parent.report.collect import collect, group_jobs
+from pgolf.parent.report.plot import plot_loss_curves
+from pgolf.parent.report.summary import Baseline, compare, group_stats, parse_baseline
 from pgolf.results import write_text_atomic
 
 PLOT_NAME = "loss_curves.png"
