@@ -192,7 +192,7 @@ def test_eval_cudnn_attention_applies_to_graphs_made_at_eval_warmup_and_reprimes
                 job=job,
                 ttt=SimpleNamespace(enabled=False),
                 model=model_stub,
-                rt=SimpleNamespace(compile=True, world_size=1),
+                rt=SimpleNamespace(compile=True, world_size=1, eval_cudnn_attention=flag),
                 log=logs.append,
             )
             stub._scorer = lambda: scorer_stub
