@@ -65,6 +65,43 @@ bench_gpu_idle() {
 # (set -m), never setsid. The device machine ends every process of a command's session when the
 # command returns or runs out of time, but a new session runs on until the machine goes back: a run
 # started with setsid by a call that hit its limit kept the GPU busy into the next call.
+# kill_tree SIGNAL PID: SIGNAL to PID and every descendant, children first. torchrun starts its workers
+# in sessions of their own, so neither its process group nor the end of the device command reaches
+# them: a run KILLed at its time limit left its worker holding 23 GB of the GPU into the next run.
+kill_tree() {
+  local child
+  for child in $(ps -o pid= --ppid "$2" 2> /dev/null); do
+    kill_tree "$1" "$child"
+  done
+  kill "-$1" "$2" 2> /dev/null
+}
+
+# stop_tree PID: TERM the tree (torchrun forwards it and tears its workers down), then KILL whatever
+# is left after STOP_GRACE seconds (default 30).
+stop_tree() {
+  local pids waited=0
+  pids="$1 $(descendants "$1")"
+  kill_tree TERM "$1"
+  while ((waited < ${STOP_GRACE:-30})); do
+    local alive=0 p
+    for p in $pids; do kill -0 "$p" 2> /dev/null && alive=1; done
+    ((alive)) || return 0
+    sleep 1
+    waited=$((waited + 1))
+  done
+  for p in $pids; do kill -KILL "$p" 2> /dev/null; done
+}
+
+# descendants PID: every descendant's pid, collected before anything is signalled (an orphan is
+# re-parented and could no longer be found from PID).
+descendants() {
+  local child
+  for child in $(ps -o pid= --ppid "$1" 2> /dev/null); do
+    echo "$child"
+    descendants "$child"
+  done
+}
+
 run_cut() {
   local log=$1 pattern=$2
   shift 2
@@ -77,11 +114,12 @@ run_cut() {
     if grep -qE "$pattern" "$log"; then
       sleep 1
       kill -TERM -- "-$pid" 2> /dev/null
+      stop_tree "$pid"
       break
     fi
     if (($(date +%s) - t0 > ${RUN_LIMIT:-420})); then
       echo "time limit: stopping $log"
-      kill -KILL -- "-$pid" 2> /dev/null
+      stop_tree "$pid"
       break
     fi
     sleep 1

@@ -132,3 +132,31 @@ def test_bench_gpu_idle_refuses_a_gpu_another_process_holds(tmp_path, used_mib, 
     assert (shell.returncode == 0) == idle
     if not idle:
         assert "GPU busy: 22300 MiB" in err and "4242" in err
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+@pytest.mark.parametrize("ignores_term", [False, True])
+def test_run_cut_time_limit_reaches_a_worker_in_its_own_session(tmp_path, ignores_term):
+    """torchrun starts its workers in new sessions: a KILL of the launcher's group missed the worker,
+    which held the GPU into the next run. At the time limit every descendant must end, a worker that
+    ignores TERM too (it gets KILL after the grace period)."""
+    pid_file = tmp_path / "worker.pid"
+    trap = "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); " if ignores_term else ""
+    worker = f"{trap}import time; time.sleep(300)"
+    launcher = (
+        "import subprocess, sys; "
+        f"w = subprocess.Popen([sys.executable, '-c', {worker!r}], start_new_session=True); "
+        f"open({str(pid_file)!r}, 'w').write(str(w.pid)); w.wait()"
+    )
+    script = f'RUN_LIMIT=1 STOP_GRACE=2 run_cut "{tmp_path}/run.out" NEVER_PRINTED python3 -c "{launcher}"'
+    shell = _bench_shell(script, tmp_path)
+    try:
+        shell.wait(timeout=60)
+        worker_pid = int(pid_file.read_text())
+        gone = _wait_for(lambda: not _alive(worker_pid), 5)
+    finally:
+        if shell.poll() is None:
+            shell.kill()
+        if pid_file.exists() and _alive(int(pid_file.read_text())):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    assert gone, "the worker outlived run_cut's time limit: the next run would share the GPU"
