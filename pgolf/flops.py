@@ -26,7 +26,9 @@ FWD_BWD = 3.0  # forward + backward (input and weight gradients: 2x the forward)
 def layer_passes(cfg, looping: bool = True) -> int:
     """Executed transformer layers per forward: looped layers count once per pass."""
     loops = getattr(cfg, "num_loops", 0) if looping else 0
-    return len(virtual_layers(cfg.num_layers, loops, getattr(cfg, "loop_start", 0), getattr(cfg, "loop_end", 0)))
+    return len(
+        virtual_layers(cfg.num_layers, loops, getattr(cfg, "loop_start", 0), getattr(cfg, "loop_end", 0))
+    )
 
 
 def matmul_params(cfg, looping: bool = True) -> int:

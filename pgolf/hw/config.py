@@ -34,9 +34,14 @@ class CudaHardwareConfig:
     # SDPA's first choice in the graphs compiled at eval warm-up (nonoverlap, sliding windows, TTT):
     # on an H100 it is the faster kernel for the long eval batches (docs/benchmarks.md §7).
     eval_cudnn_attention: bool = True
+    # Dense bf16 TFLOP/s of one device, the denominator of the MFU in the log and result.json
+    # (0: no MFU). 989.4: NVIDIA's H100 SXM spec (H200: the same); docs/architecture.md#throughput-and-mfu.
+    peak_tflops: float = 989.4
 
     def validate(self, path: str) -> None:
         _check_nproc(path, self.nproc_per_node)
+        if self.peak_tflops < 0:
+            raise ConfigError(f"{path}.peak_tflops={self.peak_tflops} must be >= 0 (0: no MFU)")
 
 
 @dataclass
@@ -49,9 +54,12 @@ class CpuHardwareConfig:
     # flex runs forward-only on CPU (torch has no CPU backward for it): scoring, not training
     doc_attention: DocAttentionBackend = "auto"
     threads: int = 0  # torch intra-op threads per process; 0 = cores / nproc
+    peak_tflops: float = 0.0  # a CPU's peak for the MFU (0: no MFU in the log)
 
     def validate(self, path: str) -> None:
         _check_nproc(path, self.nproc_per_node)
+        if self.peak_tflops < 0:
+            raise ConfigError(f"{path}.peak_tflops={self.peak_tflops} must be >= 0 (0: no MFU)")
         if self.attention in ("fa3", "fa2"):
             raise ConfigError(f"{path}.attention={self.attention!r} needs a GPU; use sdpa or auto on CPU")
         if self.doc_attention == "varlen":
