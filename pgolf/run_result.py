@@ -89,6 +89,7 @@ class RunResult:
     versions: dict[str, str] | None = None  # pgolf, python, torch, ... (and the GPU)
     params: int | None = None
     attention_backend: str | None = None
+    fused_kernels: dict[str, bool] | None = None  # model.fused_* switch -> used (`auto` resolved)
     grad_accum: int | None = None
     calibration_plan: dict[str, Any] | None = None  # the GPTQ probe and the reserve it took
     resumed_from_step: int | None = None
@@ -244,7 +245,7 @@ _CHECKS = {
     )},
     **{k: (_number, "a number") for k in _FLOATS},
     **{k: (_mapping, "an object") for k in (
-        "versions", "calibration_plan", "metrics", "optimizer", "throughput", "calibration", "quant", "files",
+        "versions", "fused_kernels", "calibration_plan", "metrics", "optimizer", "throughput", "calibration", "quant", "files",
         "timings", "val", "rules", "limits", "gpu_lease", "non_finite",
     )},
     "train_losses": (_loss_pairs, "a list of [step, loss] pairs"),

@@ -209,6 +209,10 @@ class Trainer:
             f"model:{job.model.name} params:{n_params:,} attention_backend:{backend} amp:{rt.amp_dtype} compile:{rt.compile}"
         )
         self.result.params, self.result.attention_backend = n_params, backend
+        fused = getattr(self.model, "fused_kernels", None)
+        if fused:
+            self.result.fused_kernels = fused
+            self.log("fused_kernels: " + " ".join(f"{k}:{'on' if on else 'off'}" for k, on in fused.items()))
         self.result.grad_accum = self.grad_accum
         compiled = torch.compile(self.model, dynamic=False, fullgraph=True) if rt.compile else self.model
         self.opt = OPTIMIZERS.build(

@@ -7,6 +7,7 @@ serves both layouts and the two give the same numbers for the same weights.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -39,13 +40,22 @@ def own_linear(in_features: int, out_features: int) -> CastedLinear:
     )
 
 
-def optional_kernel(on: bool, switch: str, name: str):
+def switch_on(value: bool | str) -> bool:
+    """A fused-kernel switch as a bool. `auto` (model.fused_mlp_up, fused_qk_rope) is on where the
+    kernels run natively, CUDA with Triton installed, and off elsewhere (CPU runs, no Triton: the
+    Triton interpreter is for parity tests, not runs); the kernels module is not imported to decide."""
+    if value != "auto":
+        return bool(value)
+    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+
+
+def optional_kernel(on: bool | str, switch: str, name: str):
     """pgolf.models.kernels.<name> when the config switch `model.<switch>` is on, else None.
 
     The module is imported only then, so runs without a fused switch never import (or ship) it;
     `kernels.require` raises a clear error naming the switch where the kernels cannot run.
     """
-    if not on:
+    if not switch_on(on):
         return None
     from pgolf.models import kernels
 

@@ -157,9 +157,11 @@ class GPTModelConfig:
     # inference only: leaky_relu(x W_up^T)^2 as the up-projection GEMM's epilogue, the down
     # projection left to cuBLAS (grad off); the other place to fuse the activation than
     # fused_mlp_gemm, so at most one of the two
-    fused_mlp_up: bool = False
+    fused_mlp_up: bool | Literal["auto"] = False
     # inference only: q/k rms_norm + partial RoPE (+ q_gain) as one kernel per tensor (grad off)
-    fused_qk_rope: bool = False
+    fused_qk_rope: bool | Literal["auto"] = False
+    # (auto, for the two above: on where CUDA and Triton are, off elsewhere, e.g. CPU runs of a
+    # record experiment; the run log and result.json `fused_kernels` say which was used)
 
     def validate(self, path: str) -> None:
         for key in ("num_layers", "model_dim", "num_heads", "num_kv_heads", "vocab_size"):

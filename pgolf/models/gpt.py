@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pgolf.models.banks import BANKS, bank_slots, rebank, unbank
-from pgolf.models.blocks import Block, LayerWeights, optional_kernel
+from pgolf.models.blocks import Block, LayerWeights, optional_kernel, switch_on
 from pgolf.models.config import GPTModelConfig
 from pgolf.models.embeddings import BigramHash, SmearGateV2, SmearGateV3, ValueEmbedding
 from pgolf.models.layers import (
@@ -47,6 +47,7 @@ LOOP_OFF, LOOP_ON, STATIC = "loop_off", "loop_on", "static"
 LANE_FORMS = ("two_lane", "two_lane_seq", "split_lane")  # parallel residuals that carry two streams
 # The per-layer linears of a block's six matrices, in LayerWeights order (q, k, v, o, up, down).
 LAYER_MATRICES = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj")
+FUSED_SWITCHES = ("fused_mlp", "fused_ce", "fused_mlp_gemm", "fused_mlp_up", "fused_qk_rope")
 
 
 class GPT(nn.Module):
@@ -123,6 +124,8 @@ class GPT(nn.Module):
             self.lm_head._zero_init = True
         self._export_keys: list[str] | None = None
         self._fused_ce = optional_kernel(cfg.fused_ce, "fused_ce", "softcap_cross_entropy")
+        # what each fused-kernel switch resolved to (`auto` decided here): the run log and result.json
+        self.fused_kernels = {k: switch_on(getattr(cfg, k)) for k in FUSED_SWITCHES}
         self.head_delta = None  # test-time logit adapter (pgolf.ttt.lora); a plain callable, None outside TTT
         # Test-time adapters per executed block pass (pgolf.ttt.lora, ttt.per_pass): entry s serves
         # the s-th block run by the forward (block_passes()), so each pass of a looped layer gets its
