@@ -67,6 +67,8 @@ class RulesBroken(TrainingError):
 PROBE_BATCHES = 2
 # Headroom on the measured calibration cost when reserving it off the training clock.
 CALIBRATION_MARGIN = 1.25
+# SDPA kernels of the training graphs under hardware.train_cudnn_attention, first choice first.
+TRAIN_CUDNN_SDPA = ["cudnn", "flash", "efficient", "math"]
 
 
 def versions() -> dict[str, str]:
@@ -191,14 +193,18 @@ class Trainer:
         self.loader = self._build_loader()
 
         backend = attention.select_backend(rt.attention, rt.device.type)
+        if rt.train_cudnn_attention and backend == "sdpa":
+            backend = "sdpa(cudnn first)"
         if isinstance(job.model, GPTModelConfig) and job.model.doc_mask:  # its kernel is chosen apart
             from pgolf.models.docmask import select_doc_backend  # imported (and shipped) only then
 
             doc = select_doc_backend(job.hardware.doc_attention, rt.device.type)
             backend = f"{backend}+doc_mask:{doc}"
-        # training graphs use the global SDPA flags; an earlier run in this process may have left
-        # the eval kernel list (warm_eval) behind
-        attention.set_sdpa_backends(None)
+        # training graphs use the global SDPA flags (flash first), or cuDNN first with
+        # hardware.train_cudnn_attention; either way this also drops an eval kernel list (warm_eval)
+        # that an earlier run in this process may have left behind
+        attention.set_sdpa_backends(TRAIN_CUDNN_SDPA if rt.train_cudnn_attention else None)
+
         torch.manual_seed(job.seed)
         np.random.seed(job.seed)
         self.model = self._fresh_model()

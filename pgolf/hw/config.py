@@ -34,6 +34,10 @@ class CudaHardwareConfig:
     # SDPA's first choice in the graphs compiled at eval warm-up (nonoverlap, sliding windows, TTT):
     # on an H100 it is the faster kernel for the long eval batches (docs/benchmarks.md §7).
     eval_cudnn_attention: bool = True
+    # True: cuDNN SDPA first in the training graphs too (flash when cuDNN cannot take the call), the
+    # kernel that bench/optim.sh and seeds.sh timed through the FA3 stand-in. Only where attention
+    # runs on SDPA (hardware.attention=sdpa, or auto without FA3/FA2). On in the record experiments.
+    train_cudnn_attention: bool = False
     # Dense bf16 TFLOP/s of one device, the denominator of the MFU in the log and result.json
     # (0: no MFU). 989.4: NVIDIA's H100 SXM spec (H200: the same); docs/architecture.md#throughput-and-mfu.
     peak_tflops: float = 989.4
@@ -55,6 +59,8 @@ class CpuHardwareConfig:
     doc_attention: DocAttentionBackend = "auto"
     threads: int = 0  # torch intra-op threads per process; 0 = cores / nproc
     peak_tflops: float = 0.0  # a CPU's peak for the MFU (0: no MFU in the log)
+    # a GPU setting, accepted so that a record experiment (which sets it) also runs on CPU: no effect here
+    train_cudnn_attention: bool = False
 
     def validate(self, path: str) -> None:
         _check_nproc(path, self.nproc_per_node)
@@ -75,6 +81,7 @@ class AutoHardwareConfig:
     name: str = "auto"
     nproc_per_node: int = 0
     compile: bool = True
+    train_cudnn_attention: bool = False  # passed on to `cuda` (see CudaHardwareConfig); no effect on CPU
 
     def validate(self, path: str) -> None:
         _check_nproc(path, self.nproc_per_node)
