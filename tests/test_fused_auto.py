@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pgolf.config import from_dict
-from pgolf.models import blocks
+from pgolf.models import config
 from pgolf.models.config import LayeredGPTConfig
 from pgolf.models.gpt import GPT
 from pgolf.registry import ConfigError
@@ -39,7 +39,7 @@ def test_auto_is_off_without_triton(monkeypatch):
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a)
     )
-    assert blocks.switch_on("auto") is False
+    assert config.switch_on("auto") is False
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton installed")
@@ -55,4 +55,17 @@ def test_auto_is_on_with_cuda_and_triton(monkeypatch):
 
 
 def test_true_and_false_are_unchanged():
-    assert blocks.switch_on(True) is True and blocks.switch_on(False) is False
+    assert config.switch_on(True) is True and config.switch_on(False) is False
+
+
+def test_plan_counts_the_kernels_a_run_would_import(monkeypatch):
+    """pgolf.plan packs pgolf/models/kernels.py exactly when the model would import it."""
+    from pgolf.parent.plan import _fused_kernels_on
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not _fused_kernels_on(LayeredGPTConfig(**TINY, **AUTO))
+    assert _fused_kernels_on(LayeredGPTConfig(**TINY, fused_qk_rope=True))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _fused_kernels_on(LayeredGPTConfig(**TINY, **AUTO)) == (
+        importlib.util.find_spec("triton") is not None
+    )

@@ -7,7 +7,6 @@ serves both layouts and the two give the same numbers for the same weights.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pgolf.models.attention import causal_attention, exclusive_self_attention, last_rows_causal_attention
-from pgolf.models.config import GPTModelConfig
+from pgolf.models.config import GPTModelConfig, switch_on
 from pgolf.models.layers import CastedLinear, apply_partial_rotary, last_rows, rms_norm
 
 if TYPE_CHECKING:  # imported on use only (GPT with model.doc_mask), so other runs never ship it
@@ -38,15 +37,6 @@ def own_linear(in_features: int, out_features: int) -> CastedLinear:
     return torch.nn.utils.skip_init(
         CastedLinear, in_features, out_features, bias=False, device=torch.get_default_device()
     )
-
-
-def switch_on(value: bool | str) -> bool:
-    """A fused-kernel switch as a bool. `auto` (model.fused_mlp_up, fused_qk_rope) is on where the
-    kernels run natively, CUDA with Triton installed, and off elsewhere (CPU runs, no Triton: the
-    Triton interpreter is for parity tests, not runs); the kernels module is not imported to decide."""
-    if value != "auto":
-        return bool(value)
-    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
 
 
 def optional_kernel(on: bool | str, switch: str, name: str):

@@ -7,6 +7,22 @@ from typing import ClassVar, Literal
 
 from pgolf.registry import ConfigError
 
+# The fused-kernel switches of the GPT family (pgolf.models.kernels).
+FUSED_SWITCHES = ("fused_mlp", "fused_ce", "fused_mlp_gemm", "fused_mlp_up", "fused_qk_rope")
+
+
+def switch_on(value: bool | str) -> bool:
+    """A fused-kernel switch as a bool. `auto` (model.fused_mlp_up, fused_qk_rope) is on where the
+    kernels run natively, CUDA with Triton installed, and off elsewhere (CPU runs, no Triton: the
+    Triton interpreter is for parity tests, not runs); the kernels module is not imported to decide."""
+    if value != "auto":
+        return bool(value)
+    import importlib.util
+
+    import torch  # here, not at the top: config modules load before torch is needed
+
+    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+
 
 def check_heads(path: str, model_dim: int, num_heads: int, num_kv_heads: int) -> None:
     """Heads must split the width evenly, and query heads must group evenly over KV heads (GQA)."""

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pgolf.models.banks import BANKS, bank_slots, rebank, unbank
-from pgolf.models.blocks import Block, LayerWeights, optional_kernel, switch_on
-from pgolf.models.config import GPTModelConfig
+from pgolf.models.blocks import Block, LayerWeights, optional_kernel
+from pgolf.models.config import FUSED_SWITCHES, GPTModelConfig, switch_on
 from pgolf.models.embeddings import BigramHash, SmearGateV2, SmearGateV3, ValueEmbedding
 from pgolf.models.layers import (
     CastedLinear,
@@ -47,7 +47,6 @@ LOOP_OFF, LOOP_ON, STATIC = "loop_off", "loop_on", "static"
 LANE_FORMS = ("two_lane", "two_lane_seq", "split_lane")  # parallel residuals that carry two streams
 # The per-layer linears of a block's six matrices, in LayerWeights order (q, k, v, o, up, down).
 LAYER_MATRICES = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj")
-FUSED_SWITCHES = ("fused_mlp", "fused_ce", "fused_mlp_gemm", "fused_mlp_up", "fused_qk_rope")
 
 
 class GPT(nn.Module):
