@@ -503,10 +503,10 @@ class Trainer:
         if ran > 0:
             t = self.job.train
             flops = {lp: train_flops_per_token(self.job.model, t.seq_len, lp) for lp in (False, True)}
-            peak = getattr(self.job.hardware, "peak_tflops", 0.0)
+            peak_tflops = getattr(self.job.hardware, "peak_tflops", 0.0)
             ran_ms = r.ms_per_step_mean * ran  # the clock's share of the steps counted here
             r.throughput = throughput(
-                t.batch_tokens, ran, ran_ms, r.ms_per_step, flops, looped, peak, rt.world_size
+                t.batch_tokens, ran, ran_ms, r.ms_per_step, flops, looped, peak_tflops, rt.world_size
             )
             self.log(log_line(r.throughput))
 
