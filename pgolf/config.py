@@ -289,6 +289,8 @@ def check_eval(job: JobConfig) -> None:
 # Keys that do not change what a run computes: excluded from the seed-free config hash, so all
 # seeds (and re-runs in another folder) of one configuration share a group.
 _HASH_EXCLUDED = ("seed", "job_dir", "label", "wandb", "checkpoint", *PARENT_ONLY)
+# Group keys of the same kind: only what the run reports (the MFU's denominator), not what it computes.
+_HASH_EXCLUDED_IN_GROUP = {"hardware": ("peak_tflops",)}
 
 
 def config_hash(job: JobConfig | dict[str, Any], include_seed: bool = False) -> str:
@@ -297,5 +299,8 @@ def config_hash(job: JobConfig | dict[str, Any], include_seed: bool = False) -> 
         if key == "seed" and include_seed:
             continue
         d.pop(key, None)
+    for group, keys in _HASH_EXCLUDED_IN_GROUP.items():
+        if isinstance(d.get(group), dict):
+            d[group] = {k: v for k, v in d[group].items() if k not in keys}
     canonical = json.dumps(d, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]

@@ -89,6 +89,7 @@ class RunResult:
     versions: dict[str, str] | None = None  # pgolf, python, torch, ... (and the GPU)
     params: int | None = None
     attention_backend: str | None = None
+    fused_kernels: dict[str, bool] | None = None  # model.fused_* switch -> used (`auto` resolved)
     grad_accum: int | None = None
     calibration_plan: dict[str, Any] | None = None  # the GPTQ probe and the reserve it took
     resumed_from_step: int | None = None
@@ -101,6 +102,8 @@ class RunResult:
     peak_memory_bytes: int | None = None
     stopped_by: str | None = None  # wallclock | iterations
     optimizer: dict[str, Any] | None = None
+    # tokens/s (median step, whole clock), FLOPs per token, TFLOP/s and MFU (pgolf.throughput)
+    throughput: dict[str, Any] | None = None
     calibration_seconds: float | None = None
     calibration: dict[str, Any] | None = None
     bytes: ByteCounts | None = None
@@ -113,7 +116,7 @@ class RunResult:
     val_bpb: float | None = None
     error: str | None = None
     traceback: str | None = None
-    timings: dict[str, float] | None = None  # phase -> seconds
+    timings: dict[str, float] | None = None  # phase (and calibration, export, eval_<mode>) -> seconds
     val: dict[str, Any] | None = None  # the val split and tokenizer that were scored
     rules: dict[str, Any] | None = None  # pgolf.rules.verdict
     limits: dict[str, Any] | None = None
@@ -242,7 +245,7 @@ _CHECKS = {
     )},
     **{k: (_number, "a number") for k in _FLOATS},
     **{k: (_mapping, "an object") for k in (
-        "versions", "calibration_plan", "metrics", "optimizer", "calibration", "quant", "files",
+        "versions", "fused_kernels", "calibration_plan", "metrics", "optimizer", "throughput", "calibration", "quant", "files",
         "timings", "val", "rules", "limits", "gpu_lease", "non_finite",
     )},
     "train_losses": (_loss_pairs, "a list of [step, loss] pairs"),

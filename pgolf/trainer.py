@@ -29,6 +29,7 @@ from pgolf.config import JobConfig, config_hash, to_dict
 from pgolf.data.loader import build_loader
 from pgolf.eval.sliding import ModeResult, WindowScorer, evaluate_sliding, from_eval_result
 from pgolf.eval.val import ByteLUT, EvalResult, evaluate
+from pgolf.flops import train_flops_per_token
 from pgolf.history import History
 from pgolf.hw.device import Runtime
 from pgolf.hw.device import build as build_runtime
@@ -41,6 +42,7 @@ from pgolf.results import sha256_file, write_text_atomic
 from pgolf.rules import verdict
 from pgolf.run_result import ByteCounts, RunResult
 from pgolf.shipped import write_code
+from pgolf.throughput import log_line, throughput
 from pgolf.timing import PhaseTimer
 
 if TYPE_CHECKING:  # annotations only: a packed run ships no Protocol, and no checkpoint module when off
@@ -65,6 +67,8 @@ class RulesBroken(TrainingError):
 PROBE_BATCHES = 2
 # Headroom on the measured calibration cost when reserving it off the training clock.
 CALIBRATION_MARGIN = 1.25
+# SDPA kernels of the training graphs under hardware.train_cudnn_attention, first choice first.
+TRAIN_CUDNN_SDPA = ["cudnn", "flash", "efficient", "math"]
 
 
 def versions() -> dict[str, str]:
@@ -135,7 +139,12 @@ class Trainer:
         self.result.val_loss, self.result.val_bpb = final.val_loss, final.val_bpb
         # `roundtrip`: the artifact's final score (the last eval mode, or TTT), which val_bpb reports
         self.result.metrics["roundtrip"] = vars(final)
-        self.result.timings = {**self.timer.seconds, "total": time.perf_counter() - t_start}
+        self.result.timings = {
+            **self.timer.seconds,
+            **self._sub_phases(),
+            "total": time.perf_counter() - t_start,
+        }
+        self.log("phases: " + " ".join(f"{k}:{v:.1f}s" for k, v in self.result.timings.items()))
         self.enforce_rules()
         self.result.status = "ok"
         if self.rt.is_main:  # byte accounting lives on rank 0, which wrote the artifact
@@ -154,6 +163,19 @@ class Trainer:
             yield
         self.log.debug(f"phase:{name} done in {self.timer.seconds[name]:.2f}s")
 
+    def _sub_phases(self) -> dict[str, float]:
+        """Seconds inside the timed phases: calibration and export (artifact), each eval mode."""
+        out: dict[str, float] = {}
+        if "artifact" in self.timer.seconds:
+            cal = self.result.calibration_seconds or 0.0
+            out["calibration"] = cal
+            out["export"] = max(self.timer.seconds["artifact"] - cal, 0.0)
+        for mode in self.job.eval.modes:
+            seconds = (self.result.metrics or {}).get(mode, {}).get("seconds")
+            if seconds is not None:
+                out[f"eval_{mode}"] = seconds
+        return out
+
     # ---------------------------------------------------------------------------------- build
     def build(self) -> None:
         job, rt = self.job, self.rt
@@ -171,14 +193,18 @@ class Trainer:
         self.loader = self._build_loader()
 
         backend = attention.select_backend(rt.attention, rt.device.type)
+        if rt.train_cudnn_attention and backend == "sdpa":
+            backend = "sdpa(cudnn first)"
         if isinstance(job.model, GPTModelConfig) and job.model.doc_mask:  # its kernel is chosen apart
             from pgolf.models.docmask import select_doc_backend  # imported (and shipped) only then
 
             doc = select_doc_backend(job.hardware.doc_attention, rt.device.type)
             backend = f"{backend}+doc_mask:{doc}"
-        # training graphs use the global SDPA flags; an earlier run in this process may have left
-        # the eval kernel list (warm_eval) behind
-        attention.set_sdpa_backends(None)
+        # training graphs use the global SDPA flags (flash first), or cuDNN first with
+        # hardware.train_cudnn_attention; either way this also drops an eval kernel list (warm_eval)
+        # that an earlier run in this process may have left behind
+        attention.set_sdpa_backends(TRAIN_CUDNN_SDPA if rt.train_cudnn_attention else None)
+
         torch.manual_seed(job.seed)
         np.random.seed(job.seed)
         self.model = self._fresh_model()
@@ -189,6 +215,10 @@ class Trainer:
             f"model:{job.model.name} params:{n_params:,} attention_backend:{backend} amp:{rt.amp_dtype} compile:{rt.compile}"
         )
         self.result.params, self.result.attention_backend = n_params, backend
+        fused = getattr(self.model, "fused_kernels", None)
+        if fused:
+            self.result.fused_kernels = fused
+            self.log("fused_kernels: " + " ".join(f"{k}:{'on' if on else 'off'}" for k, on in fused.items()))
         self.result.grad_accum = self.grad_accum
         compiled = torch.compile(self.model, dynamic=False, fullgraph=True) if rt.compile else self.model
         self.opt = OPTIMIZERS.build(
@@ -330,6 +360,7 @@ class Trainer:
         step = self._resume(clock, stop, times, losses)  # a killed run continues where it left off
         clock.start()
         times.start()
+        looped = 0  # steps run in the deeper graph variant (depth recurrence on): their FLOPs differ
         while True:
             last = stop.is_last(step)
             if last or (t.val_every > 0 and step > 0 and step % t.val_every == 0):
@@ -342,6 +373,7 @@ class Trainer:
             if note:
                 self.log(f"step:{step} {note}")
             loss = self._train_step(step, elapsed_ms, cap_ms)
+            looped += bool(getattr(self.model, "looping", False))  # a host-side flag: no sync
             step += 1
             # Host bookkeeping. On CUDA, wait only for the *previous* step (this one stays queued).
             self._act_on_flags(flags.previous(), step - 1, stop)
@@ -357,7 +389,7 @@ class Trainer:
                 self._save_checkpoint(step, clock, stop, times, losses)
             self.ckpt.fault_point(step)
         self.log.end_bar()
-        self._record_training(step, clock.train_ms, stop, times, losses)
+        self._record_training(step, clock.train_ms, stop, times, losses, looped)
 
     def _checkpointer(self) -> Checkpointer | NoCheckpoints:
         """Built once priming is undone: it is given the parts it saves (the loader is the new one).
@@ -454,7 +486,7 @@ class Trainer:
         self.log.debug(f"step:{step} checkpoint saved in {clock.now() - paused_at:.1f}s (off the clock)")
 
     def _record_training(
-        self, steps: int, train_ms: float, stop: StopRule, times: StepTimes, losses: LossLog
+        self, steps: int, train_ms: float, stop: StopRule, times: StepTimes, losses: LossLog, looped: int = 0
     ) -> None:
         rt, r = self.rt, self.result
         peak = torch.cuda.max_memory_allocated(rt.device) if rt.device.type == "cuda" else 0
@@ -466,6 +498,17 @@ class Trainer:
             f"trained {steps} steps in {train_ms / 1000:.1f}s, median {r.ms_per_step:.2f}ms/step, "
             f"peak memory {peak / 2**20:.0f} MiB"
         )
+        # steps run in this process (a resumed run's earlier steps are in train_ms but not here)
+        ran = steps - (r.resumed_from_step or 0)
+        if ran > 0:
+            t = self.job.train
+            flops = {lp: train_flops_per_token(self.job.model, t.seq_len, lp) for lp in (False, True)}
+            peak_tflops = getattr(self.job.hardware, "peak_tflops", 0.0)
+            ran_ms = r.ms_per_step_mean * ran  # the clock's share of the steps counted here
+            r.throughput = throughput(
+                t.batch_tokens, ran, ran_ms, r.ms_per_step, flops, looped, peak_tflops, rt.world_size
+            )
+            self.log(log_line(r.throughput))
 
     def _val_batch_seqs(self) -> int:
         t = self.job.train

@@ -34,9 +34,18 @@ class CudaHardwareConfig:
     # SDPA's first choice in the graphs compiled at eval warm-up (nonoverlap, sliding windows, TTT):
     # on an H100 it is the faster kernel for the long eval batches (docs/benchmarks.md §7).
     eval_cudnn_attention: bool = True
+    # True: cuDNN SDPA first in the training graphs too (flash when cuDNN cannot take the call), the
+    # kernel that bench/optim.sh and seeds.sh timed through the FA3 stand-in. Only where attention
+    # runs on SDPA (hardware.attention=sdpa, or auto without FA3/FA2). On in the record experiments.
+    train_cudnn_attention: bool = False
+    # Dense bf16 TFLOP/s of one device, the denominator of the MFU in the log and result.json
+    # (0: no MFU). 989.4: NVIDIA's H100 SXM spec (H200: the same); docs/architecture.md#throughput-and-mfu.
+    peak_tflops: float = 989.4
 
     def validate(self, path: str) -> None:
         _check_nproc(path, self.nproc_per_node)
+        if self.peak_tflops < 0:
+            raise ConfigError(f"{path}.peak_tflops={self.peak_tflops} must be >= 0 (0: no MFU)")
 
 
 @dataclass
@@ -49,9 +58,14 @@ class CpuHardwareConfig:
     # flex runs forward-only on CPU (torch has no CPU backward for it): scoring, not training
     doc_attention: DocAttentionBackend = "auto"
     threads: int = 0  # torch intra-op threads per process; 0 = cores / nproc
+    peak_tflops: float = 0.0  # a CPU's peak for the MFU (0: no MFU in the log)
+    # a GPU setting, accepted so that a record experiment (which sets it) also runs on CPU: no effect here
+    train_cudnn_attention: bool = False
 
     def validate(self, path: str) -> None:
         _check_nproc(path, self.nproc_per_node)
+        if self.peak_tflops < 0:
+            raise ConfigError(f"{path}.peak_tflops={self.peak_tflops} must be >= 0 (0: no MFU)")
         if self.attention in ("fa3", "fa2"):
             raise ConfigError(f"{path}.attention={self.attention!r} needs a GPU; use sdpa or auto on CPU")
         if self.doc_attention == "varlen":
@@ -67,6 +81,7 @@ class AutoHardwareConfig:
     name: str = "auto"
     nproc_per_node: int = 0
     compile: bool = True
+    train_cudnn_attention: bool = False  # passed on to `cuda` (see CudaHardwareConfig); no effect on CPU
 
     def validate(self, path: str) -> None:
         _check_nproc(path, self.nproc_per_node)

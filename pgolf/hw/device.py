@@ -20,8 +20,12 @@ def resolve_auto(cfg: AutoHardwareConfig) -> CudaHardwareConfig | CpuHardwareCon
     """`auto` -> cuda with every visible GPU (largest count dividing 8), else cpu. Done in the parent."""
     if torch.cuda.is_available():
         n = cfg.nproc_per_node or largest_divisor_of_8(torch.cuda.device_count())
-        return CudaHardwareConfig(nproc_per_node=n, compile=cfg.compile)
-    return CpuHardwareConfig(nproc_per_node=cfg.nproc_per_node or 1)
+        return CudaHardwareConfig(
+            nproc_per_node=n, compile=cfg.compile, train_cudnn_attention=cfg.train_cudnn_attention
+        )
+    return CpuHardwareConfig(
+        nproc_per_node=cfg.nproc_per_node or 1, train_cudnn_attention=cfg.train_cudnn_attention
+    )
 
 
 def resolve_nproc(cfg: CudaHardwareConfig | CpuHardwareConfig) -> CudaHardwareConfig | CpuHardwareConfig:
@@ -51,6 +55,8 @@ class Runtime:
     attention: str  # hardware.attention as configured ("auto" is resolved by models.attention)
     # cuDNN first in the SDPA graphs compiled at eval warm-up (hardware.eval_cudnn_attention; GPU only)
     eval_cudnn_attention: bool = False
+    # cuDNN first in the training graphs' SDPA (hardware.train_cudnn_attention; GPU only)
+    train_cudnn_attention: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -89,5 +95,6 @@ def build(cfg: CudaHardwareConfig | CpuHardwareConfig) -> Runtime:
         if world > 1 and not dist.is_initialized():
             dist.init_process_group("gloo")
     amp = torch.bfloat16 if cfg.amp_dtype == "bfloat16" else torch.float32
-    eval_cudnn = isinstance(cfg, CudaHardwareConfig) and cfg.eval_cudnn_attention
-    return Runtime(device, rank, local_rank, world, amp, cfg.compile, cfg.attention, eval_cudnn)
+    cuda = isinstance(cfg, CudaHardwareConfig)
+    eval_cudnn, train_cudnn = cuda and cfg.eval_cudnn_attention, cuda and cfg.train_cudnn_attention
+    return Runtime(device, rank, local_rank, world, amp, cfg.compile, cfg.attention, eval_cudnn, train_cudnn)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pgolf.models.attention import causal_attention, exclusive_self_attention, last_rows_causal_attention
-from pgolf.models.config import GPTModelConfig
+from pgolf.models.config import GPTModelConfig, switch_on
 from pgolf.models.layers import CastedLinear, apply_partial_rotary, last_rows, rms_norm
 
 if TYPE_CHECKING:  # imported on use only (GPT with model.doc_mask), so other runs never ship it
@@ -39,13 +39,13 @@ def own_linear(in_features: int, out_features: int) -> CastedLinear:
     )
 
 
-def optional_kernel(on: bool, switch: str, name: str):
+def optional_kernel(on: bool | str, switch: str, name: str):
     """pgolf.models.kernels.<name> when the config switch `model.<switch>` is on, else None.
 
     The module is imported only then, so runs without a fused switch never import (or ship) it;
     `kernels.require` raises a clear error naming the switch where the kernels cannot run.
     """
-    if not on:
+    if not switch_on(on):
         return None
     from pgolf.models import kernels
 

@@ -7,6 +7,22 @@ from typing import ClassVar, Literal
 
 from pgolf.registry import ConfigError
 
+# The fused-kernel switches of the GPT family (pgolf.models.kernels).
+FUSED_SWITCHES = ("fused_mlp", "fused_ce", "fused_mlp_gemm", "fused_mlp_up", "fused_qk_rope")
+
+
+def switch_on(value: bool | str) -> bool:
+    """A fused-kernel switch as a bool. `auto` (model.fused_mlp_up, fused_qk_rope) is on where the
+    kernels run natively, CUDA with Triton installed, and off elsewhere (CPU runs, no Triton: the
+    Triton interpreter is for parity tests, not runs); the kernels module is not imported to decide."""
+    if value != "auto":
+        return bool(value)
+    import importlib.util
+
+    import torch  # here, not at the top: config modules load before torch is needed
+
+    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+
 
 def check_heads(path: str, model_dim: int, num_heads: int, num_kv_heads: int) -> None:
     """Heads must split the width evenly, and query heads must group evenly over KV heads (GQA)."""
@@ -157,9 +173,11 @@ class GPTModelConfig:
     # inference only: leaky_relu(x W_up^T)^2 as the up-projection GEMM's epilogue, the down
     # projection left to cuBLAS (grad off); the other place to fuse the activation than
     # fused_mlp_gemm, so at most one of the two
-    fused_mlp_up: bool = False
+    fused_mlp_up: bool | Literal["auto"] = False
     # inference only: q/k rms_norm + partial RoPE (+ q_gain) as one kernel per tensor (grad off)
-    fused_qk_rope: bool = False
+    fused_qk_rope: bool | Literal["auto"] = False
+    # (auto, for the two above: on where CUDA and Triton are, off elsewhere, e.g. CPU runs of a
+    # record experiment; the run log and result.json `fused_kernels` say which was used)
 
     def validate(self, path: str) -> None:
         for key in ("num_layers", "model_dim", "num_heads", "num_kv_heads", "vocab_size"):

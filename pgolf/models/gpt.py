@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from pgolf.models.banks import BANKS, bank_slots, rebank, unbank
 from pgolf.models.blocks import Block, LayerWeights, optional_kernel
-from pgolf.models.config import GPTModelConfig
+from pgolf.models.config import FUSED_SWITCHES, GPTModelConfig, switch_on
 from pgolf.models.embeddings import BigramHash, SmearGateV2, SmearGateV3, ValueEmbedding
 from pgolf.models.layers import (
     CastedLinear,
@@ -123,6 +123,8 @@ class GPT(nn.Module):
             self.lm_head._zero_init = True
         self._export_keys: list[str] | None = None
         self._fused_ce = optional_kernel(cfg.fused_ce, "fused_ce", "softcap_cross_entropy")
+        # what each fused-kernel switch resolved to (`auto` decided here): the run log and result.json
+        self.fused_kernels = {k: switch_on(getattr(cfg, k)) for k in FUSED_SWITCHES}
         self.head_delta = None  # test-time logit adapter (pgolf.ttt.lora); a plain callable, None outside TTT
         # Test-time adapters per executed block pass (pgolf.ttt.lora, ttt.per_pass): entry s serves
         # the s-th block run by the forward (block_passes()), so each pass of a looped layer gets its

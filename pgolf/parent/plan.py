@@ -127,10 +127,18 @@ def code_bytes(job) -> int:
     LOADERS.get(job.data.loader).load_builder()  # the loader imports its sampler by name
     if job.optimizer.late_qat_threshold > 0:  # the trainer imports it only then
         import pgolf.quant.qat  # noqa: F401
+    if _fused_kernels_on(job.model):  # the model imports them only then (`auto`: with CUDA + Triton)
+        import pgolf.models.kernels  # noqa: F401
     config = to_dict(_hardware_as_frozen(job))
     return len(
         build_wrapper(shipped_modules(config), shipped_config(config), codec_for(config)).encode("utf-8")
     )
+
+
+def _fused_kernels_on(model_cfg) -> bool:
+    from pgolf.models.config import FUSED_SWITCHES, switch_on
+
+    return any(switch_on(getattr(model_cfg, k, False)) for k in FUSED_SWITCHES)
 
 
 def _hardware_as_frozen(job):
