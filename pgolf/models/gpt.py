@@ -327,7 +327,10 @@ class GPT(nn.Module):
         # (past it they recompute an NTK inv_freq in fp32)
         bf16_tables = self.cfg.rope_table_dtype == "bfloat16" and (train_len <= 0 or T <= train_len)
         table = torch.bfloat16 if bf16_tables else torch.float32
-        cos, sin = rotary_tables(T, self.rope_dims, base, x.device, x.dtype, table)
+        # bfloat16_inv_freq: the cast buffer's frequencies, positions in fp32 (an NTK base is fp32)
+        bf16_freq = self.cfg.rope_table_dtype == "bfloat16_inv_freq" and base == cfg.rope_base
+        freq = torch.bfloat16 if bf16_freq else None
+        cos, sin = rotary_tables(T, self.rope_dims, base, x.device, x.dtype, table, freq)
         ve_base = self.ve_shared(ids) if self.ve_shared is not None else None
 
         def ve(i: int) -> Tensor | None:
