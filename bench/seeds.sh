@@ -11,6 +11,14 @@
 # warmdown (100 of 150 steps, so the schedule is exercised) and the wallclock cap (off) is the PR's
 # own run command on the reference side and the experiment's own defaults on pgolf's side.
 #
+# The sp8192 seeds (pr1532, pr1775) read the tokenizer and shards that bench/sp8192_prep.sh leaves in
+# SP8192_DATA (run it first, in a call of its own; the scripts take it as their DATA_DIR). Their
+# scripts schedule the warmdown as a fraction (WARMDOWN_FRAC = WARMDOWN / STEPS, pgolf's
+# optimizer.warmdown_frac the same), and #1775's varlen attention runs the shim's exact flex stand-in
+# on both sides (pgolf's hardware.doc_attention=auto picks varlen where flash_attn_interface imports).
+#
+#   bash bench/sp8192_prep.sh && PRS="pr1532 pr1775" bash bench/seeds.sh
+#
 # Needs (git-ignored): .refs/<pr>/train_gpt.py (the seed's script), .bench/fa3_shim,
 # .bench/corpus, .bench/make_shards.py and, on an offline GPU image, the wheels in .whl/.
 set -uo pipefail
@@ -25,12 +33,15 @@ SIDES=${SIDES:-ref pgolf}
 SEEDS=${SEEDS:-1337}
 PGOLF_EXTRA=${PGOLF_EXTRA:-}
 SHIM=${SHIM:-$REPO/.bench/fa3_shim}
+SP8192_DATA=${SP8192_DATA:-/tmp/pgolf_bench/sp8192}
 mkdir -p "$OUT" "$DATA" "$RUNS"
 source "$REPO/bench/common.sh"
 bench_env "$SHIM" || exit 1
 bench_device_info "$OUT/gpu.txt"
-bench_shards "$DATA" || exit 1
 TOK=$BENCH_TOK
+WARMDOWN_FRAC=$(python3 -c "print($WARMDOWN / $STEPS)")
+
+sp8192() { case "$1" in pr1532 | pr1775) return 0 ;; *) return 1 ;; esac }
 
 # The PRs' own run commands (their README / PR page), less ITERATIONS, WARMDOWN_ITERS and the cap.
 ref_env() {
@@ -43,26 +54,47 @@ ref_env() {
       SCALAR_LR=0.025 TIED_EMBED_LR=0.035 MUON_MOMENTUM=0.99 MUON_MOMENTUM_WARMUP_START=0.92 \
       MUON_MOMENTUM_WARMUP_STEPS=1500 EVAL_STRIDE=64 ;;
     pr726) echo ;;  # the script's defaults are the run (its README: "SEED=1337 torchrun ...")
+    pr1532) echo QK_GAIN_INIT=5.25 TTT_ENABLED=1 TTT_LR=0.005 TTT_EPOCHS=3 ;;
+    pr1775) echo TTT_ENABLED=1 PHASED_TTT_ENABLED=1 PHASED_TTT_NUM_PHASES=3 PHASED_TTT_PREFIX_DOCS=2000 \
+      GLOBAL_TTT_LR=0.001 GLOBAL_TTT_EPOCHS=1 SMEAR_GATE=0 GATE_ATTN_OUT=0 ;;
   esac
+}
+
+# Where each side reads its data: the sp1024 shards (DATA_PATH / TOKENIZER_PATH, warmdown in
+# iterations) or the sp8192 DATA_DIR (warmdown as a fraction).
+ref_data_env() {
+  if sp8192 "$1"; then
+    echo DATA_DIR="$SP8192_DATA" WARMDOWN_FRAC="$WARMDOWN_FRAC"
+  else
+    echo DATA_PATH="$DATA" TOKENIZER_PATH="$TOK" WARMDOWN_ITERS="$WARMDOWN"
+  fi
+}
+pgolf_data_args() {
+  if sp8192 "$1"; then
+    echo data.path="$SP8192_DATA/datasets/fineweb10B_sp8192" \
+      data.tokenizer_path="$SP8192_DATA/tokenizers/fineweb_8192_bpe.model" data.vocab_size=8192 \
+      optimizer.warmdown_frac="$WARMDOWN_FRAC"
+  else
+    echo data.path="$DATA" data.tokenizer_path="$TOK" data.vocab_size=1024 optimizer.warmdown_iters="$WARMDOWN"
+  fi
 }
 
 run_reference() {  # PR SEED
   local dir=/tmp/pgolf_bench/ref_$1_$2
   mkdir -p "$dir" && cd "$dir" || return 1
   # shellcheck disable=SC2046
-  run_cut "$OUT/ref_$1_s$2.out" "peak memory allocated" env $(ref_env "$1") \
-    DATA_PATH="$DATA" TOKENIZER_PATH="$TOK" SEED="$2" RUN_ID="ref_$1_$2" ITERATIONS="$STEPS" \
-    WARMDOWN_ITERS="$WARMDOWN" MAX_WALLCLOCK_SECONDS=0 VAL_LOSS_EVERY=0 TRAIN_LOG_EVERY=50 \
+  run_cut "$OUT/ref_$1_s$2.out" "peak memory allocated" env $(ref_env "$1") $(ref_data_env "$1") \
+    SEED="$2" RUN_ID="ref_$1_$2" ITERATIONS="$STEPS" MAX_WALLCLOCK_SECONDS=0 VAL_LOSS_EVERY=0 TRAIN_LOG_EVERY=50 \
     torchrun --standalone --nproc_per_node=1 "$REPO/.refs/$1/train_gpt.py"
   cd "$REPO" || return 1
 }
 
 run_pgolf() {  # PR SEED
   cd "$REPO" || return 1
-  # shellcheck disable=SC2086
+  # shellcheck disable=SC2086,SC2046
   run_cut "$OUT/pgolf_$1_s$2.out" "trained [0-9]+ steps in" python3 -m pgolf.run experiment="$1" data=shards \
-    data.path="$DATA" data.tokenizer_path="$TOK" data.vocab_size=1024 hardware=gpu hardware.attention=fa3 \
-    budget.mode=steps train.iterations="$STEPS" optimizer.warmdown_iters="$WARMDOWN" train.log_every=50 \
+    $(pgolf_data_args "$1") hardware=gpu hardware.attention=fa3 \
+    budget.mode=steps train.iterations="$STEPS" train.log_every=50 \
     train.val_every=0 seed="$2" hydra.run.dir="$RUNS/pgolf_$1_s$2" $PGOLF_EXTRA
 }
 
@@ -73,10 +105,17 @@ if [ -z "${RUNLIST:-}" ]; then
   for pr in $PRS; do for seed in $SEEDS; do for side in $SIDES; do RUNLIST="${RUNLIST:-} $pr:$side:$seed"; done; done; done
 fi
 for item in $RUNLIST; do
+  sp8192 "${item%%:*}" || { bench_shards "$DATA" || exit 1; break; }  # sp1024 shards, once, if any run reads them
+done
+for item in $RUNLIST; do
   IFS=: read -r pr side seed <<< "$item"
+  if sp8192 "$pr" && [ ! -f "$SP8192_DATA/datasets/fineweb10B_sp8192/fineweb_val_000000.bin" ]; then
+    echo "$pr needs the sp8192 tokenizer and shards in $SP8192_DATA: run bench/sp8192_prep.sh first" >&2
+    exit 1
+  fi
   case "$side" in
     ref) bench_gpu_idle && run_reference "$pr" "$seed" ;;
     pgolf) bench_gpu_idle && run_pgolf "$pr" "$seed" ;;
   esac || exit 1  # a busy GPU: every later timing would be shared too
 done
-grep -hE "step:(50|100|150)/|step_avg|peak memory|model_params|params:|trained " "$OUT"/*.out | cut -c1-200
+grep -hE "(^|step:)(50|100|150)/[0-9]+ |step:(50|100|150)/|step_avg|peak memory|model_params|params:|trained " "$OUT"/*.out | cut -c1-200

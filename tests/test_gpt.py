@@ -366,6 +366,21 @@ def test_partial_rope_and_ntk_base():
     torch.testing.assert_close(out[0, t, 0, j], a * math.cos(theta) + b * math.sin(theta))
 
 
+def test_bf16_inv_freq_tables_are_pr1775s():
+    """PR #1775's Rotary: model.bfloat16() rounds the inv_freq buffer, then each forward takes
+    `inv_freq.float()` against an fp32 arange, so positions stay exact (unlike `bfloat16` tables,
+    whose bf16 arange rounds position 1027 to 1024)."""
+    T, rd, base = 2048, 16, 1e4
+    inv = (1.0 / base ** (torch.arange(0, rd, 2, dtype=torch.float32) / rd)).bfloat16().float()
+    freqs = torch.outer(torch.arange(T, dtype=torch.float32), inv)
+    cos, sin = rotary_tables(T, rd, base, torch.device("cpu"), torch.float32, inv_freq_dtype=torch.bfloat16)
+    assert torch.equal(cos[0, :, 0], freqs.cos()) and torch.equal(sin[0, :, 0], freqs.sin())
+    exact, _ = rotary_tables(T, rd, base, torch.device("cpu"), torch.float32)
+    rounded, _ = rotary_tables(T, rd, base, torch.device("cpu"), torch.float32, torch.bfloat16)
+    assert not torch.equal(cos, exact)  # the rounded frequencies
+    assert not torch.equal(cos[0, 1027], rounded[0, 1027])  # exact positions, unlike bfloat16
+
+
 def test_block_forms_and_scales():
     gptj = dict(parallel_residual="gptj", parallel_start_layer=2)
     cfg = cfg_of(ln_scale=True, resid_mix=True, activation="leaky_relu2", **gptj)

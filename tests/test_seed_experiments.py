@@ -23,16 +23,14 @@ SECTIONS = ("train", "budget", "eval", "data", "model", "optimizer", "quant", "t
 # Paths differ per machine; the table does not pin them.
 MACHINE_KEYS = {"data": ("path", "tokenizer_path")}
 # Parameter counts of the PRs' own GPT classes built with their run's settings on the meta device
-# (#399 and #726 also print them in their logs as model_params). #1532 runs the 2026-04-09 record's
-# model unchanged: that record's log prints model_params:35944536. #1775 is the 2026-04-16 record's
-# model (its log: 35,945,671) without its gates, AttnOutGate (12 x 8 per layer: 1,056) and SmearGate
-# v3 (12 + 1): a count derived from the log, not from #1775's own script.
+# (#399, #726, #1532 and #1775 also print them in their logs as model_params). #1532 runs the
+# 2026-04-09 record's model unchanged (model_params:35944536); #1775's logs: model_params:35944602.
 REFERENCE_PARAMS = {
     "pr339": 27_092_058,
     "pr399": 26_829_913,
     "pr726": 26_993_756,
     "pr1532": 35_944_536,
-    "pr1775": 35_945_671 - 1_056 - 13,
+    "pr1775": 35_944_602,
 }
 
 

@@ -177,6 +177,38 @@ def test_global_sgd_with_the_document_mask_keeps_documents_apart():
     assert model._doc_mask is None  # the switch is undone after global SGD
 
 
+def test_global_sgd_under_the_mask_packs_a_step_as_one_row():
+    """With ttt.global_doc_mask a step's sequences are one row, as the records' varlen batch: a
+    document crossing a multiple of global_seq_len keeps its context there and is cut only every
+    global_seq_len tokens from its BOS, so every token's loss equals that of its piece alone."""
+    L = 16
+    ttt = LoRATTT(phased_cfg(global_doc_mask=True, global_seq_len=L))
+    model = model_of(**LOOPED)
+    model.eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # off the zero-initialized projections, so attention reaches the loss
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+    lengths = [5, 37, 12, 6]  # the 37-token document crosses positions 16 and 32 of the stream
+    toks = torch.cat(
+        [torch.cat((torch.tensor([1]), torch.randint(2, V, (n - 1,), generator=g))) for n in lengths]
+    )
+    toks = torch.cat((toks, torch.tensor([1])))[: 3 * L + 1]
+    x, y = ttt._global_rows(toks[:-1], L), ttt._global_rows(toks[1:], L)
+    assert x.shape == (1, 3 * L)
+    with torch.no_grad(), ttt._global_attention(model):
+        got = model.token_nll(x, y)[0]
+        want, start = [], 0
+        for n in lengths:  # each document, cut every L tokens from its BOS, each piece alone
+            for a in range(start, min(start + n, 3 * L), L):
+                b = min(a + L, start + n, 3 * L)
+                want.append(model.token_nll(toks[None, a:b], toks[None, a + 1 : b + 1])[0])
+            start += n
+        torch.testing.assert_close(got, torch.cat(want)[: 3 * L], atol=1e-5, rtol=1e-5)
+        rows = model.token_nll(toks[:-1].view(-1, L), toks[1:].view(-1, L)).reshape(-1)
+    assert not torch.allclose(rows, got, atol=1e-4)  # rows of L would cut the long document at 16 and 32
+
+
 def test_global_sgd_epochs_and_doc_mask_change_the_base_update():
     toks = synthetic(LENGTHS * 2, seed=9)
     states = {}

@@ -105,8 +105,10 @@ class GPTModelConfig:
     rope_dims: int = 0  # ROPE_DIMS: rotate only the first rope_dims of each head (0: all)
     rope_train_seq_len: int = 0  # NTK base rescaling for longer sequences (0: off)
     # bfloat16: the record scripts' RoPE tables (their .bfloat16() casts inv_freq; positions past
-    # 256 round), used up to rope_train_seq_len as they do; float32: exact positions
-    rope_table_dtype: Literal["float32", "bfloat16"] = "float32"
+    # 256 round), used up to rope_train_seq_len as they do; float32: exact positions;
+    # bfloat16_inv_freq: the cast inv_freq with fp32 positions (PR #1775's Rotary, which takes
+    # `inv_freq.float()` and an fp32 arange), wherever the NTK base is not in use
+    rope_table_dtype: Literal["float32", "bfloat16", "bfloat16_inv_freq"] = "float32"
     qk_gain_init: float = 1.5
     # Document-masked attention (pgolf.models.docmask; docs/models.md): a token attends only to
     # earlier tokens of its own document, i.e. never across a BOS (`bos_id`) or a row start. The

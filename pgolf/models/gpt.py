@@ -131,6 +131,7 @@ class GPT(nn.Module):
         # own; None outside TTT (blocks then use their attn.delta)
         self.pass_deltas: list | None = None
         self._doc_mask = None  # the DocMask class under model.doc_mask, imported only then
+        self._doc_cap: int | None = None  # doc_masked(max_len=...): the length cap inside, else doc_max_len
         if cfg.doc_mask:
             from pgolf.models.docmask import DocMask
 
@@ -319,17 +320,21 @@ class GPT(nn.Module):
         T = ids.size(1)
         cfg = self.cfg
         # model.doc_mask: built once per forward from the ids, on the device, shared by every layer
-        doc = self._doc_mask(ids, cfg.bos_id, cfg.doc_max_len) if self._doc_mask is not None else None
+        cap = cfg.doc_max_len if self._doc_cap is None else self._doc_cap
+        doc = self._doc_mask(ids, cfg.bos_id, cap) if self._doc_mask is not None else None
         train_len = cfg.rope_train_seq_len
         # NTK rescaling is for attention spans past the RoPE train length; under the document mask
         # with a length cap the span is at most doc_max_len, however long the packed row is
-        span = min(T, cfg.doc_max_len) if doc is not None and cfg.doc_max_len > 0 else T
+        span = min(T, cap) if doc is not None and cap > 0 else T
         base = ntk_rope_base(cfg.rope_base, self.rope_dims, span, train_len)
         # the records' bf16 tables apply where they use the cast buffer: up to the RoPE train length
         # (past it they recompute an NTK inv_freq in fp32)
         bf16_tables = self.cfg.rope_table_dtype == "bfloat16" and (train_len <= 0 or T <= train_len)
         table = torch.bfloat16 if bf16_tables else torch.float32
-        cos, sin = rotary_tables(T, self.rope_dims, base, x.device, x.dtype, table)
+        # bfloat16_inv_freq: the cast buffer's frequencies, positions in fp32 (an NTK base is fp32)
+        bf16_freq = self.cfg.rope_table_dtype == "bfloat16_inv_freq" and base == cfg.rope_base
+        freq = torch.bfloat16 if bf16_freq else None
+        cos, sin = rotary_tables(T, self.rope_dims, base, x.device, x.dtype, table, freq)
         ve_base = self.ve_shared(ids) if self.ve_shared is not None else None
 
         def ve(i: int) -> Tensor | None:
@@ -474,17 +479,18 @@ class GPT(nn.Module):
         return list(self.enc_plain) + list(self.dec_plain)
 
     @contextmanager
-    def doc_masked(self) -> Iterator[None]:
+    def doc_masked(self, max_len: int | None = None) -> Iterator[None]:
         """Attention within documents (as model.doc_mask=true) for the forwards inside, whatever the
-        config says: phased TTT's global SGD trains on concatenated documents this way."""
-        before = self._doc_mask
+        config says, with documents cut every `max_len` tokens if given (else model.doc_max_len):
+        phased TTT's global SGD trains on concatenated documents this way."""
+        before = self._doc_mask, self._doc_cap
         from pgolf.models.docmask import DocMask
 
-        self._doc_mask = DocMask
+        self._doc_mask, self._doc_cap = DocMask, max_len
         try:
             yield
         finally:
-            self._doc_mask = before
+            self._doc_mask, self._doc_cap = before
 
     def graph_variants(self) -> list[str]:
         """The compiled graphs training can switch between; the trainer primes each before the clock."""

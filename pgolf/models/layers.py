@@ -69,6 +69,7 @@ def rotary_tables(
     device: torch.device,
     dtype: torch.dtype,
     table_dtype: torch.dtype = torch.float32,
+    inv_freq_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Half-split RoPE cos/sin of shape (1, T, 1, D/2), computed in `table_dtype` then cast.
 
@@ -76,9 +77,12 @@ def rotary_tables(
     also casts the rotary `inv_freq` buffer, and positions are then `arange(T, dtype=bf16)`, which
     rounds positions past 256 (to multiples of 8 past 1024). Recomputed each forward instead of
     cached: it is a tiny fused kernel under compile and keeps the module free of Python-side state
-    that would add compile guards.
+    that would add compile guards. `inv_freq_dtype` rounds the frequencies alone (to bf16, say)
+    before the positions multiply them in `table_dtype`: PR #1775's tables.
     """
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    if inv_freq_dtype is not None:
+        inv_freq = inv_freq.to(inv_freq_dtype)
     inv_freq = inv_freq.to(table_dtype)
     freqs = torch.outer(torch.arange(seq_len, device=device, dtype=table_dtype), inv_freq)
     return freqs.cos()[None, :, None, :].to(dtype), freqs.sin()[None, :, None, :].to(dtype)

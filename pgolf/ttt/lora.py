@@ -440,8 +440,8 @@ class LoRATTT(NeverStopsEarly):
                 opt,
                 params,
                 {},
-                tok[:-1].view(bs, L),
-                tok[1:].view(bs, L),
+                self._global_rows(tok[:-1], L),
+                self._global_rows(tok[1:], L),
                 scorer.device,
                 scorer.amp_dtype,
                 world_size,
@@ -449,10 +449,17 @@ class LoRATTT(NeverStopsEarly):
             )
 
     def _global_attention(self, model: nn.Module):
-        """Document-masked attention for global SGD under ttt.global_doc_mask, else unchanged."""
+        """Document-masked attention for global SGD under ttt.global_doc_mask (a document cut every
+        global_seq_len tokens from its BOS, as the records' cu_seqlens cap it), else unchanged."""
         if getattr(self.cfg, "global_doc_mask", False):
-            return model.doc_masked()
+            return model.doc_masked(max_len=self.cfg.global_seq_len)
         return contextlib.nullcontext()
+
+    def _global_rows(self, tokens: Tensor, L: int) -> Tensor:
+        """One global SGD step's tokens as model rows: rows of L, or under ttt.global_doc_mask one row,
+        as the records pack the step into one varlen batch, so a document that crosses a multiple
+        of L keeps its context (rows of L would start a new segment there)."""
+        return tokens.view(1, -1) if getattr(self.cfg, "global_doc_mask", False) else tokens.view(-1, L)
 
     # ------------------------------------------------------------------------------ one batch
     def _score_batch(
@@ -522,8 +529,8 @@ class LoRATTT(NeverStopsEarly):
                 group["lr"] = cosine_lr(cfg.global_lr, c, n_chunks)
             for a, e in [span for _ in range(cfg.global_epochs) for span in spans]:
                 part = tokens[t0 + a * L : t0 + e * L + 1]
-                x = part[:-1].view(-1, L) if e > a else part.new_zeros(0, L)
-                y = part[1:].view(-1, L) if e > a else part.new_zeros(0, L)
+                x = self._global_rows(part[:-1], L) if e > a else part.new_zeros(0, L)
+                y = self._global_rows(part[1:], L) if e > a else part.new_zeros(0, L)
                 sgd_step(
                     loss_fn,
                     opt,

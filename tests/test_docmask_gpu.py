@@ -1,0 +1,111 @@
+"""The document-masked attention kernels on a GPU (skipped without CUDA): flex against dense, forward
+and backward, in bf16 under torch.compile as training runs them, on packed rows of the records'
+shape (documents of varied length, rows that start mid-document, a length cap). Varlen (FA3) joins
+the comparison where `flash_attn_interface` imports."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pgolf.models import docmask
+from pgolf.models.docmask import DocMask
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+BOS = 1
+H, HKV, D = 8, 4, 64  # the records' 512-wide GQA attention
+# bf16 noise: about 8 significant bits per value, so kernels that sum in a different order differ by
+# a few 1e-3 in relative norm; a wrong mask (one key too many or too few) moves whole rows by O(1)
+FWD_TOL, BWD_TOL = 1e-2, 2e-2
+
+
+def assert_near(got: torch.Tensor, want: torch.Tensor, tol: float, what: str) -> None:
+    # relative to the reference's norm, or absolute where it is ~0 (a one-token document's dq is 0)
+    err = ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1.0)).item()
+    assert err < tol, f"{what}: relative error {err:.2e} >= {tol:.0e}"
+
+
+@pytest.fixture(autouse=True)
+def _default_backend():
+    yield
+    docmask._DOC_BACKEND = None
+
+
+def packed_ids(B: int, T: int, seed: int) -> torch.Tensor:
+    """Rows cut from a stream of documents of 1..3T/2 tokens, each starting with BOS: most rows
+    start mid-document, some documents are longer than the cap, one is a single token."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, 8192, (B, T), generator=g)
+    for b in range(B):
+        t = int(torch.randint(1, T // 4, (1,), generator=g))
+        while t < T:
+            ids[b, t] = BOS
+            t += int(torch.randint(1, 3 * T // 2, (1,), generator=g))
+    ids[0, 7] = ids[0, 8] = BOS  # a one-token document
+    return ids.cuda()
+
+
+def qkv(B: int, T: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    shapes = ((B, T, H, D), (B, T, HKV, D), (B, T, HKV, D))
+    return [torch.randn(s, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_() for s in shapes]
+
+
+def run(
+    backend: str,
+    ids: torch.Tensor,
+    max_len: int,
+    tensors: list[torch.Tensor],
+    grad_out: torch.Tensor,
+    compiled: bool = True,
+):
+    """Output and input gradients of masked attention through `backend`, compiled as in training."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in tensors)
+
+    def attend(ids, q, k, v):
+        return DocMask(ids, BOS, max_len, backend=backend).attend(q, k, v)
+
+    fn = torch.compile(attend, fullgraph=True, dynamic=False) if compiled else attend
+    y = fn(ids, q, k, v)
+    y.backward(grad_out)
+    return y.float(), [t.grad.float() for t in (q, k, v)]
+
+
+def backends() -> list[str]:
+    names = ["flex"]
+    if docmask._try_varlen() is not None:
+        names.append("varlen")
+    return names
+
+
+@pytest.mark.parametrize("max_len", [0, 512])
+@pytest.mark.parametrize("B,T", [(4, 2048), (2, 4096)])
+def test_gpu_kernels_match_dense_forward_and_backward(B, T, max_len):
+    ids = packed_ids(B, T, seed=T + max_len)
+    tensors = qkv(B, T, seed=1)
+    grad_out = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
+    ref_y, ref_g = run("dense", ids, max_len, tensors, grad_out)
+    for name in backends():
+        y, grads = run(name, ids, max_len, tensors, grad_out)
+        assert_near(y, ref_y, FWD_TOL, f"{name} forward")
+        for which, got, want in zip("qkv", grads, ref_g, strict=True):
+            assert_near(got, want, BWD_TOL, f"{name} d{which}")
+
+
+def test_long_row_keeps_documents_apart_on_gpu():
+    """One 16k-token row (the records' micro-batch shape, too long for the dense mask): flex under
+    the cap gives each segment what dense attention gives that segment alone, forward and backward."""
+    T, cap = 16384, 2048
+    ids = packed_ids(1, T, seed=5)
+    q, k, v = qkv(1, T, seed=2)
+    grad_out = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16)
+    y, grads = run("flex", ids, cap, [q, k, v], grad_out)
+    seg = docmask.segment_ids(ids, BOS, cap)[0]
+    starts = torch.nonzero(torch.diff(seg, prepend=seg[:1] - 1)).flatten().tolist() + [T]
+    for s, e in list(zip(starts[:-1], starts[1:]))[:12]:  # the first dozen segments, each alone
+        alone = [t[:, s:e] for t in (q, k, v)]
+        y_a, g_a = run("dense", ids[:, s:e], 0, alone, grad_out[:, s:e], compiled=False)
+        assert_near(y[:, s:e], y_a, FWD_TOL, f"segment {s}:{e} forward")
+        for which, got, want in zip("qkv", grads, g_a, strict=True):
+            assert_near(got[:, s:e], want, BWD_TOL, f"segment {s}:{e} d{which}")
