@@ -139,8 +139,9 @@ R0409_LIKE = {
     "quant.calibration.batches": "1",
     "optimizer": "muon_r0409",
     "ttt": "score_first",
-    "ttt.chunk_tokens": "4096",
-    "eval.stride": "32",
+    "ttt.chunk_tokens": "8192",
+    "ttt.epochs": "1",
+    "eval.stride": "64",
     "data.loader": "shuffled",
     "train.prime_steps": "0",
 }

@@ -25,8 +25,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pgolf.checkpoint_gate import checkpoints_on
-from pgolf.config import CheckpointConfig, job_config_from_dict
+from pgolf.config import CheckpointConfig, JobConfig, job_config_from_dict
 from pgolf.parent.specialize import specialize
+from pgolf.registry import ConfigError
 from pgolf.results import write_text_atomic
 
 # The literal's alphabet: ASCII minus NUL (not allowed in source), LF and CR (end a "..." literal;
@@ -758,6 +759,15 @@ def _revalidated_reach_other_modules(trees: dict[str, ast.Module]) -> bool:
     return False
 
 
+def _whole_job(config: dict) -> JobConfig | None:
+    """The run's JobConfig from the (trimmed) config the wrapper carries; None for a dict that is
+    not a whole job's (a run's always is: `shipped_config` checks that it loads)."""
+    try:
+        return job_config_from_dict({**config, "job_dir": ""})
+    except (ConfigError, KeyError, TypeError):
+        return None
+
+
 def shipped_sources(modules: dict[str, Path], config: dict, specialized: bool = True) -> dict[str, str]:
     """What the wrapper carries, by path: each module specialized to the frozen config
     (`pgolf.parent.specialize`: `if` tests the config decides keep only the branch taken), minified (error messages only where a packed
@@ -768,8 +778,9 @@ def shipped_sources(modules: dict[str, Path], config: dict, specialized: bool = 
     config_json = json.dumps(config, sort_keys=True, separators=(",", ":"))
     sources = {rel: path.read_text(encoding="utf-8") for rel, path in modules.items()}
     trees = {rel: ast.parse(source) for rel, source in sources.items()}
-    if specialized:  # before _strip: the folder reads the annotations that say which config is which
-        specialize(job_config_from_dict({**config, "job_dir": ""}), trees)
+    job = _whole_job(config) if specialized else None
+    if job is not None:  # before _strip: the folder reads the annotations that say which config is which
+        specialize(job, trees)
     for rel, source in sources.items():
         trees[rel] = _strip(trees[rel], "__doc__" in source, rel.startswith(KEEP_MESSAGES))
     for tree in trees.values():  # never true there: the wrapper imports them, it runs none as a script
