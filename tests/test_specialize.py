@@ -89,10 +89,14 @@ def test_undecidable_or_unsafe_tests_stay(compose):
         def c(cfg: BaselineModelConfig):
             if not cfg.tie_embeddings:  # dropping it would make c a plain function
                 yield 1
+
+        def d(x, cfg: BaselineModelConfig = None):  # a caller may leave it out
+            if cfg.tie_embeddings:
+                five()
         """,
     )
     assert "one()" in out and "two()" in out and "three()" not in out
-    assert "four()" in out and "yield 1" in out
+    assert "four()" in out and "yield 1" in out and "five()" in out
 
 
 def test_a_field_that_code_assigns_is_never_folded(compose):

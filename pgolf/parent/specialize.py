@@ -3,8 +3,9 @@ config values are decided at pack time and the dead branch never ships.
 
 What counts as a frozen config value: a field of a config dataclass instance of the run's
 `JobConfig`, reached through a name whose config class is certain:
-- a parameter annotated with a config class (`cfg: GPTModelConfig`) that is never rebound in its
-  function, when exactly one instance of the run's config tree is of that class;
+- a parameter annotated with a config class (`cfg: GPTModelConfig`), without a default, that is
+  never rebound in its function, when exactly one instance of the run's whole config tree is of
+  that class;
 - `self.<attr>` in a class whose `__init__` binds it from such a parameter, when no other code
   (the class's bases and subclasses included) stores that attribute and no code stores it on
   anything but `self`;
@@ -173,7 +174,8 @@ class Specializer:
         self.instances = _instances(job)
         self.trees = trees
         # Classes whose `self` may be a config: stores on `self` anywhere else cannot touch one.
-        config_classes = {c.__name__ for i in _instances(job, every_group=True) for c in type(i).__mro__}
+        self.every_instance = _instances(job, every_group=True)
+        config_classes = {c.__name__ for i in self.every_instance for c in type(i).__mro__}
         self.stored_attrs: set[str] = set()  # attribute names assigned or deleted on what may be a config
         self.stored_off_self: set[str] = set()  # attribute names assigned or deleted on anything but `self`
         self.called: set[str] = set()  # names called anywhere (constructors included)
@@ -292,10 +294,12 @@ class Specializer:
         there are several or shipped code constructs such a class itself."""
         if class_name is None or class_name in self.called:
             return None
-        hits = [i for i in self.instances if class_name in {c.__name__ for c in type(i).__mro__}]
+        # counted over every group, so a base class that the data or hardware config shares is
+        # never taken for the one folded instance that derives from it
+        hits = [i for i in self.every_instance if class_name in {c.__name__ for c in type(i).__mro__}]
         if len(hits) != 1 or type(hits[0]).__name__ in self.called:
             return None
-        return hits[0]
+        return hits[0] if any(hits[0] is i for i in self.instances) else None
 
     def _related(self, name: str) -> set[str]:
         """`name`, its bases and its subclasses (by class name, over every shipped module)."""
@@ -345,8 +349,12 @@ class Specializer:
     def typed_params(self, fn: ast.FunctionDef | ast.AsyncFunctionDef) -> dict[str, Any]:
         bound = _bound_names(fn)
         args = fn.args
+        positional = [*args.posonlyargs, *args.args]
+        # a parameter with a default may be left out, and then it is not the config
+        required = positional[: len(positional) - len(args.defaults)]
+        required += [a for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is None]
         out = {}
-        for a in [*args.posonlyargs, *args.args, *args.kwonlyargs]:
+        for a in required:
             inst = self.instance_of(_annotation_name(a.annotation))
             if inst is not None and not bound.get(a.arg):
                 out[a.arg] = inst
