@@ -1,7 +1,8 @@
 """The training loop's bookkeeping, one concern per object, so `Trainer.train` reads as a loop.
 
 - `TrainClock`: training time, paused while validating and checkpointing.
-- `StopRule`: when the run ends (the step count, or the last step that fits the wallclock cap).
+- `StopRule`: when the run ends (the step count, or the last step that surely fits the wallclock
+  cap, going by the slowest recent step).
 - `StepFlags`: a step's stop vote, non-finite-loss flag and checkpoint vote on their way to the
   host, without making the step wait for the device.
 - `StepTimes`: per-step times for the median ms/step.
@@ -13,6 +14,7 @@ None of them synchronizes with the device except where its docstring says so.
 from __future__ import annotations
 
 import statistics
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -46,12 +48,24 @@ class TrainClock:
         self.start()
 
 
+# The stop rule's estimate of one step: the slowest of the last STEP_WINDOW step times, times
+# STEP_MARGIN, so a step somewhat slower than any recent one (a loader stall, a late graph switch)
+# still ends inside the cap. Costs about (lookahead + 1) * (STEP_MARGIN - 1) steps at the end.
+STEP_WINDOW = 50
+STEP_MARGIN = 1.25
+
+
 class StopRule:
-    """After `iterations` steps, or under a wallclock cap on the last step that fits it.
+    """After `iterations` steps, or under a wallclock cap on the last step that surely fits it.
 
     A stop vote ends the run after the steps still in flight plus `lookahead` more: the next step
     (on CUDA, the one queued before the vote is read), plus one when the vote travels through a
     lagged all-reduce. Every rank acts on the same all-reduced vote, so all stop together.
+
+    A step is costed at `STEP_MARGIN` x the slowest of the recent steps (the mean of all steps until
+    two votes give a step time), never at the mean: a mean lets one slow step, or steps that slow
+    down late in the run, carry training past the cap. The step times are the gaps between votes,
+    read off the host clock the loop already reads, so the rule adds no device sync.
     """
 
     def __init__(self, iterations: int, cap_ms: float | None, in_flight: int, lookahead: int):
@@ -59,6 +73,8 @@ class StopRule:
         self.in_flight = in_flight  # steps queued but not known finished when the host times one
         self.lookahead = lookahead
         self.stop_after: int | None = None  # the step count the run ends at, once voted
+        self.recent_ms: deque[float] = deque(maxlen=STEP_WINDOW)  # the last steps' times
+        self.last_vote_ms: float | None = None
 
     @property
     def stopping(self) -> bool:
@@ -71,15 +87,23 @@ class StopRule:
         """The fraction of training done: of the clock's cap, or of the steps."""
         return elapsed_ms / self.cap_ms if self.cap_ms is not None else step / max(self.iterations, 1)
 
+    def step_estimate_ms(self, completed: int, done_ms: float) -> float:
+        """What the next step may take: the margin over the slowest recent step."""
+        slowest = max(self.recent_ms) if self.recent_ms else done_ms / completed
+        return STEP_MARGIN * slowest
+
     def vote(self, step: int, done_ms: float) -> float:
         """This rank's stop vote (0/1) with `step` steps started and `done_ms` of training done.
-        The next vote would end the run one step later: vote now when that later end would pass
-        the cap, so the run ends on the last step that fits (not the first one past it)."""
+        The next vote would end the run one step later: vote now when that later end could pass
+        the cap, so the run ends on the last step that surely fits (not the first one past it)."""
+        if self.last_vote_ms is not None:
+            self.recent_ms.append(done_ms - self.last_vote_ms)
+        self.last_vote_ms = done_ms
         completed = step - self.in_flight  # steps known finished at done_ms
         if self.cap_ms is None or completed <= 0:
             return 0.0
         left = (step - completed) + self.lookahead
-        return float(done_ms + (left + 1) * done_ms / completed >= self.cap_ms)
+        return float(done_ms + (left + 1) * self.step_estimate_ms(completed, done_ms) >= self.cap_ms)
 
     def agree(self, stop: bool, step: int) -> None:
         """The all-reduced vote of `step`: the first one to stop fixes the end."""

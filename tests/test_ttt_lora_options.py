@@ -312,3 +312,26 @@ def test_compiled_options_trace_whole_and_warmup_makes_every_graph():
     n = toks.size - 1
     assert (sc_c.count[:n] == 1).all() and res.tokens == eager.tokens
     torch.testing.assert_close(sc_c.nll[:n], sc.nll[:n], rtol=0, atol=1e-5)
+
+
+def test_the_batch_about_to_update_is_costed_at_the_slowest_pace():
+    """Three one-document batches of 11 targets: the first updated at 1 s/target, the second at
+    3 s/target. At the mean pace (2 s/target) the last batch's update would seem to fit 30 s
+    (1.25 x 22 s = 27.5 s); at the slowest pace (1.25 x 33 s = 41.25 s) it does not, and an update
+    as slow as the last one would indeed end past the deadline."""
+    from types import SimpleNamespace
+
+    from pgolf.ttt.docs import Doc
+    from pgolf.ttt.lora import UpdateClock
+
+    now = [0.0]
+    ttt = SimpleNamespace(deadline=1e9, clock=lambda: now[0])  # the clock times only under a deadline
+    queue = [[Doc(index=k, start=12 * k, length=12)] for k in range(3)]
+    clock = UpdateClock(ttt, queue, rank=0, world_size=1, device=torch.device("cpu"), sync=lambda: None)
+    for k, seconds in enumerate((11.0, 33.0)):
+        with clock.batch(k, update=True):
+            now[0] += seconds
+    ttt.deadline = now[0] + 30.0
+    assert not clock.keep_updating(2)
+    ttt.deadline = now[0] + 1.25 * 33.0
+    assert clock.keep_updating(2)

@@ -25,7 +25,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pgolf.checkpoint_gate import checkpoints_on
-from pgolf.config import CheckpointConfig
+from pgolf.config import CheckpointConfig, JobConfig, job_config_from_dict
+from pgolf.parent.specialize import specialize
+from pgolf.registry import ConfigError
 from pgolf.results import write_text_atomic
 
 # The literal's alphabet: ASCII minus NUL (not allowed in source), LF and CR (end a "..." literal;
@@ -757,17 +759,30 @@ def _revalidated_reach_other_modules(trees: dict[str, ast.Module]) -> bool:
     return False
 
 
-def shipped_sources(modules: dict[str, Path], config: dict) -> dict[str, str]:
-    """What the wrapper carries, by path: each module minified (error messages only where a packed
+def _whole_job(config: dict) -> JobConfig | None:
+    """The run's JobConfig from the (trimmed) config the wrapper carries; None for a dict that is
+    not a whole job's (a run's always is: `shipped_config` checks that it loads)."""
+    try:
+        return job_config_from_dict({**config, "job_dir": ""})
+    except (ConfigError, KeyError, TypeError):
+        return None
+
+
+def shipped_sources(modules: dict[str, Path], config: dict, specialized: bool = True) -> dict[str, str]:
+    """What the wrapper carries, by path: each module specialized to the frozen config
+    (`pgolf.parent.specialize`: `if` tests the config decides keep only the branch taken), minified (error messages only where a packed
     run's user needs them, KEEP_MESSAGES) without its `if __name__ == "__main__":` block (the
     wrapper imports every module and runs none as a script) and with the definitions no shipped
     code reaches dropped (`shake`, rooted at the wrapper's own code and the config's words), and
     the config as compact JSON (a run's, trimmed by `shipped_config` first)."""
     config_json = json.dumps(config, sort_keys=True, separators=(",", ":"))
-    trees = {}
-    for rel, path in modules.items():
-        source = path.read_text(encoding="utf-8")
-        trees[rel] = _strip(ast.parse(source), "__doc__" in source, rel.startswith(KEEP_MESSAGES))
+    sources = {rel: path.read_text(encoding="utf-8") for rel, path in modules.items()}
+    trees = {rel: ast.parse(source) for rel, source in sources.items()}
+    job = _whole_job(config) if specialized else None
+    if job is not None:  # before _strip: the folder reads the annotations that say which config is which
+        specialize(job, trees)
+    for rel, source in sources.items():
+        trees[rel] = _strip(trees[rel], "__doc__" in source, rel.startswith(KEEP_MESSAGES))
     for tree in trees.values():  # never true there: the wrapper imports them, it runs none as a script
         tree.body = [s for s in tree.body if not _is_main_block(s)] or [ast.Pass()]
     if not _revalidated_reach_other_modules(trees):
@@ -779,10 +794,11 @@ def shipped_sources(modules: dict[str, Path], config: dict) -> dict[str, str]:
     return out
 
 
-def payload_of(modules: dict[str, Path], config: dict) -> bytes:
+def payload_of(modules: dict[str, Path], config: dict, specialized: bool = True) -> bytes:
     """The bytes the wrapper carries, before compression: path NUL source NUL ... config.json NUL
     json. Neither minified source nor JSON can hold a raw NUL (both escape it)."""
-    return "\0".join(x for kv in shipped_sources(modules, config).items() for x in kv).encode("utf-8")
+    sources = shipped_sources(modules, config, specialized)
+    return "\0".join(x for kv in sources.items() for x in kv).encode("utf-8")
 
 
 # How the wrapper inflates its payload, per codec. On the ~140-175 KB of minified pgolf source,
@@ -834,9 +850,11 @@ def unpack(text: str) -> dict[str, bytes]:
     return {k.decode(): v for k, v in zip(parts[::2], parts[1::2])}
 
 
-def build_wrapper(modules: dict[str, Path], config: dict, codec: str | None = None) -> str:
+def build_wrapper(
+    modules: dict[str, Path], config: dict, codec: str | None = None, specialized: bool = True
+) -> str:
     codec = codec or codec_for(config)
-    packed = _compress(payload_of(modules, config), codec)
+    packed = _compress(payload_of(modules, config, specialized), codec)
     return (
         _HEAD.replace("@CODEC@", codec) + encode(packed) + _TAIL.replace("@DECOMPRESS@", _DECOMPRESS[codec])
     )

@@ -641,7 +641,8 @@ class UpdateClock:
     phase's global SGD) runs only if, at the measured pace, it and the scoring of every batch this
     rank still has fit before the deadline with 25% headroom. Scoring without updates is costed at
     the pace with updates (an upper bound: the measured seconds per target of updated batches), so
-    the rule is conservative. Batch decisions are per rank (they involve no collective); a phase
+    the rule is conservative; the batch about to be updated is costed at the slowest pace measured
+    so far, so one slow batch (longer documents cost more per target) cannot carry it past. Batch decisions are per rank (they involve no collective); a phase
     is skipped on every rank when any rank is late, since global SGD all-reduces. No deadline: always."""
 
     def __init__(self, ttt: LoRATTT, queue: list[list[Doc]], rank: int, world_size: int, device, sync):
@@ -651,6 +652,7 @@ class UpdateClock:
         mine = [t if k % world_size == rank else 0 for k, t in enumerate(targets)]
         self.after = np.cumsum(mine[::-1])[::-1].tolist() + [0]  # this rank's targets in batches >= k
         self.upd_s, self.upd_targets = 0.0, 0  # seconds and targets of updated batches so far
+        self.slowest_rate = 0.0  # the most seconds per target of one updated batch
         self.sgd_s, self.sgd_tokens = 0.0, 0
 
     @property
@@ -663,7 +665,8 @@ class UpdateClock:
     def keep_updating(self, k: int) -> bool:
         if not self.on:
             return True
-        need = self.after[k] * self._target_rate()
+        rate = self._target_rate()
+        need = (self.after[k] - self.targets[k]) * rate + self.targets[k] * max(rate, self.slowest_rate)
         return self.ttt.clock() + 1.25 * need <= self.ttt.deadline
 
     def keep_global_sgd(self, k: int, tokens: int, stopped: bool) -> bool:
@@ -686,8 +689,10 @@ class UpdateClock:
         t = self.ttt.clock()
         yield
         self.sync()
-        self.upd_s += self.ttt.clock() - t
+        seconds = self.ttt.clock() - t
+        self.upd_s += seconds
         self.upd_targets += self.targets[k]
+        self.slowest_rate = max(self.slowest_rate, seconds / max(self.targets[k], 1))
 
     @contextlib.contextmanager
     def global_sgd(self, tokens: int) -> Iterator[None]:

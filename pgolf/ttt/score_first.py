@@ -9,7 +9,7 @@ guard, which refuses anything not yet scored.
 
 With a `deadline` (passed by the trainer under budget.mode=wallclock: the end of budget.eval_seconds),
 a chunk is trained on only if that training plus scoring every chunk after it still fits, going by
-the measured seconds per chunk; after that the remaining chunks are scored with the weights as
+the measured seconds per chunk (training costed at the slowest chunk trained so far); after that the remaining chunks are scored with the weights as
 they are. Every target is scored either way.
 """
 
@@ -210,7 +210,11 @@ class ScoreFirstTTT:
         every = max(n_chunks // 10, 1)
         marked = 0  # targets [0, marked) are marked scored in the guard
         self.stopped_at = None
-        score_s, scored, train_s = 0.0, 0, 0.0  # seconds scoring so far, chunks scored, last update's seconds
+        score_s, scored, train_s = (
+            0.0,
+            0,
+            0.0,
+        )  # seconds scoring so far, chunks scored, slowest update's seconds
         for c in range(n_chunks):
             w0, w1 = int(bounds[c]), int(bounds[c + 1])
             if w0 == w1:
@@ -276,7 +280,7 @@ class ScoreFirstTTT:
                     )
             if deadline is not None:
                 sync()
-                train_s = time.perf_counter() - t_train
+                train_s = max(train_s, time.perf_counter() - t_train)  # the next one may be as slow
             if rank == 0 and (c % every == 0):
                 nll, ntok, nbytes = sums.tolist()
                 log(

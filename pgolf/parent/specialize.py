@@ -1,0 +1,521 @@
+"""Config specialization: the packer knows the frozen config, so `if` tests that read only frozen
+config values are decided at pack time and the dead branch never ships.
+
+What counts as a frozen config value: a field of a config dataclass instance of the run's
+`JobConfig`, reached through a name whose config class is certain:
+- a parameter annotated with a config class (`cfg: GPTModelConfig`), without a default, that is
+  never rebound in its function, when exactly one instance of the run's whole config tree is of
+  that class;
+- `self.<attr>` in a class whose `__init__` binds it from such a parameter, when no other code
+  (the class's bases and subclasses included) stores that attribute and no code stores it on
+  anything but `self`;
+- `self` in a method of a config class with exactly one instance in the tree;
+- a local name bound once, at the top of its function, from one of these (`t, b = self.job.train,
+  self.job.budget`).
+Never folded: the `data` and `hardware` groups and the root's `seed`, `label` and `job_dir` (a
+packed run swaps the data for DATA_PATH's, takes SEED, and resolves the hardware on its machine);
+any field whose name some shipped code assigns or deletes on an object that may be a config (any
+but `self` in a class that is not a config class); a class that shipped code
+other than `pgolf/config.py` (which builds the tree) constructs itself. If any shipped module other than `pgolf/config.py` calls `from_dict` (the
+checkpoint converter builds a second model config), nothing is folded.
+
+A test is decided only when it is built from such values, constants, `not`, `and`/`or` (operands
+it skips must be side-effect free: names, attributes, comparisons, `isinstance`), comparisons and
+truthiness. The branch taken replaces the `if` (or the conditional expression); the tree shaker
+that runs after drops the definitions only the dead branch used. Tested end to end: a packed run
+gives the same losses, val_bpb and model bytes as the unpacked run (tests/test_specialize.py).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import operator
+from typing import Any
+
+# Root fields a packed run may change (SEED) or that are the machine's (job_dir), and the groups it
+# swaps (data: DATA_PATH, TOKENIZER_PATH) or resolves per machine (hardware).
+UNFOLDED_ROOT = ("seed", "label", "job_dir", "data", "hardware")
+# Scalars a test may compare; containers of them (eval.modes, model.xsa_layers) too.
+_SCALARS = (bool, int, float, str, type(None))
+_COMPARE = {
+    ast.Eq: operator.eq,
+    ast.NotEq: operator.ne,
+    ast.Lt: operator.lt,
+    ast.LtE: operator.le,
+    ast.Gt: operator.gt,
+    ast.GtE: operator.ge,
+    ast.In: lambda a, b: a in b,
+    ast.NotIn: lambda a, b: a not in b,
+    ast.Is: operator.is_,
+    ast.IsNot: operator.is_not,
+}
+_UNKNOWN = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Obj:
+    """A config dataclass instance of the run's tree (its fields fold, not the object itself)."""
+
+    value: Any
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return isinstance(value, _SCALARS)
+
+
+def _instances(job: Any, every_group: bool = False) -> list[Any]:
+    """Every config dataclass instance of the tree that folds: the root, its groups but data and
+    hardware (`every_group`: those too), and the dataclasses nested in them."""
+    out = [job]
+
+    def walk(obj: Any) -> None:
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if dataclasses.is_dataclass(v) and not isinstance(v, type):
+                out.append(v)
+                walk(v)
+
+    for f in dataclasses.fields(job):
+        v = getattr(job, f.name)
+        if (every_group or f.name not in UNFOLDED_ROOT) and dataclasses.is_dataclass(v):
+            out.append(v)
+            walk(v)
+    return out
+
+
+def _annotation_name(node: ast.expr | None) -> str | None:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return node.attr
+    if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.isidentifier():
+        return node.value
+    return None
+
+
+def _bound_names(fn: ast.AST) -> dict[str, int]:
+    """How often each name is bound anywhere inside `fn` (its nested scopes included), parameters
+    of nested functions and lambdas, imports and `except ... as` counted."""
+    counts: dict[str, int] = {}
+
+    def add(name: str) -> None:
+        counts[name] = counts.get(name, 0) + 1
+
+    own = (
+        {id(a) for a in ast.walk(fn.args)}
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+        else set()
+    )
+    for n in ast.walk(fn):
+        if isinstance(n, ast.Name) and isinstance(n.ctx, (ast.Store, ast.Del)):
+            add(n.id)
+        elif isinstance(n, ast.arg) and id(n) not in own:
+            add(n.arg)
+        elif isinstance(n, ast.ExceptHandler) and n.name:
+            add(n.name)
+        elif isinstance(n, ast.alias):
+            add((n.asname or n.name).split(".")[0])
+        elif isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and n is not fn:
+            add(n.name)
+        elif isinstance(n, (ast.Global, ast.Nonlocal)):
+            for name in n.names:
+                add(name)
+                add(name)
+    return counts
+
+
+def _pure(node: ast.expr) -> bool:
+    """Evaluating it has no side effects (properties aside), so skipping it changes nothing."""
+    if isinstance(node, (ast.Constant, ast.Name)):
+        return True
+    if isinstance(node, ast.Attribute):
+        return _pure(node.value)
+    if isinstance(node, ast.Compare):
+        return _pure(node.left) and all(_pure(c) for c in node.comparators)
+    if isinstance(node, ast.BoolOp):
+        return all(_pure(v) for v in node.values)
+    if isinstance(node, ast.UnaryOp):
+        return _pure(node.operand)
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance":
+        return all(_pure(a) for a in node.args) and not node.keywords
+    return False
+
+
+def _assigned_pairs(s: ast.stmt) -> list[tuple[ast.expr, ast.expr]]:
+    """(target, value) of `a = x` and of `a, b = x, y`; nothing for any other statement."""
+    if not isinstance(s, ast.Assign) or len(s.targets) != 1:
+        return []
+    t, v = s.targets[0], s.value
+    if isinstance(t, ast.Tuple) and isinstance(v, ast.Tuple) and len(t.elts) == len(v.elts):
+        return list(zip(t.elts, v.elts))
+    return [] if isinstance(t, ast.Tuple) else [(t, v)]
+
+
+def _yields(body: list[ast.stmt]) -> bool:
+    """Whether the statements yield in their own function: dropping them could turn a generator
+    into a plain function."""
+    todo: list[ast.AST] = list(body)
+    while todo:
+        n = todo.pop()
+        if isinstance(n, (ast.Yield, ast.YieldFrom)):
+            return True
+        if not isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            todo.extend(ast.iter_child_nodes(n))
+    return False
+
+
+class Specializer:
+    """Folds the frozen-config `if` tests of a set of module trees (`specialize`)."""
+
+    def __init__(self, job: Any, trees: dict[str, ast.Module]):
+        self.instances = _instances(job)
+        self.trees = trees
+        # Classes whose `self` may be a config: stores on `self` anywhere else cannot touch one.
+        self.every_instance = _instances(job, every_group=True)
+        config_classes = {c.__name__ for i in self.every_instance for c in type(i).__mro__}
+        self.stored_attrs: set[str] = set()  # attribute names assigned or deleted on what may be a config
+        self.stored_off_self: set[str] = set()  # attribute names assigned or deleted on anything but `self`
+        self.called: set[str] = set()  # names called anywhere (constructors included)
+        self.bases: dict[str, set[str]] = {}  # class name -> base class names, over every module
+        self.enabled = True
+
+        classes: dict[str, list[ast.ClassDef]] = {}
+        for rel, tree in trees.items():
+            for n in ast.walk(tree):
+                if isinstance(n, ast.ClassDef):
+                    classes.setdefault(n.name, []).append(n)
+                    self.bases.setdefault(n.name, set()).update(
+                        {_annotation_name(b) for b in n.bases} - {None}
+                    )
+                elif isinstance(n, ast.Attribute) and isinstance(n.ctx, (ast.Store, ast.Del)):
+                    if not (isinstance(n.value, ast.Name) and n.value.id == "self"):
+                        self.stored_off_self.add(n.attr)
+                elif isinstance(n, ast.Call):
+                    name = _annotation_name(n.func)
+                    if name and rel != "pgolf/config.py":  # config.py builds the tree itself
+                        self.called.add(name)
+                    if name == "from_dict" and rel != "pgolf/config.py":
+                        self.enabled = False  # a config built from other data: types no longer say which
+                    if name in ("setattr", "delattr") and len(n.args) > 1:
+                        key = n.args[1]
+                        if isinstance(key, ast.Constant) and isinstance(key.value, str):
+                            self.stored_attrs.add(key.value)
+                            self.stored_off_self.add(key.value)
+                        else:
+                            self.enabled = False
+        self.plain_classes = set(classes) - config_classes  # shipped classes that are not configs
+        self.config_classes = config_classes
+        self._attrs_of: dict[int, dict[str, Any]] = {}
+        self._plain_of: dict[int, set[str]] = {}
+        for tree in trees.values():
+            self._scan_stores(tree, None, None)
+        self.folded = 0
+
+    def _scan_stores(self, node: ast.AST, cls: ast.ClassDef | None, fn: ast.AST | None) -> None:
+        """Record in `stored_attrs` the attribute stores that may hit a config: all but those on
+        `self` of a class that is not a config, and on what such a class's `__init__` built from a
+        shipped non-config class (`self.result.x = ...`, or through `r = self.result`)."""
+        for n in ast.iter_child_nodes(node):
+            if isinstance(n, ast.ClassDef):
+                self._scan_stores(n, n, None)
+                continue
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                self._scan_stores(n, cls, n)
+                continue
+            if isinstance(n, ast.Attribute) and isinstance(n.ctx, (ast.Store, ast.Del)):
+                if not self._plain_target(n.value, cls, fn):
+                    self.stored_attrs.add(n.attr)
+            self._scan_stores(n, cls, fn)
+
+    def _plain_target(self, b: ast.expr, cls: ast.ClassDef | None, fn: ast.AST | None) -> bool:
+        if cls is None or cls.name in self.config_classes:
+            return False
+        if isinstance(b, ast.Name) and b.id == "self":
+            return True
+        if isinstance(b, ast.Attribute) and isinstance(b.value, ast.Name) and b.value.id == "self":
+            return b.attr in self.plain_attrs(cls)
+        if isinstance(b, ast.Name) and fn is not None and _bound_names(fn).get(b.id) == 1:
+            for s in fn.body:  # `r = self.result` / `rt, r = self.rt, self.result` at the top
+                if isinstance(s, ast.Assign) and len(s.targets) == 1:
+                    t, v = s.targets[0], s.value
+                    pairs = (
+                        zip(t.elts, v.elts)
+                        if isinstance(t, ast.Tuple) and isinstance(v, ast.Tuple)
+                        else [(t, v)]
+                    )
+                    for tn, vn in pairs:
+                        if isinstance(tn, ast.Name) and tn.id == b.id:
+                            return self._plain_target(vn, cls, None)
+        return False
+
+    def plain_attrs(self, cls: ast.ClassDef) -> set[str]:
+        """`self.<attr>` that `cls.__init__` builds by calling a shipped class that is not a config,
+        and that nothing else stores."""
+        if id(cls) not in self._plain_of:
+            init = next(
+                (s for s in cls.body if isinstance(s, ast.FunctionDef) and s.name == "__init__"), None
+            )
+            stores = self._self_stores(cls)
+            out = set()
+            for s in init.body if init else ():
+                if (
+                    isinstance(s, ast.Assign)
+                    and len(s.targets) == 1
+                    and isinstance(s.targets[0], ast.Attribute)
+                    and isinstance(s.targets[0].value, ast.Name)
+                    and s.targets[0].value.id == "self"
+                    and isinstance(s.value, ast.Call)
+                    and _annotation_name(s.value.func) in self.plain_classes
+                ):
+                    attr = s.targets[0].attr
+                    if stores.get(attr) == 1 and attr not in self.stored_off_self:
+                        out.add(attr)
+            self._plain_of[id(cls)] = out
+        return self._plain_of[id(cls)]
+
+    def _self_stores(self, cls: ast.ClassDef) -> dict[str, int]:
+        """How often each attribute is stored in `cls`, its bases and its subclasses."""
+        related = self._related(cls.name)
+        stores: dict[str, int] = {}
+        for tree in self.trees.values():
+            for c in ast.walk(tree):
+                if isinstance(c, ast.ClassDef) and c.name in related:
+                    for n in ast.walk(c):
+                        if isinstance(n, ast.Attribute) and isinstance(n.ctx, (ast.Store, ast.Del)):
+                            stores[n.attr] = stores.get(n.attr, 0) + 1
+        return stores
+
+    # ------------------------------------------------------------------------------ types
+    def instance_of(self, class_name: str | None) -> Any:
+        """The one instance of the tree whose class is (or derives from) `class_name`, unless
+        there are several or shipped code constructs such a class itself."""
+        if class_name is None or class_name in self.called:
+            return None
+        # counted over every group, so a base class that the data or hardware config shares is
+        # never taken for the one folded instance that derives from it
+        hits = [i for i in self.every_instance if class_name in {c.__name__ for c in type(i).__mro__}]
+        if len(hits) != 1 or type(hits[0]).__name__ in self.called:
+            return None
+        return hits[0] if any(hits[0] is i for i in self.instances) else None
+
+    def _related(self, name: str) -> set[str]:
+        """`name`, its bases and its subclasses (by class name, over every shipped module)."""
+        up, todo = {name}, [name]
+        while todo:
+            for b in self.bases.get(todo.pop(), ()):
+                if b not in up:
+                    up.add(b)
+                    todo.append(b)
+        down, grew = set(up), True
+        while grew:
+            grew = False
+            for cls, bs in self.bases.items():
+                if cls not in down and bs & down:
+                    down.add(cls)
+                    grew = True
+        return down
+
+    def self_attrs(self, cls: ast.ClassDef) -> dict[str, Any]:
+        """`self.<attr>` -> config instance, for the attributes `cls.__init__` binds from a typed
+        parameter and nothing else ever stores."""
+        if id(cls) not in self._attrs_of:
+            self._attrs_of[id(cls)] = self._self_attrs(cls)
+        return self._attrs_of[id(cls)]
+
+    def _self_attrs(self, cls: ast.ClassDef) -> dict[str, Any]:
+        init = next((s for s in cls.body if isinstance(s, ast.FunctionDef) and s.name == "__init__"), None)
+        if init is None:
+            return {}
+        params = self.typed_params(init)
+        stores = self._self_stores(cls)
+        out = {}
+        for s in init.body:
+            for t, v in _assigned_pairs(s):
+                if (
+                    isinstance(t, ast.Attribute)
+                    and isinstance(t.value, ast.Name)
+                    and t.value.id == "self"
+                    and isinstance(v, ast.Name)
+                    and v.id in params
+                    and stores.get(t.attr) == 1
+                    and t.attr not in self.stored_off_self
+                ):
+                    out[t.attr] = params[v.id]
+        return out
+
+    def typed_params(self, fn: ast.FunctionDef | ast.AsyncFunctionDef) -> dict[str, Any]:
+        bound = _bound_names(fn)
+        args = fn.args
+        positional = [*args.posonlyargs, *args.args]
+        # a parameter with a default may be left out, and then it is not the config
+        required = positional[: len(positional) - len(args.defaults)]
+        required += [a for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is None]
+        out = {}
+        for a in required:
+            inst = self.instance_of(_annotation_name(a.annotation))
+            if inst is not None and not bound.get(a.arg):
+                out[a.arg] = inst
+        return out
+
+    # --------------------------------------------------------------------------- values
+    def value(self, node: ast.expr, env: dict[str, Any]) -> Any:
+        """The node's value if the frozen config fixes it, else _UNKNOWN (a config instance comes
+        back as _Obj)."""
+        if isinstance(node, ast.Constant):
+            return node.value
+        if isinstance(node, ast.Name):
+            return _Obj(env[node.id]) if node.id in env else _UNKNOWN
+        if isinstance(node, ast.Attribute):
+            if isinstance(node.value, ast.Name) and node.value.id == "self" and f"self.{node.attr}" in env:
+                return _Obj(env[f"self.{node.attr}"])
+            owner = self.value(node.value, env)
+            if not isinstance(owner, _Obj) or node.attr in self.stored_attrs:
+                return _UNKNOWN
+            obj = owner.value
+            if node.attr not in {f.name for f in dataclasses.fields(obj)}:
+                return _UNKNOWN  # a property or method: code, not a frozen value
+            if obj is self.instances[0] and node.attr in UNFOLDED_ROOT:
+                return _UNKNOWN
+            v = getattr(obj, node.attr)
+            if dataclasses.is_dataclass(v):
+                return _Obj(v) if any(v is i for i in self.instances) else _UNKNOWN
+            return v if _plain(v) else _UNKNOWN
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+            t = self.truth(node.operand, env)
+            return _UNKNOWN if t is None else not t
+        if isinstance(node, ast.Compare):
+            left = self.value(node.left, env)
+            if left is _UNKNOWN or isinstance(left, _Obj):
+                return _UNKNOWN
+            for op, right_node in zip(node.ops, node.comparators):
+                right = self.value(right_node, env)
+                if right is _UNKNOWN or isinstance(right, _Obj) or type(op) not in _COMPARE:
+                    return _UNKNOWN
+                try:
+                    if not _COMPARE[type(op)](left, right):
+                        return False
+                except TypeError:
+                    return _UNKNOWN
+                left = right
+            return True
+        return _UNKNOWN  # `a and b` is a or b, not a bool: only `truth` reads it
+
+    def truth(self, node: ast.expr, env: dict[str, Any]) -> bool | None:
+        """The test's truth if the frozen config decides it, else None."""
+        if isinstance(node, ast.BoolOp):
+            # and: the first falsy operand decides; the operands before it run, so they must be
+            # known or pure to be dropped (or mirrored for `or`)
+            decisive = isinstance(node.op, ast.Or)
+            all_known = True
+            for i, v in enumerate(node.values):
+                t = self.truth(v, env)
+                if t is decisive:
+                    return decisive if all_known or all(_pure(u) for u in node.values[:i]) else None
+                if t is None:
+                    all_known = False
+            return (not decisive) if all_known else None
+        v = self.value(node, env)
+        if v is _UNKNOWN:
+            return None
+        if isinstance(v, _Obj):
+            return None  # a config object: truthy, but leave the test alone
+        return bool(v)
+
+    # --------------------------------------------------------------------------- folding
+    def specialize(self) -> int:
+        """Fold every decided test in place; the number folded."""
+        if not self.enabled:
+            return 0
+        for tree in self.trees.values():
+            tree.body = self._block(tree.body, {}, None)
+        return self.folded
+
+    def _block(self, body: list[ast.stmt], env: dict[str, Any], cls: ast.ClassDef | None) -> list[ast.stmt]:
+        out: list[ast.stmt] = []
+        for s in body:
+            out.extend(self._stmt(s, env, cls))
+        return out
+
+    def _stmt(self, s: ast.stmt, env: dict[str, Any], cls: ast.ClassDef | None) -> list[ast.stmt]:
+        if isinstance(s, ast.If):
+            t = self.truth(s.test, env)
+            if t is not None and not _yields(s.orelse if t else s.body):
+                self.folded += 1
+                return self._block(s.body if t else s.orelse, env, cls)
+        if isinstance(s, ast.ClassDef):
+            s.body = self._block(s.body, env, s) or [ast.Pass()]
+            return [s]
+        if isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            s.body = self._block(s.body, self._function_env(s, env, cls), None) or [ast.Pass()]
+            return [s]
+        for field, value in ast.iter_fields(s):  # nested blocks (for, while, with, try, ...)
+            if isinstance(value, list) and value and isinstance(value[0], ast.stmt):
+                setattr(s, field, self._block(value, env, cls) or [ast.Pass()])
+            elif isinstance(value, list) and value and isinstance(value[0], ast.ExceptHandler):
+                for h in value:
+                    h.body = self._block(h.body, env, cls) or [ast.Pass()]
+        self._expressions(s, env)
+        return [s]
+
+    def _expressions(self, s: ast.stmt, env: dict[str, Any]) -> None:
+        """Fold `a if test else b` inside the statement's own expressions."""
+        spec = self
+
+        class Fold(ast.NodeTransformer):
+            def visit_IfExp(self, node: ast.IfExp) -> ast.expr:
+                self.generic_visit(node)
+                t = spec.truth(node.test, env)
+                if t is None:
+                    return node
+                spec.folded += 1
+                return node.body if t else node.orelse
+
+            def visit_Lambda(self, node: ast.Lambda) -> ast.expr:
+                return node  # its own scope: its parameters may shadow
+
+        for field, value in ast.iter_fields(s):
+            if isinstance(value, ast.expr):
+                setattr(s, field, Fold().visit(value))
+            elif isinstance(value, list) and value and isinstance(value[0], ast.expr):
+                setattr(s, field, [Fold().visit(v) for v in value])
+
+    def _function_env(
+        self, fn: ast.FunctionDef | ast.AsyncFunctionDef, outer: dict[str, Any], cls: ast.ClassDef | None
+    ) -> dict[str, Any]:
+        bound = _bound_names(fn)
+        params = {a.arg for a in [*fn.args.posonlyargs, *fn.args.args, *fn.args.kwonlyargs]}
+        for a in (fn.args.vararg, fn.args.kwarg):
+            if a is not None:
+                params.add(a.arg)
+        env = {
+            k: v for k, v in outer.items() if k.split(".")[0] not in bound and k.split(".")[0] not in params
+        }
+        env.update(self.typed_params(fn))
+        if cls is not None and "self" in params and not bound.get("self"):
+            env.update({f"self.{k}": v for k, v in self.self_attrs(cls).items()})
+            own = self.instance_of(cls.name)
+            if own is not None and type(own).__name__ == cls.name:
+                env["self"] = own
+        for s in fn.body:  # names bound once, at the top, from a config instance
+            if not isinstance(s, ast.Assign) or len(s.targets) != 1:
+                continue
+            target, value = s.targets[0], s.value
+            pairs = (
+                list(zip(target.elts, value.elts))
+                if isinstance(target, ast.Tuple) and isinstance(value, ast.Tuple)
+                else [(target, value)]
+            )
+            for t, v in pairs:
+                if isinstance(t, ast.Name) and bound.get(t.id) == 1 and t.id not in params:
+                    got = self.value(v, env)
+                    if isinstance(got, _Obj):
+                        env[t.id] = got.value
+        return env
+
+
+def specialize(job: Any, trees: dict[str, ast.Module]) -> int:
+    """Fold, in place, the `if` tests of `trees` that the frozen config `job` decides; the count."""
+    return Specializer(job, trees).specialize()

@@ -1,0 +1,202 @@
+"""Config specialization (pgolf.parent.specialize): `if` tests the frozen config decides ship only
+the branch taken, and a packed run still reproduces the unpacked run bit for bit."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import REPO, run_cli, tiny_cpu_args
+
+from pgolf.config import job_config_from_dict
+from pgolf.parent.pack import shipped_sources, unpack
+from pgolf.parent.specialize import specialize
+
+HEADER = """
+from pgolf.config import JobConfig, BudgetConfig
+from pgolf.models.config import BaselineModelConfig
+"""
+
+
+def _fold(compose, source: str, overrides: list[str] | None = None, **more: str) -> str:
+    """`source` (as pgolf/fake.py, with `more` as other modules) specialized to a composed config."""
+    job = job_config_from_dict(compose(overrides or []))
+    trees = {"pgolf/fake.py": ast.parse(HEADER + textwrap.dedent(source))}
+    trees.update({rel: ast.parse(textwrap.dedent(src)) for rel, src in more.items()})
+    specialize(job, trees)
+    return ast.unparse(trees["pgolf/fake.py"])
+
+
+def test_tests_on_frozen_values_keep_only_the_branch_taken(compose):
+    out = _fold(
+        compose,
+        """
+        class Trainer:
+            def __init__(self, job: JobConfig):
+                self.job = job
+
+            def run(self):
+                if self.job.budget.mode == "wallclock":
+                    wall()
+                else:
+                    steps()
+                t, b = self.job.train, self.job.budget
+                if t.iterations > 5 and b.mode != "steps":
+                    big()
+                x = 1 if self.job.checkpoint.every_steps else 2
+                if self.job.seed == 1337:  # SEED may change in a packed run: never folded
+                    seeded()
+                if self.job.data.name:  # nor the data group (DATA_PATH)
+                    data()
+
+        def build(cfg: BaselineModelConfig):
+            if not cfg.tie_embeddings:
+                untied()
+        """,
+        ["budget.mode=steps"],
+    )
+    assert "wall()" not in out and "steps()" in out and "big()" not in out
+    assert "x = 2" in out
+    assert "self.job.seed == 1337" in out and "self.job.data.name" in out
+    assert "untied()" not in out
+
+
+def test_undecidable_or_unsafe_tests_stay(compose):
+    out = _fold(
+        compose,
+        """
+        def a(cfg: BaselineModelConfig, x):
+            if x and cfg.tie_embeddings:  # x unknown: the test stays
+                one()
+            if f() and not cfg.tie_embeddings:  # f() runs before the decided operand: stays
+                two()
+            if x.y and not cfg.tie_embeddings:  # a pure unknown before it: decided
+                three()
+
+        def b(cfg: BaselineModelConfig):
+            cfg = other()  # rebound: no longer the frozen config
+            if cfg.tie_embeddings:
+                four()
+
+        def c(cfg: BaselineModelConfig):
+            if not cfg.tie_embeddings:  # dropping it would make c a plain function
+                yield 1
+
+        def d(x, cfg: BaselineModelConfig = None):  # a caller may leave it out
+            if cfg.tie_embeddings:
+                five()
+        """,
+    )
+    assert "one()" in out and "two()" in out and "three()" not in out
+    assert "four()" in out and "yield 1" in out and "five()" in out
+
+
+def test_a_field_that_code_assigns_is_never_folded(compose):
+    src = """
+        def a(cfg: BaselineModelConfig):
+            if cfg.tie_embeddings:
+                tied()
+        """
+    assert "tied()" not in _fold(compose, src, ["model.tie_embeddings=false"])
+    assert "if" not in _fold(compose, src, ["model.tie_embeddings=true"]).split("def a")[1]
+    mutated = _fold(
+        compose,
+        src,
+        ["model.tie_embeddings=false"],
+        **{"pgolf/other.py": "def m(c):\n c.tie_embeddings = 1\n"},
+    )
+    assert "if cfg.tie_embeddings" in mutated
+    # a config built from other data (the checkpoint converter's from_dict) turns folding off
+    rebuilt = _fold(
+        compose,
+        src,
+        ["model.tie_embeddings=false"],
+        **{"pgolf/other.py": "def m(s, n):\n from_dict(s, n, 'model')\n"},
+    )
+    assert "if cfg.tie_embeddings" in rebuilt
+    # and so does a class that shipped code constructs itself
+    built = _fold(
+        compose,
+        src,
+        ["model.tie_embeddings=false"],
+        **{"pgolf/other.py": "def m():\n BaselineModelConfig()\n"},
+    )
+    assert "if cfg.tie_embeddings" in built
+
+
+# ------------------------------------------------------------------------ packed runs
+R0409_LIKE = {
+    "model": "layered",
+    "model.num_layers": "3",
+    "model.num_heads": "4",
+    "model.num_kv_heads": "2",
+    "model.ve_layers": "[1]",
+    "quant": "r0409",
+    "quant.calibration.batches": "1",
+    "optimizer": "muon_r0409",
+    "ttt": "score_first",
+    "ttt.chunk_tokens": "8192",
+    "ttt.epochs": "1",
+    "eval.stride": "64",
+    "data.loader": "shuffled",
+    "train.prime_steps": "0",
+}
+CONFIGS = {
+    "offline_like": {},  # the offline default's model, optimizer and quant, on the test shards
+    "r0409_like": R0409_LIKE,
+}
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_specialized_packed_run_reproduces_the_run_bit_for_bit(name, tmp_path, shard_dir, tokenizer_model):
+    proc = run_cli(tiny_cpu_args(shard_dir, tokenizer_model, **CONFIGS[name]), tmp_path / "src")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "src" / "run"
+    script = run / "artifact" / "train_gpt.py"
+    shipped = unpack(script.read_text(encoding="utf-8"))
+
+    # the wrapper is specialized: it is what shipped_sources gives with folding on, and smaller
+    config = json.loads(shipped["config.json"])
+    modules = {rel: REPO / rel for rel in shipped if rel != "config.json"}
+    for rel in modules:  # the shaker keeps every method of a class this process has not loaded
+        importlib.import_module(rel.removesuffix(".py").removesuffix("/__init__").replace("/", "."))
+    on, off = shipped_sources(modules, config), shipped_sources(modules, config, specialized=False)
+    assert {k: v.encode() for k, v in on.items()} == shipped
+    assert sum(map(len, on.values())) < sum(map(len, off.values())) - 500
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(
+        PGOLF_JOB_DIR=str(empty / "job"), DATA_PATH=str(shard_dir), TOKENIZER_PATH=str(tokenizer_model)
+    )
+    packed_proc = subprocess.run(
+        [sys.executable, str(script)], cwd=empty, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert packed_proc.returncode == 0, packed_proc.stderr[-3000:]
+    orig = json.loads((run / "result.json").read_text())
+    packed = json.loads((empty / "job" / "result.json").read_text())
+    assert packed["status"] == orig["status"] == "ok"
+    assert packed["train_losses"] == orig["train_losses"]
+    assert (packed["val_loss"], packed["val_bpb"]) == (orig["val_loss"], orig["val_bpb"])
+    assert (
+        packed["metrics"] == orig["metrics"] or packed["metrics"]["roundtrip"]["val_bpb"] == orig["val_bpb"]
+    )
+    # every byte count but the raw source's (the packed run's modules are the minified ones)
+    assert {**packed["bytes"], "code_source_raw": 0} == {**orig["bytes"], "code_source_raw": 0}
+    model = next(p.name for p in (run / "artifact").iterdir() if p.name.startswith("final_model"))
+    assert _sha(empty / "job" / "artifact" / model) == _sha(run / "artifact" / model)
+    assert (empty / "job" / "artifact" / "train_gpt.py").read_bytes() == script.read_bytes()
