@@ -117,7 +117,9 @@ def test_packed_script_reproduces_the_run(tiny_run, tmp_path):
 
 
 def test_over_cap_artifact_is_refused(tmp_path, shard_dir, tokenizer_model):
-    proc = run_cli(tiny_cpu_args(shard_dir, tokenizer_model, **{"budget.artifact_bytes": "1000"}), tmp_path)
+    # The cap is checked on the artifact, whatever the training before it: one step, no priming.
+    short = {"budget.artifact_bytes": "1000", "train.iterations": "1", "train.prime_steps": "0"}
+    proc = run_cli(tiny_cpu_args(shard_dir, tokenizer_model, **short), tmp_path)
     assert proc.returncode == 1
     r = load_result(tmp_path)
     assert r["status"] == "failed"

@@ -221,7 +221,8 @@ def test_over_cap_gptq_run_fails_with_the_numbers(tmp_path, shard_dir, tokenizer
     args = tiny_cpu_args(
         shard_dir, tokenizer_model, model="layered", quant="r0409",
         **{"model.num_layers": "2", "quant.calibration.batches": "1", "budget.artifact_bytes": "5000",
-           "model.num_heads": "4", "model.num_kv_heads": "2", "model.ve_layers": "[1]"},
+           "model.num_heads": "4", "model.num_kv_heads": "2", "model.ve_layers": "[1]",
+           "train.iterations": "1", "train.prime_steps": "0"},  # the cap is checked on the artifact
     )  # fmt: skip
     p = run_cli(args, tmp_path)
     assert p.returncode != 0
