@@ -123,3 +123,51 @@ def write_tokens(path: Path, tokens) -> None:
     from pgolf.data.shards import write_shard
 
     write_shard(path, np.asarray(tokens, dtype=np.uint16))
+
+
+# Runs that several test modules assert on. Each end-to-end run costs seconds of process start-up
+# (Python, torch, Hydra) before it trains at all, so one run serves every test that reads it.
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, shard_dir, tokenizer_model) -> tuple[Path, subprocess.CompletedProcess]:
+    """`tiny_cpu_args` as they are, one job whose worker runs in the parent: (tmp, process), with the
+    run in tmp / "run". Readers only: a test that changes files copies the run first."""
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    proc = run_cli(tiny_cpu_args(shard_dir, tokenizer_model), tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp, proc
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tmp_path_factory, shard_dir, tokenizer_model) -> tuple[Path, subprocess.CompletedProcess]:
+    """The same job as `tiny_run`, as a one-job sweep (`-m`): its worker is a subprocess. Verbose for
+    pgolf.trainer, so the relayed debug lines can be checked too: (sweep dir, process)."""
+    tmp = tmp_path_factory.mktemp("tiny_sweep")
+    sweep = tmp / "sweep"
+    args = ["-m", *tiny_cpu_args(shard_dir, tokenizer_model), f"hydra.sweep.dir={sweep}"]
+    proc = run_cli([*args, "hydra.verbose=[pgolf.trainer]"], tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return sweep, proc
+
+
+# A small model=layered quant=r0409 job (GPTQ int6, brotli), priming off: seconds on CPU.
+SMALL_GPTQ = {
+    "model": "layered",
+    "quant": "r0409",
+    "model.num_layers": "2",
+    "model.num_heads": "4",
+    "model.num_kv_heads": "2",
+    "model.ve_layers": "[1]",
+    "quant.calibration.batches": "2",
+    "quant.report_compressors": "true",
+    "train.prime_steps": "0",
+}
+
+
+@pytest.fixture(scope="session")
+def gptq_run(tmp_path_factory, shard_dir, tokenizer_model) -> Path:
+    """SMALL_GPTQ on `tiny_cpu_args`, run once for the byte accounting and the pruning tests: its
+    run folder (artifact within the cap, so nothing pruned)."""
+    tmp = tmp_path_factory.mktemp("gptq_run")
+    proc = run_cli(tiny_cpu_args(shard_dir, tokenizer_model, **SMALL_GPTQ), tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "run"

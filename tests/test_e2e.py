@@ -19,14 +19,6 @@ def load_result(tmp_path: Path) -> dict:
     return json.loads((tmp_path / "run" / "result.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, shard_dir, tokenizer_model):
-    tmp = tmp_path_factory.mktemp("tiny_run")
-    proc = run_cli(tiny_cpu_args(shard_dir, tokenizer_model), tmp)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return tmp, proc
-
-
 def test_result_json_is_complete(tiny_run):
     tmp, proc = tiny_run
     r = load_result(tmp)
@@ -86,16 +78,15 @@ def test_roundtrip_eval_scores_the_artifact(tiny_run):
     assert abs(res.val_bpb - r["val_bpb"]) < 1e-5
 
 
-def test_priming_is_undone(tmp_path, shard_dir, tokenizer_model):
+def test_priming_is_undone(tiny_run, tmp_path, shard_dir, tokenizer_model):
     """Prime steps compile and are then erased: losses equal those of a run without priming."""
-    runs = {}
-    for n in (0, 3):
-        d = tmp_path / f"p{n}"
-        proc = run_cli(tiny_cpu_args(shard_dir, tokenizer_model, **{"train.prime_steps": str(n)}), d)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        runs[n] = load_result(d)
-    assert runs[0]["train_losses"] == runs[3]["train_losses"]
-    assert runs[0]["val_loss"] == runs[3]["val_loss"]
+    primed, _ = tiny_run
+    assert "primed 2 steps" in (primed / "run" / "train.log").read_text()  # tiny_cpu_args prime 2 steps
+    proc = run_cli(tiny_cpu_args(shard_dir, tokenizer_model, **{"train.prime_steps": "0"}), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {0: load_result(tmp_path), 2: load_result(primed)}
+    assert runs[0]["train_losses"] == runs[2]["train_losses"]
+    assert runs[0]["val_loss"] == runs[2]["val_loss"]
 
 
 def test_packed_script_reproduces_the_run(tiny_run, tmp_path):
@@ -126,7 +117,9 @@ def test_packed_script_reproduces_the_run(tiny_run, tmp_path):
 
 
 def test_over_cap_artifact_is_refused(tmp_path, shard_dir, tokenizer_model):
-    proc = run_cli(tiny_cpu_args(shard_dir, tokenizer_model, **{"budget.artifact_bytes": "1000"}), tmp_path)
+    # The cap is checked on the artifact, whatever the training before it: one step, no priming.
+    short = {"budget.artifact_bytes": "1000", "train.iterations": "1", "train.prime_steps": "0"}
+    proc = run_cli(tiny_cpu_args(shard_dir, tokenizer_model, **short), tmp_path)
     assert proc.returncode == 1
     r = load_result(tmp_path)
     assert r["status"] == "failed"

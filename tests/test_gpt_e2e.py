@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,10 +34,22 @@ SHRINK = {
 }
 
 
-def test_banked_preset_runs_end_to_end(tmp_path, shard_dir, tokenizer_model):
-    proc = run_cli(tiny_cpu_args(shard_dir, tokenizer_model, **SHRINK), tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run = tmp_path / "run"
+def _banked(tmp: Path, shard_dir: Path, tokenizer_model: Path, nproc: str) -> Path:
+    """The shrunk preset on `nproc` gloo processes (one thread each, so two ranks share 2 cores)."""
+    args = tiny_cpu_args(shard_dir, tokenizer_model, **SHRINK, **{"hardware.nproc_per_node": nproc})
+    proc = run_cli(args, tmp, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def banked_one(tmp_path_factory, shard_dir, tokenizer_model) -> Path:
+    """One process: the end-to-end checks below and the reference of the two-rank run read it."""
+    return _banked(tmp_path_factory.mktemp("banked_one"), shard_dir, tokenizer_model, "1")
+
+
+def test_banked_preset_runs_end_to_end(banked_one):
+    run = banked_one
     result = json.loads((run / "result.json").read_text())
     assert result["status"] == "ok" and result["steps"] == 6
     assert np.isfinite(result["val_bpb"]) and result["val_bpb"] > 0
@@ -63,17 +76,12 @@ def test_banked_preset_runs_end_to_end(tmp_path, shard_dir, tokenizer_model):
     assert {"pgolf/models/gpt.py", "pgolf/models/banks.py", "pgolf/models/blocks.py"} <= shipped
 
 
-def test_banked_two_gloo_processes_match_one(tmp_path, shard_dir, tokenizer_model):
+def test_banked_two_gloo_processes_match_one(banked_one, tmp_path, shard_dir, tokenizer_model):
     """Muon splits bank slices across ranks (slice j -> rank j % world) and shares the updates; with
     DDP averaging the bank gradients, 2 ranks train like 1 (the tolerance of test_dist.py)."""
-
-    def run(name: str, nproc: str) -> dict:
-        args = tiny_cpu_args(shard_dir, tokenizer_model, **SHRINK, **{"hardware.nproc_per_node": nproc})
-        proc = run_cli(args, tmp_path / name, env={"OMP_NUM_THREADS": "1"})
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-        return json.loads((tmp_path / name / "run" / "result.json").read_text())
-
-    one, two = run("n1", "1"), run("n2", "2")
+    one = json.loads((banked_one / "result.json").read_text())
+    two = json.loads((_banked(tmp_path, shard_dir, tokenizer_model, "2") / "result.json").read_text())
+    assert (one["world_size"], one["grad_accum"]) == (1, 8)
     assert (two["world_size"], two["grad_accum"]) == (2, 4)
     for (s1, a), (s2, b) in zip(one["train_losses"], two["train_losses"]):
         assert s1 == s2 and b == pytest.approx(a, rel=5e-4)

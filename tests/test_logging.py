@@ -27,19 +27,20 @@ def _file_lines(text: str, logger: str, level: str) -> list[str]:
 
 # ------------------------------------------------------------------------------- end to end
 @pytest.mark.slow
-def test_run_log_holds_the_console_lines_and_verbose_adds_debug(tmp_path, shard_dir, tokenizer_model):
+def test_run_log_holds_the_console_lines_and_verbose_adds_debug(
+    tiny_run, tmp_path, shard_dir, tokenizer_model
+):
     """A single run (worker in the parent's process): run.log is Hydra's record of the console."""
     args = tiny_cpu_args(shard_dir, tokenizer_model)
-    plain = run_cli(args, tmp_path / "plain")
-    assert plain.returncode == 0, plain.stderr[-3000:]
-    log = (tmp_path / "plain" / "run" / "run.log").read_text()
+    plain_dir, plain = tiny_run  # the same args, run once for the whole session
+    log = (plain_dir / "run" / "run.log").read_text()
     assert _file_lines(log, "pgolf.trainer", "INFO")[0].startswith("pgolf ")
     assert any(m.startswith("step:6/6 train_loss:") for m in _file_lines(log, "pgolf.trainer", "INFO"))
     assert FINAL.match(_file_lines(log, "pgolf.run", "INFO")[-1])
     assert FINAL.search(plain.stdout)  # the one-line summary is still a plain console line
     assert "[DEBUG]" not in log and "DEBUG " not in plain.stdout
     # train.log is the complete record: debug lines included even when the console hides them
-    train_log = (tmp_path / "plain" / "run" / "train.log").read_text()
+    train_log = (plain_dir / "run" / "train.log").read_text()
     assert "phase:build start" in train_log and "step:6/6 train_loss:" in train_log
 
     verbose = run_cli([*args, "hydra.verbose=pgolf.trainer"], tmp_path / "verbose")
@@ -52,14 +53,9 @@ def test_run_log_holds_the_console_lines_and_verbose_adds_debug(tmp_path, shard_
 
 
 @pytest.mark.slow
-def test_sweep_job_relays_its_worker_subprocess_into_run_log(tmp_path, shard_dir, tokenizer_model):
+def test_sweep_job_relays_its_worker_subprocess_into_run_log(tiny_sweep):
     """A sweep job's worker is a subprocess: the parent logs its lines again, names and levels kept."""
-    sweep = tmp_path / "sweep"
-    args = tiny_cpu_args(shard_dir, tokenizer_model)
-    proc = run_cli(
-        ["-m", *args, "seed=7", f"hydra.sweep.dir={sweep}", "hydra.verbose=[pgolf.trainer]"], tmp_path
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep, proc = tiny_sweep  # `-m ... hydra.verbose=[pgolf.trainer]`, one job
     log = (sweep / "0" / "run.log").read_text()
     info = _file_lines(log, "pgolf.trainer", "INFO")
     assert info[0].startswith("pgolf ") and any(m.startswith("step:6/6 train_loss:") for m in info)

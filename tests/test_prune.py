@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, run_cli, tiny_cpu_args
+from conftest import REPO, SMALL_GPTQ, run_cli, tiny_cpu_args
 
 from pgolf.quant.config import GroupQuant, MixedQuantConfig
 from pgolf.quant.gptq import round_codes, row_scales
@@ -138,27 +138,14 @@ def test_prune_flag_is_a_config_key(compose):
 
 @pytest.mark.slow
 def test_trainer_prunes_to_a_decimal_cap_and_the_packed_script_reproduces(
-    tmp_path, shard_dir, tokenizer_model
+    gptq_run, tmp_path, shard_dir, tokenizer_model
 ):
     """A real run: the code is written first, the blob is pruned to cap - code bytes, the log and
     result.json say how many codes went, and the packed script (brotli codec) reruns it exactly."""
-    small = {"model.num_layers": "2", "quant.calibration.batches": "1", "model.num_heads": "4",
-             "model.num_kv_heads": "2", "model.ve_layers": "[1]", "train.prime_steps": "0"}  # fmt: skip
-    first = run_cli(
-        tiny_cpu_args(shard_dir, tokenizer_model, model="layered", quant="r0409", **small), tmp_path / "a"
-    )
-    assert first.returncode == 0, first.stderr[-3000:]
-    fit = json.loads((tmp_path / "a" / "run" / "result.json").read_text())
+    fit = json.loads((gptq_run / "result.json").read_text())  # SMALL_GPTQ within the 16 MB cap
     assert "prune" not in fit["quant"]  # on in r0409, idle when the artifact fits
     cap = fit["bytes"]["total"] - 300
-    args = tiny_cpu_args(
-        shard_dir,
-        tokenizer_model,
-        model="layered",
-        quant="r0409",
-        **small,
-        **{"budget.artifact_bytes": str(cap)},
-    )
+    args = tiny_cpu_args(shard_dir, tokenizer_model, **SMALL_GPTQ, **{"budget.artifact_bytes": str(cap)})
     second = run_cli(args, tmp_path / "b")
     assert second.returncode == 0, second.stderr[-3000:]
     run = tmp_path / "b" / "run"

@@ -204,16 +204,10 @@ def test_blob_round_trip_on_a_gpt(banked, preset, compose):
 
 
 @pytest.mark.slow
-def test_trainer_gptq_run_accounts_bytes_from_disk(tmp_path, shard_dir, tokenizer_model):
-    args = tiny_cpu_args(
-        shard_dir, tokenizer_model, model="layered", quant="r0409",
-        **{"model.num_layers": "2", "quant.calibration.batches": "2", "quant.report_compressors": "true",
-           "model.num_heads": "4", "model.num_kv_heads": "2", "model.ve_layers": "[1]"},
-    )  # fmt: skip
-    p = run_cli(args, tmp_path)
-    assert p.returncode == 0, p.stderr[-3000:]
-    r = json.loads((tmp_path / "run" / "result.json").read_text())
-    art = tmp_path / "run" / "artifact"
+def test_trainer_gptq_run_accounts_bytes_from_disk(gptq_run):
+    run = gptq_run  # SMALL_GPTQ: 2 calibration batches, every compressor's size reported
+    r = json.loads((run / "result.json").read_text())
+    art = run / "artifact"
     assert r["bytes"]["model"] == (art / "final_model.ptz").stat().st_size
     assert r["bytes"]["code"] == (art / "train_gpt.py").stat().st_size
     assert r["bytes"]["total"] == r["bytes"]["model"] + r["bytes"]["code"]
@@ -227,7 +221,8 @@ def test_over_cap_gptq_run_fails_with_the_numbers(tmp_path, shard_dir, tokenizer
     args = tiny_cpu_args(
         shard_dir, tokenizer_model, model="layered", quant="r0409",
         **{"model.num_layers": "2", "quant.calibration.batches": "1", "budget.artifact_bytes": "5000",
-           "model.num_heads": "4", "model.num_kv_heads": "2", "model.ve_layers": "[1]"},
+           "model.num_heads": "4", "model.num_kv_heads": "2", "model.ve_layers": "[1]",
+           "train.iterations": "1", "train.prime_steps": "0"},  # the cap is checked on the artifact
     )  # fmt: skip
     p = run_cli(args, tmp_path)
     assert p.returncode != 0

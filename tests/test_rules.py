@@ -57,16 +57,18 @@ def test_calibration_never_starts_a_batch_that_would_end_past_the_deadline():
     assert list(w) == [0, 1] and not w.cut
 
 
-# Calibration made slow on purpose: the probe's batches take 0.5 s more, the real ones 1.5 s more,
-# so the probe raises the 0.01 s reserve (to ~1.25 x 8 x 0.5 s) but still underestimates the real
-# 8 x 1.5 s, and only the deadline keeps training + calibration inside budget.train_seconds.
-SLOW_CALIBRATION = """
+# Calibration made slow on purpose: the probe's batches take PROBE_DELAY s more, the real ones
+# REAL_DELAY s more, so the probe raises the 0.01 s reserve (to ~1.25 x 8 x PROBE_DELAY) but still
+# underestimates the real 8 x REAL_DELAY, and only the deadline keeps training + calibration inside
+# budget.train_seconds. The budget only needs room for that reserve plus a few real batches.
+PROBE_DELAY, REAL_DELAY, TRAIN_SECONDS = 0.25, 1.0, 10.0
+SLOW_CALIBRATION = f"""
 import sys, time
 import pgolf.quant.mixed as mixed
 real, calls = mixed.collect_hessians, []
 def slow(model, watch, batches, dtype):
     calls.append(1)
-    delay = 0.5 if len(calls) == 1 else 1.5
+    delay = {PROBE_DELAY} if len(calls) == 1 else {REAL_DELAY}
     def paced():
         for b in batches:
             time.sleep(delay)
@@ -89,7 +91,7 @@ def test_a_calibration_slower_than_the_reserve_still_fits_the_training_budget(
             "quant": "int6_gptq",
             "quant.calibration.batches": "8",
             "budget.mode": "wallclock",
-            "budget.train_seconds": "30",
+            "budget.train_seconds": str(TRAIN_SECONDS),
             "budget.quant_reserve_seconds": "0.01",
             "train.iterations": "100000",
             "train.log_every": "0",
@@ -108,12 +110,12 @@ def test_a_calibration_slower_than_the_reserve_still_fits_the_training_budget(
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = _strict(tmp_path / "run" / "result.json")
     plan, cal = r["calibration_plan"], r["calibration"]
-    # the probe measured >= 0.5 s/batch x 8 and raised the reserve far above the configured 0.01 s
-    assert plan["configured_reserve_seconds"] == 0.01 and plan["reserve_seconds"] >= 1.25 * 8 * 0.5
-    # the real batches took over 1.5 s: all 8 would not fit, so the deadline cut them short
+    # the probe measured >= PROBE_DELAY s/batch x 8 and raised the reserve far above the configured 0.01 s
+    assert plan["configured_reserve_seconds"] == 0.01 and plan["reserve_seconds"] >= 1.25 * 8 * PROBE_DELAY
+    # the real batches took over REAL_DELAY s: all 8 would not fit, so the deadline cut them short
     assert cal["cut_by_deadline"] and 0 <= cal["batches"] < 8 and cal["planned"] == 8
     used = r["train_ms"] / 1000 + r["calibration_seconds"]
-    assert used <= 30.0 and r["rules"]["checks"]["train_seconds"]["used"] == pytest.approx(used)
+    assert used <= TRAIN_SECONDS and r["rules"]["checks"]["train_seconds"]["used"] == pytest.approx(used)
     assert r["rules"]["pass"] and r["status"] == "ok"
     assert "calibration: stopped after" in (tmp_path / "run" / "train.log").read_text()
 
@@ -245,12 +247,9 @@ def test_a_diverged_run_fails_with_strict_json(tmp_path, shard_dir, tokenizer_mo
 
 
 # ----------------------------------------------- a finished run: check, pack, shipped code
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory, shard_dir, tokenizer_model) -> Path:
-    tmp = tmp_path_factory.mktemp("finished")
-    proc = run_cli(tiny_cpu_args(shard_dir, tokenizer_model), tmp)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return tmp / "run"
+@pytest.fixture
+def finished(tiny_run) -> Path:
+    return tiny_run[0] / "run"  # shared with other modules: read it, or copy it before changing it
 
 
 def test_check_reverifies_a_finished_run_from_its_files(finished):
@@ -290,16 +289,11 @@ def test_one_flipped_byte_fails_check_and_pack(finished, tmp_path, name):
     assert proc.returncode == 1 and "FAIL" in proc.stdout
 
 
-def test_shipped_code_is_byte_identical_in_process_and_in_a_worker(
-    finished, tmp_path, shard_dir, tokenizer_model
-):
+def test_shipped_code_is_byte_identical_in_process_and_in_a_worker(finished, tiny_sweep):
     from pgolf.parent.pack import unpack
 
-    proc = run_cli(
-        ["-m", *tiny_cpu_args(shard_dir, tokenizer_model), f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    worker = (tmp_path / "sweep" / "0" / "artifact" / "train_gpt.py").read_bytes()
+    sweep, _ = tiny_sweep  # the same job as `finished`, its worker a subprocess
+    worker = (sweep / "0" / "artifact" / "train_gpt.py").read_bytes()
     in_process = (finished / "artifact" / "train_gpt.py").read_bytes()
     files = unpack(worker.decode())
     assert "pgolf/train.py" in files  # the worker runs it as __main__: it must still ship
