@@ -402,3 +402,17 @@ def test_ns_square_first_is_bit_exact_with_the_seed_scripts(shape):
         assert torch.equal(make_ns(cfg, False)(G), _scripts_ns(G, square_first))
     assert torch.equal(newton_schulz(G, 5), _scripts_ns(G, False))  # the default is unchanged
     assert not torch.equal(_scripts_ns(G, True), _scripts_ns(G, False))
+
+
+def test_ns_compile_off_runs_newton_schulz_eagerly(monkeypatch):
+    """optimizer.ns_compile=false keeps NS out of torch.compile even in a compiled run (the
+    #399/#726 scripts run it eagerly; compiled bf16 NS rounds differently)."""
+    import pgolf.optim.muon as muon
+
+    compiled = []
+    monkeypatch.setattr(muon.torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)
+    G = torch.randn(2, 32, 16)
+    eager = make_ns(MuonConfig(ns_compile=False), True)
+    assert compiled == [] and torch.equal(eager(G), newton_schulz(G, 5))
+    make_ns(MuonConfig(), True)
+    assert compiled == [newton_schulz]  # the default still compiles

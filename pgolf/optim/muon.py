@@ -75,7 +75,9 @@ def newton_schulz(
 
 
 def make_ns(cfg: MuonConfig, compile_ns: bool):
-    """The configured Newton-Schulz as a one-argument function (compiled once per shape)."""
+    """The configured Newton-Schulz as a one-argument function (compiled once per shape when the
+    run compiles and optimizer.ns_compile is on)."""
+    compile_ns = compile_ns and cfg.ns_compile
     steps, square_first = cfg.muon_backend_steps, cfg.ns_square_first
     fn = torch.compile(newton_schulz, fullgraph=True, dynamic=False) if compile_ns else newton_schulz
     if cfg.ns_coeffs == "quintic":
