@@ -230,3 +230,30 @@ def test_experiment_runs_end_to_end_on_cpu(name, small_shards, tokenizer_model, 
             "first_step": 3,
             "applied": True,
         }
+
+
+@pytest.mark.parametrize("name", ("pr339", "pr399", "pr726"))
+def test_bench_schedule_equals_the_scripts_formula(compose, name):
+    """bench/seeds.sh's side-by-side runs: 150 steps, warmdown 100, no wallclock cap. The scripts'
+    lr_mul is then (iterations - step) / warmdown_iters from step 50 on and 1 before; their Muon
+    momentum is 0.92 + 0.07 * step / 1500. The values below are that formula, written out."""
+    from pgolf.optim.schedules import lr_scale, muon_momentum
+
+    overrides = ["budget.mode=steps", "train.iterations=150", "optimizer.warmdown_iters=100"]
+    job = job_config_from_dict(compose([f"experiment={name}", *overrides]))
+    opt = job.optimizer
+    expected_lr = {0: 1.0, 49: 1.0, 50: 1.0, 51: 0.99, 100: 0.5, 141: 0.09, 149: 0.01}
+    for step, lr in expected_lr.items():
+        assert lr_scale(opt, step, 1e9, 150, None) == pytest.approx(lr, abs=1e-12), (name, step)
+    expected_momentum = {0: 0.92, 50: 0.9223333333333333, 100: 0.9246666666666666, 149: 0.9269533333333333}
+    for step, m in expected_momentum.items():
+        assert muon_momentum(opt, step) == pytest.approx(m, abs=1e-12), (name, step)
+    assert (opt.matrix_lr, opt.scalar_lr, opt.tied_embed_lr, opt.muon_wd, opt.embed_wd, opt.scalar_wd) == (
+        0.025,
+        0.025,
+        0.035,
+        0.04,
+        0.04,
+        0.04,
+    )
+    assert (opt.beta1, opt.beta2, opt.adam_eps, opt.grad_clip_norm) == (0.9, 0.95, 1e-8, 0.3)

@@ -33,6 +33,13 @@ class MuonConfig:
     # Newton-Schulz coefficients: the fixed quintic (3.4445, -4.7750, 2.0315) or the per-iteration
     # Polar Express table (PR #1344; more than 5 steps reuse only the 5 tuples, as the record does).
     ns_coeffs: str = "quintic"
+    # How NS rounds b*A + c*A@A in bf16: False computes (c*A) @ A (modded-nanogpt, PR #339), True
+    # c * (A @ A) (PRs #399, #726). Same math, different bf16 rounding: about 2% apart per update.
+    ns_square_first: bool = False
+    # False: NS runs eagerly even when the run compiles (hardware.compile). Compiled, inductor keeps
+    # the fused elementwise steps in fp32, so its bf16 result differs from eager NS by about as much
+    # as ns_square_first does: PRs #399/#726 run NS eagerly, #339 compiles it. On for speed.
+    ns_compile: bool = True
     # MuonEq-R: unit-L2 rows of the Nesterov update before NS (docs/techniques.md#muoneq-r)
     row_normalize: bool = False
     muon_wd: float = 0.0  # decoupled: p <- p * (1 - lr * wd) before the update

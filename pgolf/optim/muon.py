@@ -50,12 +50,17 @@ def ns_schedule(name: str, steps: int) -> tuple[tuple[float, float, float], ...]
 
 
 def newton_schulz(
-    G: Tensor, steps: int, eps: float = 1e-7, coeffs: tuple[tuple[float, float, float], ...] | None = None
+    G: Tensor,
+    steps: int,
+    eps: float = 1e-7,
+    coeffs: tuple[tuple[float, float, float], ...] | None = None,
+    square_first: bool = False,
 ) -> Tensor:
     """Orthogonalize a batch of matrices (..., m, n) with the Newton-Schulz iteration, in bf16.
 
     Each matrix is normalized by its own Frobenius norm; `coeffs` (one (a, b, c) per iteration)
-    defaults to `steps` x the fixed quintic.
+    defaults to `steps` x the fixed quintic. `square_first` rounds c * (A @ A) instead of
+    (c * A) @ A, bit for bit as the scripts that parenthesize it (MuonConfig.ns_square_first).
     """
     X = G.bfloat16()
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
@@ -64,19 +69,21 @@ def newton_schulz(
         X = X.mT
     for a, b, c in coeffs if coeffs is not None else (QUINTIC,) * steps:
         A = X @ X.mT
-        B = b * A + c * A @ A
+        B = b * A + (c * (A @ A) if square_first else c * A @ A)
         X = a * X + B @ X
     return X.mT if tall else X
 
 
 def make_ns(cfg: MuonConfig, compile_ns: bool):
-    """The configured Newton-Schulz as a one-argument function (compiled once per shape)."""
-    steps = cfg.muon_backend_steps
+    """The configured Newton-Schulz as a one-argument function (compiled once per shape when the
+    run compiles and optimizer.ns_compile is on)."""
+    compile_ns = compile_ns and cfg.ns_compile
+    steps, square_first = cfg.muon_backend_steps, cfg.ns_square_first
     fn = torch.compile(newton_schulz, fullgraph=True, dynamic=False) if compile_ns else newton_schulz
     if cfg.ns_coeffs == "quintic":
-        return lambda G: fn(G, steps)
+        return lambda G: fn(G, steps, square_first=square_first)
     coeffs = ns_schedule(cfg.ns_coeffs, steps)
-    return lambda G: fn(G, len(coeffs), coeffs=coeffs)
+    return lambda G: fn(G, len(coeffs), coeffs=coeffs, square_first=square_first)
 
 
 def row_normalize(u: Tensor, eps: float = 1e-7) -> Tensor:

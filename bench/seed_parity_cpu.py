@@ -1,0 +1,194 @@
+"""A seed PR's script against `experiment=prNNN` on the CPU, piece by piece (no GPU, minutes).
+
+    python bench/seed_parity_cpu.py pr399 [--steps 3] [--loader-steps 60]
+
+1. init: the script's model (built by the lines of its own main(), seed 1337) and pgolf's, parameter
+   by parameter (names, dtypes, values), and which optimizer / lr / WD each parameter gets;
+2. forward + backward in fp32 on the same random weights and tokens: relative gradient difference;
+3. optimizer: `--steps` steps where pgolf's parameters get the script model's exact gradients; the
+   script's own step (lr_mul, momentum warmup, clip, its optimizers) against pgolf's bundle;
+4. (--loader-steps, PR #726) the coprime loader: the token windows of each micro-batch, from both
+   loaders, over shards under /tmp/pgolf_bench/sp1024 (bench/seeds.sh's $DATA).
+
+At seq 128 the scripts' RoPE tables are bf16 (their cast buffer, used up to 1024 positions), so
+pgolf runs with model.rope_table_dtype=bfloat16 here; at the bench's 2048 both are fp32.
+Needs .refs/<pr>/train_gpt.py and an importable `flash_attn_interface` (an SDPA stand-in is made).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import inspect
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = "/tmp/pgolf_bench/sp1024"
+REFS = Path(os.environ.get("REFS", REPO / ".refs"))  # the scripts, .refs/<pr>/train_gpt.py
+SHIM = """import torch.nn.functional as F
+def flash_attn_func(q, k, v, causal=True, softmax_scale=None, **_):
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=softmax_scale,
+                                       enable_gqa=k.size(1) != q.size(1))
+    return y.transpose(1, 2)
+"""
+
+
+def script_env(pr: str) -> dict[str, str]:
+    """The run command's environment (bench/seeds.sh's ref_env) plus the bench's step settings."""
+    cmd = f"source <(sed -n '/^ref_env()/,/^}}/p' {REPO}/bench/seeds.sh); ref_env {pr}"
+    out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, check=True).stdout
+    env = dict(kv.split("=", 1) for kv in shlex.split(out))
+    env.update(ITERATIONS="150", WARMDOWN_ITERS="100", MAX_WALLCLOCK_SECONDS="0", DATA_PATH=DATA)
+    return env
+
+
+def load_script(pr: str):
+    shim = Path(tempfile.mkdtemp()) / "flash_attn_interface.py"
+    shim.write_text(SHIM)
+    sys.path.insert(0, str(shim.parent))
+    os.environ.update(script_env(pr))  # its Hyperparameters read the environment
+    spec = importlib.util.spec_from_file_location(f"script_{pr}", REFS / pr / "train_gpt.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_script(module) -> dict:
+    """Run main()'s own lines from `base_model = GPT(` to the parameter count: model + optimizers."""
+    lines = inspect.getsource(module.main).splitlines()
+    start = next(i for i, line in enumerate(lines) if "base_model = GPT(" in line)
+    end = next(i for i, line in enumerate(lines) if "n_params = sum(" in line)
+    body = "\n".join(line[4:] for line in lines[start:end])
+    body = body.replace("torch.compile(", "(lambda f, **_: f)(").replace("fused=True", "foreach=False")
+    ns = dict(vars(module))
+    ns.update(args=module.Hyperparameters(), device=torch.device("cpu"), distributed=False, local_rank=0)
+    ns.update(rank=0, world_size=1, log0=lambda *a, **k: None, master_process=True)
+    torch.manual_seed(1337)
+    exec(body, ns)
+    return ns
+
+
+def pgolf_job(pr: str):
+    from pgolf.config import job_config_from_dict
+    from pgolf.parent.compose import compose_dict
+
+    overrides = [f"experiment={pr}", "data=shards", f"data.path={DATA}", "data.tokenizer_path=/x.model"]
+    overrides += ["data.vocab_size=1024", "budget.mode=steps", "train.iterations=150", "hardware=cpu"]
+    overrides += ["optimizer.warmdown_iters=100", "model.rope_table_dtype=bfloat16"]
+    return job_config_from_dict(compose_dict(overrides))
+
+
+def build_pgolf(job):
+    from pgolf.components import MODELS, OPTIMIZERS
+    from pgolf.models.layers import restore_fp32_params
+
+    torch.manual_seed(1337)
+    model = MODELS.build(job.model).bfloat16()
+    restore_fp32_params(model)
+    opt = OPTIMIZERS.build(job.optimizer, model=model, device=torch.device("cpu"), compile_ns=False)
+    return model, opt
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / (a.float().norm() + 1e-30)).item()
+
+
+def compare_init(ns: dict, model) -> None:
+    ref, ours = dict(ns["base_model"].named_parameters()), dict(model.named_parameters())
+    print(
+        f"params: script {sum(p.numel() for p in ref.values()):,} pgolf {sum(p.numel() for p in ours.values()):,}"
+    )
+    print("names only on one side:", sorted(set(ref) ^ set(ours)))
+    print("dtypes differ:", [n for n in ref if n in ours and ref[n].dtype != ours[n].dtype])
+    print("init values differ:", [n for n in ref if n in ours and not torch.equal(ref[n], ours[n])][:8])
+    roles = {id(p): role for role, ps in model.param_groups().items() for _, p in ps}
+    names = {id(p): n for n, p in ref.items()}
+    for opt in ns["optimizers"]:
+        for g in opt.param_groups:
+            got = sorted({roles[id(ours[names[id(p)]])] for p in g["params"]})
+            print(
+                f"script {type(opt).__name__} lr {g['lr']} wd {g.get('weight_decay')}: {len(g['params'])} params -> pgolf {got}"
+            )
+
+
+def random_batch(gen: torch.Generator, T: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randint(0, 1024, (2, T + 1), generator=gen)
+    return x[:, :-1].contiguous(), x[:, 1:].contiguous()
+
+
+def compare_steps(ns: dict, model, opt, job, steps: int) -> None:
+    ref, ours = dict(ns["base_model"].named_parameters()), dict(model.named_parameters())
+    torch.manual_seed(5)
+    with torch.no_grad():  # fp32, and random matrices so that zero-init projections pass gradients
+        for n, p in ref.items():
+            p.data = torch.randn_like(p.float()) * 0.02 if p.ndim >= 2 else p.data.float()
+            ours[n].data = p.data.clone()
+    gen = torch.Generator().manual_seed(0)
+    ref_model, args = ns["base_model"], ns["args"]
+    x, y = random_batch(gen)
+    ref_model(x, y).backward()
+    model(x, y).backward()
+    print("fp32 grads, worst relative difference:", max(rel(ref[n].grad, ours[n].grad) for n in ref))
+    for step in range(steps):
+        for o in ns["optimizers"]:
+            o.zero_grad(set_to_none=True)
+        ref_model(*random_batch(gen)).backward()
+        for n, p in ref.items():
+            ours[n].grad = p.grad.detach().clone()
+        start = max(args.iterations - args.warmdown_iters, 0)
+        scale = (args.iterations - step) / args.warmdown_iters if start <= step < args.iterations else 1.0
+        frac = min(step / args.muon_momentum_warmup_steps, 1.0)
+        for g in ns["optimizer_muon"].param_groups:
+            g["momentum"] = (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
+        for o in ns["optimizers"]:
+            for g in o.param_groups:
+                g["lr"] = g["base_lr"] * scale
+        torch.nn.utils.clip_grad_norm_(ref_model.parameters(), args.grad_clip_norm)
+        for o in ns["optimizers"]:
+            o.step()
+        opt.step(step, 0.0, job.train.iterations, None)
+        worst = max((rel(ref[n], ours[n]), n) for n in ref)
+        print(f"step {step}: worst relative weight difference {worst[0]:.2e} ({worst[1]})")
+
+
+def compare_loader(module, job, steps: int) -> None:
+    from pgolf.data.loader import build_loader
+
+    files = sorted(Path(DATA).glob("fineweb_train_*.bin"))
+    cpu = torch.device("cpu")
+    ref = module.DistributedTokenLoader(module.Hyperparameters().train_files, 0, 1, cpu)
+    ours = build_loader(job.data, files, seed=1337, rank=0, world_size=1, device=cpu)
+    differ = 0
+    for _ in range(steps * 8):
+        (rx, ry), (px, py) = ref.next_batch(786432, 2048, 8), ours.next_batch(786432, 2048, 8)
+        differ += not (torch.equal(rx.long(), px.long()) and torch.equal(ry.long(), py.long()))
+    ours.close()
+    print(f"loader: {differ} of {steps * 8} micro-batches differ")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("pr", choices=["pr339", "pr399", "pr726"])
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--loader-steps", type=int, default=0)
+    a = ap.parse_args()
+    module = load_script(a.pr)
+    job = pgolf_job(a.pr)
+    ns = build_script(module)
+    model, opt = build_pgolf(job)
+    compare_init(ns, model)
+    compare_steps(ns, model, opt, job, a.steps)
+    if a.loader_steps:
+        compare_loader(module, job, a.loader_steps)
+
+
+if __name__ == "__main__":
+    main()
