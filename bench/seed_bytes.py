@@ -152,18 +152,17 @@ def compare(pr: str, out: Path) -> None:
 
     module, _ = load_script(pr)
     saved = torch.load(io.BytesIO((out / f"{pr}_reference_quant.pt").read_bytes()), map_location="cpu")
-    template = {k: torch.empty(0) for k in saved["m"]}
-    weights = torch.load(out / f"{pr}_weights.pt", map_location="cpu")
-    if hasattr(module, "_unbank_state_dict"):
-        weights = module._unbank_state_dict(weights, module.Hyperparameters().num_layers)
-    template = {k: v for k, v in weights.items() if k in template}
-    ref = module.dequantize_mixed_int6(saved["w"], saved["m"], template)
     blob = next((out / f"pgolf_{pr}" / "artifact").glob("final_model*")).read_bytes()
     mine = MixedQuant.load(blob)
+    # the script's dequantizer takes each tensor's dtype from a template: the original weights'
+    # dtypes, under the canonical (unbanked) names that pgolf's artifact holds too
+    weights = {k: v for k, v in torch.load(out / f"{pr}_weights.pt", map_location="cpu").items() if k in mine}
+    template = {k: torch.empty(0, dtype=weights.get(k, mine[k]).dtype) for k in saved["m"]}
+    ref = module.dequantize_mixed_int6(saved["w"], saved["m"], template)
     only = sorted(set(ref) ^ set(mine))
     print(f"names only on one side: {only[:10]}")
     for name in sorted(set(ref) & set(mine)):
-        a, b = ref[name].float(), mine[name].float().reshape(ref[name].shape)
+        a, b = ref[name].float(), mine[name].float().reshape(ref[name].shape)  # both in the weights' dtype
         diff = (a - b).abs().max().item()
         if diff > 0:
             print(

@@ -139,12 +139,18 @@ def test_ctrl_c_is_recorded_as_an_interruption(tmp_path, shard_dir, tokenizer_mo
         text=True,
     )
     log = run / "train.log"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (log.is_file() and "step:3/" in log.read_text()):
-        time.sleep(0.2)
-    assert proc.poll() is None, proc.communicate()[1][-3000:]
-    proc.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal delivers
-    _, err = proc.communicate(timeout=120)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not (log.is_file() and "step:3/" in log.read_text()):
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert "step:3/" in log.read_text(), "the run never reached step 3 within 240 s"
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal delivers
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:  # a failed wait must not leave a 100,000-step run behind
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 1, err[-3000:]
     result = json.loads((run / "result.json").read_text())
     assert result["status"] == "failed"

@@ -15,7 +15,7 @@ from pgolf.quant.compress import COMPRESSORS, available, compressor, shuffle, un
 from pgolf.quant.config import GroupQuant, MixedQuantConfig
 from pgolf.quant.gptq import PERCENTILE_SEARCH, gptq_codes, qmax, round_codes, row_scales
 from pgolf.quant.hessian import collect_hessians
-from pgolf.quant.mixed import MixedQuant, route
+from pgolf.quant.mixed import MixedQuant, route, storage_order
 from pgolf.registry import ConfigError
 
 TINY = dict(vocab_size=64, num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2)
@@ -186,7 +186,8 @@ def test_blob_round_trip_on_a_gpt(banked, preset, compose):
     state = m.export_state_dict()
     blob = q.export(state)
     back = q.load(blob)
-    assert list(back) == list(state)
+    # every tensor comes back, stored by role then layer (storage_order), not in the model's order
+    assert list(back) == sorted(state, key=storage_order) and list(back) != list(state)
     for k, v in state.items():
         assert back[k].dtype == v.dtype and back[k].shape == v.shape
         if "resid_mix" in k or "attn_scale" in k:  # the records ship even control tensors as fp16
@@ -339,3 +340,24 @@ def test_gptq_beats_round_to_nearest_on_a_model_hessian():
         torch.trace((w - q.float() * s[:, None]) @ H[name] @ (w - q.float() * s[:, None]).T)
     )  # noqa: E731
     assert out_err(gptq_codes(w, H[name], s, 4)) < 0.9 * out_err(round_codes(w, s, 4))
+
+
+def test_storage_order_groups_each_role_across_layers():
+    names = [
+        "tok_emb.weight",
+        "blocks.0.attn.c_q.weight",
+        "blocks.0.mlp.fc.weight",
+        "blocks.10.attn.c_q.weight",
+        "blocks.2.attn.c_q.weight",
+        "blocks.1.mlp.fc.weight",
+        "skip_weights",
+    ]
+    assert sorted(names, key=storage_order) == [
+        "blocks.0.attn.c_q.weight",
+        "blocks.2.attn.c_q.weight",
+        "blocks.10.attn.c_q.weight",  # numeric layers
+        "blocks.0.mlp.fc.weight",
+        "blocks.1.mlp.fc.weight",
+        "skip_weights",
+        "tok_emb.weight",
+    ]

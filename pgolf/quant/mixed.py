@@ -14,6 +14,7 @@ The float sections are byte-shuffled (optional); codes are not (one byte per val
 from __future__ import annotations
 
 import json
+import re
 import struct
 import time
 from collections.abc import Callable, Iterable
@@ -31,6 +32,18 @@ from pgolf.quant.hessian import collect_hessians
 from pgolf.quant.selfgen import sample_sequences
 
 MAGIC = b"PGQ1"
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def storage_order(name: str) -> tuple[str, int]:
+    """Where a tensor goes in the blob: grouped by role across layers (every layer's c_q, then every
+    layer's c_k, ...), not layer by layer. The compressor's adaptive statistics then see one kind
+    of matrix at a time: on #399's matrices this alone saved 71 KB of lzma output (8,698,892 ->
+    8,627,824 bytes of codes; docs/quant.md#the-artifact-layout)."""
+    layer = _LAYER.search(name)
+    return _LAYER.sub(".*.", name), int(layer.group(1)) if layer else -1
+
+
 # Selective pruning's compressions per search round (run on threads). A constant, not the core
 # count: the probe points, hence the pruned count, must not depend on the machine it runs on.
 PRUNE_PROBES_PER_ROUND = 8
@@ -161,7 +174,7 @@ class MixedQuant:
         self.stats.pop("lqer", None)
         self._prunable = []  # (index into sections["codes"], stored fp16 row scales) per matrix
         lqer_candidates: list[tuple[float, str, Tensor, Tensor, Tensor]] = []
-        for name, tensor in state.items():
+        for name, tensor in sorted(state.items(), key=lambda kv: storage_order(kv[0])):
             t = tensor.detach()
             if self.is_gate(name, t):  # int8 per row, step = max|row| / 127
                 w = t.float().cpu()
