@@ -503,7 +503,7 @@ class Trainer:
         if ran > 0:
             t = self.job.train
             flops = {lp: train_flops_per_token(self.job.model, t.seq_len, lp) for lp in (False, True)}
-            peak_tflops = getattr(self.job.hardware, "peak_tflops", 0.0)
+            peak_tflops = self.job.hardware.peak_tflops
             ran_ms = r.ms_per_step_mean * ran  # the clock's share of the steps counted here
             r.throughput = throughput(
                 t.batch_tokens, ran, ran_ms, r.ms_per_step, flops, looped, peak_tflops, rt.world_size
