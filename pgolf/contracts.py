@@ -39,6 +39,9 @@ class TrainModel(Protocol):
     """A `model=` implementation (an nn.Module): a loss to train, per-token NLL to score, its
     parameters by optimizer role, the graphs it switches between and its export layout."""
 
+    looping: bool  # the looped (deeper) graph is the one running now; False for a model without loops
+    fused_kernels: dict[str, bool]  # each fused-kernel switch as resolved on this machine ({}: none)
+
     def __call__(self, input_ids: Tensor, target_ids: Tensor) -> Tensor: ...
 
     def token_nll(self, input_ids: Tensor, target_ids: Tensor, last: int = 0) -> Tensor: ...
@@ -71,6 +74,12 @@ STATIC_GRAPH = "static"
 class SingleGraphModel:
     """Defaults for a model with one compiled graph whose state dict is already canonical. Mixed
     into an nn.Module subclass (it uses the module's state_dict/load_state_dict)."""
+
+    looping = False
+
+    @property
+    def fused_kernels(self) -> dict[str, bool]:
+        return {}
 
     def graph_variants(self) -> list[str]:
         return [STATIC_GRAPH]

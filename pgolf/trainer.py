@@ -215,7 +215,7 @@ class Trainer:
             f"model:{job.model.name} params:{n_params:,} attention_backend:{backend} amp:{rt.amp_dtype} compile:{rt.compile}"
         )
         self.result.params, self.result.attention_backend = n_params, backend
-        fused = getattr(self.model, "fused_kernels", None)
+        fused = self.model.fused_kernels
         if fused:
             self.result.fused_kernels = fused
             self.log("fused_kernels: " + " ".join(f"{k}:{'on' if on else 'off'}" for k, on in fused.items()))
@@ -373,7 +373,7 @@ class Trainer:
             if note:
                 self.log(f"step:{step} {note}")
             loss = self._train_step(step, elapsed_ms, cap_ms)
-            looped += bool(getattr(self.model, "looping", False))  # a host-side flag: no sync
+            looped += self.model.looping  # a host-side flag: no sync
             step += 1
             # Host bookkeeping. On CUDA, wait only for the *previous* step (this one stays queued).
             self._act_on_flags(flags.previous(), step - 1, stop)

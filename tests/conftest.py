@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -92,6 +93,13 @@ def run_cli(
         cmd.append(f"hydra.run.dir={tmp_path / 'run'}")
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def default_sigint() -> None:
+    """preexec_fn of a child that a test will Ctrl-C: the default SIGINT disposition. A test runner
+    started as a shell's background job (`pytest &`) inherits SIGINT ignored, and an ignored signal
+    stays ignored across exec, so the child would never see the test's Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def tiny_cpu_args(shard_dir: Path, tokenizer: Path, **extra: str) -> list[str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, tiny_cpu_args
+from conftest import REPO, default_sigint, tiny_cpu_args
 
 from pgolf import results
 from pgolf.results import DiskFullError, write_json_atomic, write_text_atomic
@@ -137,6 +137,7 @@ def test_ctrl_c_is_recorded_as_an_interruption(tmp_path, shard_dir, tokenizer_mo
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=default_sigint,
     )
     log = run / "train.log"
     try:

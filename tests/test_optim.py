@@ -239,7 +239,7 @@ class ReferenceOptimizer:
             p.sub_(self.cfg.matrix_lr * scale * update.float())
 
 
-def _fake_ns(G: torch.Tensor, steps: int) -> torch.Tensor:
+def _fake_ns(G: torch.Tensor, steps: int, square_first: bool = False) -> torch.Tensor:
     """Elementwise stand-in for Newton-Schulz: identical batched or per matrix, bit for bit."""
     assert steps == 5
     return (G * 3.0).bfloat16()

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CONF, REPO, run_cli, tiny_cpu_args
+from conftest import CONF, REPO, default_sigint, run_cli, tiny_cpu_args
 
 import pgolf.parent.run  # noqa: F401  (registers the ${pgolf_slot_count:} resolver the gpus launcher uses)
 from pgolf.parent.run import LAUNCHER_PLUGINS, check_launcher_plugin, quote_free_text
@@ -251,6 +251,7 @@ def _start(args: list[str], **popen: object) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=default_sigint,
         **popen,
     )
 
