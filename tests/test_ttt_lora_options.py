@@ -45,10 +45,11 @@ def run(toks, cfg, model=None, deadline=None, clock=None, logs=None):
     model = model or model_of()
     sc = scorer(model, toks, 16, 16, B=2)
     ttt = LoRATTT(cfg)
-    ttt.deadline = deadline
     if clock is not None:
         ttt.clock = clock
-    res = ttt.run(model, sc, model, log=(logs.append if logs is not None else lambda s: None))
+    res = ttt.run(
+        model, sc, model, log=(logs.append if logs is not None else lambda s: None), deadline=deadline
+    )
     return res, sc, model, ttt
 
 

@@ -344,8 +344,8 @@ class LoRATTT(NeverStopsEarly):
         self.backend = backend
         self._step: ChunkStep | None = None
         self._pool: dict[int, Adapters] = {}
-        # time rule (as ttt=score_first): the trainer sets `deadline` (clock() by which scoring must be
-        # done) under budget.mode=wallclock; `clock` is replaceable for tests
+        # time rule (as ttt=score_first): `run(deadline=)`, the clock() by which scoring must be done
+        # under budget.mode=wallclock (None: every update runs); `clock` is replaceable for tests
         self.deadline: float | None = None
         self.clock: Callable[[], float] = time.perf_counter
         self.stopped_at: int | None = None  # the first document batch scored without updates, if any
@@ -556,7 +556,8 @@ class LoRATTT(NeverStopsEarly):
         sync: Callable[[], None] = lambda: None,
         deadline: float | None = None,
     ) -> ModeResult:
-        # `deadline` is not read: every document's adapters train to the end, as in the records.
+        # under a deadline, UpdateClock stops updating once a batch's update would make scoring late
+        self.deadline = deadline
         cfg = self.cfg
         check_model(model, cfg)
         sync()
