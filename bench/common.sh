@@ -113,7 +113,6 @@ run_cut() {
   while kill -0 "$pid" 2> /dev/null; do
     if grep -qE "$pattern" "$log"; then
       sleep 1
-      kill -TERM -- "-$pid" 2> /dev/null
       stop_tree "$pid"
       break
     fi

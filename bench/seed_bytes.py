@@ -29,7 +29,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import zlib
 from pathlib import Path
 
 import torch
@@ -89,7 +88,7 @@ def reference_bytes(pr: str, seed: int, out: Path) -> dict:
     seeded_weights(model, seed)
     export_sd = {k: v for k, v in model.state_dict().items() if "mtp_heads" not in k}
     torch.save(export_sd, out / f"{pr}_weights.pt")
-    ns.update(export_sd=export_sd, master_process=False, zlib=zlib)
+    ns.update(export_sd=export_sd)
     exec(_main_source_between(source, "sd_cpu = {k: v.detach().cpu() | sd_cpu = {}", "quant_blob = "), ns)
     (out / f"{pr}_reference_quant.pt").write_bytes(ns["quant_raw"])  # for compare(): the codes themselves
     code = len(source.encode("utf-8"))
