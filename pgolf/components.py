@@ -21,6 +21,7 @@ DATA.register("embedded", EmbeddedDataConfig, "pgolf.data.source:build_embedded_
 # so a run imports, packs and counts the bytes of only the sampler it uses.
 LOADERS = Registry("data", key="loader")
 LOADERS.register("sequential", None, "pgolf.data.sequential:build")
+LOADERS.register("doc_packing", None, "pgolf.data.doc_packing:build")
 LOADERS.register("coprime", None, "pgolf.data.coprime:build")
 LOADERS.register("shuffled", None, "pgolf.data.shuffled:build")
 LOADERS.register("synthetic", None, "pgolf.data.synthetic:build")

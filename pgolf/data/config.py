@@ -12,9 +12,11 @@ from pgolf.registry import ConfigError
 class LoaderFields:
     """How training batches are drawn from the train shards; shared by every data implementation.
 
-    loader: `sequential` (the baseline's stream), `coprime` (PR #726 / 2026-03-29 record),
-    `shuffled` (ShuffledSequenceLoader, 2026-04-05 on), `synthetic` (random tokens made on the
-    device: for benchmarking the input pipeline only, never for training); docs/techniques.md#data-loaders.
+    loader: `sequential` (the baseline's stream), `doc_packing` (DocumentPackingLoader, PR #1775:
+    that stream with each micro-batch inside one shard, each shard read from its first BOS),
+    `coprime` (PR #726 / 2026-03-29 record), `shuffled` (ShuffledSequenceLoader, 2026-04-05 on),
+    `synthetic` (random tokens made on the device: for benchmarking the input pipeline only, never
+    for training); docs/techniques.md#data-loaders.
     """
 
     loader: str = "sequential"  # a name registered in pgolf.components.LOADERS (checked there)
