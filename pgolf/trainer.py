@@ -188,7 +188,9 @@ class Trainer:
         )
         for warning in self.data.warnings:
             self.log(f"WARNING {warning}")
-        self.val_tokens = self.data.val_tokens(job.train.seq_len)
+        # nonoverlap validation's sequence length (eval.nonoverlap_seq_len, else train.seq_len)
+        self.val_len = job.eval.nonoverlap_len(job.train.seq_len)
+        self.val_tokens = self.data.val_tokens(self.val_len)
         self.lut = ByteLUT(self.data.bytes, rt.device)
         self.loader = self._build_loader()
 
@@ -512,16 +514,15 @@ class Trainer:
 
     def _val_batch_seqs(self) -> int:
         t = self.job.train
-        return max(1, t.val_batch_tokens // (self.rt.world_size * self.grad_accum * t.seq_len))
+        return max(1, t.val_batch_tokens // (self.rt.world_size * self.grad_accum * self.val_len))
 
     def _validate(self, label: str = "val") -> EvalResult:
-        t = self.job.train
         batch_seqs = self._val_batch_seqs()
         self.model.eval()
         res = evaluate(
-            self._nll_for(batch_seqs),
+            self._nll_for(batch_seqs * self.val_len),
             self.val_tokens,
-            t.seq_len,
+            self.val_len,
             batch_seqs,
             self.lut,
             self.rt.device,
@@ -530,6 +531,7 @@ class Trainer:
             self.rt.world_size,
             self.log,
             label,
+            packed=self.job.eval.nonoverlap_packed,
         )
         self.model.train()
         return res
@@ -537,20 +539,19 @@ class Trainer:
     @torch.inference_mode()
     def _prime_eval(self) -> None:
         """Compile the eval graph on random tokens: validation data is never touched before scoring."""
-        t, rt = self.job.train, self.rt
-        x = torch.randint(
-            0, self.job.model.vocab_size, (self._val_batch_seqs(), t.seq_len + 1), device=rt.device
-        )
+        rt, n, L = self.rt, self._val_batch_seqs(), self.val_len
+        shape = (1, n * L + 1) if self.job.eval.nonoverlap_packed else (n, L + 1)  # as _validate's rows
+        x = torch.randint(0, self.job.model.vocab_size, shape, device=rt.device)
         self.model.eval()
         with torch.autocast(rt.device.type, dtype=rt.amp_dtype, enabled=rt.amp_dtype != torch.float32):
             self.eval_nll(x[:, :-1].contiguous(), x[:, 1:].contiguous())
         self.model.train()
 
-    def _nll_for(self, batch_seqs: int):
-        # Full batches use the compiled graph; a ragged last batch runs eagerly instead of compiling
-        # a second graph for one call.
+    def _nll_for(self, batch_tokens: int):
+        # Full batches (of batch_tokens inputs) use the compiled graph; a ragged last batch runs
+        # eagerly instead of compiling a second graph for one call.
         def nll(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return (self.eval_nll if x.size(0) == batch_seqs else self.model.token_nll)(x, y)
+            return (self.eval_nll if x.numel() == batch_tokens else self.model.token_nll)(x, y)
 
         return nll
 
@@ -743,7 +744,7 @@ class Trainer:
         if self._window_scorer is None:
             e, rt = self.job.eval, self.rt
             L = e.window(self.job.train.seq_len)
-            stream = self.val_tokens if L == self.job.train.seq_len else self.data.val_tokens(L)
+            stream = self.val_tokens if L == self.val_len else self.data.val_tokens(L)
             self._window_scorer = WindowScorer(
                 self.model.token_nll,
                 stream,
@@ -809,11 +810,7 @@ class Trainer:
         recorded too: such a run compares with the pre-fix records on purpose, so it finishes, and
         its verdict (pass false) keeps it from pgolf.pack. The decision is taken on every rank together."""
         final_mode = self.result.final_mode
-        L = (
-            self.job.train.seq_len
-            if final_mode == "nonoverlap"
-            else self.job.eval.window(self.job.train.seq_len)
-        )
+        L = self.val_len if final_mode == "nonoverlap" else self.job.eval.window(self.job.train.seq_len)
         self.result.val = {  # what pgolf.check re-reads: the split's shards and the tokenizer
             "dir": str(self.data.val_files[0].parent.resolve()),
             "files": [f.name for f in self.data.val_files],

@@ -24,15 +24,25 @@ class EvalConfig:
     # whose short tail windows score the last `stride` targets again; only for comparing with numbers
     # published under it. result.json records the rule of each windowed score (metrics.<mode>).
     window_rule: Literal["exact", "legacy"] = "exact"
+    # nonoverlap (and validation during training): the length of the disjoint sequences the val
+    # stream is cut into; 0: train.seq_len. Each rank scores val_batch_tokens / (world * grad_accum)
+    # tokens of them per forward.
+    nonoverlap_seq_len: int = 0
+    # nonoverlap: true scores each such batch as one row of batch * seq_len tokens, so documents run
+    # on across the sequence boundaries inside it (only model.doc_mask cuts them), and scores only
+    # whole batches of each rank's share, dropping the rest: PR #1775's eval_val (32 x 2048 = one
+    # row of 65,536 on 8 GPUs). false: one row per sequence, every sequence scored.
+    nonoverlap_packed: bool = False
 
     def validate(self, path: str) -> None:
         if not self.modes:
             raise ConfigError(f"{path}.modes is empty; list at least one of nonoverlap, sliding")
         if len(set(self.modes)) != len(self.modes):
             raise ConfigError(f"{path}.modes={self.modes} lists a mode twice")
-        if self.seq_len < 0 or self.stride < 1 or self.batch_seqs < 1:
+        if self.seq_len < 0 or self.nonoverlap_seq_len < 0 or self.stride < 1 or self.batch_seqs < 1:
             raise ConfigError(
-                f"{path}: seq_len >= 0 (0: train.seq_len), stride >= 1 and batch_seqs >= 1 are required"
+                f"{path}: seq_len >= 0 and nonoverlap_seq_len >= 0 (0: train.seq_len), stride >= 1 and "
+                "batch_seqs >= 1 are required"
             )
         if self.window_rule not in ("exact", "legacy"):
             raise ConfigError(f"{path}.window_rule={self.window_rule!r} must be exact or legacy")
@@ -41,3 +51,6 @@ class EvalConfig:
 
     def window(self, train_seq_len: int) -> int:
         return self.seq_len or train_seq_len
+
+    def nonoverlap_len(self, train_seq_len: int) -> int:
+        return self.nonoverlap_seq_len or train_seq_len

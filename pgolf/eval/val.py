@@ -4,7 +4,9 @@ docs/techniques.md#non-overlapping-eval, docs/techniques.md#bits-per-byte
 
 
 The truncated stream is cut into floor((N-1)/L) sequences of length L, split contiguously over
-ranks; NLL and byte sums stay on the device in float64 and are read once at the end.
+ranks; NLL and byte sums stay on the device in float64 and are read once at the end. With
+`packed`, a batch of sequences is one row (documents continue across the sequences inside it) and
+each rank scores only whole batches of its share (eval.nonoverlap_packed).
 """
 
 from __future__ import annotations
@@ -55,17 +57,21 @@ def evaluate(
     world_size: int = 1,
     log: Callable[[str], None] | None = None,
     label: str = "val",
+    packed: bool = False,
 ) -> EvalResult:
     """`log` gets `label` progress lines on long passes (pgolf.log.Progress)."""
     total_seqs = (val_tokens.size - 1) // seq_len
     first, last = total_seqs * rank // world_size, total_seqs * (rank + 1) // world_size
+    if packed:  # PR #1775's eval_val: a rank's remainder short of a whole batch is never scored
+        last = first + (last - first) // batch_seqs * batch_seqs
     progress = Progress(log, label, last - first, "sequences") if log else None
     sums = torch.zeros(3, device=device, dtype=torch.float64)  # nll, tokens, bytes
     stream = torch.from_numpy(val_tokens.astype(np.int64))
     for s in range(first, last, batch_seqs):
         e = min(s + batch_seqs, last)
         chunk = stream[s * seq_len : e * seq_len + 1].to(device, non_blocking=True)
-        x, y = chunk[:-1].view(-1, seq_len), chunk[1:].view(-1, seq_len)
+        row = (e - s) * seq_len if packed else seq_len
+        x, y = chunk[:-1].view(-1, row), chunk[1:].view(-1, row)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
             nll = token_nll(x, y)
         sums[0] += nll.double().sum()
