@@ -13,7 +13,7 @@ import math
 import platform
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,7 +26,7 @@ from pgolf import __version__
 from pgolf.checkpoint_gate import NoCheckpoints, needs_checkpointer
 from pgolf.components import DATA, MODELS, OPTIMIZERS, QUANT, TTT
 from pgolf.config import JobConfig, config_hash, to_dict
-from pgolf.data.loader import build_loader
+from pgolf.data.loader import build_loader, to_xy
 from pgolf.eval.sliding import ModeResult, WindowScorer, evaluate_sliding, from_eval_result
 from pgolf.eval.val import ByteLUT, EvalResult, evaluate
 from pgolf.flops import train_flops_per_token
@@ -619,15 +619,31 @@ class Trainer:
             return math.ceil(math.ceil(cal.self_seqs / ws) / cal.self_batch)
         return math.ceil(cal.batches / ws)
 
+    def _calibration_stream(self, n: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's calibration batches: the training loader's next n micro-batches, or its share
+        of the record's shuffled batches (quant.calibration.source=shuffled); read lazily."""
+        t, cal, rt = self.job.train, self.job.quant.calibration, self.rt
+        if cal.source != "shuffled":
+            return (self.loader.next_batch(t.batch_tokens, t.seq_len, self.grad_accum) for _ in range(n))
+        from pgolf.data.shuffled import record_batches  # imported (and shipped) only by runs that use it
+
+        local = t.batch_tokens // (rt.world_size * self.grad_accum)  # a training micro-batch's tokens
+        L = cal.shuffled_seq_len
+        windows = record_batches(
+            self.data.train_files, rt.world_size, cal.batches, local, L, rt.rank, rt.world_size
+        )
+        return (to_xy(torch.from_numpy(w.view(np.int16)).to(rt.device), L) for w in windows)
+
     def calibrate(self, max_batches: int | None = None, probe: bool = False) -> dict:
         """GPTQ Hessians from training batches the run has not trained on (the loader continues its
-        stream) or from the model's own samples (quant.calibration.source=self); every rank takes
-        its share and the sums are all-reduced. Under budget.mode=wallclock no batch starts that
-        would end past budget.train_seconds (training time included): a slower calibration than
-        the probe measured uses fewer batches instead of breaking the limit."""
-        t, b = self.job.train, self.job.budget
+        stream), from the record's shuffled batches (quant.calibration.source=shuffled) or from the
+        model's own samples (source=self); every rank takes its share and the sums are all-reduced.
+        Under budget.mode=wallclock no batch starts that would end past budget.train_seconds
+        (training time included): a slower calibration than the probe measured uses fewer batches
+        instead of breaking the limit."""
+        b, cal = self.job.budget, self.job.quant.calibration
         n = self._calibration_batches()
-        batches = (self.loader.next_batch(t.batch_tokens, t.seq_len, self.grad_accum) for _ in range(n))
+        batches = self._calibration_stream(n)
         reduce = (lambda h: dist.all_reduce(h, op=dist.ReduceOp.SUM)) if self.rt.distributed else None
         plan = self.calibration_plan
         deadline = None
@@ -636,11 +652,14 @@ class Trainer:
             # the part after the last batch (all-reduce, bookkeeping) must fit too
             deadline = time.perf_counter() + left - CALIBRATION_MARGIN * plan.get("fixed_seconds", 0.0)
         t0 = time.perf_counter()
-        info = self.quant.calibrate(
-            self.model, batches, self.rt.amp_dtype, reduce, seed=self.job.seed + self.rt.rank,
-            world_size=self.rt.world_size, deadline=deadline, batch_seconds=plan.get("batch_seconds", 0.0),
-            max_batches=max_batches,
-        )  # fmt: skip
+        # quant.calibration.doc_mask=false: attention across documents, as PR #1775 calibrates
+        unmasked = not cal.doc_mask and hasattr(self.model, "doc_unmasked")
+        with self.model.doc_unmasked() if unmasked else nullcontext():
+            info = self.quant.calibrate(
+                self.model, batches, self.rt.amp_dtype, reduce, seed=self.job.seed + self.rt.rank,
+                world_size=self.rt.world_size, deadline=deadline, batch_seconds=plan.get("batch_seconds", 0.0),
+                max_batches=max_batches,
+            )  # fmt: skip
         self.rt.sync()
         info["seconds"] = time.perf_counter() - t0
         if probe:

@@ -9,10 +9,13 @@ windows it has left and pops one; when all of the rank's windows are used, every
 So within one such epoch each window of the rank's shards is seen exactly once.
 
 The record seeds rank r's RNG with r alone; here it is (seed, rank), so seeds differ too.
+`record_batches` draws the record's own stream (RNG from the rank alone), which PR #1775 calibrates
+GPTQ on (quant.calibration.source=shuffled).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,10 @@ from pgolf.data.shards import ShardError
 
 
 class ShuffledSampler:
-    def __init__(self, files: list[Path], seed: int, rank: int, world_size: int):
+    def __init__(
+        self, files: list[Path], seed: int, rank: int, world_size: int, rng_key: int | list[int] | None = None
+    ):
+        """`rng_key` seeds the RNG instead of (seed, rank): the record's rank alone, say."""
         mine = list(files)[rank::world_size]
         if not mine:
             raise ShardError(
@@ -31,7 +37,7 @@ class ShuffledSampler:
                 f"shard(s) for {world_size} ranks; use more shards or data.loader=coprime"
             )
         self.shards = ShardSet(mine)
-        self.rng = np.random.Generator(np.random.PCG64([seed, rank]))
+        self.rng = np.random.Generator(np.random.PCG64([seed, rank] if rng_key is None else rng_key))
         n = len(self.shards)
         self.starts: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * n
         self.left = np.zeros(n, dtype=np.int64)  # windows not yet popped; they are starts[:left]
@@ -107,6 +113,33 @@ class ShuffledSampler:
                 self.starts[si] = self._draw(si, self.seq_len, rng_from_state(saved))
         self.left = np.asarray(state["left"], dtype=np.int64)
         self.rng = rng_from_state(state["rng"])
+
+
+def record_batches(
+    files: list[Path],
+    world_size: int,
+    batches: int,
+    local_tokens: int,
+    seq_len: int,
+    share: int = 0,
+    shares: int = 1,
+) -> Iterator[np.ndarray]:
+    """The first `batches` micro-batches rank 0 of a `world_size`-rank record run draws from a fresh
+    ShuffledSequenceLoader (shards 0::world_size, RNG from rank 0 alone), as uint16 (rows, T+1)
+    windows of local_tokens // seq_len rows; only those with index = share mod shares are read and
+    yielded, so `shares` processes split the stream between them and every draw stays in order."""
+    if local_tokens < seq_len:
+        raise ValueError(
+            f"a micro-batch of {local_tokens} tokens holds no {seq_len}-token row; lower "
+            "quant.calibration.shuffled_seq_len or raise train.batch_tokens"
+        )
+    sampler = ShuffledSampler(files, 0, 0, world_size, rng_key=0)
+    for i in range(batches):
+        plan = sampler.plan(local_tokens, seq_len)
+        if i % shares == share:
+            out = np.empty(sampler.shape(local_tokens, seq_len), dtype=np.uint16)
+            sampler.gather(plan, out)
+            yield out
 
 
 def build(cfg: Any, files: list[Path], *, seed: int, rank: int, world_size: int, device: Any) -> Any:

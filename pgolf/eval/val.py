@@ -82,5 +82,10 @@ def evaluate(
     if world_size > 1:
         dist.all_reduce(sums)
     nll_sum, n_tok, n_bytes = sums.tolist()
+    if n_tok == 0:  # packed: no rank's share held one whole batch
+        raise ValueError(
+            f"nonoverlap eval scored nothing: {total_seqs} sequences of {seq_len} leave no rank a whole "
+            f"batch of {batch_seqs}; lower train.val_batch_tokens or turn eval.nonoverlap_packed off"
+        )
     val_loss = nll_sum / n_tok
     return EvalResult(val_loss, nll_sum / (math.log(2.0) * n_bytes), int(n_tok), int(n_bytes))

@@ -492,6 +492,17 @@ class GPT(nn.Module):
         finally:
             self._doc_mask, self._doc_cap = before
 
+    @contextmanager
+    def doc_unmasked(self) -> Iterator[None]:
+        """Plain causal attention (as model.doc_mask=false) for the forwards inside, whatever the
+        config says: PR #1775 calibrates GPTQ this way (quant.calibration.doc_mask=false)."""
+        before = self._doc_mask, self._doc_cap
+        self._doc_mask, self._doc_cap = None, None
+        try:
+            yield
+        finally:
+            self._doc_mask, self._doc_cap = before
+
     def graph_variants(self) -> list[str]:
         """The compiled graphs training can switch between; the trainer primes each before the clock."""
         if self.cfg.num_loops == 0:

@@ -79,8 +79,16 @@ class CalibrationConfig:
     """Where GPTQ's Hessians come from: training batches drawn after training stops, inside the
     budget.quant_reserve_seconds that the trainer takes off the training clock."""
 
-    source: Literal["train", "self"] = "train"  # training batches, or sequences the model samples itself
-    batches: int = 64  # source=train: micro-batches of the training loader, split over the ranks
+    # train: the training loader's next micro-batches; self: sequences the model samples itself;
+    # shuffled: PR #1775's, the batches rank 0 of the record run draws from a fresh
+    # ShuffledSequenceLoader (shards 0::world, RNG from rank 0 alone), rows of shuffled_seq_len
+    source: Literal["train", "self", "shuffled"] = "train"
+    # train / shuffled: micro-batches (of the training micro-batch's tokens), split over the ranks
+    batches: int = 64
+    shuffled_seq_len: int = 2048  # source=shuffled: the rows' length (TRAIN_SEQ_LEN)
+    # false: the calibration forwards attend across documents even where model.doc_mask is on
+    # (PR #1775's collect_hessians runs forward_logits without cu_seqlens)
+    doc_mask: bool = True
     self_seqs: int = 64  # source=self: sequences sampled (2026-03-25 record: 64 x 2048 at temperature 0.8)
     self_seq_len: int = 2048
     self_batch: int = 8  # sequences sampled at a time
@@ -90,8 +98,10 @@ class CalibrationConfig:
     act_order: bool = True  # process columns by descending diag(H)
 
     def validate(self, path: str) -> None:
-        if self.batches < 1 or self.block_size < 1 or self.damp < 0:
-            raise ConfigError(f"{path}: batches >= 1, block_size >= 1 and damp >= 0 are required")
+        if self.batches < 1 or self.block_size < 1 or self.damp < 0 or self.shuffled_seq_len < 1:
+            raise ConfigError(
+                f"{path}: batches >= 1, shuffled_seq_len >= 1, block_size >= 1 and damp >= 0 are required"
+            )
         if self.self_seqs < 1 or self.self_seq_len < 2 or self.self_batch < 1 or self.temperature <= 0:
             raise ConfigError(f"{path}: self_seqs >= 1, self_seq_len >= 2, self_batch >= 1, temperature > 0")
 
