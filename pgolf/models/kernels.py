@@ -67,15 +67,15 @@ if triton is not None:
         return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
 
     @triton.jit
-    def _leaky2_fwd(h_ptr, y_ptr, n, slope, BLOCK: tl.constexpr):
+    def _leaky2_fwd(h_ptr, y_ptr, n, slope, BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         a = tl.where(h > 0, h, h * slope)
-        tl.store(y_ptr + offs, (a * a).to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + offs, _round_to(a * a, y_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
     @triton.jit
-    def _leaky2_bwd(h_ptr, g_ptr, dh_ptr, n, slope, BLOCK: tl.constexpr):
+    def _leaky2_bwd(h_ptr, g_ptr, dh_ptr, n, slope, BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -83,7 +83,7 @@ if triton is not None:
         pos = h > 0
         a = tl.where(pos, h, h * slope)
         dh = 2.0 * a * tl.where(pos, 1.0, slope) * g
-        tl.store(dh_ptr + offs, dh.to(dh_ptr.dtype.element_ty), mask=mask)
+        tl.store(dh_ptr + offs, _round_to(dh, dh_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
     # V (the vocabulary) is a compile-time constant: the loops below run over it, and Triton's CPU
     # interpreter cannot iterate `range` over a runtime scalar (it holds it as a 1-element array,
@@ -567,7 +567,9 @@ class _LeakyReLU2(torch.autograd.Function):
         h = h.contiguous()
         y = torch.empty_like(h)
         n = h.numel()
-        _leaky2_fwd[(triton.cdiv(n, ELEMENTWISE_BLOCK),)](h, y, n, slope, BLOCK=ELEMENTWISE_BLOCK)
+        _leaky2_fwd[(triton.cdiv(n, ELEMENTWISE_BLOCK),)](
+            h, y, n, slope, BLOCK=ELEMENTWISE_BLOCK, INTERPRET=_INTERPRET
+        )
         ctx.save_for_backward(h)
         ctx.slope = slope
         return y
@@ -578,7 +580,9 @@ class _LeakyReLU2(torch.autograd.Function):
         g = g.contiguous()
         dh = torch.empty_like(h)
         n = h.numel()
-        _leaky2_bwd[(triton.cdiv(n, ELEMENTWISE_BLOCK),)](h, g, dh, n, ctx.slope, BLOCK=ELEMENTWISE_BLOCK)
+        _leaky2_bwd[(triton.cdiv(n, ELEMENTWISE_BLOCK),)](
+            h, g, dh, n, ctx.slope, BLOCK=ELEMENTWISE_BLOCK, INTERPRET=_INTERPRET
+        )
         return dh, None
 
 
