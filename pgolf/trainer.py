@@ -628,7 +628,7 @@ class Trainer:
         from pgolf.data.shuffled import record_batches  # imported (and shipped) only by runs that use it
 
         local = t.batch_tokens // (rt.world_size * self.grad_accum)  # a training micro-batch's tokens
-        L = cal.shuffled_seq_len
+        L = cal.shuffled_seq_len or t.seq_len
         windows = record_batches(
             self.data.train_files, rt.world_size, cal.batches, local, L, rt.rank, rt.world_size
         )

@@ -85,7 +85,9 @@ class CalibrationConfig:
     source: Literal["train", "self", "shuffled"] = "train"
     # train / shuffled: micro-batches (of the training micro-batch's tokens), split over the ranks
     batches: int = 64
-    shuffled_seq_len: int = 2048  # source=shuffled: the rows' length (TRAIN_SEQ_LEN)
+    # source=shuffled: the rows' length; 0 takes train.seq_len (the records' TRAIN_SEQ_LEN, which
+    # their calibration loader reads)
+    shuffled_seq_len: int = 0
     # false: the calibration forwards attend across documents even where model.doc_mask is on
     # (PR #1775's collect_hessians runs forward_logits without cu_seqlens)
     doc_mask: bool = True
@@ -98,9 +100,9 @@ class CalibrationConfig:
     act_order: bool = True  # process columns by descending diag(H)
 
     def validate(self, path: str) -> None:
-        if self.batches < 1 or self.block_size < 1 or self.damp < 0 or self.shuffled_seq_len < 1:
+        if self.batches < 1 or self.block_size < 1 or self.damp < 0 or self.shuffled_seq_len < 0:
             raise ConfigError(
-                f"{path}: batches >= 1, shuffled_seq_len >= 1, block_size >= 1 and damp >= 0 are required"
+                f"{path}: batches >= 1, shuffled_seq_len >= 0, block_size >= 1 and damp >= 0 are required"
             )
         if self.self_seqs < 1 or self.self_seq_len < 2 or self.self_batch < 1 or self.temperature <= 0:
             raise ConfigError(f"{path}: self_seqs >= 1, self_seq_len >= 2, self_batch >= 1, temperature > 0")
