@@ -257,6 +257,7 @@ def _reference_strip(tree: ast.AST) -> str:
             for arg in ast.walk(node.args):
                 if isinstance(arg, ast.arg):
                     arg.annotation = None
+            _reference_local_annotations(node)
         if isinstance(node, ast.Name):  # local names may be shortened: compare the structure
             node.id = "_"
         if isinstance(node, ast.ExceptHandler) and node.name:
@@ -268,6 +269,35 @@ def _reference_strip(tree: ast.AST) -> str:
                 if not (isinstance(s, ast.If) and ast.unparse(s.test) == "TYPE_CHECKING" and not s.orelse)
             ] or [ast.Pass()]
     return ast.dump(tree)
+
+
+def _reference_local_annotations(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
+    """In the function's own statements (not nested defs or classes): `x: T = v` becomes `x = v`
+    and `name.attr: T` with no value goes."""
+
+    def own(node: ast.AST):
+        for child in ast.iter_child_nodes(node):
+            if not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+                yield child
+                yield from own(child)
+
+    for node in [fn, *own(fn)]:
+        for field in ("body", "orelse", "finalbody"):
+            block = getattr(node, field, None)
+            if isinstance(block, list) and block and isinstance(block[0], ast.stmt):
+                kept = [
+                    ast.Assign(targets=[s.target], value=s.value, lineno=0)
+                    if isinstance(s, ast.AnnAssign) and s.value is not None
+                    else s
+                    for s in block
+                    if not (
+                        isinstance(s, ast.AnnAssign)
+                        and s.value is None
+                        and isinstance(s.target, ast.Attribute)
+                        and isinstance(s.target.value, ast.Name)
+                    )
+                ]
+                setattr(node, field, kept or [ast.Pass()])
 
 
 @pytest.mark.parametrize(

@@ -201,6 +201,37 @@ def _drop_annotations(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
             arg.annotation = None
 
 
+def _drop_local_annotations(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
+    """`x: T = v` -> `x = v` and `self.x: T` (no value) -> nothing, in `fn`'s own statements: in
+    a function body an annotation is neither evaluated nor stored anywhere, so it is text only.
+    `x: T` without a value stays (it makes `x` local). Statements of nested functions and classes
+    are left to their own turn (a class body's annotations are dataclass fields)."""
+    if not all(isinstance(d, ast.Name) and d.id in _PLAIN_DECORATORS for d in fn.decorator_list):
+        return
+    todo: list[ast.AST] = [fn]
+    while todo:
+        node = todo.pop()
+        for field in ("body", "orelse", "finalbody"):
+            block = getattr(node, field, None)
+            if not isinstance(block, list) or not block or not isinstance(block[0], ast.stmt):
+                continue
+            new = []
+            for st in block:
+                if isinstance(st, ast.AnnAssign) and st.value is not None:
+                    st = ast.copy_location(ast.Assign(targets=[st.target], value=st.value), st)
+                elif (
+                    isinstance(st, ast.AnnAssign)
+                    and isinstance(st.target, ast.Attribute)
+                    and isinstance(st.target.value, ast.Name)
+                ):
+                    continue  # evaluates a name and nothing else
+                new.append(st)
+            setattr(node, field, new or [ast.Pass()])
+        for child in ast.iter_child_nodes(node):
+            if not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+                todo.append(child)
+
+
 def _is_type_checking_block(node: ast.stmt) -> bool:
     """`if TYPE_CHECKING:` with no else: its body never runs."""
     return (
@@ -261,6 +292,7 @@ def _strip(tree: ast.Module, keep_module_doc: bool, keep_messages: bool = True) 
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             node.body = _drop_docstring(node.body)
             _drop_annotations(node)
+            _drop_local_annotations(node)
         elif isinstance(node, ast.ClassDef):
             node.body = _drop_docstring(node.body)
         elif isinstance(node, ast.Module) and not keep_module_doc:
