@@ -764,6 +764,15 @@ def test_shake_roots_keep_an_entry_point_and_its_callees(monkeypatch):
     assert "def run" in out["pgolf/shake_b.py"] and "def entry" in out["pgolf/shake_a.py"]
 
 
+def _validating_classes(tree: ast.Module) -> dict[str, bool]:
+    """Top-level class -> whether it defines `validate`."""
+    return {
+        c.name: any(isinstance(f, ast.FunctionDef) and f.name == "validate" for f in c.body)
+        for c in tree.body
+        if isinstance(c, ast.ClassDef)
+    }
+
+
 def test_prevalidated_schemas_ship_without_validate_and_the_shipped_config_still_loads(tmp_path, compose):
     """Schemas a packed run never changes lose `validate` (the run that packed them validated the
     same values); the data group and the root (DATA_PATH, TOKENIZER_PATH, SEED) keep theirs, and a
@@ -775,8 +784,13 @@ def test_prevalidated_schemas_ship_without_validate_and_the_shipped_config_still
     config = to_dict(job_config_from_dict(compose(["experiment=r0409"])))
     src = shipped_sources(imported_modules(), shipped_config(config))
     assert "def validate" not in src["pgolf/quant/config.py"] + src["pgolf/models/config.py"]
-    data_cfg = (ROOT / "pgolf/data/config.py").read_text()
-    assert src["pgolf/data/config.py"].count("def validate") == data_cfg.count("def validate") > 0
+    # every data schema that ships (the registry keeps only the config's and `shards`) keeps its own
+    shipped_data, data_cfg = (
+        _validating_classes(ast.parse(text))
+        for text in (src["pgolf/data/config.py"], (ROOT / "pgolf/data/config.py").read_text())
+    )
+    assert shipped_data and shipped_data == {c: v for c, v in data_cfg.items() if c in shipped_data}
+    assert "ShardDataConfig" in shipped_data and "EmbeddedDataConfig" not in shipped_data
     assert src["pgolf/config.py"].count("def validate") == 1  # RootSettings: the seed
     normalises = ast.parse("class A:\n    def validate(self, path):\n        self.x = tuple(self.x)\n")
     assert drop_prevalidated("pgolf/other.py", normalises) == [] and "validate" in ast.unparse(normalises)
@@ -793,6 +807,47 @@ def test_prevalidated_schemas_ship_without_validate_and_the_shipped_config_still
     proc = subprocess.run([sys.executable, "-c", probe], cwd=pkg, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout) == {**config, "job_dir": ""}
+
+
+def test_registries_ship_only_the_entries_a_packed_run_can_reach(compose):
+    """r0409's registries keep its own model, optimizer, quant, TTT and loader, the `shards` data
+    source DATA_PATH switches to, and every hardware entry; the schema classes of the others, and
+    the imports that only they used, go with the tree shaker."""
+    import pgolf.train  # noqa: F401  (the entry point: the tree shaker's root)
+    from pgolf.config import job_config_from_dict, to_dict
+    from pgolf.parent.pack import shipped_config
+
+    config = to_dict(job_config_from_dict(compose(["experiment=r0409"])))
+    src = shipped_sources(imported_modules(), shipped_config(config))
+    registered = {
+        (ast.unparse(s.value.func.value), s.value.args[0].value)
+        for s in ast.parse(src["pgolf/components.py"]).body
+        if isinstance(s, ast.Expr) and isinstance(s.value, ast.Call)
+    }
+    assert registered == {
+        ("DATA", "shards"),
+        ("LOADERS", config["data"]["loader"]),
+        ("MODELS", "layered"),
+        ("OPTIMIZERS", "muon"),
+        ("QUANT", "mixed"),
+        ("TTT", "score_first"),
+        ("HARDWARE", "cuda"),
+        ("HARDWARE", "cpu"),
+        ("HARDWARE", "auto"),
+    }
+    assert "class BankedGPTConfig" not in src["pgolf/models/config.py"]
+    assert "Int8ZlibConfig" not in src["pgolf/components.py"] + src["pgolf/quant/config.py"]
+    assert "class MixedQuantConfig" in src["pgolf/quant/config.py"]
+
+
+def test_a_format_spec_is_no_part_of_a_name():
+    """`f"{x:g}"` formats x; the shaker must not read `g` as the start or end of a name built at
+    run time (it kept every definition ending in g, every `...Config` class among them)."""
+    from pgolf.parent.pack import _mentions
+
+    words, prefixes, suffixes = _mentions(ast.parse('f"{x:g} {y:{w}.2f}" + f"by_{z}"'))
+    assert {"x", "y", "w", "z"} <= words
+    assert "g" not in prefixes | suffixes and "by_" in prefixes
 
 
 def test_squeeze_drops_spaces_between_tokens_but_never_changes_the_program():

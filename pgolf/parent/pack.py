@@ -541,6 +541,12 @@ def _mentions(node: ast.AST, skip: set[int] = frozenset()) -> tuple[set[str], se
             words.update(_IDENT.findall(n.value))
         elif isinstance(n, (ast.Global, ast.Nonlocal)):
             words.update(n.names)
+        elif isinstance(n, ast.FormattedValue):
+            # a format spec (`{x:g}`, `{x:{w}}`) formats the value; its text is no part of a name
+            stack.append(n.value)
+            spec = n.format_spec.values if isinstance(n.format_spec, ast.JoinedStr) else []
+            stack.extend(v.value for v in spec if isinstance(v, ast.FormattedValue))
+            continue
         elif isinstance(n, ast.JoinedStr):
             _glued(n.values, prefixes, suffixes)
         elif isinstance(n, ast.BinOp) and isinstance(n.op, (ast.Add, ast.Mod)):
@@ -791,6 +797,94 @@ def _revalidated_reach_other_modules(trees: dict[str, ast.Module]) -> bool:
     return False
 
 
+# Registry entries a packed run may reach besides the one its config names, by (group, key):
+# `pgolf.train.run_packed` turns the data group into `shards` when DATA_PATH is set. The hardware
+# group is resolved on the machine that runs it, so every hardware entry ships (None).
+PACKED_ALSO = {("data", "name"): {"shards"}, ("hardware", "name"): None}
+
+
+def _registries(tree: ast.Module) -> dict[str, tuple[str, str]]:
+    """Module-level `NAME = Registry("group", key="...")` of a module: NAME -> (group, key)."""
+    out = {}
+    for s in tree.body:
+        if (
+            isinstance(s, ast.Assign)
+            and len(s.targets) == 1
+            and isinstance(s.targets[0], ast.Name)
+            and isinstance(s.value, ast.Call)
+            and isinstance(s.value.func, ast.Name)
+            and s.value.func.id == "Registry"
+            and s.value.args
+            and isinstance(s.value.args[0], ast.Constant)
+        ):
+            key = next((k.value for k in s.value.keywords if k.arg == "key"), ast.Constant("name"))
+            if isinstance(key, ast.Constant):
+                out[s.targets[0].id] = (s.value.args[0].value, key.value)
+    return out
+
+
+def _registered_name(s: ast.stmt, registries: dict[str, tuple[str, str]]) -> tuple[str, str] | None:
+    """(registry variable, entry name) of a `NAME.register("entry", ...)` statement."""
+    call = s.value if isinstance(s, ast.Expr) else None
+    if (
+        isinstance(call, ast.Call)
+        and isinstance(call.func, ast.Attribute)
+        and call.func.attr == "register"
+        and isinstance(call.func.value, ast.Name)
+        and call.func.value.id in registries
+        and call.args
+        and isinstance(call.args[0], ast.Constant)
+    ):
+        return call.func.value.id, call.args[0].value
+    return None
+
+
+def drop_unused_entries(job: JobConfig, trees: dict[str, ast.Module]) -> list[str]:
+    """Drop, in place, the registry entries the frozen config cannot reach: in a module that builds
+    registries (`NAME = Registry(group, key=...)`), the `NAME.register(...)` statements of entries
+    other than the one `job.<group>.<key>` names (and `PACKED_ALSO`). Their schema classes and
+    builders, reached only through these statements, then go with the tree shaker; so do the
+    names such a module imported only for them. Returns "group:entry" for each dropped entry."""
+    dropped = []
+    for tree in trees.values():
+        registries = _registries(tree)
+        if not registries:
+            continue
+        kept = []
+        for s in tree.body:
+            hit = _registered_name(s, registries)
+            if hit is not None:
+                group, key = registries[hit[0]]
+                also = PACKED_ALSO.get((group, key), set())
+                named = getattr(getattr(job, group, None), key, None)
+                if also is not None and named is not None and hit[1] != named and hit[1] not in also:
+                    dropped.append(f"{group}:{hit[1]}")
+                    continue
+            kept.append(s)
+        tree.body = kept
+    return dropped
+
+
+def drop_unused_imports(trees: dict[str, ast.Module]) -> int:
+    """Drop, in place, the names a module's top-level `from pgolf... import` binds that the module
+    no longer mentions (the shaker took their users) and no other shipped module mentions at all
+    (so none imports them from there, nor reads them by string). The last name of an import
+    stays, so the imported module still loads. Returns how many went; a definition only such an
+    import kept can go with the next `shake`."""
+    mentions = {rel: _mentions(t)[0] for rel, t in trees.items()}
+    dropped = 0
+    for rel, tree in trees.items():
+        others = set().union(*(m for other, m in mentions.items() if other != rel))
+        for s in tree.body:
+            if isinstance(s, ast.ImportFrom) and s.level == 0 and (s.module or "").startswith("pgolf"):
+                rest = _mentions(ast.Module(body=[x for x in tree.body if x is not s], type_ignores=[]))[0]
+                names = [a for a in s.names if (a.asname or a.name) in rest or a.name in others]
+                kept = names or s.names[:1]
+                dropped += len(s.names) - len(kept)
+                s.names = kept
+    return dropped
+
+
 def _whole_job(config: dict) -> JobConfig | None:
     """The run's JobConfig from the (trimmed) config the wrapper carries; None for a dict that is
     not a whole job's (a run's always is: `shipped_config` checks that it loads)."""
@@ -813,6 +907,7 @@ def shipped_sources(modules: dict[str, Path], config: dict, specialized: bool = 
     job = _whole_job(config) if specialized else None
     if job is not None:  # before _strip: the folder reads the annotations that say which config is which
         specialize(job, trees)
+        drop_unused_entries(job, trees)
     for rel, source in sources.items():
         trees[rel] = _strip(trees[rel], "__doc__" in source, rel.startswith(KEEP_MESSAGES))
     for tree in trees.values():  # never true there: the wrapper imports them, it runs none as a script
@@ -820,7 +915,10 @@ def shipped_sources(modules: dict[str, Path], config: dict, specialized: bool = 
     if not _revalidated_reach_other_modules(trees):
         for rel, tree in trees.items():
             drop_prevalidated(rel, tree)
-    shake(trees, set(_IDENT.findall(_TAIL + config_json)))
+    roots = set(_IDENT.findall(_TAIL + config_json))
+    shake(trees, roots)
+    if drop_unused_imports(trees):
+        shake(trees, roots)
     out = {rel: _unparse(tree) for rel, tree in trees.items()}
     out["config.json"] = config_json
     return out
