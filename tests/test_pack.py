@@ -7,6 +7,7 @@ import ast
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import textwrap
@@ -642,6 +643,9 @@ SHAKE_A = textwrap.dedent(
     import torch
 
     TABLE = {"pick": "by_table"}
+    UNUSED_TABLE = ((1.5, -2.0), (0.5, 3.0))
+    __all__ = ["build"]
+    COMPILED = re.compile("x")  # a call may do anything: stays
 
     def planted_unused(x):
         return helper_of_unused(x)
@@ -722,6 +726,7 @@ def _shaken(monkeypatch, roots: set[str]) -> tuple[dict[str, str], list[str]]:
     for name, src in (("pgolf.shake_a", SHAKE_A), ("pgolf.shake_b", SHAKE_B)):
         mod = types.ModuleType(name)
         monkeypatch.setitem(sys.modules, name, mod)
+        mod.__dict__["re"] = re
         exec(
             compile(src.replace("@some.registry_hook", "@(lambda f: f)"), f"{name}.py", "exec"), mod.__dict__
         )
@@ -735,11 +740,13 @@ def test_shake_drops_what_nothing_reaches_and_keeps_what_a_string_or_hook_reache
     out, dropped = _shaken(monkeypatch, {"run"})
     assert sorted(dropped) == [
         "pgolf/shake_a.py:Net.never_called",
+        "pgolf/shake_a.py:UNUSED_TABLE",
         "pgolf/shake_a.py:Unused",
         "pgolf/shake_a.py:helper_of_unused",
         "pgolf/shake_a.py:planted_unused",
     ]
     a = out["pgolf/shake_a.py"]
+    assert "\nTABLE=" in a and "__all__" in a and "COMPILED" in a
     assert "def planted_unused" not in a and "never_called" not in a and "class Unused" not in a
     for kept in (
         "def by_table",  # a string in a kept table

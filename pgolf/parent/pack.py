@@ -604,14 +604,15 @@ def _external_attrs(cls: type | None) -> set[str] | None:
 
 
 def shake(trees: dict[str, ast.Module], roots: set[str]) -> list[str]:
-    """Drop, in place, the top-level functions and classes, and the methods, that no kept code can
-    reach by name; return what went ("path:name" / "path:Class.method").
+    """Drop, in place, the top-level functions, classes and constants (`_constant_name`), and the
+    methods, that no kept code can reach by name; return what went ("path:name" /
+    "path:Class.method").
 
     Conservative by construction: a definition stays when its name is mentioned anywhere in kept
     code of any shipped module (`_mentions`: names, attributes, string words, so getattr by string
     and registry builders count) or in `roots` (the entry point, the frozen config's words). Always
-    kept: every top-level statement that is not a def or class (imports, assignments, registry
-    calls, `if __name__` blocks), definitions under a decorator that may register them
+    kept: every top-level statement that is not a def, a class or a constant (imports, assignments
+    whose value calls anything, registry calls, `if __name__` blocks), definitions under a decorator that may register them
     (`_PURE_DECORATORS`), dunder methods, methods whose name a non-pgolf base class of the live
     class has (framework hooks), and every method of a class not loaded in this process."""
     mentioned = set(roots)
@@ -630,7 +631,7 @@ def shake(trees: dict[str, ast.Module], roots: set[str]) -> list[str]:
             or any(name.endswith(x) for x in suffixes)
         )
 
-    pending: list[tuple[str, ast.AST, ast.AST | None]] = []  # (module path, def, owning class)
+    pending: list[tuple[str, ast.AST, ast.AST | None]] = []  # (module path, def or constant, owning class)
     kept_ids: set[int] = set()
 
     def keep(rel: str, node: ast.AST, owner: ast.ClassDef | None) -> None:
@@ -660,13 +661,15 @@ def shake(trees: dict[str, ast.Module], roots: set[str]) -> list[str]:
                 and (not isinstance(s, ast.ClassDef) or _plain_class(_live_class(rel, s.name)))
             ):
                 pending.append((rel, s, None))
+            elif _constant_name(s) is not None:
+                pending.append((rel, s, None))
             else:
                 keep(rel, s, None)
     changed = True
     while changed:
         changed = False
         for rel, node, owner in list(pending):
-            if id(node) not in kept_ids and reached(node.name):
+            if id(node) not in kept_ids and reached(_defined_name(node)):
                 keep(rel, node, owner)
                 changed = True
     dropped = []
@@ -675,8 +678,27 @@ def shake(trees: dict[str, ast.Module], roots: set[str]) -> list[str]:
             continue
         holder = owner if owner is not None else trees[rel]
         holder.body = [s for s in holder.body if s is not node] or [ast.Pass()]
-        dropped.append(f"{rel}:{owner.name + '.' if owner is not None else ''}{node.name}")
+        dropped.append(f"{rel}:{owner.name + '.' if owner is not None else ''}{_defined_name(node)}")
     return dropped
+
+
+def _constant_name(s: ast.stmt) -> str | None:
+    """The name a module-level `NAME = value` (or `NAME: T = value`) binds, when evaluating the
+    value does nothing else (`_inert`: a literal table, a tuple of names) and NAME is not a dunder
+    (`__all__` is read by star imports): such a statement can go like a definition."""
+    if isinstance(s, ast.Assign) and len(s.targets) == 1:
+        target, value = s.targets[0], s.value
+    elif isinstance(s, ast.AnnAssign) and s.value is not None:
+        target, value = s.target, s.value
+    else:
+        return None
+    if not isinstance(target, ast.Name) or target.id.startswith("__") or not _inert(value):
+        return None
+    return target.id
+
+
+def _defined_name(node: ast.AST) -> str:
+    return node.name if hasattr(node, "name") else _constant_name(node)
 
 
 def _changed(value: dict, default: dict) -> dict:
