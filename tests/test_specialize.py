@@ -186,6 +186,28 @@ def test_values_init_derives_module_constants_and_decided_locals_fold(compose, m
     assert "yield 1" in out
 
 
+def test_a_loop_over_a_list_nothing_can_fill_goes(compose):
+    out = _fold(
+        compose,
+        """
+        def quantize(cfg: BaselineModelConfig, state):
+            pending: list = []
+            passed = []
+            for k in state:
+                if not cfg.tie_embeddings:  # folded away: nothing appends to `pending` any more
+                    pending.append(k)
+                fill(passed)
+            for k in pending:
+                lqer(k)
+            else:
+                done()
+            for k in passed:  # `fill` may have appended
+                kept(k)
+        """,
+    )
+    assert "lqer(k)" not in out and "done()" in out and "kept(k)" in out
+
+
 # ------------------------------------------------------------------------ packed runs
 R0409_LIKE = {
     "model": "layered",

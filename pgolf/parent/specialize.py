@@ -204,6 +204,55 @@ def _droppable_tail(rest: list[ast.stmt]) -> bool:
     )
 
 
+def _drop_loops_over_empty(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """Replace, in place, `for ... in x: body else: tail` by `tail` where `x` is a local bound once,
+    at the function's top level, to an empty list or tuple, and mentioned nowhere else but as such
+    loops' iterable (so nothing can fill it: folding took the branch that appended to it, as with
+    `quantize`'s LQER list). A body that yields stays. Returns how many loops went."""
+    bound = _bound_names(fn)
+    params = {a.arg for a in ast.walk(fn.args) if isinstance(a, ast.arg)}
+    empty = set()
+    for s in fn.body:
+        for t, v in _assigned_pairs(s):
+            if (
+                isinstance(t, ast.Name)
+                and bound.get(t.id) == 1
+                and t.id not in params
+                and isinstance(v, (ast.List, ast.Tuple))
+                and not v.elts
+            ):
+                empty.add(t.id)
+    if not empty:
+        return 0
+    loops = [
+        n
+        for n in ast.walk(fn)
+        if isinstance(n, ast.For)
+        and isinstance(n.iter, ast.Name)
+        and n.iter.id in empty
+        and not _yields(n.body)
+    ]
+    uses: dict[str, int] = {}
+    for n in ast.walk(fn):
+        if isinstance(n, ast.Name) and n.id in empty:
+            uses[n.id] = uses.get(n.id, 0) + 1
+    dead = {id(f) for f in loops if uses[f.iter.id] == 1 + sum(g.iter.id == f.iter.id for g in loops)}
+    if not dead:
+        return 0
+    todo: list[ast.AST] = [fn]
+    while todo:
+        node = todo.pop()
+        for field in ("body", "orelse", "finalbody"):
+            block = getattr(node, field, None)
+            if isinstance(block, list) and block and isinstance(block[0], ast.stmt):
+                new: list[ast.stmt] = []
+                for st in block:
+                    new.extend(st.orelse if id(st) in dead else [st])
+                setattr(node, field, new or [ast.Pass()])
+        todo.extend(ast.iter_child_nodes(node))
+    return len(dead)
+
+
 def _yields(body: list[ast.stmt]) -> bool:
     """Whether the statements yield in their own function: dropping them could turn a generator
     into a plain function."""
@@ -577,6 +626,9 @@ class Specializer:
             return 0
         for rel, tree in self.trees.items():
             tree.body = self._block(tree.body, self._module_env(rel, tree), None)
+        for tree in self.trees.values():
+            for fn in [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]:
+                self.unreachable += _drop_loops_over_empty(fn)
         return self.folded
 
     def _module_env(self, rel: str, tree: ast.Module) -> dict[str, Any]:
