@@ -7,6 +7,7 @@ import ast
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import textwrap
@@ -257,6 +258,7 @@ def _reference_strip(tree: ast.AST) -> str:
             for arg in ast.walk(node.args):
                 if isinstance(arg, ast.arg):
                     arg.annotation = None
+            _reference_local_annotations(node)
         if isinstance(node, ast.Name):  # local names may be shortened: compare the structure
             node.id = "_"
         if isinstance(node, ast.ExceptHandler) and node.name:
@@ -268,6 +270,35 @@ def _reference_strip(tree: ast.AST) -> str:
                 if not (isinstance(s, ast.If) and ast.unparse(s.test) == "TYPE_CHECKING" and not s.orelse)
             ] or [ast.Pass()]
     return ast.dump(tree)
+
+
+def _reference_local_annotations(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
+    """In the function's own statements (not nested defs or classes): `x: T = v` becomes `x = v`
+    and `name.attr: T` with no value goes."""
+
+    def own(node: ast.AST):
+        for child in ast.iter_child_nodes(node):
+            if not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+                yield child
+                yield from own(child)
+
+    for node in [fn, *own(fn)]:
+        for field in ("body", "orelse", "finalbody"):
+            block = getattr(node, field, None)
+            if isinstance(block, list) and block and isinstance(block[0], ast.stmt):
+                kept = [
+                    ast.Assign(targets=[s.target], value=s.value, lineno=0)
+                    if isinstance(s, ast.AnnAssign) and s.value is not None
+                    else s
+                    for s in block
+                    if not (
+                        isinstance(s, ast.AnnAssign)
+                        and s.value is None
+                        and isinstance(s.target, ast.Attribute)
+                        and isinstance(s.target.value, ast.Name)
+                    )
+                ]
+                setattr(node, field, kept or [ast.Pass()])
 
 
 @pytest.mark.parametrize(
@@ -612,6 +643,9 @@ SHAKE_A = textwrap.dedent(
     import torch
 
     TABLE = {"pick": "by_table"}
+    UNUSED_TABLE = ((1.5, -2.0), (0.5, 3.0))
+    __all__ = ["build"]
+    COMPILED = re.compile("x")  # a call may do anything: stays
 
     def planted_unused(x):
         return helper_of_unused(x)
@@ -692,6 +726,7 @@ def _shaken(monkeypatch, roots: set[str]) -> tuple[dict[str, str], list[str]]:
     for name, src in (("pgolf.shake_a", SHAKE_A), ("pgolf.shake_b", SHAKE_B)):
         mod = types.ModuleType(name)
         monkeypatch.setitem(sys.modules, name, mod)
+        mod.__dict__["re"] = re
         exec(
             compile(src.replace("@some.registry_hook", "@(lambda f: f)"), f"{name}.py", "exec"), mod.__dict__
         )
@@ -705,11 +740,13 @@ def test_shake_drops_what_nothing_reaches_and_keeps_what_a_string_or_hook_reache
     out, dropped = _shaken(monkeypatch, {"run"})
     assert sorted(dropped) == [
         "pgolf/shake_a.py:Net.never_called",
+        "pgolf/shake_a.py:UNUSED_TABLE",
         "pgolf/shake_a.py:Unused",
         "pgolf/shake_a.py:helper_of_unused",
         "pgolf/shake_a.py:planted_unused",
     ]
     a = out["pgolf/shake_a.py"]
+    assert "\nTABLE=" in a and "__all__" in a and "COMPILED" in a
     assert "def planted_unused" not in a and "never_called" not in a and "class Unused" not in a
     for kept in (
         "def by_table",  # a string in a kept table
@@ -734,6 +771,15 @@ def test_shake_roots_keep_an_entry_point_and_its_callees(monkeypatch):
     assert "def run" in out["pgolf/shake_b.py"] and "def entry" in out["pgolf/shake_a.py"]
 
 
+def _validating_classes(tree: ast.Module) -> dict[str, bool]:
+    """Top-level class -> whether it defines `validate`."""
+    return {
+        c.name: any(isinstance(f, ast.FunctionDef) and f.name == "validate" for f in c.body)
+        for c in tree.body
+        if isinstance(c, ast.ClassDef)
+    }
+
+
 def test_prevalidated_schemas_ship_without_validate_and_the_shipped_config_still_loads(tmp_path, compose):
     """Schemas a packed run never changes lose `validate` (the run that packed them validated the
     same values); the data group and the root (DATA_PATH, TOKENIZER_PATH, SEED) keep theirs, and a
@@ -745,8 +791,13 @@ def test_prevalidated_schemas_ship_without_validate_and_the_shipped_config_still
     config = to_dict(job_config_from_dict(compose(["experiment=r0409"])))
     src = shipped_sources(imported_modules(), shipped_config(config))
     assert "def validate" not in src["pgolf/quant/config.py"] + src["pgolf/models/config.py"]
-    data_cfg = (ROOT / "pgolf/data/config.py").read_text()
-    assert src["pgolf/data/config.py"].count("def validate") == data_cfg.count("def validate") > 0
+    # every data schema that ships (the registry keeps only the config's and `shards`) keeps its own
+    shipped_data, data_cfg = (
+        _validating_classes(ast.parse(text))
+        for text in (src["pgolf/data/config.py"], (ROOT / "pgolf/data/config.py").read_text())
+    )
+    assert shipped_data and shipped_data == {c: v for c, v in data_cfg.items() if c in shipped_data}
+    assert "ShardDataConfig" in shipped_data and "EmbeddedDataConfig" not in shipped_data
     assert src["pgolf/config.py"].count("def validate") == 1  # RootSettings: the seed
     normalises = ast.parse("class A:\n    def validate(self, path):\n        self.x = tuple(self.x)\n")
     assert drop_prevalidated("pgolf/other.py", normalises) == [] and "validate" in ast.unparse(normalises)
@@ -763,6 +814,53 @@ def test_prevalidated_schemas_ship_without_validate_and_the_shipped_config_still
     proc = subprocess.run([sys.executable, "-c", probe], cwd=pkg, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout) == {**config, "job_dir": ""}
+
+
+def test_registries_ship_only_the_entries_a_packed_run_can_reach(compose):
+    """r0409's registries keep its own model, optimizer, quant, TTT and loader, the `shards` data
+    source DATA_PATH switches to, and every hardware entry; the schema classes of the others, and
+    the imports that only they used, go with the tree shaker."""
+    import pgolf.train  # noqa: F401  (the entry point: the tree shaker's root)
+    from pgolf.config import job_config_from_dict, to_dict
+    from pgolf.parent.pack import shipped_config
+
+    config = to_dict(job_config_from_dict(compose(["experiment=r0409"])))
+    src = shipped_sources(imported_modules(), shipped_config(config))
+    registered = {
+        (ast.unparse(s.value.func.value), s.value.args[0].value)
+        for s in ast.parse(src["pgolf/components.py"]).body
+        if isinstance(s, ast.Expr) and isinstance(s.value, ast.Call)
+    }
+    assert registered == {
+        ("DATA", "shards"),
+        ("LOADERS", config["data"]["loader"]),
+        ("MODELS", "layered"),
+        ("OPTIMIZERS", "muon"),
+        ("QUANT", "mixed"),
+        ("TTT", "score_first"),
+        ("HARDWARE", "cuda"),
+        ("HARDWARE", "cpu"),
+        ("HARDWARE", "auto"),
+    }
+    # a dropped entry's schema ships only if other shipped code (loaded by an earlier test) names it
+    for name, rel in [
+        ("BankedGPTConfig", "pgolf/models/config.py"),
+        ("Int8ZlibConfig", "pgolf/quant/config.py"),
+        ("NoTTTConfig", "pgolf/ttt/config.py"),
+    ]:
+        elsewhere = any(name in text for r, text in src.items() if r not in (rel, "pgolf/components.py"))
+        assert (f"class {name}" in src[rel]) == elsewhere == (name in src["pgolf/components.py"]), name
+    assert "class MixedQuantConfig" in src["pgolf/quant/config.py"]
+
+
+def test_a_format_spec_is_no_part_of_a_name():
+    """`f"{x:g}"` formats x; the shaker must not read `g` as the start or end of a name built at
+    run time (it kept every definition ending in g, every `...Config` class among them)."""
+    from pgolf.parent.pack import _mentions
+
+    words, prefixes, suffixes = _mentions(ast.parse('f"{x:g} {y:{w}.2f}" + f"by_{z}"'))
+    assert {"x", "y", "w", "z"} <= words
+    assert "g" not in prefixes | suffixes and "by_" in prefixes
 
 
 def test_squeeze_drops_spaces_between_tokens_but_never_changes_the_program():

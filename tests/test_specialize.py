@@ -132,6 +132,82 @@ def test_a_field_that_code_assigns_is_never_folded(compose):
     assert "if cfg.tie_embeddings" in built
 
 
+def test_values_init_derives_module_constants_and_decided_locals_fold(compose, monkeypatch):
+    class Gate:  # the live class of pgolf/fake.py's `Gate`, which isinstance is decided against
+        pass
+
+    monkeypatch.setitem(sys.modules, "pgolf.fake", type(sys)("pgolf.fake"))
+    sys.modules["pgolf.fake"].Gate = Gate
+    out = _fold(
+        compose,
+        """
+        FORMS = ("a", "b")
+
+        class Gate:
+            pass
+
+        class Net:
+            def __init__(self, cfg: BaselineModelConfig):
+                self.cfg = cfg
+                self.untied = not cfg.tie_embeddings
+                self.form = "a" if cfg.tie_embeddings else None
+                self.gate: Gate | None = None
+                self.items = []
+                self.later = None
+                if self.untied:  # __init__ may read an attribute before its store: left alone
+                    early()
+
+            def forward(self, x):
+                if self.untied:
+                    untied()
+                if isinstance(self.gate, Gate):
+                    gated()
+                if self.items:  # a list may be appended to: stays
+                    items()
+                if self.later is None:  # stored again below: stays
+                    later_none()
+                k = self.form
+                if k in FORMS:
+                    return x
+                after()
+
+            def grow(self):
+                self.later = 1
+
+        def gen(cfg: BaselineModelConfig):
+            if cfg.tie_embeddings:
+                return
+            yield 1  # dead, but dropping it would turn the generator into a function
+        """,
+    )
+    assert "untied()" not in out and "early()" in out
+    assert "gated()" not in out and "items()" in out and "later_none()" in out
+    assert "if k in FORMS" not in out and "after()" not in out
+    assert "yield 1" in out
+
+
+def test_a_loop_over_a_list_nothing_can_fill_goes(compose):
+    out = _fold(
+        compose,
+        """
+        def quantize(cfg: BaselineModelConfig, state):
+            pending: list = []
+            passed = []
+            for k in state:
+                if not cfg.tie_embeddings:  # folded away: nothing appends to `pending` any more
+                    pending.append(k)
+                fill(passed)
+            for k in pending:
+                lqer(k)
+            else:
+                done()
+            for k in passed:  # `fill` may have appended
+                kept(k)
+        """,
+    )
+    assert "lqer(k)" not in out and "done()" in out and "kept(k)" in out
+
+
 # ------------------------------------------------------------------------ packed runs
 R0409_LIKE = {
     "model": "layered",

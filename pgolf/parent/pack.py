@@ -201,6 +201,37 @@ def _drop_annotations(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
             arg.annotation = None
 
 
+def _drop_local_annotations(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
+    """`x: T = v` -> `x = v` and `self.x: T` (no value) -> nothing, in `fn`'s own statements: in
+    a function body an annotation is neither evaluated nor stored anywhere, so it is text only.
+    `x: T` without a value stays (it makes `x` local). Statements of nested functions and classes
+    are left to their own turn (a class body's annotations are dataclass fields)."""
+    if not all(isinstance(d, ast.Name) and d.id in _PLAIN_DECORATORS for d in fn.decorator_list):
+        return
+    todo: list[ast.AST] = [fn]
+    while todo:
+        node = todo.pop()
+        for field in ("body", "orelse", "finalbody"):
+            block = getattr(node, field, None)
+            if not isinstance(block, list) or not block or not isinstance(block[0], ast.stmt):
+                continue
+            new = []
+            for st in block:
+                if isinstance(st, ast.AnnAssign) and st.value is not None:
+                    st = ast.copy_location(ast.Assign(targets=[st.target], value=st.value), st)
+                elif (
+                    isinstance(st, ast.AnnAssign)
+                    and isinstance(st.target, ast.Attribute)
+                    and isinstance(st.target.value, ast.Name)
+                ):
+                    continue  # evaluates a name and nothing else
+                new.append(st)
+            setattr(node, field, new or [ast.Pass()])
+        for child in ast.iter_child_nodes(node):
+            if not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+                todo.append(child)
+
+
 def _is_type_checking_block(node: ast.stmt) -> bool:
     """`if TYPE_CHECKING:` with no else: its body never runs."""
     return (
@@ -261,6 +292,7 @@ def _strip(tree: ast.Module, keep_module_doc: bool, keep_messages: bool = True) 
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             node.body = _drop_docstring(node.body)
             _drop_annotations(node)
+            _drop_local_annotations(node)
         elif isinstance(node, ast.ClassDef):
             node.body = _drop_docstring(node.body)
         elif isinstance(node, ast.Module) and not keep_module_doc:
@@ -509,6 +541,12 @@ def _mentions(node: ast.AST, skip: set[int] = frozenset()) -> tuple[set[str], se
             words.update(_IDENT.findall(n.value))
         elif isinstance(n, (ast.Global, ast.Nonlocal)):
             words.update(n.names)
+        elif isinstance(n, ast.FormattedValue):
+            # a format spec (`{x:g}`, `{x:{w}}`) formats the value; its text is no part of a name
+            stack.append(n.value)
+            spec = n.format_spec.values if isinstance(n.format_spec, ast.JoinedStr) else []
+            stack.extend(v.value for v in spec if isinstance(v, ast.FormattedValue))
+            continue
         elif isinstance(n, ast.JoinedStr):
             _glued(n.values, prefixes, suffixes)
         elif isinstance(n, ast.BinOp) and isinstance(n.op, (ast.Add, ast.Mod)):
@@ -566,14 +604,15 @@ def _external_attrs(cls: type | None) -> set[str] | None:
 
 
 def shake(trees: dict[str, ast.Module], roots: set[str]) -> list[str]:
-    """Drop, in place, the top-level functions and classes, and the methods, that no kept code can
-    reach by name; return what went ("path:name" / "path:Class.method").
+    """Drop, in place, the top-level functions, classes and constants (`_constant_name`), and the
+    methods, that no kept code can reach by name; return what went ("path:name" /
+    "path:Class.method").
 
     Conservative by construction: a definition stays when its name is mentioned anywhere in kept
     code of any shipped module (`_mentions`: names, attributes, string words, so getattr by string
     and registry builders count) or in `roots` (the entry point, the frozen config's words). Always
-    kept: every top-level statement that is not a def or class (imports, assignments, registry
-    calls, `if __name__` blocks), definitions under a decorator that may register them
+    kept: every top-level statement that is not a def, a class or a constant (imports, assignments
+    whose value calls anything, registry calls, `if __name__` blocks), definitions under a decorator that may register them
     (`_PURE_DECORATORS`), dunder methods, methods whose name a non-pgolf base class of the live
     class has (framework hooks), and every method of a class not loaded in this process."""
     mentioned = set(roots)
@@ -592,7 +631,7 @@ def shake(trees: dict[str, ast.Module], roots: set[str]) -> list[str]:
             or any(name.endswith(x) for x in suffixes)
         )
 
-    pending: list[tuple[str, ast.AST, ast.AST | None]] = []  # (module path, def, owning class)
+    pending: list[tuple[str, ast.AST, ast.AST | None]] = []  # (module path, def or constant, owning class)
     kept_ids: set[int] = set()
 
     def keep(rel: str, node: ast.AST, owner: ast.ClassDef | None) -> None:
@@ -622,13 +661,15 @@ def shake(trees: dict[str, ast.Module], roots: set[str]) -> list[str]:
                 and (not isinstance(s, ast.ClassDef) or _plain_class(_live_class(rel, s.name)))
             ):
                 pending.append((rel, s, None))
+            elif _constant_name(s) is not None:
+                pending.append((rel, s, None))
             else:
                 keep(rel, s, None)
     changed = True
     while changed:
         changed = False
         for rel, node, owner in list(pending):
-            if id(node) not in kept_ids and reached(node.name):
+            if id(node) not in kept_ids and reached(_defined_name(node)):
                 keep(rel, node, owner)
                 changed = True
     dropped = []
@@ -637,8 +678,27 @@ def shake(trees: dict[str, ast.Module], roots: set[str]) -> list[str]:
             continue
         holder = owner if owner is not None else trees[rel]
         holder.body = [s for s in holder.body if s is not node] or [ast.Pass()]
-        dropped.append(f"{rel}:{owner.name + '.' if owner is not None else ''}{node.name}")
+        dropped.append(f"{rel}:{owner.name + '.' if owner is not None else ''}{_defined_name(node)}")
     return dropped
+
+
+def _constant_name(s: ast.stmt) -> str | None:
+    """The name a module-level `NAME = value` (or `NAME: T = value`) binds, when evaluating the
+    value does nothing else (`_inert`: a literal table, a tuple of names) and NAME is not a dunder
+    (`__all__` is read by star imports): such a statement can go like a definition."""
+    if isinstance(s, ast.Assign) and len(s.targets) == 1:
+        target, value = s.targets[0], s.value
+    elif isinstance(s, ast.AnnAssign) and s.value is not None:
+        target, value = s.target, s.value
+    else:
+        return None
+    if not isinstance(target, ast.Name) or target.id.startswith("__") or not _inert(value):
+        return None
+    return target.id
+
+
+def _defined_name(node: ast.AST) -> str:
+    return node.name if hasattr(node, "name") else _constant_name(node)
 
 
 def _changed(value: dict, default: dict) -> dict:
@@ -759,6 +819,94 @@ def _revalidated_reach_other_modules(trees: dict[str, ast.Module]) -> bool:
     return False
 
 
+# Registry entries a packed run may reach besides the one its config names, by (group, key):
+# `pgolf.train.run_packed` turns the data group into `shards` when DATA_PATH is set. The hardware
+# group is resolved on the machine that runs it, so every hardware entry ships (None).
+PACKED_ALSO = {("data", "name"): {"shards"}, ("hardware", "name"): None}
+
+
+def _registries(tree: ast.Module) -> dict[str, tuple[str, str]]:
+    """Module-level `NAME = Registry("group", key="...")` of a module: NAME -> (group, key)."""
+    out = {}
+    for s in tree.body:
+        if (
+            isinstance(s, ast.Assign)
+            and len(s.targets) == 1
+            and isinstance(s.targets[0], ast.Name)
+            and isinstance(s.value, ast.Call)
+            and isinstance(s.value.func, ast.Name)
+            and s.value.func.id == "Registry"
+            and s.value.args
+            and isinstance(s.value.args[0], ast.Constant)
+        ):
+            key = next((k.value for k in s.value.keywords if k.arg == "key"), ast.Constant("name"))
+            if isinstance(key, ast.Constant):
+                out[s.targets[0].id] = (s.value.args[0].value, key.value)
+    return out
+
+
+def _registered_name(s: ast.stmt, registries: dict[str, tuple[str, str]]) -> tuple[str, str] | None:
+    """(registry variable, entry name) of a `NAME.register("entry", ...)` statement."""
+    call = s.value if isinstance(s, ast.Expr) else None
+    if (
+        isinstance(call, ast.Call)
+        and isinstance(call.func, ast.Attribute)
+        and call.func.attr == "register"
+        and isinstance(call.func.value, ast.Name)
+        and call.func.value.id in registries
+        and call.args
+        and isinstance(call.args[0], ast.Constant)
+    ):
+        return call.func.value.id, call.args[0].value
+    return None
+
+
+def drop_unused_entries(job: JobConfig, trees: dict[str, ast.Module]) -> list[str]:
+    """Drop, in place, the registry entries the frozen config cannot reach: in a module that builds
+    registries (`NAME = Registry(group, key=...)`), the `NAME.register(...)` statements of entries
+    other than the one `job.<group>.<key>` names (and `PACKED_ALSO`). Their schema classes and
+    builders, reached only through these statements, then go with the tree shaker; so do the
+    names such a module imported only for them. Returns "group:entry" for each dropped entry."""
+    dropped = []
+    for tree in trees.values():
+        registries = _registries(tree)
+        if not registries:
+            continue
+        kept = []
+        for s in tree.body:
+            hit = _registered_name(s, registries)
+            if hit is not None:
+                group, key = registries[hit[0]]
+                also = PACKED_ALSO.get((group, key), set())
+                named = getattr(getattr(job, group, None), key, None)
+                if also is not None and named is not None and hit[1] != named and hit[1] not in also:
+                    dropped.append(f"{group}:{hit[1]}")
+                    continue
+            kept.append(s)
+        tree.body = kept
+    return dropped
+
+
+def drop_unused_imports(trees: dict[str, ast.Module]) -> int:
+    """Drop, in place, the names a module's top-level `from pgolf... import` binds that the module
+    no longer mentions (the shaker took their users) and no other shipped module mentions at all
+    (so none imports them from there, nor reads them by string). The last name of an import
+    stays, so the imported module still loads. Returns how many went; a definition only such an
+    import kept can go with the next `shake`."""
+    mentions = {rel: _mentions(t)[0] for rel, t in trees.items()}
+    dropped = 0
+    for rel, tree in trees.items():
+        others = set().union(*(m for other, m in mentions.items() if other != rel))
+        for s in tree.body:
+            if isinstance(s, ast.ImportFrom) and s.level == 0 and (s.module or "").startswith("pgolf"):
+                rest = _mentions(ast.Module(body=[x for x in tree.body if x is not s], type_ignores=[]))[0]
+                names = [a for a in s.names if (a.asname or a.name) in rest or a.name in others]
+                kept = names or s.names[:1]
+                dropped += len(s.names) - len(kept)
+                s.names = kept
+    return dropped
+
+
 def _whole_job(config: dict) -> JobConfig | None:
     """The run's JobConfig from the (trimmed) config the wrapper carries; None for a dict that is
     not a whole job's (a run's always is: `shipped_config` checks that it loads)."""
@@ -781,6 +929,7 @@ def shipped_sources(modules: dict[str, Path], config: dict, specialized: bool = 
     job = _whole_job(config) if specialized else None
     if job is not None:  # before _strip: the folder reads the annotations that say which config is which
         specialize(job, trees)
+        drop_unused_entries(job, trees)
     for rel, source in sources.items():
         trees[rel] = _strip(trees[rel], "__doc__" in source, rel.startswith(KEEP_MESSAGES))
     for tree in trees.values():  # never true there: the wrapper imports them, it runs none as a script
@@ -788,7 +937,10 @@ def shipped_sources(modules: dict[str, Path], config: dict, specialized: bool = 
     if not _revalidated_reach_other_modules(trees):
         for rel, tree in trees.items():
             drop_prevalidated(rel, tree)
-    shake(trees, set(_IDENT.findall(_TAIL + config_json)))
+    roots = set(_IDENT.findall(_TAIL + config_json))
+    shake(trees, roots)
+    if drop_unused_imports(trees):
+        shake(trees, roots)
     out = {rel: _unparse(tree) for rel, tree in trees.items()}
     out["config.json"] = config_json
     return out

@@ -31,6 +31,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import operator
+import sys
 from typing import Any
 
 # Root fields a packed run may change (SEED) or that are the machine's (job_dir), and the groups it
@@ -51,11 +52,35 @@ _COMPARE = {
     ast.IsNot: operator.is_not,
 }
 _UNKNOWN = object()
+# nn.Module methods that store an attribute under a name given as a string
+_REGISTERS = ("register_buffer", "register_parameter", "register_module", "add_module")
+# env key of the names a function binds itself (they shadow module-level classes and constants)
+_LOCALS = "#locals"
+_MODULE = "#module"  # env key of the folded module's path
+
+
+def _immutable(v: Any) -> bool:
+    """A plain value no code can change in place (a name bound to a list could be appended to)."""
+    if isinstance(v, tuple):
+        return all(_immutable(x) for x in v)
+    return isinstance(v, _SCALARS)
+
+
+def _bound_value(v: Any) -> Any:
+    return v.value if isinstance(v, _Const) else _Obj(v)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Obj:
     """A config dataclass instance of the run's tree (its fields fold, not the object itself)."""
+
+    value: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class _Const:
+    """A plain value the frozen config (or the code alone) fixes, bound to a name or `self.<attr>`:
+    a module constant, an attribute `__init__` derives from the config, a local bound from one."""
 
     value: Any
 
@@ -146,12 +171,86 @@ def _pure(node: ast.expr) -> bool:
 
 def _assigned_pairs(s: ast.stmt) -> list[tuple[ast.expr, ast.expr]]:
     """(target, value) of `a = x` and of `a, b = x, y`; nothing for any other statement."""
+    if isinstance(s, ast.AnnAssign) and s.value is not None:
+        return [(s.target, s.value)]
     if not isinstance(s, ast.Assign) or len(s.targets) != 1:
         return []
     t, v = s.targets[0], s.value
     if isinstance(t, ast.Tuple) and isinstance(v, ast.Tuple) and len(t.elts) == len(v.elts):
         return list(zip(t.elts, v.elts))
     return [] if isinstance(t, ast.Tuple) else [(t, v)]
+
+
+def _own_walk(node: ast.AST) -> list[ast.AST]:
+    """`node` and what it holds, nested functions, lambdas and classes left out."""
+    out, todo = [], [node]
+    while todo:
+        n = todo.pop()
+        out.append(n)
+        if n is node or not isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            todo.extend(ast.iter_child_nodes(n))
+    return out
+
+
+# Statements after which nothing in the same block runs.
+_JUMPS = (ast.Return, ast.Raise, ast.Continue, ast.Break)
+
+
+def _droppable_tail(rest: list[ast.stmt]) -> bool:
+    """Whether dead statements can go without changing the function's kind or scopes: none yields
+    (a generator stays one) or declares a name global or nonlocal."""
+    return not _yields(rest) and not any(
+        isinstance(n, (ast.Global, ast.Nonlocal)) for s in rest for n in _own_walk(s)
+    )
+
+
+def _drop_loops_over_empty(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """Replace, in place, `for ... in x: body else: tail` by `tail` where `x` is a local bound once,
+    at the function's top level, to an empty list or tuple, and mentioned nowhere else but as such
+    loops' iterable (so nothing can fill it: folding took the branch that appended to it, as with
+    `quantize`'s LQER list). A body that yields stays. Returns how many loops went."""
+    bound = _bound_names(fn)
+    params = {a.arg for a in ast.walk(fn.args) if isinstance(a, ast.arg)}
+    empty = set()
+    for s in fn.body:
+        for t, v in _assigned_pairs(s):
+            if (
+                isinstance(t, ast.Name)
+                and bound.get(t.id) == 1
+                and t.id not in params
+                and isinstance(v, (ast.List, ast.Tuple))
+                and not v.elts
+            ):
+                empty.add(t.id)
+    if not empty:
+        return 0
+    loops = [
+        n
+        for n in ast.walk(fn)
+        if isinstance(n, ast.For)
+        and isinstance(n.iter, ast.Name)
+        and n.iter.id in empty
+        and not _yields(n.body)
+    ]
+    uses: dict[str, int] = {}
+    for n in ast.walk(fn):
+        if isinstance(n, ast.Name) and n.id in empty:
+            uses[n.id] = uses.get(n.id, 0) + 1
+    dead = {id(f) for f in loops if uses[f.iter.id] == 1 + sum(g.iter.id == f.iter.id for g in loops)}
+    if not dead:
+        return 0
+    todo: list[ast.AST] = [fn]
+    while todo:
+        node = todo.pop()
+        for field in ("body", "orelse", "finalbody"):
+            block = getattr(node, field, None)
+            if isinstance(block, list) and block and isinstance(block[0], ast.stmt):
+                new: list[ast.stmt] = []
+                for st in block:
+                    new.extend(st.orelse if id(st) in dead else [st])
+                setattr(node, field, new or [ast.Pass()])
+        todo.extend(ast.iter_child_nodes(node))
+    return len(dead)
 
 
 def _yields(body: list[ast.stmt]) -> bool:
@@ -199,6 +298,12 @@ class Specializer:
                         self.called.add(name)
                     if name == "from_dict" and rel != "pgolf/config.py":
                         self.enabled = False  # a config built from other data: types no longer say which
+                    if name in _REGISTERS and n.args:  # nn.Module stores these by name
+                        key = n.args[0]
+                        if isinstance(key, ast.Constant) and isinstance(key.value, str):
+                            self.stored_off_self.add(key.value)
+                        else:
+                            self.enabled = False
                     if name in ("setattr", "delattr") and len(n.args) > 1:
                         key = n.args[1]
                         if isinstance(key, ast.Constant) and isinstance(key.value, str):
@@ -208,11 +313,14 @@ class Specializer:
                             self.enabled = False
         self.plain_classes = set(classes) - config_classes  # shipped classes that are not configs
         self.config_classes = config_classes
+        self.module_bindings = {rel: _bound_names(tree) for rel, tree in trees.items()}
         self._attrs_of: dict[int, dict[str, Any]] = {}
+        self._derived_of: dict[int, dict[str, _Const]] = {}
         self._plain_of: dict[int, set[str]] = {}
         for tree in trees.values():
             self._scan_stores(tree, None, None)
         self.folded = 0
+        self.unreachable = 0  # statements dropped after a return, raise, continue or break
 
     def _scan_stores(self, node: ast.AST, cls: ast.ClassDef | None, fn: ast.AST | None) -> None:
         """Record in `stored_attrs` the attribute stores that may hit a config: all but those on
@@ -346,6 +454,53 @@ class Specializer:
                     out[t.attr] = params[v.id]
         return out
 
+    def derived_attrs(self, cls: ast.ClassDef, outer: dict[str, Any]) -> dict[str, _Const]:
+        """`self.<attr>` -> value, for the attributes `cls.__init__` sets, in a statement of its own
+        top level that runs on every construction, to a value the frozen config or the code alone
+        decides (`self.lane_form = cfg.parallel_residual if ... else None`, `self.bigram = None`),
+        that nothing else stores: no other store in `cls`, its bases or subclasses, none off `self`
+        anywhere, no method, property or class attribute of that name, no `__dict__` copy. Only
+        immutable values (a list could be appended to). Not used in `__init__` itself, where a read
+        may come before the store."""
+        if id(cls) in self._derived_of:
+            return self._derived_of[id(cls)]
+        self._derived_of[id(cls)] = {}
+        init = next((s for s in cls.body if isinstance(s, ast.FunctionDef) and s.name == "__init__"), None)
+        related = self._related(cls.name)
+        defined: set[str] = set()
+        for tree in self.trees.values():
+            for c in ast.walk(tree):
+                if isinstance(c, ast.ClassDef) and c.name in related:
+                    if any(isinstance(n, ast.Attribute) and n.attr == "__dict__" for n in ast.walk(c)):
+                        return {}
+                    for b in c.body:
+                        if isinstance(b, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                            defined.add(b.name)
+                        for t, _ in _assigned_pairs(b):
+                            defined.update(n.id for n in ast.walk(t) if isinstance(n, ast.Name))
+        if init is None:
+            return {}
+        stores = self._self_stores(cls)
+        env = self._function_env(init, outer, cls)
+        out: dict[str, _Const] = {}
+        for s in init.body:
+            for t, v in _assigned_pairs(s):
+                if (
+                    isinstance(t, ast.Attribute)
+                    and isinstance(t.value, ast.Name)
+                    and t.value.id == "self"
+                    and stores.get(t.attr) == 1
+                    and t.attr not in self.stored_off_self
+                    and t.attr not in defined
+                ):
+                    got = self.value(v, {**env, **{f"self.{k}": c for k, c in out.items()}})
+                    if got is not _UNKNOWN and not isinstance(got, _Obj) and _immutable(got):
+                        out[t.attr] = _Const(got)
+            if any(isinstance(n, (ast.Return, ast.Yield, ast.YieldFrom)) for n in _own_walk(s)):
+                break  # what follows may not run
+        self._derived_of[id(cls)] = out
+        return out
+
     def typed_params(self, fn: ast.FunctionDef | ast.AsyncFunctionDef) -> dict[str, Any]:
         bound = _bound_names(fn)
         args = fn.args
@@ -367,10 +522,20 @@ class Specializer:
         if isinstance(node, ast.Constant):
             return node.value
         if isinstance(node, ast.Name):
-            return _Obj(env[node.id]) if node.id in env else _UNKNOWN
+            return _bound_value(env[node.id]) if node.id in env else _UNKNOWN
+        if isinstance(node, (ast.Tuple, ast.List)) and isinstance(node.ctx, ast.Load):
+            items = [self.value(e, env) for e in node.elts]
+            if any(i is _UNKNOWN or isinstance(i, _Obj) for i in items):
+                return _UNKNOWN
+            return tuple(items) if isinstance(node, ast.Tuple) else items
+        if isinstance(node, ast.IfExp):
+            t = self.truth(node.test, env)
+            return _UNKNOWN if t is None else self.value(node.body if t else node.orelse, env)
+        if isinstance(node, ast.Call):
+            return self._isinstance(node, env)
         if isinstance(node, ast.Attribute):
             if isinstance(node.value, ast.Name) and node.value.id == "self" and f"self.{node.attr}" in env:
-                return _Obj(env[f"self.{node.attr}"])
+                return _bound_value(env[f"self.{node.attr}"])
             owner = self.value(node.value, env)
             if not isinstance(owner, _Obj) or node.attr in self.stored_attrs:
                 return _UNKNOWN
@@ -403,6 +568,36 @@ class Specializer:
             return True
         return _UNKNOWN  # `a and b` is a or b, not a bool: only `truth` reads it
 
+    def _isinstance(self, node: ast.Call, env: dict[str, Any]) -> Any:
+        """`isinstance(x, C)` where x is a known plain value and C a shipped class (a plain class,
+        no metaclass: no `__instancecheck__`) that the function does not rebind: exact, since a
+        None, bool, int, float or str is never an instance of a class pgolf defines."""
+        if not (
+            isinstance(node.func, ast.Name)
+            and node.func.id == "isinstance"
+            and "isinstance" not in env.get(_LOCALS, ())
+            and len(node.args) == 2
+            and not node.keywords
+            and isinstance(node.args[1], ast.Name)
+            and node.args[1].id not in env.get(_LOCALS, ())
+        ):
+            return _UNKNOWN
+        cls = self.shipped_class(node.args[1].id, env)
+        x = self.value(node.args[0], env)
+        if cls is None or x is _UNKNOWN or isinstance(x, _Obj) or not _plain(x):
+            return _UNKNOWN
+        return isinstance(x, cls)
+
+    def shipped_class(self, name: str, env: dict[str, Any]) -> type | None:
+        """The live class the folded module's global `name` holds (the module binds the name once),
+        when that is a plain class (its type is `type`)."""
+        rel = env.get(_MODULE)
+        if rel is None or self.module_bindings[rel].get(name) != 1:
+            return None
+        module = rel[:-3].replace("/", ".").removesuffix(".__init__")
+        obj = getattr(sys.modules.get(module), name, None)
+        return obj if isinstance(obj, type) and type(obj) is type else None
+
     def truth(self, node: ast.expr, env: dict[str, Any]) -> bool | None:
         """The test's truth if the frozen config decides it, else None."""
         if isinstance(node, ast.BoolOp):
@@ -429,14 +624,34 @@ class Specializer:
         """Fold every decided test in place; the number folded."""
         if not self.enabled:
             return 0
+        for rel, tree in self.trees.items():
+            tree.body = self._block(tree.body, self._module_env(rel, tree), None)
         for tree in self.trees.values():
-            tree.body = self._block(tree.body, {}, None)
+            for fn in [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]:
+                self.unreachable += _drop_loops_over_empty(fn)
         return self.folded
+
+    def _module_env(self, rel: str, tree: ast.Module) -> dict[str, Any]:
+        """The module's constants: names its top level binds once, with `NAME = <expr>` the frozen
+        config (or the code alone) decides, that no code stores as an attribute (`mod.NAME = ...`)."""
+        env: dict[str, Any] = {_MODULE: rel}
+        bound = self.module_bindings[rel]
+        for s in tree.body:
+            for t, v in _assigned_pairs(s):
+                if isinstance(t, ast.Name) and bound.get(t.id) == 1 and t.id not in self.stored_off_self:
+                    got = self.value(v, env)
+                    if got is not _UNKNOWN and not isinstance(got, _Obj) and _plain(got):
+                        env[t.id] = _Const(got)
+        return env
 
     def _block(self, body: list[ast.stmt], env: dict[str, Any], cls: ast.ClassDef | None) -> list[ast.stmt]:
         out: list[ast.stmt] = []
-        for s in body:
+        for i, s in enumerate(body):
             out.extend(self._stmt(s, env, cls))
+            rest = body[i + 1 :]
+            if out and isinstance(out[-1], _JUMPS) and rest and _droppable_tail(rest):
+                self.unreachable += len(rest)
+                break  # a folded branch that returns leaves the statements after it dead
         return out
 
     def _stmt(self, s: ast.stmt, env: dict[str, Any], cls: ast.ClassDef | None) -> list[ast.stmt]:
@@ -493,13 +708,16 @@ class Specializer:
         env = {
             k: v for k, v in outer.items() if k.split(".")[0] not in bound and k.split(".")[0] not in params
         }
+        env[_LOCALS] = set(outer.get(_LOCALS, ())) | set(bound) | params
         env.update(self.typed_params(fn))
         if cls is not None and "self" in params and not bound.get("self"):
+            if fn.name != "__init__":
+                env.update({f"self.{k}": v for k, v in self.derived_attrs(cls, outer).items()})
             env.update({f"self.{k}": v for k, v in self.self_attrs(cls).items()})
             own = self.instance_of(cls.name)
             if own is not None and type(own).__name__ == cls.name:
                 env["self"] = own
-        for s in fn.body:  # names bound once, at the top, from a config instance
+        for s in fn.body:  # names bound once, at the top, from a config instance or a decided value
             if not isinstance(s, ast.Assign) or len(s.targets) != 1:
                 continue
             target, value = s.targets[0], s.value
@@ -513,6 +731,8 @@ class Specializer:
                     got = self.value(v, env)
                     if isinstance(got, _Obj):
                         env[t.id] = got.value
+                    elif got is not _UNKNOWN and _immutable(got):
+                        env[t.id] = _Const(got)
         return env
 
 
