@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +26,80 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 CONF = REPO / "conf"
 
+
+# ------------------------------------------------------------------------------ pytest-xdist
+# `pytest -n N` runs N worker processes. Each worker keeps to its own share of the CPUs (its
+# children inherit it): on a 2-core machine two workers whose runs each start 2 torch threads would
+# put 4 spinning threads on 2 cores, and a step then waits on a thread that is not running
+# (observed: a tiny run's 6 steps took 17-45 s instead of 0.7 s). Session fixtures that make files
+# are made once, by whichever worker asks first, in the folder all workers' temp folders share.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1", ... in a worker, else unset
+
+
+def pytest_configure(config) -> None:
+    if XDIST_WORKER is None or not hasattr(os, "sched_setaffinity"):
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > len(cpus):
+        return  # more workers than CPUs: the scheduler shares them out
+    mine = set(cpus[int(XDIST_WORKER.removeprefix("gw")) % workers :: workers])
+    os.sched_setaffinity(0, mine)
+    torch.set_num_threads(len(mine))  # torch sized its pool before this ran
+
+
+def _shared_root(tmp_path_factory) -> Path:
+    """The session's temp folder; under xdist, the one that holds every worker's."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if XDIST_WORKER else base
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def made_once(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:
+    """A folder of the test session that `make(folder)` fills, once however many xdist workers ask
+    for it: the first one makes it while the others wait, then every one reads it. A folder that
+    `make` left half-made (it raised) is made again by the next one to ask."""
+    root = _shared_root(tmp_path_factory)
+    folder, done = root / name, root / f"{name}.done"
+    with _locked(root / f"{name}.lock"):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            done.touch()
+    return folder
+
+
+def made_run_once(
+    tmp_path_factory, name: str, run: Callable[[Path], subprocess.CompletedProcess]
+) -> tuple[Path, subprocess.CompletedProcess]:
+    """`made_once` for a command whose process the tests read too: `run(folder)` runs it (and
+    asserts it went well); every worker gets the folder and the process's exit code and output."""
+
+    def make(folder: Path) -> None:
+        proc = run(folder)
+        record = {
+            "args": proc.args,
+            "returncode": proc.returncode,
+            "stdout": proc.stdout,
+            "stderr": proc.stderr,
+        }
+        (folder / "process.json").write_text(json.dumps(record))
+
+    folder = made_once(tmp_path_factory, name, make)
+    record = json.loads((folder / "process.json").read_text())
+    return folder, subprocess.CompletedProcess(**record)
+
+
 SAMPLE_TEXT = [
     "The quick brown fox jumps over the lazy dog. Numbers like 12345 are split into digits.",
     "Caf\u00e9 na\u00efve r\u00e9sum\u00e9: accented words fall back to bytes when the tokenizer lacks them.",
@@ -33,22 +112,26 @@ SAMPLE_TEXT = [
 @pytest.fixture(scope="session")
 def tokenizer_model(tmp_path_factory) -> Path:
     """A 400-piece SentencePiece BPE trained with the challenge's settings (byte fallback on)."""
-    from pgolf.data.build import train_tokenizer
-    from pgolf.data.embedded import collect_documents
+    from _corpus import embedded_docs
 
-    docs = collect_documents()[:120] + SAMPLE_TEXT * 3
-    return train_tokenizer(docs, 400, tmp_path_factory.mktemp("tok") / "tok400.model")
+    from pgolf.data.build import train_tokenizer
+
+    docs = list(embedded_docs()[:120]) + SAMPLE_TEXT * 3
+    folder = made_once(tmp_path_factory, "tok", lambda out: train_tokenizer(docs, 400, out / "tok400.model"))
+    return folder / "tok400.model"
 
 
 @pytest.fixture(scope="session")
 def shard_dir(tmp_path_factory, tokenizer_model) -> Path:
     """Challenge-format shards (val = first 20 docs) written with `tokenizer_model`."""
-    from pgolf.data.build import export_shards
-    from pgolf.data.embedded import collect_documents
+    from _corpus import embedded_docs
 
-    out = tmp_path_factory.mktemp("shards")
-    export_shards(tokenizer_model, collect_documents()[:160], out, val_docs=20, shard_tokens=60_000)
-    return out
+    from pgolf.data.build import export_shards
+
+    def make(out: Path) -> None:
+        export_shards(tokenizer_model, list(embedded_docs()[:160]), out, val_docs=20, shard_tokens=60_000)
+
+    return made_once(tmp_path_factory, "shards", make)
 
 
 def wandb_isolation_env(root: Path) -> dict[str, str]:
@@ -65,7 +148,8 @@ def wandb_isolation_env(root: Path) -> dict[str, str]:
 def _isolated_cache(tmp_path_factory, monkeypatch):
     # One embedded-corpus cache for the whole test session, never the user's ~/.cache.
     base = tmp_path_factory.getbasetemp()
-    cache = os.environ.get("PGOLF_TEST_CACHE") or str(base / "pgolf_cache")
+    # under xdist, one cache for every worker (pgolf builds the embedded corpus under a file lock)
+    cache = os.environ.get("PGOLF_TEST_CACHE") or str(_shared_root(tmp_path_factory) / "pgolf_cache")
     monkeypatch.setenv("PGOLF_CACHE", cache)
     for key, value in wandb_isolation_env(base).items():
         monkeypatch.setenv(key, value)
@@ -139,22 +223,28 @@ def write_tokens(path: Path, tokens) -> None:
 def tiny_run(tmp_path_factory, shard_dir, tokenizer_model) -> tuple[Path, subprocess.CompletedProcess]:
     """`tiny_cpu_args` as they are, one job whose worker runs in the parent: (tmp, process), with the
     run in tmp / "run". Readers only: a test that changes files copies the run first."""
-    tmp = tmp_path_factory.mktemp("tiny_run")
-    proc = run_cli(tiny_cpu_args(shard_dir, tokenizer_model), tmp)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return tmp, proc
+
+    def run(tmp: Path) -> subprocess.CompletedProcess:
+        proc = run_cli(tiny_cpu_args(shard_dir, tokenizer_model), tmp)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    return made_run_once(tmp_path_factory, "tiny_run", run)
 
 
 @pytest.fixture(scope="session")
 def tiny_sweep(tmp_path_factory, shard_dir, tokenizer_model) -> tuple[Path, subprocess.CompletedProcess]:
     """The same job as `tiny_run`, as a one-job sweep (`-m`): its worker is a subprocess. Verbose for
     pgolf.trainer, so the relayed debug lines can be checked too: (sweep dir, process)."""
-    tmp = tmp_path_factory.mktemp("tiny_sweep")
-    sweep = tmp / "sweep"
-    args = ["-m", *tiny_cpu_args(shard_dir, tokenizer_model), f"hydra.sweep.dir={sweep}"]
-    proc = run_cli([*args, "hydra.verbose=[pgolf.trainer]"], tmp)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return sweep, proc
+
+    def run(tmp: Path) -> subprocess.CompletedProcess:
+        args = ["-m", *tiny_cpu_args(shard_dir, tokenizer_model), f"hydra.sweep.dir={tmp / 'sweep'}"]
+        proc = run_cli([*args, "hydra.verbose=[pgolf.trainer]"], tmp)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    tmp, proc = made_run_once(tmp_path_factory, "tiny_sweep", run)
+    return tmp / "sweep", proc
 
 
 # A small model=layered quant=r0409 job (GPTQ int6, brotli), priming off: seconds on CPU.
@@ -175,7 +265,9 @@ SMALL_GPTQ = {
 def gptq_run(tmp_path_factory, shard_dir, tokenizer_model) -> Path:
     """SMALL_GPTQ on `tiny_cpu_args`, run once for the byte accounting and the pruning tests: its
     run folder (artifact within the cap, so nothing pruned)."""
-    tmp = tmp_path_factory.mktemp("gptq_run")
-    proc = run_cli(tiny_cpu_args(shard_dir, tokenizer_model, **SMALL_GPTQ), tmp)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return tmp / "run"
+
+    def make(tmp: Path) -> None:
+        proc = run_cli(tiny_cpu_args(shard_dir, tokenizer_model, **SMALL_GPTQ), tmp)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    return made_once(tmp_path_factory, "gptq_run", make) / "run"

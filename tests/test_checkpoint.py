@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, tiny_cpu_args
+from conftest import made_once, run_cli, tiny_cpu_args
 
 from pgolf.checkpoint import FAULT_ENV, Checkpointer, latest_step, training_parts
 from pgolf.config import CheckpointConfig
@@ -191,10 +191,12 @@ def _result(path: Path) -> dict:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, shard_dir, tokenizer_model) -> dict:
     """The reference: the same job without checkpoints (saving must not change what is computed)."""
-    tmp = tmp_path_factory.mktemp("uninterrupted")
-    proc = run_cli(tiny_cpu_args(shard_dir, tokenizer_model, **SHORT), tmp)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return _result(tmp / "run")
+
+    def make(tmp: Path) -> None:
+        proc = run_cli(tiny_cpu_args(shard_dir, tokenizer_model, **SHORT), tmp)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    return _result(made_once(tmp_path_factory, "uninterrupted", make) / "run")
 
 
 @pytest.mark.slow

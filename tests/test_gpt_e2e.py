@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli, tiny_cpu_args
+from conftest import made_once, run_cli, tiny_cpu_args
 
 from pgolf.checkpoint import FAULT_ENV
 from pgolf.parent.pack import unpack
@@ -45,7 +45,10 @@ def _banked(tmp: Path, shard_dir: Path, tokenizer_model: Path, nproc: str) -> Pa
 @pytest.fixture(scope="module")
 def banked_one(tmp_path_factory, shard_dir, tokenizer_model) -> Path:
     """One process: the end-to-end checks below and the reference of the two-rank run read it."""
-    return _banked(tmp_path_factory.mktemp("banked_one"), shard_dir, tokenizer_model, "1")
+    made = made_once(
+        tmp_path_factory, "banked_one", lambda tmp: _banked(tmp, shard_dir, tokenizer_model, "1")
+    )
+    return made / "run"
 
 
 def test_banked_preset_runs_end_to_end(banked_one):

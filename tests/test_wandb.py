@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from _wandb_records import read_offline_run
-from conftest import tiny_cpu_args, wandb_isolation_env
+from conftest import made_run_once, tiny_cpu_args, wandb_isolation_env
 
 from pgolf.parent.pack import imported_modules, unpack
 from pgolf.parent.tracking import resolve_mode, run_name, start_job_run, swept_overrides, wandb_config
@@ -23,14 +23,25 @@ pytest.importorskip("wandb")  # a dependency of pgolf (pyproject.toml); the test
 @pytest.fixture(scope="module")
 def default_sweep(tmp_path_factory, shard_dir, tokenizer_model):
     """The README's seed sweep, two jobs, every wandb setting at its default (mode auto)."""
-    root = tmp_path_factory.mktemp("default_sweep")
-    sweep = root / "sweep"
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"} | wandb_isolation_env(root)
-    args = tiny_cpu_args(shard_dir, tokenizer_model, **{"train.val_every": "3"})
-    cmd = [sys.executable, "-m", "pgolf.run", "-m", *args, "seed=1337,42", f"hydra.sweep.dir={sweep}"]
-    proc = subprocess.run(cmd, cwd=Path(__file__).parent.parent, capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return sweep, proc
+
+    def run(root: Path) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"} | wandb_isolation_env(root)
+        args = tiny_cpu_args(shard_dir, tokenizer_model, **{"train.val_every": "3"})
+        cmd = [
+            sys.executable,
+            "-m",
+            "pgolf.run",
+            "-m",
+            *args,
+            "seed=1337,42",
+            f"hydra.sweep.dir={root / 'sweep'}",
+        ]
+        proc = subprocess.run(cmd, cwd=Path(__file__).parent.parent, capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    root, proc = made_run_once(tmp_path_factory, "default_sweep", run)
+    return root / "sweep", proc
 
 
 def _offline_runs(folder: Path) -> list[Path]:

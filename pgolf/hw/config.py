@@ -57,7 +57,7 @@ class CpuHardwareConfig:
     attention: AttentionBackend = "sdpa"
     # flex runs forward-only on CPU (torch has no CPU backward for it): scoring, not training
     doc_attention: DocAttentionBackend = "auto"
-    threads: int = 0  # torch intra-op threads per process; 0 = cores / nproc
+    threads: int = 0  # torch intra-op threads per process; 0 = usable cores / nproc
     peak_tflops: float = 0.0  # a CPU's peak for the MFU (0: no MFU in the log)
     # a GPU setting, accepted so that a record experiment (which sets it) also runs on CPU: no effect here
     train_cudnn_attention: bool = False

@@ -12,6 +12,14 @@ import torch.distributed as dist
 from pgolf.hw.config import AutoHardwareConfig, CpuHardwareConfig, CudaHardwareConfig
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (a taskset, cgroup cpuset or test worker may allow fewer
+    than the machine has): more torch threads than that only wait on each other."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def largest_divisor_of_8(n: int) -> int:
     return max(d for d in (1, 2, 4, 8) if d <= max(n, 1))
 
@@ -90,7 +98,7 @@ def build(cfg: CudaHardwareConfig | CpuHardwareConfig) -> Runtime:
             dist.init_process_group("nccl", device_id=device)
     else:
         device = torch.device("cpu")
-        threads = cfg.threads or max(1, (os.cpu_count() or 1) // max(world, 1))
+        threads = cfg.threads or max(1, usable_cpus() // max(world, 1))
         torch.set_num_threads(threads)
         if world > 1 and not dist.is_initialized():
             dist.init_process_group("gloo")

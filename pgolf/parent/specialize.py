@@ -32,6 +32,7 @@ import ast
 import dataclasses
 import operator
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 # Root fields a packed run may change (SEED) or that are the machine's (job_dir), and the groups it
@@ -150,6 +151,21 @@ def _bound_names(fn: ast.AST) -> dict[str, int]:
                 add(name)
                 add(name)
     return counts
+
+
+# The fields that hold statements (lists, in every statement, handler and match case). Statements
+# sit only there: no expression holds one (a lambda's body is an expression).
+_BODY_FIELDS = ("body", "orelse", "finalbody", "handlers", "cases")
+
+
+def _class_defs(node: ast.AST) -> Iterator[ast.ClassDef]:
+    """Every class statement under `node`, nested ones included: the classes `ast.walk` finds,
+    without entering expressions, which are most of a module's nodes."""
+    for field in _BODY_FIELDS:
+        for child in getattr(node, field, ()):
+            if isinstance(child, ast.ClassDef):
+                yield child
+            yield from _class_defs(child)
 
 
 def _pure(node: ast.expr) -> bool:
@@ -389,8 +405,8 @@ class Specializer:
         related = self._related(cls.name)
         stores: dict[str, int] = {}
         for tree in self.trees.values():
-            for c in ast.walk(tree):
-                if isinstance(c, ast.ClassDef) and c.name in related:
+            for c in _class_defs(tree):
+                if c.name in related:
                     for n in ast.walk(c):
                         if isinstance(n, ast.Attribute) and isinstance(n.ctx, (ast.Store, ast.Del)):
                             stores[n.attr] = stores.get(n.attr, 0) + 1
