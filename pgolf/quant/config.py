@@ -115,7 +115,7 @@ class MixedQuantConfig:
     )
     byte_shuffle: bool = True  # group the bytes of fp16/fp32 sections by position before compressing
     # Order of the tensors in the blob: "role" (every layer's c_q, then every layer's c_k, ...; best
-    # for lzma) or "layer" (layer by layer; zstd-22 prefers it: 583 KB less on #339's codes).
+    # for lzma) or "layer" (layer by layer; zstd-22 prefers it: 725 KB less on #339's blob).
     # docs/quant.md#the-artifact-layout
     storage_order: Literal["role", "layer"] = "role"
     report_compressors: bool = False  # also record the bytes every installed compressor would give
