@@ -9,7 +9,9 @@ would compress to nothing on both sides), and then:
 - **reference:** executes the script's own export statements (unbanking, `mixed_quantize_int6`,
   `torch.save`, its compressor) on `export_sd`, and counts its code as the script's UTF-8 bytes;
 - **pgolf:** loads the very same state dict with `init_from=` into `experiment=prNNN` on CPU,
-  trains 0 steps, exports, and reads `result.json`'s model and code bytes.
+  trains 0 steps, exports, and reads `result.json`'s model bytes; its code is what
+  `python -m pgolf.plan experiment=prNNN` counts on a CUDA host (the experiment's own packed
+  wrapper, eval kernels included), with this CPU run's wrapper and the plan on this host beside it.
 
 Nothing of the scripts is copied: they are read from `.refs/<pr>/train_gpt.py` (git-ignored) and
 executed in place; the FA3 import is served by `.bench/fa3_shim`.
@@ -136,12 +138,37 @@ def pgolf_bytes(pr: str, out: Path) -> dict:
         raise SystemExit(f"pgolf {pr} failed:\n{proc.stderr[-4000:]}")
     result = json.loads((run_dir / "result.json").read_text())
     b = result["bytes"]
+    code = plan_code_bytes(pr, cuda_host=True)
     return {
         "model_bytes": b["model"],
-        "code_bytes": b["code"],
-        "total": b["total"],
+        "code_bytes": code,
+        "total": b["model"] + code,
+        "code_bytes_cpu_run": b["code"],
+        "code_bytes_plan_cpu_host": plan_code_bytes(pr, cuda_host=False),
         "params": result.get("params"),
     }
+
+
+# `pgolf.plan`'s code bytes: the packed train_gpt.py that `experiment=<pr>` itself ships (this CPU
+# run's overrides pull in other modules: shards data, init_from). On a CUDA host with Triton the
+# experiments' `auto` eval kernels are on and pgolf/models/kernels.py ships too; `switch_on` asks
+# torch.cuda, so answering yes there gives that host's wrapper (the only module that differs).
+# A fresh process each: the wrapper packs the modules the process has imported.
+_PLAN_CODE = """
+import sys, torch
+if sys.argv[2] == "cuda":
+    torch.cuda.is_available = lambda: True
+from pgolf.parent.compose import compose_job
+from pgolf.parent.plan import code_bytes
+print(code_bytes(compose_job(["experiment=" + sys.argv[1]])))
+"""
+
+
+def plan_code_bytes(pr: str, cuda_host: bool) -> int:
+    cmd = [sys.executable, "-c", _PLAN_CODE, pr, "cuda" if cuda_host else "cpu"]
+    env = dict(os.environ, PYTHONPATH=f"{REPO}:{os.environ.get('PYTHONPATH', '')}")
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, check=True)
+    return int(proc.stdout.split()[-1])
 
 
 def compare(pr: str, out: Path) -> None:

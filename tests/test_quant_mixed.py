@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -15,7 +16,7 @@ from pgolf.quant.compress import COMPRESSORS, available, compressor, shuffle, un
 from pgolf.quant.config import GroupQuant, MixedQuantConfig
 from pgolf.quant.gptq import PERCENTILE_SEARCH, gptq_codes, qmax, round_codes, row_scales
 from pgolf.quant.hessian import collect_hessians
-from pgolf.quant.mixed import MixedQuant, route, storage_order
+from pgolf.quant.mixed import MixedQuant, layer_order, route, storage_order
 from pgolf.registry import ConfigError
 
 TINY = dict(vocab_size=64, num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2)
@@ -361,3 +362,27 @@ def test_storage_order_groups_each_role_across_layers():
         "skip_weights",
         "tok_emb.weight",
     ]
+
+
+def test_storage_order_layer_stores_layer_by_layer():
+    # quant.storage_order=layer (#339's zstd-22 prefers it): the blob holds layer 0's tensors, then
+    # layer 1's, ...; the loader reads the header's order, so the values come back unchanged
+    gen = torch.Generator().manual_seed(0)
+    state = {
+        n: torch.randn(64, 64, generator=gen)
+        for n in ("blocks.1.attn.c_q.weight", "blocks.0.mlp.fc.weight", "blocks.0.attn.c_q.weight")
+    }
+    by_layer = MixedQuantConfig(keep_float_max_numel=16, compressor="zlib", level=1, storage_order="layer")
+    back_layer = MixedQuant.load(MixedQuant(by_layer).export(state))
+    back_role = MixedQuant.load(MixedQuant(dataclasses.replace(by_layer, storage_order="role")).export(state))
+    assert (
+        list(back_layer)
+        == sorted(state, key=layer_order)
+        == [
+            "blocks.0.attn.c_q.weight",
+            "blocks.0.mlp.fc.weight",
+            "blocks.1.attn.c_q.weight",
+        ]
+    )
+    assert list(back_role) == sorted(state, key=storage_order) != list(back_layer)
+    assert all(torch.equal(back_layer[k], back_role[k]) for k in state)
