@@ -13,6 +13,7 @@ Imports no torch at run time: the annotations name torch types only for readers 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
@@ -67,6 +68,11 @@ class TrainModel(Protocol):
         """Strict, in-place load of `export_state_dict` output."""
         ...
 
+    def doc_unmasked(self) -> AbstractContextManager[None]:
+        """Plain causal attention for the forwards inside, whatever the model's document mask says
+        (GPTQ calibration with quant.calibration.doc_mask=false); a no-op without a mask."""
+        ...
+
 
 STATIC_GRAPH = "static"
 
@@ -96,6 +102,9 @@ class SingleGraphModel:
 
     def load_export_state_dict(self, state: dict[str, Tensor]) -> None:
         self.load_state_dict(state, strict=True)  # type: ignore[attr-defined]
+
+    def doc_unmasked(self) -> AbstractContextManager[None]:
+        return nullcontext()  # no document mask to lift
 
 
 # -------------------------------------------------------------------------------- optimizer

@@ -653,8 +653,7 @@ class Trainer:
             deadline = time.perf_counter() + left - CALIBRATION_MARGIN * plan.get("fixed_seconds", 0.0)
         t0 = time.perf_counter()
         # quant.calibration.doc_mask=false: attention across documents, as PR #1775 calibrates
-        unmasked = not cal.doc_mask and hasattr(self.model, "doc_unmasked")
-        with self.model.doc_unmasked() if unmasked else nullcontext():
+        with self.model.doc_unmasked() if not cal.doc_mask else nullcontext():
             info = self.quant.calibrate(
                 self.model, batches, self.rt.amp_dtype, reduce, seed=self.job.seed + self.rt.rank,
                 world_size=self.rt.world_size, deadline=deadline, batch_seconds=plan.get("batch_seconds", 0.0),

@@ -780,6 +780,22 @@ def _validating_classes(tree: ast.Module) -> dict[str, bool]:
     }
 
 
+def _modules_a_fresh_worker_ships(overrides: list[str]) -> dict[str, Path]:
+    """The pgolf modules `pgolf.plan` imports for a config, from a fresh interpreter: this test
+    process (an xdist worker above all) has imported whatever earlier tests needed, and every extra
+    module can keep definitions alive in the tree shaker."""
+    probe = (
+        "import json, sys; from pgolf.parent.compose import compose_dict;"
+        "from pgolf.config import job_config_from_dict; from pgolf.parent import plan;"
+        "from pgolf.parent.pack import imported_modules;"
+        "plan.code_bytes(job_config_from_dict(compose_dict(sys.argv[1:])));"
+        "print(json.dumps({k: str(v) for k, v in imported_modules().items()}))"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe, *overrides], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return {k: Path(v) for k, v in json.loads(proc.stdout.splitlines()[-1]).items()}
+
+
 def test_prevalidated_schemas_ship_without_validate_and_the_shipped_config_still_loads(tmp_path, compose):
     """Schemas a packed run never changes lose `validate` (the run that packed them validated the
     same values); the data group and the root (DATA_PATH, TOKENIZER_PATH, SEED) keep theirs, and a
@@ -789,7 +805,7 @@ def test_prevalidated_schemas_ship_without_validate_and_the_shipped_config_still
     from pgolf.parent.pack import drop_prevalidated, shipped_config
 
     config = to_dict(job_config_from_dict(compose(["experiment=r0409"])))
-    src = shipped_sources(imported_modules(), shipped_config(config))
+    src = shipped_sources(_modules_a_fresh_worker_ships(["experiment=r0409"]), shipped_config(config))
     assert "def validate" not in src["pgolf/quant/config.py"] + src["pgolf/models/config.py"]
     # every data schema that ships (the registry keeps only the config's and `shards`) keeps its own
     shipped_data, data_cfg = (
@@ -825,7 +841,7 @@ def test_registries_ship_only_the_entries_a_packed_run_can_reach(compose):
     from pgolf.parent.pack import shipped_config
 
     config = to_dict(job_config_from_dict(compose(["experiment=r0409"])))
-    src = shipped_sources(imported_modules(), shipped_config(config))
+    src = shipped_sources(_modules_a_fresh_worker_ships(["experiment=r0409"]), shipped_config(config))
     registered = {
         (ast.unparse(s.value.func.value), s.value.args[0].value)
         for s in ast.parse(src["pgolf/components.py"]).body

@@ -893,12 +893,30 @@ def drop_unused_imports(trees: dict[str, ast.Module]) -> int:
     (so none imports them from there, nor reads them by string). The last name of an import
     stays, so the imported module still loads. Returns how many went; a definition only such an
     import kept can go with the next `shake`."""
-    mentions = {rel: _mentions(t)[0] for rel, t in trees.items()}
+
+    def pgolf_import(s: ast.stmt) -> bool:
+        return isinstance(s, ast.ImportFrom) and s.level == 0 and (s.module or "").startswith("pgolf")
+
+    def module_name(rel: str) -> str:
+        return rel.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+
+    # What each module uses by name, less its own pgolf imports: two modules that import one class
+    # from a third must not keep each other's import of it alive.
+    mentions = {
+        rel: _mentions(ast.Module(body=[x for x in t.body if not pgolf_import(x)], type_ignores=[]))[0]
+        for rel, t in trees.items()
+    }
+    imported_from: dict[str, set[str]] = {}  # module name -> names other modules import from it
+    for t in trees.values():
+        for x in t.body:
+            if pgolf_import(x):
+                imported_from.setdefault(x.module or "", set()).update(a.name for a in x.names)
     dropped = 0
     for rel, tree in trees.items():
         others = set().union(*(m for other, m in mentions.items() if other != rel))
+        others |= imported_from.get(module_name(rel), set())
         for s in tree.body:
-            if isinstance(s, ast.ImportFrom) and s.level == 0 and (s.module or "").startswith("pgolf"):
+            if pgolf_import(s):
                 rest = _mentions(ast.Module(body=[x for x in tree.body if x is not s], type_ignores=[]))[0]
                 names = [a for a in s.names if (a.asname or a.name) in rest or a.name in others]
                 kept = names or s.names[:1]
