@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from pgolf.data.source import _locked  # the same file lock the embedded-corpus build takes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -52,16 +52,6 @@ def _shared_root(tmp_path_factory) -> Path:
     """The session's temp folder; under xdist, the one that holds every worker's."""
     base = tmp_path_factory.getbasetemp()
     return base.parent if XDIST_WORKER else base
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def made_once(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:

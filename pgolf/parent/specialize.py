@@ -485,8 +485,8 @@ class Specializer:
         related = self._related(cls.name)
         defined: set[str] = set()
         for tree in self.trees.values():
-            for c in ast.walk(tree):
-                if isinstance(c, ast.ClassDef) and c.name in related:
+            for c in _class_defs(tree):
+                if c.name in related:
                     if any(isinstance(n, ast.Attribute) and n.attr == "__dict__" for n in ast.walk(c)):
                         return {}
                     for b in c.body:
