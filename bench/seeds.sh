@@ -32,6 +32,7 @@ PRS=${PRS:-pr339 pr399 pr726}
 SIDES=${SIDES:-ref pgolf}
 SEEDS=${SEEDS:-1337}
 PGOLF_EXTRA=${PGOLF_EXTRA:-}
+LOG_EVERY=${LOG_EVERY:-50}                 # train-loss log interval, both sides (1: where curves part)
 SHIM=${SHIM:-$REPO/.bench/fa3_shim}
 SP8192_DATA=${SP8192_DATA:-/tmp/pgolf_bench/sp8192}
 mkdir -p "$OUT" "$DATA" "$RUNS"
@@ -84,7 +85,7 @@ run_reference() {  # PR SEED
   mkdir -p "$dir" && cd "$dir" || return 1
   # shellcheck disable=SC2046
   run_cut "$OUT/ref_$1_s$2.out" "peak memory allocated" env $(ref_env "$1") $(ref_data_env "$1") \
-    SEED="$2" RUN_ID="ref_$1_$2" ITERATIONS="$STEPS" MAX_WALLCLOCK_SECONDS=0 VAL_LOSS_EVERY=0 TRAIN_LOG_EVERY=50 \
+    SEED="$2" RUN_ID="ref_$1_$2" ITERATIONS="$STEPS" MAX_WALLCLOCK_SECONDS=0 VAL_LOSS_EVERY=0 TRAIN_LOG_EVERY="$LOG_EVERY" \
     torchrun --standalone --nproc_per_node=1 "$REPO/.refs/$1/train_gpt.py"
   cd "$REPO" || return 1
 }
@@ -94,7 +95,7 @@ run_pgolf() {  # PR SEED
   # shellcheck disable=SC2086,SC2046
   run_cut "$OUT/pgolf_$1_s$2.out" "trained [0-9]+ steps in" python3 -m pgolf.run experiment="$1" data=shards \
     $(pgolf_data_args "$1") hardware=gpu hardware.attention=fa3 \
-    budget.mode=steps train.iterations="$STEPS" train.log_every=50 \
+    budget.mode=steps train.iterations="$STEPS" train.log_every="$LOG_EVERY" \
     train.val_every=0 seed="$2" hydra.run.dir="$RUNS/pgolf_$1_s$2" $PGOLF_EXTRA
 }
 
