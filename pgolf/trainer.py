@@ -655,7 +655,7 @@ class Trainer:
         # quant.calibration.doc_mask=false: attention across documents, as PR #1775 calibrates
         with self.model.doc_unmasked() if not cal.doc_mask else nullcontext():
             info = self.quant.calibrate(
-                self.model, batches, self.rt.amp_dtype, reduce, seed=self.job.seed + self.rt.rank,
+                self.model, batches, self.rt.amp_dtype if cal.autocast else None, reduce, seed=self.job.seed + self.rt.rank,
                 world_size=self.rt.world_size, deadline=deadline, batch_seconds=plan.get("batch_seconds", 0.0),
                 max_batches=max_batches,
             )  # fmt: skip

@@ -8,6 +8,7 @@ without cu_seqlens; rank 0's Hessians make the artifact. The loader is written o
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,7 +20,9 @@ from conftest import write_tokens
 from pgolf.data.shuffled import record_batches
 from pgolf.models.config import BankedGPTConfig
 from pgolf.models.gpt import GPT
-from pgolf.quant.config import CalibrationConfig
+from pgolf.models.layers import restore_fp32_params
+from pgolf.quant.config import CalibrationConfig, GroupQuant, MixedQuantConfig
+from pgolf.quant.mixed import MixedQuant
 from pgolf.trainer import Trainer
 
 STRIDE = 4000  # token value = shard * STRIDE + position
@@ -149,3 +152,60 @@ def test_doc_unmasked_attends_across_documents():
             unmasked_nll = masked.token_nll(ids[:, :-1], ids[:, 1:])
         assert torch.equal(unmasked_nll, plain.token_nll(ids[:, :-1], ids[:, 1:]))
         assert not torch.equal(unmasked_nll, masked.token_nll(ids[:, :-1], ids[:, 1:]))  # and back on after
+
+
+def record_cast_model() -> GPT:
+    """A banked GPT cast as the trainer (and the records' scripts) cast it under bf16 amp:
+    `.bfloat16()`, then linear weights and control tensors back to fp32."""
+    m = doc_model(False)
+    m = m.bfloat16()
+    restore_fp32_params(m)
+    return m.eval()
+
+
+def mlp_inputs(model: GPT, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Block 0's MLP input in a plain forward (no autocast), read by a module hook: H's own x."""
+    seen: list[torch.Tensor] = []
+    hook = model.blocks[0].mlp.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    try:
+        with torch.no_grad():
+            model(x, y)
+    finally:
+        hook.remove()
+    (h,) = seen
+    return h.reshape(-1, h.shape[-1]).float()
+
+
+def test_calibration_without_autocast_sees_the_records_bf16_forward():
+    """quant.calibration.autocast=false (PR #1532 / #1775: collect_hessians outside autocast): the
+    Hessians are those of the model's own forward, whose activations are bf16. (CPU autocast runs
+    this model's ops in bf16 as well, so on CPU both settings give the same H; CUDA autocast runs
+    ops such as norms and softmax in fp32, which is what the switch turns off.)"""
+    m = record_cast_model()
+    ids = torch.randint(2, 64, (2, 33), generator=torch.Generator().manual_seed(1))
+    x, y = ids[:, :-1], ids[:, 1:]
+    on = GroupQuant(gptq=True)
+    q = MixedQuant(MixedQuantConfig(keep_float_max_numel=256, embed=on, attn=on, mlp=on, other=on))
+    q.calibrate(m, [(x, y)], None)
+    fc = next(n for n in q.hessians if n.startswith("blocks.0.") and n.endswith("mlp.fc.weight"))
+    h = mlp_inputs(m, x, y)
+    assert torch.equal(h, h.bfloat16().float())  # the records' bf16 activations
+    torch.testing.assert_close(q.hessians[fc], h.T @ h, rtol=1e-6, atol=1e-6)
+
+
+INFO = {"hessians": 0, "batches": 7, "unseen": [], "cut_by_deadline": False}
+
+
+def test_trainer_passes_the_calibration_autocast_switch(files):
+    """Trainer.calibrate hands quant.calibrate the run's amp dtype, or None with autocast=false."""
+    seen = []
+    for autocast in (True, False):
+        t = trainer_stub(files, "train", 1, 0)
+        t.job.quant.calibration.autocast = autocast
+        t.rt.amp_dtype, t.rt.distributed, t.rt.sync = torch.bfloat16, False, lambda: None
+        t.job.budget = SimpleNamespace(mode="steps", train_seconds=600.0)
+        t.calibration_plan, t.model = {}, SimpleNamespace(doc_unmasked=nullcontext)
+        t.quant = SimpleNamespace(calibrate=lambda model, batches, amp, *a, **k: seen.append(amp) or INFO)
+        t.result, t.log, t.job.seed = SimpleNamespace(train_ms=0.0), lambda *_: None, 0
+        t.calibrate()
+    assert seen == [torch.bfloat16, None]

@@ -91,6 +91,11 @@ class CalibrationConfig:
     # false: the calibration forwards attend across documents even where model.doc_mask is on
     # (PR #1775's collect_hessians runs forward_logits without cu_seqlens)
     doc_mask: bool = True
+    # false: the calibration forwards run without autocast, in the model's own dtypes (bf16
+    # embeddings and activations, fp32 weights cast to bf16 at use): PR #1532's and #1775's
+    # serialize() call collect_hessians outside the training loop's autocast, so ops autocast would
+    # run in fp32 (norms, softmax) run in bf16 there, and the Hessians see bf16-rounded inputs
+    autocast: bool = True
     self_seqs: int = 64  # source=self: sequences sampled (2026-03-25 record: 64 x 2048 at temperature 0.8)
     self_seq_len: int = 2048
     self_batch: int = 8  # sequences sampled at a time
