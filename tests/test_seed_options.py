@@ -1,7 +1,7 @@
 """The options the seed experiments added (issue 15), each against an independent computation:
-backout layer, the bigram projection's optimizer and init, SWA as PR #339 runs it, row-max and
-the records' int8 rounding, lzma extreme, PR #726's loader seed and shard weights, and TTT's freeze
-of bank slices."""
+backout layer, the bigram projection's optimizer and init, PR #339's init order, SWA as PR #339
+runs it, row-max and the records' int8 rounding, lzma extreme, PR #726's loader seed and shard
+weights, and TTT's freeze of bank slices."""
 
 from __future__ import annotations
 
@@ -111,6 +111,63 @@ def test_bigram_proj_scaled_init_is_orthogonal_over_sqrt_2l():
     eye = torch.eye(64, dtype=torch.float64)
     torch.testing.assert_close(w_plain.T @ w_plain, eye, atol=1e-5, rtol=0)
     torch.testing.assert_close(w.T @ w, eye / (2 * 5), atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# init_rng_order=construction: PR #339's order of random draws
+# ---------------------------------------------------------------------------------------------
+
+
+def pr339_init_replay(seed: int, L: int, V: int, dim: int, kv_dim: int, hidden: int, bigram: tuple[int, int]):
+    """PR #339's GPT construction and `_init_weights`, written out: every nn.Embedding / nn.Linear
+    draws its default init when constructed (tok_emb, bigram table and projection, then per block
+    c_q, c_k, c_v, proj, fc, proj), then tok_emb ~ N(0, 0.005^2) and one pass in module order:
+    `_zero_init` linears (the block projections) zero, the rest orthogonal, `*.proj` times 1/sqrt(2L).
+    The bigram table and projection are zeroed by their constructor, so the projection's draw only
+    moves the RNG before the pass re-draws it. Returns the drawn matrices by parameter name."""
+    torch.manual_seed(seed)
+    nn = torch.nn
+    w = {"tok_emb.weight": nn.Embedding(V, dim).weight}
+    nn.init.zeros_(nn.Embedding(*bigram).weight)
+    w["bigram.proj.weight"] = nn.Linear(bigram[1], dim, bias=False).weight
+    shapes = {"attn.c_q": (dim, dim), "attn.c_k": (dim, kv_dim), "attn.c_v": (dim, kv_dim)}
+    shapes |= {"attn.proj": (dim, dim), "mlp.fc": (dim, hidden), "mlp.proj": (hidden, dim)}
+    for i in range(L):
+        for name, (n_in, n_out) in shapes.items():
+            w[f"blocks.{i}.{name}.weight"] = nn.Linear(n_in, n_out, bias=False).weight
+    with torch.no_grad():
+        nn.init.normal_(w["tok_emb.weight"], std=0.005)
+        for name, t in w.items():  # insertion order is the script's named_modules() order
+            if name == "tok_emb.weight":
+                continue
+            if name.startswith("blocks.") and name.endswith(".proj.weight"):
+                nn.init.zeros_(t)
+            else:
+                nn.init.orthogonal_(t, gain=1.0)
+                if name.endswith(".proj.weight"):
+                    t.mul_(1.0 / math.sqrt(2 * L))
+    return w
+
+
+def test_construction_init_order_gives_pr339s_weights_from_the_same_seed():
+    # dims >= 64 everywhere (kv 64, bigram projection 64 -> 128), so every matrix is drawn orthogonal
+    shape = dict(model_dim=128, num_heads=2, num_kv_heads=1, bigram_dim=64, bigram_proj_scaled_init=True)
+    want = pr339_init_replay(0, L=5, V=64, dim=128, kv_dim=64, hidden=256, bigram=(32, 64))
+    model = tiny_layered(init_rng_order="construction", **shape)
+    got = dict(model.named_parameters())
+    for name, t in want.items():
+        assert torch.equal(got[name], t), name
+    # every other parameter is a constant (ones, zeros, the init scalars): no draw to compare
+    assert torch.equal(got["bigram.embed.weight"], torch.zeros(32, 64))
+    # the default order draws the same distributions in another order: other values, same seed
+    fixed = dict(tiny_layered(**shape).named_parameters())
+    assert not torch.equal(fixed["blocks.0.attn.c_q.weight"], want["blocks.0.attn.c_q.weight"])
+    assert not torch.equal(fixed["tok_emb.weight"], want["tok_emb.weight"])
+
+
+def test_construction_init_order_needs_the_per_layer_layout():
+    with pytest.raises(ConfigError, match="init_rng_order"):
+        BankedGPTConfig(init_rng_order="construction").validate("model")
 
 
 # ---------------------------------------------------------------------------------------------

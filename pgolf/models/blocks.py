@@ -31,9 +31,13 @@ class LayerWeights(NamedTuple):
     down: Tensor  # (d, hidden)
 
 
-def own_linear(in_features: int, out_features: int) -> CastedLinear:
+def own_linear(in_features: int, out_features: int, cfg: GPTModelConfig) -> CastedLinear:
     """A per-layer linear whose weight is left uninitialized (GPT initializes every block matrix
-    itself, in one fixed order, so both layouts draw the same random numbers from the same seed)."""
+    itself, in one fixed order, so both layouts draw the same random numbers from the same seed);
+    under model.init_rng_order=construction it draws nn.Linear's default init here, as PR #339's
+    script's linears do (GPT overwrites it later; only the RNG position matters)."""
+    if cfg.init_rng_order == "construction":
+        return CastedLinear(in_features, out_features, bias=False)
     return torch.nn.utils.skip_init(
         CastedLinear, in_features, out_features, bias=False, device=torch.get_default_device()
     )
@@ -88,10 +92,10 @@ class Attention(nn.Module):
         self.rope_dims = cfg.rope_dims or self.head_dim
         if own_weights:  # registered first, as in the baseline, so state-dict order matches it
             kv_dim = self.num_kv_heads * self.head_dim
-            self.c_q = own_linear(dim, dim)
-            self.c_k = own_linear(dim, kv_dim)
-            self.c_v = own_linear(dim, kv_dim)
-            self.proj = own_linear(dim, dim)
+            self.c_q = own_linear(dim, dim, cfg)
+            self.c_k = own_linear(dim, kv_dim, cfg)
+            self.c_v = own_linear(dim, kv_dim, cfg)
+            self.proj = own_linear(dim, dim, cfg)
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init, dtype=torch.float32))
         self.use_xsa = layer in xsa_layers(cfg)
         # q/k rms_norm + RoPE (+ q_gain) as one kernel each, used only with grad disabled
@@ -200,8 +204,8 @@ class MLP(nn.Module):
         super().__init__()
         if own_weights:
             hidden = int(cfg.mlp_mult * cfg.model_dim)
-            self.fc = own_linear(cfg.model_dim, hidden)
-            self.proj = own_linear(hidden, cfg.model_dim)
+            self.fc = own_linear(cfg.model_dim, hidden, cfg)
+            self.proj = own_linear(hidden, cfg.model_dim, cfg)
         self.leaky = cfg.activation == "leaky_relu2"
         self.negative_slope = cfg.negative_slope
         self.fused = optional_kernel(cfg.fused_mlp, "fused_mlp", "leaky_relu2")

@@ -161,6 +161,15 @@ class GPTModelConfig:
     # initialization
     ortho_init: bool = False  # orthogonal init of matrices with both dims >= 64
     zero_init_proj: bool = True  # attention/MLP output projections start at zero
+    # The order in which the init draws from the torch RNG; the distributions are the same, so this
+    # only decides which seed gives which weights. fixed: the block matrices are created empty and
+    # drawn in one layout-independent order (per layer q, o, k, v, up, down), then the other linears,
+    # so banked and layered models of one seed are equal. construction: PR #339's script's order,
+    # which a reproduction needs to start from its very weights: every per-layer linear first draws
+    # nn.Linear's default (kaiming-uniform) init when it is constructed, then one pass over
+    # named_modules() overwrites them (the bigram projection comes first there); linears this pass
+    # leaves alone (a dim < 64) keep their default init. Per-layer layout only.
+    init_rng_order: Literal["fixed", "construction"] = "fixed"
     # depth recurrence
     num_loops: int = 0  # extra passes over layers loop_start..loop_end (0: off)
     loop_start: int = 0
@@ -255,6 +264,11 @@ class GPTModelConfig:
                 f"{path}.bigram_proj_muon routes the bigram projection to Muon, but optimizer=parallel_muon "
                 "shards only the 3-D banks of model=banked; use model=layered (with optimizer=muon) or "
                 f"set {path}.bigram_proj_muon=false"
+            )
+        if self.init_rng_order == "construction" and type(self).BANKED:
+            raise ConfigError(
+                f"{path}.init_rng_order=construction replays the init of per-layer nn.Linear modules, "
+                f"which model=banked does not have; use model=layered or {path}.init_rng_order=fixed"
             )
         if self.smear_bos_fix and self.smear_gate == "none":
             raise ConfigError(

@@ -180,6 +180,9 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             nn.init.normal_(self.tok_emb.weight, mean=0.0, std=cfg.tied_embed_init_std)
         proj_scale = 1.0 / math.sqrt(2 * self.num_layers)
+        if cfg.init_rng_order == "construction":
+            self._init_in_module_order(proj_scale)
+            return
         # Block matrices in one fixed order (the 2026-03-23 record's: q, o, k, v, up, down per layer),
         # whatever the layout, so banked and per-layer models built from one seed hold identical weights.
         for i in range(self.num_layers):
@@ -206,6 +209,24 @@ class GPT(nn.Module):
                     nn.init.orthogonal_(m.weight, gain=1.0)
                     if cfg.bigram_proj_scaled_init and name == "bigram.proj":
                         m.weight.mul_(proj_scale)
+
+    def _init_in_module_order(self, proj_scale: float) -> None:
+        """PR #339's init loop (model.init_rng_order=construction), after its tok_emb draw: one
+        pass over named_modules(), so the bigram projection is drawn before the block linears, and
+        per layer q, k, v, up (the zero projections draw nothing). Its rule: flagged linears and the
+        block projections become zero; the others with both dims >= 64 orthogonal, every `*.proj`
+        among them times 1/sqrt(2L); the rest keep the default init they drew at construction."""
+        cfg = self.cfg
+        for name, m in self.named_modules():
+            if not isinstance(m, nn.Linear):
+                continue
+            block_proj = name.startswith("blocks.") and name.endswith((".attn.proj", ".mlp.proj"))
+            if getattr(m, "_zero_init", False) or (block_proj and cfg.zero_init_proj):
+                nn.init.zeros_(m.weight)
+            elif cfg.ortho_init and min(m.weight.shape) >= 64:
+                nn.init.orthogonal_(m.weight, gain=1.0)
+                if block_proj or (cfg.bigram_proj_scaled_init and name == "bigram.proj"):
+                    m.weight.mul_(proj_scale)
 
     # ------------------------------------------------------------------------------ forward
     def _embed(self, ids: Tensor) -> Tensor:
