@@ -208,6 +208,41 @@ def test_a_loop_over_a_list_nothing_can_fill_goes(compose):
     assert "lqer(k)" not in out and "done()" in out and "kept(k)" in out
 
 
+def test_a_loop_over_frozen_modes_ships_only_the_modes_scored(compose):
+    src = """
+        class Trainer:
+            def __init__(self, job: JobConfig):
+                self.job = job
+
+            def evaluate(self):
+                for mode in self.job.eval.modes:
+                    if mode == "nonoverlap":
+                        final = plain(mode)
+                    else:
+                        final = sliding(mode)
+                    record(mode, final)
+                return mode
+
+            def kept(self):
+                for mode in self.job.eval.modes:  # nothing to decide: stays a loop
+                    record(mode)
+                for mode in self.job.eval.modes:  # a break: never unrolled
+                    if mode == "sliding":
+                        break
+                for mode in self.job.eval.modes:  # a closure would see the last copy's `mode`
+                    hooks.append(lambda: mode == "sliding")
+        """
+    one = _fold(compose, src, ["eval.modes=[nonoverlap]"])
+    evaluate, kept = one.split("def kept")
+    assert "sliding(mode)" not in evaluate and "plain(mode)" in evaluate and "for " not in evaluate
+    assert "mode = 'nonoverlap'" in evaluate  # still bound for `record` and after the loop
+    assert kept.count("for mode in self.job.eval.modes") == 3
+    both = _fold(compose, src, ["eval.modes=[nonoverlap,sliding]"]).split("def kept")[0]
+    assert both.index("mode = 'nonoverlap'") < both.index("plain(mode)") < both.index("mode = 'sliding'")
+    assert both.index("mode = 'sliding'") < both.index("sliding(mode)")
+    assert both.count("record(mode, final)") == 2
+
+
 # ------------------------------------------------------------------------ packed runs
 R0409_LIKE = {
     "model": "layered",

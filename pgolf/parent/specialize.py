@@ -29,6 +29,7 @@ gives the same losses, val_bpb and model bytes as the unpacked run (tests/test_s
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import operator
 import sys
@@ -269,6 +270,26 @@ def _drop_loops_over_empty(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
     return len(dead)
 
 
+# The most items a loop over a frozen sequence is unrolled for (eval.modes has at most two).
+_UNROLL_MAX = 4
+
+
+def _unrollable_body(body: list[ast.stmt], name: str) -> bool:
+    """Whether `for name in ...: body` can become `name = item; body` per item: the body never
+    rebinds `name`, jumps out of or past an iteration (break / continue), yields, declares names
+    global or nonlocal, or defines a function, lambda or class (a closure would read `name` after
+    the next copy has rebound it, while its body was folded for this one)."""
+    for s in body:
+        for n in ast.walk(s):
+            if isinstance(n, (ast.Break, ast.Continue, ast.Yield, ast.YieldFrom, ast.Global, ast.Nonlocal)):
+                return False
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+                return False
+            if isinstance(n, ast.Name) and n.id == name and not isinstance(n.ctx, ast.Load):
+                return False
+    return True
+
+
 def _yields(body: list[ast.stmt]) -> bool:
     """Whether the statements yield in their own function: dropping them could turn a generator
     into a plain function."""
@@ -337,6 +358,7 @@ class Specializer:
             self._scan_stores(tree, None, None)
         self.folded = 0
         self.unreachable = 0  # statements dropped after a return, raise, continue or break
+        self.unrolled = 0  # loops over a frozen sequence replaced by one folded copy per item
 
     def _scan_stores(self, node: ast.AST, cls: ast.ClassDef | None, fn: ast.AST | None) -> None:
         """Record in `stored_attrs` the attribute stores that may hit a config: all but those on
@@ -671,6 +693,10 @@ class Specializer:
         return out
 
     def _stmt(self, s: ast.stmt, env: dict[str, Any], cls: ast.ClassDef | None) -> list[ast.stmt]:
+        if isinstance(s, ast.For):
+            unrolled = self._unrolled(s, env, cls)
+            if unrolled is not None:
+                return unrolled
         if isinstance(s, ast.If):
             t = self.truth(s.test, env)
             if t is not None and not _yields(s.orelse if t else s.body):
@@ -690,6 +716,35 @@ class Specializer:
                     h.body = self._block(h.body, env, cls) or [ast.Pass()]
         self._expressions(s, env)
         return [s]
+
+    def _unrolled(self, s: ast.For, env: dict[str, Any], cls: ast.ClassDef | None) -> list[ast.stmt] | None:
+        """`for x in <frozen sequence>: body` as `x = item` + the body, once per item, each copy
+        folded with x decided (`for mode in eval.modes: if mode == "nonoverlap": ...` ships only
+        the modes the run scores). Kept as a loop (None) unless a copy decides a test: unrolling
+        alone would only add bytes. Only loops with a plain name target, no `else`, a sequence of
+        1 to `_UNROLL_MAX` scalars the frozen config fixes, and a body `_unrollable_body` accepts."""
+        if s.orelse or not isinstance(s.target, ast.Name):
+            return None
+        items = self.value(s.iter, env)
+        if (
+            items is _UNKNOWN
+            or not isinstance(items, (list, tuple))
+            or not 1 <= len(items) <= _UNROLL_MAX
+            or not all(isinstance(i, _SCALARS) for i in items)
+            or not _unrollable_body(s.body, s.target.id)
+        ):
+            return None
+        counts = self.folded, self.unreachable
+        out: list[ast.stmt] = []
+        for item in items:
+            bind = ast.Assign(targets=[ast.Name(s.target.id, ast.Store())], value=ast.Constant(item))
+            out.append(ast.copy_location(bind, s))
+            out.extend(self._block(copy.deepcopy(s.body), {**env, s.target.id: _Const(item)}, cls))
+        if self.folded == counts[0]:  # nothing decided: the loop stays as it was
+            self.folded, self.unreachable = counts
+            return None
+        self.unrolled += 1
+        return out
 
     def _expressions(self, s: ast.stmt, env: dict[str, Any]) -> None:
         """Fold `a if test else b` inside the statement's own expressions."""
