@@ -31,13 +31,22 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = "/tmp/pgolf_bench/sp1024"
+SP8192_DATA = os.environ.get("SP8192_DATA", "/tmp/pgolf_bench/sp8192")  # bench/sp8192_prep.sh's OUT
+SP8192 = ("pr1775",)  # the sp8192 seeds this script builds (#1532's main() is another shape)
 REFS = Path(os.environ.get("REFS", REPO / ".refs"))  # the scripts, .refs/<pr>/train_gpt.py
-SHIM = """import torch.nn.functional as F
+SHIM = """import torch
+import torch.nn.functional as F
 def flash_attn_func(q, k, v, causal=True, softmax_scale=None, **_):
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=softmax_scale,
                                        enable_gqa=k.size(1) != q.size(1))
     return y.transpose(1, 2)
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=True,
+                           softmax_scale=None, **_):
+    cu = cu_seqlens_q.tolist()
+    outs = [flash_attn_func(q[None, a:b], k[None, a:b], v[None, a:b], causal, softmax_scale)[0]
+            for a, b in zip(cu[:-1], cu[1:]) if b > a]
+    return torch.cat(outs)
 """
 
 
@@ -47,6 +56,8 @@ def script_env(pr: str) -> dict[str, str]:
     out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, check=True).stdout
     env = dict(kv.split("=", 1) for kv in shlex.split(out))
     env.update(ITERATIONS="150", WARMDOWN_ITERS="100", MAX_WALLCLOCK_SECONDS="0", DATA_PATH=DATA)
+    if pr in SP8192:  # the scripts' DATA_DIR layout (bench/sp8192_prep.sh) and a warmdown fraction
+        env.update(DATA_DIR=SP8192_DATA, WARMDOWN_FRAC=str(100 / 150))
     return env
 
 
@@ -76,24 +87,58 @@ def build_script(module) -> dict:
     return ns
 
 
+def build_script_1775(module) -> dict:
+    """PR #1775's train_model() lines: GPT(h) cast as the script casts it, then its Optimizers."""
+    h = module.Hyperparameters()
+    torch.manual_seed(h.seed)  # train_and_eval seeds, then train_model builds the model first
+    base_model = module.GPT(h).bfloat16()
+    module.restore_fp32_params(base_model)
+    for block in base_model.blocks:  # its fused Triton MLP needs CUDA; the plain path is the same function
+        block.mlp.use_fused = False
+    opts = module.Optimizers(h, base_model)
+    return dict(base_model=base_model, optimizers=list(opts), optimizer_muon=opts.optimizer_muon, args=h)
+
+
+def lr_scale(pr: str, args, step: int) -> float:
+    """The script's lr multiplier at `step` of an iteration-budget run (no wallclock cap)."""
+    if pr in SP8192:  # fraction warmdown: frac = step / iterations
+        frac = step / max(args.iterations, 1)
+        if args.warmdown_frac > 0 and frac >= 1.0 - args.warmdown_frac:
+            return max((1.0 - frac) / args.warmdown_frac, args.min_lr)
+        return 1.0
+    start = max(args.iterations - args.warmdown_iters, 0)
+    return (args.iterations - step) / args.warmdown_iters if start <= step < args.iterations else 1.0
+
+
 def pgolf_job(pr: str):
     from pgolf.config import job_config_from_dict
     from pgolf.parent.compose import compose_dict
 
-    overrides = [f"experiment={pr}", "data=shards", f"data.path={DATA}", "data.tokenizer_path=/x.model"]
-    overrides += ["data.vocab_size=1024", "budget.mode=steps", "train.iterations=150", "hardware=cpu"]
-    overrides += ["optimizer.warmdown_iters=100", "model.rope_table_dtype=bfloat16"]
+    overrides = [f"experiment={pr}", "data=shards", "data.tokenizer_path=/x.model"]
+    overrides += ["budget.mode=steps", "train.iterations=150", "hardware=cpu"]
+    if pr in SP8192:
+        overrides += [f"data.path={SP8192_DATA}/datasets/fineweb10B_sp8192", "data.vocab_size=8192"]
+        overrides += [f"optimizer.warmdown_frac={100 / 150}"]
+    else:
+        overrides += [f"data.path={DATA}", "data.vocab_size=1024"]
+        overrides += ["optimizer.warmdown_iters=100", "model.rope_table_dtype=bfloat16"]
     return job_config_from_dict(compose_dict(overrides))
 
 
-def build_pgolf(job):
+# The scripts that compile their Newton-Schulz (#339 in main(), #1775 with @torch.compile): on the
+# CPU, inductor's fused bf16 NS differs from the eager one by several percent, so pgolf compiles
+# its NS for these too (as its presets do: optimizer.ns_compile) and runs it eagerly for the rest.
+SCRIPT_COMPILES_NS = ("pr339", "pr1775")
+
+
+def build_pgolf(job, compile_ns: bool = False):
     from pgolf.components import MODELS, OPTIMIZERS
     from pgolf.models.layers import restore_fp32_params
 
     torch.manual_seed(1337)
     model = MODELS.build(job.model).bfloat16()
     restore_fp32_params(model)
-    opt = OPTIMIZERS.build(job.optimizer, model=model, device=torch.device("cpu"), compile_ns=False)
+    opt = OPTIMIZERS.build(job.optimizer, model=model, device=torch.device("cpu"), compile_ns=compile_ns)
     return model, opt
 
 
@@ -120,11 +165,13 @@ def compare_init(ns: dict, model) -> None:
 
 
 def random_batch(gen: torch.Generator, T: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.randint(0, 1024, (2, T + 1), generator=gen)
+    # ids from 2 up: no BOS (id 1), so a document-masked model attends over the whole row as the
+    # script's forward without cu_seqlens does
+    x = torch.randint(2, 1024, (2, T + 1), generator=gen)
     return x[:, :-1].contiguous(), x[:, 1:].contiguous()
 
 
-def compare_steps(ns: dict, model, opt, job, steps: int) -> None:
+def compare_steps(ns: dict, model, opt, job, steps: int, pr: str) -> None:
     ref, ours = dict(ns["base_model"].named_parameters()), dict(model.named_parameters())
     torch.manual_seed(5)
     with torch.no_grad():  # fp32, and random matrices so that zero-init projections pass gradients
@@ -143,8 +190,7 @@ def compare_steps(ns: dict, model, opt, job, steps: int) -> None:
         ref_model(*random_batch(gen)).backward()
         for n, p in ref.items():
             ours[n].grad = p.grad.detach().clone()
-        start = max(args.iterations - args.warmdown_iters, 0)
-        scale = (args.iterations - step) / args.warmdown_iters if start <= step < args.iterations else 1.0
+        scale = lr_scale(pr, args, step)
         frac = min(step / args.muon_momentum_warmup_steps, 1.0)
         for g in ns["optimizer_muon"].param_groups:
             g["momentum"] = (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
@@ -176,16 +222,16 @@ def compare_loader(module, job, steps: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("pr", choices=["pr339", "pr399", "pr726"])
+    ap.add_argument("pr", choices=["pr339", "pr399", "pr726", *SP8192])
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--loader-steps", type=int, default=0)
     a = ap.parse_args()
     module = load_script(a.pr)
     job = pgolf_job(a.pr)
-    ns = build_script(module)
-    model, opt = build_pgolf(job)
+    ns = build_script_1775(module) if a.pr == "pr1775" else build_script(module)
+    model, opt = build_pgolf(job, compile_ns=a.pr in SCRIPT_COMPILES_NS)
     compare_init(ns, model)
-    compare_steps(ns, model, opt, job, a.steps)
+    compare_steps(ns, model, opt, job, a.steps, a.pr)
     if a.loader_steps:
         compare_loader(module, job, a.loader_steps)
 

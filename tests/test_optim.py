@@ -239,7 +239,9 @@ class ReferenceOptimizer:
             p.sub_(self.cfg.matrix_lr * scale * update.float())
 
 
-def _fake_ns(G: torch.Tensor, steps: int, square_first: bool = False) -> torch.Tensor:
+def _fake_ns(
+    G: torch.Tensor, steps: int, square_first: bool = False, transpose_first: bool = False
+) -> torch.Tensor:
     """Elementwise stand-in for Newton-Schulz: identical batched or per matrix, bit for bit."""
     assert steps == 5
     return (G * 3.0).bfloat16()
@@ -399,3 +401,37 @@ def test_muon_steps_a_bank_like_its_slices(extra):
         assert torch.equal(bank[j], slices[j]) and not torch.equal(bank[j], w[j]), j
     if extra:
         assert torch.equal(extras[0], extras[1])
+
+
+def _banked_records_ns(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """PR #399 / #726 / #1775's Newton-Schulz, written out: a tall matrix is transposed before
+    its norm is taken, and c * (A @ A) is rounded on its own."""
+    a, b, c = 3.4445, -4.775, 2.0315
+    X = G.bfloat16()
+    tall = X.size(-2) > X.size(-1)
+    if tall:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * (A @ A)) @ X
+    return X.mT if tall else X
+
+
+@pytest.mark.parametrize("shape", [(3, 96, 32), (3, 32, 96), (2, 48, 48)])
+def test_transpose_first_is_the_banked_records_newton_schulz(shape):
+    G = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    got = newton_schulz(G, 5, square_first=True, transpose_first=True)
+    assert torch.equal(got, _banked_records_ns(G))
+
+
+def test_row_normalize_divides_in_the_updates_dtype():
+    """MuonEq-R as the records write it: norms in fp32, `g / norms.to(g.dtype)`. For PR #1775's
+    bf16 bank updates that divides by the bf16-rounded norm; fp32 updates are plain fp32."""
+    u = torch.randn(4, 64, 32, generator=torch.Generator().manual_seed(1)) * 1e-3
+    for t in (u.bfloat16(), u):
+        norms = t.float().norm(dim=-1, keepdim=True).clamp_min(1e-7)
+        assert torch.equal(muon_module.row_normalize(t), t / norms.to(t.dtype))
+    b = u.bfloat16()
+    fp32_division = (b.float() / b.float().norm(dim=-1, keepdim=True)).to(b.dtype)
+    assert not torch.equal(muon_module.row_normalize(b), fp32_division)  # the form used before

@@ -179,3 +179,21 @@ def test_parallel_muon_bundle_declares_its_own_grad_sync():
         (b.p.numel() for b in bundle.muon.banks), reverse=True
     )
     assert {id(p) for p in bundle.replicated}.isdisjoint(id(b.p) for b in bundle.muon.banks)
+
+
+def test_parallel_muon_orthogonalizes_in_the_banked_records_order(monkeypatch):
+    """Its Newton-Schulz transposes a tall bank slice before taking the norm, as #399/#726/#1775."""
+    from pgolf.optim import muon as muon_module
+
+    seen = []
+    monkeypatch.setattr(
+        muon_module,
+        "newton_schulz",
+        lambda G, steps, **kw: seen.append(kw["transpose_first"]) or G.bfloat16(),
+    )
+    model, batches = model_and_batches()
+    bundle = ParallelMuonBundle(model, ParallelMuonConfig(), torch.device("cpu"), compile_ns=False)
+    x, y = batches[0]
+    model(x, y).backward()
+    bundle.step(0, 0.0, 10, None)
+    assert seen and all(seen)

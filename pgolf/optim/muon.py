@@ -55,17 +55,24 @@ def newton_schulz(
     eps: float = 1e-7,
     coeffs: tuple[tuple[float, float, float], ...] | None = None,
     square_first: bool = False,
+    transpose_first: bool = False,
 ) -> Tensor:
     """Orthogonalize a batch of matrices (..., m, n) with the Newton-Schulz iteration, in bf16.
 
     Each matrix is normalized by its own Frobenius norm; `coeffs` (one (a, b, c) per iteration)
     defaults to `steps` x the fixed quintic. `square_first` rounds c * (A @ A) instead of
     (c * A) @ A, bit for bit as the scripts that parenthesize it (MuonConfig.ns_square_first).
+    `transpose_first` takes the norm after a tall matrix is transposed, as the banked records'
+    Parallel Muon does (the per-layer records normalize first): the same value, but a compiled
+    reduction over the other layout rounds differently, and bf16 Newton-Schulz carries that to
+    0.7% of the update of PR #1775's (11, 2048, 512) MLP bank.
     """
     X = G.bfloat16()
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
     tall = G.size(-2) > G.size(-1)
-    if tall:
+    if tall and transpose_first:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+    if tall and not transpose_first:
         X = X.mT
     for a, b, c in coeffs if coeffs is not None else (QUINTIC,) * steps:
         A = X @ X.mT
@@ -74,22 +81,29 @@ def newton_schulz(
     return X.mT if tall else X
 
 
-def make_ns(cfg: MuonConfig, compile_ns: bool):
+def make_ns(cfg: MuonConfig, compile_ns: bool, transpose_first: bool = False):
     """The configured Newton-Schulz as a one-argument function (compiled once per shape when the
-    run compiles and optimizer.ns_compile is on)."""
+    run compiles and optimizer.ns_compile is on); `transpose_first` as in `newton_schulz`."""
     compile_ns = compile_ns and cfg.ns_compile
-    steps, square_first = cfg.muon_backend_steps, cfg.ns_square_first
+    steps, opts = (
+        cfg.muon_backend_steps,
+        dict(square_first=cfg.ns_square_first, transpose_first=transpose_first),
+    )
     fn = torch.compile(newton_schulz, fullgraph=True, dynamic=False) if compile_ns else newton_schulz
     if cfg.ns_coeffs == "quintic":
-        return lambda G: fn(G, steps, square_first=square_first)
+        return lambda G: fn(G, steps, **opts)
     coeffs = ns_schedule(cfg.ns_coeffs, steps)
-    return lambda G: fn(G, len(coeffs), coeffs=coeffs, square_first=square_first)
+    return lambda G: fn(G, len(coeffs), coeffs=coeffs, **opts)
 
 
 def row_normalize(u: Tensor, eps: float = 1e-7) -> Tensor:
-    """MuonEq-R: every row (last dim) of every matrix scaled to unit L2 norm, norms in fp32."""
+    """MuonEq-R: every row (last dim) of every matrix scaled to unit L2 norm. The norms are taken in
+    fp32 and divided in u's dtype, as the records do (`g / norms.to(g.dtype)`): for fp32 updates
+    (per-layer Muon) that is plain fp32 division; for the bf16 updates of Parallel Muon's banks
+    (PR #1775) each row is divided by its norm rounded to bf16, which the fp32 division this used
+    before did not reproduce (a quarter of the elements differ in their last bit)."""
     norms = u.float().norm(dim=-1, keepdim=True).clamp_min(eps)
-    return (u.float() / norms).to(u.dtype)
+    return u / norms.to(u.dtype)
 
 
 def muon_update(grads: Tensor, buf: Tensor, momentum: float, cfg: MuonConfig, ns) -> Tensor:

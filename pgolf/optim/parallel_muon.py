@@ -55,7 +55,8 @@ class ParallelMuon:
         self.cfg, self.params, self.timer = cfg, banks, timer
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.ns = make_ns(cfg, compile_ns)
+        # the banked records' order: a tall bank slice is transposed before its norm is taken
+        self.ns = make_ns(cfg, compile_ns, transpose_first=True)
         self.banks: list[_Bank] = []
         for p in sorted(banks, key=lambda t: -t.numel()):  # largest reduce-scatter first
             B, (m, n) = p.size(0), p.shape[-2:]
