@@ -164,7 +164,9 @@ def test_bf16_cast_keeps_banks_and_controls_fp32():
         assert torch.isfinite(banked(x, y))
 
 
-def _fake_ns(G: torch.Tensor, steps: int, square_first: bool = False) -> torch.Tensor:
+def _fake_ns(
+    G: torch.Tensor, steps: int, square_first: bool = False, transpose_first: bool = False
+) -> torch.Tensor:
     return (G * 3.0).bfloat16()  # elementwise: identical however the matrices are batched
 
 
