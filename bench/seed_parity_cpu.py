@@ -1,6 +1,7 @@
 """A seed PR's script against `experiment=prNNN` on the CPU, piece by piece (no GPU, minutes).
 
     python bench/seed_parity_cpu.py pr399 [--steps 3] [--loader-steps 60]
+    SP8192_DATA=/tmp/pgolf_bench/sp8192 python bench/seed_parity_cpu.py pr1775 [--steps 3]
 
 1. init: the script's model (built by the lines of its own main(), seed 1337) and pgolf's, parameter
    by parameter (names, dtypes, values), and which optimizer / lr / WD each parameter gets;
@@ -99,7 +100,7 @@ def build_script_1775(module) -> dict:
     return dict(base_model=base_model, optimizers=list(opts), optimizer_muon=opts.optimizer_muon, args=h)
 
 
-def lr_scale(pr: str, args, step: int) -> float:
+def script_lr_scale(pr: str, args, step: int) -> float:
     """The script's lr multiplier at `step` of an iteration-budget run (no wallclock cap)."""
     if pr in SP8192:  # fraction warmdown: frac = step / iterations
         frac = step / max(args.iterations, 1)
@@ -190,7 +191,7 @@ def compare_steps(ns: dict, model, opt, job, steps: int, pr: str) -> None:
         ref_model(*random_batch(gen)).backward()
         for n, p in ref.items():
             ours[n].grad = p.grad.detach().clone()
-        scale = lr_scale(pr, args, step)
+        scale = script_lr_scale(pr, args, step)
         frac = min(step / args.muon_momentum_warmup_steps, 1.0)
         for g in ns["optimizer_muon"].param_groups:
             g["momentum"] = (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
@@ -226,6 +227,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--loader-steps", type=int, default=0)
     a = ap.parse_args()
+    if a.loader_steps and a.pr in SP8192:
+        ap.error(
+            f"--loader-steps compares the sp1024 scripts' DistributedTokenLoader, which {a.pr} does not have; "
+            "its document-packing loader is compared by tests/test_doc_packing.py"
+        )
     module = load_script(a.pr)
     job = pgolf_job(a.pr)
     ns = build_script_1775(module) if a.pr == "pr1775" else build_script(module)

@@ -85,10 +85,8 @@ def make_ns(cfg: MuonConfig, compile_ns: bool, transpose_first: bool = False):
     """The configured Newton-Schulz as a one-argument function (compiled once per shape when the
     run compiles and optimizer.ns_compile is on); `transpose_first` as in `newton_schulz`."""
     compile_ns = compile_ns and cfg.ns_compile
-    steps, opts = (
-        cfg.muon_backend_steps,
-        dict(square_first=cfg.ns_square_first, transpose_first=transpose_first),
-    )
+    steps = cfg.muon_backend_steps
+    opts = dict(square_first=cfg.ns_square_first, transpose_first=transpose_first)
     fn = torch.compile(newton_schulz, fullgraph=True, dynamic=False) if compile_ns else newton_schulz
     if cfg.ns_coeffs == "quintic":
         return lambda G: fn(G, steps, **opts)

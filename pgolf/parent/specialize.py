@@ -358,7 +358,6 @@ class Specializer:
             self._scan_stores(tree, None, None)
         self.folded = 0
         self.unreachable = 0  # statements dropped after a return, raise, continue or break
-        self.unrolled = 0  # loops over a frozen sequence replaced by one folded copy per item
 
     def _scan_stores(self, node: ast.AST, cls: ast.ClassDef | None, fn: ast.AST | None) -> None:
         """Record in `stored_attrs` the attribute stores that may hit a config: all but those on
@@ -743,7 +742,6 @@ class Specializer:
         if self.folded == counts[0]:  # nothing decided: the loop stays as it was
             self.folded, self.unreachable = counts
             return None
-        self.unrolled += 1
         return out
 
     def _expressions(self, s: ast.stmt, env: dict[str, Any]) -> None:
