@@ -1,0 +1,141 @@
+"""Document-masked attention kernels on one GPU, forward + backward (bench code, not product code).
+
+    python3 bench/doc_attention_speed.py [--shard fineweb_train_000000.bin] [--bos 1] [--reps 200]
+
+Times pgolf's `DocMask` kernels (`hardware.doc_attention`) on the shapes the records train with,
+(tokens, heads 8, KV heads 4, head dim 64), bf16, each attention call compiled with
+`fullgraph=True` together with its mask construction, as the model's compiled forward runs it:
+
+    packed    one row of 98,304 tokens (a micro-batch of the record recipe: `data.loader=doc_packing
+              train.seq_len=98304 model.doc_max_len=2048`), flex with a block mask
+    rows      48 rows of 2,048 tokens (pgolf's rows, `train.seq_len=2048 model.doc_mask=true`),
+              flex, dense (SDPA with an explicit mask) and varlen where FA3 imports
+    causal    the same 48 x 2,048 with no document mask (causal SDPA, cuDNN first then flash), the
+              cost of the causal kernel the pre-varlen records used: the bar the masked kernels meet
+
+The documents come from a shard's BOS positions (`--shard`, the first 98,304 tokens), else from a
+seeded log-normal length draw with the sp8192 corpus's median (about 600 tokens). Prints ms per
+forward+backward, and each masked kernel's largest output and gradient difference from `dense`
+relative to its largest magnitude (rows only: dense at 98,304 would need a 9.7 G-element mask).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from pgolf.data.shards import load_tokens
+from pgolf.models import docmask
+
+H, KV, D = 8, 4, 64
+PACKED_T = 98_304
+ROW_T = 2048
+
+
+def token_ids(shard: str | None, bos: int, n: int) -> torch.Tensor:
+    """n token ids in which only the BOS positions matter: a shard's own, or drawn lengths."""
+    if shard:
+        ids = np.asarray(load_tokens(shard, mmap=True)[:n], dtype=np.int64)
+        if ids.size < n:
+            raise SystemExit(f"{shard}: {ids.size} tokens, fewer than the {n} this benchmark needs")
+        return torch.from_numpy(ids)
+    rng = np.random.default_rng(0)
+    ids = np.full(n, bos + 1, dtype=np.int64)
+    pos = 0
+    while pos < n:
+        ids[pos] = bos
+        pos += max(8, int(rng.lognormal(np.log(600), 1.0)))
+    return torch.from_numpy(ids)
+
+
+def fwd_bwd(attend, q, k, v, g):
+    q.grad = k.grad = v.grad = None
+    out = attend(q, k, v)
+    out.backward(g)
+    return out
+
+
+def timed(fn, reps: int) -> float:
+    import triton.testing
+
+    fn()  # compile
+    return triton.testing.do_bench(fn, warmup=25, rep=reps)
+
+
+def masked(ids: torch.Tensor, backend: str, max_len: int, bos: int):
+    def attend(q, k, v):
+        return docmask.DocMask(ids, bos, max_len, backend=backend).attend(q, k, v)
+
+    return torch.compile(attend, fullgraph=True, dynamic=False)
+
+
+def causal(q, k, v):
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION], set_priority=True):
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+        )
+    return y.transpose(1, 2)
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shard", help="a challenge shard whose BOS positions make the documents")
+    ap.add_argument("--bos", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=200, help="ms of timed repetitions per kernel")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("doc_attention_speed.py times GPU kernels; no CUDA device here")
+    print(f"gpu {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
+    dev = torch.device("cuda")
+    flat = token_ids(args.shard, args.bos, PACKED_T).to(dev)
+    n_docs = int((flat == args.bos).sum())
+    print(f"documents: {n_docs} BOS in {PACKED_T} tokens (mean {PACKED_T / max(n_docs, 1):.0f} tokens)")
+    torch.manual_seed(0)
+
+    def tensors(B: int, T: int):
+        q = torch.randn(B, T, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(B, T, KV, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn(B, T, KV, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        return q, k, v, torch.randn(B, T, H, D, device=dev, dtype=torch.bfloat16)
+
+    have_varlen = docmask._try_varlen() is not None
+    if have_varlen:
+        docmask.select_doc_backend("varlen", "cuda")  # sets the FA3 function DocMask calls
+    rows = flat.view(PACKED_T // ROW_T, ROW_T)
+    q, k, v, g = tensors(*rows.shape)
+    ref_out = fwd_bwd(masked(rows, "dense", 0, args.bos), q, k, v, g).detach()
+    ref_grads = [t.grad.clone() for t in (q, k, v)]
+    kernels = {"dense": masked(rows, "dense", 0, args.bos), "flex": masked(rows, "flex", 0, args.bos)}
+    if have_varlen:
+        kernels["varlen"] = masked(rows, "varlen", 0, args.bos)
+    kernels["causal (no doc mask)"] = causal
+    for name, attend in kernels.items():
+        ms = timed(lambda attend=attend: fwd_bwd(attend, q, k, v, g), args.reps)
+        line = f"rows 48x2048  {name:<22} {ms:8.3f} ms"
+        if name != "causal (no doc mask)":
+            out = fwd_bwd(attend, q, k, v, g).detach()
+            errs = [rel_diff(out, ref_out)] + [rel_diff(t.grad, r) for t, r in zip((q, k, v), ref_grads)]
+            line += "   vs dense: " + " ".join(
+                f"{n} {e:.1e}" for n, e in zip(("out", "dq", "dk", "dv"), errs)
+            )
+        print(line, flush=True)
+
+    packed = flat.view(1, PACKED_T)
+    q, k, v, g = tensors(1, PACKED_T)
+    backends = ["flex"] + (["varlen"] if have_varlen else [])
+    for name in backends:
+        attend = masked(packed, name, ROW_T, args.bos)
+        ms = timed(lambda attend=attend: fwd_bwd(attend, q, k, v, g), args.reps)
+        print(f"packed 1x98304 {name:<22} {ms:8.3f} ms", flush=True)
+
+
+if __name__ == "__main__":
+    main()
