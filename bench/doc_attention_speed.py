@@ -73,6 +73,29 @@ def masked(ids: torch.Tensor, backend: str, max_len: int, bos: int):
     return torch.compile(attend, fullgraph=True, dynamic=False)
 
 
+def compiles_for_scoring(ids: torch.Tensor, backend: str, bos: int, dev: torch.device) -> str:
+    """Compile projection -> gain -> document-masked attention under inference mode; 'ok' and the
+    largest difference from eager, or the exception's first line."""
+    B, T = ids.shape
+    x = torch.randn(B, T, 512, device=dev, dtype=torch.bfloat16)
+    w = torch.randn((H + 2 * KV) * D, 512, device=dev, dtype=torch.bfloat16) / 512**0.5
+    gain = torch.rand(H, device=dev) + 1.0
+
+    def score(x, w, gain):
+        q, k, v = F.linear(x, w).split([H * D, KV * D, KV * D], dim=-1)
+        q = q.view(B, T, H, D) * gain.to(q.dtype)[None, None, :, None]
+        k, v = k.reshape(B, T, KV, D) * 1.5, v.reshape(B, T, KV, D)
+        return docmask.DocMask(ids, bos, 2048, backend=backend).attend(q, k, v)
+
+    try:
+        with torch.inference_mode():
+            ref = score(x, w, gain) if backend == "dense" else None  # eager flex: T x T scores
+            out = torch.compile(score, fullgraph=True, dynamic=False)(x, w, gain)
+    except Exception as e:  # what failed, for the log; the benchmark goes on
+        return "FAILED " + (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    return "ok" if ref is None else f"ok, vs eager {rel_diff(out, ref):.1e}"
+
+
 def causal(q, k, v):
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION], set_priority=True):
         y = F.scaled_dot_product_attention(
@@ -127,6 +150,18 @@ def main() -> None:
                 f"{n} {e:.1e}" for n, e in zip(("out", "dq", "dk", "dv"), errs)
             )
         print(line, flush=True)
+
+    # Scoring compiles the forward alone, under inference mode, with q/k/v fresh from pointwise ops
+    # (the model's prologue), not graph inputs. experiment=pr1775 failed there on an H100 in
+    # Inductor's flex lowering (docs/benchmarks.md section 9d), so this checks each kernel in that
+    # form and reports a failure instead of stopping.
+    for name in ["flex", "dense"] + (["varlen"] if have_varlen else []):
+        print(
+            f"inference  rows 48x2048 {name:<8} {compiles_for_scoring(rows, name, args.bos, dev)}", flush=True
+        )
+    print(
+        f"inference  packed 32x2048 flex     {compiles_for_scoring(flat[: 32 * ROW_T].view(1, -1), 'flex', args.bos, dev)}"
+    )
 
     packed = flat.view(1, PACKED_T)
     q, k, v, g = tensors(1, PACKED_T)

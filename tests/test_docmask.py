@@ -272,3 +272,18 @@ def test_mask_traces_into_one_graph(backend):
     nll = torch.compile(m.token_nll, backend="eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(nll(ids, ids, 16), m.token_nll(ids, ids, 16), atol=1e-6, rtol=1e-6)
+
+
+def test_flex_mask_reads_a_materialized_copy_of_the_segment_ids(monkeypatch):
+    """The flex mask function captures the segment ids through `materialized` (an opaque op, so
+    Inductor gives the buffer a fixed layout; see its doc), and the copy is exact."""
+    seen = []
+    real = docmask.materialized
+    monkeypatch.setattr(docmask, "materialized", lambda t: seen.append(t) or real(t))
+    ids = torch.randint(2, 50, (2, 64))
+    ids[:, [0, 10, 40]] = BOS
+    DocMask(ids, BOS, backend="flex")
+    DocMask(ids, BOS, backend="dense")
+    assert len(seen) == 1 and torch.equal(real(seen[0]), docmask.segment_ids(ids, BOS))
+    compiled = torch.compile(lambda t: real(t) * 2, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(seen[0]), seen[0] * 2)

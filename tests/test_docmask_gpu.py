@@ -109,3 +109,25 @@ def test_long_row_keeps_documents_apart_on_gpu():
         assert_near(y[:, s:e], y_a, FWD_TOL, f"segment {s}:{e} forward")
         for which, got, want in zip("qkv", grads, g_a, strict=True):
             assert_near(got[:, s:e], want, BWD_TOL, f"segment {s}:{e} d{which}")
+
+
+@pytest.mark.parametrize("T", [2048, 65536])
+def test_scoring_graph_compiles_under_inference_mode(T):
+    """The scoring form: forward only, under inference mode, q/k/v fresh from pointwise ops and the
+    mask built in the same graph. `experiment=pr1775` failed here on an H100 (torch 2.11) in the
+    flex lowering while its training graph compiled; 65,536 is its packed scoring row."""
+    ids = packed_ids(1, T, seed=7)
+    x = torch.randn(1, T, H * D, device="cuda", dtype=torch.bfloat16)
+    gain = torch.rand(H, device="cuda") + 1.0
+
+    def score(ids, x, gain):
+        q = x.view(1, T, H, D) * gain.to(x.dtype)[None, None, :, None]
+        k = x[..., : HKV * D].reshape(1, T, HKV, D) * 1.5
+        v = x[..., HKV * D :].reshape(1, T, HKV, D)
+        return DocMask(ids, BOS, 2048, backend=name).attend(q, k, v)
+
+    for name in backends():
+        with torch.inference_mode():
+            y = torch.compile(score, fullgraph=True, dynamic=False)(ids, x, gain)
+            torch._dynamo.reset()
+        assert y.shape == (1, T, H, D) and torch.isfinite(y).all(), name

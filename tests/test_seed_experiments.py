@@ -68,6 +68,25 @@ def test_parameter_count_equals_the_reference_scripts(compose, name):
     assert sum(p.numel() for p in model.parameters()) == REFERENCE_PARAMS[name]
 
 
+@pytest.mark.parametrize("name", ["pr726", "r0323"])
+def test_value_embeddings_come_after_the_blocks_in_parameter_order(compose, name):
+    """The records' GPT registers its blocks before the shared value embedding, and they clip
+    `model.parameters()`: that order is the clip's reduction order, and one ulp of its coefficient
+    moved #726's first bank update by ~1.5% through bf16 Newton-Schulz (bench/seed_parity_cpu.py
+    pr726 is bit-exact with this order). The optimizer clips in the model's order."""
+    from pgolf.optim.muon import OptimizerBundle
+
+    job = job_config_from_dict(frozen_job(compose, name))
+    with torch.device("meta"):
+        model = MODELS.build(job.model)
+    names = [n for n, _ in model.named_parameters()]
+    last_block = max(i for i, n in enumerate(names) if n.startswith("blocks."))
+    ve = [i for i, n in enumerate(names) if n.startswith(("ve_shared.", "ve_layer_scales."))]
+    assert ve and min(ve) > last_block
+    bundle = OptimizerBundle(model, job.optimizer, torch.device("cpu"), compile_ns=False)
+    assert [id(p) for p in bundle.all_params] == [id(p) for p in model.parameters()]
+
+
 def test_pr726_ttt_freezes_what_its_script_froze(compose):
     """Its log: `ttt_sliding:params unfrozen=26989644 frozen=4112` (two blocks' own parameters)."""
     from pgolf.ttt.score_first import trainable

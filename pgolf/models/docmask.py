@@ -85,6 +85,25 @@ def doc_backend(device_type: str = "cuda") -> str:
     return "flex" if device_type == "cuda" else "dense"
 
 
+@torch.library.custom_op("pgolf::materialized", mutates_args=())
+def materialized(x: Tensor) -> Tensor:
+    """A copy of x that Inductor must allocate with a fixed layout (an opaque op's output).
+
+    The flex kernel's mask function reads the segment ids as a captured buffer. Built inside the
+    compiled graph, that buffer is an intermediate whose layout Inductor may still change; a
+    training graph fixes it (backward keeps it), but the scoring graph, compiled under inference
+    mode, failed on an H100 with torch 2.11 in the flex lowering ("convert FlexibleLayout to
+    FixedLayout first"). An opaque op's output always has a fixed layout. Costs one copy of the
+    (B, T) int32 ids per forward.
+    """
+    return x.clone()
+
+
+@materialized.register_fake
+def _(x: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
 def segment_ids(ids: Tensor, bos_id: int, max_len: int = 0) -> Tensor:
     """(B, T) int32 segment index of every token, counted from 0 along each row (see the module doc).
 
@@ -142,7 +161,7 @@ class DocMask:
         elif self.backend == "flex":
             from torch.nn.attention.flex_attention import create_block_mask
 
-            seg = self.seg
+            seg = materialized(self.seg)
 
             def same_doc_causal(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
                 return (q >= k) & (seg[b, q] == seg[b, k])

@@ -71,11 +71,6 @@ class GPT(nn.Module):
             self.smear = SmearGateV2(dim, cfg.smear_bos_fix, cfg.bos_id)
         elif cfg.smear_gate == "v3":
             self.smear = SmearGateV3(cfg.gate_window, cfg.smear_bos_fix, cfg.bos_id)
-        self.ve_shared = ValueEmbedding(V, cfg.ve_dim, kv_dim) if cfg.ve_enabled else None
-        self.ve_index = {layer: k for k, layer in enumerate(cfg.ve_layers)} if cfg.ve_enabled else {}
-        self.ve_layer_scales = nn.ParameterList(
-            nn.Parameter(torch.ones(1, dtype=torch.float32)) for _ in self.ve_index
-        )
 
         # Layer plans of both graph variants; skip parameters are sized for the deeper (looped) one
         # and the plain plan uses the first of them (as the 2026-04-09 record does).
@@ -92,6 +87,13 @@ class GPT(nn.Module):
         self.looping = cfg.num_loops > 0 and cfg.enable_looping_at <= 0.0
 
         self.blocks = nn.ModuleList(Block(cfg, i, own_weights=not banked) for i in range(L))
+        # registered after the blocks, as the records do: parameters() order is the grad clip's
+        # reduction order (OptimizerBundle.all_params), so this keeps their clip bit for bit
+        self.ve_shared = ValueEmbedding(V, cfg.ve_dim, kv_dim) if cfg.ve_enabled else None
+        self.ve_index = {layer: k for k, layer in enumerate(cfg.ve_layers)} if cfg.ve_enabled else {}
+        self.ve_layer_scales = nn.ParameterList(
+            nn.Parameter(torch.ones(1, dtype=torch.float32)) for _ in self.ve_index
+        )
         if banked:
             # fp32 banks, filled by _init_weights
             self.qo_bank = nn.Parameter(torch.empty(2 * L, dim, dim))

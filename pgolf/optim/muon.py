@@ -263,7 +263,12 @@ class OptimizerBundle:
                 self.adams.append(opt)
                 self.base_lrs.append((opt, lr))
         self.muon = self._build_muon([p for _, p in groups["matrix"]], compile_ns)
-        self.all_params = [p for ps in groups.values() for _, p in ps]
+        # In the model's own order, not by role: the clip's total norm is a reduction over the
+        # per-tensor norms in list order, and the records clip `model.parameters()`, so this order
+        # gives their clip coefficient bit for bit (by role, it moved an ulp, and bf16
+        # Newton-Schulz carried that to ~1.5% of #726's first bank update).
+        grouped = {id(p) for ps in groups.values() for _, p in ps}
+        self.all_params = [p for p in model.parameters() if id(p) in grouped]
         self.last_lr_scale = 1.0
         self.averager = WeightAverager(model, cfg) if cfg.ema_decay > 0 or cfg.swa_every > 0 else None
         if cfg.late_qat_threshold > 0 and late_qat is None:
