@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Speed levers one at a time on one GPU: the same experiment, seed, data and steps, once per lever set,
+# through bench/seeds.sh's pgolf side (same cut, same step count and warmdown), then a table of
+# ms/step (the last logged step_avg), its ratio to the first set, and train loss at steps 50/100/150.
+#
+#   EXP=pr726 bash bench/levers.sh
+#   EXP=pr726 LEVERS="base|model.fused_mlp=true|model.fused_ce=true" STEPS=60 WARMDOWN=10 bash bench/levers.sh
+#
+# LEVERS: lever sets separated by "|", each a space-separated list of overrides; "base" is the
+# experiment as shipped and should come first (the ratios are to the first set). On one H100 each
+# sp1024 run takes about 1.5-2 minutes at 150 steps (priming compile included), so four sets fit one
+# device call. The sp8192 experiments need bench/sp8192_prep.sh first (see bench/seeds.sh).
+set -uo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+EXP=${EXP:-pr726}
+LEVERS=${LEVERS:-"base|model.fused_mlp=true|model.fused_ce=true|model.fused_mlp=true model.fused_ce=true"}
+ROOT=${OUT:-$REPO/outputs/bench_levers}
+mkdir -p "$ROOT"
+IFS='|' read -ra sets <<< "$LEVERS"
+for i in "${!sets[@]}"; do
+  extra=${sets[$i]}
+  [ "$extra" = base ] && extra=""
+  OUT=$ROOT/set$i RUNS=/tmp/pgolf_bench/levers/set$i PRS=$EXP SIDES=pgolf PGOLF_EXTRA="$extra" \
+    bash "$REPO/bench/seeds.sh" > "$ROOT/set$i.txt" 2>&1 || { echo "set $i (${sets[$i]}) failed: $ROOT/set$i.txt" >&2; }
+done
+python3 - "$ROOT" "$EXP" "$LEVERS" << 'EOF'
+import re, sys
+from pathlib import Path
+
+root, exp, levers = Path(sys.argv[1]), sys.argv[2], sys.argv[3].split("|")
+rows, base = [], None
+for i, name in enumerate(levers):
+    logs = sorted((root / f"set{i}").glob(f"pgolf_{exp}_s*.out"))
+    text = logs[0].read_text(errors="replace") if logs else ""
+    avgs = re.findall(r"step_avg:([0-9.]+)ms", text)
+    loss = {int(s): float(v) for s, v in re.findall(r"step:(\d+)/\d+ train_loss:([0-9.]+)", text)}
+    ms = float(avgs[-1]) if avgs else None
+    base = base if base is not None else ms
+    ratio = f"{ms / base:.3f}" if ms and base else "-"
+    cells = [f"{loss[s]:.4f}" if s in loss else "-" for s in (50, 100, 150)]
+    rows.append(f"| {name} | {ms if ms else 'failed'} | {ratio} | " + " | ".join(cells) + " |")
+print(f"{exp}: lever set | ms/step (step_avg) | ratio to the first | loss 50 | loss 100 | loss 150")
+print("|---|---:|---:|---:|---:|---:|")
+print("\n".join(rows))
+EOF
