@@ -567,7 +567,7 @@ _PLACEHOLDER = re.compile(r"\{[^{}]*\}|%[-#0 +]*[0-9*]*(?:\.[0-9*]+)?[a-zA-Z%]")
 _NUMERIC_SPEC = re.compile(
     r"[<>=^]?[-+ ]?z?#?0?[0-9]*[,_]?(?:\.[0-9]+)?[dfFeEgGn%]|[<>=^]?[-+ ]?0?[0-9]*[,_]"
 )
-_NUMBER_ENDS = (*"0123456789", "inf", "nan", "INF", "NAN")
+_NUMBER_ENDS = (*"0123456789", "inf", "nan", "INF", "NAN", "Infinity", "NaN", "sNaN")  # floats, Decimal
 
 
 def _is_str(node: ast.AST) -> bool:
