@@ -266,12 +266,14 @@ def test_a_component_a_registry_builds_from_the_config_folds_its_class_constants
 
             def build(self):
                 job = self.job
+                if self.part.enabled:  # before the store (it raises here): stays
+                    early()
                 self.part = PARTS.build(job.ttt, compile=False)
                 self.either = EITHER.build(job.ttt)
                 self.poked = PARTS.build(job.ttt)
                 self.result.part = None  # on a Result, never the trainer
-                if self.part.enabled:  # the storing method may read before the store: stays
-                    early()
+                if self.part.enabled:  # after the store in the method's own top level
+                    after_store()
 
             def run(self):
                 if self.part.enabled:
@@ -290,7 +292,7 @@ def test_a_component_a_registry_builds_from_the_config_folds_its_class_constants
         """,
         **{"pgolf/fake_parts.py": PARTS_SOURCE},
     )
-    assert "enabled()" not in out and "stopped()" not in out
+    assert "enabled()" not in out and "stopped()" not in out and "after_store()" not in out
     assert "early()" in out and "hidden()" in out and "either()" in out and "poked()" in out
 
 

@@ -104,6 +104,14 @@ class _Built:
     cls: type
     attrs: dict[str, Any]
     store: int  # id() of the method that stores it (reads there may come before the store)
+    after: int | None  # id() of the store when it is a statement of the method's own top level
+
+
+def _own_self(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    """`self` is the method's first parameter and the function never rebinds it."""
+    args = [*fn.args.posonlyargs, *fn.args.args]
+    plain = not any(_annotation_name(d) in ("staticmethod", "classmethod") for d in fn.decorator_list)
+    return plain and bool(args) and args[0].arg == "self" and not _bound_names(fn).get("self")
 
 
 def _module_name(rel: str) -> str:
@@ -601,8 +609,8 @@ class Specializer:
         no method or class attribute of that name, no `__dict__` copy. REGISTRY is a
         `pgolf.registry.Registry` the module binds once; the entry the config names has a builder
         that returns `C(...)` on every path, C a class whose own code is all shipped (`_built`).
-        Not used in `__init__` nor in the storing method (a read there may come before the
-        store); elsewhere a read before the store raised AttributeError, which the packed run
+        Not used in `__init__`, nor in the storing method but after a store in its own top level
+        (`_block`); elsewhere a read before the store raised AttributeError, which the packed run
         no longer does (pgolf's trainer builds before anything reads)."""
         if id(cls) in self._built_of:
             return self._built_of[id(cls)]
@@ -612,7 +620,7 @@ class Specializer:
             return out
         stores = self._self_stores(cls, on_self=True)  # off_self has the others
         for fn in cls.body:
-            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) or not _own_self(fn):
                 continue
             env: dict[str, Any] | None = None
             for n in _own_walk(fn):
@@ -638,7 +646,8 @@ class Specializer:
                 cfg = self.value(n.value.args[0], env)
                 got = self._built(outer.get(_MODULE), n.value.func.value.id, cfg)
                 if got is not None:
-                    out[attr] = _Built(got[0], got[1], id(fn))
+                    top = any(n is t for t in fn.body)
+                    out[attr] = _Built(got[0], got[1], id(fn), id(n) if top else None)
         return out
 
     def _built(self, rel: str | None, registry: str, cfg: Any) -> tuple[type, dict[str, Any]] | None:
@@ -887,10 +896,22 @@ class Specializer:
                         env[t.id] = _Const(got)
         return env
 
-    def _block(self, body: list[ast.stmt], env: dict[str, Any], cls: ast.ClassDef | None) -> list[ast.stmt]:
+    def _block(
+        self,
+        body: list[ast.stmt],
+        env: dict[str, Any],
+        cls: ast.ClassDef | None,
+        stored: dict[int, tuple[str, _Built]] | None = None,
+    ) -> list[ast.stmt]:
+        """`body` folded. `stored`: the statements of a method's own top level that store a built
+        component (`built_attrs`), by id(): every statement after such a store reads what it
+        stored."""
         out: list[ast.stmt] = []
         for i, s in enumerate(body):
             out.extend(self._stmt(s, env, cls))
+            if stored and id(s) in stored:
+                attr, built = stored[id(s)]
+                env = {**env, f"self.{attr}": built}
             rest = body[i + 1 :]
             if out and isinstance(out[-1], _JUMPS) and rest and _droppable_tail(rest):
                 self.unreachable += len(rest)
@@ -911,7 +932,12 @@ class Specializer:
             s.body = self._block(s.body, env, s) or [ast.Pass()]
             return [s]
         if isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            s.body = self._block(s.body, self._function_env(s, env, cls), None) or [ast.Pass()]
+            fn_env = self._function_env(s, env, cls)
+            stored = {}
+            if cls is not None and _own_self(s):
+                built = self.built_attrs(cls, env).items()
+                stored = {b.after: (k, b) for k, b in built if b.store == id(s) and b.after is not None}
+            s.body = self._block(s.body, fn_env, None, stored) or [ast.Pass()]
             return [s]
         for field, value in ast.iter_fields(s):  # nested blocks (for, while, with, try, ...)
             if isinstance(value, list) and value and isinstance(value[0], ast.stmt):
