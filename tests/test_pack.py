@@ -943,6 +943,33 @@ def test_shake_drops_a_definition_only_log_lines_seemed_to_reach(monkeypatch):
     assert sorted(shake(trees, {"run"})) == ["pgolf/glue_a.py:_load", "pgolf/glue_a.py:waits"]
 
 
+def test_an_import_whose_names_nothing_uses_still_loads_its_module_and_they_go():
+    """`from pgolf.x import f` whose f the shaker left unused becomes `import pgolf.x` (the module
+    still loads; f goes with the next shake), unless the module binds `pgolf` itself or x is a
+    package (a name imported from a package may be a submodule only the `from` loads)."""
+    from pgolf.parent.pack import drop_unused_imports, shake
+
+    trees = {
+        "pgolf/imp_a.py": ast.parse(
+            "from pgolf.imp_b import used, unused\n"
+            "from pgolf.imp_c import gone\n"
+            "from pgolf.imp_pkg import sub\n"
+            "def run():\n    return used()\n"
+        ),
+        "pgolf/imp_b.py": ast.parse("def used(): pass\ndef unused(): pass\n"),
+        "pgolf/imp_c.py": ast.parse("def gone(): pass\n"),
+        "pgolf/imp_pkg/__init__.py": ast.parse("def sub(): pass\n"),
+        "pgolf/imp_d.py": ast.parse("from pgolf.imp_c import gone\npgolf = None\n"),
+    }
+    assert drop_unused_imports(trees) == 2  # unused, and gone from imp_a
+    a = ast.unparse(trees["pgolf/imp_a.py"])
+    assert "from pgolf.imp_b import used\n" in a and "import pgolf.imp_c\n" in a
+    assert "from pgolf.imp_pkg import sub" in a  # a package's name may be a submodule
+    assert "from pgolf.imp_c import gone" in ast.unparse(trees["pgolf/imp_d.py"])  # binds pgolf
+    trees.pop("pgolf/imp_d.py")
+    assert sorted(shake(trees, {"run"})) == ["pgolf/imp_b.py:unused", "pgolf/imp_c.py:gone"]
+
+
 def test_squeeze_drops_spaces_between_tokens_but_never_changes_the_program():
     from pgolf.parent.pack import _squeeze
 

@@ -996,13 +996,28 @@ def drop_unused_imports(trees: dict[str, ast.Module]) -> int:
     for rel, tree in trees.items():
         others = set().union(*(m for other, m in mentions.items() if other != rel))
         others |= imported_from.get(module_name(rel), set())
-        for s in tree.body:
+        binds_pgolf = any(
+            (isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store) and n.id == "pgolf")
+            or (isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and n.name == "pgolf")
+            or (isinstance(n, ast.alias) and n.asname == "pgolf")
+            for n in ast.walk(tree)
+        )
+        for i, s in enumerate(tree.body):
             if pgolf_import(s):
                 rest = _mentions(ast.Module(body=[x for x in tree.body if x is not s], type_ignores=[]))[0]
                 names = [a for a in s.names if (a.asname or a.name) in rest or a.name in others]
-                kept = names or s.names[:1]
-                dropped += len(s.names) - len(kept)
-                s.names = kept
+                dropped += len(s.names) - len(names)
+                if names:
+                    s.names = names
+                elif f"{s.module.replace('.', '/')}.py" in trees and not binds_pgolf:
+                    # `import pgolf.x.y` loads the module as the `from` did and binds only the
+                    # package `pgolf` (the same object any `import pgolf` binds); the names it
+                    # imported can then go with the next `shake`. Not for a package, whose names
+                    # may be submodules that only the `from` loads.
+                    tree.body[i] = ast.copy_location(ast.Import(names=[ast.alias(name=s.module)]), s)
+                else:
+                    s.names = s.names[:1]
+                    dropped -= 1
     return dropped
 
 
