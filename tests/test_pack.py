@@ -879,6 +879,97 @@ def test_a_format_spec_is_no_part_of_a_name():
     assert "g" not in prefixes | suffixes and "by_" in prefixes
 
 
+def _glued(source: str) -> tuple[set[str], set[str]]:
+    from pgolf.parent.pack import _mentions
+
+    _, prefixes, suffixes = _mentions(ast.parse(source))
+    return prefixes - {""}, suffixes - {""}
+
+
+@pytest.mark.parametrize(
+    "source, prefix, suffix",
+    [
+        ('f"by_{x}"', "by_", None),  # getattr(m, f"by_{x}") reaches by_anything
+        ('f"{x}_fn"', None, "_fn"),
+        ('"by_" + x', "by_", None),
+        ('x + "_fn"', None, "_fn"),
+        ('f"q {a}" + "by_" + x', "by_", None),  # the piece a + chain ends with touches x
+        ('x + "_fn" + f"{y}"', "_fn", "_fn"),
+        ('"{}_fn".format(x)', None, "_fn"),
+        ('"%s_fn" % x', None, "_fn"),
+        ('"_".join(parts)', "_", "_"),
+        ('f"{n:d}_fn"', None, "0_fn"),  # a number ends in a digit (or inf/nan) before _fn
+        ('f"{x:.1f}s"', None, "infs"),
+        ('f"by{i:03d}"', "by7", None),
+    ],
+)
+def test_a_name_built_at_run_time_keeps_what_it_may_start_or_end(source, prefix, suffix):
+    prefixes, suffixes = _glued(source)
+    assert prefix is None or prefix in prefixes
+    assert suffix is None or suffix in suffixes
+
+
+def test_only_string_ends_that_touch_computed_text_are_prefixes_or_suffixes():
+    """An f-string's outer ends touch nothing (in f"init_from:{path}" nothing continues
+    init_from); a number's text (`{t:.1f}s`) can only put digits or inf/nan before the unit; a
+    piece between two computed parts (f"{a}_{b}") marks nothing. Each of these kept every
+    definition starting with `_` or ending in `s`, `a`, `init_from`, ... (Trainer._load_init_from
+    and dozens more shipped on the offline default)."""
+    prefixes, suffixes = _glued(
+        'f"init_from:{path} layout:{a}"; f"{t:.1f}s {n:,} tokens {p:5.0f}%"; f"{a}_{b}_{c:06d}.bin"'
+    )
+    assert not {"init_from", "layout", "s", "tokens", "_", "bin"} & (prefixes | suffixes)
+    assert {"1s", "infs", "nans"} <= suffixes  # what a number may still build
+    # a format spec that is not a number's (a fill character, a conversion) may be any text
+    prefixes, suffixes = _glued('f"{x:_<4d}s {y!r:5d}_fn"')
+    assert {"s", "_fn"} <= suffixes
+
+
+def test_shake_drops_a_definition_only_log_lines_seemed_to_reach(monkeypatch):
+    """`_load` and `waits` are reached by no name: the log lines around them end in `_` and `s`
+    only next to numbers and between two computed parts."""
+    from pgolf.parent.pack import shake
+
+    trees = {
+        "pgolf/glue_a.py": ast.parse(
+            "def run(log, a, b, t, x):\n"
+            "    log(f'{a}_{b}.bin done in {t:.1f}s')\n"
+            "    return getattr(x, f'by_{a}')\n"
+            "def _load(): pass\n"
+            "def waits(): pass\n"
+            "def by_name(): pass\n"
+        )
+    }
+    assert sorted(shake(trees, {"run"})) == ["pgolf/glue_a.py:_load", "pgolf/glue_a.py:waits"]
+
+
+def test_an_import_whose_names_nothing_uses_still_loads_its_module_and_they_go():
+    """`from pgolf.x import f` whose f the shaker left unused becomes `import pgolf.x` (the module
+    still loads; f goes with the next shake), unless the module binds `pgolf` itself or x is a
+    package (a name imported from a package may be a submodule only the `from` loads)."""
+    from pgolf.parent.pack import drop_unused_imports, shake
+
+    trees = {
+        "pgolf/imp_a.py": ast.parse(
+            "from pgolf.imp_b import used, unused\n"
+            "from pgolf.imp_c import gone\n"
+            "from pgolf.imp_pkg import sub\n"
+            "def run():\n    return used()\n"
+        ),
+        "pgolf/imp_b.py": ast.parse("def used(): pass\ndef unused(): pass\n"),
+        "pgolf/imp_c.py": ast.parse("def gone(): pass\n"),
+        "pgolf/imp_pkg/__init__.py": ast.parse("def sub(): pass\n"),
+        "pgolf/imp_d.py": ast.parse("from pgolf.imp_c import gone\npgolf = None\n"),
+    }
+    assert drop_unused_imports(trees) == 2  # unused, and gone from imp_a
+    a = ast.unparse(trees["pgolf/imp_a.py"])
+    assert "from pgolf.imp_b import used\n" in a and "import pgolf.imp_c\n" in a
+    assert "from pgolf.imp_pkg import sub" in a  # a package's name may be a submodule
+    assert "from pgolf.imp_c import gone" in ast.unparse(trees["pgolf/imp_d.py"])  # binds pgolf
+    trees.pop("pgolf/imp_d.py")
+    assert sorted(shake(trees, {"run"})) == ["pgolf/imp_b.py:unused", "pgolf/imp_c.py:gone"]
+
+
 def test_squeeze_drops_spaces_between_tokens_but_never_changes_the_program():
     from pgolf.parent.pack import _squeeze
 

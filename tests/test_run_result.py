@@ -1,5 +1,6 @@
 """result.json as a typed record: to_json writes the keys a run has always written, in their order;
-from_json checks them and names the file and the key; a read-and-write leaves the file as it was."""
+pgolf.parent.result_file reads them back, checks them and names the file and the key; a
+read-and-write leaves the file as it was."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import math
 
 import pytest
 
+from pgolf.parent.result_file import ResultError, read_result, result_from_json
 from pgolf.results import write_json_atomic
-from pgolf.run_result import ByteCounts, ResultError, RunResult
+from pgolf.run_result import ByteCounts, RunResult
 
 FINISHED = {
     "status": "ok",
@@ -56,7 +58,7 @@ FINISHED = {
 
 
 def test_a_finished_result_round_trips_key_for_key_in_order():
-    r = RunResult.from_json(FINISHED)
+    r = result_from_json(FINISHED)
     assert r.ok and r.bytes == ByteCounts(900, 100, 300, 1000, 16_000_000, True)
     assert r.train_losses == [(1, 6.0), (6, 5.5)]
     out = json.loads(json.dumps(r.to_json()))
@@ -73,19 +75,19 @@ def test_a_failed_result_writes_only_what_it_has():
 
 def test_non_finite_floats_read_back_as_written(tmp_path):
     path = tmp_path / "result.json"
-    diverged = RunResult.from_json(FINISHED)
+    diverged = result_from_json(FINISHED)
     diverged.status, diverged.val_bpb, diverged.error = "failed", float("nan"), "diverged"
     write_json_atomic(path, diverged.to_json())
     text = path.read_text()
     assert '"val_bpb": null' in text
-    r = RunResult.read(path)
+    r = read_result(path)
     assert math.isnan(r.val_bpb) and r.non_finite == {"val_bpb": "nan"} and not r.ok
     r.write(path)
     assert path.read_text() == text
 
 
 def test_unknown_keys_are_kept(tmp_path):
-    r = RunResult.from_json({"status": "ok", "from_the_future": [1, 2]})
+    r = result_from_json({"status": "ok", "from_the_future": [1, 2]})
     assert r.extra == {"from_the_future": [1, 2]}
     assert r.to_json() == {"status": "ok", "from_the_future": [1, 2]}
 
@@ -110,11 +112,11 @@ def test_unknown_keys_are_kept(tmp_path):
 )
 def test_bad_input_names_the_file_and_the_key(data, pattern):
     with pytest.raises(ResultError, match=pattern):
-        RunResult.from_json(data, "job/result.json")
+        result_from_json(data, "job/result.json")
 
 
 def test_a_file_that_is_not_json_is_named(tmp_path):
     path = tmp_path / "result.json"
     path.write_text('{"status": "ok", "val_bpb": 1.2')
     with pytest.raises(ResultError, match=r"result\.json: not valid JSON \(JSONDecodeError"):
-        RunResult.read(path)
+        read_result(path)

@@ -208,6 +208,94 @@ def test_a_loop_over_a_list_nothing_can_fill_goes(compose):
     assert "lqer(k)" not in out and "done()" in out and "kept(k)" in out
 
 
+PARTS_SOURCE = """
+class Base:
+    stopped_at = None
+
+class NoPart(Base):
+    enabled = False
+    hidden = 1
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.hidden = 2  # the instance's value shadows the class's: never folded
+
+class Other:
+    enabled = True
+
+def build(cfg, compile=False):
+    return NoPart(cfg)
+
+def build_either(cfg):
+    if cfg.name == "none":
+        return NoPart(cfg)
+    return Other()
+"""
+
+
+def test_a_component_a_registry_builds_from_the_config_folds_its_class_constants(compose, monkeypatch):
+    """`self.part = PARTS.build(job.ttt)`: the entry ttt=none names builds a NoPart on every path,
+    so `self.part.enabled` is NoPart.enabled. Not when the builder may return another class, nor
+    for an attribute the instance stores itself, nor when a store off `self` may hit the trainer."""
+    from pgolf.registry import Registry
+
+    parts = type(sys)("pgolf.fake_parts")
+    exec(compile(PARTS_SOURCE, "pgolf/fake_parts.py", "exec"), parts.__dict__)
+    fake = type(sys)("pgolf.fake")
+    for name, builder in [("PARTS", "build"), ("EITHER", "build_either")]:
+        setattr(fake, name, Registry("ttt"))
+        getattr(fake, name).register("none", None, f"pgolf.fake_parts:{builder}")
+    monkeypatch.setitem(sys.modules, "pgolf.fake_parts", parts)
+    monkeypatch.setitem(sys.modules, "pgolf.fake", fake)
+    out = _fold(
+        compose,
+        """
+        from pgolf.registry import Registry
+
+        PARTS = Registry("ttt")
+        EITHER = Registry("ttt")
+
+        class Result:
+            pass
+
+        class Trainer:
+            def __init__(self, job: JobConfig):
+                self.job = job
+                self.part: object  # a declaration, no store
+                self.result = Result()
+
+            def build(self):
+                job = self.job
+                if self.part.enabled:  # before the store (it raises here): stays
+                    early()
+                self.part = PARTS.build(job.ttt, compile=False)
+                self.either = EITHER.build(job.ttt)
+                self.poked = PARTS.build(job.ttt)
+                self.result.part = None  # on a Result, never the trainer
+                if self.part.enabled:  # after the store in the method's own top level
+                    after_store()
+
+            def run(self):
+                if self.part.enabled:
+                    enabled()
+                if self.part.stopped_at is not None:  # inherited from Base
+                    stopped()
+                if self.part.hidden == 2:  # wrongly folded, 1 == 2 would drop it
+                    hidden()
+                if self.either.enabled:
+                    either()
+                if self.poked.enabled:
+                    poked()
+
+        def poke(t):
+            t.poked = None  # t may be a Trainer
+        """,
+        **{"pgolf/fake_parts.py": PARTS_SOURCE},
+    )
+    assert "enabled()" not in out and "stopped()" not in out and "after_store()" not in out
+    assert "early()" in out and "hidden()" in out and "either()" in out and "poked()" in out
+
+
 def test_a_loop_over_frozen_modes_ships_only_the_modes_scored(compose):
     src = """
         class Trainer:

@@ -10,6 +10,7 @@ from conftest import run_cli, tiny_cpu_args
 
 from pgolf.config import job_config_from_dict
 from pgolf.flops import train_flops_per_token
+from pgolf.parent.result_file import result_from_json
 from pgolf.run_result import RunResult
 from pgolf.throughput import log_line, throughput
 
@@ -37,7 +38,7 @@ def test_no_peak_no_mfu():
 
 def test_result_json_keeps_throughput():
     r = RunResult(status="ok", throughput={"tokens_per_s": 1.0})
-    assert RunResult.from_json(r.to_json()).throughput == {"tokens_per_s": 1.0}
+    assert result_from_json(r.to_json()).throughput == {"tokens_per_s": 1.0}
 
 
 @pytest.mark.slow

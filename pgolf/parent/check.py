@@ -14,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from pgolf.parent.result_file import read_result
 from pgolf.results import read_json, sha256_file
 from pgolf.rules import val_split_of, verdict
 from pgolf.run_result import RunResult
@@ -90,7 +91,7 @@ def check_run(run_dir: str | Path, code: Path | None = None) -> dict:
     """The verdict on a finished run: {pass, reason, checks}. `code`: check this train_gpt.py (a
     submission folder's) instead of the run's own."""
     run_dir = Path(run_dir)
-    result, config = RunResult.read(run_dir / "result.json"), read_json(run_dir / "config.json")
+    result, config = read_result(run_dir / "result.json"), read_json(run_dir / "config.json")
     rules = verdict(result.to_json(), config)["checks"]
     checks = {"status": {"status": result.status, "held": result.status == "ok"}}
     if result.status != "ok":

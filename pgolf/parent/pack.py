@@ -514,9 +514,9 @@ def _mentions(node: ast.AST, skip: set[int] = frozenset()) -> tuple[set[str], se
     """What `node` could reach a definition by: (identifiers, prefixes, suffixes). Identifiers:
     names, attributes, imported names, keyword arguments, and every identifier-like word inside a
     string constant (getattr by name, registry builders "module:function", `__all__`). Prefixes and
-    suffixes: the identifier characters at the ends of string pieces that are glued to computed
-    text (f"by_{x}", "by_" + x, "{}_fn".format(x)), since such a string may be a name that never
-    appears whole. Subtrees whose id() is in `skip` are not entered."""
+    suffixes: the identifier characters at the ends of string pieces that touch computed text
+    (f"by_{x}", "by_" + x, "{}_fn".format(x)), since such a string may be a name that never
+    appears whole (`_glue`). Subtrees whose id() is in `skip` are not entered."""
     words: set[str] = set()
     prefixes: set[str] = set()
     suffixes: set[str] = set()
@@ -529,8 +529,8 @@ def _mentions(node: ast.AST, skip: set[int] = frozenset()) -> tuple[set[str], se
             words.add(n.id)
         elif isinstance(n, ast.Attribute):
             words.add(n.attr)
-            if n.attr in ("format", "join") and isinstance(n.value, ast.Constant):
-                _glued([n.value], prefixes, suffixes)
+            if n.attr in ("format", "join") and _is_str(n.value):  # "_".join(parts): both ends touch
+                _glue_text(n.value.value, prefixes, suffixes, outer=n.attr == "join")
         elif isinstance(n, ast.alias):
             words.update(n.name.split("."))
             if n.asname:
@@ -547,10 +547,8 @@ def _mentions(node: ast.AST, skip: set[int] = frozenset()) -> tuple[set[str], se
             spec = n.format_spec.values if isinstance(n.format_spec, ast.JoinedStr) else []
             stack.extend(v.value for v in spec if isinstance(v, ast.FormattedValue))
             continue
-        elif isinstance(n, ast.JoinedStr):
-            _glued(n.values, prefixes, suffixes)
-        elif isinstance(n, ast.BinOp) and isinstance(n.op, (ast.Add, ast.Mod)):
-            _glued([n.left, n.right], prefixes, suffixes)
+        elif isinstance(n, (ast.JoinedStr, ast.BinOp)):
+            _glue(n, prefixes, suffixes)
         stack.extend(ast.iter_child_nodes(n))
     return words, prefixes, suffixes
 
@@ -562,15 +560,98 @@ _TAIL_RUN = re.compile(r"[A-Za-z0-9_]*$")
 # A placeholder of str.format or %-formatting: computed text inside a constant.
 _PLACEHOLDER = re.compile(r"\{[^{}]*\}|%[-#0 +]*[0-9*]*(?:\.[0-9*]+)?[a-zA-Z%]")
 
+# A format spec of a number (`{x:.2f}`, `{n:,}`, `{i:06d}`: no fill character, a numeric type or
+# only grouping): its text starts and ends with a digit, a sign, a space, `.`, `%`, or is inf/nan.
+# Log lines put units right after such values (`{t:.1f}s`); glued to anything, `s` would keep every
+# definition ending in s.
+_NUMERIC_SPEC = re.compile(
+    r"[<>=^]?[-+ ]?z?#?0?[0-9]*[,_]?(?:\.[0-9]+)?[dfFeEgGn%]|[<>=^]?[-+ ]?0?[0-9]*[,_]"
+)
+_NUMBER_ENDS = (*"0123456789", "inf", "nan", "INF", "NAN", "Infinity", "NaN", "sNaN")  # floats, Decimal
 
-def _glued(pieces: list[ast.AST], prefixes: set[str], suffixes: set[str]) -> None:
-    """The identifier runs at the ends of the constant string pieces among `pieces`, and around
-    the placeholders inside them: computed text may continue such a run on either side."""
-    for p in pieces:
-        if isinstance(p, ast.Constant) and isinstance(p.value, str):
-            for text in _PLACEHOLDER.split(p.value):
-                prefixes.add(_TAIL_RUN.search(text).group())  # the start of a name built as "run" + x
-                suffixes.add(_HEAD_RUN.match(text).group())  # the end of one built as x + "run"
+
+def _is_str(node: ast.AST) -> bool:
+    return isinstance(node, ast.Constant) and isinstance(node.value, str)
+
+
+def _numeric(value: ast.AST) -> bool:
+    """Whether an f-string's `{...}` is formatted as a number (its text can join a name only as
+    digits or inf/nan)."""
+    spec = value.format_spec if isinstance(value, ast.FormattedValue) else None
+    return (
+        isinstance(spec, ast.JoinedStr)
+        and value.conversion == -1
+        and len(spec.values) == 1
+        and _is_str(spec.values[0])
+        and _NUMERIC_SPEC.fullmatch(spec.values[0].value) is not None
+    )
+
+
+def _glue_text(text: str, prefixes: set[str], suffixes: set[str], outer: bool = False) -> None:
+    """The identifier runs around the placeholders inside a constant (computed text may continue
+    them on either side), and at its two ends when `outer` (computed text touches those too)."""
+    parts = _PLACEHOLDER.split(text)
+    for i, part in enumerate(parts):
+        if outer or i < len(parts) - 1:
+            prefixes.add(_TAIL_RUN.search(part).group())  # the start of a name built as "run" + x
+        if outer or i > 0:
+            suffixes.add(_HEAD_RUN.match(part).group())  # the end of one built as x + "run"
+
+
+def _edge(node: ast.AST, last: bool) -> ast.AST:
+    """The piece at the start (or end, `last`) of a string built by `+` and f-strings."""
+    while True:
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+            node = node.right if last else node.left
+        elif isinstance(node, ast.JoinedStr) and node.values:
+            node = node.values[-1 if last else 0]
+        else:
+            return node
+
+
+def _touch(computed: ast.AST, run: str, out: set[str], before: bool) -> None:
+    """Record `run`, a constant's identifier run that `computed` text continues (after it when
+    `before`, else before it): as is, or, for a number, with each way a number can end or start."""
+    if run:
+        if not _numeric(computed):
+            out.add(run)
+        else:
+            out.update(run + e if before else e + run for e in _NUMBER_ENDS)
+
+
+def _glue(node: ast.JoinedStr | ast.BinOp, prefixes: set[str], suffixes: set[str]) -> None:
+    """Prefixes and suffixes of names `node` may build: only where a constant touches computed text
+    (an f-string piece next to a `{value}`, the two sides of a `+`, a placeholder of `%`). The
+    outer ends of an f-string touch nothing unless a `+` glues them (seen from that `+`): in
+    f"init_from:{path}" nothing continues `init_from`, in f"{t:.1f}s" only a number precedes s.
+    A piece of identifier characters between two `{value}`s (the `_` of f"{a}_{b}") marks
+    nothing: a name through it is assembled from two computed parts, which no prefix or suffix
+    can catch (docs/quant.md, tree shaking: pgolf builds no such name)."""
+    if isinstance(node, ast.JoinedStr):
+        values = node.values
+        for i, piece in enumerate(values):
+            if not _is_str(piece):
+                continue
+            after = i > 0 and isinstance(values[i - 1], ast.FormattedValue)
+            before = i + 1 < len(values) and isinstance(values[i + 1], ast.FormattedValue)
+            if after and before and _HEAD_RUN.fullmatch(piece.value):
+                continue  # f"{a}_{b}": a name through it is assembled from two computed parts
+            _glue_text(piece.value, prefixes, suffixes)
+            if after:
+                _touch(values[i - 1], _HEAD_RUN.match(piece.value).group(), suffixes, before=False)
+            if before:
+                _touch(values[i + 1], _TAIL_RUN.search(piece.value).group(), prefixes, before=True)
+    elif isinstance(node.op, ast.Add):
+        left, right = _edge(node.left, last=True), _edge(node.right, last=False)
+        for piece in (left, right):
+            if _is_str(piece):
+                _glue_text(piece.value, prefixes, suffixes)
+        if _is_str(left):
+            _touch(right, _TAIL_RUN.search(left.value).group(), prefixes, before=True)
+        if _is_str(right):
+            _touch(left, _HEAD_RUN.match(right.value).group(), suffixes, before=False)
+    elif isinstance(node.op, ast.Mod) and _is_str(node.left):
+        _glue_text(node.left.value, prefixes, suffixes)
 
 
 def _live_class(rel: str, name: str) -> type | None:
@@ -915,13 +996,28 @@ def drop_unused_imports(trees: dict[str, ast.Module]) -> int:
     for rel, tree in trees.items():
         others = set().union(*(m for other, m in mentions.items() if other != rel))
         others |= imported_from.get(module_name(rel), set())
-        for s in tree.body:
+        binds_pgolf = any(
+            (isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store) and n.id == "pgolf")
+            or (isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and n.name == "pgolf")
+            or (isinstance(n, ast.alias) and n.asname == "pgolf")
+            for n in ast.walk(tree)
+        )
+        for i, s in enumerate(tree.body):
             if pgolf_import(s):
                 rest = _mentions(ast.Module(body=[x for x in tree.body if x is not s], type_ignores=[]))[0]
                 names = [a for a in s.names if (a.asname or a.name) in rest or a.name in others]
-                kept = names or s.names[:1]
-                dropped += len(s.names) - len(kept)
-                s.names = kept
+                dropped += len(s.names) - len(names)
+                if names:
+                    s.names = names
+                elif f"{s.module.replace('.', '/')}.py" in trees and not binds_pgolf:
+                    # `import pgolf.x.y` loads the module as the `from` did and binds only the
+                    # package `pgolf` (the same object any `import pgolf` binds); the names it
+                    # imported can then go with the next `shake`. Not for a package, whose names
+                    # may be submodules that only the `from` loads.
+                    tree.body[i] = ast.copy_location(ast.Import(names=[ast.alias(name=s.module)]), s)
+                else:
+                    s.names = s.names[:1]
+                    dropped -= 1
     return dropped
 
 

@@ -31,11 +31,12 @@ from pgolf.config import GROUPS, PARENT_ONLY, config_hash, job_config_from_dict,
 from pgolf.parent.callbacks import SWEEP, write_sweep_summary
 from pgolf.parent.compose import conf_dir, plain_dict
 from pgolf.parent.outdir import FolderInUse, lock_folder, set_aside
+from pgolf.parent.result_file import ResultError, read_result
 from pgolf.parent.slots import GpuSlots, SlotLease, register_resolvers, visible_devices
 from pgolf.parent.tracking import resume_job_run, start_hydra_job_run, wandb_config
 from pgolf.registry import ConfigError
 from pgolf.results import DiskFullError, is_disk_full, read_json, write_json_atomic
-from pgolf.run_result import ResultError, RunResult
+from pgolf.run_result import RunResult
 
 register_resolvers()  # before Hydra composes, here and in every joblib worker that imports us
 # Hydra's job logging (conf/hydra/job_logging/pgolf.yaml) prints these lines and keeps them in run.log.
@@ -127,7 +128,7 @@ def _record(result_path: Path, result: RunResult) -> None:
 def finish(job_dir: Path, code: int, multirun: bool, gpu_lease: dict | None = None) -> float:
     """Read the worker's verdict (or record why there is none) and return the sweep metric."""
     result_path = job_dir / "result.json"
-    result = RunResult.read(result_path) if result_path.is_file() else RunResult()
+    result = read_result(result_path) if result_path.is_file() else RunResult()
     if code != 0 and result.status != "failed":
         # The worker died without writing its verdict (killed, OOM): record it for the sweep.
         rank_errors = (
@@ -164,7 +165,7 @@ def _earlier_result(job_dir: Path) -> tuple[RunResult | None, str]:
     if not path.is_file():
         return None, "left no result.json (killed or interrupted)"
     try:
-        result = RunResult.read(path)
+        result = read_result(path)
     except (OSError, ResultError) as e:
         return None, f"left a corrupt result.json ({type(e).__name__}: {e})"
     return result, f"ended with status {result.status}: {(result.error or '')[:200]}"
@@ -272,7 +273,7 @@ def resume(job_dir: Path, task_overrides: list[str]) -> float:
     if not (job_dir / "config.json").is_file():
         sys.exit(f"pgolf: resume={job_dir}: no config.json there; pass the folder of a job that was started")
     result_path = job_dir / "result.json"
-    earlier = RunResult.read(result_path) if result_path.is_file() else None
+    earlier = read_result(result_path) if result_path.is_file() else None
     if earlier is not None and earlier.status == "ok":
         log.info(f"pgolf: {job_dir} already finished (result.json status ok); nothing to resume")
         return float(earlier.val_bpb)

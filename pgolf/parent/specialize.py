@@ -19,6 +19,11 @@ but `self` in a class that is not a config class); a class that shipped code
 other than `pgolf/config.py` (which builds the tree) constructs itself. If any shipped module other than `pgolf/config.py` calls `from_dict` (the
 checkpoint converter builds a second model config), nothing is folded.
 
+Also decided: a plain class-level constant of a component that a registry builds from a frozen
+config group (`self.ttt = TTT.build(job.ttt)` with ttt=none: `self.ttt.enabled` is
+`NoTTT.enabled`, False), where the entry's builder returns that one class on every path
+(`Specializer.built_attrs`).
+
 A test is decided only when it is built from such values, constants, `not`, `and`/`or` (operands
 it skips must be side-effect free: names, attributes, comparisons, `isinstance`), comparisons and
 truthiness. The branch taken replaces the `if` (or the conditional expression); the tree shaker
@@ -31,6 +36,7 @@ from __future__ import annotations
 import ast
 import copy
 import dataclasses
+import inspect
 import operator
 import sys
 from collections.abc import Iterator
@@ -59,6 +65,8 @@ _REGISTERS = ("register_buffer", "register_parameter", "register_module", "add_m
 # env key of the names a function binds itself (they shadow module-level classes and constants)
 _LOCALS = "#locals"
 _MODULE = "#module"  # env key of the folded module's path
+# Methods that change how an instance's attributes are found or stored, or what its class makes
+_HOOKS = {"__getattribute__", "__getattr__", "__setattr__", "__delattr__", "__new__", "__init_subclass__"}
 
 
 def _immutable(v: Any) -> bool:
@@ -85,6 +93,30 @@ class _Const:
     a module constant, an attribute `__init__` derives from the config, a local bound from one."""
 
     value: Any
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Built:
+    """`self.<attr>` holding what a registry built from a frozen config group: an instance of
+    exactly `cls` (its builder returns `cls(...)` on every path). Only `attrs` fold: the plain
+    class-level values no code can shadow (`NoTTT.enabled = False`)."""
+
+    cls: type
+    attrs: dict[str, Any]
+    store: int  # id() of the method that stores it (reads there may come before the store)
+    after: int | None  # id() of the store when it is a statement of the method's own top level
+
+
+def _own_self(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    """`self` is the method's first parameter and the function never rebinds it."""
+    args = [*fn.args.posonlyargs, *fn.args.args]
+    plain = not any(_annotation_name(d) in ("staticmethod", "classmethod") for d in fn.decorator_list)
+    return plain and bool(args) and args[0].arg == "self" and not _bound_names(fn).get("self")
+
+
+def _module_name(rel: str) -> str:
+    """pgolf/models/gpt.py -> pgolf.models.gpt (a package's __init__.py -> the package)."""
+    return rel[:-3].replace("/", ".").removesuffix(".__init__")
 
 
 def _plain(value: Any) -> bool:
@@ -317,6 +349,7 @@ class Specializer:
         self.called: set[str] = set()  # names called anywhere (constructors included)
         self.bases: dict[str, set[str]] = {}  # class name -> base class names, over every module
         self.enabled = True
+        keyed: set[str] = set()  # stored by a name given as a string (setattr, register_buffer)
 
         classes: dict[str, list[ast.ClassDef]] = {}
         for rel, tree in trees.items():
@@ -339,6 +372,7 @@ class Specializer:
                         key = n.args[0]
                         if isinstance(key, ast.Constant) and isinstance(key.value, str):
                             self.stored_off_self.add(key.value)
+                            keyed.add(key.value)
                         else:
                             self.enabled = False
                     if name in ("setattr", "delattr") and len(n.args) > 1:
@@ -346,6 +380,7 @@ class Specializer:
                         if isinstance(key, ast.Constant) and isinstance(key.value, str):
                             self.stored_attrs.add(key.value)
                             self.stored_off_self.add(key.value)
+                            keyed.add(key.value)
                         else:
                             self.enabled = False
         self.plain_classes = set(classes) - config_classes  # shipped classes that are not configs
@@ -353,9 +388,14 @@ class Specializer:
         self.module_bindings = {rel: _bound_names(tree) for rel, tree in trees.items()}
         self._attrs_of: dict[int, dict[str, Any]] = {}
         self._derived_of: dict[int, dict[str, _Const]] = {}
-        self._plain_of: dict[int, set[str]] = {}
+        self._plain_of: dict[int, dict[str, str]] = {}
+        self._built_of: dict[int, dict[str, _Built]] = {}
         for tree in trees.values():
             self._scan_stores(tree, None, None)
+        # attribute name -> the classes a store off `self` may hit (None: any object)
+        self.off_self: dict[str, set[str | None]] = {a: {None} for a in keyed}
+        for tree in trees.values():
+            self._scan_off_self(tree, None)
         self.folded = 0
         self.unreachable = 0  # statements dropped after a return, raise, continue or break
 
@@ -374,6 +414,32 @@ class Specializer:
                 if not self._plain_target(n.value, cls, fn):
                     self.stored_attrs.add(n.attr)
             self._scan_stores(n, cls, fn)
+
+    def _scan_off_self(self, node: ast.AST, cls: ast.ClassDef | None) -> None:
+        """Fill `off_self`. A store on `self.<attr>` where the class built that attribute by calling
+        a shipped class (`self.result.quant = ...`, `self.result = RunResult(...)`) hits only an
+        instance of that class; any other store off `self` may hit anything."""
+        for n in ast.iter_child_nodes(node):
+            if isinstance(n, ast.ClassDef):
+                self._scan_off_self(n, n)
+                continue
+            if (
+                isinstance(n, ast.Attribute)
+                and isinstance(n.ctx, (ast.Store, ast.Del))
+                and not (isinstance(n.value, ast.Name) and n.value.id == "self")
+            ):
+                target = None
+                b = n.value
+                if (
+                    cls is not None
+                    and cls.name not in self.config_classes
+                    and isinstance(b, ast.Attribute)
+                    and isinstance(b.value, ast.Name)
+                    and b.value.id == "self"
+                ):
+                    target = self.plain_attrs(cls).get(b.attr)
+                self.off_self.setdefault(n.attr, set()).add(target)
+            self._scan_off_self(n, cls)
 
     def _plain_target(self, b: ast.expr, cls: ast.ClassDef | None, fn: ast.AST | None) -> bool:
         if cls is None or cls.name in self.config_classes:
@@ -396,15 +462,15 @@ class Specializer:
                             return self._plain_target(vn, cls, None)
         return False
 
-    def plain_attrs(self, cls: ast.ClassDef) -> set[str]:
+    def plain_attrs(self, cls: ast.ClassDef) -> dict[str, str]:
         """`self.<attr>` that `cls.__init__` builds by calling a shipped class that is not a config,
-        and that nothing else stores."""
+        and that nothing else stores, with that class's name."""
         if id(cls) not in self._plain_of:
             init = next(
                 (s for s in cls.body if isinstance(s, ast.FunctionDef) and s.name == "__init__"), None
             )
             stores = self._self_stores(cls)
-            out = set()
+            out = {}
             for s in init.body if init else ():
                 if (
                     isinstance(s, ast.Assign)
@@ -417,19 +483,28 @@ class Specializer:
                 ):
                     attr = s.targets[0].attr
                     if stores.get(attr) == 1 and attr not in self.stored_off_self:
-                        out.add(attr)
+                        out[attr] = _annotation_name(s.value.func)
             self._plain_of[id(cls)] = out
         return self._plain_of[id(cls)]
 
-    def _self_stores(self, cls: ast.ClassDef) -> dict[str, int]:
-        """How often each attribute is stored in `cls`, its bases and its subclasses."""
+    def _self_stores(self, cls: ast.ClassDef, on_self: bool = False) -> dict[str, int]:
+        """How often each attribute is stored in `cls`, its bases and its subclasses (`on_self`:
+        only on `self`). A bare declaration (`self.quant: Quantizer`, no value) stores nothing."""
         related = self._related(cls.name)
         stores: dict[str, int] = {}
         for tree in self.trees.values():
             for c in _class_defs(tree):
                 if c.name in related:
+                    declared = {
+                        id(n.target) for n in ast.walk(c) if isinstance(n, ast.AnnAssign) and n.value is None
+                    }
                     for n in ast.walk(c):
-                        if isinstance(n, ast.Attribute) and isinstance(n.ctx, (ast.Store, ast.Del)):
+                        if (
+                            isinstance(n, ast.Attribute)
+                            and isinstance(n.ctx, (ast.Store, ast.Del))
+                            and id(n) not in declared
+                            and not (on_self and not (isinstance(n.value, ast.Name) and n.value.id == "self"))
+                        ):
                             stores[n.attr] = stores.get(n.attr, 0) + 1
         return stores
 
@@ -503,19 +578,8 @@ class Specializer:
             return self._derived_of[id(cls)]
         self._derived_of[id(cls)] = {}
         init = next((s for s in cls.body if isinstance(s, ast.FunctionDef) and s.name == "__init__"), None)
-        related = self._related(cls.name)
-        defined: set[str] = set()
-        for tree in self.trees.values():
-            for c in _class_defs(tree):
-                if c.name in related:
-                    if any(isinstance(n, ast.Attribute) and n.attr == "__dict__" for n in ast.walk(c)):
-                        return {}
-                    for b in c.body:
-                        if isinstance(b, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                            defined.add(b.name)
-                        for t, _ in _assigned_pairs(b):
-                            defined.update(n.id for n in ast.walk(t) if isinstance(n, ast.Name))
-        if init is None:
+        defined = self._defined_in(self._related(cls.name))
+        if init is None or defined is None:
             return {}
         stores = self._self_stores(cls)
         env = self._function_env(init, outer, cls)
@@ -537,6 +601,148 @@ class Specializer:
                 break  # what follows may not run
         self._derived_of[id(cls)] = out
         return out
+
+    def built_attrs(self, cls: ast.ClassDef, outer: dict[str, Any]) -> dict[str, _Built]:
+        """`self.<attr>` -> what it holds, for the attributes one method of `cls` stores as
+        `self.<attr> = REGISTRY.build(<frozen config group>, ...)` (`self.ttt = TTT.build(job.ttt)`)
+        and nothing else stores: no other store in `cls`, its bases or subclasses, none off `self`,
+        no method or class attribute of that name, no `__dict__` copy. REGISTRY is a
+        `pgolf.registry.Registry` the module binds once; the entry the config names has a builder
+        that returns `C(...)` on every path, C a class whose own code is all shipped (`_built`).
+        Not used in `__init__`, nor in the storing method but after a store in its own top level
+        (`_block`); elsewhere a read before the store raised AttributeError, which the packed run
+        no longer does (pgolf's trainer builds before anything reads)."""
+        if id(cls) in self._built_of:
+            return self._built_of[id(cls)]
+        self._built_of[id(cls)] = out = {}
+        defined = self._defined_in(self._related(cls.name))
+        if defined is None:
+            return out
+        stores = self._self_stores(cls, on_self=True)  # off_self has the others
+        for fn in cls.body:
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) or not _own_self(fn):
+                continue
+            env: dict[str, Any] | None = None
+            for n in _own_walk(fn):
+                if not (
+                    isinstance(n, ast.Assign)
+                    and len(n.targets) == 1
+                    and isinstance(n.targets[0], ast.Attribute)
+                    and isinstance(n.targets[0].value, ast.Name)
+                    and n.targets[0].value.id == "self"
+                    and isinstance(n.value, ast.Call)
+                    and isinstance(n.value.func, ast.Attribute)
+                    and n.value.func.attr == "build"
+                    and isinstance(n.value.func.value, ast.Name)
+                    and n.value.args
+                ):
+                    continue
+                attr = n.targets[0].attr
+                related = self._related(cls.name)
+                hit = self.off_self.get(attr, set())
+                if stores.get(attr) != 1 or None in hit or hit & related or attr in defined:
+                    continue
+                env = env if env is not None else self._function_env(fn, outer, cls, built=False)
+                cfg = self.value(n.value.args[0], env)
+                got = self._built(outer.get(_MODULE), n.value.func.value.id, cfg)
+                if got is not None:
+                    top = any(n is t for t in fn.body)
+                    out[attr] = _Built(got[0], got[1], id(fn), id(n) if top else None)
+        return out
+
+    def _built(self, rel: str | None, registry: str, cfg: Any) -> tuple[type, dict[str, Any]] | None:
+        """The class and foldable class attributes of what `registry.build(cfg)` returns, where
+        the module `rel` binds `registry` once to a Registry and cfg is a frozen config instance."""
+        from pgolf.registry import ConfigError, Registry
+
+        if rel is None or not isinstance(cfg, _Obj) or "build" in self.stored_off_self:
+            return None
+        if self.module_bindings[rel].get(registry) != 1 or registry in self.stored_off_self:
+            return None
+        reg = getattr(sys.modules.get(_module_name(rel)), registry, None)
+        if type(reg) is not Registry:
+            return None
+        try:
+            entry = reg.get(getattr(cfg.value, reg.key))
+        except (ConfigError, AttributeError):
+            return None
+        module, _, name = entry.builder.partition(":")
+        brel = self._rel_of(module)
+        if brel is None or self.module_bindings[brel].get(name) != 1 or name in self.stored_off_self:
+            return None
+        fn = next(
+            (s for s in self.trees[brel].body if isinstance(s, ast.FunctionDef) and s.name == name), None
+        )
+        if fn is None or fn.decorator_list:
+            return None
+        nodes = _own_walk(fn)
+        if any(isinstance(x, (ast.Yield, ast.YieldFrom)) for x in nodes):
+            return None
+        made = {
+            x.value.func.id if isinstance(x.value, ast.Call) and isinstance(x.value.func, ast.Name) else None
+            for x in nodes
+            if isinstance(x, ast.Return)
+        }
+        if len(made) != 1 or None in made or not isinstance(fn.body[-1], ast.Return):
+            return None  # a return of anything else, or a path that falls off the end (None)
+        cname = made.pop()
+        if self.module_bindings[brel].get(cname) != 1 or cname in self.stored_off_self:
+            return None
+        cls = getattr(sys.modules.get(module), cname, None)
+        if not isinstance(cls, type) or type(cls) is not type or dataclasses.is_dataclass(cls):
+            return None
+        own = [self._class_def(k) for k in cls.__mro__[:-1]]
+        if any(c is None for c in own):
+            return None  # a base outside the shipped code may set anything on the instance
+        stored: set[str] = set()
+        for c in own:
+            for x in ast.walk(c):
+                if isinstance(x, ast.Attribute) and x.attr == "__dict__":
+                    return None
+                if isinstance(x, ast.Attribute) and isinstance(x.ctx, (ast.Store, ast.Del)):
+                    stored.add(x.attr)
+                if isinstance(x, ast.Call) and _annotation_name(x.func) == "vars":
+                    return None
+            if {b.name for b in c.body if isinstance(b, ast.FunctionDef)} & _HOOKS:
+                return None
+        attrs = {}
+        for a in dir(cls):
+            if a.startswith("__") or a in stored or a in self.stored_off_self:
+                continue
+            v = inspect.getattr_static(cls, a)
+            if _immutable(v):
+                attrs[a] = v
+        return cls, attrs
+
+    def _rel_of(self, module: str) -> str | None:
+        """The shipped module path of a dotted module name."""
+        base = module.replace(".", "/")
+        return next((r for r in (f"{base}.py", f"{base}/__init__.py") if r in self.trees), None)
+
+    def _class_def(self, cls: type) -> ast.ClassDef | None:
+        """The shipped top-level definition of a live class, bound once in its module."""
+        rel = self._rel_of(cls.__module__)
+        if rel is None or self.module_bindings[rel].get(cls.__name__) != 1:
+            return None
+        return next(
+            (s for s in self.trees[rel].body if isinstance(s, ast.ClassDef) and s.name == cls.__name__), None
+        )
+
+    def _defined_in(self, related: set[str]) -> set[str] | None:
+        """Names the class bodies of `related` define (methods, class attributes); None when one
+        of them touches `__dict__` (an attribute may then come from anywhere)."""
+        defined: set[str] = set()
+        for tree in self.trees.values():
+            for c in _class_defs(tree):
+                if c.name in related:
+                    if any(isinstance(n, ast.Attribute) and n.attr == "__dict__" for n in ast.walk(c)):
+                        return None
+                    for b in c.body:
+                        if isinstance(b, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                            defined.add(b.name)
+                        for t, _ in _assigned_pairs(b):
+                            defined.update(n.id for n in ast.walk(t) if isinstance(n, ast.Name))
+        return defined
 
     def typed_params(self, fn: ast.FunctionDef | ast.AsyncFunctionDef) -> dict[str, Any]:
         bound = _bound_names(fn)
@@ -571,8 +777,18 @@ class Specializer:
         if isinstance(node, ast.Call):
             return self._isinstance(node, env)
         if isinstance(node, ast.Attribute):
+            inner = node.value
+            if (
+                isinstance(inner, ast.Attribute)
+                and isinstance(inner.value, ast.Name)
+                and inner.value.id == "self"
+            ):
+                built = env.get(f"self.{inner.attr}")
+                if isinstance(built, _Built):
+                    return built.attrs.get(node.attr, _UNKNOWN)
             if isinstance(node.value, ast.Name) and node.value.id == "self" and f"self.{node.attr}" in env:
-                return _bound_value(env[f"self.{node.attr}"])
+                bound = env[f"self.{node.attr}"]
+                return _UNKNOWN if isinstance(bound, _Built) else _bound_value(bound)
             owner = self.value(node.value, env)
             if not isinstance(owner, _Obj) or node.attr in self.stored_attrs:
                 return _UNKNOWN
@@ -631,8 +847,7 @@ class Specializer:
         rel = env.get(_MODULE)
         if rel is None or self.module_bindings[rel].get(name) != 1:
             return None
-        module = rel[:-3].replace("/", ".").removesuffix(".__init__")
-        obj = getattr(sys.modules.get(module), name, None)
+        obj = getattr(sys.modules.get(_module_name(rel)), name, None)
         return obj if isinstance(obj, type) and type(obj) is type else None
 
     def truth(self, node: ast.expr, env: dict[str, Any]) -> bool | None:
@@ -681,10 +896,22 @@ class Specializer:
                         env[t.id] = _Const(got)
         return env
 
-    def _block(self, body: list[ast.stmt], env: dict[str, Any], cls: ast.ClassDef | None) -> list[ast.stmt]:
+    def _block(
+        self,
+        body: list[ast.stmt],
+        env: dict[str, Any],
+        cls: ast.ClassDef | None,
+        stored: dict[int, tuple[str, _Built]] | None = None,
+    ) -> list[ast.stmt]:
+        """`body` folded. `stored`: the statements of a method's own top level that store a built
+        component (`built_attrs`), by id(): every statement after such a store reads what it
+        stored."""
         out: list[ast.stmt] = []
         for i, s in enumerate(body):
             out.extend(self._stmt(s, env, cls))
+            if stored and id(s) in stored:
+                attr, built = stored[id(s)]
+                env = {**env, f"self.{attr}": built}
             rest = body[i + 1 :]
             if out and isinstance(out[-1], _JUMPS) and rest and _droppable_tail(rest):
                 self.unreachable += len(rest)
@@ -705,7 +932,12 @@ class Specializer:
             s.body = self._block(s.body, env, s) or [ast.Pass()]
             return [s]
         if isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            s.body = self._block(s.body, self._function_env(s, env, cls), None) or [ast.Pass()]
+            fn_env = self._function_env(s, env, cls)
+            stored = {}
+            if cls is not None and _own_self(s):
+                built = self.built_attrs(cls, env).items()
+                stored = {b.after: (k, b) for k, b in built if b.store == id(s) and b.after is not None}
+            s.body = self._block(s.body, fn_env, None, stored) or [ast.Pass()]
             return [s]
         for field, value in ast.iter_fields(s):  # nested blocks (for, while, with, try, ...)
             if isinstance(value, list) and value and isinstance(value[0], ast.stmt):
@@ -767,7 +999,11 @@ class Specializer:
                 setattr(s, field, [Fold().visit(v) for v in value])
 
     def _function_env(
-        self, fn: ast.FunctionDef | ast.AsyncFunctionDef, outer: dict[str, Any], cls: ast.ClassDef | None
+        self,
+        fn: ast.FunctionDef | ast.AsyncFunctionDef,
+        outer: dict[str, Any],
+        cls: ast.ClassDef | None,
+        built: bool = True,
     ) -> dict[str, Any]:
         bound = _bound_names(fn)
         params = {a.arg for a in [*fn.args.posonlyargs, *fn.args.args, *fn.args.kwonlyargs]}
@@ -782,6 +1018,10 @@ class Specializer:
         if cls is not None and "self" in params and not bound.get("self"):
             if fn.name != "__init__":
                 env.update({f"self.{k}": v for k, v in self.derived_attrs(cls, outer).items()})
+                if built:
+                    env.update(
+                        {f"self.{k}": b for k, b in self.built_attrs(cls, outer).items() if b.store != id(fn)}
+                    )
             env.update({f"self.{k}": v for k, v in self.self_attrs(cls).items()})
             own = self.instance_of(cls.name)
             if own is not None and type(own).__name__ == cls.name:

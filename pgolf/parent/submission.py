@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 from pgolf.parent.check import check_run
+from pgolf.parent.result_file import read_result
 from pgolf.results import read_json, write_json_atomic, write_text_atomic
-from pgolf.run_result import RunResult
 
 # Packages a worker imports, by the names pip installs them under, and what pulls them in.
 RUNTIME = {"torch": "torch", "numpy": "numpy", "sentencepiece": "sentencepiece"}
@@ -74,7 +74,7 @@ def pack(
     res_path, script = run_dir / "result.json", run_dir / "artifact" / "train_gpt.py"
     if not res_path.is_file():
         raise PackError(f"{res_path} not found: is {run_dir} a pgolf job dir (outputs/runs/...)?")
-    result = RunResult.read(res_path)
+    result = read_result(res_path)
     if result.status != "ok":
         raise PackError(f"{run_dir} did not finish (status {result.status!r}): {result.error or ''}")
     if not script.is_file():
@@ -188,7 +188,7 @@ def verify(sub_dir: Path, run_dir: Path, timeout: int = 1800, tol: float = 1e-6)
     before = check_run(run_dir, code=Path(sub_dir) / "train_gpt.py")
     if not before["pass"]:
         raise PackError(f"the submission does not check out: {before['reason']}")
-    want = RunResult.read(Path(run_dir) / "result.json")
+    want = read_result(Path(run_dir) / "result.json")
     with tempfile.TemporaryDirectory(prefix="pgolf_verify_") as tmp:
         work = Path(tmp) / "empty"
         work.mkdir()
@@ -210,7 +210,7 @@ def verify(sub_dir: Path, run_dir: Path, timeout: int = 1800, tol: float = 1e-6)
             f"verify 2/3: the packed run finished in {time.perf_counter() - t0:.0f}s; checking that it "
             "shipped the script it ran from"
         )
-        got = RunResult.read(got_path)
+        got = read_result(got_path)
         after = check_run(work / "job")
         # A packed run ships the file it ran from: byte for byte the submitted script.
         shipped = work / "job" / "artifact" / "train_gpt.py"

@@ -16,7 +16,8 @@ from typing import Any
 import yaml
 
 from pgolf.config import config_hash
-from pgolf.run_result import ResultError, RunResult
+from pgolf.parent.result_file import ResultError, read_result
+from pgolf.run_result import RunResult
 
 # Overrides that do not define a configuration: seeds, where and how it ran, logging.
 _NOT_CONFIG = (
@@ -84,7 +85,7 @@ def _read_result(path: Path) -> RunResult | Unreadable | None:
     if not path.is_file():
         return None
     try:
-        return RunResult.read(path)
+        return read_result(path)
     except ResultError as e:
         return Unreadable(f"{path} is corrupt ({e.reason})")
     except OSError as e:
