@@ -134,9 +134,10 @@ def main() -> None:
         docmask.select_doc_backend("varlen", "cuda")  # sets the FA3 function DocMask calls
     rows = flat.view(PACKED_T // ROW_T, ROW_T)
     q, k, v, g = tensors(*rows.shape)
-    ref_out = fwd_bwd(masked(rows, "dense", 0, args.bos), q, k, v, g).detach()
+    dense = masked(rows, "dense", 0, args.bos)
+    ref_out = fwd_bwd(dense, q, k, v, g).detach()
     ref_grads = [t.grad.clone() for t in (q, k, v)]
-    kernels = {"dense": masked(rows, "dense", 0, args.bos), "flex": masked(rows, "flex", 0, args.bos)}
+    kernels = {"dense": dense, "flex": masked(rows, "flex", 0, args.bos)}
     if have_varlen:
         kernels["varlen"] = masked(rows, "varlen", 0, args.bos)
     kernels["causal (no doc mask)"] = causal

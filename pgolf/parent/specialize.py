@@ -230,6 +230,20 @@ def _assigned_pairs(s: ast.stmt) -> list[tuple[ast.expr, ast.expr]]:
     return [] if isinstance(t, ast.Tuple) else [(t, v)]
 
 
+def _self_call_store(node: ast.AST) -> tuple[str, ast.Call] | None:
+    """(attr, call) when node is `self.<attr> = <call>` with a single target, else None."""
+    if (
+        isinstance(node, ast.Assign)
+        and len(node.targets) == 1
+        and isinstance(node.targets[0], ast.Attribute)
+        and isinstance(node.targets[0].value, ast.Name)
+        and node.targets[0].value.id == "self"
+        and isinstance(node.value, ast.Call)
+    ):
+        return node.targets[0].attr, node.value
+    return None
+
+
 def _own_walk(node: ast.AST) -> list[ast.AST]:
     """`node` and what it holds, nested functions, lambdas and classes left out."""
     out, todo = [], [node]
@@ -472,18 +486,11 @@ class Specializer:
             stores = self._self_stores(cls)
             out = {}
             for s in init.body if init else ():
-                if (
-                    isinstance(s, ast.Assign)
-                    and len(s.targets) == 1
-                    and isinstance(s.targets[0], ast.Attribute)
-                    and isinstance(s.targets[0].value, ast.Name)
-                    and s.targets[0].value.id == "self"
-                    and isinstance(s.value, ast.Call)
-                    and _annotation_name(s.value.func) in self.plain_classes
-                ):
-                    attr = s.targets[0].attr
+                store = _self_call_store(s)
+                if store and _annotation_name(store[1].func) in self.plain_classes:
+                    attr = store[0]
                     if stores.get(attr) == 1 and attr not in self.stored_off_self:
-                        out[attr] = _annotation_name(s.value.func)
+                        out[attr] = _annotation_name(store[1].func)
             self._plain_of[id(cls)] = out
         return self._plain_of[id(cls)]
 
@@ -624,27 +631,24 @@ class Specializer:
                 continue
             env: dict[str, Any] | None = None
             for n in _own_walk(fn):
+                store = _self_call_store(n)
+                call = store[1] if store else None
                 if not (
-                    isinstance(n, ast.Assign)
-                    and len(n.targets) == 1
-                    and isinstance(n.targets[0], ast.Attribute)
-                    and isinstance(n.targets[0].value, ast.Name)
-                    and n.targets[0].value.id == "self"
-                    and isinstance(n.value, ast.Call)
-                    and isinstance(n.value.func, ast.Attribute)
-                    and n.value.func.attr == "build"
-                    and isinstance(n.value.func.value, ast.Name)
-                    and n.value.args
+                    call
+                    and isinstance(call.func, ast.Attribute)
+                    and call.func.attr == "build"
+                    and isinstance(call.func.value, ast.Name)
+                    and call.args
                 ):
                     continue
-                attr = n.targets[0].attr
+                attr = store[0]
                 related = self._related(cls.name)
                 hit = self.off_self.get(attr, set())
                 if stores.get(attr) != 1 or None in hit or hit & related or attr in defined:
                     continue
                 env = env if env is not None else self._function_env(fn, outer, cls, built=False)
-                cfg = self.value(n.value.args[0], env)
-                got = self._built(outer.get(_MODULE), n.value.func.value.id, cfg)
+                cfg = self.value(call.args[0], env)
+                got = self._built(outer.get(_MODULE), call.func.value.id, cfg)
                 if got is not None:
                     top = any(n is t for t in fn.body)
                     out[attr] = _Built(got[0], got[1], id(fn), id(n) if top else None)
