@@ -98,6 +98,32 @@ def test_model_with_both_switches_matches_eager():
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@needs_kernels
+@pytest.mark.skipif(DEVICE != "cuda", reason="Dynamo cannot trace a kernel launch of Triton's CPU interpreter")
+def test_training_switches_compile_fullgraph_forward_and_backward():
+    # The training graph as priming compiles it. Under Inductor a kernel's float argument (the
+    # softcap, the slope) arrives as fp64; the fused CE's loop-carried max then changed type and
+    # Triton refused to compile (found on an H100), so the kernels cast their scalars to fp32 first.
+    torch.manual_seed(0)
+    cfg = dict(**TINY, activation="leaky_relu2")
+    eager = GPT(LayeredGPTConfig(**cfg), banked=False).to(DEVICE)
+    fused = GPT(LayeredGPTConfig(**cfg, fused_mlp=True, fused_ce=True), banked=False).to(DEVICE)
+    fused.load_state_dict(eager.state_dict())
+    with torch.no_grad():
+        for p in (*eager.parameters(), *fused.parameters()):
+            p.add_(0.01)
+    x = torch.randint(0, 96, (2, 16), device=DEVICE)
+    y = x.roll(-1, 1)
+    torch._dynamo.reset()
+    loss = torch.compile(fused, fullgraph=True, dynamic=False)(x, y)
+    loss.backward()
+    ref = eager(x, y)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-5)
+    for (name, a), b in zip(eager.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("missing", ["triton", "cuda"])
 @pytest.mark.parametrize("key", ["fused_mlp", "fused_ce", "fused_mlp_gemm", "fused_mlp_up", "fused_qk_rope"])
 def test_switch_refuses_without_triton_or_cuda(key, missing, monkeypatch):

@@ -66,8 +66,12 @@ if triton is not None:
         # 1 - 2/(e^{2u}+1): saturates to +-1 without overflow (e^{2u} -> inf gives 1, -> 0 gives -1)
         return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
 
+    # Scalar float arguments arrive as fp32 from a plain launch but as fp64 when Inductor launches the
+    # kernel inside a compiled graph; every kernel casts them first, so its arithmetic (and a loop-carried
+    # value's type) is fp32 either way.
     @triton.jit
     def _leaky2_fwd(h_ptr, y_ptr, n, slope, BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
+        slope = tl.cast(slope, tl.float32)
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -76,6 +80,7 @@ if triton is not None:
 
     @triton.jit
     def _leaky2_bwd(h_ptr, g_ptr, dh_ptr, n, slope, BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
+        slope = tl.cast(slope, tl.float32)
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -90,6 +95,7 @@ if triton is not None:
     # which NumPy >= 2 refuses to turn into an int). The kernels compile once per vocabulary.
     @triton.jit
     def _softcap_ce_fwd(x_ptr, t_ptr, loss_ptr, lse_ptr, V: tl.constexpr, stride, cap, BLOCK: tl.constexpr):
+        cap = tl.cast(cap, tl.float32)
         row = tl.program_id(0).to(tl.int64)
         base = x_ptr + row * stride
         m_vec = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -114,6 +120,7 @@ if triton is not None:
     def _softcap_ce_bwd(
         x_ptr, t_ptr, lse_ptr, g_ptr, dx_ptr, V: tl.constexpr, stride, cap, BLOCK: tl.constexpr
     ):
+        cap = tl.cast(cap, tl.float32)
         row = tl.program_id(0).to(tl.int64)
         base = x_ptr + row * stride
         out = dx_ptr + row * V
@@ -201,6 +208,7 @@ if triton is not None:
         PREFETCH: tl.constexpr,
     ):
         # One (BLOCK_M, BLOCK_N) tile of out = act(h) @ W^T; h (M, K) with unit column stride.
+        slope = tl.cast(slope, tl.float32)
         a_ptrs, b_ptrs, rk, rm, rn, rows_left, row0 = _gemm_tile(
             h_ptr, w_ptr, M, stride_hm, stride_wn, stride_wk, N, BLOCK_M, BLOCK_N, BLOCK_K
         )
@@ -346,6 +354,7 @@ if triton is not None:
         # One (BLOCK_M, BLOCK_N) tile of the up-projection. Both operands go through shared memory
         # untouched (the pipelined cp.async + wgmma main loop of a plain GEMM), and the activation
         # runs once per output element in the epilogue, where the tile is already in registers.
+        slope = tl.cast(slope, tl.float32)
         a_ptrs, b_ptrs, rk, rm, rn, rows_left, row0 = _gemm_tile(
             x_ptr, w_ptr, M, stride_xm, stride_wn, stride_wk, N, BLOCK_M, BLOCK_N, BLOCK_K
         )
