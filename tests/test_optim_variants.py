@@ -133,6 +133,34 @@ def test_decoupled_weight_decay_is_exact(bundle_cls):
             torch.testing.assert_close(p, start[n] * factor, rtol=1e-6, atol=0, msg=n)
 
 
+@pytest.mark.parametrize("bundle_cls", [OptimizerBundle, ParallelMuonBundle])
+@pytest.mark.parametrize("keep", [False, True])
+def test_keep_primed_momentum_keeps_muon_momentum_and_nothing_else(bundle_cls, keep):
+    """After priming's reset, the next step equals a fresh bundle's on the same weights, whose Muon
+    momentum is the primed one (keep) or zero (the default); Adam's moments are fresh either way."""
+    cls = ParallelMuonConfig if bundle_cls is ParallelMuonBundle else MuonConfig
+    cfg = cls(warmdown_iters=0, keep_primed_momentum=keep)
+    used, fresh = tiny_gpt(), tiny_gpt(seed=1)
+    bundle = bundle_cls(used, cfg, torch.device("cpu"), False)
+    for step in range(3):  # "priming"
+        set_grads(used, seed=10 + step)
+        bundle.step(step, 0.0, 10, None)
+    primed = bundle.muon.state_dict()
+    bundle.reset_state()
+    fresh.load_state_dict(used.state_dict())
+    fresh_bundle = bundle_cls(fresh, cfg, torch.device("cpu"), False)
+    if keep:
+        fresh_bundle.muon.load_state_dict(primed)
+    for m, b in ((used, bundle), (fresh, fresh_bundle)):
+        set_grads(m, seed=99)
+        b.step(0, 0.0, 10, None)
+    for (n, a), (_, b) in zip(used.named_parameters(), fresh.named_parameters()):
+        assert torch.equal(a, b), n
+    kept = bundle.muon.state_dict()
+    moved = any(not torch.equal(kept[k], v) for k, v in primed.items()) if primed else False
+    assert primed and moved  # the momentum was real and the step used it
+
+
 def test_wd_taper_scales_the_muon_decay():
     model = tiny_gpt()
     q0 = model.qo_bank.detach().clone()

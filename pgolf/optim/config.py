@@ -40,6 +40,11 @@ class MuonConfig:
     # the fused elementwise steps in fp32, so its bf16 result differs from eager NS by about as much
     # as ns_square_first does: PRs #399/#726 run NS eagerly, #339 compiles it. On for speed.
     ns_compile: bool = True
+    # Muon's momentum survives the restore after compile priming (everything else is reset): the
+    # first real step then starts from the momentum of the priming steps. PR #1775's script does
+    # this: its Parallel Muon keeps the momentum in buffers outside the state dict that its warm-up
+    # restores. Off, the honest default: training starts from the initial state.
+    keep_primed_momentum: bool = False
     # MuonEq-R: unit-L2 rows of the Nesterov update before NS (docs/techniques.md#muoneq-r)
     row_normalize: bool = False
     muon_wd: float = 0.0  # decoupled: p <- p * (1 - lr * wd) before the update

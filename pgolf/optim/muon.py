@@ -354,10 +354,12 @@ class OptimizerBundle:
 
     def reset_state(self) -> None:
         """Back to the freshly built state (empty moments, QAT off, averages restarted from the
-        current weights), as after construction: what the trainer calls after compile priming."""
+        current weights), as after construction: what the trainer calls after compile priming.
+        With optimizer.keep_primed_momentum, Muon's momentum is the one thing kept."""
         for opt in self.adams:
             opt.state.clear()
-        self.muon.reset_state()
+        if not self.cfg.keep_primed_momentum:
+            self.muon.reset_state()
         self.last_lr_scale = 1.0
         if self.averager is not None:
             self.averager.reset()
