@@ -160,3 +160,39 @@ def test_run_cut_time_limit_reaches_a_worker_in_its_own_session(tmp_path, ignore
         if pid_file.exists() and _alive(int(pid_file.read_text())):
             os.kill(int(pid_file.read_text()), signal.SIGKILL)
     assert gone, "the worker outlived run_cut's time limit: the next run would share the GPU"
+
+
+def _ref_script(tmp_path: Path, pr: str, source: str, **env: str) -> subprocess.CompletedProcess:
+    """bench/seeds.sh's ref_script over a fake .refs/<pr>/train_gpt.py holding `source`."""
+    (tmp_path / ".refs" / pr).mkdir(parents=True)
+    (tmp_path / ".refs" / pr / "train_gpt.py").write_text(source)
+    fn = subprocess.run(
+        ["sed", "-n", "/^ref_script()/,/^}/p", str(REPO / "bench" / "seeds.sh")], capture_output=True, text=True
+    ).stdout
+    assert fn.startswith("ref_script()")
+    cmd = f"{fn}\nref_script {pr}"
+    full_env = {**os.environ, "REPO": str(tmp_path), **env}
+    return subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=full_env)
+
+
+MLP_1775 = "class MLP:\n    def __init__(self):\n        self.use_fused = True\n\nblock.mlp.use_fused = True\n"
+
+
+def test_pr1775_reference_runs_its_mlp_unfused_by_default(tmp_path):
+    out = _ref_script(tmp_path, "pr1775", MLP_1775)
+    assert out.returncode == 0, out.stderr
+    copy = Path(out.stdout.strip())
+    assert copy != tmp_path / ".refs/pr1775/train_gpt.py"
+    assert copy.read_text() == MLP_1775.replace("self.use_fused = True", "self.use_fused = False")
+
+
+def test_pr1775_reference_as_published_and_other_prs_untouched(tmp_path):
+    out = _ref_script(tmp_path, "pr1775", MLP_1775, REF_FUSED_MLP="1")
+    assert out.stdout.strip() == str(tmp_path / ".refs/pr1775/train_gpt.py")
+    out = _ref_script(tmp_path / "b", "pr726", MLP_1775)
+    assert out.stdout.strip() == str(tmp_path / "b/.refs/pr726/train_gpt.py")
+
+
+def test_pr1775_reference_refuses_a_script_without_the_switch(tmp_path):
+    out = _ref_script(tmp_path, "pr1775", "class MLP:\n    pass\n")
+    assert out.returncode != 0 and "switch not found" in out.stderr
