@@ -167,7 +167,9 @@ def _ref_script(tmp_path: Path, pr: str, source: str, **env: str) -> subprocess.
     (tmp_path / ".refs" / pr).mkdir(parents=True)
     (tmp_path / ".refs" / pr / "train_gpt.py").write_text(source)
     fn = subprocess.run(
-        ["sed", "-n", "/^ref_script()/,/^}/p", str(REPO / "bench" / "seeds.sh")], capture_output=True, text=True
+        ["sed", "-n", "/^ref_script()/,/^}/p", str(REPO / "bench" / "seeds.sh")],
+        capture_output=True,
+        text=True,
     ).stdout
     assert fn.startswith("ref_script()")
     cmd = f"{fn}\nref_script {pr}"
@@ -175,7 +177,9 @@ def _ref_script(tmp_path: Path, pr: str, source: str, **env: str) -> subprocess.
     return subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=full_env)
 
 
-MLP_1775 = "class MLP:\n    def __init__(self):\n        self.use_fused = True\n\nblock.mlp.use_fused = True\n"
+MLP_1775 = (
+    "class MLP:\n    def __init__(self):\n        self.use_fused = True\n\nblock.mlp.use_fused = True\n"
+)
 
 
 def test_pr1775_reference_runs_its_mlp_unfused_by_default(tmp_path):
