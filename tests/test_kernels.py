@@ -99,7 +99,9 @@ def test_model_with_both_switches_matches_eager():
 
 
 @needs_kernels
-@pytest.mark.skipif(DEVICE != "cuda", reason="Dynamo cannot trace a kernel launch of Triton's CPU interpreter")
+@pytest.mark.skipif(
+    DEVICE != "cuda", reason="Dynamo cannot trace a kernel launch of Triton's CPU interpreter"
+)
 def test_training_switches_compile_fullgraph_forward_and_backward():
     # The training graph as priming compiles it. Under Inductor a kernel's float argument (the
     # softcap, the slope) arrives as fp64; the fused CE's loop-carried max then changed type and
