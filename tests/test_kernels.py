@@ -102,14 +102,15 @@ def test_model_with_both_switches_matches_eager():
 @pytest.mark.skipif(
     DEVICE != "cuda", reason="Dynamo cannot trace a kernel launch of Triton's CPU interpreter"
 )
-def test_training_switches_compile_fullgraph_forward_and_backward():
+@pytest.mark.parametrize("mlp_switch", ["fused_mlp", "fused_mlp_train"])
+def test_training_switches_compile_fullgraph_forward_and_backward(mlp_switch):
     # The training graph as priming compiles it. Under Inductor a kernel's float argument (the
     # softcap, the slope) arrives as fp64; the fused CE's loop-carried max then changed type and
     # Triton refused to compile (found on an H100), so the kernels cast their scalars to fp32 first.
     torch.manual_seed(0)
     cfg = dict(**TINY, activation="leaky_relu2")
     eager = GPT(LayeredGPTConfig(**cfg), banked=False).to(DEVICE)
-    fused = GPT(LayeredGPTConfig(**cfg, fused_mlp=True, fused_ce=True), banked=False).to(DEVICE)
+    fused = GPT(LayeredGPTConfig(**cfg, fused_ce=True, **{mlp_switch: True}), banked=False).to(DEVICE)
     fused.load_state_dict(eager.state_dict())
     with torch.no_grad():
         for p in (*eager.parameters(), *fused.parameters()):
@@ -551,3 +552,102 @@ def test_fused_qk_rope_model_compiles_fullgraph():
 @needs_kernels
 def test_fused_qk_rope_stays_off_under_the_gptq_hessian_collector():
     _assert_hessians_unchanged(*_qk_models(torch.float32, rope_dims=8), "fused_qk")
+
+
+# ---------------------------------------------------------------------------------------------
+# model.fused_mlp_train: the training MLP with the activation (and its derivative) in GEMM epilogues
+# ---------------------------------------------------------------------------------------------
+
+
+def _mlp_unfused(x, w_up, w_down, slope):
+    """What the unfused path computes, rounding where it stores: h, act(h), and the output."""
+    return F.linear(F.leaky_relu(F.linear(x, w_up), slope).square(), w_down)
+
+
+@needs_kernels
+@pytest.mark.parametrize("slope", [0.5, 0.0])
+@pytest.mark.parametrize(
+    "M,D,H",
+    # ragged rows, model dim and hidden width; then the record's MLP (d 512, hidden 2048)
+    [(77, 48, 96), (45, 40, 100), pytest.param(64, 512, 2048, marks=record_shape)],
+)
+def test_mlp_train_ops_match_the_unfused_steps(M, D, H, slope):
+    g = torch.Generator().manual_seed(M + H)
+    x = torch.randn(M, D, generator=g).to(DEVICE, torch.bfloat16)
+    w_up = (torch.randn(H, D, generator=g) / D**0.5).to(DEVICE, torch.bfloat16)
+    w_down = (torch.randn(D, H, generator=g) / H**0.5).to(DEVICE, torch.bfloat16)
+    dout = torch.randn(M, D, generator=g).to(DEVICE, torch.bfloat16)
+    pre, post = torch.ops.pgolf.mlp_up_act(x, w_up, slope)
+    h = F.linear(x.float(), w_up.float()).to(torch.bfloat16)  # the stored GEMM output
+    # one bf16 ulp apart where the fp32 sums round the other way (another summation order)
+    torch.testing.assert_close(pre, h, rtol=2**-7, atol=1e-4)
+    torch.testing.assert_close(
+        post, F.leaky_relu(pre.float(), slope).square().to(torch.bfloat16), rtol=0, atol=0
+    )
+    dpre = torch.ops.pgolf.mlp_dact(dout, w_down, pre, slope)
+    dpost = F.linear(dout.float(), w_down.float().t()).to(torch.bfloat16)  # dOut @ W_down
+    act_grad = torch.where(pre.float() > 0, 2 * pre.float(), 2 * slope * slope * pre.float())
+    ref = (dpost.float() * act_grad).to(torch.bfloat16)
+    torch.testing.assert_close(dpre.float(), ref.float(), rtol=2**-6, atol=1e-4)
+    assert (dpre != ref).float().mean() < 0.02
+
+
+@needs_kernels
+@pytest.mark.parametrize("slope", [0.5, 0.0])
+def test_mlp_train_forward_and_backward_match_the_unfused_mlp(slope):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 37, 48, generator=g).to(DEVICE, torch.bfloat16)
+    w_up = (torch.randn(96, 48, generator=g) / 48**0.5).to(DEVICE, torch.bfloat16)
+    w_down = (torch.randn(48, 96, generator=g) / 96**0.5).to(DEVICE, torch.bfloat16)
+    dout = torch.randn(2, 37, 48, generator=g).to(DEVICE, torch.bfloat16)
+    grads = []
+    for fn in (kernels.mlp_train, _mlp_unfused):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w_up, w_down)]
+        out = fn(*leaves, slope)
+        out.backward(dout)
+        grads.append((out.detach(), *(t.grad for t in leaves)))
+    for name, a, b in zip(("out", "dx", "dw_up", "dw_down"), grads[0], grads[1]):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        # bf16 GEMMs on both sides, summed in another order: a few bf16 ulps of the largest values
+        torch.testing.assert_close(
+            a.float(), b.float(), rtol=2**-5, atol=2e-2 * b.float().abs().max().item(), msg=name
+        )
+
+
+@needs_kernels
+def test_model_with_fused_mlp_train_matches_eager_and_scores_unfused():
+    torch.manual_seed(0)
+    cfg = dict(**TINY, activation="leaky_relu2")
+    eager = GPT(LayeredGPTConfig(**cfg), banked=False).to(DEVICE)
+    fused = GPT(LayeredGPTConfig(**cfg, fused_mlp_train=True), banked=False).to(DEVICE)
+    fused.load_state_dict(eager.state_dict())
+    with torch.no_grad():
+        for p in (*eager.parameters(), *fused.parameters()):
+            p.add_(0.01)
+    x = torch.randint(0, 96, (2, 16), device=DEVICE)
+    y = x.roll(-1, 1)
+    calls = []
+    real = kernels.mlp_train
+
+    def counting(*a):
+        calls.append(1)
+        return real(*a)
+
+    for block in fused.blocks:
+        block.mlp.fused_train = counting
+    le, lf = eager(x, y), fused(x, y)  # fp32 weights and activations here: the kernels' fp32 path
+    assert len(calls) == len(fused.blocks)
+    torch.testing.assert_close(lf, le, rtol=1e-5, atol=1e-5)
+    le.backward()
+    lf.backward()
+    for (name, a), b in zip(eager.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+    calls.clear()
+    with torch.no_grad():  # scoring (and GPTQ's F.linear hooks) keep the unfused path
+        torch.testing.assert_close(fused.token_nll(x, y), eager.token_nll(x, y), rtol=1e-5, atol=1e-5)
+    assert calls == []
+
+
+def test_fused_mlp_train_and_fused_mlp_are_exclusive():
+    with pytest.raises(ConfigError, match="fused_mlp_train and model.fused_mlp"):
+        LayeredGPTConfig(**TINY, fused_mlp=True, fused_mlp_train=True).validate("model")

@@ -209,6 +209,8 @@ class MLP(nn.Module):
         self.leaky = cfg.activation == "leaky_relu2"
         self.negative_slope = cfg.negative_slope
         self.fused = optional_kernel(cfg.fused_mlp, "fused_mlp", "leaky_relu2")
+        # the whole MLP with the activation in GEMM epilogues, used only with grad enabled
+        self.fused_train = optional_kernel(cfg.fused_mlp_train, "fused_mlp_train", "mlp_train")
         # act(h) @ W_down^T in one kernel, used only with grad disabled
         self.fused_gemm = optional_kernel(cfg.fused_mlp_gemm, "fused_mlp_gemm", "act_mm")
         # act(x @ W_up^T) in one kernel (the epilogue form), used only with grad disabled
@@ -220,6 +222,9 @@ class MLP(nn.Module):
             # a Triton op is not autocast-aware: cast its operands as F.linear's autocast would
             dt = autocast_dtype(x)
             return F.linear(self.fused_up(x.to(dt), up.to(dt), slope), down.to(x.dtype))
+        if self.fused_train is not None and torch.is_grad_enabled():
+            dt = autocast_dtype(x)
+            return self.fused_train(x.to(dt), up.to(dt), down.to(dt), slope)
         h = F.linear(x, up.to(x.dtype))
         if self.fused_gemm is not None and may_use_inference_kernels():
             return self.fused_gemm(h, down.to(h.dtype), slope)  # h's dtype: bf16 under autocast

@@ -8,7 +8,14 @@ from typing import ClassVar, Literal
 from pgolf.registry import ConfigError
 
 # The fused-kernel switches of the GPT family (pgolf.models.kernels).
-FUSED_SWITCHES = ("fused_mlp", "fused_ce", "fused_mlp_gemm", "fused_mlp_up", "fused_qk_rope")
+FUSED_SWITCHES = (
+    "fused_mlp",
+    "fused_ce",
+    "fused_mlp_train",
+    "fused_mlp_gemm",
+    "fused_mlp_up",
+    "fused_qk_rope",
+)
 
 
 def switch_on(value: bool | str) -> bool:
@@ -178,6 +185,10 @@ class GPTModelConfig:
     # fused Triton kernels (pgolf.models.kernels; need Triton + CUDA, or TRITON_INTERPRET=1)
     fused_mlp: bool = False  # the leaky_relu^2 / relu^2 activation, forward + backward
     fused_ce: bool = False  # soft-capped cross entropy, forward + backward (needs logit_softcap > 0)
+    # with grad on (training, TTT training): the activation in the up-projection GEMM's epilogue
+    # (pre-activation and activation from one GEMM) and its derivative in the epilogue of the GEMM
+    # that makes the activation's gradient, as PR #1775's training MLP; replaces fused_mlp there
+    fused_mlp_train: bool = False
     # inference only: act(h) @ W_down^T in one GEMM, the activation applied as h's tiles load (grad
     # off: scoring; training and TTT training keep the differentiable path)
     fused_mlp_gemm: bool = False
@@ -222,6 +233,11 @@ class GPTModelConfig:
         if self.z_loss and self.fused_ce:
             raise ConfigError(
                 f"{path}.z_loss needs the logits, which {path}.fused_ce never stores; set one of them off"
+            )
+        if self.fused_mlp_train and self.fused_mlp:
+            raise ConfigError(
+                f"{path}.fused_mlp_train and {path}.fused_mlp both fuse the training MLP's activation; "
+                "set one of them false"
             )
         if self.fused_mlp_gemm and self.fused_mlp_up:
             raise ConfigError(
