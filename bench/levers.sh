@@ -9,7 +9,8 @@
 # Measured so far (docs/benchmarks.md §9e): fused_mlp 1.004 on pr726 (no gain); fused_ce failed to
 # compile then (fixed since); fused_mlp_train not yet run on a GPU.
 #
-# LEVERS: lever sets separated by "|", each a space-separated list of overrides; "base" is the
+# LEVERS: lever sets separated by "|", each a space-separated list of overrides and of environment
+# variables for the run (upper-case NAME=value, e.g. TORCHINDUCTOR_MIX_ORDER_REDUCTION=0); "base" is the
 # experiment as shipped and should come first (the ratios are to the first set). On one H100 each
 # sp1024 run takes about 1.5-2 minutes at 150 steps (priming compile included), so four sets fit one
 # device call. The sp8192 experiments need bench/sp8192_prep.sh first (see bench/seeds.sh).
@@ -21,9 +22,15 @@ ROOT=${OUT:-$REPO/outputs/bench_levers}
 mkdir -p "$ROOT"
 IFS='|' read -ra sets <<< "$LEVERS"
 for i in "${!sets[@]}"; do
-  extra=${sets[$i]}
-  [ "$extra" = base ] && extra=""
-  OUT=$ROOT/set$i RUNS=/tmp/pgolf_bench/levers/set$i PRS=$EXP SIDES=pgolf PGOLF_EXTRA="$extra" \
+  extra="" envs=()
+  for word in ${sets[$i]}; do
+    case "$word" in
+      base) ;;
+      [A-Z_]*=*) envs+=("$word") ;;  # an environment variable of the run (TORCHINDUCTOR_...)
+      *) extra="$extra $word" ;;     # a pgolf override
+    esac
+  done
+  env "${envs[@]}" OUT="$ROOT/set$i" RUNS="/tmp/pgolf_bench/levers/set$i" PRS="$EXP" SIDES=pgolf PGOLF_EXTRA="$extra" \
     bash "$REPO/bench/seeds.sh" > "$ROOT/set$i.txt" 2>&1 || { echo "set $i (${sets[$i]}) failed: $ROOT/set$i.txt" >&2; }
 done
 python3 - "$ROOT" "$EXP" "$LEVERS" << 'EOF'

@@ -200,3 +200,29 @@ def test_pr1775_reference_as_published_and_other_prs_untouched(tmp_path):
 def test_pr1775_reference_refuses_a_script_without_the_switch(tmp_path):
     out = _ref_script(tmp_path, "pr1775", "class MLP:\n    pass\n")
     assert out.returncode != 0 and "switch not found" in out.stderr
+
+
+def test_levers_passes_env_words_to_the_run_and_the_rest_as_overrides(tmp_path):
+    """bench/levers.sh: upper-case NAME=value words of a lever set become the run's environment,
+    the others pgolf overrides; the table reads each set's log."""
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "levers.sh").write_text((REPO / "bench" / "levers.sh").read_text())
+    (tmp_path / "bench" / "seeds.sh").write_text(  # stands in for the GPU run: echoes what it got
+        'mkdir -p "$OUT"\n'
+        'echo "mix=${TORCHINDUCTOR_MIX_ORDER_REDUCTION:-unset} extra=[$PGOLF_EXTRA]" > "$OUT/args.txt"\n'
+        'printf "step:50/150 train_loss:3.5 step_avg:500.0ms\\n" > "$OUT/pgolf_${PRS}_s1337.out"\n'
+    )
+    levers = "base|TORCHINDUCTOR_MIX_ORDER_REDUCTION=0 model.fused_ce=true"
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "EXP": "pr726", "LEVERS": levers}
+    env.pop("TORCHINDUCTOR_MIX_ORDER_REDUCTION", None)
+    out = subprocess.run(
+        ["bash", str(tmp_path / "bench" / "levers.sh")], capture_output=True, text=True, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "out/set0/args.txt").read_text().split() == ["mix=unset", "extra=[]"]
+    assert (tmp_path / "out/set1/args.txt").read_text().split() == [
+        "mix=0",
+        "extra=[",
+        "model.fused_ce=true]",
+    ]
+    assert "| base | 500.0 | 1.000 | 3.5000 | - | - |" in out.stdout
