@@ -40,6 +40,10 @@ class MuonConfig:
     # the fused elementwise steps in fp32, so its bf16 result differs from eager NS by about as much
     # as ns_square_first does: PRs #399/#726 run NS eagerly, #339 compiles it. On for speed.
     ns_compile: bool = True
+    # False: NS orthogonalizes one matrix at a time, where True stacks same-shape matrices into one
+    # batched call. The math is the same, but compiled, the batched form rounds differently from
+    # the per-matrix calls of the per-layer record scripts (PR #339); eager NS agrees either way.
+    ns_batch: bool = True
     # Muon's momentum survives the restore after compile priming (everything else is reset): the
     # first real step then starts from the momentum of the priming steps. PR #1775's script does
     # this: its Parallel Muon keeps the momentum in buffers outside the state dict that its warm-up
