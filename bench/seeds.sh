@@ -120,8 +120,12 @@ run_reference() {  # PR SEED
 
 run_pgolf() {  # PR SEED
   cd "$REPO" || return 1
+  # As the reference: the sp8192 runs are cut at their last train-loss line, before the final
+  # validation (#1775's packed nonoverlap pass over the whole val split costs minutes of the call).
+  local cut="trained [0-9]+ steps in"
+  sp8192 "$1" && cut="^step:$STEPS/$STEPS train_loss"
   # shellcheck disable=SC2086,SC2046
-  run_cut "$OUT/pgolf_$1_s$2.out" "trained [0-9]+ steps in" python3 -m pgolf.run experiment="$1" data=shards \
+  run_cut "$OUT/pgolf_$1_s$2.out" "$cut" python3 -m pgolf.run experiment="$1" data=shards \
     $(pgolf_data_args "$1") hardware=gpu hardware.attention=fa3 \
     budget.mode=steps train.iterations="$STEPS" train.log_every="$LOG_EVERY" \
     train.val_every=0 seed="$2" hydra.run.dir="$RUNS/pgolf_$1_s$2" $PGOLF_EXTRA
