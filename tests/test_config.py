@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -28,8 +29,32 @@ def test_every_option_composes_and_validates(compose, group, option):
         overrides += SHARD_ARGS
     if group == "optimizer" and compose(overrides)["optimizer"]["name"] == "parallel_muon":
         overrides += ["model=banked"]  # Parallel Muon shards banks; test_parallel_muon checks the refusal
-    job = job_config_from_dict(compose(overrides))
+    composed = compose(overrides)
+    job = job_config_from_dict(composed)
     assert getattr(job, group).name in REGISTRIES[group].names()
+    # Every key of the option's schema is in its file, so `group.key=value` reaches it without
+    # Hydra's `+` (a key missing there is refused as "not in struct").
+    schema = {f.name for f in dataclasses.fields(getattr(job, group))}
+    assert sorted(schema - set(composed[group])) == [], f"conf/{group}/{option}.yaml lacks these keys"
+
+
+@pytest.mark.parametrize("section", ["train", "budget", "eval"])
+def test_every_section_key_is_in_config_yaml(compose, section):
+    composed = compose([])
+    schema = {f.name for f in dataclasses.fields(getattr(job_config_from_dict(composed), section))}
+    assert sorted(schema - set(composed[section])) == [], f"conf/config.yaml's {section} lacks these keys"
+
+
+def test_a_plain_override_reaches_a_key_of_every_group(compose):
+    job = job_config_from_dict(
+        compose(
+            ["model=banked", "optimizer.keep_primed_momentum=true", "model.fused_mlp_train=true"]
+            + ["eval.window_rule=legacy"]
+        )
+    )
+    assert (
+        job.optimizer.keep_primed_momentum and job.model.fused_mlp_train and job.eval.window_rule == "legacy"
+    )
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))

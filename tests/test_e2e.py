@@ -89,6 +89,20 @@ def test_priming_is_undone(tiny_run, tmp_path, shard_dir, tokenizer_model):
     assert runs[0]["val_loss"] == runs[2]["val_loss"]
 
 
+def test_keep_primed_momentum_carries_only_muon_momentum_into_training(
+    tiny_run, tmp_path, shard_dir, tokenizer_model
+):
+    """With optimizer.keep_primed_momentum the priming steps' Muon momentum reaches the first real
+    update (as PR #1775's warm-up leaves it), while the weights still start from the init."""
+    primed, _ = tiny_run
+    args = tiny_cpu_args(shard_dir, tokenizer_model, **{"optimizer.keep_primed_momentum": "true"})
+    proc = run_cli(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kept, reset = load_result(tmp_path)["train_losses"], load_result(primed)["train_losses"]
+    assert kept[0] == reset[0]  # the first loss comes before any update: same weights, same batch
+    assert kept[1:] != reset[1:]  # the updates differ from the first on
+
+
 def test_packed_script_reproduces_the_run(tiny_run, tmp_path):
     """The shipped train_gpt.py runs from an empty directory and reaches the same metrics."""
     src, _ = tiny_run
