@@ -49,7 +49,7 @@ def test_auto_is_on_with_cuda_and_triton(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     model = GPT(LayeredGPTConfig(**TINY, **AUTO), banked=False)
     assert model.fused_kernels == {
-        "fused_mlp": False, "fused_ce": False, "fused_mlp_gemm": False, "fused_mlp_up": True, "fused_qk_rope": True
+        "fused_mlp": False, "fused_ce": False, "fused_mlp_train": False, "fused_mlp_gemm": False, "fused_mlp_up": True, "fused_qk_rope": True
     }  # fmt: skip
     assert model.blocks[0].mlp.fused_up is not None and model.blocks[0].attn.fused_qk is not None
 
