@@ -7,6 +7,7 @@ serves both layouts and the two give the same numbers for the same weights.
 
 from __future__ import annotations
 
+import importlib
 import math
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -43,8 +44,8 @@ def own_linear(in_features: int, out_features: int, cfg: GPTModelConfig) -> Cast
     )
 
 
-def optional_kernel(on: bool | str, switch: str, name: str):
-    """pgolf.models.kernels.<name> when the config switch `model.<switch>` is on, else None.
+def optional_kernel(on: bool | str, switch: str, name: str, module: str = "kernels"):
+    """pgolf.models.<module>.<name> when the config switch `model.<switch>` is on, else None.
 
     The module is imported only then, so runs without a fused switch never import (or ship) it;
     `kernels.require` raises a clear error naming the switch where the kernels cannot run.
@@ -54,7 +55,7 @@ def optional_kernel(on: bool | str, switch: str, name: str):
     from pgolf.models import kernels
 
     kernels.require([f"model.{switch}"])
-    return getattr(kernels, name)
+    return getattr(importlib.import_module(f"pgolf.models.{module}"), name)
 
 
 def may_use_inference_kernels() -> bool:
@@ -210,7 +211,9 @@ class MLP(nn.Module):
         self.negative_slope = cfg.negative_slope
         self.fused = optional_kernel(cfg.fused_mlp, "fused_mlp", "leaky_relu2")
         # the whole MLP with the activation in GEMM epilogues, used only with grad enabled
-        self.fused_train = optional_kernel(cfg.fused_mlp_train, "fused_mlp_train", "mlp_train")
+        self.fused_train = optional_kernel(
+            cfg.fused_mlp_train, "fused_mlp_train", "mlp_train", "fused_mlp_train"
+        )
         # act(h) @ W_down^T in one kernel, used only with grad disabled
         self.fused_gemm = optional_kernel(cfg.fused_mlp_gemm, "fused_mlp_gemm", "act_mm")
         # act(x @ W_up^T) in one kernel (the epilogue form), used only with grad disabled

@@ -1,0 +1,200 @@
+"""`model.fused_mlp_train`: the training MLP with its activation in GEMM epilogues, both ways.
+
+`mlp_train(x, W_up, W_down, slope)` is leaky_relu(x W_up^T, slope)^2 W_down^T as an autograd
+function. Its up-projection GEMM writes the pre-activation h and act(h) from one epilogue. Its
+backward folds act'(h) into the epilogue of the GEMM dOut @ W_down, so neither the activation nor
+its gradient takes a pass of its own over the (M x hidden) tensors. The down projection and the
+weight and input gradients stay cuBLAS GEMMs. This is the form of PR #1775's training MLP kernel,
+built on `pgolf.models.kernels`' GEMM tiles (`mm_act`'s main loop). A module of its own so that a
+run without the switch neither imports nor ships it (docs/fused_mlp_gemm.md).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from pgolf.models.kernels import (
+    _INTERPRET,
+    _TRITON_OP,
+    _gemm_out,
+    _gemm_tile,
+    _load_k_tile,
+    _mm_act_configs,
+    _round_to,
+    _store_tile,
+    tl,
+    triton,
+)
+
+# ---- model.fused_mlp_train: the up-projection's activation in a GEMM epilogue, both ways ----
+
+
+@triton.jit
+def _mlp_train_kernel(
+    a_ptr,
+    w_ptr,
+    out_ptr,
+    aux_ptr,
+    M,
+    stride_am,
+    stride_wn,
+    stride_wk,
+    stride_om,
+    slope,
+    N: tl.constexpr,
+    K: tl.constexpr,
+    BACKWARD: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # One (BLOCK_M, BLOCK_N) tile of h = round(a @ W^T), then the epilogue:
+    #   forward  (a = x, W = W_up):         out = h (the pre-activation), aux = act(h)
+    #   backward (a = dOut, W = W_down^T):  out = h * act'(aux), aux = the saved pre-activation
+    # out and aux are (M, N) with one row stride. act(h) = leaky_relu(h, slope)^2, so
+    # act'(p) = 2p for p > 0 and 2 slope^2 p below: what the unfused path's pointwise kernels
+    # compute from the stored GEMM outputs, in fp32, rounded once at the store.
+    slope = tl.cast(slope, tl.float32)
+    a_ptrs, b_ptrs, rk, rm, rn, rows_left, row0 = _gemm_tile(
+        a_ptr, w_ptr, M, stride_am, stride_wn, stride_wk, N, BLOCK_M, BLOCK_N, BLOCK_K
+    )
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    EVEN_K = K % BLOCK_K == 0
+    for k in range(0, K, BLOCK_K):
+        a = _load_k_tile(a_ptrs, rk, K - k, 1, EVEN_K)
+        b = _load_k_tile(b_ptrs, rk, K - k, 0, EVEN_K)
+        if DOT_F32:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * stride_wk
+    h = _round_to(acc, out_ptr.dtype.element_ty, INTERPRET).to(tl.float32)
+    if BACKWARD:
+        aux_ptrs = aux_ptr + row0 * stride_om + (rm[:, None] * stride_om + rn[None, :])
+        live = (rm[:, None] < rows_left) & (rn[None, :] < N)
+        pre = tl.load(aux_ptrs, mask=live, other=0.0).to(tl.float32)
+        _store_tile(out_ptr, h * tl.where(pre > 0, 2.0 * pre, (2.0 * slope * slope) * pre),
+                    row0, rm, rn, rows_left, N, stride_om, INTERPRET)  # fmt: skip
+    else:
+        _store_tile(out_ptr, h, row0, rm, rn, rows_left, N, stride_om, INTERPRET)
+        y = tl.where(h > 0, h, h * slope)
+        _store_tile(aux_ptr, y * y, row0, rm, rn, rows_left, N, stride_om, INTERPRET)
+
+
+# Separate tuners for the two directions: the same (N, K) key, different epilogues.
+_mlp_up_tuned = triton.autotune(configs=_mm_act_configs(), key=["N", "K"])(_mlp_train_kernel)
+_mlp_dact_tuned = triton.autotune(configs=_mm_act_configs(), key=["N", "K"])(_mlp_train_kernel)
+
+
+def _mlp_train_launch(
+    kernel, a: Tensor, w_nk: Tensor, out: Tensor, aux: Tensor, slope: float, backward: bool
+):
+    """out/aux (M, N) from a (M, K) with unit column stride and W read as (N, K) through its strides."""
+    M, K = a.shape
+    N = w_nk.shape[0]
+
+    def grid(META: dict) -> tuple[int]:
+        return (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
+
+    kernel[grid](
+        a,
+        w_nk,
+        out,
+        aux,
+        M,
+        a.stride(0),
+        w_nk.stride(0),
+        w_nk.stride(1),
+        out.stride(0),
+        slope,
+        N=N,
+        K=K,
+        BACKWARD=backward,
+        DOT_F32=a.dtype == torch.float32 or _INTERPRET,
+        INTERPRET=_INTERPRET,
+    )
+
+
+def _mlp_up_act_impl(kernel, x: Tensor, w_up: Tensor, slope: float) -> tuple[Tensor, Tensor]:
+    pre, post = _gemm_out(x, w_up), _gemm_out(x, w_up)
+    _mlp_train_launch(kernel, x, w_up, pre, post, slope, backward=False)
+    return pre, post
+
+
+def _mlp_dact_impl(kernel, g: Tensor, w_down: Tensor, pre: Tensor, slope: float) -> Tensor:
+    dpre = torch.empty_like(pre)
+    _mlp_train_launch(kernel, g, w_down.t(), dpre, pre, slope, backward=True)  # W_down^T: (hidden, d)
+    return dpre
+
+
+if _TRITON_OP and not _INTERPRET:
+
+    @torch.library.triton_op("pgolf::mlp_up_act", mutates_args=())
+    def _mlp_up_act_op(x: Tensor, w_up: Tensor, slope: float) -> tuple[Tensor, Tensor]:
+        return _mlp_up_act_impl(torch.library.wrap_triton(_mlp_up_tuned), x, w_up, slope)
+
+    @torch.library.triton_op("pgolf::mlp_dact", mutates_args=())
+    def _mlp_dact_op(g: Tensor, w_down: Tensor, pre: Tensor, slope: float) -> Tensor:
+        return _mlp_dact_impl(torch.library.wrap_triton(_mlp_dact_tuned), g, w_down, pre, slope)
+
+else:  # opaque ops with shape-only fakes, as for act_mm
+
+    @torch.library.custom_op("pgolf::mlp_up_act", mutates_args=())
+    def _mlp_up_act_op(x: Tensor, w_up: Tensor, slope: float) -> tuple[Tensor, Tensor]:
+        return _mlp_up_act_impl(_mlp_up_tuned, x, w_up, slope)
+
+    @_mlp_up_act_op.register_fake
+    def _mlp_up_act_fake(x: Tensor, w_up: Tensor, slope: float) -> tuple[Tensor, Tensor]:
+        return _gemm_out(x, w_up), _gemm_out(x, w_up)
+
+    @torch.library.custom_op("pgolf::mlp_dact", mutates_args=())
+    def _mlp_dact_op(g: Tensor, w_down: Tensor, pre: Tensor, slope: float) -> Tensor:
+        return _mlp_dact_impl(_mlp_dact_tuned, g, w_down, pre, slope)
+
+    @_mlp_dact_op.register_fake
+    def _mlp_dact_fake(g: Tensor, w_down: Tensor, pre: Tensor, slope: float) -> Tensor:
+        return torch.empty_like(pre)
+
+
+class _FusedMLP(torch.autograd.Function):
+    """leaky_relu(x @ W_up^T, slope)^2 @ W_down^T with the activation in GEMM epilogues: the forward
+    writes the pre-activation and the activation from one GEMM, the backward folds act' into the
+    GEMM that makes the activation's gradient. The down projection and the weight/input gradients
+    are cuBLAS GEMMs. x (M, d), w_up (hidden, d), w_down (d, hidden), one dtype."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w_up: Tensor, w_down: Tensor, slope: float) -> Tensor:
+        pre, post = torch.ops.pgolf.mlp_up_act(x, w_up, slope)
+        ctx.save_for_backward(x, w_up, w_down, pre, post)
+        ctx.slope = slope
+        return post @ w_down.t()
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
+        x, w_up, w_down, pre, post = ctx.saved_tensors
+        g = g.contiguous()
+        dpre = torch.ops.pgolf.mlp_dact(g, w_down, pre, ctx.slope)
+        return dpre @ w_up, dpre.t() @ x, g.t() @ post, None
+
+
+def mlp_train(x: Tensor, w_up: Tensor, w_down: Tensor, slope: float) -> Tensor:
+    """The MLP leaky_relu(x @ W_up^T, slope)^2 @ W_down^T, differentiable, with the activation and
+    its derivative in GEMM epilogues (model.fused_mlp_train). x (..., d); weights as nn.Linear's."""
+    if (
+        not (x.dtype == w_up.dtype == w_down.dtype)
+        or w_up.shape[1] != x.shape[-1]
+        or w_down.shape[1] != w_up.shape[0]
+    ):
+        raise ValueError(
+            f"mlp_train: x {tuple(x.shape)} {x.dtype}, w_up {tuple(w_up.shape)} {w_up.dtype} and "
+            f"w_down {tuple(w_down.shape)} {w_down.dtype} do not match"
+        )
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = _FusedMLP.apply(x2, w_up, w_down, float(slope))
+    return out.view(*x.shape[:-1], w_down.shape[0])
