@@ -91,6 +91,11 @@ def compiles_for_scoring(ids: torch.Tensor, backend: str, bos: int, dev: torch.d
         with torch.inference_mode():
             ref = score(x, w, gain) if backend == "dense" else None  # eager flex: T x T scores
             out = torch.compile(score, fullgraph=True, dynamic=False)(x, w, gain)
+            if dev.type == "cuda":
+                # a kernel's fault surfaces at the next CUDA call: wait here, so it is this check's
+                # (the 2026-12-06 call printed "flex ok", then dense failed at its first randn with
+                # an illegal memory access that may have been flex's)
+                torch.cuda.synchronize(dev)
     except Exception as e:  # what failed, for the log; the benchmark goes on
         return "FAILED " + (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
     return "ok" if ref is None else f"ok, vs eager {rel_diff(out, ref):.1e}"
