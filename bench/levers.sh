@@ -53,3 +53,12 @@ print(f"{exp}: lever set | ms/step (step_avg) | ratio to the first | loss 50 | l
 print("|---|---:|---:|---:|---:|---:|")
 print("\n".join(rows))
 EOF
+# A device call returns at most 8 files: one log per set (the console, then the run's log), one
+# gpu.txt, and the set folders go.
+for i in "${!sets[@]}"; do
+  d=$ROOT/set$i
+  [ -d "$d" ] || continue
+  [ -f "$d/gpu.txt" ] && cp "$d/gpu.txt" "$ROOT/gpu.txt"
+  for f in "$d"/*.out; do [ -f "$f" ] && { echo "=== $(basename "$f")"; cat "$f"; } >> "$ROOT/set$i.txt"; done
+  rm -rf "$d"
+done

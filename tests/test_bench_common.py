@@ -204,13 +204,15 @@ def test_pr1775_reference_refuses_a_script_without_the_switch(tmp_path):
 
 def test_levers_passes_env_words_to_the_run_and_the_rest_as_overrides(tmp_path):
     """bench/levers.sh: upper-case NAME=value words of a lever set become the run's environment,
-    the others pgolf overrides; the table reads each set's log."""
+    the others pgolf overrides; the table reads each set's log; one file per set comes back."""
     (tmp_path / "bench").mkdir()
     (tmp_path / "bench" / "levers.sh").write_text((REPO / "bench" / "levers.sh").read_text())
-    (tmp_path / "bench" / "seeds.sh").write_text(  # stands in for the GPU run: echoes what it got
+    (tmp_path / "bench" / "seeds.sh").write_text(  # stands in for the GPU run: logs what it got
         'mkdir -p "$OUT"\n'
-        'echo "mix=${TORCHINDUCTOR_MIX_ORDER_REDUCTION:-unset} extra=[$PGOLF_EXTRA]" > "$OUT/args.txt"\n'
-        'printf "step:50/150 train_loss:3.5 step_avg:500.0ms\\n" > "$OUT/pgolf_${PRS}_s1337.out"\n'
+        'log="$OUT/pgolf_${PRS}_s1337.out"\n'
+        'echo "mix=${TORCHINDUCTOR_MIX_ORDER_REDUCTION:-unset} extra=[$PGOLF_EXTRA]" > "$log"\n'
+        'printf "step:50/150 train_loss:3.5 step_avg:500.0ms\\n" >> "$log"\n'
+        'echo "GPU" > "$OUT/gpu.txt"\n'
     )
     levers = "base|TORCHINDUCTOR_MIX_ORDER_REDUCTION=0 model.fused_ce=true"
     env = {**os.environ, "OUT": str(tmp_path / "out"), "EXP": "pr726", "LEVERS": levers}
@@ -219,10 +221,9 @@ def test_levers_passes_env_words_to_the_run_and_the_rest_as_overrides(tmp_path):
         ["bash", str(tmp_path / "bench" / "levers.sh")], capture_output=True, text=True, env=env
     )
     assert out.returncode == 0, out.stderr
-    assert (tmp_path / "out/set0/args.txt").read_text().split() == ["mix=unset", "extra=[]"]
-    assert (tmp_path / "out/set1/args.txt").read_text().split() == [
-        "mix=0",
-        "extra=[",
-        "model.fused_ce=true]",
-    ]
     assert "| base | 500.0 | 1.000 | 3.5000 | - | - |" in out.stdout
+    # a device call returns at most 8 files: one log per set and one gpu.txt, no folders
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gpu.txt", "set0.txt", "set1.txt"]
+    logs = [(tmp_path / "out" / f"set{i}.txt").read_text() for i in (0, 1)]
+    assert "mix=unset extra=[]" in logs[0] and "step_avg:500.0ms" in logs[0]
+    assert "mix=0 extra=[ model.fused_ce=true]" in logs[1]
