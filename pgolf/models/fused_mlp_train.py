@@ -17,17 +17,14 @@ from torch import Tensor
 from pgolf.models.kernels import (
     _INTERPRET,
     _TRITON_OP,
+    _gemm_acc,
     _gemm_out,
-    _gemm_tile,
-    _load_k_tile,
     _mm_act_configs,
     _round_to,
     _store_tile,
     tl,
     triton,
 )
-
-# ---- model.fused_mlp_train: the up-projection's activation in a GEMM epilogue, both ways ----
 
 
 @triton.jit
@@ -58,20 +55,9 @@ def _mlp_train_kernel(
     # act'(p) = 2p for p > 0 and 2 slope^2 p below: what the unfused path's pointwise kernels
     # compute from the stored GEMM outputs, in fp32, rounded once at the store.
     slope = tl.cast(slope, tl.float32)
-    a_ptrs, b_ptrs, rk, rm, rn, rows_left, row0 = _gemm_tile(
-        a_ptr, w_ptr, M, stride_am, stride_wn, stride_wk, N, BLOCK_M, BLOCK_N, BLOCK_K
+    acc, rm, rn, rows_left, row0 = _gemm_acc(
+        a_ptr, w_ptr, M, stride_am, stride_wn, stride_wk, N, K, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_K
     )
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    EVEN_K = K % BLOCK_K == 0
-    for k in range(0, K, BLOCK_K):
-        a = _load_k_tile(a_ptrs, rk, K - k, 1, EVEN_K)
-        b = _load_k_tile(b_ptrs, rk, K - k, 0, EVEN_K)
-        if DOT_F32:
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K * stride_wk
     h = _round_to(acc, out_ptr.dtype.element_ty, INTERPRET).to(tl.float32)
     if BACKWARD:
         aux_ptrs = aux_ptr + row0 * stride_om + (rm[:, None] * stride_om + rn[None, :])

@@ -334,6 +334,30 @@ if triton is not None:
     # ---- the activation as the up-projection's epilogue: out = act(round(x @ W_up^T)) ----
 
     @triton.jit
+    def _gemm_acc(
+        a_ptr, w_ptr, M, stride_am, stride_wn, stride_wk, N, K: tl.constexpr, DOT_F32: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        # The main loop of a plain GEMM: this program's fp32 (BLOCK_M, BLOCK_N) tile of a @ W^T
+        # (both operands through shared memory untouched, the pipelined cp.async + wgmma loop) and
+        # where it lies, for an epilogue to finish (mm_act here, fused_mlp_train's both ways).
+        a_ptrs, b_ptrs, rk, rm, rn, rows_left, row0 = _gemm_tile(
+            a_ptr, w_ptr, M, stride_am, stride_wn, stride_wk, N, BLOCK_M, BLOCK_N, BLOCK_K
+        )
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        EVEN_K = K % BLOCK_K == 0
+        for k in range(0, K, BLOCK_K):
+            a = _load_k_tile(a_ptrs, rk, K - k, 1, EVEN_K)
+            b = _load_k_tile(b_ptrs, rk, K - k, 0, EVEN_K)
+            if DOT_F32:
+                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K * stride_wk
+        return acc, rm, rn, rows_left, row0
+
+    @triton.jit
     def _mm_act_kernel(
         x_ptr,
         w_ptr,
@@ -352,24 +376,12 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
-        # One (BLOCK_M, BLOCK_N) tile of the up-projection. Both operands go through shared memory
-        # untouched (the pipelined cp.async + wgmma main loop of a plain GEMM), and the activation
-        # runs once per output element in the epilogue, where the tile is already in registers.
+        # One (BLOCK_M, BLOCK_N) tile of the up-projection: a plain GEMM's main loop (`_gemm_acc`),
+        # and the activation once per output element in the epilogue, where the tile is in registers.
         slope = tl.cast(slope, tl.float32)
-        a_ptrs, b_ptrs, rk, rm, rn, rows_left, row0 = _gemm_tile(
-            x_ptr, w_ptr, M, stride_xm, stride_wn, stride_wk, N, BLOCK_M, BLOCK_N, BLOCK_K
+        acc, rm, rn, rows_left, row0 = _gemm_acc(
+            x_ptr, w_ptr, M, stride_xm, stride_wn, stride_wk, N, K, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_K
         )
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        EVEN_K = K % BLOCK_K == 0
-        for k in range(0, K, BLOCK_K):
-            a = _load_k_tile(a_ptrs, rk, K - k, 1, EVEN_K)
-            b = _load_k_tile(b_ptrs, rk, K - k, 0, EVEN_K)
-            if DOT_F32:
-                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b, acc)
-            a_ptrs += BLOCK_K
-            b_ptrs += BLOCK_K * stride_wk
         # the epilogue: exactly what the unfused path computes from the GEMM's stored output h
         # (rounded to the output dtype), the activation in fp32, rounded once more at the store
         h = _round_to(acc, out_ptr.dtype.element_ty, INTERPRET).to(tl.float32)

@@ -13,6 +13,7 @@ directly, without stacking slices.
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
@@ -89,10 +90,10 @@ def make_ns(cfg: MuonConfig, compile_ns: bool, transpose_first: bool = False):
     opts = dict(square_first=cfg.ns_square_first, transpose_first=transpose_first)
     fn = torch.compile(newton_schulz, fullgraph=True, dynamic=False) if compile_ns else newton_schulz
     if cfg.ns_coeffs == "quintic":
-        one = lambda G: fn(G, steps, **opts)  # noqa: E731
+        one = functools.partial(fn, steps=steps, **opts)
     else:
         coeffs = ns_schedule(cfg.ns_coeffs, steps)
-        one = lambda G: fn(G, len(coeffs), coeffs=coeffs, **opts)  # noqa: E731
+        one = functools.partial(fn, steps=len(coeffs), coeffs=coeffs, **opts)
     if cfg.ns_batch:
         return one
     # One matrix at a time, as the per-layer scripts call their NS: compiled, a batched matmul's
