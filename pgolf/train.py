@@ -30,6 +30,15 @@ def _finish_together() -> None:
         dist.barrier()
 
 
+def _leave_process_group() -> None:
+    """Destroy the process group, on every exit path. It frees the group (and joins its gloo
+    threads) only if nothing else still holds it: pgolf.hw.device.build sees to that."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def describe_error(e: BaseException, job_dir: Path | None = None) -> str:
     """The `error` of a failed result.json: what happened, in words a user acts on."""
     if isinstance(e, KeyboardInterrupt):
@@ -85,10 +94,7 @@ def run_job(job_dir: str | Path) -> dict:
                 print(
                     f"pgolf: closing the run failed: {describe_error(close_error, job_dir)}", file=sys.stderr
                 )
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        _leave_process_group()
 
 
 def run_packed(config_path: str, script: str | None = None) -> None:
