@@ -127,6 +127,32 @@ def test_training_switches_compile_fullgraph_forward_and_backward(mlp_switch):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
+@needs_kernels
+def test_fused_mlp_train_ops_compile_fullgraph_as_opaque_ops():
+    # Runs on CPU too: the ops are opaque custom ops (the compiler sees only their fakes), so Dynamo
+    # never traces the interpreter's launch. Checks their fakes and autograd under a fullgraph
+    # compile of forward and backward. The H100 failure this form fixes (as triton_ops, Inductor's
+    # mutation analysis took the backward kernel as writing W_down, a leaf requiring grad) only
+    # shows with CUDA kernels: the GPU test above.
+    torch.manual_seed(0)
+    cfg = dict(**TINY, activation="leaky_relu2")
+    eager = GPT(LayeredGPTConfig(**cfg), banked=False).to(DEVICE)
+    fused = GPT(LayeredGPTConfig(**cfg, fused_mlp_train=True), banked=False).to(DEVICE)
+    fused.load_state_dict(eager.state_dict())
+    x = torch.randint(0, 96, (2, 16), device=DEVICE)
+    y = x.roll(-1, 1)
+    torch._dynamo.reset()
+    # aot_eager: AOTAutograd's joint graph (where the mutation check failed) without Inductor's
+    # minute of C++ compilation on CPU; the GPU test above covers Inductor.
+    loss = torch.compile(fused, fullgraph=True, dynamic=False, backend="aot_eager")(x, y)
+    loss.backward()
+    ref = eager(x, y)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-5)
+    for (name, a), b in zip(eager.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("missing", ["triton", "cuda"])
 @pytest.mark.parametrize("key", ["fused_mlp", "fused_ce", "fused_mlp_gemm", "fused_mlp_up", "fused_qk_rope"])
 def test_switch_refuses_without_triton_or_cuda(key, missing, monkeypatch):

@@ -16,7 +16,6 @@ from torch import Tensor
 
 from pgolf.models.kernels import (
     _INTERPRET,
-    _TRITON_OP,
     _gemm_acc,
     _gemm_out,
     _mm_act_configs,
@@ -117,33 +116,30 @@ def _mlp_dact_impl(kernel, g: Tensor, w_down: Tensor, pre: Tensor, slope: float)
     return dpre
 
 
-if _TRITON_OP and not _INTERPRET:
+# Opaque ops with shape-only fakes, never `triton_op`s: Inductor's analysis of which arguments a
+# user kernel writes takes the backward launch as writing W_down (a leaf that requires grad), and the
+# training graph then fails to compile (found on an H100 with torch 2.11). An opaque op declares
+# that it mutates nothing; Inductor cannot fuse into these GEMMs either way.
 
-    @torch.library.triton_op("pgolf::mlp_up_act", mutates_args=())
-    def _mlp_up_act_op(x: Tensor, w_up: Tensor, slope: float) -> tuple[Tensor, Tensor]:
-        return _mlp_up_act_impl(torch.library.wrap_triton(_mlp_up_tuned), x, w_up, slope)
 
-    @torch.library.triton_op("pgolf::mlp_dact", mutates_args=())
-    def _mlp_dact_op(g: Tensor, w_down: Tensor, pre: Tensor, slope: float) -> Tensor:
-        return _mlp_dact_impl(torch.library.wrap_triton(_mlp_dact_tuned), g, w_down, pre, slope)
+@torch.library.custom_op("pgolf::mlp_up_act", mutates_args=())
+def _mlp_up_act_op(x: Tensor, w_up: Tensor, slope: float) -> tuple[Tensor, Tensor]:
+    return _mlp_up_act_impl(_mlp_up_tuned, x, w_up, slope)
 
-else:  # opaque ops with shape-only fakes, as for act_mm
 
-    @torch.library.custom_op("pgolf::mlp_up_act", mutates_args=())
-    def _mlp_up_act_op(x: Tensor, w_up: Tensor, slope: float) -> tuple[Tensor, Tensor]:
-        return _mlp_up_act_impl(_mlp_up_tuned, x, w_up, slope)
+@_mlp_up_act_op.register_fake
+def _mlp_up_act_fake(x: Tensor, w_up: Tensor, slope: float) -> tuple[Tensor, Tensor]:
+    return _gemm_out(x, w_up), _gemm_out(x, w_up)
 
-    @_mlp_up_act_op.register_fake
-    def _mlp_up_act_fake(x: Tensor, w_up: Tensor, slope: float) -> tuple[Tensor, Tensor]:
-        return _gemm_out(x, w_up), _gemm_out(x, w_up)
 
-    @torch.library.custom_op("pgolf::mlp_dact", mutates_args=())
-    def _mlp_dact_op(g: Tensor, w_down: Tensor, pre: Tensor, slope: float) -> Tensor:
-        return _mlp_dact_impl(_mlp_dact_tuned, g, w_down, pre, slope)
+@torch.library.custom_op("pgolf::mlp_dact", mutates_args=())
+def _mlp_dact_op(g: Tensor, w_down: Tensor, pre: Tensor, slope: float) -> Tensor:
+    return _mlp_dact_impl(_mlp_dact_tuned, g, w_down, pre, slope)
 
-    @_mlp_dact_op.register_fake
-    def _mlp_dact_fake(g: Tensor, w_down: Tensor, pre: Tensor, slope: float) -> Tensor:
-        return torch.empty_like(pre)
+
+@_mlp_dact_op.register_fake
+def _mlp_dact_fake(g: Tensor, w_down: Tensor, pre: Tensor, slope: float) -> Tensor:
+    return torch.empty_like(pre)
 
 
 class _FusedMLP(torch.autograd.Function):
