@@ -14,8 +14,9 @@
 # The sp8192 seeds (pr1532, pr1775) read the tokenizer and shards that bench/sp8192_prep.sh leaves in
 # SP8192_DATA (run it first, in a call of its own; the scripts take it as their DATA_DIR). Their
 # scripts schedule the warmdown as a fraction (WARMDOWN_FRAC = WARMDOWN / STEPS, pgolf's
-# optimizer.warmdown_frac the same), and #1775's varlen attention runs the shim's exact flex stand-in
-# on both sides (pgolf's hardware.doc_attention=auto picks varlen where flash_attn_interface imports).
+# optimizer.warmdown_frac the same), and #1775's varlen attention runs the same flex stand-in on both
+# sides: bench/fa3_varlen (the .bench shim's flash_attn_func plus flash_attn_varlen_func), whose
+# varlen pgolf's hardware.doc_attention=auto picks as it would FA3's.
 #
 #   bash bench/sp8192_prep.sh && PRS="pr1532 pr1775" bash bench/seeds.sh
 #
@@ -39,7 +40,7 @@ SIDES=${SIDES:-ref pgolf}
 SEEDS=${SEEDS:-1337}
 PGOLF_EXTRA=${PGOLF_EXTRA:-}
 LOG_EVERY=${LOG_EVERY:-50}                 # train-loss log interval, both sides (1: where curves part)
-SHIM=${SHIM:-$REPO/.bench/fa3_shim}
+SHIM=${SHIM:-$REPO/bench/fa3_varlen}      # the FA3 stand-in with varlen (it loads .bench/fa3_shim)
 SP8192_DATA=${SP8192_DATA:-/tmp/pgolf_bench/sp8192}
 mkdir -p "$OUT" "$DATA" "$RUNS"
 source "$REPO/bench/common.sh"

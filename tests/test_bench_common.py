@@ -227,3 +227,47 @@ def test_levers_passes_env_words_to_the_run_and_the_rest_as_overrides(tmp_path):
     logs = [(tmp_path / "out" / f"set{i}.txt").read_text() for i in (0, 1)]
     assert "mix=unset extra=[]" in logs[0] and "step_avg:500.0ms" in logs[0]
     assert "mix=0 extra=[ model.fused_ce=true]" in logs[1]
+
+
+def test_fa3_varlen_stand_in_attends_within_each_segment(tmp_path):
+    """bench/fa3_varlen (the seed benches' varlen FA3 stand-in, which both #1775's script and pgolf
+    run) against SDPA on each segment alone, with padded cu_seqlens and GQA. It loads the bench
+    shim's flash_attn_func from <repo>/.bench/fa3_shim, so the test lays out a repo of its own."""
+    import importlib.util
+    import shutil
+
+    import torch
+    import torch.nn.functional as F
+
+    shim = tmp_path / ".bench" / "fa3_shim"
+    shim.mkdir(parents=True)
+    (shim / "flash_attn_interface.py").write_text(
+        "def flash_attn_func(*a, **k):\n    raise NotImplementedError\n"
+    )
+    stand_in = tmp_path / "bench" / "fa3_varlen" / "flash_attn_interface.py"
+    stand_in.parent.mkdir(parents=True)
+    shutil.copy(REPO / "bench" / "fa3_varlen" / "flash_attn_interface.py", stand_in)
+    spec = importlib.util.spec_from_file_location("fa3_varlen_under_test", stand_in)
+    fa = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fa)
+
+    torch.manual_seed(0)
+    n, heads, kv_heads, dim = 300, 4, 2, 16
+    q, k, v = torch.randn(n, heads, dim), torch.randn(n, kv_heads, dim), torch.randn(n, kv_heads, dim)
+    cu = torch.tensor([0, 37, 38, 150, 299, 300, 300, 300], dtype=torch.int32)  # padded, as the records pad
+    with torch.no_grad():
+        y = fa.flash_attn_varlen_func(q, k, v, cu, cu, 200, 200, causal=True)
+    bounds = cu.tolist()
+    ref = torch.cat(
+        [
+            F.scaled_dot_product_attention(
+                *(t[a:b].transpose(0, 1)[None] for t in (q, k, v)), is_causal=True, enable_gqa=True
+            )[0].transpose(0, 1)
+            for a, b in zip(bounds[:-1], bounds[1:])
+            if b > a
+        ]
+    )
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    assert fa.flash_attn_func is not None  # the shim's, re-exported
+    with pytest.raises(ValueError, match="cu_seqlens_q must equal"):
+        fa.flash_attn_varlen_func(q, k, v, cu, cu.flip(0), 200, 200)
