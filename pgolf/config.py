@@ -30,6 +30,11 @@ class TrainConfig:
     batch_tokens: int = 524_288  # TRAIN_BATCH_TOKENS, global across ranks and micro-steps
     iterations: int = 20_000  # ITERATIONS: the step count in steps mode, an upper bound otherwise
     prime_steps: int = 20  # WARMUP_STEPS: compile-priming steps, undone before the clock starts
+    # Micro-batches the priming loader draws and discards before the first priming step. PR #1775's
+    # script spends one on its cu_seqlens-bucket compile warm-up (no optimizer step), so its warm-up
+    # steps start at the stream's 2nd micro-batch. Only optimizer.keep_primed_momentum lets this
+    # reach training (through Muon's momentum); training's loader is rebuilt after priming anyway.
+    prime_skip_batches: int = 0
     log_every: int = 200  # TRAIN_LOG_EVERY
     val_every: int = 0  # VAL_LOSS_EVERY (0: only at the end); pauses the training clock
     val_batch_tokens: int = 524_288  # VAL_BATCH_SIZE
@@ -40,6 +45,7 @@ class TrainConfig:
         check_range(f"{path}.batch_tokens", self.batch_tokens, 1)
         check_range(f"{path}.iterations", self.iterations, 0)
         check_range(f"{path}.prime_steps", self.prime_steps, 0, why="0 skips compile priming")
+        check_range(f"{path}.prime_skip_batches", self.prime_skip_batches, 0, why="0 discards none")
         check_range(f"{path}.log_every", self.log_every, 0, why="0 logs no training steps")
         check_range(f"{path}.val_every", self.val_every, 0, why="0 validates only at the end")
         check_range(f"{path}.val_batch_tokens", self.val_batch_tokens, 1)

@@ -308,7 +308,8 @@ class Trainer:
     # ---------------------------------------------------------------------------------- prime
     def prime(self) -> None:
         """Compile every graph with real steps, then undo them so training starts from the init."""
-        n = self.job.train.prime_steps
+        t = self.job.train
+        n = t.prime_steps
         probe = self.quant.needs_calibration and self.job.budget.mode == "wallclock"
         if n == 0:
             if probe:
@@ -319,6 +320,12 @@ class Trainer:
         if self.rt.compile:  # minutes on a GPU with nothing else to show
             self.log(f"priming: compiling the training graphs with {n} steps (undone after)")
         snapshot = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        # train.prime_skip_batches: micro-batches a record's warm-up consumed before its optimizer
+        # steps (#1775: one, for its cu_seqlens compile warm-up), so the priming steps, and the Muon
+        # momentum that optimizer.keep_primed_momentum carries into training, see the same stream.
+        # Every rank draws them (each from its own stream), so the ranks stay in step.
+        for _ in range(t.prime_skip_batches):
+            self.loader.next_batch(t.batch_tokens, t.seq_len, self.grad_accum)
         # Models that switch graphs during training (depth recurrence off -> on, ...) name every
         # variant; each gets its priming steps and its eval graph here, so the switch in train()
         # finds an already compiled graph instead of stalling on a recompile under the clock.
@@ -339,8 +346,9 @@ class Trainer:
         self.loader.close()
         self.loader = self._build_loader()
         self.log(
-            f"primed {n} steps (compile) x graph variants {variants} and restored the initial weights, "
-            "optimizer state and loader"
+            f"primed {n} steps (compile) x graph variants {variants}"
+            + (f" after skipping {t.prime_skip_batches} batches" if t.prime_skip_batches else "")
+            + " and restored the initial weights, optimizer state and loader"
         )
 
     # ---------------------------------------------------------------------------------- train

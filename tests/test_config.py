@@ -330,6 +330,7 @@ def test_conf_dirs_match_groups():
         ("optimizer.swa_threshold=2", r"^optimizer\.swa_threshold=2\.0 must be in \[0, 1\]"),
         ("train.iterations=-5", r"^train\.iterations=-5 must be >= 0"),
         ("train.log_every=-1", r"^train\.log_every=-1 must be >= 0"),
+        ("train.prime_skip_batches=-1", r"^train\.prime_skip_batches=-1 must be >= 0 \(0 discards none\)"),
         ("train.val_batch_tokens=0", r"^train\.val_batch_tokens=0 must be >= 1"),
         ("budget.eval_seconds=-1", r"^budget\.eval_seconds=-1\.0 must be >= 0"),
         ("ttt=lora ttt.beta2=1", r"^ttt\.beta2=1\.0 must be in \[0, 1\)"),
