@@ -13,7 +13,12 @@ called here.
 
 from __future__ import annotations
 
+import ast
+import base64
+import linecache
+import lzma
 import random
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -28,19 +33,38 @@ PRE_PEP701 = (
 )
 
 
+# The records' own files are self-extracting: `exec(L.decompress(B.b85decode(b'...')))` of their code.
+WRAPPED = re.compile(
+    r"^import lzma as L,\s*base64 as B\s*exec\(L\.decompress\(B\.b85decode\((b'[^']*')\)\)\)\s*$"
+)
+
+
+def unwrap(source: str) -> str:
+    """The Python a record's lzma/base85 wrapper would exec (its literal is read, never run), else
+    `source` as it is."""
+    m = WRAPPED.match(source)
+    return lzma.decompress(base64.b85decode(ast.literal_eval(m.group(1)))).decode() if m else source
+
+
 def load_record(script: str | Path, name: str = "r0409_record") -> ModuleType:
-    """Import the record script as a module (its Hyperparameters read the environment now)."""
+    """Import the record script as a module (its Hyperparameters read the environment now); a
+    wrapped script (the records' train_gpt.py as published) is decoded first."""
     path = Path(script)
     if not path.is_file():
         raise FileNotFoundError(f"cannot import the record script {script}")
-    source = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8")
+    source = unwrap(text)
+    decoded = source is not text
     if sys.version_info < (3, 12):
         for old, new in PRE_PEP701:
             source = source.replace(old, new)
+    filename = f"<{path} decoded>" if decoded else str(path)
+    if decoded:  # tracebacks and inspect.getsource read its lines from here, not from the wrapper
+        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     mod = ModuleType(name)
     mod.__file__ = str(path)
     sys.modules[name] = mod  # dataclasses and torch.compile look the module up by name
-    exec(compile(source, str(path), "exec"), mod.__dict__)
+    exec(compile(source, filename, "exec"), mod.__dict__)
     return mod
 
 

@@ -2,24 +2,27 @@
 
     python bench/seed_parity_cpu.py pr399 [--steps 3] [--loader-steps 60]
     SP8192_DATA=/tmp/pgolf_bench/sp8192 python bench/seed_parity_cpu.py pr1775 [--steps 3]
+    python bench/seed_parity_cpu.py pr1532 [--steps 3] [--loader-steps 20]
 
 1. init: the script's model (built by the lines of its own main(), seed 1337) and pgolf's, parameter
    by parameter (names, dtypes, values), and which optimizer / lr / WD each parameter gets;
 2. forward + backward in fp32 on the same random weights and tokens: relative gradient difference;
 3. optimizer: `--steps` steps where pgolf's parameters get the script model's exact gradients; the
    script's own step (lr_mul, momentum warmup, clip, its optimizers) against pgolf's bundle;
-4. (--loader-steps, PR #726) the coprime loader: the token windows of each micro-batch, from both
-   loaders, over shards under /tmp/pgolf_bench/sp1024 (bench/seeds.sh's $DATA).
+4. (--loader-steps) PR #726's coprime loader: the token windows of each micro-batch, from both
+   loaders, over shards under /tmp/pgolf_bench/sp1024 (bench/seeds.sh's $DATA); PR #1532's
+   threaded ShuffledSequenceLoader over a few synthetic shards, against pgolf's prefetching
+   shuffled loader with the script's RNG key (its rank) and with pgolf's (seed, rank).
 
 At seq 128 the scripts' RoPE tables are bf16 (their cast buffer, used up to 1024 positions), so
 pgolf runs with model.rope_table_dtype=bfloat16 here; at the bench's 2048 both are fp32.
-Needs .refs/<pr>/train_gpt.py and an importable `flash_attn_interface` (an SDPA stand-in is made).
+Needs .refs/<pr>/train_gpt.py (as published: #1532's lzma/base85 wrapper is decoded on import) and
+an importable `flash_attn_interface` (an SDPA stand-in is made).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import inspect
 import os
 import shlex
@@ -28,12 +31,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = "/tmp/pgolf_bench/sp1024"
 SP8192_DATA = os.environ.get("SP8192_DATA", "/tmp/pgolf_bench/sp8192")  # bench/sp8192_prep.sh's OUT
-SP8192 = ("pr1775",)  # the sp8192 seeds this script builds (#1532's main() is another shape)
+SP8192 = ("pr1532", "pr1775")  # the sp8192 seeds: GPT(h) and Optimizers(h, model), no main() lines
 REFS = Path(os.environ.get("REFS", REPO / ".refs"))  # the scripts, .refs/<pr>/train_gpt.py
 SHIM = """import torch
 import torch.nn.functional as F
@@ -67,10 +71,10 @@ def load_script(pr: str):
     shim.write_text(SHIM)
     sys.path.insert(0, str(shim.parent))
     os.environ.update(script_env(pr))  # its Hyperparameters read the environment
-    spec = importlib.util.spec_from_file_location(f"script_{pr}", REFS / pr / "train_gpt.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    sys.path.insert(0, str(REPO / "bench"))
+    from r0409_init import load_record
+
+    return load_record(REFS / pr / "train_gpt.py", f"script_{pr}")
 
 
 def build_script(module) -> dict:
@@ -88,15 +92,21 @@ def build_script(module) -> dict:
     return ns
 
 
-def build_script_1775(module) -> dict:
-    """PR #1775's train_model() lines: GPT(h) cast as the script casts it, then its Optimizers."""
+def build_script_sp8192(module) -> dict:
+    """The sp8192 scripts' train_model() lines (#1532, #1775): GPT(h) seeded and cast as the script
+    does it, then its Optimizers."""
+    from r0409_init import record_init
+
     h = module.Hyperparameters()
-    torch.manual_seed(h.seed)  # train_and_eval seeds, then train_model builds the model first
-    base_model = module.GPT(h).bfloat16()
-    module.restore_fp32_params(base_model)
-    for block in base_model.blocks:  # its fused Triton MLP needs CUDA; the plain path is the same function
-        block.mlp.use_fused = False
+    base_model = record_init(module)  # train_and_eval seeds, then train_model builds the model first
+    for block in base_model.blocks:
+        if hasattr(block.mlp, "use_fused"):  # #1775's fused Triton MLP needs CUDA; the plain path is the same
+            block.mlp.use_fused = False
     opts = module.Optimizers(h, base_model)
+    for opt in opts:  # fused=True AdamW: pgolf's on CUDA, foreach on the CPU (last-bit differences)
+        if isinstance(opt, torch.optim.AdamW):
+            for group in opt.param_groups:
+                group.update(fused=False, foreach=True)
     return dict(base_model=base_model, optimizers=list(opts), optimizer_muon=opts.optimizer_muon, args=h)
 
 
@@ -126,10 +136,10 @@ def pgolf_job(pr: str):
     return job_config_from_dict(compose_dict(overrides))
 
 
-# The scripts that compile their Newton-Schulz (#339 in main(), #1775 with @torch.compile): on the
+# The scripts that compile their Newton-Schulz (#339 in main(), #1532 and #1775 with @torch.compile): on the
 # CPU, inductor's fused bf16 NS differs from the eager one by several percent, so pgolf compiles
 # its NS for these too (as its presets do: optimizer.ns_compile) and runs it eagerly for the rest.
-SCRIPT_COMPILES_NS = ("pr339", "pr1775")
+SCRIPT_COMPILES_NS = ("pr339", "pr1532", "pr1775")
 
 
 def build_pgolf(job, compile_ns: bool = False):
@@ -198,12 +208,21 @@ def compare_steps(ns: dict, model, opt, job, steps: int, pr: str) -> None:
         for o in ns["optimizers"]:
             for g in o.param_groups:
                 g["lr"] = g["base_lr"] * scale
+        before = {n: p.detach().clone() for n, p in ours.items()}
         torch.nn.utils.clip_grad_norm_(ref_model.parameters(), args.grad_clip_norm)
         for o in ns["optimizers"]:
             o.step()
         opt.step(step, 0.0, job.train.iterations, None)
         worst = max((rel(ref[n], ours[n]), n) for n in ref)
         print(f"step {step}: worst relative weight difference {worst[0]:.2e} ({worst[1]})")
+        for role, ps in model.param_groups().items():  # this step's update (w - w_before), per group
+            if not ps:
+                continue
+            d = [(rel(ref[n] - before[n], p - before[n]), n, torch.equal(ref[n], p)) for n, p in ps]
+            print(
+                f"  {role}: {sum(e for *_, e in d)}/{len(d)} bit for bit, worst relative update "
+                f"difference {max(d)[0]:.2e} ({max(d)[1]})"
+            )
 
 
 def compare_loader(module, job, steps: int) -> None:
@@ -221,20 +240,60 @@ def compare_loader(module, job, steps: int) -> None:
     print(f"loader: {differ} of {steps * 8} micro-batches differ")
 
 
+def write_shards(folder: Path, sizes: list[int]) -> list[Path]:
+    """Shards of random tokens in the challenge's format (256 int32 header, uint16 tokens)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    files = []
+    for i, n in enumerate(sizes):
+        header = np.zeros(256, dtype="<i4")
+        header[:3] = (20240520, 1, n)
+        files.append(folder / f"fineweb_train_{i:06d}.bin")
+        files[-1].write_bytes(header.tobytes() + rng.integers(0, 8192, n, dtype="<u2").tobytes())
+    return files
+
+
+def compare_loader_1532(module, job, steps: int) -> None:
+    """#1532's ShuffledSequenceLoader (a producer thread, 100 batches queued) against pgolf's
+    shuffled loader as experiment=pr1532 builds it (prefetch 100, one thread), from the same
+    shards: once with the script's RNG key (its rank) and once with pgolf's own, (seed, rank).
+    Five shards of 150k-310k tokens hold about 8 micro-batches of 48 x 2048, so `steps` * 8
+    micro-batches cross many redraws of every shard."""
+    from types import SimpleNamespace
+
+    from pgolf.data.loader import Loader
+    from pgolf.data.shuffled import ShuffledSampler
+
+    files = write_shards(Path(tempfile.mkdtemp()) / "shards", [150_001, 310_000, 204_800, 260_017, 180_000])
+    h = SimpleNamespace(world_size=1, rank=0, train_seq_len=2048, train_files=str(files[0].parent / "*.bin"))
+    cpu, n = torch.device("cpu"), steps * 8
+    ref = module.ShuffledSequenceLoader(h, cpu)  # reads TRAIN_BATCH_TOKENS (786,432) and WORLD_SIZE
+    theirs = [ref.next_batch() for _ in range(n)]
+    ref.stop()
+    for label, key in (("the script's RNG key (rank 0)", 0), ("pgolf's RNG key (seed 1337, rank 0)", None)):
+        sampler = ShuffledSampler(files, job.seed, 0, 1, rng_key=key)
+        differ = 0
+        with Loader.for_config(job.data, sampler, 0, 1, cpu) as ours:
+            for rx, ry in theirs:
+                px, py = ours.next_batch(786432, 2048, 8)
+                differ += not (torch.equal(rx, px.long()) and torch.equal(ry, py.long()))
+        print(f"loader, {label}: {differ} of {n} micro-batches differ")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("pr", choices=["pr339", "pr399", "pr726", *SP8192])
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--loader-steps", type=int, default=0)
     a = ap.parse_args()
-    if a.loader_steps and a.pr in SP8192:
+    if a.loader_steps and a.pr == "pr1775":
         ap.error(
-            f"--loader-steps compares the sp1024 scripts' DistributedTokenLoader, which {a.pr} does not have; "
-            "its document-packing loader is compared by tests/test_doc_packing.py"
+            "--loader-steps compares the sp1024 scripts' DistributedTokenLoader and #1532's shuffled one; "
+            "#1775's document-packing loader is compared by tests/test_doc_packing.py"
         )
     module = load_script(a.pr)
     job = pgolf_job(a.pr)
-    ns = build_script_1775(module) if a.pr == "pr1775" else build_script(module)
+    ns = build_script_sp8192(module) if a.pr in SP8192 else build_script(module)
     if a.pr == "pr339":
         # its main() compiles the module's NS (`zeropower_via_newtonschulz5 = torch.compile(...)`),
         # a line build_script leaves out with every torch.compile: do it here, as the run does
@@ -243,7 +302,7 @@ def main() -> None:
     compare_init(ns, model)
     compare_steps(ns, model, opt, job, a.steps, a.pr)
     if a.loader_steps:
-        compare_loader(module, job, a.loader_steps)
+        (compare_loader_1532 if a.pr == "pr1532" else compare_loader)(module, job, a.loader_steps)
 
 
 if __name__ == "__main__":

@@ -226,7 +226,8 @@ def test_r0409_preset_trains_on_the_records_loader(compose):
 RECORD_MISSING = (
     "needs the 2026-04-09 record's training script, which pgolf does not ship: take openai/"
     "parameter-golf's records/track_10min_16mb/2026-04-09_SP8192_3LayerRecur_ParResid_QK525_LegalTTT/"
-    "train_gpt.py, decompress the lzma/base85 payload it exec()s into plain Python, save that as "
+    "train_gpt.py (as published: its lzma/base85 wrapper is decoded on import; PR #1532's script, the "
+    "same but for its loader, does too), save it as "
     ".bench/ref/r0409_train_gpt.py (or set PGOLF_R0409_SCRIPT to its path) and run "
     "`python -m pytest tests/test_r0409_parity.py` (CPU, about a minute; no GPU needed)"
 )
@@ -292,14 +293,10 @@ def exact_rope_tables(rec) -> None:
         rot._cos_cached = rot._sin_cached = None
 
 
-def pgolf_twin(tmp_path, mod, rec_model, rope_table_dtype: str = "float32"):
-    """pgolf's layered model with the record's shape, loaded with the record's weights via init_from."""
-    from pgolf.models import attention
+def twin_config(mod, rope_table_dtype: str = "float32", init_rng_order: str = "fixed"):
+    """pgolf's layered model config with the record's shape and stack."""
     from pgolf.models.config import LayeredGPTConfig
-    from pgolf.models.convert import load_into
-    from pgolf.models.gpt import GPT
 
-    attention._BACKEND, attention._FN = None, None
     h = mod.Hyperparameters()
     cfg = LayeredGPTConfig(
         vocab_size=h.vocab_size, num_layers=h.num_layers, model_dim=h.model_dim, num_heads=h.num_heads,
@@ -310,12 +307,47 @@ def pgolf_twin(tmp_path, mod, rec_model, rope_table_dtype: str = "float32"):
         num_loops=h.num_loops, loop_start=h.loop_start, loop_end=h.loop_end,
         enable_looping_at=h.enable_looping_at, ortho_init=True, zero_init_proj=True,
         tied_embed_init_std=h.tied_embed_init_std, rope_table_dtype=rope_table_dtype,
+        init_rng_order=init_rng_order,
     )  # fmt: skip
     cfg.validate("model")
+    return cfg
+
+
+def pgolf_twin(tmp_path, mod, rec_model, rope_table_dtype: str = "float32"):
+    """pgolf's layered model with the record's shape, loaded with the record's weights via init_from."""
+    from pgolf.models import attention
+    from pgolf.models.convert import load_into
+    from pgolf.models.gpt import GPT
+
+    attention._BACKEND, attention._FN = None, None
+    cfg = twin_config(mod, rope_table_dtype)
     torch.save(rec_model.state_dict(), tmp_path / "init.pt")
     model = GPT(cfg, banked=False)
     load_into(model, tmp_path / "init.pt", "layered")
     return model
+
+
+def test_construction_rng_order_draws_the_records_init(record):
+    """model.init_rng_order=construction (set by experiment=pr1532, whose model is this record's):
+    seeded as the record seeds, pgolf's model holds the record's own init, value for value; the
+    default order draws other weights from the same seed."""
+    from r0409_init import record_init
+
+    from pgolf.models.gpt import GPT
+    from pgolf.models.layers import restore_fp32_params
+
+    theirs = dict(record_init(record).named_parameters())
+    for order in ("construction", "fixed"):
+        torch.manual_seed(record.Hyperparameters().seed)
+        model = GPT(twin_config(record, init_rng_order=order), banked=False).bfloat16()
+        restore_fp32_params(model)
+        ours = dict(model.named_parameters())
+        assert ours.keys() == theirs.keys()
+        differ = [n for n, p in theirs.items() if not (p.dtype == ours[n].dtype and torch.equal(p, ours[n]))]
+        if order == "construction":
+            assert not differ, differ
+        else:
+            assert "tok_emb.weight" in differ
 
 
 @pytest.mark.slow
