@@ -53,6 +53,7 @@ def data_cfg(loader: str, prefetch: int = 0, **extra) -> SimpleNamespace:
         coprime_mix_end=4,
         coprime_alpha_start=0.9,
         coprime_alpha_end=0.5,
+        shuffled_seed="run",
     )
     cfg.update(extra)
     return SimpleNamespace(**cfg)
@@ -173,7 +174,8 @@ class ShuffledReference:
     def __init__(self, sizes, seed, rank, world):
         self.mine = list(range(len(sizes)))[rank::world]
         self.sizes = [sizes[s] for s in self.mine]
-        self.rng = np.random.Generator(np.random.PCG64([seed, rank]))
+        # the records key by the rank alone (seed=None); pgolf's default by (seed, rank)
+        self.rng = np.random.Generator(np.random.PCG64(rank if seed is None else [seed, rank]))
         self.lists: list[list[int]] | None = None
 
     def reset(self):
@@ -245,6 +247,23 @@ def test_shuffled_matches_reference(files, world):
         for x, y in got:
             ex, ey = expected_rows(ref.batch(rows))
             assert torch.equal(x, ex) and torch.equal(y, ey)
+
+
+def test_shuffled_seed_rank_gives_the_records_batches_for_every_run_seed(files):
+    """data.shuffled_seed=rank: the records' RNG key (the rank alone), so runs of any seed draw the
+    record's batches; the default key (seed, rank) moves with the seed."""
+    rows, n, world = 4, 40, 2
+    for rank in range(world):
+        for seed in (0, 7):
+            ref = ShuffledReference(SIZES, None, rank, world)
+            got = run(
+                "shuffled", files, n, seed=seed, rank=rank, world=world, rows=rows, shuffled_seed="rank"
+            )
+            for x, y in got:
+                ex, ey = expected_rows(ref.batch(rows))
+                assert torch.equal(x, ex) and torch.equal(y, ey)
+    run_keyed = [run("shuffled", files, 5, seed=s, rows=rows) for s in (0, 7)]
+    assert any(not torch.equal(a[0], b[0]) for a, b in zip(*run_keyed))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,6 +39,9 @@ class LoaderFields:
     # coprime: a shard whose cursor ran out weighs 1 until redrawn (`one`, 2026-03-29 record) or
     # as much as an untouched shard (`fresh`, PR #726)
     coprime_exhausted: Literal["one", "fresh"] = "one"
+    # shuffled: its RNG from (run seed, rank) (`run`), or from the rank alone as the records'
+    # ShuffledSequenceLoader does (`rank`: the same batches for every run seed)
+    shuffled_seed: Literal["run", "rank"] = "run"
 
     def validate_loader(self, path: str) -> None:
         if self.prefetch < 0:

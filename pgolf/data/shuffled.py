@@ -146,4 +146,6 @@ def build(cfg: Any, files: list[Path], *, seed: int, rank: int, world_size: int,
     """`data.loader=shuffled` for this rank."""
     from pgolf.data.loader import Loader  # the device side (torch); the sampler stays numpy-only
 
-    return Loader.for_config(cfg, ShuffledSampler(files, seed, rank, world_size), rank, world_size, device)
+    rng_key = rank if cfg.shuffled_seed == "rank" else None  # the records key by rank alone
+    sampler = ShuffledSampler(files, seed, rank, world_size, rng_key=rng_key)
+    return Loader.for_config(cfg, sampler, rank, world_size, device)
