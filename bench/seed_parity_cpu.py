@@ -255,14 +255,14 @@ def write_shards(folder: Path, sizes: list[int]) -> list[Path]:
 
 def compare_loader_1532(module, job, steps: int) -> None:
     """#1532's ShuffledSequenceLoader (a producer thread, 100 batches queued) against pgolf's
-    shuffled loader as experiment=pr1532 builds it (prefetch 100, one thread), from the same
-    shards: once with the script's RNG key (its rank) and once with pgolf's own, (seed, rank).
+    shuffled loader as experiment=pr1532 builds it (prefetch 100, one thread, `data.shuffled_seed=rank`:
+    the script's RNG key), from the same shards; then with pgolf's default key, (seed, rank).
     Five shards of 150k-310k tokens hold about 8 micro-batches of 48 x 2048, so `steps` * 8
     micro-batches cross many redraws of every shard."""
+    import dataclasses
     from types import SimpleNamespace
 
-    from pgolf.data.loader import Loader
-    from pgolf.data.shuffled import ShuffledSampler
+    from pgolf.data import shuffled
 
     files = write_shards(Path(tempfile.mkdtemp()) / "shards", [150_001, 310_000, 204_800, 260_017, 180_000])
     h = SimpleNamespace(world_size=1, rank=0, train_seq_len=2048, train_files=str(files[0].parent / "*.bin"))
@@ -270,10 +270,13 @@ def compare_loader_1532(module, job, steps: int) -> None:
     ref = module.ShuffledSequenceLoader(h, cpu)  # reads TRAIN_BATCH_TOKENS (786,432) and WORLD_SIZE
     theirs = [ref.next_batch() for _ in range(n)]
     ref.stop()
-    for label, key in (("the script's RNG key (rank 0)", 0), ("pgolf's RNG key (seed 1337, rank 0)", None)):
-        sampler = ShuffledSampler(files, job.seed, 0, 1, rng_key=key)
+    for label, key in (
+        ("as experiment=pr1532 (data.shuffled_seed=rank)", "rank"),
+        ("with (seed, rank)", "run"),
+    ):
+        cfg = dataclasses.replace(job.data, shuffled_seed=key)
         differ = 0
-        with Loader.for_config(job.data, sampler, 0, 1, cpu) as ours:
+        with shuffled.build(cfg, files, seed=job.seed, rank=0, world_size=1, device=cpu) as ours:
             for rx, ry in theirs:
                 px, py = ours.next_batch(786432, 2048, 8)
                 differ += not (torch.equal(rx, px.long()) and torch.equal(ry, py.long()))
