@@ -466,3 +466,27 @@ def test_ns_compile_off_runs_newton_schulz_eagerly(monkeypatch):
     assert compiled == [] and torch.equal(eager(G), newton_schulz(G, 5))
     make_ns(MuonConfig(), True)
     assert compiled == [newton_schulz]  # the default still compiles
+
+
+@pytest.mark.parametrize("ns_dynamic", [False, True])
+def test_ns_dynamic_compiles_as_a_bare_torch_compile(ns_dynamic, monkeypatch):
+    """optimizer.ns_dynamic: NS compiled with torch.compile's default automatic dynamic shapes
+    (dynamic=None), as PR #1775's bare @torch.compile, instead of one static compile per shape.
+    bench/seed_parity_cpu.py pr1775 shows the effect: qo_bank's update 2% apart without it, every
+    bank bit for bit with it."""
+    from pgolf.optim import muon as muon_module
+
+    calls = []
+
+    def spy_compile(fn, **kwargs):
+        calls.append(kwargs)
+        return fn
+
+    monkeypatch.setattr(muon_module.torch, "compile", spy_compile)
+    G = torch.randn(2, 64, 32)
+    out = make_ns(MuonConfig(ns_dynamic=ns_dynamic), True)(G)
+    assert calls == [{"fullgraph": True, "dynamic": None if ns_dynamic else False}]
+    assert torch.equal(out, newton_schulz(G, 5))
+    calls.clear()
+    make_ns(MuonConfig(ns_dynamic=ns_dynamic, ns_compile=False), True)
+    assert calls == []  # ns_compile=false: eager, whatever ns_dynamic says

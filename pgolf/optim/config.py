@@ -44,6 +44,12 @@ class MuonConfig:
     # batched call. The math is the same, but compiled, the batched form rounds differently from
     # the per-matrix calls of the per-layer record scripts (PR #339); eager NS agrees either way.
     ns_batch: bool = True
+    # True: NS is compiled as a bare `@torch.compile` compiles it (automatic dynamic shapes): the
+    # first shape gets a static kernel, and a later shape recompiles with its changed dims dynamic.
+    # Those kernels round differently from static ones: PR #1775's qo_bank update differs by 2% (CPU)
+    # unless pgolf compiles the same kernels in the same order (its banks go largest first, as the
+    # script's). False (default): one static compile per shape.
+    ns_dynamic: bool = False
     # Muon's momentum survives the restore after compile priming (everything else is reset): the
     # first real step then starts from the momentum of the priming steps. PR #1775's script does
     # this: its Parallel Muon keeps the momentum in buffers outside the state dict that its warm-up

@@ -88,7 +88,9 @@ def make_ns(cfg: MuonConfig, compile_ns: bool, transpose_first: bool = False):
     compile_ns = compile_ns and cfg.ns_compile
     steps = cfg.muon_backend_steps
     opts = dict(square_first=cfg.ns_square_first, transpose_first=transpose_first)
-    fn = torch.compile(newton_schulz, fullgraph=True, dynamic=False) if compile_ns else newton_schulz
+    # dynamic=None is torch.compile's default, automatic dynamic: what optimizer.ns_dynamic asks for
+    dynamic = None if cfg.ns_dynamic else False
+    fn = torch.compile(newton_schulz, fullgraph=True, dynamic=dynamic) if compile_ns else newton_schulz
     if cfg.ns_coeffs == "quintic":
         one = functools.partial(fn, steps=steps, **opts)
     else:
