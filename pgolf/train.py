@@ -31,8 +31,7 @@ def _finish_together() -> None:
 
 
 def _leave_process_group() -> None:
-    """Destroy the process group, on every exit path. It frees the group (and joins its gloo
-    threads) only if nothing else still holds it: pgolf.hw.device.build sees to that."""
+    """Destroy the process group, on every exit path."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -132,14 +131,32 @@ def main() -> None:
     from pgolf.parent.console import worker_logging  # never shipped: a packed script starts in run_packed
 
     worker_logging()
+    code = 0
     try:
         run_job(sys.argv[1])
     except KeyboardInterrupt as e:
         print(f"pgolf.train: {describe_error(e)}", file=sys.stderr)
-        sys.exit(130)  # the shell's code for a SIGINT
+        code = 130  # the shell's code for a SIGINT
     except Exception as e:
         print(f"pgolf.train: {describe_error(e)}", file=sys.stderr)
-        sys.exit(1)
+        code = 1
+    _exit_now(code)
+
+
+def _exit_now(code: int) -> None:
+    """End the worker with `code` once everything it writes is flushed, without the interpreter's
+    teardown. torch modules keep the (destroyed) process group alive (torch.distributed.nn binds it
+    as a default argument), so its gloo threads reach interpreter exit, where a rank that finished
+    cleanly now and then aborted ("terminate called without an active exception", SIGABRT: a CI
+    flake). Letting the group be freed instead moves its destructor into the run: a rank whose
+    peer had already exited then waited in it forever. result.json is written atomically before
+    this point, so there is nothing left to lose."""
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

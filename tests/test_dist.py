@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
-from conftest import REPO, run_cli, tiny_cpu_args
+from conftest import run_cli, tiny_cpu_args
 
 pytestmark = pytest.mark.slow
 
@@ -55,53 +50,3 @@ def test_two_gloo_processes_match_one(tiny_run, tmp_path, shard_dir, tokenizer_m
         **{"hardware.nproc_per_node": "1", "optimizer.matrix_lr": "0.044"},
     )
     assert _max_rel_diff(one, control) > REL_TOL
-
-
-# Each rank as the worker runs it: the runtime (process group), a first optimizer (torch.optim
-# imports torch._dynamo then), a collective, and pgolf.train's teardown; then the gloo threads left.
-_TEARDOWN_RANK = """
-    import json
-    import os
-    import sys
-    import torch
-    import torch.distributed as dist
-    from pgolf.hw.config import CpuHardwareConfig
-    from pgolf.hw.device import build
-    from pgolf.train import _finish_together, _leave_process_group
-
-    def gloo_threads():
-        names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
-        return sorted(n for n in names if "gloo" in n)
-
-    rt = build(CpuHardwareConfig(nproc_per_node=2, threads=1))
-    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
-    t = torch.ones(1)
-    dist.all_reduce(t)
-    assert t.item() == 2.0
-    running = gloo_threads()
-    _finish_together()
-    _leave_process_group()
-    out = {"running": running, "after_teardown": gloo_threads()}
-    open(os.path.join(sys.argv[1], f"rank{rt.rank}.json"), "w").write(json.dumps(out))
-"""
-
-
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from Linux /proc")
-def test_teardown_frees_the_process_group(tmp_path):
-    """After the worker's teardown no gloo thread is left. A group still referenced (e.g. bound as
-    a default argument by a torch module imported after init) outlives destroy_process_group, and
-    its threads running into interpreter exit made a finished rank abort now and then (SIGABRT,
-    "terminate called without an active exception")."""
-    script = tmp_path / "rank.py"
-    script.write_text(textwrap.dedent(_TEARDOWN_RANK))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd += [str(script), str(tmp_path)]
-    # a script's own folder leads its sys.path, not the cwd: this checkout's pgolf, as `-m` would import
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    for rank in (0, 1):
-        threads = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert threads["running"], threads  # the probe sees the group's threads while it lives
-        assert threads["after_teardown"] == [], f"rank {rank}: {threads}"

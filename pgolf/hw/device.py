@@ -79,17 +79,6 @@ class Runtime:
             torch.cuda.synchronize(self.device)
 
 
-def _import_modules_binding_world() -> None:
-    """Import, before the process group exists, the torch modules that bind `dist.group.WORLD` into
-    default arguments when first imported (`torch.distributed.nn.functional`'s `group=group.WORLD`).
-    Imported after init (torch.optim imports torch._dynamo on the first optimizer, which imports
-    them), they hold the group forever: destroy_process_group then cannot free it, its gloo threads
-    live into interpreter exit, and a rank finishing cleanly could abort there ("terminate called
-    without an active exception", SIGABRT; a rare CI flake). Imported first, the default is None."""
-    import torch._dynamo  # noqa: F401  (what torch.optim would import later; it brings in the rest)
-    import torch.distributed.nn  # noqa: F401
-
-
 def build(cfg: CudaHardwareConfig | CpuHardwareConfig) -> Runtime:
     """Initialize this worker process (called once, under torchrun or in-process)."""
     rank = int(os.environ.get("RANK", "0"))
@@ -106,14 +95,12 @@ def build(cfg: CudaHardwareConfig | CpuHardwareConfig) -> Runtime:
         # picked first on Hopper otherwise. Efficient/math remain as fallbacks.
         torch.backends.cuda.enable_cudnn_sdp(False)
         if world > 1 and not dist.is_initialized():
-            _import_modules_binding_world()
             dist.init_process_group("nccl", device_id=device)
     else:
         device = torch.device("cpu")
         threads = cfg.threads or max(1, usable_cpus() // max(world, 1))
         torch.set_num_threads(threads)
         if world > 1 and not dist.is_initialized():
-            _import_modules_binding_world()
             dist.init_process_group("gloo")
     amp = torch.bfloat16 if cfg.amp_dtype == "bfloat16" else torch.float32
     cuda = isinstance(cfg, CudaHardwareConfig)
