@@ -44,6 +44,7 @@ def _cfg(loader: str, prefetch: int, threads: int = 1) -> SimpleNamespace:
         coprime_mix_end=4,
         coprime_alpha_start=0.9,
         coprime_alpha_end=0.5,
+        shuffled_seed="run",
     )
 
 
