@@ -107,18 +107,25 @@ def test_training_switches_compile_fullgraph_forward_and_backward(mlp_switch):
     # The training graph as priming compiles it. Under Inductor a kernel's float argument (the
     # softcap, the slope) arrives as fp64; the fused CE's loop-carried max then changed type and
     # Triton refused to compile (found on an H100), so the kernels cast their scalars to fp32 first.
+    _assert_compiled_matches_eager(dict(fused_ce=True, **{mlp_switch: True}), "inductor", perturb=True)
+
+
+def _assert_compiled_matches_eager(switches: dict, backend: str, perturb: bool) -> None:
+    """A tiny model with `switches` on, compiled fullgraph with `backend`, against the eager model
+    without them: the loss and every gradient after one forward and backward."""
     torch.manual_seed(0)
     cfg = dict(**TINY, activation="leaky_relu2")
     eager = GPT(LayeredGPTConfig(**cfg), banked=False).to(DEVICE)
-    fused = GPT(LayeredGPTConfig(**cfg, fused_ce=True, **{mlp_switch: True}), banked=False).to(DEVICE)
+    fused = GPT(LayeredGPTConfig(**cfg, **switches), banked=False).to(DEVICE)
     fused.load_state_dict(eager.state_dict())
-    with torch.no_grad():
-        for p in (*eager.parameters(), *fused.parameters()):
-            p.add_(0.01)
+    if perturb:
+        with torch.no_grad():
+            for p in (*eager.parameters(), *fused.parameters()):
+                p.add_(0.01)
     x = torch.randint(0, 96, (2, 16), device=DEVICE)
     y = x.roll(-1, 1)
     torch._dynamo.reset()
-    loss = torch.compile(fused, fullgraph=True, dynamic=False)(x, y)
+    loss = torch.compile(fused, fullgraph=True, dynamic=False, backend=backend)(x, y)
     loss.backward()
     ref = eager(x, y)
     ref.backward()
@@ -134,23 +141,9 @@ def test_fused_mlp_train_ops_compile_fullgraph_as_opaque_ops():
     # compile of forward and backward. The H100 failure this form fixes (as triton_ops, Inductor's
     # mutation analysis took the backward kernel as writing W_down, a leaf requiring grad) only
     # shows with CUDA kernels: the GPU test above.
-    torch.manual_seed(0)
-    cfg = dict(**TINY, activation="leaky_relu2")
-    eager = GPT(LayeredGPTConfig(**cfg), banked=False).to(DEVICE)
-    fused = GPT(LayeredGPTConfig(**cfg, fused_mlp_train=True), banked=False).to(DEVICE)
-    fused.load_state_dict(eager.state_dict())
-    x = torch.randint(0, 96, (2, 16), device=DEVICE)
-    y = x.roll(-1, 1)
-    torch._dynamo.reset()
     # aot_eager: AOTAutograd's joint graph (where the mutation check failed) without Inductor's
     # minute of C++ compilation on CPU; the GPU test above covers Inductor.
-    loss = torch.compile(fused, fullgraph=True, dynamic=False, backend="aot_eager")(x, y)
-    loss.backward()
-    ref = eager(x, y)
-    ref.backward()
-    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-5)
-    for (name, a), b in zip(eager.named_parameters(), fused.parameters()):
-        torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5, msg=name)
+    _assert_compiled_matches_eager(dict(fused_mlp_train=True), "aot_eager", perturb=False)
 
 
 @pytest.mark.parametrize("missing", ["triton", "cuda"])
