@@ -31,7 +31,8 @@ def _finish_together() -> None:
 
 
 def _leave_process_group() -> None:
-    """Destroy the process group, on every exit path."""
+    """Destroy the process group, on every exit path. (A function of its own: the packed code is
+    20 bytes smaller than with these lines inline in run_job's `finally`.)"""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
