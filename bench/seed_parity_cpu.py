@@ -154,7 +154,10 @@ def build_pgolf(job, compile_ns: bool = False):
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / (a.float().norm() + 1e-30)).item()
+    """Relative difference; a NaN on either side is infinitely far (max() over tuples would
+    otherwise pass a NaN over, since every comparison with it is False)."""
+    r = ((a.float() - b.float()).norm() / (a.float().norm() + 1e-30)).item()
+    return float("inf") if r != r else r
 
 
 def compare_init(ns: dict, model) -> None:

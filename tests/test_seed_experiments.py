@@ -101,6 +101,21 @@ def test_pr726_ttt_freezes_what_its_script_froze(compose):
     assert sum(p.numel() for p in model.parameters()) - trained == 4_112
 
 
+# PR #1532's script is the 2026-04-09 record's with only its loader's producer thread added, so the
+# two experiments may differ in the loader's timing keys and nothing else: a fix to one (an init
+# order, a data key, a Newton-Schulz form) that misses the other fails here.
+LOADER_TIMING_KEYS = {"prefetch", "prefetch_threads", "pin_memory"}
+
+
+def test_r0409_is_pr1532_less_its_loader_thread(compose):
+    r0409, pr1532 = frozen_job(compose, "r0409"), frozen_job(compose, "pr1532")
+    assert (r0409.pop("label"), pr1532.pop("label")) == ("r0409", "pr1532")
+    for job in (r0409, pr1532):
+        for k in LOADER_TIMING_KEYS:
+            job["data"].pop(k)
+    assert r0409 == pr1532
+
+
 def test_no_experiment_calls_549_seed_001():
     for path in list((REPO / "conf").rglob("*.yaml")):
         assert "seed-001" not in path.read_text(), path
