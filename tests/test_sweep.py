@@ -17,7 +17,7 @@ import pytest
 from conftest import CONF, REPO, default_sigint, run_cli, tiny_cpu_args
 
 import pgolf.parent.run  # noqa: F401  (registers the ${pgolf_slot_count:} resolver the gpus launcher uses)
-from pgolf.parent.run import LAUNCHER_PLUGINS, check_launcher_plugin, quote_free_text
+from pgolf.parent.run import LAUNCHER_PLUGINS, check_launcher_plugin, plugin_installed, quote_free_text
 
 LAUNCHERS = sorted(p.stem for p in (CONF / "launcher").glob("*.yaml"))
 EXPECTED_TARGET = {
@@ -29,7 +29,7 @@ EXPECTED_TARGET = {
 
 def _plugin_missing(option: str) -> str | None:
     plugin = LAUNCHER_PLUGINS.get(option)
-    if plugin and importlib.util.find_spec(plugin[0]) is None:
+    if plugin and not plugin_installed(plugin[0]):
         return f"launcher={option} needs {plugin[0]} (pip install -e '.[{plugin[1]}]'); not installed here"
     return None
 
@@ -71,6 +71,18 @@ def test_missing_launcher_plugin_says_how_to_install(monkeypatch):
     with pytest.raises(SystemExit, match=r"pip install -e \"\.\[parallel\]\""):
         check_launcher_plugin(["-m", "launcher=gpus", "seed=1,2"])
     check_launcher_plugin(["launcher=local"])  # the basic launcher ships with Hydra
+
+
+def test_no_plugin_at_all_says_how_to_install_too(monkeypatch):
+    """With no Hydra plugin installed the `hydra_plugins` namespace is missing, and find_spec of a
+    module under it raises instead of returning None: the user still gets the install command."""
+
+    def find_spec(name, *a):
+        raise ModuleNotFoundError(f"No module named {name.split('.')[0]!r}")
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(SystemExit, match=r"pip install -e \"\.\[slurm\]\""):
+        check_launcher_plugin(["-m", "launcher=slurm"])
 
 
 # ------------------------------------------------------------------------------ end to end

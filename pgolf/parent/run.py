@@ -351,13 +351,22 @@ def _hydra_main(cfg: DictConfig) -> float:
     return run_one(cfg)
 
 
+def plugin_installed(module: str) -> bool:
+    """Whether a Hydra plugin's module imports. find_spec raises, not returns None, when the
+    `hydra_plugins` namespace itself is missing: no plugin at all is installed."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def check_launcher_plugin(argv: list[str]) -> None:
     """Fail in a second, with the install command, when launcher=X needs a plugin that is missing."""
     for arg in argv:
         if arg.startswith("launcher="):
             name = arg.split("=", 1)[1]
             plugin = LAUNCHER_PLUGINS.get(name)
-            if plugin and importlib.util.find_spec(plugin[0]) is None:
+            if plugin and not plugin_installed(plugin[0]):
                 sys.exit(
                     f"pgolf: launcher={name} needs the Hydra plugin {plugin[0].split('.')[-1]}; "
                     f'install it with: pip install -e ".[{plugin[1]}]"'

@@ -1,0 +1,80 @@
+"""Newton-Schulz one matrix at a time against batched, on the device: time per optimizer step and
+how far the two forms' updates are apart (optimizer.ns_batch; docs/benchmarks.md §9f/§9g).
+
+    python bench/ns_forms.py                      # PR #339's Muon matrices (11 layers, d 512, MLP 3x)
+    python bench/ns_forms.py --experiment pr1532  # the 2026-04-09 stack's (MLP 4x)
+
+The matrices are the experiment's own Muon parameters (model built on the meta device, shapes only),
+filled with seeded Gaussian "gradients"; both forms run the experiment's own NS settings, compiled as
+a run compiles them. Timing: CUDA events around `--reps` calls of every shape group after
+`--warmup` calls, as one optimizer step runs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections import defaultdict
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--experiment", default="pr339")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=20)
+    a = ap.parse_args()
+
+    from pgolf.components import MODELS
+    from pgolf.config import job_config_from_dict
+    from pgolf.optim.muon import make_ns
+    from pgolf.parent.compose import compose_dict
+    from pgolf.parent.run import PARENT_ONLY
+
+    d = compose_dict([f"experiment={a.experiment}"])
+    for k in PARENT_ONLY:
+        d.pop(k, None)
+    d["job_dir"] = "x"
+    job = job_config_from_dict(d)
+    with torch.device("meta"):
+        model = MODELS.build(job.model)
+    shapes: dict[tuple[int, int], int] = defaultdict(int)
+    for _, p in model.param_groups()["matrix"]:
+        for _ in range(p.size(0) if p.ndim == 3 else 1):
+            shapes[tuple(p.shape[-2:])] += 1
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    g = torch.Generator(device="cpu").manual_seed(0)
+    stacks = [torch.randn(n, *s, generator=g).to(dev) for s, n in shapes.items()]
+    print(f"{a.experiment}: {sum(shapes.values())} matrices in {len(shapes)} shapes {dict(shapes)} on {dev}")
+
+    forms = {}
+    for batch in (True, False):
+        cfg = dataclasses.replace(job.optimizer, ns_batch=batch)
+        forms["batched" if batch else "per-matrix"] = make_ns(cfg, compile_ns=dev.type == "cuda")
+    out = {name: [ns(G) for G in stacks] for name, ns in forms.items()}
+    rel = max(
+        ((x.float() - y.float()).norm() / y.float().norm()).item()
+        for x, y in zip(out["batched"], out["per-matrix"])
+    )
+    equal = sum(torch.equal(x, y) for x, y in zip(out["batched"], out["per-matrix"]))
+    print(f"batched vs per-matrix: {equal}/{len(stacks)} shape groups bit for bit, worst relative difference {rel:.2e}")
+    if dev.type != "cuda":
+        return
+    for name, ns in forms.items():
+        for _ in range(a.warmup):
+            for G in stacks:
+                ns(G)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(a.reps):
+            for G in stacks:
+                ns(G)
+        end.record()
+        torch.cuda.synchronize()
+        print(f"{name}: {start.elapsed_time(end) / a.reps:.2f} ms per optimizer step")
+
+
+if __name__ == "__main__":
+    main()
