@@ -58,7 +58,9 @@ def main() -> None:
         for x, y in zip(out["batched"], out["per-matrix"])
     )
     equal = sum(torch.equal(x, y) for x, y in zip(out["batched"], out["per-matrix"]))
-    print(f"batched vs per-matrix: {equal}/{len(stacks)} shape groups bit for bit, worst relative difference {rel:.2e}")
+    print(
+        f"batched vs per-matrix: {equal}/{len(stacks)} shape groups bit for bit, worst relative difference {rel:.2e}"
+    )
     if dev.type != "cuda":
         return
     for name, ns in forms.items():
