@@ -33,17 +33,26 @@ PRE_PEP701 = (
 )
 
 
-# The records' own files are self-extracting: `exec(L.decompress(B.b85decode(b'...')))` of their code.
+# The records' own files are self-extracting: `exec(L.decompress(B.b85decode(<literal>)))` of their
+# code. PR #1532 wraps an .xz stream in a bytes literal; the 2026-04-09 record a raw LZMA2 stream in
+# a str literal (`..., format=L.FORMAT_RAW, filters=[{"id": L.FILTER_LZMA2}]`).
 WRAPPED = re.compile(
-    r"^import lzma as L,\s*base64 as B\s*exec\(L\.decompress\(B\.b85decode\((b'[^']*')\)\)\)\s*$"
+    r"^import lzma as L,\s*base64 as B\s*exec\(L\.decompress\(B\.b85decode\((b?'[^']*'|b?\"[^\"]*\")\)"
+    r"(\s*,\s*format=L\.FORMAT_RAW\s*,\s*filters=\[\{\s*[\"']id[\"']\s*:\s*L\.FILTER_LZMA2\s*\}\])?\)\)\s*$"
 )
+RAW_LZMA2 = [{"id": lzma.FILTER_LZMA2}]
 
 
 def unwrap(source: str) -> str:
     """The Python a record's lzma/base85 wrapper would exec (its literal is read, never run), else
     `source` as it is."""
     m = WRAPPED.match(source)
-    return lzma.decompress(base64.b85decode(ast.literal_eval(m.group(1)))).decode() if m else source
+    if not m:
+        return source
+    packed = base64.b85decode(ast.literal_eval(m.group(1)))
+    if m.group(2):
+        return lzma.decompress(packed, format=lzma.FORMAT_RAW, filters=RAW_LZMA2).decode()
+    return lzma.decompress(packed).decode()
 
 
 def load_record(script: str | Path, name: str = "r0409_record") -> ModuleType:

@@ -228,18 +228,19 @@ RECORD_MISSING = (
     "parameter-golf's records/track_10min_16mb/2026-04-09_SP8192_3LayerRecur_ParResid_QK525_LegalTTT/"
     "train_gpt.py (as published: its lzma/base85 wrapper is decoded on import; PR #1532's script, the "
     "same but for its loader, does too), save it as "
-    ".bench/ref/r0409_train_gpt.py (or set PGOLF_R0409_SCRIPT to its path) and run "
+    ".bench/ref/r0409_train_gpt.py or .refs/r0409/train_gpt.py (or set PGOLF_R0409_SCRIPT to its path) and run "
     "`python -m pytest tests/test_r0409_parity.py` (CPU, about a minute; no GPU needed)"
 )
 
 
 def record_script() -> Path | None:
     """$PGOLF_R0409_SCRIPT, else ref/r0409_train_gpt.py under REPO/.bench (as on the bench machines)
-    or $PGOLF_BENCH_DIR."""
+    or $PGOLF_BENCH_DIR, else .refs/r0409/train_gpt.py (where bench/seeds.sh keeps the seed scripts)."""
     candidates = [Path(os.environ["PGOLF_R0409_SCRIPT"])] if os.environ.get("PGOLF_R0409_SCRIPT") else []
     candidates += [REPO / ".bench" / "ref" / "r0409_train_gpt.py"]
     if os.environ.get("PGOLF_BENCH_DIR"):
         candidates.append(Path(os.environ["PGOLF_BENCH_DIR"]) / "ref" / "r0409_train_gpt.py")
+    candidates.append(REPO / ".refs" / "r0409" / "train_gpt.py")
     return next((p for p in candidates if p.is_file()), None)
 
 
