@@ -271,3 +271,38 @@ def test_fa3_varlen_stand_in_attends_within_each_segment(tmp_path):
     assert fa.flash_attn_func is not None  # the shim's, re-exported
     with pytest.raises(ValueError, match="cu_seqlens_q must equal"):
         fa.flash_attn_varlen_func(q, k, v, cu, cu.flip(0), 200, 200)
+
+
+def test_fa3_varlen_stand_in_traces_under_torch_compile(tmp_path):
+    """The stand-in loads the bench shim from a file path; Dynamo imports the module of every
+    function it traces by name, so the shim must be importable by its name (the first GPU run of
+    bench/seeds.sh through the stand-in failed in compile without it)."""
+    import importlib
+    import importlib.util
+    import shutil
+
+    import torch
+
+    shim = tmp_path / ".bench" / "fa3_shim"
+    shim.mkdir(parents=True)
+    (shim / "flash_attn_interface.py").write_text(
+        "import torch.nn.functional as F\n"
+        "def flash_attn_func(q, k, v, causal=True, **_):\n"
+        "    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),"
+        " is_causal=causal)\n"
+        "    return y.transpose(1, 2)\n"
+    )
+    stand_in = tmp_path / "bench" / "fa3_varlen" / "flash_attn_interface.py"
+    stand_in.parent.mkdir(parents=True)
+    shutil.copy(REPO / "bench" / "fa3_varlen" / "flash_attn_interface.py", stand_in)
+    spec = importlib.util.spec_from_file_location("fa3_varlen_traced", stand_in)
+    fa = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fa)
+
+    # What torch 2.11's Dynamo does with a traced function's module (2.14's no longer does it here)
+    assert importlib.import_module(fa.flash_attn_func.__module__) is fa._shim
+    q = torch.randn(2, 8, 4, 16)
+    compiled = torch.compile(
+        lambda q: fa.flash_attn_func(q, q, q, causal=True), backend="aot_eager", fullgraph=True
+    )
+    assert torch.allclose(compiled(q), fa.flash_attn_func(q, q, q, causal=True))

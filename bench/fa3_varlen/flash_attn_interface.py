@@ -12,6 +12,7 @@ folder on PYTHONPATH, so both sides of a benchmark run the same kernel
 """
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import torch
@@ -22,6 +23,9 @@ if not _SHIM.is_file():
     raise ImportError(f"{_SHIM} is missing: copy the bench's FA3 shim there (bench/README.md)")
 _spec = importlib.util.spec_from_file_location("_pgolf_bench_fa3_shim", _SHIM)
 _shim = importlib.util.module_from_spec(_spec)
+# Registered under its name: Dynamo imports the module of every function it traces by that name
+# (the first GPU run without this failed in compile with "No module named '_pgolf_bench_fa3_shim'").
+sys.modules[_spec.name] = _shim
 _spec.loader.exec_module(_shim)
 flash_attn_func = _shim.flash_attn_func
 
