@@ -340,6 +340,9 @@ def prime_shards(folder: Path, k: int) -> list[Path]:
     )
 
 
+Drawn = tuple[str, torch.Tensor, torch.Tensor]  # (the function that asked for it, inputs, targets)
+
+
 @contextmanager
 def unpinned():
     """The script's loader pins its host batches for the copy to the GPU; with no GPU, pinning
@@ -399,12 +402,14 @@ def run_script_prime(module, files: list[Path]) -> dict:
 
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
-            self.drawn: list[tuple[torch.Tensor, torch.Tensor]] = []
+            self.drawn: list[Drawn] = []
             loaders.append(self)
 
         def next_batch(self, *a, **k):
             out = super().next_batch(*a, **k)
-            self.drawn.append((out[0].clone(), out[1].clone()))
+            # the caller; train_model's own lines run here as exec'd top-level code
+            caller = sys._getframe(1).f_code.co_name.replace("<module>", "train_model")
+            self.drawn.append((caller, out[0].clone(), out[1].clone()))
             return out
 
     logged: list[str] = []
@@ -444,7 +449,7 @@ class RecordingLoader:
 
     def next_batch(self, *a, **k):
         x, y = self.inner.next_batch(*a, **k)
-        self.drawn.append((x.clone(), y.clone()))
+        self.drawn.append((sys._getframe(1).f_code.co_name, x.clone(), y.clone()))
         return x, y
 
     def close(self) -> None:
@@ -515,17 +520,28 @@ def run_pgolf_prime(k: int, files: list[Path], folder: Path) -> dict:
     return out
 
 
-def same_batch(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> bool:
-    return all(torch.equal(u.long().reshape(-1), v.long().reshape(-1)) for u, v in zip(a, b))
+def same_batch(a: Drawn, b: Drawn) -> bool:
+    return all(torch.equal(u.long().reshape(-1), v.long().reshape(-1)) for u, v in zip(a[1:], b[1:]))
 
 
-def report_batches(label: str, theirs: list, ours: list) -> None:
-    n = min(len(theirs), len(ours))
-    equal = [same_batch(theirs[i], ours[i]) for i in range(n)]
-    first = equal.index(False) if False in equal else None
+def report_batches(label: str, theirs: list[Drawn], ours: list[Drawn], step_fns: tuple[str, str]) -> None:
+    """Every draw in order, and apart the draws that fed optimizer steps (made inside the script's
+    step_fn, inside pgolf's Trainer._train_step), which decide the momentum."""
+
+    def count(pairs: list[tuple[Drawn, Drawn]]) -> str:
+        equal = [same_batch(a, b) for a, b in pairs]
+        first = f", the first differs at {equal.index(False)}" if False in equal else ""
+        return f"{sum(equal)}/{len(equal)} equal{first}"
+
+    def where(drawn: list[Drawn]) -> str:
+        return ", ".join(
+            f"{sum(d[0] == c for d in drawn)} from {c}" for c in dict.fromkeys(d[0] for d in drawn)
+        )
+
+    stepped = [[d for d in side if d[0] == fn] for side, fn in zip((theirs, ours), step_fns)]
+    print(f"{label}: script drew {len(theirs)} ({where(theirs)}), pgolf {len(ours)} ({where(ours)})")
     print(
-        f"{label}: script drew {len(theirs)}, pgolf {len(ours)}; {sum(equal)}/{n} pairwise equal"
-        + (f", first difference at micro-batch {first}" if first is not None else "")
+        f"  in draw order: {count(list(zip(theirs, ours)))}; those that fed steps: {count(list(zip(*stepped)))}"
     )
 
 
@@ -566,14 +582,9 @@ def compare_prime(module, k: int) -> None:
     ours = run_pgolf_prime(k, files, folder)
     print("script's warm-up log:", " | ".join(theirs["log"]))
     print(f"script's Muon took the sharded path (shard_mom): {theirs['sharded']}")
-    report_batches(
-        "warm-up micro-batches (script: 1 cu_seqlens + 16K steps)",
-        theirs["warmup_batches"],
-        ours["warmup_batches"],
-    )
-    report_batches(
-        "first training step's micro-batches (fresh loaders)", theirs["train_batches"], ours["train_batches"]
-    )
+    fns = ("step_fn", "_train_step")
+    report_batches("priming's micro-batches", theirs["warmup_batches"], ours["warmup_batches"], fns)
+    report_batches("first training step's (new loaders)", theirs["train_batches"], ours["train_batches"], fns)
     for side in (theirs, ours):
         side["init_equal"] = sum(torch.equal(side["restored"][n], side["init"][n]) for n in side["init"])
     print(
