@@ -513,3 +513,43 @@ def test_last_rows_pruning_reaches_the_final_block(monkeypatch):
     with torch.no_grad():
         model.token_nll(x, y, 3)
     assert seen == [16] * (len(model.blocks) - 1) + [3]
+
+
+# PR #1775's GPT.__init__ registers its own parameters in this order (.refs/pr1775/train_gpt.py):
+# the four banks, skip_weights, skip_gates, then the post lambdas before the resid lambdas.
+PR1775_OWN_ORDER = [
+    "qo_bank",
+    "kv_bank",
+    "mlp_up_bank",
+    "mlp_down_bank",
+    "skip_weights",
+    "skip_gates",
+    "parallel_post_lambdas",
+    "parallel_resid_lambdas",
+]
+
+
+def test_param_order_sets_the_clip_order_and_nothing_else(compose):
+    """model.param_order reorders parameters(), which is the grad clip's reduction order
+    (OptimizerBundle.all_params: one ulp of the total norm, through bf16 Newton-Schulz, was 0.5% of
+    a bank's update in bench/seed_parity_cpu.py pr1775 --prime-steps); the init draws, the state
+    and the export keys stay as they were. experiment=pr1775 sets its script's order."""
+    from pgolf.optim.config import ParallelMuonConfig
+    from pgolf.optim.parallel_muon import ParallelMuonBundle
+
+    assert compose(["experiment=pr1775"])["model"]["param_order"] == PR1775_OWN_ORDER
+    kw = dict(unet_skips=True, skip_gates_enabled=True, parallel_residual="two_lane", parallel_start_layer=2)
+    torch.manual_seed(0)
+    plain = GPT(cfg_of(banked=True, **kw), banked=True)
+    torch.manual_seed(0)
+    ordered = GPT(cfg_of(banked=True, param_order=PR1775_OWN_ORDER, **kw), banked=True)
+    names = [n for n, _ in ordered.named_parameters()]
+    assert names[: len(PR1775_OWN_ORDER) + 1] == [*PR1775_OWN_ORDER, "tok_emb.weight"]
+    assert [n for n, _ in plain.named_parameters()][:2] == ["skip_weights", "skip_gates"]
+    a, b = plain.state_dict(), ordered.state_dict()
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert list(plain.export_state_dict()) == list(ordered.export_state_dict())
+    bundle = ParallelMuonBundle(ordered, ParallelMuonConfig(), torch.device("cpu"), compile_ns=False)
+    assert [id(p) for p in bundle.all_params] == [id(p) for p in ordered.parameters()]
+    with pytest.raises(ConfigError, match="param_order"):
+        cfg_of(banked=True, param_order=["qo_bank", "nope"])

@@ -18,6 +18,21 @@ FUSED_SWITCHES = (
 )
 
 
+# The GPT family's own parameters (not those of its submodules), the names model.param_order orders.
+GPT_OWN_PARAMS = (
+    "skip_weights",
+    "skip_gates",
+    "qo_bank",
+    "kv_bank",
+    "mlp_up_bank",
+    "mlp_down_bank",
+    "parallel_resid_lambdas",
+    "parallel_post_lambdas",
+    "lane_merge",
+    "backout_lambda",
+)
+
+
 def switch_on(value: bool | str) -> bool:
     """A fused-kernel switch as a bool. `auto` (model.fused_mlp_up, fused_qk_rope) is on where the
     kernels run natively, CUDA with Triton installed, and off elsewhere (CPU runs, no Triton: the
@@ -177,6 +192,12 @@ class GPTModelConfig:
     # named_modules() overwrites them (the bigram projection comes first there); linears this pass
     # leaves alone (a dim < 64) keep their default init. Per-layer layout only.
     init_rng_order: Literal["fixed", "construction"] = "fixed"
+    # The model's own parameters registered first, in this order (a record GPT's registration
+    # order; the rest follow in pgolf's): parameters() order is the grad clip's reduction order
+    # (OptimizerBundle.all_params), so the clip coefficient is the record's bit for bit. Empty:
+    # pgolf's order (skip_weights, skip_gates, the banks, the lane lambdas), PR #399's and #726's.
+    # Exports keep the canonical per-layer key order either way.
+    param_order: list[str] = field(default_factory=list)
     # depth recurrence
     num_loops: int = 0  # extra passes over layers loop_start..loop_end (0: off)
     loop_start: int = 0
@@ -285,6 +306,11 @@ class GPTModelConfig:
             raise ConfigError(
                 f"{path}.init_rng_order=construction replays the init of per-layer nn.Linear modules, "
                 f"which model=banked does not have; use model=layered or {path}.init_rng_order=fixed"
+            )
+        unknown = sorted(set(self.param_order) - set(GPT_OWN_PARAMS))
+        if unknown or len(set(self.param_order)) != len(self.param_order):
+            raise ConfigError(
+                f"{path}.param_order={self.param_order}: each name once, from {', '.join(GPT_OWN_PARAMS)}"
             )
         if self.smear_bos_fix and self.smear_gate == "none":
             raise ConfigError(

@@ -13,6 +13,7 @@ and `on_progress(frac)` (host-side switches during training, e.g. turning the lo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -138,8 +139,18 @@ class GPT(nn.Module):
             from pgolf.models.docmask import DocMask
 
             self._doc_mask = DocMask
+        if cfg.param_order:
+            self._register_first(cfg.param_order)
         if init:
             self._init_weights()
+
+    def _register_first(self, names: list[str]) -> None:
+        """model.param_order: these own parameters (those this model has) first, in that order."""
+        own = self._parameters
+        first = {n: own[n] for n in names if own.get(n) is not None}
+        rest = {n: p for n, p in own.items() if n not in first}
+        own.clear()
+        own.update({**first, **rest})
 
     # ------------------------------------------------------------------------------ weights
     def set_weight_hook(self, hook: nn.Module | None) -> None:
@@ -481,8 +492,9 @@ class GPT(nn.Module):
 
     def _layered_keys(self) -> list[str]:
         if self._export_keys is None:  # a weightless per-layer twin gives the canonical key order
-            with torch.device("meta"):
-                self._export_keys = list(GPT(self.cfg, banked=False, init=False).state_dict())
+            with torch.device("meta"):  # (whatever model.param_order says: it orders the grad clip)
+                twin = GPT(dataclasses.replace(self.cfg, param_order=[]), banked=False, init=False)
+                self._export_keys = list(twin.state_dict())
         return self._export_keys
 
     def export_state_dict(self) -> dict[str, Tensor]:
