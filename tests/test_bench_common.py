@@ -229,27 +229,34 @@ def test_levers_passes_env_words_to_the_run_and_the_rest_as_overrides(tmp_path):
     assert "mix=0 extra=[ model.fused_ce=true]" in logs[1]
 
 
+def _load_fa3_varlen(tmp_path: Path, shim_source: str, name: str):
+    """bench/fa3_varlen loaded from a repo laid out under tmp_path, with `shim_source` as the bench's
+    .bench/fa3_shim/flash_attn_interface.py (the stand-in loads it from <repo>/.bench)."""
+    import importlib.util
+    import shutil
+
+    shim = tmp_path / ".bench" / "fa3_shim"
+    shim.mkdir(parents=True)
+    (shim / "flash_attn_interface.py").write_text(shim_source)
+    stand_in = tmp_path / "bench" / "fa3_varlen" / "flash_attn_interface.py"
+    stand_in.parent.mkdir(parents=True)
+    shutil.copy(REPO / "bench" / "fa3_varlen" / "flash_attn_interface.py", stand_in)
+    spec = importlib.util.spec_from_file_location(name, stand_in)
+    fa = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fa)
+    return fa
+
+
 def test_fa3_varlen_stand_in_attends_within_each_segment(tmp_path):
     """bench/fa3_varlen (the seed benches' varlen FA3 stand-in, which both #1775's script and pgolf
     run) against SDPA on each segment alone, with padded cu_seqlens and GQA. It loads the bench
     shim's flash_attn_func from <repo>/.bench/fa3_shim, so the test lays out a repo of its own."""
-    import importlib.util
-    import shutil
-
     import torch
     import torch.nn.functional as F
 
-    shim = tmp_path / ".bench" / "fa3_shim"
-    shim.mkdir(parents=True)
-    (shim / "flash_attn_interface.py").write_text(
-        "def flash_attn_func(*a, **k):\n    raise NotImplementedError\n"
+    fa = _load_fa3_varlen(
+        tmp_path, "def flash_attn_func(*a, **k):\n    raise NotImplementedError\n", "fa3_varlen_under_test"
     )
-    stand_in = tmp_path / "bench" / "fa3_varlen" / "flash_attn_interface.py"
-    stand_in.parent.mkdir(parents=True)
-    shutil.copy(REPO / "bench" / "fa3_varlen" / "flash_attn_interface.py", stand_in)
-    spec = importlib.util.spec_from_file_location("fa3_varlen_under_test", stand_in)
-    fa = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fa)
 
     torch.manual_seed(0)
     n, heads, kv_heads, dim = 300, 4, 2, 16
@@ -278,26 +285,17 @@ def test_fa3_varlen_stand_in_traces_under_torch_compile(tmp_path):
     function it traces by name, so the shim must be importable by its name (the first GPU run of
     bench/seeds.sh through the stand-in failed in compile without it)."""
     import importlib
-    import importlib.util
-    import shutil
 
     import torch
 
-    shim = tmp_path / ".bench" / "fa3_shim"
-    shim.mkdir(parents=True)
-    (shim / "flash_attn_interface.py").write_text(
+    sdpa_shim = (
         "import torch.nn.functional as F\n"
         "def flash_attn_func(q, k, v, causal=True, **_):\n"
         "    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),"
         " is_causal=causal)\n"
         "    return y.transpose(1, 2)\n"
     )
-    stand_in = tmp_path / "bench" / "fa3_varlen" / "flash_attn_interface.py"
-    stand_in.parent.mkdir(parents=True)
-    shutil.copy(REPO / "bench" / "fa3_varlen" / "flash_attn_interface.py", stand_in)
-    spec = importlib.util.spec_from_file_location("fa3_varlen_traced", stand_in)
-    fa = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fa)
+    fa = _load_fa3_varlen(tmp_path, sdpa_shim, "fa3_varlen_traced")
 
     # What torch 2.11's Dynamo does with a traced function's module (2.14's no longer does it here)
     assert importlib.import_module(fa.flash_attn_func.__module__) is fa._shim
