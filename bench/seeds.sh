@@ -125,6 +125,9 @@ run_pgolf() {  # PR SEED
   # validation (#1775's packed nonoverlap pass over the whole val split costs minutes of the call).
   local cut="trained [0-9]+ steps in"
   sp8192 "$1" && cut="^step:$STEPS/$STEPS train_loss"
+  # A fresh folder: pgolf refuses to run into one that holds an earlier (failed) run, and a rerun on
+  # the same warm machine would otherwise spend its call on that refusal.
+  rm -rf "$RUNS/pgolf_$1_s$2"
   # shellcheck disable=SC2086,SC2046
   run_cut "$OUT/pgolf_$1_s$2.out" "$cut" python3 -m pgolf.run experiment="$1" data=shards \
     $(pgolf_data_args "$1") hardware=gpu hardware.attention=fa3 \
