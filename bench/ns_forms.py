@@ -27,16 +27,10 @@ def main() -> None:
     a = ap.parse_args()
 
     from pgolf.components import MODELS
-    from pgolf.config import job_config_from_dict
     from pgolf.optim.muon import make_ns
-    from pgolf.parent.compose import compose_dict
-    from pgolf.parent.run import PARENT_ONLY
+    from pgolf.parent.compose import compose_job
 
-    d = compose_dict([f"experiment={a.experiment}"])
-    for k in PARENT_ONLY:
-        d.pop(k, None)
-    d["job_dir"] = "x"
-    job = job_config_from_dict(d)
+    job = compose_job([f"experiment={a.experiment}"])
     with torch.device("meta"):
         model = MODELS.build(job.model)
     shapes: dict[tuple[int, int], int] = defaultdict(int)

@@ -246,10 +246,7 @@ def compare_steps(ns: dict, model, opt, job, steps: int, pr: str) -> None:
             if not ps:
                 continue
             d = [(rel(ref[n] - before[n], p - before[n]), n, torch.equal(ref[n], p)) for n, p in ps]
-            print(
-                f"  {role}: {sum(e for *_, e in d)}/{len(d)} bit for bit, worst relative update "
-                f"difference {max(d)[0]:.2e} ({max(d)[1]})"
-            )
+            print(role_line(role, d, "update difference"))
 
 
 def compare_loader(module, job, steps: int) -> None:
@@ -565,17 +562,20 @@ def report_tensors(label: str, theirs: dict, ours: dict) -> None:
         )
 
 
-def report_groups(label: str, theirs: dict, ours: dict, roles: dict[str, str]) -> None:
+def role_line(role: str, rows: list[tuple[float, str, bool]], what: str) -> str:
+    """One optimizer role's summary: (relative difference, name, bit for bit) per parameter."""
+    worst = max(rows)
+    return f"  {role}: {sum(e for *_, e in rows)}/{len(rows)} bit for bit, worst relative {what} {worst[0]:.2e} ({worst[1]})"
+
+
+def report_groups(theirs: dict, ours: dict, roles: dict[str, str]) -> None:
     by_role: dict[str, list] = {}
     for n in theirs:
         by_role.setdefault(roles.get(n, "?"), []).append(
             (rel(theirs[n], ours[n]), n, torch.equal(theirs[n], ours[n]))
         )
-    for role, d in by_role.items():
-        worst = max(d)
-        print(
-            f"  {role}: {sum(e for *_, e in d)}/{len(d)} bit for bit, worst relative difference {worst[0]:.2e} ({worst[1]})"
-        )
+    for role, rows in by_role.items():
+        print(role_line(role, rows, "difference"))
 
 
 def compare_prime(module, k: int) -> None:
@@ -611,7 +611,7 @@ def compare_prime(module, k: int) -> None:
     )
     print(f"first training step: loss script {theirs['loss']:.6f} pgolf {ours['loss']:.6f}")
     print("weights after the first training step:")
-    report_groups("weights", theirs["stepped"], ours["stepped"], ours["roles"])
+    report_groups(theirs["stepped"], ours["stepped"], ours["roles"])
     report_tensors("Muon momentum after the first training step", theirs["momentum_1"], ours["momentum_1"])
 
 
