@@ -48,9 +48,12 @@ for i, name in enumerate(levers):
     base = base if base is not None else ms
     ratio = f"{ms / base:.3f}" if ms and base else "-"
     cells = [f"{loss[s]:.4f}" if s in loss else "-" for s in (50, 100, 150)]
+    # pgolf's throughput line (docs/architecture.md#throughput-and-mfu): tokens/s and MFU at the median step
+    tput = re.search(r"throughput: ([0-9,]+) tokens/s at the median step.*?MFU ([0-9.]+)%", text)
+    cells += [tput[1], f"{tput[2]}%"] if tput else ["-", "-"]
     rows.append(f"| {name} | {ms if ms else 'failed'} | {ratio} | " + " | ".join(cells) + " |")
-print(f"{exp}: lever set | ms/step (step_avg) | ratio to the first | loss 50 | loss 100 | loss 150")
-print("|---|---:|---:|---:|---:|---:|")
+print(f"{exp}: lever set | ms/step (step_avg) | ratio to the first | loss 50 | loss 100 | loss 150 | tokens/s | MFU")
+print("|---|---:|---:|---:|---:|---:|---:|---:|")
 print("\n".join(rows))
 EOF
 # A device call returns at most 8 files: one log per set (the console, then the run's log), one

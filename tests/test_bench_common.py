@@ -212,6 +212,9 @@ def test_levers_passes_env_words_to_the_run_and_the_rest_as_overrides(tmp_path):
         'log="$OUT/pgolf_${PRS}_s1337.out"\n'
         'echo "mix=${TORCHINDUCTOR_MIX_ORDER_REDUCTION:-unset} extra=[$PGOLF_EXTRA]" > "$log"\n'
         'printf "step:50/150 train_loss:3.5 step_avg:500.0ms\\n" >> "$log"\n'
+        '[ -n "$PGOLF_EXTRA" ] && echo "throughput: 1,572,864 tokens/s at the median step, 1,500,000 over'
+        " the training clock; 228.5 MFLOP/token (fwd+bwd), 359.4 TFLOP/s at the median step; MFU 36.3%"
+        ' (median step), 34.7% (whole training) of 989.4 TFLOP/s peak" >> "$log"\n'
         'echo "GPU" > "$OUT/gpu.txt"\n'
     )
     levers = "base|TORCHINDUCTOR_MIX_ORDER_REDUCTION=0 model.fused_ce=true"
@@ -221,7 +224,12 @@ def test_levers_passes_env_words_to_the_run_and_the_rest_as_overrides(tmp_path):
         ["bash", str(tmp_path / "bench" / "levers.sh")], capture_output=True, text=True, env=env
     )
     assert out.returncode == 0, out.stderr
-    assert "| base | 500.0 | 1.000 | 3.5000 | - | - |" in out.stdout
+    assert "| base | 500.0 | 1.000 | 3.5000 | - | - | - | - |" in out.stdout
+    # tokens/s and MFU come from pgolf's throughput line, at the median step
+    assert (
+        "| TORCHINDUCTOR_MIX_ORDER_REDUCTION=0 model.fused_ce=true | 500.0 | 1.000 | 3.5000 | - | - | 1,572,864 | 36.3% |"
+        in out.stdout
+    )
     # a device call returns at most 8 files: one log per set and one gpu.txt, no folders
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gpu.txt", "set0.txt", "set1.txt"]
     logs = [(tmp_path / "out" / f"set{i}.txt").read_text() for i in (0, 1)]
