@@ -43,6 +43,7 @@ bench_shards() {
 # 680 ms alone. Memory is used rather than the process list, which a container's PID namespace hides.
 bench_gpu_idle() {
   command -v nvidia-smi > /dev/null || return 0
+  bench_end_strays
   local waited=0 used
   while true; do
     used=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | sort -n | tail -1)
@@ -57,6 +58,28 @@ bench_gpu_idle() {
     fi
     sleep 5
     waited=$((waited + 5))
+  done
+}
+
+# bench_end_strays: end the GPU processes of this bench that an earlier device call left running.
+# A call that runs out of time has its session's processes ended, but torchrun's workers run in
+# sessions of their own: one held 23 GB of the GPU into the next call, which then refused to time
+# beside it (docs/benchmarks.md §9h). Only this bench's runs are ended, those whose command line
+# names this repo or whose folder is under /tmp/pgolf_bench; anything else still makes
+# bench_gpu_idle wait and refuse. BENCH_END_STRAYS=0 ends none.
+bench_end_strays() {
+  [ "${BENCH_END_STRAYS:-1}" = 1 ] || return 0
+  local pid cmd
+  for pid in $(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2> /dev/null); do
+    pid=${pid%,}
+    [ -r "/proc/$pid/cmdline" ] || continue
+    cmd="$(tr '\0' ' ' < "/proc/$pid/cmdline") $(readlink "/proc/$pid/cwd" 2> /dev/null)"
+    case "$cmd" in
+      *"$REPO/"* | */tmp/pgolf_bench*)
+        echo "ending a run an earlier call left on the GPU: $pid $cmd" >&2
+        kill -9 "$pid" 2> /dev/null
+        ;;
+    esac
   done
 }
 

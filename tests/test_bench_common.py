@@ -134,6 +134,39 @@ def test_bench_gpu_idle_refuses_a_gpu_another_process_holds(tmp_path, used_mib, 
         assert "GPU busy: 22300 MiB" in err and "4242" in err
 
 
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs /proc")
+def test_bench_gpu_idle_ends_a_run_an_earlier_call_left_and_nothing_else(tmp_path):
+    """A device call that hit its limit left its torchrun worker on the GPU; the next call's first
+    idle check ends it (its command line names this repo) and goes on, and leaves any other GPU
+    process alone."""
+    stray = subprocess.Popen(["bash", "-c", 'exec -a "$0" sleep 300', f"{REPO}/.refs/pr339/train_gpt.py"])
+    other = subprocess.Popen(["bash", "-c", 'exec -a "$0" sleep 300', "/opt/elsewhere/serve.py"], cwd="/")
+    try:
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        tool = bin_dir / "nvidia-smi"
+        tool.write_text(  # the GPU is busy while the stray lives; both show as compute apps
+            "#!/bin/sh\n"
+            'case "$*" in *query-gpu=memory.used*) '
+            f'case "$(ps -o stat= -p {stray.pid})" in ""|Z*) echo 3 ;; *) echo 22300 ;; esac ;;\n'
+            f'  *"query-compute-apps=pid "*) echo {stray.pid}; echo {other.pid} ;;\n'
+            "  *query-compute-apps*) echo busy ;; esac\n"
+        )
+        tool.chmod(0o755)
+        env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "GPU_IDLE_WAIT": "10"}
+        shell = _bench_shell("bench_gpu_idle", tmp_path, env, stderr=subprocess.PIPE)
+        _, err = shell.communicate(timeout=30)
+        assert shell.returncode == 0, err
+        assert f"ending a run an earlier call left on the GPU: {stray.pid}" in err
+        assert _wait_for(lambda: stray.poll() is not None, 5)
+        assert other.poll() is None, "a process of something else was ended"
+    finally:
+        for proc in (stray, other):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
 @pytest.mark.parametrize("ignores_term", [False, True])
 def test_run_cut_time_limit_reaches_a_worker_in_its_own_session(tmp_path, ignores_term):
