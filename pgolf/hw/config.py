@@ -41,6 +41,12 @@ class CudaHardwareConfig:
     # Dense bf16 TFLOP/s of one device, the denominator of the MFU in the log and result.json
     # (0: no MFU). 989.4: NVIDIA's H100 SXM spec (H200: the same); docs/architecture.md#throughput-and-mfu.
     peak_tflops: float = 989.4
+    # Inductor's mix-order reductions (torch._inductor.config.triton.mix_order_reduction): one kernel
+    # does a row reduction and a column reduction over the same tensors, e.g. an RMSNorm backward
+    # with the per-channel gradient sums of the residual mixes. One such kernel took 5.7% of pr726's
+    # training step at about a tenth of HBM bandwidth (docs/benchmarks.md §9e). false: separate
+    # kernels; auto: Inductor's own setting (on, or TORCHINDUCTOR_MIX_ORDER_REDUCTION).
+    mix_order_reduction: bool | Literal["auto"] = "auto"
 
     def validate(self, path: str) -> None:
         _check_nproc(path, self.nproc_per_node)
@@ -59,8 +65,9 @@ class CpuHardwareConfig:
     doc_attention: DocAttentionBackend = "auto"
     threads: int = 0  # torch intra-op threads per process; 0 = usable cores / nproc
     peak_tflops: float = 0.0  # a CPU's peak for the MFU (0: no MFU in the log)
-    # a GPU setting, accepted so that a record experiment (which sets it) also runs on CPU: no effect here
+    # GPU settings, accepted so that a record experiment (which may set them) also runs on CPU: no effect here
     train_cudnn_attention: bool = False
+    mix_order_reduction: bool | Literal["auto"] = "auto"
 
     def validate(self, path: str) -> None:
         _check_nproc(path, self.nproc_per_node)
@@ -82,6 +89,7 @@ class AutoHardwareConfig:
     nproc_per_node: int = 0
     compile: bool = True
     train_cudnn_attention: bool = False  # passed on to `cuda` (see CudaHardwareConfig); no effect on CPU
+    mix_order_reduction: bool | Literal["auto"] = "auto"  # the same
 
     def validate(self, path: str) -> None:
         _check_nproc(path, self.nproc_per_node)

@@ -29,10 +29,15 @@ def resolve_auto(cfg: AutoHardwareConfig) -> CudaHardwareConfig | CpuHardwareCon
     if torch.cuda.is_available():
         n = cfg.nproc_per_node or largest_divisor_of_8(torch.cuda.device_count())
         return CudaHardwareConfig(
-            nproc_per_node=n, compile=cfg.compile, train_cudnn_attention=cfg.train_cudnn_attention
+            nproc_per_node=n,
+            compile=cfg.compile,
+            train_cudnn_attention=cfg.train_cudnn_attention,
+            mix_order_reduction=cfg.mix_order_reduction,
         )
     return CpuHardwareConfig(
-        nproc_per_node=cfg.nproc_per_node or 1, train_cudnn_attention=cfg.train_cudnn_attention
+        nproc_per_node=cfg.nproc_per_node or 1,
+        train_cudnn_attention=cfg.train_cudnn_attention,
+        mix_order_reduction=cfg.mix_order_reduction,
     )
 
 
@@ -50,6 +55,30 @@ def resolve_nproc(cfg: CudaHardwareConfig | CpuHardwareConfig) -> CudaHardwareCo
                 f"hardware.nproc_per_node={cfg.nproc_per_node} but only {torch.cuda.device_count()} GPU(s) are visible"
             )
     return cfg
+
+
+# hardware key -> the Inductor setting it sets (unless "auto"), before anything compiles
+INDUCTOR_OPTIONS = {"mix_order_reduction": "triton.mix_order_reduction"}
+
+
+def set_inductor_options(cfg: CudaHardwareConfig) -> None:
+    """Set the Inductor options the hardware group names; "auto" leaves Inductor's own value."""
+    import torch._inductor.config as inductor
+
+    for key, option in INDUCTOR_OPTIONS.items():
+        value = getattr(cfg, key)
+        if value == "auto":
+            continue
+        *parents, leaf = option.split(".")
+        owner = inductor
+        for part in parents:
+            owner = getattr(owner, part, None)
+        if owner is None or not hasattr(owner, leaf):
+            raise RuntimeError(
+                f"hardware.{key}={value} but torch {torch.__version__} has no Inductor setting "
+                f"{option}; use hardware.{key}=auto on this torch"
+            )
+        setattr(owner, leaf, value)
 
 
 @dataclass
@@ -94,6 +123,7 @@ def build(cfg: CudaHardwareConfig | CpuHardwareConfig) -> Runtime:
         # SDPA: prefer the flash kernel (what the reference scripts use); cuDNN attention would be
         # picked first on Hopper otherwise. Efficient/math remain as fallbacks.
         torch.backends.cuda.enable_cudnn_sdp(False)
+        set_inductor_options(cfg)
         if world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl", device_id=device)
     else:
