@@ -57,28 +57,24 @@ def resolve_nproc(cfg: CudaHardwareConfig | CpuHardwareConfig) -> CudaHardwareCo
     return cfg
 
 
-# hardware key -> the Inductor setting it sets (unless "auto"), before anything compiles
-INDUCTOR_OPTIONS = {"mix_order_reduction": "triton.mix_order_reduction"}
+def _inductor_triton_config():  # torch._inductor.config.triton (a function: tests stand in for it)
+    import torch._inductor.config as inductor
+
+    return inductor.triton
 
 
 def set_inductor_options(cfg: CudaHardwareConfig) -> None:
-    """Set the Inductor options the hardware group names; "auto" leaves Inductor's own value."""
-    import torch._inductor.config as inductor
-
-    for key, option in INDUCTOR_OPTIONS.items():
-        value = getattr(cfg, key)
-        if value == "auto":
-            continue
-        *parents, leaf = option.split(".")
-        owner = inductor
-        for part in parents:
-            owner = getattr(owner, part, None)
-        if owner is None or not hasattr(owner, leaf):
-            raise RuntimeError(
-                f"hardware.{key}={value} but torch {torch.__version__} has no Inductor setting "
-                f"{option}; use hardware.{key}=auto on this torch"
-            )
-        setattr(owner, leaf, value)
+    """Set the Inductor options the hardware group names, before anything compiles; "auto" leaves
+    Inductor's own value (its default, or the environment variable a bench set)."""
+    if cfg.mix_order_reduction == "auto":
+        return
+    triton_config = _inductor_triton_config()
+    if not hasattr(triton_config, "mix_order_reduction"):
+        raise RuntimeError(
+            f"hardware.mix_order_reduction={cfg.mix_order_reduction} but torch {torch.__version__} has "
+            "no Inductor setting triton.mix_order_reduction; use hardware.mix_order_reduction=auto"
+        )
+    triton_config.mix_order_reduction = cfg.mix_order_reduction
 
 
 @dataclass
