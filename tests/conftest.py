@@ -158,6 +158,19 @@ def compose():
     return _compose
 
 
+def worker_job(compose: Callable[[list[str]], dict], *overrides: str):
+    """The JobConfig a worker gets for `overrides`: composed as `pgolf.run` does, less the keys only
+    the parent reads, with a job dir."""
+    from pgolf.config import job_config_from_dict
+    from pgolf.parent.run import PARENT_ONLY
+
+    d = compose(list(overrides))
+    for k in PARENT_ONLY:
+        d.pop(k, None)
+    d["job_dir"] = "x"
+    return job_config_from_dict(d)
+
+
 def run_cli(
     args: list[str], tmp_path: Path, timeout: int = 600, env: dict | None = None
 ) -> subprocess.CompletedProcess:

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch._inductor.config as inductor
+from conftest import worker_job
 
-from pgolf.config import job_config_from_dict
 from pgolf.hw import device
 from pgolf.hw.config import AutoHardwareConfig, CpuHardwareConfig, CudaHardwareConfig
 from pgolf.hw.device import resolve_auto, set_inductor_options
-from pgolf.parent.run import PARENT_ONLY
 from pgolf.registry import ConfigError
 
 
@@ -24,24 +23,16 @@ def mix_order():
     inductor.triton.mix_order_reduction = before
 
 
-def _job(compose, *overrides: str):
-    d = compose(list(overrides))
-    for k in PARENT_ONLY:
-        d.pop(k, None)
-    d["job_dir"] = "x"
-    return job_config_from_dict(d)
-
-
 @pytest.mark.parametrize("hardware", ["gpu", "h100x8", "cpu", "auto"])
 def test_every_hardware_preset_composes_the_switch(compose, hardware):
-    assert _job(compose, f"hardware={hardware}").hardware.mix_order_reduction == "auto"
-    off = _job(compose, f"hardware={hardware}", "hardware.mix_order_reduction=false")
+    assert worker_job(compose, f"hardware={hardware}").hardware.mix_order_reduction == "auto"
+    off = worker_job(compose, f"hardware={hardware}", "hardware.mix_order_reduction=false")
     assert off.hardware.mix_order_reduction is False
 
 
 def test_a_bad_value_names_the_key(compose):
     with pytest.raises(ConfigError, match="hardware.mix_order_reduction"):
-        _job(compose, "hardware=gpu", "hardware.mix_order_reduction=sometimes")
+        worker_job(compose, "hardware=gpu", "hardware.mix_order_reduction=sometimes")
 
 
 @pytest.mark.parametrize("value", [False, True])

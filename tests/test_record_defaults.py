@@ -5,27 +5,19 @@ no effect); configs that are not records keep every switch off."""
 from __future__ import annotations
 
 import pytest
+from conftest import worker_job
 
-from pgolf.config import job_config_from_dict, to_dict
+from pgolf.config import to_dict
 from pgolf.hw.config import AutoHardwareConfig, CpuHardwareConfig, CudaHardwareConfig
 from pgolf.hw.device import build, resolve_auto
-from pgolf.parent.run import PARENT_ONLY
 
 RECORDS = ("r0323", "r0409", "pr339", "pr399", "pr726", "pr1532", "pr1775")
-
-
-def job(compose, *overrides: str):
-    d = compose(list(overrides))
-    for k in PARENT_ONLY:
-        d.pop(k, None)
-    d["job_dir"] = "x"
-    return job_config_from_dict(d)
 
 
 @pytest.mark.parametrize("hardware", ["gpu", "h100x8", "cpu", "auto"])
 @pytest.mark.parametrize("name", RECORDS)
 def test_records_turn_the_speed_switches_on(compose, name, hardware):
-    j = job(compose, f"experiment={name}", f"hardware={hardware}")
+    j = worker_job(compose, f"experiment={name}", f"hardware={hardware}")
     assert j.model.fused_mlp_up == "auto" and j.model.fused_qk_rope == "auto"
     assert j.hardware.train_cudnn_attention is True
     assert not j.model.fused_mlp_gemm  # at most one of the two MLP fusions
@@ -35,7 +27,7 @@ def test_records_turn_the_speed_switches_on(compose, name, hardware):
     "overrides", [("experiment=none", "model=banked", "hardware=gpu"), ("experiment=offline",)]
 )
 def test_other_configs_keep_them_off(compose, overrides):
-    j = to_dict(job(compose, *overrides))
+    j = to_dict(worker_job(compose, *overrides))
     assert j["model"].get("fused_mlp_up", False) is False and j["model"].get("fused_qk_rope", False) is False
     assert j["hardware"].get("train_cudnn_attention", False) is False
 

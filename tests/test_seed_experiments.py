@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, worker_job
 
 from pgolf.components import MODELS
 from pgolf.config import job_config_from_dict, to_dict
-from pgolf.parent.run import PARENT_ONLY
 from pgolf.parent.submission import PackError, pack
 
 TABLES = Path(__file__).parent / "seed_tables"
@@ -35,11 +34,7 @@ REFERENCE_PARAMS = {
 
 
 def frozen_job(compose, experiment: str, *extra: str) -> dict:
-    d = compose([f"experiment={experiment}", *extra])
-    for k in PARENT_ONLY:
-        d.pop(k, None)
-    d["job_dir"] = "x"
-    return to_dict(job_config_from_dict(d))
+    return to_dict(worker_job(compose, f"experiment={experiment}", *extra))
 
 
 @pytest.mark.parametrize("name", SEEDS)
