@@ -17,24 +17,25 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter
+from functools import partial
 
 import torch
+from device_probe import cuda_ms, muon_matrix_shapes
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
 
 def linear_shapes(experiment: str) -> tuple[int, Counter]:
     """(micro-batch tokens, {(out_features, in_features): matrices per step}) of an experiment."""
-    from pgolf.components import MODELS
     from pgolf.parent.compose import compose_job
 
-    job = compose_job([f"experiment={experiment}"])
-    with torch.device("meta"):
-        model = MODELS.build(job.model)
-    shapes: Counter = Counter()
-    for _, p in model.param_groups()["matrix"]:
-        shapes[tuple(p.shape[-2:])] += p.size(0) if p.ndim == 3 else 1
-    shapes[(job.model.vocab_size, job.model.model_dim)] += 1  # the tied head's logits GEMM
+    return job_linear_shapes(compose_job([f"experiment={experiment}"]))
+
+
+def job_linear_shapes(job) -> tuple[int, Counter]:
+    """`linear_shapes` of a composed job: its Muon matrices and the tied head's logits GEMM."""
+    shapes = muon_matrix_shapes(job)
+    shapes[(job.model.vocab_size, job.model.model_dim)] += 1
     return job.train.batch_tokens // job.train.grad_accum_base, shapes
 
 
@@ -60,19 +61,6 @@ def fp8_step(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor) -> tuple[torch.
     return y, dx, dw
 
 
-def _time_ms(fn, args: tuple, warmup: int, reps: int) -> float:
-    for _ in range(warmup):
-        fn(*args)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(reps):
-        fn(*args)
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experiment", default="pr726")
@@ -80,14 +68,15 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     a = ap.parse_args()
 
-    tokens, shapes = linear_shapes(a.experiment)
+    from pgolf.parent.compose import compose_job
+
+    job = compose_job([f"experiment={a.experiment}"])
+    tokens, shapes = job_linear_shapes(job)
     print(f"{a.experiment}: {tokens} tokens a micro-batch; (out, in) x count: {dict(shapes)}")
     if not torch.cuda.is_available():
         print("no CUDA device: shapes only")
         return
-    from pgolf.parent.compose import compose_job
-
-    micro_steps = compose_job([f"experiment={a.experiment}"]).train.grad_accum_base
+    micro_steps = job.train.grad_accum_base
     forms = {"bf16": torch.compile(bf16_step), "fp8": torch.compile(fp8_step)}
     g = torch.Generator(device="cuda").manual_seed(0)
     total = dict.fromkeys(forms, 0.0)
@@ -98,7 +87,7 @@ def main() -> None:
         ref = [t.float() for t in forms["bf16"](x, w, dy)]
         got = [t.float() for t in forms["fp8"](x, w, dy)]
         err = max(((r - o).norm() / r.norm()).item() for r, o in zip(ref, got))
-        ms = {k: _time_ms(f, (x, w, dy), a.warmup, a.reps) for k, f in forms.items()}
+        ms = {k: cuda_ms(partial(f, x, w, dy), a.warmup, a.reps) for k, f in forms.items()}
         for k in forms:
             total[k] += ms[k] * count * micro_steps
         print(

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections import defaultdict
 
 import torch
+from device_probe import cuda_ms, muon_matrix_shapes
 
 
 def main() -> None:
@@ -26,17 +26,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     a = ap.parse_args()
 
-    from pgolf.components import MODELS
     from pgolf.optim.muon import make_ns
     from pgolf.parent.compose import compose_job
 
     job = compose_job([f"experiment={a.experiment}"])
-    with torch.device("meta"):
-        model = MODELS.build(job.model)
-    shapes: dict[tuple[int, int], int] = defaultdict(int)
-    for _, p in model.param_groups()["matrix"]:
-        for _ in range(p.size(0) if p.ndim == 3 else 1):
-            shapes[tuple(p.shape[-2:])] += 1
+    shapes = muon_matrix_shapes(job)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     g = torch.Generator(device="cpu").manual_seed(0)
     stacks = [torch.randn(n, *s, generator=g).to(dev) for s, n in shapes.items()]
@@ -58,18 +52,8 @@ def main() -> None:
     if dev.type != "cuda":
         return
     for name, ns in forms.items():
-        for _ in range(a.warmup):
-            for G in stacks:
-                ns(G)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        for _ in range(a.reps):
-            for G in stacks:
-                ns(G)
-        end.record()
-        torch.cuda.synchronize()
-        print(f"{name}: {start.elapsed_time(end) / a.reps:.2f} ms per optimizer step")
+        ms = cuda_ms(lambda ns=ns: [ns(G) for G in stacks], a.warmup, a.reps)
+        print(f"{name}: {ms:.2f} ms per optimizer step")
 
 
 if __name__ == "__main__":
