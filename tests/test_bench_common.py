@@ -215,23 +215,42 @@ MLP_1775 = (
 )
 
 
-def test_pr1775_reference_runs_its_mlp_unfused_by_default(tmp_path):
-    out = _ref_script(tmp_path, "pr1775", MLP_1775)
+def test_pr1775_reference_runs_its_mlp_unfused_with_fused_mlp_0(tmp_path):
+    out = _ref_script(tmp_path, "pr1775", MLP_1775, FUSED_MLP="0")
     assert out.returncode == 0, out.stderr
     copy = Path(out.stdout.strip())
     assert copy != tmp_path / ".refs/pr1775/train_gpt.py"
     assert copy.read_text() == MLP_1775.replace("self.use_fused = True", "self.use_fused = False")
 
 
-def test_pr1775_reference_as_published_and_other_prs_untouched(tmp_path):
-    out = _ref_script(tmp_path, "pr1775", MLP_1775, REF_FUSED_MLP="1")
+def test_pr1775_reference_as_published_by_default_and_other_prs_untouched(tmp_path):
+    out = _ref_script(tmp_path, "pr1775", MLP_1775)
     assert out.stdout.strip() == str(tmp_path / ".refs/pr1775/train_gpt.py")
-    out = _ref_script(tmp_path / "b", "pr726", MLP_1775)
+    out = _ref_script(tmp_path / "b", "pr726", MLP_1775, FUSED_MLP="0")
     assert out.stdout.strip() == str(tmp_path / "b/.refs/pr726/train_gpt.py")
 
 
+def _pgolf_fused_args(**env: str) -> str:
+    fn = subprocess.run(
+        ["sed", "-n", "/^pgolf_fused_args()/,/^}/p", str(REPO / "bench" / "seeds.sh")],
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert fn.startswith("pgolf_fused_args()")
+    out = subprocess.run(
+        ["bash", "-c", f"{fn}\npgolf_fused_args"], capture_output=True, text=True, env={**os.environ, **env}
+    )
+    return out.stdout.strip()
+
+
+def test_fused_mlp_0_turns_pgolf_training_mlp_off_too():
+    """Both sides unfused or both as shipped: never the script unfused against pgolf fused."""
+    assert _pgolf_fused_args(FUSED_MLP="0") == "model.fused_mlp_train=false"
+    assert _pgolf_fused_args() == "" and _pgolf_fused_args(FUSED_MLP="1") == ""
+
+
 def test_pr1775_reference_refuses_a_script_without_the_switch(tmp_path):
-    out = _ref_script(tmp_path, "pr1775", "class MLP:\n    pass\n")
+    out = _ref_script(tmp_path, "pr1775", "class MLP:\n    pass\n", FUSED_MLP="0")
     assert out.returncode != 0 and "switch not found" in out.stderr
 
 

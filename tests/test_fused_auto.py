@@ -4,6 +4,7 @@ Triton are, off elsewhere, so CPU runs of the record experiments (which set auto
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -69,3 +70,47 @@ def test_plan_counts_the_kernels_a_run_would_import(monkeypatch):
     assert _fused_kernels_on(LayeredGPTConfig(**TINY, **AUTO)) == (
         importlib.util.find_spec("triton") is not None
     )
+
+
+def test_fused_mlp_train_takes_auto_and_is_off_without_cuda(monkeypatch):
+    """The record experiments set model.fused_mlp_train=auto: a CPU run trains unfused, not refused."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = from_dict(LayeredGPTConfig, {**TINY, "fused_mlp_train": "auto"}, "model")
+    assert cfg.fused_mlp_train == "auto"
+    model = GPT(cfg, banked=False)
+    assert model.fused_kernels["fused_mlp_train"] is False and model.blocks[0].mlp.fused_train is None
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton installed")
+def test_fused_mlp_train_auto_is_on_with_cuda_and_triton(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    model = GPT(LayeredGPTConfig(**TINY, fused_mlp_train="auto"), banked=False)
+    assert model.fused_kernels["fused_mlp_train"] is True and model.blocks[0].mlp.fused_train is not None
+
+
+def test_fused_mlp_train_auto_still_refuses_fused_mlp():
+    with pytest.raises(ConfigError, match="fused_mlp_train and model.fused_mlp"):
+        from_dict(LayeredGPTConfig, {**TINY, "fused_mlp_train": "auto", "fused_mlp": True}, "model")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton installed")
+def test_plan_counts_the_training_mlp_module_when_the_switch_is_on():
+    """pgolf.plan's code bytes grow by pgolf/models/fused_mlp_train.py (and the kernels it builds
+    on) when model.fused_mlp_train is on, as a GPU run's packed code does."""
+    import re
+    import subprocess
+    import sys
+
+    def code(value: str) -> int:
+        out = subprocess.run(
+            [sys.executable, "-m", "pgolf.plan", "experiment=pr1532", f"model.fused_mlp_train={value}"],
+            capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"},
+        )  # fmt: skip
+        found = re.search(
+            r"\+ code ([\d,]+)", out.stdout
+        )  # exit 1 where the bench-data estimate is over the cap
+        assert found, (out.stdout + out.stderr)[-2000:]
+        return int(found.group(1).replace(",", ""))
+
+    assert code("true") > code("false") + 3000  # kernels.py and fused_mlp_train.py, compressed

@@ -34,9 +34,10 @@ GPT_OWN_PARAMS = (
 
 
 def switch_on(value: bool | str) -> bool:
-    """A fused-kernel switch as a bool. `auto` (model.fused_mlp_up, fused_qk_rope) is on where the
-    kernels run natively, CUDA with Triton installed, and off elsewhere (CPU runs, no Triton: the
-    Triton interpreter is for parity tests, not runs); the kernels module is not imported to decide."""
+    """A fused-kernel switch as a bool. `auto` (model.fused_mlp_train, fused_mlp_up, fused_qk_rope)
+    is on where the kernels run natively, CUDA with Triton installed, and off elsewhere (CPU runs,
+    no Triton: the Triton interpreter is for parity tests, not runs); the kernels module is not
+    imported to decide."""
     if value != "auto":
         return bool(value)
     import importlib.util
@@ -208,8 +209,10 @@ class GPTModelConfig:
     fused_ce: bool = False  # soft-capped cross entropy, forward + backward (needs logit_softcap > 0)
     # with grad on (training, TTT training): the activation in the up-projection GEMM's epilogue
     # (pre-activation and activation from one GEMM) and its derivative in the epilogue of the GEMM
-    # that makes the activation's gradient, as PR #1775's training MLP; replaces fused_mlp there
-    fused_mlp_train: bool = False
+    # that makes the activation's gradient, as PR #1775's training MLP; replaces fused_mlp there.
+    # `auto` as below (on in the sp8192 record experiments, where it was measured:
+    # docs/benchmarks.md §9i)
+    fused_mlp_train: bool | Literal["auto"] = False
     # inference only: act(h) @ W_down^T in one GEMM, the activation applied as h's tiles load (grad
     # off: scoring; training and TTT training keep the differentiable path)
     fused_mlp_gemm: bool = False
@@ -219,8 +222,8 @@ class GPTModelConfig:
     fused_mlp_up: bool | Literal["auto"] = False
     # inference only: q/k rms_norm + partial RoPE (+ q_gain) as one kernel per tensor (grad off)
     fused_qk_rope: bool | Literal["auto"] = False
-    # (auto, for the two above: on where CUDA and Triton are, off elsewhere, e.g. CPU runs of a
-    # record experiment; the run log and result.json `fused_kernels` say which was used)
+    # (auto, for these and fused_mlp_train: on where CUDA and Triton are, off elsewhere, e.g. CPU
+    # runs of a record experiment; the run log and result.json `fused_kernels` say which was used)
 
     def validate(self, path: str) -> None:
         for key in ("num_layers", "model_dim", "num_heads", "num_kv_heads", "vocab_size"):

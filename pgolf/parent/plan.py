@@ -129,6 +129,8 @@ def code_bytes(job) -> int:
         import pgolf.quant.qat  # noqa: F401
     if _fused_kernels_on(job.model):  # the model imports them only then (`auto`: with CUDA + Triton)
         import pgolf.models.kernels  # noqa: F401
+    if _switch(job.model, "fused_mlp_train"):  # its own module, imported by that switch alone
+        import pgolf.models.fused_mlp_train  # noqa: F401
     config = to_dict(_hardware_as_frozen(job))
     return len(
         build_wrapper(shipped_modules(config), shipped_config(config), codec_for(config)).encode("utf-8")
@@ -136,9 +138,15 @@ def code_bytes(job) -> int:
 
 
 def _fused_kernels_on(model_cfg) -> bool:
-    from pgolf.models.config import FUSED_SWITCHES, switch_on
+    from pgolf.models.config import FUSED_SWITCHES
 
-    return any(switch_on(getattr(model_cfg, k, False)) for k in FUSED_SWITCHES)
+    return any(_switch(model_cfg, k) for k in FUSED_SWITCHES)
+
+
+def _switch(model_cfg, key: str) -> bool:
+    from pgolf.models.config import switch_on
+
+    return switch_on(getattr(model_cfg, key, False))
 
 
 def _hardware_as_frozen(job):
