@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 
@@ -61,3 +62,48 @@ def test_cpu_profile_writes_the_table(shard_dir, tokenizer_model, tmp_path):
     assert s["groups_ms_per_step"]["gemm"] > 0 and len(s["top"]) == 10
     assert 0 < s["kernel_ms_per_step"] <= 1.05 * s["step_ms"]  # self times cannot exceed the step
     assert "| gemm |" in text and "top 10" in text
+
+
+FAKE_RECORD = """
+import torch
+class Muon(torch.optim.SGD):
+    pass
+w = torch.nn.Parameter(torch.randn(64, 64))
+b = torch.nn.Parameter(torch.zeros(64))
+opts = [torch.optim.AdamW([b], lr=1e-3), Muon([w], lr=1e-2)]
+if __name__ == "__main__":
+    for step in range({steps}):
+        loss = (torch.tanh(torch.randn(32, 64) @ w) + b).square().mean()
+        loss.backward()
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+        print("step", step + 1, flush=True)
+"""
+
+
+def _profile_ref(tmp_path, script_steps: int, skip: int, steps: int):
+    script = tmp_path / "train_gpt.py"
+    script.write_text(FAKE_RECORD.format(steps=script_steps))
+    cmd = [sys.executable, str(REPO / "bench" / "profile_ref.py"), "--out", str(tmp_path / "out")]
+    cmd += ["--label", "ref_fake", "--skip", str(skip), "--steps", str(steps), str(script)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def test_profile_ref_profiles_the_scripts_own_steps_then_ends_it(tmp_path):
+    """bench/profile_ref.py: the record script runs unmodified; steps skip+1..skip+steps of its
+    Muon are profiled, the report is written, and the script's remaining steps never run."""
+    out = _profile_ref(tmp_path, script_steps=20, skip=3, steps=4)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [line for line in out.stdout.splitlines() if re.fullmatch(r"step \d+", line)]
+    assert lines[-1] == "step 6", lines  # the hook ends the process inside step 7's optimizer step
+    summary = json.loads((tmp_path / "out" / "profile_ref_fake.json").read_text())
+    assert summary["steps"] == 4 and summary["skip"] == 3 and summary["clock"] == "Muon"
+    assert summary["optimizer_window"] and summary["groups_ms_per_step"]["optimizer"] > 0
+    assert "# training-step profile: ref_fake" in (tmp_path / "out" / "profile_ref_fake.txt").read_text()
+
+
+def test_profile_ref_says_when_the_script_ends_first(tmp_path):
+    out = _profile_ref(tmp_path, script_steps=5, skip=3, steps=4)
+    assert out.returncode == 1 and "ended after 5 steps" in out.stderr and "nothing profiled" in out.stderr
+    assert not (tmp_path / "out" / "profile_ref_fake.json").exists()
