@@ -195,17 +195,20 @@ def test_run_cut_time_limit_reaches_a_worker_in_its_own_session(tmp_path, ignore
     assert gone, "the worker outlived run_cut's time limit: the next run would share the GPU"
 
 
+def _seeds_function(name: str) -> str:
+    """The definition of bench/seeds.sh's shell function `name`, to run on its own."""
+    fn = subprocess.run(
+        ["sed", "-n", f"/^{name}()/,/^}}/p", str(REPO / "bench" / "seeds.sh")], capture_output=True, text=True
+    ).stdout
+    assert fn.startswith(f"{name}()"), f"bench/seeds.sh defines no {name}()"
+    return fn
+
+
 def _ref_script(tmp_path: Path, pr: str, source: str, **env: str) -> subprocess.CompletedProcess:
     """bench/seeds.sh's ref_script over a fake .refs/<pr>/train_gpt.py holding `source`."""
     (tmp_path / ".refs" / pr).mkdir(parents=True)
     (tmp_path / ".refs" / pr / "train_gpt.py").write_text(source)
-    fn = subprocess.run(
-        ["sed", "-n", "/^ref_script()/,/^}/p", str(REPO / "bench" / "seeds.sh")],
-        capture_output=True,
-        text=True,
-    ).stdout
-    assert fn.startswith("ref_script()")
-    cmd = f"{fn}\nref_script {pr}"
+    cmd = f"{_seeds_function('ref_script')}\nref_script {pr}"
     full_env = {**os.environ, "REPO": str(tmp_path), **env}
     return subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=full_env)
 
@@ -231,15 +234,8 @@ def test_pr1775_reference_as_published_by_default_and_other_prs_untouched(tmp_pa
 
 
 def _pgolf_fused_args(**env: str) -> str:
-    fn = subprocess.run(
-        ["sed", "-n", "/^pgolf_fused_args()/,/^}/p", str(REPO / "bench" / "seeds.sh")],
-        capture_output=True,
-        text=True,
-    ).stdout
-    assert fn.startswith("pgolf_fused_args()")
-    out = subprocess.run(
-        ["bash", "-c", f"{fn}\npgolf_fused_args"], capture_output=True, text=True, env={**os.environ, **env}
-    )
+    cmd = f"{_seeds_function('pgolf_fused_args')}\npgolf_fused_args"
+    out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env={**os.environ, **env})
     return out.stdout.strip()
 
 
@@ -364,3 +360,15 @@ def test_fa3_varlen_stand_in_traces_under_torch_compile(tmp_path):
         lambda q: fa.flash_attn_func(q, q, q, causal=True), backend="aot_eager", fullgraph=True
     )
     assert torch.allclose(compiled(q), fa.flash_attn_func(q, q, q, causal=True))
+
+
+def test_profile_pair_finds_every_seeds_function_it_uses():
+    """bench/profile_pair.sh runs each side as bench/seeds.sh does by sourcing seeds.sh's functions:
+    a renamed or reshaped function there must fail here, not on a GPU."""
+    script = (REPO / "bench" / "profile_pair.sh").read_text()
+    line = next(x for x in script.splitlines() if x.startswith("source <(sed"))
+    names = ["sp8192", "ref_env", "ref_data_env", "pgolf_data_args", "ref_script", "pgolf_fused_args"]
+    cmd = f"REPO={REPO}\n{line}\n" + "\n".join(f"type {n} > /dev/null || exit 1" for n in names)
+    cmd += "\nsp8192 pr1532 && ! sp8192 pr726 && [ \"$(ref_env pr1532)\" = 'QK_GAIN_INIT=5.25 TTT_ENABLED=1 TTT_LR=0.005 TTT_EPOCHS=3' ]"
+    out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
