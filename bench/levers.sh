@@ -6,9 +6,13 @@
 #   EXP=pr726 bash bench/levers.sh
 #   EXP=pr726 LEVERS="base|model.fused_mlp=true|model.fused_ce=true" STEPS=60 WARMDOWN=10 bash bench/levers.sh
 #
-# Measured so far (docs/benchmarks.md §9e, §9h): fused_mlp 1.004 on pr726 (no gain); fused_ce failed
-# to compile then (fixed since); FP8 GEMMs 2.2x slower at d=512 (bench/fp8_gemm.py, not a lever);
-# fused_mlp_train and hardware.mix_order_reduction=false not yet run on a GPU.
+# Measured so far (docs/benchmarks.md §9e, §9h, §9i): fused_mlp 1.004 on pr726 (no gain); fused_ce
+# failed to compile then (fixed since); FP8 GEMMs 2.2x slower at d=512 (bench/fp8_gemm.py, not a
+# lever); fused_mlp_train 0.974 on pr1532 (now auto in the sp8192 experiments, so their "base" has it);
+# hardware.mix_order_reduction=false not yet run on a GPU. For the sp8192 stacks, PRIME=5 (bench/seeds.sh)
+# cuts each set's setup to a few minutes:
+#
+#   bash bench/sp8192_prep.sh && PRIME=5 EXP=pr1532 LEVERS="base|hardware.mix_order_reduction=false" bash bench/levers.sh
 #
 # LEVERS: lever sets separated by "|", each a space-separated list of overrides and of environment
 # variables for the run (upper-case NAME=value, e.g. TORCHINDUCTOR_MIX_ORDER_REDUCTION=0); "base" is the
