@@ -642,6 +642,32 @@ def test_mlp_train_forward_and_backward_match_the_unfused_mlp(slope):
 
 
 @needs_kernels
+def test_mlp_train_computes_only_the_gradients_asked_for(monkeypatch):
+    """Frozen weights (LoRA TTT): no weight gradients, and dx as with trainable weights; frozen x
+    and W_up (only W_down trains): the activation-gradient kernel is not run at all."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(37, 48, generator=g).to(DEVICE, torch.bfloat16)
+    w_up = (torch.randn(96, 48, generator=g) / 48**0.5).to(DEVICE, torch.bfloat16)
+    w_down = (torch.randn(48, 96, generator=g) / 96**0.5).to(DEVICE, torch.bfloat16)
+    dout = torch.randn(37, 48, generator=g).to(DEVICE, torch.bfloat16)
+    fn = _mlp_train()
+    full = [t.detach().clone().requires_grad_() for t in (x, w_up, w_down)]
+    fn(*full, 0.5).backward(dout)
+    xs = x.detach().clone().requires_grad_()
+    up, down = w_up.detach().clone().requires_grad_(False), w_down.detach().clone().requires_grad_(False)
+    fn(xs, up, down, 0.5).backward(dout)
+    assert up.grad is None and down.grad is None
+    torch.testing.assert_close(xs.grad, full[0].grad, rtol=0, atol=0)
+    calls = []
+    real = torch.ops.pgolf.mlp_dact
+    monkeypatch.setattr(torch.ops.pgolf, "mlp_dact", lambda *a: calls.append(1) or real(*a))
+    down = w_down.detach().clone().requires_grad_()
+    fn(x, w_up, down, 0.5).backward(dout)
+    assert not calls and down.grad is not None
+    torch.testing.assert_close(down.grad, full[2].grad, rtol=0, atol=0)
+
+
+@needs_kernels
 def test_model_with_fused_mlp_train_matches_eager_and_scores_unfused():
     torch.manual_seed(0)
     cfg = dict(**TINY, activation="leaky_relu2")

@@ -156,11 +156,17 @@ class _FusedMLP(torch.autograd.Function):
         return post @ w_down.t()
 
     @staticmethod
-    def backward(ctx, g: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
+    def backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
         x, w_up, w_down, pre, post = ctx.saved_tensors
+        need_x, need_up, need_down = ctx.needs_input_grad[:3]
         g = g.contiguous()
-        dpre = torch.ops.pgolf.mlp_dact(g, w_down, pre, ctx.slope)
-        return dpre @ w_up, dpre.t() @ x, g.t() @ post, None
+        # Only the gradients asked for: LoRA TTT freezes the weights, and an eager backward would
+        # otherwise run both weight-gradient GEMMs for nothing (a compiled one drops them anyway).
+        dpre = torch.ops.pgolf.mlp_dact(g, w_down, pre, ctx.slope) if need_x or need_up else None
+        dx = dpre @ w_up if need_x else None
+        dw_up = dpre.t() @ x if need_up else None
+        dw_down = g.t() @ post if need_down else None
+        return dx, dw_up, dw_down, None
 
 
 def mlp_train(x: Tensor, w_up: Tensor, w_down: Tensor, slope: float) -> Tensor:
