@@ -5,9 +5,13 @@
 # FA3 stand-in), with PRIME priming steps per graph variant, and profile STEPS steps of their looped
 # phase where the stack has one (#1532: the loop switches on at step 53 of 150).
 #
-#   bash bench/sp8192_prep.sh && EXP=pr1532 bash bench/profile_pair.sh     # about 5 minutes
+#   bash bench/sp8192_prep.sh && EXP=pr1532 SIDES=ref bash bench/profile_pair.sh   # about 4-5 minutes
+#   EXP=pr1532 SIDES=pgolf bash bench/profile_pair.sh                                # about 3 minutes
+#
+# (both sides in one device call may pass its 10 minutes: give each its own, on the same machine)
 #
 #   EXP     the seed (default pr1532)
+#   SIDES   which to profile (default "ref pgolf")
 #   STEPS   profiled steps (default 10); PRIME priming steps (default 5)
 #   SKIP    the script's matrix-optimizer steps before profiling: its warm-up plus training steps
 #           (default 2 x PRIME + 60 for the sp8192 stacks, whose warm-up also runs the loop; PRIME + 60
@@ -20,6 +24,7 @@ OUT=${OUT:-$REPO/outputs/bench_profile_pair}
 EXP=${EXP:-pr1532}
 STEPS=${STEPS:-10}
 PRIME=${PRIME:-5}
+SIDES=${SIDES:-ref pgolf}
 DATA=${DATA:-/tmp/pgolf_bench/sp1024}
 SP8192_DATA=${SP8192_DATA:-/tmp/pgolf_bench/sp8192}
 SHIM=${SHIM:-$REPO/bench/fa3_varlen}
@@ -44,23 +49,36 @@ else
   bench_shards "$DATA" || exit 1
 fi
 
-script=$(ref_script "$EXP") || exit 1
-bench_gpu_idle || exit 1
-mkdir -p /tmp/pgolf_bench/profile_ref && cd /tmp/pgolf_bench/profile_ref || exit 1
-# shellcheck disable=SC2046
-timeout 560 env $(ref_env "$EXP") $(ref_data_env "$EXP") SEED=1337 ITERATIONS=150 MAX_WALLCLOCK_SECONDS=0 \
-  VAL_LOSS_EVERY=0 TRAIN_LOG_EVERY=50 WARMUP_STEPS="$PRIME" \
-  torchrun --standalone --nproc_per_node=1 "$REPO/bench/profile_ref.py" --out "$OUT" --label "ref_$EXP" \
-  --skip "$SKIP" --steps "$STEPS" "$script" > "$OUT/ref_$EXP.out" 2>&1
-echo "ref $EXP exit $?"
-cd "$REPO" || exit 1
+profile_ref_side() {
+  local script
+  script=$(ref_script "$EXP") || return 1
+  bench_gpu_idle || return 1
+  mkdir -p /tmp/pgolf_bench/profile_ref && cd /tmp/pgolf_bench/profile_ref || return 1
+  # shellcheck disable=SC2046
+  timeout 560 env $(ref_env "$EXP") $(ref_data_env "$EXP") SEED=1337 ITERATIONS=150 MAX_WALLCLOCK_SECONDS=0 \
+    VAL_LOSS_EVERY=0 TRAIN_LOG_EVERY=50 WARMUP_STEPS="$PRIME" \
+    torchrun --standalone --nproc_per_node=1 "$REPO/bench/profile_ref.py" --out "$OUT" --label "ref_$EXP" \
+    --skip "$SKIP" --steps "$STEPS" "$script" > "$OUT/ref_$EXP.out" 2>&1
+  echo "ref $EXP exit $?"
+  cd "$REPO" || return 1
+}
 
-bench_gpu_idle || exit 1
-# shellcheck disable=SC2046
-timeout 560 python3 "$REPO/bench/profile_train.py" --out "$OUT" --label "pgolf_$EXP" --steps "$STEPS" --warm 5 -- \
-  experiment="$EXP" data=shards $(pgolf_data_args "$EXP") hardware=gpu hardware.attention=fa3 \
-  train.prime_steps="$PRIME" $(pgolf_fused_args) wandb.mode=disabled > "$OUT/pgolf_$EXP.out" 2>&1
-echo "pgolf $EXP exit $?"
-for side in ref pgolf; do
+profile_pgolf_side() {
+  bench_gpu_idle || return 1
+  # shellcheck disable=SC2046
+  timeout 560 python3 "$REPO/bench/profile_train.py" --out "$OUT" --label "pgolf_$EXP" --steps "$STEPS" --warm 5 -- \
+    experiment="$EXP" data=shards $(pgolf_data_args "$EXP") hardware=gpu hardware.attention=fa3 \
+    train.prime_steps="$PRIME" $(pgolf_fused_args) wandb.mode=disabled > "$OUT/pgolf_$EXP.out" 2>&1
+  echo "pgolf $EXP exit $?"
+}
+
+for side in $SIDES; do
+  case "$side" in
+    ref) profile_ref_side || exit 1 ;;
+    pgolf) profile_pgolf_side || exit 1 ;;
+    *) echo "SIDES: '$side' is neither ref nor pgolf" >&2; exit 2 ;;
+  esac
+done
+for side in $SIDES; do
   sed -n '1,30p' "$OUT/profile_${side}_$EXP.txt" 2> /dev/null || tail -20 "$OUT/${side}_$EXP.out"
 done
