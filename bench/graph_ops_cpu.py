@@ -29,20 +29,16 @@ counts: dict[str, collections.Counter] = {}
 def backend_for(tag: str):
     from torch._functorch.aot_autograd import aot_module_simplified
 
-    def fw(gm, ex):
-        counts[tag + ":fw"] = collections.Counter(
-            str(n.target) for n in gm.graph.nodes if n.op == "call_function"
-        )
-        return gm.forward
+    def counting(part: str):  # a compiler that records the graph's ops and runs it as traced
+        def compiler(gm, ex):
+            ops = (str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+            counts[f"{tag}:{part}"] = collections.Counter(ops)
+            return gm.forward
 
-    def bw(gm, ex):
-        counts[tag + ":bw"] = collections.Counter(
-            str(n.target) for n in gm.graph.nodes if n.op == "call_function"
-        )
-        return gm.forward
+        return compiler
 
     def backend(gm, ex):
-        return aot_module_simplified(gm, ex, fw_compiler=fw, bw_compiler=bw)
+        return aot_module_simplified(gm, ex, fw_compiler=counting("fw"), bw_compiler=counting("bw"))
 
     return backend
 
