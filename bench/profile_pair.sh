@@ -29,6 +29,7 @@ DATA=${DATA:-/tmp/pgolf_bench/sp1024}
 SP8192_DATA=${SP8192_DATA:-/tmp/pgolf_bench/sp8192}
 SHIM=${SHIM:-$REPO/bench/fa3_varlen}
 WARMDOWN=100
+LOG_EVERY=50
 WARMDOWN_FRAC=$(python3 -c "print($WARMDOWN / 150)")
 mkdir -p "$OUT"
 source "$REPO/bench/common.sh"
@@ -37,7 +38,7 @@ bench_device_info "$OUT/gpu.txt"
 TOK=$BENCH_TOK
 # bench/seeds.sh's definitions of each side's run: the PR's environment, data and script
 # shellcheck disable=SC1090
-source <(sed -n '/^sp8192()/p; /^ref_env()/,/^}/p; /^ref_data_env()/,/^}/p; /^pgolf_data_args()/,/^}/p; /^ref_script()/,/^}/p; /^pgolf_fused_args()/,/^}/p' "$REPO/bench/seeds.sh")
+source <(sed -n '/^sp8192()/p; /^ref_env()/,/^}/p; /^ref_data_env()/,/^}/p; /^ref_run_env()/,/^}/p; /^pgolf_data_args()/,/^}/p; /^ref_script()/,/^}/p; /^pgolf_fused_args()/,/^}/p' "$REPO/bench/seeds.sh")
 if sp8192 "$EXP"; then
   SKIP=${SKIP:-$((2 * PRIME + 60))}
   [ -f "$SP8192_DATA/datasets/fineweb10B_sp8192/fineweb_val_000000.bin" ] || {
@@ -55,8 +56,7 @@ profile_ref_side() {
   bench_gpu_idle || return 1
   mkdir -p /tmp/pgolf_bench/profile_ref && cd /tmp/pgolf_bench/profile_ref || return 1
   # shellcheck disable=SC2046
-  timeout 560 env $(ref_env "$EXP") $(ref_data_env "$EXP") SEED=1337 ITERATIONS=150 MAX_WALLCLOCK_SECONDS=0 \
-    VAL_LOSS_EVERY=0 TRAIN_LOG_EVERY=50 WARMUP_STEPS="$PRIME" \
+  timeout 560 env $(ref_run_env "$EXP" 1337 150) \
     torchrun --standalone --nproc_per_node=1 "$REPO/bench/profile_ref.py" --out "$OUT" --label "ref_$EXP" \
     --skip "$SKIP" --steps "$STEPS" "$script" > "$OUT/ref_$EXP.out" 2>&1
   echo "ref $EXP exit $?"

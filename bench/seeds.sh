@@ -119,6 +119,15 @@ pgolf_fused_args() {
   [ "${FUSED_MLP:-1}" = 0 ] && echo model.fused_mlp_train=false
 }
 
+# A reference run's environment: the PR's run command, its data, and the bench's step settings
+# (ITERATIONS steps, no wallclock cap, no validation; PRIME and LOG_EVERY as above).
+# bench/profile_pair.sh runs the script with the same.
+ref_run_env() {  # PR SEED ITERATIONS
+  # shellcheck disable=SC2046
+  echo $(ref_env "$1") $(ref_data_env "$1") ${PRIME:+WARMUP_STEPS=$PRIME} SEED="$2" RUN_ID="ref_$1_$2" \
+    ITERATIONS="$3" MAX_WALLCLOCK_SECONDS=0 VAL_LOSS_EVERY=0 TRAIN_LOG_EVERY="$LOG_EVERY"
+}
+
 run_reference() {  # PR SEED
   local dir=/tmp/pgolf_bench/ref_$1_$2 script
   script=$(ref_script "$1") || return 1
@@ -128,8 +137,7 @@ run_reference() {  # PR SEED
   # graph) after it, before "peak memory", and #1775's whole setup already takes minutes on one GPU.
   local cut="peak memory allocated"
   sp8192 "$1" && cut="^$STEPS/$STEPS train_loss"
-  run_cut "$OUT/ref_$1_s$2.out" "$cut" env $(ref_env "$1") $(ref_data_env "$1") \
-    ${PRIME:+WARMUP_STEPS=$PRIME} SEED="$2" RUN_ID="ref_$1_$2" ITERATIONS="$STEPS" MAX_WALLCLOCK_SECONDS=0 VAL_LOSS_EVERY=0 TRAIN_LOG_EVERY="$LOG_EVERY" \
+  run_cut "$OUT/ref_$1_s$2.out" "$cut" env $(ref_run_env "$1" "$2" "$STEPS") \
     torchrun --standalone --nproc_per_node=1 "$script"
   cd "$REPO" || return 1
 }

@@ -367,7 +367,15 @@ def test_profile_pair_finds_every_seeds_function_it_uses():
     a renamed or reshaped function there must fail here, not on a GPU."""
     script = (REPO / "bench" / "profile_pair.sh").read_text()
     line = next(x for x in script.splitlines() if x.startswith("source <(sed"))
-    names = ["sp8192", "ref_env", "ref_data_env", "pgolf_data_args", "ref_script", "pgolf_fused_args"]
+    names = [
+        "sp8192",
+        "ref_env",
+        "ref_data_env",
+        "ref_run_env",
+        "pgolf_data_args",
+        "ref_script",
+        "pgolf_fused_args",
+    ]
     cmd = f"REPO={REPO}\n{line}\n" + "\n".join(f"type {n} > /dev/null || exit 1" for n in names)
     cmd += "\nsp8192 pr1532 && ! sp8192 pr726 && [ \"$(ref_env pr1532)\" = 'QK_GAIN_INIT=5.25 TTT_ENABLED=1 TTT_LR=0.005 TTT_EPOCHS=3' ]"
     out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True)
