@@ -50,6 +50,8 @@ LOG_EVERY=${LOG_EVERY:-50}                 # train-loss log interval, both sides
 # starts from, the same way on both sides: its losses are then comparable with each other, not with
 # a run primed 20 steps.
 PRIME=${PRIME:-}
+case "$PRIME" in '' | [1-9] | [1-9][0-9]) ;; *) echo "PRIME=$PRIME: give a number of priming steps, 1-99 (unset: each side's own 20)" >&2; exit 2 ;; esac
+case "${FUSED_MLP:-1}" in 0 | 1) ;; *) echo "FUSED_MLP=$FUSED_MLP: use 1 (both sides as shipped) or 0 (both unfused)" >&2; exit 2 ;; esac
 SHIM=${SHIM:-$REPO/bench/fa3_varlen}      # the FA3 stand-in with varlen (it loads .bench/fa3_shim)
 SP8192_DATA=${SP8192_DATA:-/tmp/pgolf_bench/sp8192}
 mkdir -p "$OUT" "$DATA" "$RUNS"

@@ -380,3 +380,15 @@ def test_profile_pair_finds_every_seeds_function_it_uses():
     cmd += "\nsp8192 pr1532 && ! sp8192 pr726 && [ \"$(ref_env pr1532)\" = 'QK_GAIN_INIT=5.25 TTT_ENABLED=1 TTT_LR=0.005 TTT_EPOCHS=3' ]"
     out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize(
+    "env, says",
+    [({"PRIME": "x"}, "PRIME=x"), ({"PRIME": "0"}, "PRIME=0"), ({"FUSED_MLP": "2"}, "FUSED_MLP=2")],
+)
+def test_seeds_refuses_a_bad_knob_before_touching_the_gpu(env, says, tmp_path):
+    out = subprocess.run(
+        ["bash", str(REPO / "bench" / "seeds.sh")],
+        capture_output=True, text=True, env={**os.environ, "OUT": str(tmp_path / "o"), **env}, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2 and says in out.stderr and not (tmp_path / "o").exists()
