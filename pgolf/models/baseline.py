@@ -17,12 +17,12 @@ from pgolf.models.attention import causal_attention
 from pgolf.models.config import BaselineModelConfig
 from pgolf.models.layers import (
     CastedLinear,
+    RotaryTables,
     apply_rotary,
     is_control,
     last_rows,
     mean_cross_entropy,
     rms_norm,
-    rotary_tables,
     token_cross_entropy,
 )
 
@@ -97,6 +97,7 @@ class BaselineGPT(SingleGraphModel, nn.Module):
             torch.ones(min(self.num_encoder_layers, self.num_decoder_layers), dim, dtype=torch.float32)
         )
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(L))
+        self.rotary = RotaryTables(dim // cfg.num_heads, cfg.rope_base)
         self.lm_head = None if cfg.tie_embeddings else CastedLinear(dim, cfg.vocab_size, bias=False)
         if self.lm_head is not None:
             self.lm_head._zero_init = True
@@ -113,8 +114,8 @@ class BaselineGPT(SingleGraphModel, nn.Module):
     def _logits(self, input_ids: Tensor, last: int = 0) -> Tensor:
         x = rms_norm(self.tok_emb(input_ids))
         x0 = x
-        cos, sin = rotary_tables(
-            input_ids.size(1), self.cfg.model_dim // self.cfg.num_heads, self.cfg.rope_base, x.device, x.dtype
+        cos, sin = self.rotary(
+            input_ids.size(1), self.cfg.model_dim // self.cfg.num_heads, self.cfg.rope_base, x.dtype
         )
         skips: list[Tensor] = []
         for i in range(self.num_encoder_layers):

@@ -29,11 +29,11 @@ from pgolf.models.config import FUSED_SWITCHES, GPTModelConfig, switch_on
 from pgolf.models.embeddings import BigramHash, SmearGateV2, SmearGateV3, ValueEmbedding
 from pgolf.models.layers import (
     CastedLinear,
+    RotaryTables,
     last_rows,
     mean_cross_entropy,
     ntk_rope_base,
     rms_norm,
-    rotary_tables,
     token_cross_entropy,
 )
 from pgolf.models.recurrence import layer_plan
@@ -60,6 +60,13 @@ class GPT(nn.Module):
         hidden = int(cfg.mlp_mult * dim)
         self.num_layers = L
         self.rope_dims = cfg.rope_dims or head_dim
+        # the tables of the model's own base and dtypes, cached (_hidden picks the variant per call)
+        self.rotary = RotaryTables(
+            self.rope_dims,
+            cfg.rope_base,
+            torch.bfloat16 if cfg.rope_table_dtype == "bfloat16" else torch.float32,
+            torch.bfloat16 if cfg.rope_table_dtype == "bfloat16_inv_freq" else None,
+        )
         # A module applied to the block matrices of training forwards (set_weight_hook); None: off.
         self.weight_hook: nn.Module | None = None
 
@@ -368,7 +375,7 @@ class GPT(nn.Module):
         # bfloat16_inv_freq: the cast buffer's frequencies, positions in fp32 (an NTK base is fp32)
         bf16_freq = self.cfg.rope_table_dtype == "bfloat16_inv_freq" and base == cfg.rope_base
         freq = torch.bfloat16 if bf16_freq else None
-        cos, sin = rotary_tables(T, self.rope_dims, base, x.device, x.dtype, table, freq)
+        cos, sin = self.rotary(T, self.rope_dims, base, x.dtype, table, freq)
         ve_base = self.ve_shared(ids) if self.ve_shared is not None else None
 
         def ve(i: int) -> Tensor | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -75,9 +77,8 @@ def rotary_tables(
 
     `table_dtype=torch.bfloat16` reproduces the record scripts' tables: their `model.bfloat16()`
     also casts the rotary `inv_freq` buffer, and positions are then `arange(T, dtype=bf16)`, which
-    rounds positions past 256 (to multiples of 8 past 1024). Recomputed each forward instead of
-    cached: it is a tiny fused kernel under compile and keeps the module free of Python-side state
-    that would add compile guards. `inv_freq_dtype` rounds the frequencies alone (to bf16, say)
+    rounds positions past 256 (to multiples of 8 past 1024). Models read them through
+    `RotaryTables`, which caches them. `inv_freq_dtype` rounds the frequencies alone (to bf16, say)
     before the positions multiply them in `table_dtype`: PR #1775's tables.
     """
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
@@ -86,6 +87,66 @@ def rotary_tables(
     inv_freq = inv_freq.to(table_dtype)
     freqs = torch.outer(torch.arange(seq_len, device=device, dtype=table_dtype), inv_freq)
     return freqs.cos()[None, :, None, :].to(dtype), freqs.sin()[None, :, None, :].to(dtype)
+
+
+# Positions the cached RoPE tables cover: past the longest training row of the records (#1775 packs
+# 98,304 tokens per rank into one row). A longer sequence computes its tables in the graph.
+ROPE_CACHE_POSITIONS = 1 << 17
+
+
+@functools.lru_cache(maxsize=8)
+def _cpu_tables(
+    positions: int, head_dim: int, base: float, table_dtype: torch.dtype, inv_freq_dtype: torch.dtype | None
+) -> tuple[Tensor, Tensor]:
+    """One CPU copy per variant for every model of the process (about 25 ms to build): modules never
+    write their buffers in place, and moving or casting a model makes new tensors. float32 holds a
+    bfloat16 table exactly, so the cast at use gives what rotary_tables gives."""
+    return rotary_tables(
+        positions, head_dim, base, torch.device("cpu"), torch.float32, table_dtype, inv_freq_dtype
+    )
+
+
+class RotaryTables(nn.Module):
+    """`rotary_tables` computed once, for positions 0..ROPE_CACHE_POSITIONS-1 of the model's own
+    base and table dtypes, and held as non-persistent buffers: they move with the model and never
+    reach a checkpoint or the artifact.
+
+    Why a cache: built inside the compiled graph from `arange`, the tables cost nothing to recompute,
+    so the partitioner rebuilds them (pow, cos, sin per element) inside the backward kernels that
+    read them instead of saving them. On #1775's stack that was about 25 ms of a 1,274 ms step
+    (docs/benchmarks.md §9j). As graph inputs they are only read. A call asking for other tables
+    (an NTK base, fp32 positions past the RoPE train length, more positions) computes them in the
+    graph, as before. A row of the cache is the same element-wise arithmetic as the table of a
+    shorter sequence, so slicing it gives the same values.
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        base: float,
+        table_dtype: torch.dtype = torch.float32,
+        inv_freq_dtype: torch.dtype | None = None,
+        positions: int | None = None,  # default ROPE_CACHE_POSITIONS
+    ):
+        super().__init__()
+        positions = ROPE_CACHE_POSITIONS if positions is None else positions
+        self.key = (head_dim, base, table_dtype, inv_freq_dtype)
+        cos, sin = _cpu_tables(positions, head_dim, base, table_dtype, inv_freq_dtype)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def forward(
+        self,
+        seq_len: int,
+        head_dim: int,
+        base: float,
+        dtype: torch.dtype,
+        table_dtype: torch.dtype = torch.float32,
+        inv_freq_dtype: torch.dtype | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        if (head_dim, base, table_dtype, inv_freq_dtype) == self.key and seq_len <= self.cos.size(1):
+            return self.cos[:, :seq_len].to(dtype), self.sin[:, :seq_len].to(dtype)
+        return rotary_tables(seq_len, head_dim, base, self.cos.device, dtype, table_dtype, inv_freq_dtype)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
