@@ -5,7 +5,7 @@
 # FA3 stand-in), with PRIME priming steps per graph variant, and profile STEPS steps of their looped
 # phase where the stack has one (#1532: the loop switches on at step 53 of 150).
 #
-#   bash bench/sp8192_prep.sh && EXP=pr1532 SIDES=ref bash bench/profile_pair.sh   # about 4-5 minutes
+#   bash bench/sp8192_prep.sh && EXP=pr1532 SIDES=ref bash bench/profile_pair.sh   # about 4-5 minutes (pr1775: 8.5)
 #   EXP=pr1532 SIDES=pgolf bash bench/profile_pair.sh                                # about 3 minutes
 #
 # (both sides in one device call may pass its 10 minutes: give each its own, on the same machine)
