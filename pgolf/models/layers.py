@@ -111,10 +111,10 @@ class RotaryTables(nn.Module):
     base and table dtypes, and held as non-persistent buffers: they move with the model and never
     reach a checkpoint or the artifact.
 
-    Why a cache: built inside the compiled graph from `arange`, the tables cost nothing to recompute,
-    so the partitioner rebuilds them (pow, cos, sin per element) inside the backward kernels that
-    read them instead of saving them. On #1775's stack that was about 25 ms of a 1,274 ms step
-    (docs/benchmarks.md §9j). As graph inputs they are only read. A call asking for other tables
+    Why a cache: built inside the compiled graph from `arange`, the tables depend on no input, so
+    Inductor inlines them (pow, cos, sin per element) into every kernel that reads them and the
+    partitioner recomputes them in the backward rather than saving them. On #1775's stack those
+    kernels took 31 ms of a 1,274 ms step (docs/benchmarks.md §9j). As graph inputs they are only read. A call asking for other tables
     (an NTK base, fp32 positions past the RoPE train length, more positions) computes them in the
     graph, as before. A row of the cache is the same element-wise arithmetic as the table of a
     shorter sequence, so slicing it gives the same values.
