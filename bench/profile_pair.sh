@@ -17,7 +17,8 @@
 #           (default 2 x PRIME + 60 for the sp8192 stacks, whose warm-up also runs the loop; PRIME + 60
 #           otherwise)
 #
-# Writes OUT/profile_{ref,pgolf}_<EXP>.{txt,json} and prints both tables' heads.
+# Writes OUT/profile_{ref,pgolf}_<EXP>.{txt,json}, prints both tables' heads and, where OUT holds both
+# sides' profiles, bench/profile_compare.py's comparison.
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$REPO/outputs/bench_profile_pair}
@@ -82,3 +83,7 @@ done
 for side in $SIDES; do
   sed -n '1,30p' "$OUT/profile_${side}_$EXP.txt" 2> /dev/null || tail -20 "$OUT/${side}_$EXP.out"
 done
+# Both sides' profiles in OUT (this call's or an earlier one's on the same OUT): side by side.
+if [ -f "$OUT/profile_ref_$EXP.json" ] && [ -f "$OUT/profile_pgolf_$EXP.json" ]; then
+  python3 "$REPO/bench/profile_compare.py" "$OUT/profile_ref_$EXP.json" "$OUT/profile_pgolf_$EXP.json"
+fi

@@ -51,6 +51,7 @@ def test_tables_never_reach_a_checkpoint_and_move_with_the_model():
     )
     model = GPT(cfg, False)
     assert not any("rotary" in k for k in model.state_dict())
+    assert not any("rotary" in k for k in model.export_state_dict())  # what quantizers and the artifact see
     assert not any("rotary" in n for n, _ in model.named_parameters())
     assert model.bfloat16().rotary.cos.dtype == torch.bfloat16  # cast with the model: bf16 runs read bf16
     base = BaselineGPT(
