@@ -53,7 +53,14 @@ def test_tables_never_reach_a_checkpoint_and_move_with_the_model():
     assert not any("rotary" in k for k in model.state_dict())
     assert not any("rotary" in k for k in model.export_state_dict())  # what quantizers and the artifact see
     assert not any("rotary" in n for n, _ in model.named_parameters())
-    assert model.bfloat16().rotary.cos.dtype == torch.bfloat16  # cast with the model: bf16 runs read bf16
+    # a cast of the model leaves the tables exact (each call casts them to its activations' dtype):
+    # a model cast to bf16 and back, as bench/seed_parity_cpu.py's audit does, reads fp32 tables
+    model.bfloat16()
+    assert model.rotary.cos.dtype == torch.float32
+    want = rotary_tables(64, 8, cfg.rope_base, CPU, torch.float32)
+    assert all(
+        torch.equal(w, g) for w, g in zip(want, model.float().rotary(64, 8, cfg.rope_base, torch.float32))
+    )
     base = BaselineGPT(
         BaselineModelConfig(num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, vocab_size=64)
     )

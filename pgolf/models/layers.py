@@ -131,9 +131,20 @@ class RotaryTables(nn.Module):
         super().__init__()
         positions = ROPE_CACHE_POSITIONS if positions is None else positions
         self.key = (head_dim, base, table_dtype, inv_freq_dtype)
-        cos, sin = _cpu_tables(positions, head_dim, base, table_dtype, inv_freq_dtype)
+        self._table_args = (positions, head_dim, base, table_dtype, inv_freq_dtype)
+        cos, sin = _cpu_tables(*self._table_args)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+
+    def _apply(self, fn, recurse: bool = True):
+        """Moves apply, casts do not: after `model.bfloat16()` the tables stay float32 (each call
+        casts them to its activations' dtype), so a model cast to bf16 and back to fp32, or one
+        that runs fp32 activations, still reads the exact tables."""
+        super()._apply(fn, recurse)
+        if self.cos.dtype != torch.float32:
+            cos, sin = _cpu_tables(*self._table_args)
+            self.cos, self.sin = cos.to(self.cos.device), sin.to(self.sin.device)
+        return self
 
     def forward(
         self,
