@@ -98,9 +98,9 @@ ROPE_CACHE_POSITIONS = 1 << 17
 def _cpu_tables(
     positions: int, head_dim: int, base: float, table_dtype: torch.dtype, inv_freq_dtype: torch.dtype | None
 ) -> tuple[Tensor, Tensor]:
-    """One CPU copy per variant for every model of the process (about 25 ms to build): modules never
-    write their buffers in place, and moving or casting a model makes new tensors. float32 holds a
-    bfloat16 table exactly, so the cast at use gives what rotary_tables gives."""
+    """One CPU copy per variant for every model of the process (about 25 ms to build): nothing
+    writes these buffers in place, and moving a model to another device copies them. float32 holds
+    a bfloat16 table exactly, so the cast at use gives what rotary_tables gives."""
     return rotary_tables(
         positions, head_dim, base, torch.device("cpu"), torch.float32, table_dtype, inv_freq_dtype
     )
@@ -108,16 +108,16 @@ def _cpu_tables(
 
 class RotaryTables(nn.Module):
     """`rotary_tables` computed once, for positions 0..ROPE_CACHE_POSITIONS-1 of the model's own
-    base and table dtypes, and held as non-persistent buffers: they move with the model and never
-    reach a checkpoint or the artifact.
+    base and table dtypes, and held as non-persistent buffers: they move with the model, stay
+    float32 through its casts (`_apply`) and never reach a checkpoint or the artifact.
 
     Why a cache: built inside the compiled graph from `arange`, the tables depend on no input, so
     Inductor inlines them (pow, cos, sin per element) into every kernel that reads them and the
     partitioner recomputes them in the backward rather than saving them. On #1775's stack those
-    kernels took 31 ms of a 1,274 ms step (docs/benchmarks.md §9j). As graph inputs they are only read. A call asking for other tables
-    (an NTK base, fp32 positions past the RoPE train length, more positions) computes them in the
-    graph, as before. A row of the cache is the same element-wise arithmetic as the table of a
-    shorter sequence, so slicing it gives the same values.
+    kernels took 31 ms of a 1,274 ms step (docs/benchmarks.md §9j). As graph inputs they are only
+    read. A call asking for other tables (an NTK base, fp32 positions past the RoPE train length,
+    more positions) computes them in the graph, as before. A row of the cache is the same
+    element-wise arithmetic as the table of a shorter sequence, so slicing it gives the same values.
     """
 
     def __init__(
