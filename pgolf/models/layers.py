@@ -130,7 +130,6 @@ class RotaryTables(nn.Module):
     ):
         super().__init__()
         positions = ROPE_CACHE_POSITIONS if positions is None else positions
-        self.key = (head_dim, base, table_dtype, inv_freq_dtype)
         self._table_args = (positions, head_dim, base, table_dtype, inv_freq_dtype)
         cos, sin = _cpu_tables(*self._table_args)
         self.register_buffer("cos", cos, persistent=False)
@@ -155,7 +154,8 @@ class RotaryTables(nn.Module):
         table_dtype: torch.dtype = torch.float32,
         inv_freq_dtype: torch.dtype | None = None,
     ) -> tuple[Tensor, Tensor]:
-        if (head_dim, base, table_dtype, inv_freq_dtype) == self.key and seq_len <= self.cos.size(1):
+        own = (head_dim, base, table_dtype, inv_freq_dtype) == self._table_args[1:]
+        if own and seq_len <= self.cos.size(1):
             return self.cos[:, :seq_len].to(dtype), self.sin[:, :seq_len].to(dtype)
         return rotary_tables(seq_len, head_dim, base, self.cos.device, dtype, table_dtype, inv_freq_dtype)
 
