@@ -585,6 +585,32 @@ def _mlp_train():
     return mlp_train
 
 
+@pytest.fixture(params=["pointer", "tma"])
+def mlp_form(request, monkeypatch):
+    """Each training-MLP test runs both kernel forms: the pointer form and the persistent TMA form
+    (Hopper's; in Triton's interpreter on CPU). Yields a counter of the TMA form's launches."""
+    if REASON is not None:
+        pytest.skip(f"fused kernels unavailable: {REASON}")
+    from pgolf.models import fused_mlp_train
+
+    if request.param == "tma":
+        if fused_mlp_train.TensorDescriptor is None:
+            pytest.skip("this Triton has no host-side TMA descriptors")
+        if DEVICE == "cuda" and torch.cuda.get_device_capability()[0] != 9:
+            pytest.skip("the TMA form is Hopper's (sm_90)")
+    monkeypatch.setattr(fused_mlp_train, "TMA_FORM", "on" if request.param == "tma" else "off")
+    launches = []
+    real = fused_mlp_train._mlp_train_tma_launch
+    monkeypatch.setattr(
+        fused_mlp_train, "_mlp_train_tma_launch", lambda *a, **k: launches.append(1) or real(*a, **k)
+    )
+    yield request.param, launches
+    if request.param == "tma":
+        assert launches, "the TMA form never ran"
+    else:
+        assert not launches
+
+
 def _mlp_unfused(x, w_up, w_down, slope):
     """What the unfused path computes, rounding where it stores: h, act(h), and the output."""
     return F.linear(F.leaky_relu(F.linear(x, w_up), slope).square(), w_down)
@@ -594,10 +620,11 @@ def _mlp_unfused(x, w_up, w_down, slope):
 @pytest.mark.parametrize("slope", [0.5, 0.0])
 @pytest.mark.parametrize(
     "M,D,H",
-    # ragged rows, model dim and hidden width; then the record's MLP (d 512, hidden 2048)
-    [(77, 48, 96), (45, 40, 100), pytest.param(64, 512, 2048, marks=record_shape)],
+    # ragged rows, model dim and hidden width (each a part tile, rows 16-byte aligned as TMA needs);
+    # then the record's MLP (d 512, hidden 2048)
+    [(77, 48, 96), (45, 40, 104), pytest.param(64, 512, 2048, marks=record_shape)],
 )
-def test_mlp_train_ops_match_the_unfused_steps(M, D, H, slope):
+def test_mlp_train_ops_match_the_unfused_steps(M, D, H, slope, mlp_form):
     _mlp_train()  # registers torch.ops.pgolf.mlp_up_act / mlp_dact
     g = torch.Generator().manual_seed(M + H)
     x = torch.randn(M, D, generator=g).to(DEVICE, torch.bfloat16)
@@ -620,8 +647,36 @@ def test_mlp_train_ops_match_the_unfused_steps(M, D, H, slope):
 
 
 @needs_kernels
+def test_mlp_train_rows_tma_cannot_address_take_the_pointer_form(monkeypatch):
+    """A hidden width of 100 bf16 (200-byte rows) is no TMA row stride: with the TMA form on, those
+    launches take the pointer form, with the same results."""
+    from pgolf.models import fused_mlp_train
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(45, 40, generator=g).to(DEVICE, torch.bfloat16)
+    w_up = (torch.randn(100, 40, generator=g) / 40**0.5).to(DEVICE, torch.bfloat16)
+    assert not fused_mlp_train._tma_form(x, w_up, fused_mlp_train._gemm_out(x, w_up))
+    x_ok = torch.randn(45, 40, generator=g).to(DEVICE, torch.bfloat16)
+    w_ok = (torch.randn(104, 40, generator=g) / 40**0.5).to(DEVICE, torch.bfloat16)
+    out_ok = fused_mlp_train._gemm_out(x_ok, w_ok)
+    monkeypatch.setattr(fused_mlp_train, "TMA_FORM", "on")
+    assert fused_mlp_train._tma_form(x_ok, w_ok, out_ok) == (fused_mlp_train.TensorDescriptor is not None)
+    assert not fused_mlp_train._tma_form(x, w_up, fused_mlp_train._gemm_out(x, w_up))
+    assert not fused_mlp_train._tma_form(x_ok[:, 1:], w_ok[:, 1:], out_ok)  # misaligned starts
+    assert not fused_mlp_train._tma_form(x_ok.float(), w_ok.float(), out_ok.float())
+    _mlp_train()
+    pre, post = torch.ops.pgolf.mlp_up_act(x, w_up, 0.5)
+    torch.testing.assert_close(
+        pre, F.linear(x.float(), w_up.float()).to(torch.bfloat16), rtol=2**-7, atol=1e-4
+    )
+    torch.testing.assert_close(
+        post, F.leaky_relu(pre.float(), 0.5).square().to(torch.bfloat16), rtol=0, atol=0
+    )
+
+
+@needs_kernels
 @pytest.mark.parametrize("slope", [0.5, 0.0])
-def test_mlp_train_forward_and_backward_match_the_unfused_mlp(slope):
+def test_mlp_train_forward_and_backward_match_the_unfused_mlp(slope, mlp_form):
     g = torch.Generator().manual_seed(7)
     x = torch.randn(2, 37, 48, generator=g).to(DEVICE, torch.bfloat16)
     w_up = (torch.randn(96, 48, generator=g) / 48**0.5).to(DEVICE, torch.bfloat16)

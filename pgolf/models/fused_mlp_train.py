@@ -7,9 +7,16 @@ its gradient takes a pass of its own over the (M x hidden) tensors. The down pro
 weight and input gradients stay cuBLAS GEMMs. This is the form of PR #1775's training MLP kernel,
 built on `pgolf.models.kernels`' GEMM tiles (`mm_act`'s main loop). A module of its own so that a
 run without the switch neither imports nor ships it (docs/fused_mlp_gemm.md).
+
+On Hopper, bf16 operands go through a second form of the same kernel: persistent (one program per
+SM walks the output tiles) with TMA loads and stores, as #1775's own kernel does. On an H100 at
+#1775's shapes the two launches take 0.987 ms against the pointer form's 1.041 (the script's own
+kernel: 0.995), with outputs bit for bit equal to both (bench/mlp_train_forms.py).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor
@@ -24,6 +31,11 @@ from pgolf.models.kernels import (
     tl,
     triton,
 )
+
+try:  # Triton >= 3.4: host-side TMA descriptors
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 
 @triton.jit
@@ -70,6 +82,122 @@ def _mlp_train_kernel(
         _store_tile(aux_ptr, y * y, row0, rm, rn, rows_left, N, stride_om, INTERPRET)
 
 
+@triton.jit
+def _mlp_train_tma_kernel(
+    a_desc,
+    w_desc,
+    out_desc,
+    aux_desc,
+    M,
+    N,
+    K,
+    slope,
+    BACKWARD: tl.constexpr,
+    W_KN: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr,
+):
+    # _mlp_train_kernel's tiles and epilogue, persistent and through TMA: program p computes output
+    # tiles p, p + NUM_PROGRAMS, ... (N fastest, so neighbours share an `a` row block). W is read
+    # as (N, K) tiles (W_up) or, W_KN, as (K, N) tiles of a row-major (K, N) tensor (W_down, so its
+    # transpose needs no copy). The epilogue runs on two (BLOCK_M, BLOCK_N / 2) halves: a whole
+    # bf16 tile staged for the TMA store would not fit in shared memory beside the main loop's
+    # stages. TMA zero-fills loads past M, N or K and clips stores, so ragged shapes need no masks.
+    slope = tl.cast(slope, tl.float32)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    tiles = tl.cdiv(M, BLOCK_M) * tiles_n
+    HALF: tl.constexpr = BLOCK_N // 2
+    for tile in tl.range(tl.program_id(0), tiles, NUM_PROGRAMS, flatten=True):
+        row = (tile // tiles_n) * BLOCK_M
+        col = (tile % tiles_n) * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            a = a_desc.load([row, k])
+            b = w_desc.load([k, col]) if W_KN else w_desc.load([col, k]).T
+            if INTERPRET:  # the interpreter's bf16 dot is not a GPU's: fp32 products, fp32 sums
+                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+        halves = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
+        for i in tl.static_range(2):
+            h = _round_to(halves[i], tl.bfloat16, INTERPRET).to(tl.float32)
+            if BACKWARD:
+                pre = aux_desc.load([row, col + i * HALF]).to(tl.float32)
+                dpre = h * tl.where(pre > 0, 2.0 * pre, (2.0 * slope * slope) * pre)
+                out_desc.store([row, col + i * HALF], _round_to(dpre, tl.bfloat16, INTERPRET))
+            else:
+                out_desc.store([row, col + i * HALF], h.to(tl.bfloat16))
+                y = tl.where(h > 0, h, h * slope)
+                aux_desc.store([row, col + i * HALF], _round_to(y * y, tl.bfloat16, INTERPRET))
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps) of the TMA form, forward and backward: the
+# tiles of #1775's kernel on H100 (the backward also loads its pre-activation halves, so one stage
+# fewer); the interpreter's are small so the CPU tests cover several tiles and ragged edges.
+_TMA_TILES = {False: (128, 256, 64, 4, 8), True: (128, 256, 64, 3, 8)}
+_TMA_TILES_INTERPRET = (32, 32, 32, 1, 4)
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _tma_form(*tensors: Tensor) -> bool:
+    """Whether the TMA form takes a launch over these 2-D operands and outputs: bf16 on a Hopper GPU
+    (`TMA_FORM` "auto"), each row-major with 16-byte aligned start and row stride, as TMA
+    addresses them."""
+    if TMA_FORM == "off" or TensorDescriptor is None or any(t.dtype != torch.bfloat16 for t in tensors):
+        return False
+    if TMA_FORM == "auto":
+        a = tensors[0]
+        if _INTERPRET or not (a.is_cuda and torch.cuda.get_device_capability(a.device)[0] == 9):
+            return False
+    return all(
+        t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+        for t in tensors
+    )
+
+
+# "auto": the TMA form on Hopper; the tests set "on" (in Triton's interpreter too) and "off" to
+# check both forms against the same references wherever they run.
+TMA_FORM = "auto"
+
+
+def _mlp_train_tma_launch(
+    a: Tensor, w: Tensor, w_kn: bool, out: Tensor, aux: Tensor, slope: float, backward: bool
+) -> None:
+    """out/aux (M, N) from a (M, K) and W given as (N, K), or as (K, N) when w_kn."""
+    M, K = a.shape
+    N = w.shape[1] if w_kn else w.shape[0]
+    bm, bn, bk, stages, warps = _TMA_TILES_INTERPRET if _INTERPRET else _TMA_TILES[backward]
+    programs = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    # One program per SM; in the interpreter two, so the CPU tests walk several tiles a program.
+    programs = min(programs, 2 if _INTERPRET else _num_sms(a.device.index or 0))
+    _mlp_train_tma_kernel[(programs,)](
+        TensorDescriptor.from_tensor(a, [bm, bk]),
+        TensorDescriptor.from_tensor(w, [bk, bn] if w_kn else [bn, bk]),
+        TensorDescriptor.from_tensor(out, [bm, bn // 2]),
+        TensorDescriptor.from_tensor(aux, [bm, bn // 2]),
+        M,
+        N,
+        K,
+        slope,
+        BACKWARD=backward,
+        W_KN=w_kn,
+        INTERPRET=_INTERPRET,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        NUM_PROGRAMS=programs,
+        num_stages=stages,
+        num_warps=warps,
+    )
+
+
 # Separate tuners for the two directions: the same (N, K) key, different epilogues.
 _mlp_up_tuned = triton.autotune(configs=_mm_act_configs(), key=["N", "K"])(_mlp_train_kernel)
 _mlp_dact_tuned = triton.autotune(configs=_mm_act_configs(), key=["N", "K"])(_mlp_train_kernel)
@@ -106,13 +234,19 @@ def _mlp_train_launch(
 
 def _mlp_up_act_impl(kernel, x: Tensor, w_up: Tensor, slope: float) -> tuple[Tensor, Tensor]:
     pre, post = _gemm_out(x, w_up), _gemm_out(x, w_up)
-    _mlp_train_launch(kernel, x, w_up, pre, post, slope, backward=False)
+    if _tma_form(x, w_up, pre, post):
+        _mlp_train_tma_launch(x, w_up, False, pre, post, slope, backward=False)
+    else:
+        _mlp_train_launch(kernel, x, w_up, pre, post, slope, backward=False)
     return pre, post
 
 
 def _mlp_dact_impl(kernel, g: Tensor, w_down: Tensor, pre: Tensor, slope: float) -> Tensor:
     dpre = torch.empty_like(pre)
-    _mlp_train_launch(kernel, g, w_down.t(), dpre, pre, slope, backward=True)  # W_down^T: (hidden, d)
+    if _tma_form(g, w_down, dpre, pre):  # W_down (d, hidden) read as (K, N) tiles: no transpose
+        _mlp_train_tma_launch(g, w_down, True, dpre, pre, slope, backward=True)
+    else:
+        _mlp_train_launch(kernel, g, w_down.t(), dpre, pre, slope, backward=True)  # W_down^T: (hidden, d)
     return dpre
 
 
