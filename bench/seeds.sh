@@ -24,9 +24,10 @@
 # pgolf's sp8192 experiments with model.fused_mlp_train=auto); FUSED_MLP=0 runs both unfused (see
 # ref_script below).
 #
-# #1775's script is slow to start on one H100: a 520 s limit cut it after step 100 (compile, 20
-# warm-up and 20 loop warm-up steps first; about 800 ms/step, 1.2 s once its loop is on). Give each
-# #1775 side a device call of its own with RUN_LIMIT=580.
+# #1775's script is slow to start on one H100: 416-476 s before its first step even with PRIME=5,
+# so a 575 s limit cut it after step 100 (about 840 ms/step, 1.2 s once its loop is on;
+# docs/benchmarks.md §9k). Give each #1775 side a device call of its own with RUN_LIMIT=575, and
+# compare at steps 50/100 (or STEPS=100 for a whole run with its own warmdown).
 #
 # Needs (git-ignored): .refs/<pr>/train_gpt.py (the seed's script), .bench/fa3_shim,
 # .bench/corpus, .bench/make_shards.py and, on an offline GPU image, the wheels in .whl/.
