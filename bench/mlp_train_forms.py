@@ -44,6 +44,10 @@ def load_ref(path: str):
 
 def run_form(form: str, x, w_up, w_down, g, slope):
     fused_mlp_train.TMA_FORM = {"pointer": "off", "tma": "on"}[form]
+    if form == "tma" and not fused_mlp_train._tma_form(x, w_up, g, w_down):
+        raise SystemExit(
+            "mlp_train_forms: these operands take the pointer form (not bf16 rows TMA can address)"
+        )
     pre, post = fused_mlp_train._mlp_up_act_impl(fused_mlp_train._mlp_up_tuned, x, w_up, slope)
     dpre = fused_mlp_train._mlp_dact_impl(fused_mlp_train._mlp_dact_tuned, g, w_down, pre, slope)
     return pre, post, dpre
