@@ -93,7 +93,6 @@ def _mlp_train_tma_kernel(
     K,
     slope,
     BACKWARD: tl.constexpr,
-    W_KN: tl.constexpr,
     INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -102,7 +101,7 @@ def _mlp_train_tma_kernel(
 ):
     # _mlp_train_kernel's tiles and epilogue, persistent and through TMA: program p computes output
     # tiles p, p + NUM_PROGRAMS, ... (N fastest, so neighbours share an `a` row block). W is read
-    # as (N, K) tiles (W_up) or, W_KN, as (K, N) tiles of a row-major (K, N) tensor (W_down, so its
+    # as (N, K) tiles of W_up in the forward and as (K, N) tiles of W_down in the backward (so its
     # transpose needs no copy). The epilogue runs on two (BLOCK_M, BLOCK_N / 2) halves: a whole
     # bf16 tile staged for the TMA store would not fit in shared memory beside the main loop's
     # stages. TMA zero-fills loads past M, N or K and clips stores, so ragged shapes need no masks.
@@ -116,7 +115,7 @@ def _mlp_train_tma_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
             a = a_desc.load([row, k])
-            b = w_desc.load([k, col]) if W_KN else w_desc.load([col, k]).T
+            b = w_desc.load([k, col]) if BACKWARD else w_desc.load([col, k]).T
             if INTERPRET:  # the interpreter's bf16 dot is not a GPU's: fp32 products, fp32 sums
                 acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
             else:
@@ -141,9 +140,16 @@ _TMA_TILES = {False: (128, 256, 64, 4, 8), True: (128, 256, 64, 3, 8)}
 _TMA_TILES_INTERPRET = (32, 32, 32, 1, 4)
 
 
+# "auto": the TMA form on Hopper; the tests set "on" (in Triton's interpreter too) and "off" to
+# check both forms against the same references wherever they run.
+TMA_FORM = "auto"
+
+
 @functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _gpu(device_index: int) -> tuple[int, int]:
+    """(compute capability major, SM count) of a GPU: read once per device, not per launch."""
+    props = torch.cuda.get_device_properties(device_index)
+    return props.major, props.multi_processor_count
 
 
 def _tma_form(*tensors: Tensor) -> bool:
@@ -154,7 +160,7 @@ def _tma_form(*tensors: Tensor) -> bool:
         return False
     if TMA_FORM == "auto":
         a = tensors[0]
-        if _INTERPRET or not (a.is_cuda and torch.cuda.get_device_capability(a.device)[0] == 9):
+        if _INTERPRET or not (a.is_cuda and _gpu(a.device.index or 0)[0] == 9):
             return False
     return all(
         t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
@@ -162,24 +168,19 @@ def _tma_form(*tensors: Tensor) -> bool:
     )
 
 
-# "auto": the TMA form on Hopper; the tests set "on" (in Triton's interpreter too) and "off" to
-# check both forms against the same references wherever they run.
-TMA_FORM = "auto"
-
-
 def _mlp_train_tma_launch(
-    a: Tensor, w: Tensor, w_kn: bool, out: Tensor, aux: Tensor, slope: float, backward: bool
+    a: Tensor, w: Tensor, out: Tensor, aux: Tensor, slope: float, backward: bool
 ) -> None:
-    """out/aux (M, N) from a (M, K) and W given as (N, K), or as (K, N) when w_kn."""
+    """out/aux (M, N) from a (M, K) and W: W_up (N, K) in the forward, W_down (K, N) in the backward."""
     M, K = a.shape
-    N = w.shape[1] if w_kn else w.shape[0]
+    N = w.shape[1] if backward else w.shape[0]
     bm, bn, bk, stages, warps = _TMA_TILES_INTERPRET if _INTERPRET else _TMA_TILES[backward]
     programs = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     # One program per SM; in the interpreter two, so the CPU tests walk several tiles a program.
-    programs = min(programs, 2 if _INTERPRET else _num_sms(a.device.index or 0))
+    programs = min(programs, 2 if _INTERPRET else _gpu(a.device.index or 0)[1])
     _mlp_train_tma_kernel[(programs,)](
         TensorDescriptor.from_tensor(a, [bm, bk]),
-        TensorDescriptor.from_tensor(w, [bk, bn] if w_kn else [bn, bk]),
+        TensorDescriptor.from_tensor(w, [bk, bn] if backward else [bn, bk]),
         TensorDescriptor.from_tensor(out, [bm, bn // 2]),
         TensorDescriptor.from_tensor(aux, [bm, bn // 2]),
         M,
@@ -187,7 +188,6 @@ def _mlp_train_tma_launch(
         K,
         slope,
         BACKWARD=backward,
-        W_KN=w_kn,
         INTERPRET=_INTERPRET,
         BLOCK_M=bm,
         BLOCK_N=bn,
@@ -235,7 +235,7 @@ def _mlp_train_launch(
 def _mlp_up_act_impl(kernel, x: Tensor, w_up: Tensor, slope: float) -> tuple[Tensor, Tensor]:
     pre, post = _gemm_out(x, w_up), _gemm_out(x, w_up)
     if _tma_form(x, w_up, pre, post):
-        _mlp_train_tma_launch(x, w_up, False, pre, post, slope, backward=False)
+        _mlp_train_tma_launch(x, w_up, pre, post, slope, backward=False)
     else:
         _mlp_train_launch(kernel, x, w_up, pre, post, slope, backward=False)
     return pre, post
@@ -244,7 +244,7 @@ def _mlp_up_act_impl(kernel, x: Tensor, w_up: Tensor, slope: float) -> tuple[Ten
 def _mlp_dact_impl(kernel, g: Tensor, w_down: Tensor, pre: Tensor, slope: float) -> Tensor:
     dpre = torch.empty_like(pre)
     if _tma_form(g, w_down, dpre, pre):  # W_down (d, hidden) read as (K, N) tiles: no transpose
-        _mlp_train_tma_launch(g, w_down, True, dpre, pre, slope, backward=True)
+        _mlp_train_tma_launch(g, w_down, dpre, pre, slope, backward=True)
     else:
         _mlp_train_launch(kernel, g, w_down.t(), dpre, pre, slope, backward=True)  # W_down^T: (hidden, d)
     return dpre
