@@ -156,7 +156,11 @@ class Quantizer(Protocol):
         deadline: float | None = None,
         batch_seconds: float = 0.0,
         max_batches: int | None = None,
-    ) -> dict[str, Any]: ...
+        sync: Callable[[], None] | None = None,
+    ) -> dict[str, Any]:
+        """`sync` waits for the device: each batch's time (what `deadline` is checked against) is
+        measured after it, so it counts the batch's GPU work, not only the host's launches."""
+        ...
 
     def reset_calibration(self) -> None: ...
 

@@ -64,7 +64,7 @@ class RulesBroken(TrainingError):
 
 # Calibration batches timed before the clock starts; the first is often slower (kernel set-up), so
 # the estimate takes the slowest of the others.
-PROBE_BATCHES = 2
+PROBE_BATCHES = 3
 # Headroom on the measured calibration cost when reserving it off the training clock.
 CALIBRATION_MARGIN = 1.25
 # SDPA kernels of the training graphs under hardware.train_cudnn_attention, first choice first.
@@ -310,12 +310,14 @@ class Trainer:
         """Compile every graph with real steps, then undo them so training starts from the init."""
         t = self.job.train
         n = t.prime_steps
-        probe = self.quant.needs_calibration and self.job.budget.mode == "wallclock"
+        if self.quant.needs_calibration and self.job.budget.mode == "wallclock":
+            # Before the compile (calibration runs the eager model): a reserve that leaves no
+            # training time is refused in seconds, not after minutes of priming. The loader restarts
+            # after it, so priming and training draw the stream they would without the probe.
+            self.probe_calibration()
+            self.loader.close()
+            self.loader = self._build_loader()
         if n == 0:
-            if probe:
-                self.probe_calibration()
-                self.loader.close()
-                self.loader = self._build_loader()
             return
         if self.rt.compile:  # minutes on a GPU with nothing else to show
             self.log(f"priming: compiling the training graphs with {n} steps (undone after)")
@@ -340,8 +342,6 @@ class Trainer:
         with torch.no_grad():
             self.model.load_state_dict(snapshot, strict=True)
         self.model.on_progress(0.0)  # back to the variant that training starts in
-        if probe:  # on the restored weights, and before the loader restarts its stream
-            self.probe_calibration()
         self.opt.reset_state()
         self.loader.close()
         self.loader = self._build_loader()
@@ -665,7 +665,7 @@ class Trainer:
             info = self.quant.calibrate(
                 self.model, batches, self.rt.amp_dtype if cal.autocast else None, reduce, seed=self.job.seed + self.rt.rank,
                 world_size=self.rt.world_size, deadline=deadline, batch_seconds=plan.get("batch_seconds", 0.0),
-                max_batches=max_batches,
+                max_batches=max_batches, sync=self.rt.sync,
             )  # fmt: skip
         self.rt.sync()
         info["seconds"] = time.perf_counter() - t0
@@ -696,7 +696,13 @@ class Trainer:
         calibration will need off the training clock: budget.quant_reserve_seconds is a floor, the
         measurement (with CALIBRATION_MARGIN) raises it. Every rank takes the largest reserve."""
         b, n = self.job.budget, self._calibration_batches()
-        info = self.calibrate(max_batches=min(PROBE_BATCHES, n), probe=True)
+        # Calibration runs after the last step, in the graph variant training ends in (a recurrent
+        # model's layer loop on: more layer passes a batch), so that is the variant to time.
+        self.model.on_progress(1.0)
+        try:
+            info = self.calibrate(max_batches=min(PROBE_BATCHES, n), probe=True)
+        finally:
+            self.model.on_progress(0.0)
         times = info["batch_seconds"]
         per_batch = max(times[1:] or times or [0.0])
         fixed = max(info["seconds"] - sum(times), 0.0)

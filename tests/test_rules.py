@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -57,6 +58,52 @@ def test_calibration_never_starts_a_batch_that_would_end_past_the_deadline():
     assert list(w) == [0, 1] and not w.cut
 
 
+def test_calibration_times_a_batch_after_the_device_finished_it():
+    """On a GPU the forward is only queued when the host moves on: the time that the deadline and
+    the probe go by must come after the device's sync, or it is the launch time alone."""
+    queued: list[float] = []
+
+    def device_sync():  # the device is busy 0.05 s with each batch the host queued
+        time.sleep(0.05 * len(queued))
+        queued.clear()
+
+    def instant():
+        for i in range(4):
+            queued.append(1.0)
+            yield i
+
+    w = _Within(instant(), deadline=None, batch_seconds=0.0, limit=None, sync=device_sync)
+    assert list(w) == [0, 1, 2, 3] and min(w.times) >= 0.05
+    # and the deadline sees it: 0.05 s a batch, 0.12 s left -> two batches, not all four
+    w = _Within(
+        instant(), deadline=time.perf_counter() + 0.12, batch_seconds=0.0, limit=None, sync=device_sync
+    )
+    assert list(w) == [0, 1] and w.cut
+
+
+def test_a_missing_compressor_package_stops_the_run_before_it_trains(monkeypatch):
+    """quant.compressor=brotli without the brotli package: the error comes when the quantizer is
+    built (before priming), naming the key and the fix, not at export after the training budget."""
+    import importlib
+
+    from pgolf.components import QUANT
+    from pgolf.quant.config import MixedQuantConfig
+
+    real = importlib.import_module
+
+    def no_brotli(name, *a, **k):
+        if name == "brotli":
+            raise ImportError("No module named 'brotli'")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(importlib, "import_module", no_brotli)
+    with pytest.raises(
+        RuntimeError, match=r"quant.compressor=brotli needs the Python package 'brotli'.*pip install brotli"
+    ):
+        QUANT.build(MixedQuantConfig(compressor="brotli"))
+    QUANT.build(MixedQuantConfig(compressor="lzma", level=9))  # the standard library's: no package needed
+
+
 # Calibration made slow on purpose: the probe's batches take PROBE_DELAY s more, the real ones
 # REAL_DELAY s more, so the probe raises the 0.01 s reserve (to ~1.25 x 8 x PROBE_DELAY) but still
 # underestimates the real 8 x REAL_DELAY, and only the deadline keeps training + calibration inside
@@ -79,6 +126,65 @@ from pgolf.parent.run import main
 sys.argv = ["pgolf.run", *sys.argv[1:]]
 main()
 """
+
+
+# Which layer plan each collect_hessians call ran under: the probe (the first call) must time the
+# graph training ends in, not the one it starts in (a recurrent model's loop adds layer passes).
+LOOPING_AT_CALIBRATION = """
+import json, os, sys
+import pgolf.quant.mixed as mixed
+real = mixed.collect_hessians
+def spy(model, watch, batches, dtype):
+    with open(os.environ["LOOPING_LOG"], "a") as f:
+        f.write(json.dumps(bool(model.looping)) + "\\n")
+    return real(model, watch, batches, dtype)
+mixed.collect_hessians = spy
+from pgolf.parent.run import main
+sys.argv = ["pgolf.run", *sys.argv[1:]]
+main()
+"""
+
+
+def test_the_calibration_probe_times_the_graph_training_ends_in(tmp_path, shard_dir, tokenizer_model):
+    args = tiny_cpu_args(
+        shard_dir,
+        tokenizer_model,
+        **{
+            "model": "sp8192_recur",
+            "model.num_layers": "3",
+            "model.model_dim": "64",
+            "model.num_heads": "2",
+            "model.num_kv_heads": "1",
+            "model.mlp_mult": "2",
+            "model.rope_dims": "8",
+            "model.xsa_last_n": "0",
+            "model.parallel_start_layer": "2",
+            "model.loop_start": "1",
+            "model.loop_end": "1",
+            "model.enable_looping_at": "0.5",
+            "quant": "int6_gptq",
+            "quant.calibration.batches": "4",
+            "budget.mode": "wallclock",
+            "budget.train_seconds": "30",
+            "train.iterations": "100000",
+            "train.log_every": "0",
+        },
+    )
+    log = tmp_path / "looping.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-c", LOOPING_AT_CALIBRATION, *args, f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "LOOPING_LOG": str(log)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # probe, then the real calibration: both with the loop on
+    assert [json.loads(x) for x in log.read_text().split()] == [True, True]
+    train_log = (tmp_path / "run" / "train.log").read_text()
+    # and training still started with the loop off, switching it on halfway
+    assert "graph_variant:loop_on frac:0.5" in train_log
 
 
 def test_a_calibration_slower_than_the_reserve_still_fits_the_training_budget(
@@ -118,6 +224,48 @@ def test_a_calibration_slower_than_the_reserve_still_fits_the_training_budget(
     assert used <= TRAIN_SECONDS and r["rules"]["checks"]["train_seconds"]["used"] == pytest.approx(used)
     assert r["rules"]["pass"] and r["status"] == "ok"
     assert "calibration: stopped after" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_a_calibration_that_leaves_no_training_time_is_refused_before_priming(
+    tmp_path, shard_dir, tokenizer_model
+):
+    """The probe (PROBE_DELAY s a batch, 8 batches: >= 2 s) against a 1.5 s budget: the run fails
+    with the fix in the message, before it spends minutes compiling on a GPU."""
+    args = tiny_cpu_args(
+        shard_dir,
+        tokenizer_model,
+        **{
+            "quant": "int6_gptq",
+            "quant.calibration.batches": "8",
+            "budget.mode": "wallclock",
+            "budget.train_seconds": "1.5",
+            "budget.quant_reserve_seconds": "0.01",
+            "train.iterations": "100000",
+        },
+    )
+    # any training step (priming included) before the refusal fails the run with another error
+    no_steps = SLOW_CALIBRATION.replace(
+        "from pgolf.parent.run import main",
+        "import pgolf.trainer\n"
+        "def no_step(*a, **k):\n"
+        "    raise AssertionError('a training step ran before the probe refused the run')\n"
+        "pgolf.trainer.Trainer._train_step = no_step\n"
+        "from pgolf.parent.run import main",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", no_steps, *args, f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 1
+    r = _strict(tmp_path / "run" / "result.json")
+    assert r["status"] == "failed"
+    assert (
+        "leaves no training time in budget.train_seconds=1.5; lower quant.calibration.batches" in r["error"]
+    )
+    assert "calibration probe:" in (tmp_path / "run" / "train.log").read_text()
 
 
 # ------------------------------------------------------------------------------ eval + TTT
