@@ -84,7 +84,7 @@ bench_end_strays() {
 }
 
 # run_cut LOG PATTERN CMD...: run CMD in its own process group, stop it once LOG matches PATTERN
-# (or after RUN_LIMIT seconds, default 420). The group stays in this shell's session: job control
+# (an empty PATTERN: never) or after RUN_LIMIT seconds (default 420). The group stays in this shell's session: job control
 # (set -m), never setsid. The device machine ends every process of a command's session when the
 # command returns or runs out of time, but a new session runs on until the machine goes back: a run
 # started with setsid by a call that hit its limit kept the GPU busy into the next call.
@@ -134,7 +134,7 @@ run_cut() {
   set +m
   t0=$(date +%s)
   while kill -0 "$pid" 2> /dev/null; do
-    if grep -qE "$pattern" "$log"; then
+    if [ -n "$pattern" ] && grep -qE "$pattern" "$log"; then
       sleep 1
       stop_tree "$pid"
       break

@@ -10,7 +10,10 @@
 #   bash bench/sp8192_prep.sh && EXPERIMENTS="pr1532 pr1775" bash bench/e2e.sh
 #
 # Copies each run's train.log and result.json to OUT/<experiment>/ and prints each run's phase
-# times, bytes and verdict. Needs (git-ignored): .bench/corpus, .bench/make_shards.py and, on an
+# times, bytes and verdict. RUN_LIMIT=S stops a run after S seconds (its process tree, torchrun's
+# workers included) and still copies and prints what it got: the phases it finished, from train.log.
+# #1775 on one H100 needs more than a 10-minute device call (§9l: 100-226 s of priming, 128 s of
+# export before its eval warm-up), so give it RUN_LIMIT a little under the call's limit. Needs (git-ignored): .bench/corpus, .bench/make_shards.py and, on an
 # offline GPU image, the wheels in .whl/.
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -49,13 +52,20 @@ for exp in $EXPERIMENTS; do
   bench_gpu_idle || exit 1
   t0=$(date +%s)
   # shellcheck disable=SC2086
-  python3 -m pgolf.run experiment="$exp" data=shards $args hardware=gpu \
-    budget.train_seconds="$TRAIN_SECONDS" seed="$SEED" hydra.run.dir="$dir" $PGOLF_EXTRA \
-    > "$OUT/$exp.out" 2>&1
-  rc=$?
+  cmd=(python3 -m pgolf.run experiment="$exp" data=shards $args hardware=gpu
+    budget.train_seconds="$TRAIN_SECONDS" seed="$SEED" hydra.run.dir="$dir" $PGOLF_EXTRA)
+  if [ -n "${RUN_LIMIT:-}" ]; then
+    run_cut "$OUT/$exp.out" "" "${cmd[@]}"
+    rc=$(test -f "$dir/result.json" && echo "see result.json" || echo "stopped at RUN_LIMIT=$RUN_LIMIT")
+  else
+    "${cmd[@]}" > "$OUT/$exp.out" 2>&1
+    rc=$?
+  fi
   echo "$exp: rc $rc in $(($(date +%s) - t0))s"
   mkdir -p "$OUT/$exp"
   cp "$dir/train.log" "$dir/result.json" "$OUT/$exp/" 2> /dev/null
+  # the phases it finished, also when it was stopped before result.json
+  grep -h "^phase:.* done in" "$dir/train.log" 2> /dev/null | sed 's/^/  /'
   python3 - "$OUT/$exp/result.json" << 'EOF'
 import json, sys
 try:

@@ -110,6 +110,21 @@ def test_run_cut_stops_the_whole_group_once_the_pattern_appears(tmp_path):
     assert "trained 3 steps" in (tmp_path / "run.out").read_text()
 
 
+def test_run_cut_with_an_empty_pattern_stops_only_at_the_time_limit(tmp_path):
+    """bench/e2e.sh's RUN_LIMIT: the run goes on past its output (grep -E "" would match any line)
+    and is stopped only when the limit passes, its output kept."""
+    child = "bash -c 'echo phase:build done in 0.1s; sleep 2; echo phase:prime done in 2.0s; exec sleep 300'"
+    shell = _bench_shell(f'RUN_LIMIT=4 STOP_GRACE=2 run_cut "{tmp_path}/run.out" "" {child}', tmp_path)
+    try:
+        shell.wait(timeout=30)
+    finally:
+        if shell.poll() is None:
+            shell.kill()
+    out = (tmp_path / "run.out").read_text()
+    assert "phase:prime done" in out, "the empty pattern cut the run at its first line"
+    assert shell.returncode == 0
+
+
 def _fake_nvidia_smi(tmp_path: Path, used_mib: int) -> dict:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
