@@ -13,7 +13,13 @@
 # times, bytes and verdict. RUN_LIMIT=S stops a run after S seconds (its process tree, torchrun's
 # workers included) and still copies and prints what it got: the phases it finished, from train.log.
 # #1775 on one H100 needs more than a 10-minute device call (§9l: 100-226 s of priming, 128 s of
-# export before its eval warm-up), so give it RUN_LIMIT a little under the call's limit. Needs (git-ignored): .bench/corpus, .bench/make_shards.py and, on an
+# export before its eval warm-up), so give it RUN_LIMIT a little under the call's limit, then time
+# its eval and TTT in the next call on the same warm machine with RESCORE=1: each experiment's run
+# folder from the call before is scored again (score_artifact=, no priming, training or export)
+# into RUNS/<experiment>-rescore, and that folder is what gets copied and printed.
+#
+#   RUN_LIMIT=560 TRAIN_SECONDS=60 EXPERIMENTS=pr1775 bash bench/e2e.sh    # call 1: to the artifact
+#   RESCORE=1 EXPERIMENTS=pr1775 bash bench/e2e.sh                         # call 2: eval + TTT Needs (git-ignored): .bench/corpus, .bench/make_shards.py and, on an
 # offline GPU image, the wheels in .whl/.
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -48,6 +54,14 @@ data_args() {
 for exp in $EXPERIMENTS; do
   args=$(data_args "$exp") || exit 1
   dir="$RUNS/$exp"
+  if [ "${RESCORE:-0}" = 1 ]; then
+    if [ ! -f "$dir/artifact/final_model.ptz" ]; then
+      echo "RESCORE=1: $dir/artifact/final_model.ptz is missing; run the experiment first on this machine" >&2
+      exit 1
+    fi
+    args="$args score_artifact=$dir"
+    dir="$RUNS/$exp-rescore"
+  fi
   rm -rf "$dir"
   bench_gpu_idle || exit 1
   t0=$(date +%s)

@@ -91,6 +91,9 @@ class RootSettings:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     init_from: str | None = None  # a state dict .pt loaded into the fresh model (pgolf.models.convert)
+    # An earlier run's artifact (its job folder, or its artifact/final_model.ptz) to score under this
+    # config's eval and TTT, with no priming, training or export: a re-score, never a submission.
+    score_artifact: str | None = None
 
     def validate(self, path: str) -> None:
         # Checked here, before anything starts: numpy's seeding would refuse it only in the worker.

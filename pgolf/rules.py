@@ -88,6 +88,16 @@ def window_rule_check(result: dict) -> dict:
     return {"rule": rule, "held": False, "why": why}
 
 
+def trained_here_check(result: dict) -> dict:
+    """A re-score (score_artifact=) scores another run's artifact: its score is real, but the
+    training, the calibration and the bytes it would need to be a submission belong to that run."""
+    scored = result.get("scored_artifact")
+    if scored is None:
+        return {"held": True}
+    why = f"a re-score of {scored['path']} (score_artifact): pack the run that trained it"
+    return {"held": False, "scored_artifact": scored["path"], "why": why}
+
+
 def verdict(result: dict, config: dict) -> dict:
     """The rules checks of a finished run (result.json and the frozen config.json as dicts)."""
     b, ttt = config["budget"], config.get("ttt", {}).get("name", "none")
@@ -122,6 +132,7 @@ def verdict(result: dict, config: dict) -> dict:
         "val_bpb": val_check(result.get("val_loss"), result.get("val_bpb"), config["model"]["vocab_size"]),
         "val_split": val_split_of(result, config, result.get("val", {}).get("tokens_total")),
         "window_rule": window_rule_check(result),
+        "trained_here": trained_here_check(result),
     }
     failed = [k for k, c in checks.items() if not c["held"]]
     return {
@@ -143,6 +154,6 @@ def _why(key: str, c: dict) -> str:
         )
     if key == "val_split":
         return f"scored {c['tokens_scored']} of the val split's {c['tokens_in_split']} tokens, not the whole split"
-    if key == "window_rule":
+    if key in ("window_rule", "trained_here"):
         return c["why"]
     return f"{key} {c['used']} over the limit {c['limit']}"

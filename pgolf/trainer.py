@@ -119,12 +119,16 @@ class Trainer:
         t_start = time.perf_counter()
         with self.phase("build"):
             self.build()
-        with self.phase("prime"):
-            self.prime()
-        with self.phase("train"):
-            self.train()
-        with self.phase("artifact"):
-            blob_path = self.write_artifact()
+        if self.job.score_artifact:  # a re-score: another run's artifact, this config's eval and TTT
+            with self.phase("prime"):
+                blob_path = self.artifact_to_score(self.job.score_artifact)
+        else:
+            with self.phase("prime"):
+                self.prime()
+            with self.phase("train"):
+                self.train()
+            with self.phase("artifact"):
+                blob_path = self.write_artifact()
         with self.phase(
             "eval_warmup"
         ):  # compile on random tokens, reported apart (docs/techniques.md#time-limits)
@@ -733,6 +737,35 @@ class Trainer:
             )
 
     # ----------------------------------------------------------------------------------- eval
+    def artifact_to_score(self, where: str) -> Path:
+        """score_artifact=: the blob of an earlier run (its job folder or the blob itself), its bytes
+        counted from the files as a run counts its own, and the eval graph compiled off the clock."""
+        path = Path(where)
+        blob_path = path / "artifact" / "final_model.ptz" if path.is_dir() else path
+        if not blob_path.is_file():
+            raise TrainingError(
+                f"score_artifact={where}: no artifact at {blob_path}; pass a finished run's job folder "
+                "or its artifact/final_model.ptz"
+            )
+        model_bytes = blob_path.stat().st_size
+        code = blob_path.with_name("train_gpt.py")
+        code_bytes = code.stat().st_size if code.is_file() else 0
+        cap = self.job.budget.artifact_bytes
+        total = model_bytes + code_bytes
+        self.result.bytes = ByteCounts(model_bytes, code_bytes, None, total, cap, total <= cap)
+        self.result.metrics = {}  # no pre_quant score: the eval modes and TTT fill it
+        self.result.scored_artifact = {
+            "path": str(blob_path.resolve()),
+            "bytes": model_bytes,
+            "sha256": sha256_file(blob_path),
+        }
+        self.log(f"score_artifact: {blob_path} (model {model_bytes:,} + code {code_bytes:,} bytes); no training")
+        # A trained model ends in its last graph variant (a recurrent model's loop on), and is scored so.
+        self.model.on_progress(1.0)
+        if "nonoverlap" in self.job.eval.modes:  # compiled during priming in a run that trains
+            self._prime_eval()
+        return blob_path
+
     def eval_artifact(self, blob_path: Path) -> ModeResult:
         """Score what ships: decompress the file on disk into a fresh model, then run eval.modes."""
         state = self.quant.load(blob_path.read_bytes())

@@ -54,6 +54,20 @@ def _files(run_dir: Path, result: RunResult, code: Path | None) -> dict:
     return out
 
 
+def _scored(rec: dict) -> dict:
+    """The blob a re-score (score_artifact=) scored, re-hashed against what it recorded."""
+    path = Path(rec["path"])
+    if not path.is_file():
+        return {"held": None, "why": f"{path} is not on this machine"}
+    digest = sha256_file(path)
+    out = {"path": str(path), "sha256": digest, "held": digest == rec["sha256"]}
+    if not out["held"]:
+        out["why"] = (
+            f"{path} changed since it was scored (sha256 {digest[:12]}..., recorded {rec['sha256'][:12]}...)"
+        )
+    return out
+
+
 def _val_split(result: RunResult, config: dict) -> dict:
     """The whole val split was scored: the split's size re-read from every shard the pattern matches."""
     val = result.val or {}
@@ -96,8 +110,11 @@ def check_run(run_dir: str | Path, code: Path | None = None) -> dict:
     checks = {"status": {"status": result.status, "held": result.status == "ok"}}
     if result.status != "ok":
         checks["status"]["why"] = f"the run did not finish: {result.error or ''}"
-    checks |= _files(run_dir, result, code)
-    for key in ("train_seconds", "eval_seconds", "ttt", "val_bpb", "window_rule"):
+    if result.scored_artifact is None:
+        checks |= _files(run_dir, result, code)
+    else:  # a re-score ships nothing: its one file is the artifact it scored, still unchanged
+        checks["scored_artifact"] = _scored(result.scored_artifact)
+    for key in ("train_seconds", "eval_seconds", "ttt", "val_bpb", "window_rule", "trained_here"):
         checks[key] = rules[key]
     checks["val_split"] = _val_split(result, config)
     checks["tokenizer"] = _tokenizer(result)

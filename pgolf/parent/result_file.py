@@ -141,6 +141,7 @@ _CHECKS = {
     **{k: (_number, "a number") for k in _FLOATS},
     **{k: (_mapping, "an object") for k in (
         "versions", "fused_kernels", "calibration_plan", "metrics", "optimizer", "throughput", "calibration", "quant", "files",
+        "scored_artifact",
         "timings", "val", "rules", "limits", "gpu_lease", "non_finite",
     )},
     "train_losses": (_loss_pairs, "a list of [step, loss] pairs"),

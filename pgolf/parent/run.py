@@ -147,10 +147,15 @@ def finish(job_dir: Path, code: int, multirun: bool, gpu_lease: dict | None = No
         _record(result_path, result)
     if result.status == "ok":
         b = result.bytes
+        trained = (
+            f"{result.steps} steps, {result.ms_per_step:.1f} ms/step"
+            if result.scored_artifact is None
+            else f"a re-score of {result.scored_artifact['path']}, no training"
+        )
         log.info(
             f"pgolf: val_bpb {result.val_bpb:.6f}  val_loss {result.val_loss:.6f}  "
             f"artifact {b.total:,} bytes (model {b.model:,} + code {b.code:,}; cap {b.cap:,})  "
-            f"{result.steps} steps, {result.ms_per_step:.1f} ms/step  -> {result_path}"
+            f"{trained}  -> {result_path}"
         )
         return float(result.val_bpb)
     log.error(f"pgolf: job failed: {result.error or 'unknown error'} ({result_path})")

@@ -77,6 +77,11 @@ def pack(
     result = read_result(res_path)
     if result.status != "ok":
         raise PackError(f"{run_dir} did not finish (status {result.status!r}): {result.error or ''}")
+    if result.scored_artifact is not None:  # it holds no artifact of its own to pack
+        raise PackError(
+            f"{run_dir} is not a legal submission: a re-score of {result.scored_artifact['path']} "
+            "(score_artifact); pack the run that trained it"
+        )
     if not script.is_file():
         raise PackError(f"{script} is missing; it is written with the artifact at the end of every run")
     # The rules, re-checked from the files (hashes, bytes on disk, shard headers, tokenizer).
