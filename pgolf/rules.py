@@ -88,14 +88,14 @@ def window_rule_check(result: dict) -> dict:
     return {"rule": rule, "held": False, "why": why}
 
 
-def trained_here_check(result: dict) -> dict:
-    """A re-score (score_artifact=) scores another run's artifact: its score is real, but the
-    training, the calibration and the bytes it would need to be a submission belong to that run."""
-    scored = result.get("scored_artifact")
-    if scored is None:
-        return {"held": True}
-    why = f"a re-score of {scored['path']} (score_artifact): pack the run that trained it"
-    return {"held": False, "scored_artifact": scored["path"], "why": why}
+def not_trained_here(rules: dict, scored_path: str) -> dict:
+    """The verdict of a re-score (score_artifact=), which scores another run's artifact: its score
+    is real, but the training, the calibration and the bytes a submission needs belong to that run,
+    so it never passes. (Called only for a re-score, so a run's shipped code does not carry it.)"""
+    why = f"a re-score of {scored_path} (score_artifact): pack the run that trained it"
+    checks = {**rules["checks"], "trained_here": {"held": False, "scored_artifact": scored_path, "why": why}}
+    failed = [k for k, c in checks.items() if not c["held"]]
+    return {"pass": False, "reason": "; ".join(_why(k, checks[k]) for k in failed), "checks": checks}
 
 
 def verdict(result: dict, config: dict) -> dict:
@@ -132,7 +132,6 @@ def verdict(result: dict, config: dict) -> dict:
         "val_bpb": val_check(result.get("val_loss"), result.get("val_bpb"), config["model"]["vocab_size"]),
         "val_split": val_split_of(result, config, result.get("val", {}).get("tokens_total")),
         "window_rule": window_rule_check(result),
-        "trained_here": trained_here_check(result),
     }
     failed = [k for k, c in checks.items() if not c["held"]]
     return {

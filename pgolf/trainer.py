@@ -39,7 +39,7 @@ from pgolf.models import attention
 from pgolf.models.config import GPTModelConfig
 from pgolf.models.layers import restore_fp32_params
 from pgolf.results import sha256_file, write_text_atomic
-from pgolf.rules import verdict
+from pgolf.rules import not_trained_here, verdict
 from pgolf.run_result import ByteCounts, RunResult
 from pgolf.shipped import write_code
 from pgolf.throughput import log_line, throughput
@@ -759,7 +759,9 @@ class Trainer:
             "bytes": model_bytes,
             "sha256": sha256_file(blob_path),
         }
-        self.log(f"score_artifact: {blob_path} (model {model_bytes:,} + code {code_bytes:,} bytes); no training")
+        self.log(
+            f"score_artifact: {blob_path} (model {model_bytes:,} + code {code_bytes:,} bytes); no training"
+        )
         # A trained model ends in its last graph variant (a recurrent model's loop on), and is scored so.
         self.model.on_progress(1.0)
         if "nonoverlap" in self.job.eval.modes:  # compiled during priming in a run that trains
@@ -885,6 +887,8 @@ class Trainer:
             "tokenizer_sha256": sha256_file(self.data.tokenizer_path),
         }
         rules = verdict(self.result.to_json(), to_dict(self.job))
+        if self.job.score_artifact:
+            rules = not_trained_here(rules, self.result.scored_artifact["path"])
         self.result.rules = rules
         c = rules["checks"]
         self.result.limits = {k: c[k] for k in ("artifact_bytes", "eval_seconds", "train_seconds")}

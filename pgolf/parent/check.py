@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pgolf.parent.result_file import read_result
 from pgolf.results import read_json, sha256_file
-from pgolf.rules import val_split_of, verdict
+from pgolf.rules import not_trained_here, val_split_of, verdict
 from pgolf.run_result import RunResult
 
 SHIPPED = ("artifact/train_gpt.py", "artifact/final_model.ptz")
@@ -106,7 +106,10 @@ def check_run(run_dir: str | Path, code: Path | None = None) -> dict:
     submission folder's) instead of the run's own."""
     run_dir = Path(run_dir)
     result, config = read_result(run_dir / "result.json"), read_json(run_dir / "config.json")
-    rules = verdict(result.to_json(), config)["checks"]
+    rules = verdict(result.to_json(), config)
+    if result.scored_artifact is not None:
+        rules = not_trained_here(rules, result.scored_artifact["path"])
+    rules = rules["checks"]
     checks = {"status": {"status": result.status, "held": result.status == "ok"}}
     if result.status != "ok":
         checks["status"]["why"] = f"the run did not finish: {result.error or ''}"
@@ -115,7 +118,8 @@ def check_run(run_dir: str | Path, code: Path | None = None) -> dict:
     else:  # a re-score ships nothing: its one file is the artifact it scored, still unchanged
         checks["scored_artifact"] = _scored(result.scored_artifact)
     for key in ("train_seconds", "eval_seconds", "ttt", "val_bpb", "window_rule", "trained_here"):
-        checks[key] = rules[key]
+        if key in rules:
+            checks[key] = rules[key]
     checks["val_split"] = _val_split(result, config)
     checks["tokenizer"] = _tokenizer(result)
     failed = [k for k, c in checks.items() if c["held"] is False]
