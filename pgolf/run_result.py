@@ -68,9 +68,8 @@ class RunResult:
     bytes: ByteCounts | None = None
     quant: dict[str, Any] | None = None
     files: dict[str, dict[str, Any]] | None = None  # shipped file -> {bytes, sha256}
-    scored_artifact: dict[str, Any] | None = (
-        None  # a re-score (score_artifact=): the blob, its bytes and hash
-    )
+    # a re-score (score_artifact=): the blob it scored, with its bytes and sha256
+    scored_artifact: dict[str, Any] | None = None
     final_mode: str | None = None  # the eval mode (or TTT) whose score val_bpb reports
     final_window_rule: str | None = None  # written with final_mode; null for a non-windowed mode
     ttt_updates_stopped_at_chunk: int | None = None
