@@ -95,3 +95,30 @@ def test_a_missing_artifact_is_named_with_the_fix(trained, tmp_path):
     err = _result(tmp_path / "r")["error"]
     assert f"score_artifact={tmp_path / 'nowhere'}: no artifact at" in err
     assert "pass a finished run's job folder or its artifact/final_model.ptz" in err
+
+
+def test_a_ttt_sweep_on_one_artifact(trained, tmp_path):
+    """The README's `-m score_artifact=<run> ttt.lr=...`: one job a setting, every job scoring the
+    same blob, the sweep summary grouping them by setting."""
+    run, args = trained
+    sweep = tmp_path / "sweep"
+    extra = ["eval.modes=[nonoverlap,sliding]", "ttt=score_first", "ttt.chunk_tokens=2048", "ttt.epochs=1"]
+    proc = run_cli(
+        ["-m", *args, *extra, f"score_artifact={run}", "ttt.lr=0.001,0.01", f"hydra.sweep.dir={sweep}"],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = [_result(sweep / n) for n in ("0", "1")]
+    assert all(
+        r["status"] == "ok"
+        and r["scored_artifact"]["path"] == str(run.resolve() / "artifact" / "final_model.ptz")
+        for r in jobs
+    )
+    before = [r["metrics"]["sliding"] for r in jobs]  # the same weights before TTT: the same score
+    assert (before[0]["val_bpb"], before[0]["tokens"]) == (before[1]["val_bpb"], before[1]["tokens"])
+    assert jobs[0]["val_bpb"] != jobs[1]["val_bpb"]  # two learning rates, two adapted scores
+    summary = json.loads((sweep / "summary.json").read_text())
+    assert summary["jobs"]["ok"] == 2 and {g["desc"] for g in summary["groups"]} == {
+        "ttt.lr=0.001",
+        "ttt.lr=0.01",
+    }
