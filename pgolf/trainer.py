@@ -747,6 +747,15 @@ class Trainer:
                 f"score_artifact={where}: no artifact at {blob_path}; pass a finished run's job folder "
                 "or its artifact/final_model.ptz"
             )
+        try:  # checked now, before any compile: eval_artifact loads it again into the NaN-filled model
+            self.model.load_export_state_dict(self.quant.load(blob_path.read_bytes()))
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TrainingError(
+                f"score_artifact={where}: {blob_path} does not load into this config's model={self.job.model.name} "
+                f"/ quant={self.job.quant.name} ({first}); score it under the model and quant settings of the "
+                f"run that wrote it (its config.json: {blob_path.parent.parent / 'config.json'})"
+            ) from e
         model_bytes = blob_path.stat().st_size
         code = blob_path.with_name("train_gpt.py")
         code_bytes = code.stat().st_size if code.is_file() else 0

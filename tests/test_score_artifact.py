@@ -122,3 +122,17 @@ def test_a_ttt_sweep_on_one_artifact(trained, tmp_path):
         "ttt.lr=0.001",
         "ttt.lr=0.01",
     }
+
+
+def test_an_artifact_of_another_model_is_refused_with_the_fix(trained, tmp_path):
+    run, args = trained
+    other = [a for a in args if not a.startswith("model")] + [
+        "model=tiny",
+        "model.num_layers=2",
+        "model.model_dim=64",
+    ]
+    proc = run_cli([*other, f"score_artifact={run}", f"hydra.run.dir={tmp_path / 'r'}"], tmp_path)
+    assert proc.returncode == 1
+    err = _result(tmp_path / "r")["error"]
+    assert f"score_artifact={run}: " in err and "does not load into this config's model=baseline" in err
+    assert f"(its config.json: {run / 'config.json'})" in err
