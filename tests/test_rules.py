@@ -165,7 +165,7 @@ def test_the_calibration_probe_times_the_graph_training_ends_in(tmp_path, shard_
             "quant": "int6_gptq",
             "quant.calibration.batches": "4",
             "budget.mode": "wallclock",
-            "budget.train_seconds": "30",
+            "budget.train_seconds": "4",
             "train.iterations": "100000",
             "train.log_every": "0",
         },
