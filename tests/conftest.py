@@ -189,6 +189,39 @@ def default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+# The sp8192 stack's layered model at test size, its layer loop switching on halfway through
+# training (tiny_cpu_args overrides): tests of what depends on the graph variant a run ends in.
+TINY_RECURRENT = {
+    "model": "sp8192_recur",
+    "model.num_layers": "3",
+    "model.model_dim": "64",
+    "model.num_heads": "2",
+    "model.num_kv_heads": "1",
+    "model.mlp_mult": "2",
+    "model.rope_dims": "8",
+    "model.xsa_last_n": "0",
+    "model.parallel_start_layer": "2",
+    "model.loop_start": "1",
+    "model.loop_end": "1",
+    "model.enable_looping_at": "0.5",
+}
+
+
+def run_script(
+    script: str, args: list[str], run_dir: Path, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """`python -c script <args> hydra.run.dir=<run_dir>` from the repository: a run with a patch
+    applied first (the script ends by calling pgolf.parent.run.main)."""
+    return subprocess.run(
+        [sys.executable, "-c", script, *args, f"hydra.run.dir={run_dir}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, **(env or {})),
+    )
+
+
 def tiny_cpu_args(shard_dir: Path, tokenizer: Path, **extra: str) -> list[str]:
     """A seconds-long CPU run on the synthetic shards."""
     args = {

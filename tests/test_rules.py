@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, run_cli, tiny_cpu_args
+from conftest import REPO, TINY_RECURRENT, run_cli, run_script, tiny_cpu_args
 
 from pgolf.parent.check import check_run
 from pgolf.parent.submission import PackError, pack
@@ -150,18 +149,7 @@ def test_the_calibration_probe_times_the_graph_training_ends_in(tmp_path, shard_
         shard_dir,
         tokenizer_model,
         **{
-            "model": "sp8192_recur",
-            "model.num_layers": "3",
-            "model.model_dim": "64",
-            "model.num_heads": "2",
-            "model.num_kv_heads": "1",
-            "model.mlp_mult": "2",
-            "model.rope_dims": "8",
-            "model.xsa_last_n": "0",
-            "model.parallel_start_layer": "2",
-            "model.loop_start": "1",
-            "model.loop_end": "1",
-            "model.enable_looping_at": "0.5",
+            **TINY_RECURRENT,
             "quant": "int6_gptq",
             "quant.calibration.batches": "4",
             "budget.mode": "wallclock",
@@ -171,14 +159,7 @@ def test_the_calibration_probe_times_the_graph_training_ends_in(tmp_path, shard_
         },
     )
     log = tmp_path / "looping.jsonl"
-    proc = subprocess.run(
-        [sys.executable, "-c", LOOPING_AT_CALIBRATION, *args, f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "LOOPING_LOG": str(log)},
-    )
+    proc = run_script(LOOPING_AT_CALIBRATION, args, tmp_path / "run", env={"LOOPING_LOG": str(log)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     # probe, then the real calibration: both with the loop on
     assert [json.loads(x) for x in log.read_text().split()] == [True, True]
@@ -187,32 +168,39 @@ def test_the_calibration_probe_times_the_graph_training_ends_in(tmp_path, shard_
     assert "graph_variant:loop_on frac:0.5" in train_log
 
 
-def test_a_calibration_slower_than_the_reserve_still_fits_the_training_budget(
-    tmp_path, shard_dir, tokenizer_model
-):
-    args = tiny_cpu_args(
+def _slow_gptq_args(shard_dir: Path, tokenizer: Path, train_seconds: float, **extra: str) -> list[str]:
+    """A wallclock GPTQ run of 8 calibration batches with a 0.01 s configured reserve (for
+    SLOW_CALIBRATION: only the probe can raise the reserve)."""
+    return tiny_cpu_args(
         shard_dir,
-        tokenizer_model,
+        tokenizer,
         **{
             "quant": "int6_gptq",
             "quant.calibration.batches": "8",
             "budget.mode": "wallclock",
-            "budget.train_seconds": str(TRAIN_SECONDS),
+            "budget.train_seconds": str(train_seconds),
             "budget.quant_reserve_seconds": "0.01",
             "train.iterations": "100000",
+            **extra,
+        },
+    )
+
+
+def test_a_calibration_slower_than_the_reserve_still_fits_the_training_budget(
+    tmp_path, shard_dir, tokenizer_model
+):
+    args = _slow_gptq_args(
+        shard_dir,
+        tokenizer_model,
+        TRAIN_SECONDS,
+        **{
             "train.log_every": "0",
             # short steps: the training clock stops within a step of its cap, well inside the reserve
             "train.grad_accum_base": "1",
             "train.batch_tokens": "512",
         },
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", SLOW_CALIBRATION, *args, f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_script(SLOW_CALIBRATION, args, tmp_path / "run")
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = _strict(tmp_path / "run" / "result.json")
     plan, cal = r["calibration_plan"], r["calibration"]
@@ -231,18 +219,7 @@ def test_a_calibration_that_leaves_no_training_time_is_refused_before_priming(
 ):
     """The probe (PROBE_DELAY s a batch, 8 batches: >= 2 s) against a 1.5 s budget: the run fails
     with the fix in the message, before it spends minutes compiling on a GPU."""
-    args = tiny_cpu_args(
-        shard_dir,
-        tokenizer_model,
-        **{
-            "quant": "int6_gptq",
-            "quant.calibration.batches": "8",
-            "budget.mode": "wallclock",
-            "budget.train_seconds": "1.5",
-            "budget.quant_reserve_seconds": "0.01",
-            "train.iterations": "100000",
-        },
-    )
+    args = _slow_gptq_args(shard_dir, tokenizer_model, 1.5)
     # any training step (priming included) before the refusal fails the run with another error
     no_steps = SLOW_CALIBRATION.replace(
         "from pgolf.parent.run import main",
@@ -252,13 +229,7 @@ def test_a_calibration_that_leaves_no_training_time_is_refused_before_priming(
         "pgolf.trainer.Trainer._train_step = no_step\n"
         "from pgolf.parent.run import main",
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", no_steps, *args, f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_script(no_steps, args, tmp_path / "run")
     assert proc.returncode == 1
     r = _strict(tmp_path / "run" / "result.json")
     assert r["status"] == "failed"

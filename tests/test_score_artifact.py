@@ -8,28 +8,14 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, tiny_cpu_args
+from conftest import TINY_RECURRENT, run_cli, tiny_cpu_args
 
 from pgolf.parent.check import check_run
 from pgolf.parent.submission import PackError, pack
 
 # A recurrent model whose loop switches on halfway: the trained model is scored with the loop on,
 # so a re-score that scored the fresh model's loop-off graph would not reproduce the run's score.
-RECURRENT = {
-    "model": "sp8192_recur",
-    "model.num_layers": "3",
-    "model.model_dim": "64",
-    "model.num_heads": "2",
-    "model.num_kv_heads": "1",
-    "model.mlp_mult": "2",
-    "model.rope_dims": "8",
-    "model.xsa_last_n": "0",
-    "model.parallel_start_layer": "2",
-    "model.loop_start": "1",
-    "model.loop_end": "1",
-    "model.enable_looping_at": "0.5",
-    "eval.modes": "[nonoverlap]",
-}
+RECURRENT = {**TINY_RECURRENT, "eval.modes": "[nonoverlap]"}
 
 
 def _result(run: Path) -> dict:
