@@ -84,8 +84,8 @@ bench_end_strays() {
 }
 
 # run_cut LOG PATTERN CMD...: run CMD in its own process group, stop it once LOG matches PATTERN
-# (an empty PATTERN: never) or after RUN_LIMIT seconds (default 420). The group stays in this shell's session: job control
-# (set -m), never setsid. The device machine ends every process of a command's session when the
+# (an empty PATTERN: never) or after RUN_LIMIT seconds (default 420). The group stays in this
+# shell's session: job control (set -m), never setsid. The device machine ends every process of a command's session when the
 # command returns or runs out of time, but a new session runs on until the machine goes back: a run
 # started with setsid by a call that hit its limit kept the GPU busy into the next call.
 # kill_tree SIGNAL PID: SIGNAL to PID and every descendant, children first. torchrun starts its workers

@@ -19,8 +19,10 @@
 # into RUNS/<experiment>-rescore, and that folder is what gets copied and printed.
 #
 #   RUN_LIMIT=560 TRAIN_SECONDS=60 EXPERIMENTS=pr1775 bash bench/e2e.sh    # call 1: to the artifact
-#   RESCORE=1 EXPERIMENTS=pr1775 bash bench/e2e.sh                         # call 2: eval + TTT Needs (git-ignored): .bench/corpus, .bench/make_shards.py and, on an
-# offline GPU image, the wheels in .whl/.
+#   RESCORE=1 EXPERIMENTS=pr1775 bash bench/e2e.sh                         # call 2: eval + TTT
+#
+# Needs (git-ignored): .bench/corpus, .bench/make_shards.py and, on an offline GPU image, the
+# wheels in .whl/.
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$REPO/outputs/bench_e2e}
