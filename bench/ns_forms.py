@@ -24,13 +24,16 @@ def main() -> None:
     ap.add_argument("--experiment", default="pr339")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--reps", type=int, default=20)
+    # Eager bf16 matmuls are slow on a CPU: a smoke run keeps the matrices and their shape groups but
+    # divides every dimension (the two forms' agreement does not depend on the size).
+    ap.add_argument("--shrink", type=int, default=1, help="divide every matrix dimension by this")
     a = ap.parse_args()
 
     from pgolf.optim.muon import make_ns
     from pgolf.parent.compose import compose_job
 
     job = compose_job([f"experiment={a.experiment}"])
-    shapes = muon_matrix_shapes(job)
+    shapes = {tuple(d // a.shrink for d in s): n for s, n in muon_matrix_shapes(job).items()}
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     g = torch.Generator(device="cpu").manual_seed(0)
     stacks = [torch.randn(n, *s, generator=g).to(dev) for s, n in shapes.items()]

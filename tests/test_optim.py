@@ -62,7 +62,9 @@ def test_newton_schulz_orthogonalizes(shape):
     assert torch.linalg.eigvalsh(gram).max().sqrt() < 0.2
 
 
-@pytest.mark.parametrize("shape", BASELINE_SHAPES)
+# The baseline's aspect ratios at a quarter of the size: eager bf16 matmuls are slow on a CPU, and
+# the batched and per-matrix forms agree or not whatever the size.
+@pytest.mark.parametrize("shape", [(r // 4, c // 4) for r, c in BASELINE_SHAPES])
 def test_newton_schulz_batched_equals_per_matrix(shape):
     g = torch.Generator().manual_seed(1 + sum(shape))
     G = torch.randn(4, *shape, generator=g)

@@ -39,7 +39,6 @@ import dataclasses
 import inspect
 import operator
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 # Root fields a packed run may change (SEED) or that are the machine's (job_dir), and the groups it
@@ -184,21 +183,6 @@ def _bound_names(fn: ast.AST) -> dict[str, int]:
                 add(name)
                 add(name)
     return counts
-
-
-# The fields that hold statements (lists, in every statement, handler and match case). Statements
-# sit only there: no expression holds one (a lambda's body is an expression).
-_BODY_FIELDS = ("body", "orelse", "finalbody", "handlers", "cases")
-
-
-def _class_defs(node: ast.AST) -> Iterator[ast.ClassDef]:
-    """Every class statement under `node`, nested ones included: the classes `ast.walk` finds,
-    without entering expressions, which are most of a module's nodes."""
-    for field in _BODY_FIELDS:
-        for child in getattr(node, field, ()):
-            if isinstance(child, ast.ClassDef):
-                yield child
-            yield from _class_defs(child)
 
 
 def _pure(node: ast.expr) -> bool:
@@ -398,6 +382,10 @@ class Specializer:
                         else:
                             self.enabled = False
         self.plain_classes = set(classes) - config_classes  # shipped classes that are not configs
+        # Every class statement by name, found once: the per-class questions below look classes up
+        # by name hundreds of times, and walking every module's statements each time cost seconds
+        # of every run's export. Folding keeps these nodes (a class statement folds in place).
+        self.class_defs = classes
         self.config_classes = config_classes
         self.module_bindings = {rel: _bound_names(tree) for rel, tree in trees.items()}
         self._attrs_of: dict[int, dict[str, Any]] = {}
@@ -497,23 +485,21 @@ class Specializer:
     def _self_stores(self, cls: ast.ClassDef, on_self: bool = False) -> dict[str, int]:
         """How often each attribute is stored in `cls`, its bases and its subclasses (`on_self`:
         only on `self`). A bare declaration (`self.quant: Quantizer`, no value) stores nothing."""
-        related = self._related(cls.name)
         stores: dict[str, int] = {}
-        for tree in self.trees.values():
-            for c in _class_defs(tree):
-                if c.name in related:
-                    declared = {
-                        id(n.target) for n in ast.walk(c) if isinstance(n, ast.AnnAssign) and n.value is None
-                    }
-                    for n in ast.walk(c):
-                        if (
-                            isinstance(n, ast.Attribute)
-                            and isinstance(n.ctx, (ast.Store, ast.Del))
-                            and id(n) not in declared
-                            and not (on_self and not (isinstance(n.value, ast.Name) and n.value.id == "self"))
-                        ):
-                            stores[n.attr] = stores.get(n.attr, 0) + 1
+        for c in self._classes_named(self._related(cls.name)):
+            declared = {id(n.target) for n in ast.walk(c) if isinstance(n, ast.AnnAssign) and n.value is None}
+            for n in ast.walk(c):
+                if (
+                    isinstance(n, ast.Attribute)
+                    and isinstance(n.ctx, (ast.Store, ast.Del))
+                    and id(n) not in declared
+                    and not (on_self and not (isinstance(n.value, ast.Name) and n.value.id == "self"))
+                ):
+                    stores[n.attr] = stores.get(n.attr, 0) + 1
         return stores
+
+    def _classes_named(self, names: set[str]) -> list[ast.ClassDef]:
+        return [c for name in sorted(names) for c in self.class_defs.get(name, ())]
 
     # ------------------------------------------------------------------------------ types
     def instance_of(self, class_name: str | None) -> Any:
@@ -736,16 +722,14 @@ class Specializer:
         """Names the class bodies of `related` define (methods, class attributes); None when one
         of them touches `__dict__` (an attribute may then come from anywhere)."""
         defined: set[str] = set()
-        for tree in self.trees.values():
-            for c in _class_defs(tree):
-                if c.name in related:
-                    if any(isinstance(n, ast.Attribute) and n.attr == "__dict__" for n in ast.walk(c)):
-                        return None
-                    for b in c.body:
-                        if isinstance(b, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                            defined.add(b.name)
-                        for t, _ in _assigned_pairs(b):
-                            defined.update(n.id for n in ast.walk(t) if isinstance(n, ast.Name))
+        for c in self._classes_named(related):
+            if any(isinstance(n, ast.Attribute) and n.attr == "__dict__" for n in ast.walk(c)):
+                return None
+            for b in c.body:
+                if isinstance(b, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    defined.add(b.name)
+                for t, _ in _assigned_pairs(b):
+                    defined.update(n.id for n in ast.walk(t) if isinstance(n, ast.Name))
         return defined
 
     def typed_params(self, fn: ast.FunctionDef | ast.AsyncFunctionDef) -> dict[str, Any]:
