@@ -1002,9 +1002,15 @@ def drop_unused_imports(trees: dict[str, ast.Module]) -> int:
             or (isinstance(n, ast.alias) and n.asname == "pgolf")
             for n in ast.walk(tree)
         )
+        made: set[int] = set()  # the `import pgolf.x.y` statements made below (not in `mentions`)
         for i, s in enumerate(tree.body):
             if pgolf_import(s):
-                rest = _mentions(ast.Module(body=[x for x in tree.body if x is not s], type_ignores=[]))[0]
+                # The module less `s`: its other statements' words are `mentions[rel]`, to which the
+                # other imports add theirs as they stand now (earlier ones may have lost names).
+                rest = set(mentions[rel])
+                for x in tree.body:
+                    if x is not s and (pgolf_import(x) or id(x) in made):
+                        rest |= _mentions(x)[0]
                 names = [a for a in s.names if (a.asname or a.name) in rest or a.name in others]
                 dropped += len(s.names) - len(names)
                 if names:
@@ -1015,6 +1021,7 @@ def drop_unused_imports(trees: dict[str, ast.Module]) -> int:
                     # imported can then go with the next `shake`. Not for a package, whose names
                     # may be submodules that only the `from` loads.
                     tree.body[i] = ast.copy_location(ast.Import(names=[ast.alias(name=s.module)]), s)
+                    made.add(id(tree.body[i]))
                 else:
                     s.names = s.names[:1]
                     dropped -= 1
