@@ -384,7 +384,9 @@ class Specializer:
         self.plain_classes = set(classes) - config_classes  # shipped classes that are not configs
         # Every class statement by name, found once: the per-class questions below look classes up
         # by name hundreds of times, and walking every module's statements each time cost seconds
-        # of every run's export. Folding keeps these nodes (a class statement folds in place).
+        # of every run's export. Folding never copies a class statement (an unrolled loop body
+        # holds none) and folds the others in place; one in a branch it drops still counts here,
+        # which can only make it fold less.
         self.class_defs = classes
         self.config_classes = config_classes
         self.module_bindings = {rel: _bound_names(tree) for rel, tree in trees.items()}
