@@ -85,9 +85,10 @@ bench_end_strays() {
 
 # run_cut LOG PATTERN CMD...: run CMD in its own process group, stop it once LOG matches PATTERN
 # (an empty PATTERN: never) or after RUN_LIMIT seconds (default 420). The group stays in this
-# shell's session: job control (set -m), never setsid. The device machine ends every process of a command's session when the
-# command returns or runs out of time, but a new session runs on until the machine goes back: a run
-# started with setsid by a call that hit its limit kept the GPU busy into the next call.
+# shell's session: job control (set -m), never setsid. The device machine ends every process of a
+# command's session when the command returns or runs out of time, but a new session runs on until
+# the machine goes back: a run started with setsid by a call that hit its limit kept the GPU busy
+# into the next call.
 # kill_tree SIGNAL PID: SIGNAL to PID and every descendant, children first. torchrun starts its workers
 # in sessions of their own, so neither its process group nor the end of the device command reaches
 # them: a run KILLed at its time limit left its worker holding 23 GB of the GPU into the next run.

@@ -28,6 +28,8 @@ def main() -> None:
     # divides every dimension (the two forms' agreement does not depend on the size).
     ap.add_argument("--shrink", type=int, default=1, help="divide every matrix dimension by this")
     a = ap.parse_args()
+    if a.shrink < 1:
+        ap.error(f"--shrink {a.shrink}: give a whole number of 1 or more (1 keeps the experiment's sizes)")
 
     from pgolf.optim.muon import make_ns
     from pgolf.parent.compose import compose_job
