@@ -165,7 +165,11 @@ def test_bf16_cast_keeps_banks_and_controls_fp32():
 
 
 def _fake_ns(
-    G: torch.Tensor, steps: int, square_first: bool = False, transpose_first: bool = False
+    G: torch.Tensor,
+    steps: int,
+    square_first: bool = False,
+    transpose_first: bool = False,
+    cpu_fp32: bool = True,
 ) -> torch.Tensor:
     return (G * 3.0).bfloat16()  # elementwise: identical however the matrices are batched
 

@@ -242,7 +242,11 @@ class ReferenceOptimizer:
 
 
 def _fake_ns(
-    G: torch.Tensor, steps: int, square_first: bool = False, transpose_first: bool = False
+    G: torch.Tensor,
+    steps: int,
+    square_first: bool = False,
+    transpose_first: bool = False,
+    cpu_fp32: bool = True,
 ) -> torch.Tensor:
     """Elementwise stand-in for Newton-Schulz: identical batched or per matrix, bit for bit."""
     assert steps == 5

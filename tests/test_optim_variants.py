@@ -447,11 +447,41 @@ def test_ns_square_first_is_bit_exact_with_the_seed_scripts(shape):
     """Both bf16 roundings of b*A + c*A@A, bit for bit; they are ~2% apart (rel. Frobenius on
     (11, 512, 1536) bf16 Gaussians), which is why experiment=pr399/pr726 set ns_square_first."""
     G = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
-    for square_first in (False, True):
-        cfg = MuonConfig(ns_square_first=square_first)
+    for square_first in (False, True):  # on this CPU the scripts' NS runs ATen's bf16 GEMM
+        cfg = MuonConfig(ns_square_first=square_first, ns_cpu_fp32=False)
         assert torch.equal(make_ns(cfg, False)(G), _scripts_ns(G, square_first))
-    assert torch.equal(newton_schulz(G, 5), _scripts_ns(G, False))  # the default is unchanged
+    assert torch.equal(newton_schulz(G, 5, cpu_fp32=False), _scripts_ns(G, False))  # default form
     assert not torch.equal(_scripts_ns(G, True), _scripts_ns(G, False))
+
+
+def test_bf16_matmul_in_fp32_is_a_bf16_gemm_up_to_the_sum_order():
+    """The CPU's Newton-Schulz GEMM (optimizer.ns_cpu_fp32): bf16 operands multiplied in fp32, the
+    product rounded to bf16 once. Against ATen's bf16 GEMM, at most a 1-ulp rounding difference, in
+    a small share of the elements; exact where the fp32 sums are (small integers)."""
+    from pgolf.optim.muon import _bf16_matmul_in_fp32
+
+    g = torch.Generator().manual_seed(4)
+    ints = torch.randint(-8, 9, (3, 32, 48), generator=g).bfloat16()
+    assert torch.equal(_bf16_matmul_in_fp32(ints, ints.mT), ints @ ints.mT)
+    X = torch.randn(4, 128, 128, generator=g).bfloat16()
+    ours, aten = _bf16_matmul_in_fp32(X, X.mT), X @ X.mT
+    assert ours.dtype == torch.bfloat16
+    differ = ours != aten
+    assert differ.float().mean() < 1e-3
+    ulp = torch.finfo(torch.bfloat16).eps * aten[differ].float().abs()
+    assert ((ours[differ].float() - aten[differ].float()).abs() <= ulp).all()
+
+
+@pytest.mark.parametrize("shape", [(2, 128, 256), (2, 256, 128)])
+def test_cpu_fp32_newton_schulz_orthogonalizes_like_the_bf16_gemm(shape):
+    """optimizer.ns_cpu_fp32 (the CPU default) changes only the GEMM's rounding: the update is
+    within bf16 noise of ATen's bf16 NS, and the switch reaches make_ns."""
+    G = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    fast, aten = newton_schulz(G, 5), newton_schulz(G, 5, cpu_fp32=False)
+    assert not torch.equal(fast, aten)  # else this test would not tell the two apart
+    assert ((fast.float() - aten.float()).norm() / aten.float().norm()) < 0.02
+    assert torch.equal(make_ns(MuonConfig(), False)(G), fast)
+    assert torch.equal(make_ns(MuonConfig(ns_cpu_fp32=False), False)(G), aten)
 
 
 def test_ns_compile_off_runs_newton_schulz_eagerly(monkeypatch):

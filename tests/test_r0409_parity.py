@@ -441,7 +441,9 @@ def test_pgolf_takes_the_records_optimizer_steps(tmp_path, record, compose):
             p.add_(0.02 * torch.randn(p.shape, generator=g))
     ours = pgolf_twin(tmp_path, record, rec)
     cfg = from_dict(
-        MuonConfig, compose(["experiment=none", "optimizer=muon_r0409"])["optimizer"], "optimizer"
+        MuonConfig,
+        compose(["experiment=none", "optimizer=muon_r0409", "optimizer.ns_cpu_fp32=false"])["optimizer"],
+        "optimizer",
     )
     opt = build(cfg, ours, torch.device("cpu"), compile_ns=False)
     rec_opt = record.Optimizers(h, rec)

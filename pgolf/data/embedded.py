@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import os
 import random
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -20,12 +22,21 @@ MIN_DOC_CHARS = 400
 _SKIP_TOP = {"test", "idlelib", "site-packages", "lib2to3", "dist-packages", "turtledemo", "tkinter"}
 
 
+def _module_files(stdlib: Path) -> list[Path]:
+    """The standard library's .py files that hold documents, in Path order: every folder but the
+    skipped top-level ones and any named test or tests. Skipped folders are never entered, so
+    site-packages (torch alone is thousands of files) costs nothing."""
+    files = []
+    for root, dirs, names in os.walk(stdlib):
+        top = root == str(stdlib)
+        dirs[:] = [d for d in dirs if d not in ("test", "tests") and not (top and d in _SKIP_TOP)]
+        files += [Path(root, n) for n in names if n.endswith(".py")]
+    return sorted(files)
+
+
 def _module_documents(stdlib: Path) -> list[str]:
     docs = []
-    for path in sorted(stdlib.rglob("*.py")):
-        rel = path.relative_to(stdlib).parts
-        if rel[0] in _SKIP_TOP or "tests" in rel or "test" in rel:
-            continue
+    for path in _module_files(stdlib):
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError):
@@ -61,6 +72,27 @@ def collect_documents(seed: int = 1337) -> list[str]:
         )
     random.Random(seed).shuffle(docs)
     return docs
+
+
+def source_fingerprint() -> str:
+    """A cheap stand-in for `corpus_key(collect_documents())`, to find a corpus built before without
+    parsing the standard library again (seconds on a slow CPU, on every run): this module's own
+    source (the extraction rules), the Python version and, for each file the documents come from,
+    its path, size and modification time. Equal fingerprints mean the same files as they were; a
+    cache maps each fingerprint to the corpus key that collecting them gave."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    h = hashlib.sha256(Path(__file__).read_bytes())
+    h.update(f"\0{sys.version}\0{stdlib}".encode())
+    try:
+        from pydoc_data import topics
+
+        files = [Path(topics.__file__)]
+    except ImportError:
+        files = []
+    for path in files + _module_files(stdlib):
+        st = path.stat()
+        h.update(f"\0{path}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
 
 
 def corpus_key(docs: list[str]) -> str:

@@ -156,10 +156,21 @@ def _locked(path: Path):
 def ensure_embedded(cfg: EmbeddedDataConfig, log=print) -> Path:
     """Build (once) the embedded corpus, its tokenizer and shards; return the shard folder."""
     from pgolf.data.build import export_shards, train_tokenizer
-    from pgolf.data.embedded import collect_documents, corpus_key
+    from pgolf.data.embedded import collect_documents, corpus_key, source_fingerprint
 
+    def folder_of(key: str) -> Path:
+        return cache_root(cfg) / f"embedded-{key}-v{cfg.vocab_size}-val{cfg.val_docs}"
+
+    # The documents' source files as they were when a corpus was last collected from them: that
+    # corpus's key, without parsing the standard library again.
+    known = cache_root(cfg) / "embedded-sources" / f"{source_fingerprint()}.json"
+    if known.is_file():
+        folder = folder_of(json.loads(known.read_text())["corpus_key"])
+        if (folder / "DONE.json").is_file() and (folder / MANIFEST).is_file():
+            return folder
     docs = collect_documents()
-    folder = cache_root(cfg) / f"embedded-{corpus_key(docs)}-v{cfg.vocab_size}-val{cfg.val_docs}"
+    key = corpus_key(docs)
+    folder = folder_of(key)
     done = folder / "DONE.json"
     if done.is_file():
         if not (folder / MANIFEST).is_file():  # built before manifests: pgolf made both files here
@@ -167,6 +178,8 @@ def ensure_embedded(cfg: EmbeddedDataConfig, log=print) -> Path:
 
             with _locked(folder.parent / (folder.name + ".lock")):
                 write_manifest(folder, folder / "tokenizer.model", json.loads(done.read_text()))
+        known.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(known, {"corpus_key": key})
         return folder
     with _locked(folder.parent / (folder.name + ".lock")):
         if done.is_file():  # another process finished it while we waited
@@ -181,6 +194,8 @@ def ensure_embedded(cfg: EmbeddedDataConfig, log=print) -> Path:
         counts = export_shards(model, docs, folder, val_docs=cfg.val_docs)
         log(f"embedded corpus: {counts['train']:,} train and {counts['val']:,} val tokens")
         write_json_atomic(done, {"documents": len(docs), "bytes": n_bytes, **counts})
+    known.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(known, {"corpus_key": key})
     return folder
 
 

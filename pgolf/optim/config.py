@@ -50,6 +50,11 @@ class MuonConfig:
     # unless pgolf compiles the same kernels in the same order (its banks go largest first, as the
     # script's). False (default): one static compile per shape.
     ns_dynamic: bool = False
+    # On a CPU, NS multiplies its bf16 matrices in fp32 and rounds each product to bf16: what a bf16
+    # GEMM computes, 20-70x faster on CPUs without bf16 instructions (CI runners, most laptops), but
+    # about 1 element in 20,000 rounds the other way. False: ATen's bf16 GEMM, bit for bit as a record
+    # script's NS runs on the same CPU (the CPU parity tests). No effect on a GPU.
+    ns_cpu_fp32: bool = True
     # Muon's momentum survives the restore after compile priming (everything else is reset): the
     # first real step then starts from the momentum of the priming steps. PR #1775's script does
     # this: its Parallel Muon keeps the momentum in buffers outside the state dict that its warm-up

@@ -57,6 +57,7 @@ def newton_schulz(
     coeffs: tuple[tuple[float, float, float], ...] | None = None,
     square_first: bool = False,
     transpose_first: bool = False,
+    cpu_fp32: bool = True,
 ) -> Tensor:
     """Orthogonalize a batch of matrices (..., m, n) with the Newton-Schulz iteration, in bf16.
 
@@ -66,8 +67,10 @@ def newton_schulz(
     `transpose_first` takes the norm after a tall matrix is transposed, as the banked records'
     Parallel Muon does (the per-layer records normalize first): the same value, but a compiled
     reduction over the other layout rounds differently, and bf16 Newton-Schulz carries that to
-    0.7% of the update of PR #1775's (11, 2048, 512) MLP bank.
+    0.7% of the update of PR #1775's (11, 2048, 512) MLP bank. `cpu_fp32` multiplies on a CPU in
+    fp32 and rounds each product to bf16 (`_bf16_matmul_in_fp32`), off: ATen's bf16 GEMM.
     """
+    mm = _bf16_matmul_in_fp32 if cpu_fp32 and G.device.type == "cpu" else torch.matmul
     X = G.bfloat16()
     tall = G.size(-2) > G.size(-1)
     if tall and transpose_first:
@@ -76,10 +79,20 @@ def newton_schulz(
     if tall and not transpose_first:
         X = X.mT
     for a, b, c in coeffs if coeffs is not None else (QUINTIC,) * steps:
-        A = X @ X.mT
-        B = b * A + (c * (A @ A) if square_first else c * A @ A)
-        X = a * X + B @ X
+        A = mm(X, X.mT)
+        B = b * A + (c * mm(A, A) if square_first else mm(c * A, A))
+        X = a * X + mm(B, X)
     return X.mT if tall else X
+
+
+def _bf16_matmul_in_fp32(x: Tensor, y: Tensor) -> Tensor:
+    """x @ y for bf16 x and y on a CPU: multiplied in fp32, the product rounded to bf16. A CPU
+    without bf16 matrix instructions (AVX2 machines, most CI runners) runs a bf16 GEMM 20-70x slower
+    than an fp32 one, which made Newton-Schulz half of a CPU training step. The result is what a
+    bf16 GEMM returns: bf16 inputs are exact in fp32, their products too, and the sum is rounded to
+    bf16 once; only the order of the fp32 sum can differ from ATen's bf16 kernel (1 bf16 ulp in
+    about 5e-5 of the elements, measured on 128x128 and 64x256 batches)."""
+    return torch.matmul(x.float(), y.float()).bfloat16()
 
 
 def make_ns(cfg: MuonConfig, compile_ns: bool, transpose_first: bool = False):
@@ -87,7 +100,7 @@ def make_ns(cfg: MuonConfig, compile_ns: bool, transpose_first: bool = False):
     run compiles and optimizer.ns_compile is on); `transpose_first` as in `newton_schulz`."""
     compile_ns = compile_ns and cfg.ns_compile
     steps = cfg.muon_backend_steps
-    opts = dict(square_first=cfg.ns_square_first, transpose_first=transpose_first)
+    opts = dict(square_first=cfg.ns_square_first, transpose_first=transpose_first, cpu_fp32=cfg.ns_cpu_fp32)
     # dynamic=None is torch.compile's default, automatic dynamic: what optimizer.ns_dynamic asks for
     dynamic = None if cfg.ns_dynamic else False
     fn = torch.compile(newton_schulz, fullgraph=True, dynamic=dynamic) if compile_ns else newton_schulz
