@@ -80,3 +80,22 @@ def test_the_fingerprint_follows_the_files_it_covers(small_stdlib):
     assert embedded.source_fingerprint() == before
     (small_stdlib / "mod_0.py").write_text((small_stdlib / "mod_0.py").read_text() + "\n")
     assert embedded.source_fingerprint() != before
+
+
+def test_a_read_only_cache_still_serves_the_run(small_stdlib, tmp_path, monkeypatch):
+    """The fingerprint is a shortcut: a built cache whose folder cannot be written (shared,
+    read-only) is found by collecting the documents, as before. (Permissions do not stop root, so
+    the write itself is made to fail.)"""
+    import pgolf.data.source as source
+
+    cfg = EmbeddedDataConfig(cache_dir=str(tmp_path / "cache"), vocab_size=700, val_docs=5)
+    folder = ensure_embedded(cfg, log=lambda _: None)
+    for known in (tmp_path / "cache" / "embedded-sources").iterdir():
+        known.unlink()
+
+    def refuse(path, obj):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(source, "write_json_atomic", refuse)
+    assert ensure_embedded(cfg) == folder
+    assert not any((tmp_path / "cache" / "embedded-sources").iterdir())

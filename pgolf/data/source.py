@@ -178,8 +178,7 @@ def ensure_embedded(cfg: EmbeddedDataConfig, log=print) -> Path:
 
             with _locked(folder.parent / (folder.name + ".lock")):
                 write_manifest(folder, folder / "tokenizer.model", json.loads(done.read_text()))
-        known.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(known, {"corpus_key": key})
+        _remember(known, key)
         return folder
     with _locked(folder.parent / (folder.name + ".lock")):
         if done.is_file():  # another process finished it while we waited
@@ -194,9 +193,18 @@ def ensure_embedded(cfg: EmbeddedDataConfig, log=print) -> Path:
         counts = export_shards(model, docs, folder, val_docs=cfg.val_docs)
         log(f"embedded corpus: {counts['train']:,} train and {counts['val']:,} val tokens")
         write_json_atomic(done, {"documents": len(docs), "bytes": n_bytes, **counts})
-    known.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(known, {"corpus_key": key})
+    _remember(known, key)
     return folder
+
+
+def _remember(known: Path, key: str) -> None:
+    """Record which corpus the fingerprinted sources made. Only a shortcut: a cache folder this
+    process may read but not write (a shared, read-only cache) still serves the run."""
+    try:
+        known.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(known, {"corpus_key": key})
+    except OSError:
+        pass
 
 
 def build_embedded_source(cfg: EmbeddedDataConfig) -> DataSource:
