@@ -76,9 +76,11 @@ def test_multi_gpu_jobs_take_all_or_nothing(tmp_path):
         pool.acquire(5)
 
 
-def _process_job(slot_dir: str, devices: list[str], marks: str, rounds: int, seed: int) -> None:
+def _process_job(slot_dir: str, devices: list[str], marks: str, rounds: int, seed: int, start=None) -> None:
     pool = GpuSlots(slot_dir, devices)
     rng = random.Random(seed)
+    if start is not None:
+        start.wait(30)
     for _ in range(rounds):
         with pool.acquire(1, poll_s=0.002) as lease:
             mark = Path(marks) / f"{lease.devices[0]}.busy"
@@ -97,8 +99,11 @@ def test_processes_never_share_a_device(tmp_path):
     marks = tmp_path / "marks"
     marks.mkdir()
     ctx = mp.get_context("fork")
+    # All four start their rounds together: else, on a loaded CPU, the first forked process can finish
+    # its rounds before the next one runs, and only GPU 0 is ever used (seen on a 2-core CI runner).
+    start = ctx.Barrier(4)
     procs = [
-        ctx.Process(target=_process_job, args=(str(tmp_path / "slots"), ["0", "1"], str(marks), 6, i))
+        ctx.Process(target=_process_job, args=(str(tmp_path / "slots"), ["0", "1"], str(marks), 6, i, start))
         for i in range(4)
     ]
     for p in procs:
