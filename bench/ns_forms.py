@@ -24,8 +24,8 @@ def main() -> None:
     ap.add_argument("--experiment", default="pr339")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--reps", type=int, default=20)
-    # Eager bf16 matmuls are slow on a CPU: a smoke run keeps the matrices and their shape groups but
-    # divides every dimension (the two forms' agreement does not depend on the size).
+    # The full-size stacks are a GPU's work: a CPU smoke run keeps the matrices and their shape groups
+    # but divides every dimension (the two forms' agreement does not depend on the size).
     ap.add_argument("--shrink", type=int, default=1, help="divide every matrix dimension by this")
     a = ap.parse_args()
     if a.shrink < 1:
