@@ -473,15 +473,24 @@ def test_bf16_matmul_in_fp32_is_a_bf16_gemm_up_to_the_sum_order():
 
 
 @pytest.mark.parametrize("shape", [(2, 128, 256), (2, 256, 128)])
-def test_cpu_fp32_newton_schulz_orthogonalizes_like_the_bf16_gemm(shape):
+def test_cpu_fp32_newton_schulz_orthogonalizes_like_the_bf16_gemm(shape, monkeypatch):
     """optimizer.ns_cpu_fp32 (the CPU default) changes only the GEMM's rounding: the update is
-    within bf16 noise of ATen's bf16 NS, and the switch reaches make_ns."""
+    within bf16 noise of ATen's bf16 NS, and the switch reaches make_ns. Which GEMM ran is told by
+    counting calls, not by the results: on a CPU with bf16 dot-product instructions (avx512_bf16)
+    ATen's bf16 GEMM also sums in fp32 and often returns the very same bits."""
+    import pgolf.optim.muon as muon
+
+    calls = []
+    fp32_gemm = muon._bf16_matmul_in_fp32
+    monkeypatch.setattr(muon, "_bf16_matmul_in_fp32", lambda x, y: calls.append(1) or fp32_gemm(x, y))
     G = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
-    fast, aten = newton_schulz(G, 5), newton_schulz(G, 5, cpu_fp32=False)
-    assert not torch.equal(fast, aten)  # else this test would not tell the two apart
+    fast = newton_schulz(G, 5)
+    assert len(calls) == 5 * 3  # three GEMMs in each of the five iterations
+    aten = newton_schulz(G, 5, cpu_fp32=False)
+    assert len(calls) == 15
     assert ((fast.float() - aten.float()).norm() / aten.float().norm()) < 0.02
-    assert torch.equal(make_ns(MuonConfig(), False)(G), fast)
-    assert torch.equal(make_ns(MuonConfig(ns_cpu_fp32=False), False)(G), aten)
+    assert torch.equal(make_ns(MuonConfig(), False)(G), fast) and len(calls) == 30
+    assert torch.equal(make_ns(MuonConfig(ns_cpu_fp32=False), False)(G), aten) and len(calls) == 30
 
 
 def test_ns_compile_off_runs_newton_schulz_eagerly(monkeypatch):
