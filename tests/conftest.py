@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -179,7 +180,97 @@ def run_cli(
     if not any(a.startswith("hydra.run.dir=") or a.startswith("hydra.sweep.dir=") for a in args):
         cmd.append(f"hydra.run.dir={tmp_path / 'run'}")
     full_env = dict(os.environ, **(env or {}))
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
+    return _run_python(cmd, "module", "pgolf.run", full_env, timeout)
+
+
+def _run_python(
+    cmd: list[str], mode: str, target: str, env: dict, timeout: int
+) -> subprocess.CompletedProcess:
+    """`cmd` (`python -m <target> ...` or `python -c <target> ...`) from the repository, through
+    the fork server where it can take the run (tests/_zygote.py), else as a process of its own."""
+    if _ZYGOTE.takes(env):
+        argv = ["-m" if mode == "module" else "-c", *cmd[3:]]
+        return _ZYGOTE.run(cmd, argv, mode, target, env, timeout)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+class _ForkServer:
+    """This test process's tests/_zygote.py, started on first use (PGOLF_TEST_FORK=0: never)."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.env: dict[str, str] = {}
+        self.lock = threading.Lock()
+        self.buffer = b""
+        self.forked = 0  # runs served (tests/test_fork_server.py reads it)
+
+    def takes(self, env: dict) -> bool:
+        if os.environ.get("PGOLF_TEST_FORK", "1") == "0" or not hasattr(os, "fork"):
+            return False
+        from _zygote import IMPORT_TIME_PREFIXES, READ_WHEN_USED
+
+        base = self.env if self.proc is not None else dict(os.environ)
+        keys = {k for k in (*env, *base) if k.startswith(IMPORT_TIME_PREFIXES)} - READ_WHEN_USED
+        return all(env.get(k) == base.get(k) for k in keys)
+
+    def _answer(self, timeout: float | None = None) -> dict | None:
+        """The server's next JSON line; None if none came within `timeout` seconds. Read from the
+        pipe itself: a buffered reader could hold the next line where select() cannot see it."""
+        import select
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self.buffer:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([fd], [], [], left)[0]:
+                return None
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                raise RuntimeError(f"the tests' fork server (tests/_zygote.py) exited: {self.proc.wait()}")
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    def _start(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            self.env, self.buffer = dict(os.environ), b""
+            self.proc = subprocess.Popen(
+                [sys.executable, str(REPO / "tests" / "_zygote.py")],
+                cwd=REPO, env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
+            )  # fmt: skip
+            assert self._answer() == {"ready": True}
+
+    def run(
+        self, cmd: list[str], argv: list[str], mode: str, target: str, env: dict, timeout: int
+    ) -> subprocess.CompletedProcess:
+        import tempfile
+
+        with self.lock, tempfile.TemporaryDirectory(prefix="pgolf_fork_") as tmp:
+            self._start()
+            out, err = Path(tmp) / "out", Path(tmp) / "err"
+            req = {"argv": argv, "cwd": str(REPO), "env": env, "out": str(out), "err": str(err)}
+            self.proc.stdin.write((json.dumps({**req, "mode": mode, "target": target}) + "\n").encode())
+            pid = self._answer()["pid"]
+            self.forked += 1
+            ended = self._answer(timeout)
+            if ended is None:
+                os.kill(pid, signal.SIGKILL)
+                self._answer()
+                raise subprocess.TimeoutExpired(cmd, timeout, out.read_text(), err.read_text())
+            return subprocess.CompletedProcess(cmd, ended["returncode"], out.read_text(), err.read_text())
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+
+
+_ZYGOTE = _ForkServer()
+
+
+def pytest_unconfigure(config) -> None:
+    _ZYGOTE.stop()
 
 
 def default_sigint() -> None:
@@ -212,14 +303,8 @@ def run_script(
 ) -> subprocess.CompletedProcess:
     """`python -c script <args> hydra.run.dir=<run_dir>` from the repository: a run with a patch
     applied first (the script ends by calling pgolf.parent.run.main)."""
-    return subprocess.run(
-        [sys.executable, "-c", script, *args, f"hydra.run.dir={run_dir}"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=dict(os.environ, **(env or {})),
-    )
+    cmd = [sys.executable, "-c", script, *args, f"hydra.run.dir={run_dir}"]
+    return _run_python(cmd, "script", script, dict(os.environ, **(env or {})), 600)
 
 
 def tiny_cpu_args(shard_dir: Path, tokenizer: Path, **extra: str) -> list[str]:
