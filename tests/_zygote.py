@@ -15,8 +15,8 @@ this server only when a run's environment agrees with the server's on every such
 as real processes too. The server itself never runs a tensor op or a compile, so each child starts
 with torch's thread pool and Dynamo's caches as untouched as a new process's.
 
-Protocol, one JSON line each way on stdin/stdout: the request {argv, cwd, env, out, err, mode,
-target}; the answers {"pid"} when the child starts and {"returncode"} when it ends.
+Protocol, one JSON line each way on stdin/stdout: the request {flag ("-m" or "-c"), target (the
+module or the script), argv, cwd, env, out, err}; the answers {"pid"} when the child starts and {"returncode"} when it ends.
 """
 
 from __future__ import annotations
@@ -67,15 +67,17 @@ def _child(req: dict) -> int:
     sys.path[0] = req["cwd"]  # `-m` and `-c` put the working directory first
     sys.argv = list(req["argv"])
     try:
-        if req["mode"] == "module":
+        if req["flag"] == "-m":
             runpy.run_module(req["target"], run_name="__main__", alter_sys=True)
         else:
             exec(compile(req["target"], "<string>", "exec"), {"__name__": "__main__"})
         code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        if e.code is not None and not isinstance(e.code, int):
+    except SystemExit as e:  # as the interpreter exits: None is 0, an int is itself, else printed and 1
+        if e.code is None or isinstance(e.code, int):
+            code = e.code or 0
+        else:
             print(e.code, file=sys.stderr)
+            code = 1
     except BaseException:
         traceback.print_exc()
         code = 1

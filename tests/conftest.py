@@ -180,17 +180,14 @@ def run_cli(
     if not any(a.startswith("hydra.run.dir=") or a.startswith("hydra.sweep.dir=") for a in args):
         cmd.append(f"hydra.run.dir={tmp_path / 'run'}")
     full_env = dict(os.environ, **(env or {}))
-    return _run_python(cmd, "module", "pgolf.run", full_env, timeout)
+    return _run_python(cmd, full_env, timeout)
 
 
-def _run_python(
-    cmd: list[str], mode: str, target: str, env: dict, timeout: int
-) -> subprocess.CompletedProcess:
-    """`cmd` (`python -m <target> ...` or `python -c <target> ...`) from the repository, through
+def _run_python(cmd: list[str], env: dict, timeout: int) -> subprocess.CompletedProcess:
+    """`cmd` (`python -m <module> ...` or `python -c <script> ...`) from the repository, through
     the fork server where it can take the run (tests/_zygote.py), else as a process of its own."""
     if _ZYGOTE.takes(env):
-        argv = ["-m" if mode == "module" else "-c", *cmd[3:]]
-        return _ZYGOTE.run(cmd, argv, mode, target, env, timeout)
+        return _ZYGOTE.run(cmd, env, timeout)
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -241,16 +238,16 @@ class _ForkServer:
             )  # fmt: skip
             assert self._answer() == {"ready": True}
 
-    def run(
-        self, cmd: list[str], argv: list[str], mode: str, target: str, env: dict, timeout: int
-    ) -> subprocess.CompletedProcess:
+    def run(self, cmd: list[str], env: dict, timeout: int) -> subprocess.CompletedProcess:
+        """`cmd` = [python, -m|-c, module|script, *args], forked by the server."""
         import tempfile
 
         with self.lock, tempfile.TemporaryDirectory(prefix="pgolf_fork_") as tmp:
             self._start()
             out, err = Path(tmp) / "out", Path(tmp) / "err"
-            req = {"argv": argv, "cwd": str(REPO), "env": env, "out": str(out), "err": str(err)}
-            self.proc.stdin.write((json.dumps({**req, "mode": mode, "target": target}) + "\n").encode())
+            flag, target, args = cmd[1], cmd[2], cmd[3:]
+            req = {"flag": flag, "target": target, "argv": [flag, *args], "cwd": str(REPO), "env": env}
+            self.proc.stdin.write((json.dumps({**req, "out": str(out), "err": str(err)}) + "\n").encode())
             pid = self._answer()["pid"]
             self.forked += 1
             ended = self._answer(timeout)
@@ -304,7 +301,7 @@ def run_script(
     """`python -c script <args> hydra.run.dir=<run_dir>` from the repository: a run with a patch
     applied first (the script ends by calling pgolf.parent.run.main)."""
     cmd = [sys.executable, "-c", script, *args, f"hydra.run.dir={run_dir}"]
-    return _run_python(cmd, "script", script, dict(os.environ, **(env or {})), 600)
+    return _run_python(cmd, dict(os.environ, **(env or {})), 600)
 
 
 def tiny_cpu_args(shard_dir: Path, tokenizer: Path, **extra: str) -> list[str]:

@@ -26,7 +26,7 @@ def _served(script: str, env: dict, timeout: int = 600) -> tuple[subprocess.Comp
     """`python -c script a=1` as the end-to-end tests start their runs; (process, runs forked)."""
     before = _ZYGOTE.forked
     cmd = [sys.executable, "-c", script, "a=1"]
-    proc = _run_python(cmd, "script", script, dict(os.environ, **env), timeout)
+    proc = _run_python(cmd, dict(os.environ, **env), timeout)
     return proc, _ZYGOTE.forked - before
 
 
