@@ -10,6 +10,8 @@ Times pgolf's `DocMask` kernels (`hardware.doc_attention`) on the shapes the rec
               train.seq_len=98304 model.doc_max_len=2048`), flex with a block mask
     rows      48 rows of 2,048 tokens (pgolf's rows, `train.seq_len=2048 model.doc_mask=true`),
               flex, dense (SDPA with an explicit mask) and varlen where FA3 imports
+    mask      the packed row's flex block mask alone: pgolf's tile-level build against torch's
+              create_block_mask (every token pair)
     causal    the same 48 x 2,048 with no document mask (causal SDPA, cuDNN first then flash), the
               cost of the causal kernel the pre-varlen records used: the bar the masked kernels meet
 
@@ -101,6 +103,29 @@ def compiles_for_scoring(ids: torch.Tensor, backend: str, bos: int, dev: torch.d
     return "ok" if ref is None else f"ok, vs eager {rel_diff(out, ref):.1e}"
 
 
+def _same_doc_causal(seg: torch.Tensor):
+    return lambda b, h, q, k: (q >= k) & (seg[b, q] == seg[b, k])
+
+
+def _tile_mask(ids: torch.Tensor, bos: int):
+    seg = docmask.segment_ids(ids, bos, ROW_T)
+    return _tensors(docmask.doc_block_mask(seg, _same_doc_causal(seg)))
+
+
+def _pair_mask(ids: torch.Tensor, bos: int):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    seg = docmask.segment_ids(ids, bos, ROW_T)
+    B, T = ids.shape
+    return _tensors(create_block_mask(_same_doc_causal(seg), B, None, T, T, device=ids.device))
+
+
+def _tensors(bm) -> tuple[torch.Tensor, ...]:
+    """Every tensor of a BlockMask (both directions), so the compiled build keeps all of its work."""
+    names = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
+    return tuple(getattr(bm, n) for n in names + tuple(n.replace("kv", "q", 1) for n in names))
+
+
 def causal(q, k, v):
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION], set_priority=True):
         y = F.scaled_dot_product_attention(
@@ -170,6 +195,12 @@ def main() -> None:
     )
 
     packed = flat.view(1, PACKED_T)
+    # The packed row's block mask on its own: pgolf's tile-level build (`docmask.doc_block_mask`)
+    # against torch's create_block_mask, which evaluates all 98,304^2 token pairs (the kernel that
+    # took 9.2 ms a forward in #1775's profile, docs/benchmarks.md section 9j).
+    for name, build in (("doc_block_mask", _tile_mask), ("create_block_mask", _pair_mask)):
+        fn = torch.compile(lambda ids, build=build: build(ids, args.bos), fullgraph=True, dynamic=False)
+        print(f"mask   1x98304 {name:<22} {timed(lambda fn=fn: fn(packed), args.reps):8.3f} ms", flush=True)
     q, k, v, g = tensors(1, PACKED_T)
     backends = ["flex"] + (["varlen"] if have_varlen else [])
     for name in backends:

@@ -287,3 +287,64 @@ def test_flex_mask_reads_a_materialized_copy_of_the_segment_ids(monkeypatch):
     assert len(seen) == 1 and torch.equal(real(seen[0]), docmask.segment_ids(ids, BOS))
     compiled = torch.compile(lambda t: real(t) * 2, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(seen[0]), seen[0] * 2)
+
+
+def _block_mask_tensors(bm) -> dict[str, torch.Tensor]:
+    names = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
+    names += ("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
+    return {n: getattr(bm, n) for n in names}
+
+
+@pytest.mark.parametrize(
+    "B, T, max_len, bos_every, has_full",
+    [
+        (2, 1024, 0, 300, True),  # a few documents per row, boundaries anywhere
+        (2, 1024, 0, 20, False),  # many short documents: most tiles empty
+        (1, 2048, 256, 0, True),  # one document cut every 256 tokens: boundaries on tile edges
+        (2, 1024, 100, 700, False),  # cuts shorter than a tile, off its edges
+        (3, 1000, 0, 90, True),  # a ragged last tile (1000 = 7 x 128 + 104)
+        (1, 100, 0, 30, False),  # shorter than one tile
+        (1, 1280, 0, 128, True),  # BOS on every third tile edge and at random
+    ],
+)
+def test_flex_block_mask_equals_create_block_mask(B, T, max_len, bos_every, has_full):
+    """`doc_block_mask` reads each tile's kind off its blocks' first and last segment ids; torch's
+    create_block_mask evaluates the mask at every token pair. Every tensor of the two BlockMasks
+    (counts and tile orders, partial and full, both directions) must be equal, so flex runs the same
+    tiles in the same order. BOS positions are drawn at random, one per `bos_every` tokens on average,
+    plus BOS on some tile edges."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    g = torch.Generator().manual_seed(T + B + max_len)
+    ids = torch.randint(2, V, (B, T), generator=g)
+    if bos_every:
+        ids[torch.rand(B, T, generator=g) < 1 / bos_every] = BOS
+        ids[:, 128:T:384] = BOS
+    seg = segment_ids(ids, BOS, max_len)
+
+    def same_doc_causal(b, h, q, k):
+        return (q >= k) & (seg[b, q] == seg[b, k])
+
+    ref = create_block_mask(same_doc_causal, B, None, T, T, device="cpu")
+    got = docmask.doc_block_mask(seg, same_doc_causal)
+    assert (got.seq_lengths, got.BLOCK_SIZE) == (ref.seq_lengths, ref.BLOCK_SIZE)
+    want, have = _block_mask_tensors(ref), _block_mask_tensors(got)
+    for name in want:
+        assert have[name].dtype == want[name].dtype and torch.equal(have[name], want[name]), name
+    assert (int(docmask.block_kinds(seg)[1].sum()) > 0) == has_full  # the case is what it says
+
+
+@pytest.mark.slow
+def test_flex_block_mask_compiles_into_one_graph():
+    """Built inside a compiled forward (Inductor, fullgraph): no host syncs, the same tensors."""
+    torch._dynamo.reset()
+    ids = torch.randint(2, V, (2, 1000), generator=torch.Generator().manual_seed(3))
+    ids[:, [5, 300, 301, 640, 900]] = BOS
+
+    def build(ids):
+        seg = segment_ids(ids, BOS, 256)
+        bm = docmask.doc_block_mask(seg, lambda b, h, q, k: (q >= k) & (seg[b, q] == seg[b, k]))
+        return _block_mask_tensors(bm)
+
+    got, want = torch.compile(build, fullgraph=True)(ids), build(ids)
+    assert all(torch.equal(got[n], want[n]) for n in want)
