@@ -146,3 +146,32 @@ def test_scoring_graph_compiles_under_inference_mode(T):
                     q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
                 ).transpose(1, 2)
                 assert_near(y[:, s:e], alone, FWD_TOL, f"{name} scoring, segment {s}:{e}")
+
+
+def test_tile_mask_equals_create_block_mask_at_the_packed_shape():
+    """`docmask.doc_block_mask` compiled on the GPU, as the training graph builds it, at #1775's
+    packed micro-batch (one row of 98,304 tokens, documents cut at 2,048), against torch's
+    create_block_mask: every tensor of the two BlockMasks equal."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    ids = packed_ids(1, 98_304, seed=5)
+    names = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
+    names += tuple(n.replace("kv", "q", 1) for n in names)
+
+    def tiles(ids):
+        seg = docmask.segment_ids(ids, BOS, 2048)
+        bm = docmask.doc_block_mask(seg, lambda b, h, q, k: (q >= k) & (seg[b, q] == seg[b, k]))
+        return [getattr(bm, n) for n in names]
+
+    def pairs(ids):  # compiled: eager create_block_mask would hold a 9.7 GB (T, T) mask
+        seg = docmask.segment_ids(ids, BOS, 2048)
+        T = ids.size(1)
+        bm = create_block_mask(
+            lambda b, h, q, k: (q >= k) & (seg[b, q] == seg[b, k]), 1, None, T, T, device="cuda"
+        )
+        return [getattr(bm, n) for n in names]
+
+    want = torch.compile(pairs, fullgraph=True, dynamic=False)(ids)
+    got = torch.compile(tiles, fullgraph=True, dynamic=False)(ids)
+    for name, a, b in zip(names, got, want):
+        assert torch.equal(a, b), name
