@@ -153,8 +153,8 @@ def block_kinds(seg: Tensor, block: int = FLEX_BLOCK) -> tuple[Tensor, Tensor]:
     every key, partial when some may, and neither when none may.
 
     `create_block_mask` finds these by evaluating the mask at all T^2 token pairs and summing each
-    tile: on #1775's packed 98,304-token rows that is 9.7e9 evaluations, one 9 ms kernel per forward
-    on an H100. Segment ids never decrease along a row, so a tile's answer follows from the first and
+    tile: on #1775's packed 98,304-token rows that is 9.7e9 evaluations, a 9.2 ms kernel per forward
+    on an H100 (measured in the bench's FA3 stand-in, which built its mask that way). Segment ids never decrease along a row, so a tile's answer follows from the first and
     last id of its two blocks: for j < i every key precedes every query, so seg[key] <= seg[query],
     and a pair can match only where the key block's last id equals the query block's first id
     (partial) and every pair matches when the key block's first id equals the query block's last
