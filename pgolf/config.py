@@ -187,6 +187,15 @@ def _key(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
+def did_you_mean(unknown: list[str], names: list[str], path: str) -> str:
+    """'did you mean model.num_layers? ' for the valid keys nearest to the unknown ones (a typo),
+    else ''."""
+    import difflib  # here, not at the top: packed runs drop error texts, and this function with them
+
+    near = [m for k in unknown for m in difflib.get_close_matches(k, names, n=1, cutoff=0.7)]
+    return f"did you mean {' or '.join(_key(path, m) for m in dict.fromkeys(near))}? " if near else ""
+
+
 def from_dict(cls: type, data: dict[str, Any], path: str) -> Any:
     """Build dataclass `cls` from `data`, rejecting unknown keys and values of the wrong type."""
     hints = typing.get_type_hints(cls)
@@ -195,7 +204,7 @@ def from_dict(cls: type, data: dict[str, Any], path: str) -> Any:
     if unknown:
         raise ConfigError(
             f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(_key(path, k) for k in unknown)} "
-            f"for {_type_name(cls)}; valid keys: {', '.join(names)}"
+            f"for {_type_name(cls)}; {did_you_mean(unknown, names, path)}valid keys: {', '.join(names)}"
         )
     kwargs = {k: _coerce(v, hints[k], _key(path, k)) for k, v in data.items()}
     missing = [

@@ -13,6 +13,7 @@ from conftest import CONF, REPO
 
 from pgolf.components import OPTIMIZERS, REGISTRIES
 from pgolf.config import GROUPS, check_compatibility, config_hash, job_config_from_dict, to_dict
+from pgolf.parent.compose import compose_dict
 from pgolf.registry import ConfigError, Entry, Registry
 
 SHARD_ARGS = ["data.path=/some/shards", "data.tokenizer_path=/some/tok.model"]
@@ -174,6 +175,36 @@ def test_unknown_key_names_key_and_valid_keys(compose):
         job_config_from_dict(compose(["+model.num_layer=12"]))
 
 
+def test_unknown_key_suggests_the_nearest_valid_one(compose):
+    with pytest.raises(
+        ConfigError, match=r"unknown key model\.num_layer .*did you mean model\.num_layers\? valid"
+    ):
+        job_config_from_dict(compose(["+model.num_layer=12"]))
+    with pytest.raises(ConfigError) as e:  # nothing near: no guess
+        job_config_from_dict(compose(["+model.zzzz=1"]))
+    assert "did you mean" not in str(e.value)
+
+
+def test_mistyped_key_hints_name_the_nearest_keys_of_the_chosen_option():
+    """What `pgolf.run` adds after Hydra's "Could not override" (whose own hint, a `+`, is wrong):
+    the keys come from the config the group choices compose (model=banked has ve_layers, the
+    default model has not), sweeps count by their first value, and keys that exist get nothing."""
+    from pgolf.parent.override_hints import unknown_key_hints
+
+    hints = unknown_key_hints(["-m", "model=banked", "model.num_layerz=3,4", "seed=1,2", "train.seqlen=9"])
+    assert len(hints) == 2
+    assert hints[0].startswith(
+        "pgolf: model.num_layerz: 'model' has no key 'num_layerz'; did you mean model.num_layers?"
+    )
+    assert "ve_layers" in hints[0]  # the banked model's keys, not the default's
+    assert "did you mean train.seq_len?" in hints[1]
+    assert unknown_key_hints(["foo.bar=1"]) == [
+        "pgolf: foo.bar: the config has no key 'foo'; its keys: " + ", ".join(sorted(compose_dict([])))
+    ]
+    assert unknown_key_hints(["model.num_layers=3", "+model.extra=1", "~seed"]) == []
+    assert unknown_key_hints(["model=nope", "model.x=1"]) == []  # Hydra's option list stands alone
+
+
 def test_unknown_root_key(compose):
     with pytest.raises(ConfigError, match=r"train\.steps"):
         job_config_from_dict(compose(["+train.steps=3"]))
@@ -291,6 +322,21 @@ def test_cli_bad_key_fails_fast_with_the_key(tmp_path):
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["status"] == "failed" and "model.num_layer" in result["error"]
     assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_cli_mistyped_key_gets_the_nearest_key_after_hydras_error(tmp_path):
+    from conftest import run_cli
+
+    proc = run_cli(["model.num_layerz=3"], tmp_path, timeout=60)
+    assert proc.returncode == 1
+    assert "Could not override 'model.num_layerz'" in proc.stderr  # Hydra's own message first
+    assert (
+        proc.stderr.rstrip()
+        .splitlines()[-1]
+        .startswith(
+            "pgolf: model.num_layerz: 'model' has no key 'num_layerz'; did you mean model.num_layers?"
+        )
+    )
 
 
 def test_cli_unknown_option_lists_choices(tmp_path):

@@ -31,6 +31,7 @@ from pgolf.config import GROUPS, PARENT_ONLY, config_hash, job_config_from_dict,
 from pgolf.parent.callbacks import SWEEP, write_sweep_summary
 from pgolf.parent.compose import conf_dir, plain_dict
 from pgolf.parent.outdir import FolderInUse, lock_folder, set_aside
+from pgolf.parent.override_hints import unknown_key_hints
 from pgolf.parent.result_file import ResultError, read_result
 from pgolf.parent.slots import GpuSlots, SlotLease, register_resolvers, visible_devices
 from pgolf.parent.tracking import resume_job_run, start_hydra_job_run, wandb_config
@@ -327,7 +328,12 @@ def _record_interrupt(job_dir: Path) -> None:
     result.write(job_dir / "result.json")
 
 
+# Set once Hydra hands run_one a composed config: an exit before that is a composition error.
+STARTED = {"job": False}
+
+
 def run_one(cfg: DictConfig) -> float:
+    STARTED["job"] = True
     hc = HydraConfig.get()
     multirun = hc.mode.name == "MULTIRUN"
     if cfg.get("resume"):
@@ -436,6 +442,11 @@ def main() -> None:
             flush=True,
         )
         sys.exit(130)
+    except SystemExit as e:
+        if e.code == 1 and not STARTED["job"]:  # Hydra's own error: for a mistyped key, the nearest
+            for line in unknown_key_hints(sys.argv[1:]):  # keys (its own hint is to add a `+`)
+                print(line, file=sys.stderr, flush=True)
+        raise
     _end_of_sweep_exit()
 
 

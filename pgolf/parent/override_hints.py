@@ -1,0 +1,71 @@
+"""A typed key that the config does not have: the nearest real keys, after Hydra's own error.
+
+Hydra refuses `model.num_layerz=3` with "Could not override 'model.num_layerz'. To append to your
+config use +model.num_layerz=3", which names the key but suggests the wrong fix: the `+` form then
+fails pgolf's validation. When a command ends in Hydra's error before any job ran, `pgolf.run`
+calls `unknown_key_hints` on its arguments and prints one line per key the composed config lacks,
+with the keys nearest to it. Parent-only: the worker never imports it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+
+def _first_value(override: Any) -> str | None:
+    """An override as `key=value` with a sweep's first value (`seed=1,2` -> `seed=1`); None for one
+    that adds, deletes or cannot be read back."""
+    from hydra.core.override_parser.types import OverrideType
+
+    if override.type != OverrideType.CHANGE:
+        return None
+    try:
+        value = next(iter(override.sweep_string_iterator())) if override.is_sweep_override() else None
+    except Exception:  # a range or interval sweep of floats: no first value to compose with
+        return None
+    return f"{override.key_or_group}={value}" if value is not None else override.input_line
+
+
+def _walk(config: dict[str, Any], key: str) -> str | None:
+    """None if `key` (dotted) is in `config`; else the hint for the first part that is not."""
+    node: Any = config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, dict):
+            return None  # below a plain value: Hydra's own message says enough
+        if part not in node:
+            where = ".".join(parts[:i])
+            near = difflib.get_close_matches(part, list(node), n=2, cutoff=0.75)
+            prefix = f"{where}." if where else ""
+            hint = f"did you mean {' or '.join(prefix + n for n in near)}? " if near else ""
+            owner = f"'{where}'" if where else "the config"
+            keys = ", ".join(sorted(node))
+            return f"pgolf: {key}: {owner} has no key '{part}'; {hint}its keys: {keys}"
+        node = node[part]
+    return None
+
+
+def unknown_key_hints(argv: list[str]) -> list[str]:
+    """One line per dotted override in `argv` whose key the composed config lacks (empty when every
+    key exists or the arguments cannot be composed at all: Hydra's message stands alone then)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from pgolf.parent.compose import compose_dict
+
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
+    except Exception:  # a syntax error: Hydra has named it
+        return []
+    plain = [(o, _first_value(o)) for o in overrides if not o.key_or_group.startswith("hydra.")]
+    # the group choices and plain values decide which keys exist; the dotted keys are under test
+    choices = [line for o, line in plain if line and "." not in o.key_or_group]
+    try:
+        config = compose_dict(choices)
+    except Exception:  # a wrong group option (Hydra lists the options) or another error
+        return []
+    hints = (_walk(config, o.key_or_group) for o, line in plain if line and "." in o.key_or_group)
+    return [h for h in hints if h]
+
+
+__all__ = ["unknown_key_hints"]
