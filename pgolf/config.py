@@ -188,11 +188,15 @@ def _key(path: str, name: str) -> str:
 
 
 def did_you_mean(unknown: list[str], names: list[str], path: str) -> str:
-    """'did you mean model.num_layers? ' for the valid keys nearest to the unknown ones (a typo),
-    else ''."""
+    """'did you mean model.num_layers? ' for the valid keys nearest to the unknown ones, else ''.
+    Near: a close spelling (`num_layer`, `seqlen`), else a key inside the typed one or the typed one
+    inside a key (`data_path` -> `path`, `epochs` -> `global_epochs`)."""
     import difflib  # here, not at the top: packed runs drop error texts, and this function with them
 
-    near = [m for k in unknown for m in difflib.get_close_matches(k, names, n=1, cutoff=0.7)]
+    near: list[str] = []
+    for k in unknown:
+        close = difflib.get_close_matches(k, names, n=2, cutoff=0.75)
+        near += close or [n for n in names if min(len(n), len(k)) >= 4 and (n in k or k in n)][:2]
     return f"did you mean {' or '.join(_key(path, m) for m in dict.fromkeys(near))}? " if near else ""
 
 

@@ -183,6 +183,11 @@ def test_unknown_key_suggests_the_nearest_valid_one(compose):
     with pytest.raises(ConfigError) as e:  # nothing near: no guess
         job_config_from_dict(compose(["+model.zzzz=1"]))
     assert "did you mean" not in str(e.value)
+    from pgolf.config import did_you_mean
+
+    assert did_you_mean(["data_path"], ["name", "path", "tokenizer_path"], "data") == "did you mean data.path? "
+    assert did_you_mean(["epochs"], ["global_epochs", "lr"], "ttt") == "did you mean ttt.global_epochs? "
+    assert did_you_mean(["lr"], ["global_lr", "eps"], "ttt") == ""  # too short to guess from
 
 
 def test_mistyped_key_hints_name_the_nearest_keys_of_the_chosen_option():

@@ -85,6 +85,18 @@ def test_no_plugin_at_all_says_how_to_install_too(monkeypatch):
         check_launcher_plugin(["-m", "launcher=slurm"])
 
 
+def test_slurm_launcher_off_a_cluster_says_so(monkeypatch):
+    """With the plugin installed but no `srun`, submitit would fail inside Hydra with a traceback."""
+    import shutil
+
+    monkeypatch.setattr("pgolf.parent.run.plugin_installed", lambda module: True)
+    monkeypatch.setattr(shutil, "which", lambda cmd: None)
+    with pytest.raises(SystemExit, match=r"launcher=slurm .* `srun` is not on PATH.*launcher=local"):
+        check_launcher_plugin(["-m", "launcher=slurm", "seed=1,2"])
+    monkeypatch.setattr(shutil, "which", lambda cmd: f"/usr/bin/{cmd}")
+    check_launcher_plugin(["-m", "launcher=slurm", "seed=1,2"])  # on a cluster: goes on
+
+
 # ------------------------------------------------------------------------------ end to end
 
 

@@ -9,8 +9,9 @@ with the keys nearest to it. Parent-only: the worker never imports it.
 
 from __future__ import annotations
 
-import difflib
 from typing import Any
+
+from pgolf.config import did_you_mean
 
 
 def _first_value(override: Any) -> str | None:
@@ -36,9 +37,7 @@ def _walk(config: dict[str, Any], key: str) -> str | None:
             return None  # below a plain value: Hydra's own message says enough
         if part not in node:
             where = ".".join(parts[:i])
-            near = difflib.get_close_matches(part, list(node), n=2, cutoff=0.75)
-            prefix = f"{where}." if where else ""
-            hint = f"did you mean {' or '.join(prefix + n for n in near)}? " if near else ""
+            hint = did_you_mean([part], list(node), where)
             owner = f"'{where}'" if where else "the config"
             keys = ", ".join(sorted(node))
             return f"pgolf: {key}: {owner} has no key '{part}'; {hint}its keys: {keys}"

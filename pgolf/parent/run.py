@@ -19,6 +19,7 @@ import importlib.util
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -372,7 +373,9 @@ def plugin_installed(module: str) -> bool:
 
 
 def check_launcher_plugin(argv: list[str]) -> None:
-    """Fail in a second, with the install command, when launcher=X needs a plugin that is missing."""
+    """Fail in a second, with the fix, when launcher=X needs a plugin that is missing, or (slurm) a
+    machine that can submit to Slurm: submitit's executor needs `srun` on PATH and otherwise fails
+    with a traceback from inside Hydra."""
     for arg in argv:
         if arg.startswith("launcher="):
             name = arg.split("=", 1)[1]
@@ -381,6 +384,11 @@ def check_launcher_plugin(argv: list[str]) -> None:
                 sys.exit(
                     f"pgolf: launcher={name} needs the Hydra plugin {plugin[0].split('.')[-1]}; "
                     f'install it with: pip install -e ".[{plugin[1]}]"'
+                )
+            if name == "slurm" and shutil.which("srun") is None:
+                sys.exit(
+                    "pgolf: launcher=slurm submits through Slurm, but `srun` is not on PATH here; run the "
+                    "command on a node of the cluster (a login node), or use launcher=local or launcher=gpus"
                 )
 
 
