@@ -406,3 +406,24 @@ def test_cli_negative_seed_fails_before_the_worker_starts(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "seed=-1 must be in 0..4294967295" in proc.stderr
     assert not (tmp_path / "run" / "config.json").exists()  # refused before anything was frozen or built
+
+
+def test_plan_and_convert_report_bad_overrides_without_a_traceback(capsys):
+    """The commands that compose without @hydra.main end with the message, the nearest keys and
+    status 2 (pgolf.plan's 1 means "does not fit")."""
+    from pgolf.models.convert import main as convert_main
+    from pgolf.parent.plan import main as plan_main
+
+    with pytest.raises(SystemExit) as e:
+        plan_main(["model.num_layerz=3"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert err.startswith("pgolf.plan: Could not override 'model.num_layerz'")
+    assert "did you mean model.num_layers?" in err
+    with pytest.raises(SystemExit) as e:
+        plan_main(["+model.num_layerz=3"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.startswith("pgolf.plan: invalid config: unknown key model.num_layerz")
+    with pytest.raises(SystemExit) as e:
+        convert_main(["in.pt", "--model", "banked", "--out", "out.pt", "model.num_layer=2"])
+    assert e.value.code == 2 and "did you mean model.num_layers?" in capsys.readouterr().err

@@ -203,7 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         "overrides", nargs="*", help="Hydra overrides, e.g. data.vocab_size=1024 model.num_layers=9"
     )
     args = p.parse_intermixed_args(argv)
-    model, name = build_model(args.model, args.overrides)
+    from pgolf.parent.compose import config_errors_exit
+
+    with config_errors_exit("pgolf.models.convert", [f"model={args.model}", *args.overrides]):
+        model, name = build_model(args.model, args.overrides)
     try:
         layout = load_into(model, args.src, name)
     except InitFromError as e:

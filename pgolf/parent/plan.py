@@ -165,14 +165,15 @@ def _hardware_as_frozen(job):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pgolf.parent.compose import compose_job
+    from pgolf.parent.compose import compose_job, config_errors_exit
 
     overrides = list(sys.argv[1:] if argv is None else argv)
     if {"-h", "--help"} & set(overrides):
         print(__doc__.strip())
         print("\nexample: python -m pgolf.plan experiment=r0409   (any overrides python -m pgolf.run takes)")
         return 0
-    job = compose_job(overrides)
+    with config_errors_exit("pgolf.plan", overrides):
+        job = compose_job(overrides)
     r = estimate(job)
     print(f"plan: model={job.model.name} quant={job.quant.name} params={r['params']:,}")
     for key, gr in sorted(r["groups"].items()):
