@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         "overrides", nargs="*", help="Hydra overrides, e.g. data.vocab_size=1024 model.num_layers=9"
     )
     args = p.parse_intermixed_args(argv)
-    from pgolf.parent.compose import config_errors_exit
+    from pgolf.parent.override_hints import config_errors_exit
 
     with config_errors_exit("pgolf.models.convert", [f"model={args.model}", *args.overrides]):
         model, name = build_model(args.model, args.overrides)

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,26 +58,3 @@ def compose_job(overrides: Sequence[str] = ()) -> JobConfig:
     from pgolf.config import job_config_from_dict
 
     return job_config_from_dict(compose_dict(overrides))
-
-
-@contextmanager
-def config_errors_exit(prog: str, overrides: Sequence[str]) -> Iterator[None]:
-    """For the commands that compose without `@hydra.main` (`pgolf.plan`, the converter): a
-    composition error (a mistyped key, an unknown option, bad override syntax) or a validation
-    error ends the command with its message, the nearest real keys and exit status 2, as
-    `pgolf.run` reports them, instead of a traceback."""
-    from hydra.errors import HydraException
-
-    from pgolf.parent.override_hints import unknown_key_hints
-    from pgolf.registry import ConfigError
-
-    try:
-        yield
-    except HydraException as e:
-        lines = [f"{prog}: {str(e).strip()}", *unknown_key_hints(list(overrides))]
-    except ConfigError as e:
-        lines = [f"{prog}: invalid config: {e}"]
-    else:
-        return
-    print("\n".join(lines), file=sys.stderr, flush=True)
-    sys.exit(2)

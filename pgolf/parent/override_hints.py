@@ -4,11 +4,16 @@ Hydra refuses `model.num_layerz=3` with "Could not override 'model.num_layerz'. 
 config use +model.num_layerz=3", which names the key but suggests the wrong fix: the `+` form then
 fails pgolf's validation. When a command ends in Hydra's error before any job ran, `pgolf.run`
 calls `unknown_key_hints` on its arguments and prints one line per key the composed config lacks,
-with the keys nearest to it. Parent-only: the worker never imports it.
+with the keys nearest to it. `config_errors_exit` does the same, without a traceback, for the
+commands that compose without `@hydra.main` (`pgolf.plan`, the converter). Parent-only: the worker
+never imports it.
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from pgolf.config import did_you_mean
@@ -67,4 +72,26 @@ def unknown_key_hints(argv: list[str]) -> list[str]:
     return [h for h in hints if h]
 
 
-__all__ = ["unknown_key_hints"]
+@contextmanager
+def config_errors_exit(prog: str, overrides: Sequence[str]) -> Iterator[None]:
+    """For the commands that compose without `@hydra.main` (`pgolf.plan`, the converter): a
+    composition error (a mistyped key, an unknown option, bad override syntax) or a validation
+    error ends the command with its message, the nearest real keys and exit status 2, as
+    `pgolf.run` reports them, instead of a traceback."""
+    from hydra.errors import HydraException
+
+    from pgolf.registry import ConfigError
+
+    try:
+        yield
+    except HydraException as e:
+        lines = [f"{prog}: {str(e).strip()}", *unknown_key_hints(list(overrides))]
+    except ConfigError as e:
+        lines = [f"{prog}: invalid config: {e}"]
+    else:
+        return
+    print("\n".join(lines), file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+__all__ = ["config_errors_exit", "unknown_key_hints"]

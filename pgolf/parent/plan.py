@@ -165,7 +165,8 @@ def _hardware_as_frozen(job):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pgolf.parent.compose import compose_job, config_errors_exit
+    from pgolf.parent.compose import compose_job
+    from pgolf.parent.override_hints import config_errors_exit
 
     overrides = list(sys.argv[1:] if argv is None else argv)
     if {"-h", "--help"} & set(overrides):
