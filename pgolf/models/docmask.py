@@ -26,12 +26,16 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 # the exact path: SDPA over (B, T, H, D) with an explicit mask (GQA without repeating K/V)
 from pgolf.models.attention import _sdpa as masked_attention
+
+if TYPE_CHECKING:  # imported where used: torch < 2.5 has no flex attention
+    from torch.nn.attention.flex_attention import BlockMask
 
 DOC_BACKENDS = ("auto", "varlen", "flex", "dense")
 _DOC_BACKEND: str | None = None  # set by select_doc_backend; None: flex on CUDA, dense elsewhere
@@ -154,8 +158,9 @@ def block_kinds(seg: Tensor, block: int = FLEX_BLOCK) -> tuple[Tensor, Tensor]:
 
     `create_block_mask` finds these by evaluating the mask at all T^2 token pairs and summing each
     tile: on #1775's packed 98,304-token rows that is 9.7e9 evaluations, a 9.2 ms kernel per forward
-    on an H100 (measured in the bench's FA3 stand-in, which built its mask that way). Segment ids never decrease along a row, so a tile's answer follows from the first and
-    last id of its two blocks: for j < i every key precedes every query, so seg[key] <= seg[query],
+    on an H100 (measured in the bench's FA3 stand-in, which built its mask that way). Segment ids
+    never decrease along a row, so a tile's answer follows from the first and last id of its two
+    blocks: for j < i every key precedes every query, so seg[key] <= seg[query],
     and a pair can match only where the key block's last id equals the query block's first id
     (partial) and every pair matches when the key block's first id equals the query block's last
     (full). A diagonal tile is always partial (causal); tiles above it are empty. Positions past T
@@ -176,14 +181,14 @@ def block_kinds(seg: Tensor, block: int = FLEX_BLOCK) -> tuple[Tensor, Tensor]:
 def _ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
     """A (B, H, rows, cols) 0/1 tile map as flex's (count per row, column indices), the listed
     columns first in increasing order: the same stable sort create_block_mask uses, so the kernel
-    visits the tiles in the same order and sums in the same order."""
+    visits the same tiles in the same order."""
     dense = dense.to(torch.int32)
     count = dense.sum(dim=-1).to(torch.int32)
     cols = torch.argsort(dense, dim=-1, descending=True, stable=True).to(torch.int32)
     return count, cols
 
 
-def doc_block_mask(seg: Tensor, mask_mod: Callable[..., Tensor], block: int = FLEX_BLOCK):
+def doc_block_mask(seg: Tensor, mask_mod: Callable[..., Tensor], block: int = FLEX_BLOCK) -> BlockMask:
     """The flex BlockMask of the document-causal mask over (B, T) segment ids, from `block_kinds`
     (O((T / block)^2) work) instead of `create_block_mask` (O(T^2)). Equal to
     create_block_mask(mask_mod, B, None, T, T) tensor for tensor (tests/test_docmask.py)."""
