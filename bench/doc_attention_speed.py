@@ -103,13 +103,9 @@ def compiles_for_scoring(ids: torch.Tensor, backend: str, bos: int, dev: torch.d
     return "ok" if ref is None else f"ok, vs eager {rel_diff(out, ref):.1e}"
 
 
-def _same_doc_causal(seg: torch.Tensor):
-    return lambda b, h, q, k: (q >= k) & (seg[b, q] == seg[b, k])
-
-
 def _tile_mask(ids: torch.Tensor, bos: int):
     seg = docmask.segment_ids(ids, bos, ROW_T)
-    return _tensors(docmask.doc_block_mask(seg, _same_doc_causal(seg)))
+    return _tensors(docmask.doc_block_mask(seg, docmask.same_doc_causal(seg)))
 
 
 def _pair_mask(ids: torch.Tensor, bos: int):
@@ -117,7 +113,7 @@ def _pair_mask(ids: torch.Tensor, bos: int):
 
     seg = docmask.segment_ids(ids, bos, ROW_T)
     B, T = ids.shape
-    return _tensors(create_block_mask(_same_doc_causal(seg), B, None, T, T, device=ids.device))
+    return _tensors(create_block_mask(docmask.same_doc_causal(seg), B, None, T, T, device=ids.device))
 
 
 def _tensors(bm) -> tuple[torch.Tensor, ...]:

@@ -66,7 +66,7 @@ def main() -> None:
     dev = torch.device("cuda")
     ids = token_ids(args.shard, args.bos, PACKED_T).to(dev).view(1, PACKED_T)
     seg = docmask.segment_ids(ids, args.bos, ROW_T)
-    block_mask = docmask.doc_block_mask(seg, lambda b, h, q, k: (q >= k) & (seg[b, q] == seg[b, k]))
+    block_mask = docmask.doc_block_mask(seg, docmask.same_doc_causal(seg))
     torch.manual_seed(0)
     q = torch.randn(1, H, PACKED_T, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(1, KV, PACKED_T, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
@@ -99,7 +99,8 @@ def main() -> None:
                 f"{label}  FAILED {(str(e).strip().splitlines() or [type(e).__name__])[0][:160]}", flush=True
             )
             continue
-        base = base or got
+        if base is None:
+            base = got
         diffs = " ".join(f"{n} {rel_diff(a, b):.1e}" for n, a, b in zip(("out", "dq", "dk", "dv"), got, base))
         print(f"{label}  {ms:8.3f} ms   vs the first set that ran: {diffs}", flush=True)
 

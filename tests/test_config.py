@@ -185,7 +185,9 @@ def test_unknown_key_suggests_the_nearest_valid_one(compose):
     assert "did you mean" not in str(e.value)
     from pgolf.config import did_you_mean
 
-    assert did_you_mean(["data_path"], ["name", "path", "tokenizer_path"], "data") == "did you mean data.path? "
+    assert (
+        did_you_mean(["data_path"], ["name", "path", "tokenizer_path"], "data") == "did you mean data.path? "
+    )
     assert did_you_mean(["epochs"], ["global_epochs", "lr"], "ttt") == "did you mean ttt.global_epochs? "
     assert did_you_mean(["lr"], ["global_lr", "eps"], "ttt") == ""  # too short to guess from
 

@@ -148,6 +148,16 @@ def varlen_cu_seqlens(seg: Tensor) -> Tensor:
     return torch.cat((starts, starts.new_full((1,), n)))
 
 
+def same_doc_causal(seg: Tensor) -> Callable[..., Tensor]:
+    """flex's mask_mod of document-causal attention over (B, T) segment ids: a query sees a key
+    when the key is not later and in the same segment."""
+
+    def mask_mod(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        return (q >= k) & (seg[b, q] == seg[b, k])
+
+    return mask_mod
+
+
 FLEX_BLOCK = 128  # flex_attention's default sparse block (queries and keys)
 
 
@@ -166,7 +176,7 @@ def block_kinds(seg: Tensor, block: int = FLEX_BLOCK) -> tuple[Tensor, Tensor]:
     (full). A diagonal tile is always partial (causal); tiles above it are empty. Positions past T
     (a ragged last block) never attend, so a ragged block is never full, as create_block_mask pads.
     """
-    B, T = seg.shape
+    T = seg.size(1)
     nb = -(-T // block)
     idx = torch.arange(nb, device=seg.device)
     first = seg[:, idx * block]
@@ -216,7 +226,7 @@ class DocMask:
     def __init__(self, ids: Tensor, bos_id: int, max_len: int = 0, backend: str | None = None):
         self.seg = segment_ids(ids, bos_id, max_len)
         self.backend = backend or doc_backend(ids.device.type)
-        B, T = ids.shape
+        T = ids.size(1)
         self.max_seqlen = min(T, max_len) if max_len > 0 else T
         self.cu_seqlens: Tensor | None = None
         self.block_mask = None
@@ -224,12 +234,7 @@ class DocMask:
         if self.backend == "varlen":
             self.cu_seqlens = varlen_cu_seqlens(self.seg)
         elif self.backend == "flex":
-            seg = materialized(self.seg)
-
-            def same_doc_causal(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
-                return (q >= k) & (seg[b, q] == seg[b, k])
-
-            self.block_mask = doc_block_mask(self.seg, same_doc_causal)
+            self.block_mask = doc_block_mask(self.seg, same_doc_causal(materialized(self.seg)))
         else:
             self.dense = dense_doc_mask(self.seg, T)
 
@@ -275,6 +280,7 @@ __all__ = [
     "dense_doc_mask",
     "doc_block_mask",
     "doc_backend",
+    "same_doc_causal",
     "segment_ids",
     "select_doc_backend",
     "varlen_cu_seqlens",

@@ -26,11 +26,12 @@ def _first_value(override: Any) -> str | None:
 
     if override.type != OverrideType.CHANGE:
         return None
+    if not override.is_sweep_override():
+        return override.input_line
     try:
-        value = next(iter(override.sweep_string_iterator())) if override.is_sweep_override() else None
+        return f"{override.key_or_group}={next(iter(override.sweep_string_iterator()))}"
     except Exception:  # a range or interval sweep of floats: no first value to compose with
         return None
-    return f"{override.key_or_group}={value}" if value is not None else override.input_line
 
 
 def _walk(config: dict[str, Any], key: str) -> str | None:
